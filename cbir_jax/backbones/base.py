@@ -1,0 +1,71 @@
+"""The backbone interface every network fills for the descriptor code.
+
+A backbone's Flax module returns `(logits, intermediates)`; the interface names
+which intermediates are the method's "blocks" (shallowest first, strides
+2..32) and which form its "FC" part. Descriptor code sees only `Features`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cbir_jax import preprocessing as pp
+
+
+class Features(NamedTuple):
+  """What one forward pass gives the descriptor code."""
+  blocks: tuple[jax.Array, ...]  # O_1..O_B, NHWC, shallowest first
+  fc: jax.Array  # [N, D_fc]
+  logits: jax.Array  # [N, num_classes]
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+  """A network as the method sees it.
+
+  Attributes:
+    name: registry name, recorded in checkpoints and manifests.
+    make_module: builds the Flax module for a compute dtype.
+    block_names: intermediates used as blocks, shallowest first.
+    fc_names: intermediates concatenated (in this order) into the FC part.
+    block_channels: channels of each block (descriptor sizes).
+    fc_dim: size of the FC part.
+    preprocessing: the preprocessing of the weights this backbone ships or
+      usually comes with; a checkpoint's recorded one always wins.
+    image_size: default square input size.
+  """
+  name: str
+  make_module: Callable[..., nn.Module]
+  block_names: tuple[str, ...]
+  fc_names: tuple[str, ...]
+  block_channels: tuple[int, ...]
+  fc_dim: int
+  preprocessing: pp.Preprocessing
+  image_size: int = 224
+
+  def module(self, dtype: Any = jnp.float32) -> nn.Module:
+    return self.make_module(dtype=dtype)
+
+  def init(self, rng: jax.Array, image_size: int | None = None) -> Any:
+    """Random float32 parameters (tests, benchmarks, demos)."""
+    size = image_size or self.image_size
+    x = jnp.zeros((1, size, size, 3), jnp.float32)
+    return self.module().init(rng, x)["params"]
+
+  def param_shapes(self, image_size: int | None = None) -> Any:
+    """Parameter ShapeDtypeStructs without allocating them (for checkpoint checks)."""
+    size = image_size or self.image_size
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    return jax.eval_shape(lambda r, x: self.module().init(r, x)["params"],
+                          jax.random.key(0), x)
+
+  def features(self, params: Any, x: jax.Array, *, dtype: Any = jnp.float32) -> Features:
+    """Runs the network on preprocessed float input [N, H, W, 3]."""
+    logits, inter = self.module(dtype).apply({"params": params}, x)
+    blocks = tuple(inter[n] for n in self.block_names)
+    fc = jnp.concatenate([inter[n].astype(jnp.float32) for n in self.fc_names], axis=-1)
+    return Features(blocks=blocks, fc=fc, logits=logits.astype(jnp.float32))

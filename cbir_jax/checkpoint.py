@@ -1,0 +1,147 @@
+"""Weights on disk: an orbax checkpoint plus a JSON that says what they are.
+
+Layout of a weights directory:
+  <dir>/params/          orbax StandardCheckpointer tree (float32)
+  <dir>/weights.json     model name, source file and SHA-256, preprocessing
+The JSON travels with the parameters so inference always applies the
+preprocessing the weights were trained with.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+
+from cbir_jax import preprocessing as pp
+
+INFO_FILE = "weights.json"
+PARAMS_DIR = "params"
+FORMAT_VERSION = 1
+
+
+class WeightsError(ValueError):
+  """A weights file or checkpoint that cannot be used, with the reason."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsInfo:
+  model: str
+  preprocessing: pp.Preprocessing
+  source: str = "random"  # torchvision | keras | efficientnet_lite_pytorch | random
+  source_file: str = ""
+  source_sha256: str = ""
+  params_sha256: str = ""  # digest of the parameter arrays: identifies the weights in manifests
+  format_version: int = FORMAT_VERSION
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["preprocessing"] = self.preprocessing.to_dict()
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "WeightsInfo":
+    return cls(model=d["model"], preprocessing=pp.Preprocessing.from_dict(d["preprocessing"]),
+               source=d.get("source", ""), source_file=d.get("source_file", ""),
+               source_sha256=d.get("source_sha256", ""), params_sha256=d.get("params_sha256", ""),
+               format_version=int(d.get("format_version", FORMAT_VERSION)))
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while block := f.read(chunk):
+      h.update(block)
+  return h.hexdigest()
+
+
+def params_sha256(params: Any) -> str:
+  """Digest over leaf paths, shapes, dtypes and bytes: equal weights give equal digests."""
+  h = hashlib.sha256()
+  for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0],
+                           key=lambda kv: jax.tree_util.keystr(kv[0])):
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(str((a.shape, a.dtype.str)).encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def check_tree(params: Any, expected: Any, *, what: str) -> None:
+  """Raises WeightsError naming the first missing, unexpected or mis-shaped tensor."""
+  got = {jax.tree_util.keystr(p): tuple(np.shape(v))
+         for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  want = {jax.tree_util.keystr(p): tuple(v.shape)
+          for p, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+  for name in sorted(want):
+    if name not in got:
+      raise WeightsError(f"{what}: missing tensor {name} (expected shape {want[name]})")
+    if got[name] != want[name]:
+      raise WeightsError(f"{what}: tensor {name} has shape {got[name]}, expected {want[name]}")
+  extra = sorted(set(got) - set(want))
+  if extra:
+    raise WeightsError(f"{what}: unexpected tensor {extra[0]} ({len(extra)} unexpected in all)")
+
+
+def save(directory: str | os.PathLike, params: Any, info: WeightsInfo) -> WeightsInfo:
+  """Writes params (as float32) and the info JSON; returns the info with params_sha256 set."""
+  import orbax.checkpoint as ocp  # heavy import, only where checkpoints are touched
+
+  directory = pathlib.Path(directory).absolute()
+  params = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+  info = dataclasses.replace(info, params_sha256=params_sha256(params))
+  directory.mkdir(parents=True, exist_ok=True)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(directory / PARAMS_DIR, params, force=True)
+  ckptr.wait_until_finished()
+  (directory / INFO_FILE).write_text(json.dumps(info.to_dict(), indent=2) + "\n")
+  return info
+
+
+def read_info(directory: str | os.PathLike) -> WeightsInfo:
+  directory = pathlib.Path(directory)
+  path = directory / INFO_FILE
+  if not path.is_file():
+    raise WeightsError(f"{directory}: not a cbir_jax weights directory (no {INFO_FILE}); "
+                       "make one with launch/port_weights.py")
+  try:
+    return WeightsInfo.from_dict(json.loads(path.read_text()))
+  except (ValueError, KeyError, TypeError) as e:
+    raise WeightsError(f"{path}: unreadable weights info ({e})") from e
+
+
+def load(directory: str | os.PathLike, *, model: str | None = None,
+         expected: Any = None) -> tuple[Any, WeightsInfo]:
+  """Restores params and info, refusing a checkpoint for another model or of the wrong shapes.
+
+  Args:
+    directory: a weights directory written by `save`.
+    model: the backbone name the caller wants; a different recorded model is refused.
+    expected: a pytree of arrays/ShapeDtypeStructs the params must match.
+
+  Returns:
+    (params as a nested dict of numpy float32 arrays, WeightsInfo).
+  """
+  import orbax.checkpoint as ocp
+
+  directory = pathlib.Path(directory).absolute()
+  info = read_info(directory)
+  if model is not None and info.model != model:
+    raise WeightsError(f"{directory}: weights are for model {info.model!r}, not {model!r}")
+  try:
+    params = ocp.StandardCheckpointer().restore(directory / PARAMS_DIR)
+  except Exception as e:  # orbax raises many types for damaged directories
+    raise WeightsError(f"{directory}: cannot restore the orbax checkpoint in "
+                       f"{PARAMS_DIR}/ ({type(e).__name__}: {e})") from e
+  params = jax.tree.map(np.asarray, params)
+  if expected is not None:
+    check_tree(params, expected, what=str(directory))
+  if info.params_sha256 and params_sha256(params) != info.params_sha256:
+    raise WeightsError(f"{directory}: parameters do not match the digest in {INFO_FILE} "
+                       "(damaged or edited checkpoint)")
+  return params, info

@@ -1,0 +1,58 @@
+"""The jitted step: uint8 images -> preprocessing -> backbone -> descriptors.
+
+Everything runs in one compiled function so the large block tensors never
+leave the device; only the descriptor rows come back.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from cbir_jax import descriptors as desc
+from cbir_jax import preprocessing as pp
+from cbir_jax import sharding
+from cbir_jax.backbones import Backbone
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def compute_dtype(name: str) -> Any:
+  try:
+    return DTYPES[name]
+  except KeyError:
+    raise ValueError(f"unknown dtype {name!r}; known: {sorted(DTYPES)}") from None
+
+
+def describe_fn(backbone: Backbone, *, preprocessing: pp.Preprocessing,
+                kinds: Sequence[str] = desc.KINDS,
+                config: desc.DescriptorConfig = desc.DescriptorConfig(),
+                dtype: Any = jnp.float32, with_logits: bool = False
+                ) -> Callable[[Any, jax.Array], dict[str, jax.Array]]:
+  """The pure step `(params, uint8 images [N, H, W, 3]) -> {kind: [N, D]}` (not jitted)."""
+  kinds = tuple(kinds)
+
+  def step(params: Any, images: jax.Array) -> dict[str, jax.Array]:
+    f = backbone.features(params, preprocessing(images), dtype=dtype)
+    out = desc.describe(f.blocks, f.fc, kinds=kinds, config=config)
+    if with_logits:
+      out["logits"] = f.logits
+    return out
+
+  return step
+
+
+def jit_describe(backbone: Backbone, *, mesh: Mesh | None = None, **kwargs: Any
+                 ) -> Callable[[Any, jax.Array], dict[str, jax.Array]]:
+  """`describe_fn` compiled once per input shape; sharded over `mesh` when given.
+
+  With a mesh, parameters are replicated and the batch is split on "data";
+  outputs stay split the same way, so each host reads back only its rows.
+  """
+  step = describe_fn(backbone, **kwargs)
+  if mesh is None:
+    return jax.jit(step)
+  return jax.jit(step, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.batch_sharding(mesh))

@@ -1,0 +1,23 @@
+"""Test setup: 8 fake CPU devices for sharding tests, TensorFlow kept off accelerators."""
+import os
+import pathlib
+
+# Must happen before jax is imported anywhere in the test process.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # only affects TensorFlow/torch here
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+  """../shared/data (read-only). Tests that need it fail loudly if it is missing in CI."""
+  if not SHARED_DATA.is_dir():
+    if os.environ.get("CI"):
+      raise RuntimeError(f"{SHARED_DATA} is missing; CI must provide ../shared/data")
+    pytest.skip(f"{SHARED_DATA} not present")
+  return SHARED_DATA
