@@ -12,6 +12,7 @@ import dataclasses
 import io
 import os
 import pathlib
+import stat
 import warnings
 from typing import Callable, Iterator, Sequence
 
@@ -42,6 +43,9 @@ class Batch:
   ok: np.ndarray  # bool [B]: decoded (False for failures and padding)
   valid: np.ndarray  # bool [B]: a real input row (False only for padding)
   error: list[str]  # per row, "" when ok
+  # Filled only by sources that carry them with the bytes (TFDS): per-row key and label.
+  key: list[str] | None = None
+  label: np.ndarray | None = None
 
 
 def folder_records(root: str | os.PathLike) -> list[Record]:
@@ -128,7 +132,15 @@ def decode_image(data: bytes, image_size: int | tuple[int, int], *,
 
 
 def read_file(path: str) -> bytes:
-  with open(path, "rb") as f:
+  """The bytes of a regular file; anything else (FIFO, device, socket) is an OSError.
+
+  O_NONBLOCK because a plain open() of a FIFO waits for a writer forever and
+  would hang the job on one odd directory entry (no effect on regular files).
+  """
+  fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+  with os.fdopen(fd, "rb") as f:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+      raise OSError(f"not a regular file (FIFO, device or socket): {path}")
     return f.read()
 
 
@@ -140,6 +152,118 @@ def _safe_decode(read: Callable[[str], bytes], key: str, image_size: tuple[int, 
   except (OSError, ValueError) as e:
     reason = str(e) if isinstance(e, ValueError) else f"cannot read file: {e}"
     return np.zeros((*image_size, 3), np.uint8), 0, 0, False, reason
+
+
+def _tf():
+  import tensorflow as tf  # heavy; only the jobs need it
+
+  tf.config.set_visible_devices([], "GPU")  # keep TensorFlow off the accelerators
+  return tf
+
+
+def _size(image_size: int | tuple[int, int]) -> tuple[int, int]:
+  return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+
+
+def _finish(ds, *, batch_size: int, num_threads: int | None, prefetch: int, start_index: int
+            ) -> Iterator[Batch]:
+  """Batches decoded rows (index, img, w, h, ok, err[, key, label]) and pads the last batch."""
+  tf = _tf()
+  ds = ds.batch(batch_size).prefetch(prefetch)
+  opts = tf.data.Options()
+  if num_threads:
+    opts.threading.private_threadpool_size = num_threads
+  ds = ds.with_options(opts)
+  for row in ds.as_numpy_iterator():
+    i, img, w, h, ok, err = row[:6]
+    key, label = (row[6], row[7]) if len(row) > 6 else (None, None)
+    n = len(i)
+    pad = batch_size - n
+    if pad:
+      img = np.concatenate([img, np.zeros((pad, *img.shape[1:]), img.dtype)])
+      i = np.concatenate([i, np.full(pad, -1, i.dtype)])
+      w, h = (np.concatenate([a, np.zeros(pad, a.dtype)]) for a in (w, h))
+      ok = np.concatenate([ok, np.zeros(pad, bool)])
+      err = np.concatenate([err, np.full(pad, b"", object)])
+      if key is not None:
+        key = np.concatenate([key, np.full(pad, b"", object)])
+        label = np.concatenate([label, np.full(pad, -1, label.dtype)])
+    valid = i >= 0  # sources mark padding rows with a negative index
+    index = np.where(valid, i.astype(np.int64) + start_index, -1)
+    yield Batch(images=img, index=index, width=w, height=h, ok=ok & valid, valid=valid,
+                error=[_text(e) for e in err],
+                key=None if key is None else [_text(k) for k in key],
+                label=None if label is None else label.astype(np.int64))
+
+
+def _text(b: bytes | str) -> str:
+  return b.decode("utf-8", "replace") if isinstance(b, bytes) else str(b)
+
+
+def positions_batches(keys: Sequence[str], positions: np.ndarray, *,
+                      image_size: int | tuple[int, int], batch_size: int,
+                      read: Callable[[str], bytes] = read_file, num_threads: int | None = None,
+                      draft: bool = False, prefetch: int = 2) -> Iterator[Batch]:
+  """Like `image_batches`, over `keys[positions]`; a negative position is a padding row.
+
+  Jobs use it to lay out their own fixed-size steps (shard-aligned, padded)
+  while tf.data still decodes ahead across step and shard boundaries.
+  `Batch.index` is the position itself (-1 for padding).
+  """
+  tf = _tf()
+  size = _size(image_size)
+  positions = np.asarray(positions, np.int64)
+
+  def load(i: np.ndarray):
+    i = int(i)
+    if i < 0:  # padding: no read, no failure
+      return np.zeros((*size, 3), np.uint8), np.int32(0), np.int32(0), np.bool_(False), b""
+    img, w, h, ok, err = _safe_decode(read, keys[i], size, draft)
+    return img, np.int32(w), np.int32(h), np.bool_(ok), err.encode("utf-8", "replace")
+
+  def tf_load(i):
+    img, w, h, ok, err = tf.numpy_function(load, [i], [tf.uint8, tf.int32, tf.int32,
+                                                      tf.bool, tf.string], stateful=False)
+    img.set_shape((*size, 3))
+    return i, img, w, h, ok, err
+
+  parallel = num_threads if num_threads else tf.data.AUTOTUNE
+  ds = tf.data.Dataset.from_tensor_slices(positions).map(
+      tf_load, num_parallel_calls=parallel, deterministic=True)
+  return _finish(ds, batch_size=batch_size, num_threads=num_threads, prefetch=prefetch,
+                 start_index=0)
+
+
+def encoded_batches(ds, *, image_size: int | tuple[int, int], batch_size: int,
+                    num_threads: int | None = None, draft: bool = False, prefetch: int = 2
+                    ) -> Iterator[Batch]:
+  """Batches from a tf.data dataset of encoded images (TFDS with SkipDecoding).
+
+  Args:
+    ds: elements {"index": int64 (negative = padding), "data": encoded bytes,
+      "key": string, "label": int64}.
+    image_size, batch_size, num_threads, draft, prefetch: as in `image_batches`.
+  """
+  tf = _tf()
+  size = _size(image_size)
+
+  def load(i: np.ndarray, data: bytes):
+    if int(i) < 0:
+      return np.zeros((*size, 3), np.uint8), np.int32(0), np.int32(0), np.bool_(False), b""
+    img, w, h, ok, err = _safe_decode(lambda d: d, data, size, draft)
+    return img, np.int32(w), np.int32(h), np.bool_(ok), err.encode("utf-8", "replace")
+
+  def tf_load(ex):
+    img, w, h, ok, err = tf.numpy_function(load, [ex["index"], ex["data"]],
+                                           [tf.uint8, tf.int32, tf.int32, tf.bool, tf.string],
+                                           stateful=False)
+    img.set_shape((*size, 3))
+    return ex["index"], img, w, h, ok, err, ex["key"], ex["label"]
+
+  parallel = num_threads if num_threads else tf.data.AUTOTUNE
+  ds = ds.map(tf_load, num_parallel_calls=parallel, deterministic=True)
+  return _finish(ds, batch_size=batch_size, num_threads=num_threads, prefetch=prefetch,
+                 start_index=0)
 
 
 def image_batches(keys: Sequence[str], *, image_size: int | tuple[int, int], batch_size: int,
@@ -158,44 +282,11 @@ def image_batches(keys: Sequence[str], *, image_size: int | tuple[int, int], bat
     prefetch: batches prepared ahead of the consumer.
     start_index: `Batch.index` of keys[0] (a process' or a resumed job's offset).
   """
-  import tensorflow as tf  # heavy; only the jobs need it
-
-  tf.config.set_visible_devices([], "GPU")  # keep TensorFlow off the accelerators
-  size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-
-  def load(i: np.ndarray):
-    i = int(i)
-    img, w, h, ok, err = _safe_decode(read, keys[i], size, draft)
-    return img, np.int32(w), np.int32(h), np.bool_(ok), err.encode("utf-8", "replace")
-
-  def tf_load(i):
-    img, w, h, ok, err = tf.numpy_function(load, [i], [tf.uint8, tf.int32, tf.int32,
-                                                      tf.bool, tf.string], stateful=False)
-    img.set_shape((*size, 3))
-    return i, img, w, h, ok, err
-
-  parallel = num_threads if num_threads else tf.data.AUTOTUNE
-  ds = tf.data.Dataset.range(len(keys)).map(tf_load, num_parallel_calls=parallel,
-                                             deterministic=True)
-  ds = ds.batch(batch_size).prefetch(prefetch)
-  opts = tf.data.Options()
-  if num_threads:
-    opts.threading.private_threadpool_size = num_threads
-  ds = ds.with_options(opts)
-  for i, img, w, h, ok, err in ds.as_numpy_iterator():
-    n = len(i)
-    pad = batch_size - n
-    valid = np.ones(batch_size, bool)
-    if pad:
-      valid[n:] = False
-      img = np.concatenate([img, np.zeros((pad, *img.shape[1:]), img.dtype)])
-      i, w, h = (np.concatenate([a, np.full(pad, -1, a.dtype)]) for a in (i, w, h))
-      ok = np.concatenate([ok, np.zeros(pad, bool)])
-      err = np.concatenate([err, np.full(pad, b"", object)])
-    index = np.where(valid, i.astype(np.int64) + start_index, -1)
-    yield Batch(images=img, index=index, width=w, height=h, ok=ok, valid=valid,
-                error=[e.decode("utf-8", "replace") if isinstance(e, bytes) else str(e)
-                       for e in err])
+  for b in positions_batches(keys, np.arange(len(keys)), image_size=image_size,
+                             batch_size=batch_size, read=read, num_threads=num_threads,
+                             draft=draft, prefetch=prefetch):
+    b.index = np.where(b.valid, b.index + start_index, -1)
+    yield b
 
 
 def load_images(paths: Sequence[str], image_size: int | tuple[int, int], *,

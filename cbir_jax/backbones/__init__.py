@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from cbir_jax import preprocessing as pp
-from cbir_jax.backbones import vgg
+from cbir_jax.backbones import efficientnet_lite, vgg
 from cbir_jax.backbones.base import Backbone, Features
 
 _VGG_BLOCKS = ("pool1", "pool2", "pool3", "pool4", "pool5")
@@ -23,7 +23,21 @@ register(Backbone(
     name="vgg_tiny", make_module=vgg._VGGTiny, block_names=_VGG_BLOCKS, fc_names=("fc6", "fc7"),
     block_channels=(4, 8, 8, 16, 16), fc_dim=64, preprocessing=pp.TORCHVISION))
 
-DEFAULT_BACKBONE = "vgg16"  # becomes efficientnet_lite0 once it is registered
+_LITE_BLOCKS = ("block1", "block2", "block3", "block4", "block5")
+# EfficientNet-Lite0: blocks 1-4 are the last MBConv output at strides 2-16,
+# block 5 the 1280-channel head at stride 32 (see efficientnet_lite.EfficientNetLite).
+register(Backbone(
+    name="efficientnet_lite0", make_module=efficientnet_lite.EfficientNetLite0,
+    block_names=_LITE_BLOCKS, fc_names=("pooled",), block_channels=(16, 24, 40, 112, 1280),
+    fc_dim=1280, preprocessing=pp.EFFICIENTNET_LITE))
+# Test-only: same structure as EfficientNet-Lite0 at a fraction of the cost.
+register(Backbone(
+    name="efficientnet_lite_tiny", make_module=efficientnet_lite._EfficientNetLiteTiny,
+    block_names=_LITE_BLOCKS, fc_names=("pooled",), block_channels=(8, 8, 16, 16, 32),
+    fc_dim=32, preprocessing=pp.EFFICIENTNET_LITE))
+
+# The one whose real ImageNet weights ship in weights/; VGG16 is one flag away.
+DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
 def get(name: str) -> Backbone:

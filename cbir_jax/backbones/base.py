@@ -12,6 +12,7 @@ from typing import Any, Callable, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cbir_jax import preprocessing as pp
 
@@ -55,6 +56,27 @@ class Backbone:
     size = image_size or self.image_size
     x = jnp.zeros((1, size, size, 3), jnp.float32)
     return self.module().init(rng, x)["params"]
+
+  def random_params(self, seed: int = 0, image_size: int | None = None) -> Any:
+    """Seeded random float32 parameters built in NumPy: He-normal kernels, zero biases,
+    unit scales/variances.
+
+    For tests, demos and benchmarks without a checkpoint. Flax's `init` compiles
+    every initialiser and runs a forward pass (tens of seconds on a CPU); this
+    only traces shapes. Equal seeds give equal parameters.
+    """
+    rng = np.random.default_rng(seed)
+
+    def make(path, s):
+      name = getattr(path[-1], "key", str(path[-1]))
+      if name == "kernel":
+        fan_in = int(np.prod(s.shape[:-1]))
+        return (rng.standard_normal(s.shape) * np.sqrt(2.0 / max(fan_in, 1))).astype(np.float32)
+      if name in ("scale", "var", "variance"):
+        return np.ones(s.shape, np.float32)
+      return np.zeros(s.shape, np.float32)
+
+    return jax.tree_util.tree_map_with_path(make, self.param_shapes(image_size))
 
   def param_shapes(self, image_size: int | None = None) -> Any:
     """Parameter ShapeDtypeStructs without allocating them (for checkpoint checks)."""

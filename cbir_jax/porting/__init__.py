@@ -46,3 +46,47 @@ def _load_porters() -> None:
       if e.name and e.name.startswith("cbir_jax"):
         continue  # porter module not written (yet)
       raise
+
+
+def sources(model: str) -> list[str]:
+  """The source formats registered for `model`."""
+  _load_porters()
+  return sorted(s for m, s in PORTERS if m == model)
+
+
+def port_and_save(model: str, source: str | None, input_path: str | os.PathLike,
+                  output_dir: str | os.PathLike, *, overwrite: bool = False) -> WeightsInfo:
+  """Ports a weights file, checks it against the backbone's parameters and saves it.
+
+  Args:
+    model: backbone name (`cbir_jax.backbones.get`).
+    source: source format registered for that model (e.g. "torchvision", "keras");
+      None picks the model's only registered source.
+    input_path: the file to port.
+    output_dir: weights directory to write (see `cbir_jax.checkpoint`).
+    overwrite: replace an existing, non-empty `output_dir`; without it such a
+      directory is refused so that nothing is lost.
+
+  Returns:
+    The saved WeightsInfo (with params_sha256 set).
+  """
+  import pathlib
+
+  from cbir_jax import backbones, checkpoint
+
+  backbone = backbones.get(model)  # unknown model: clear error before reading the file
+  out = pathlib.Path(output_dir)
+  if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    raise checkpoint.WeightsError(f"{out}: exists and is not empty; choose another output "
+                                  "directory or pass overwrite")
+  if source is None:
+    known = sources(model)
+    if len(known) != 1:
+      raise ValueError(f"model {model!r} has porters for {known or 'no source'}: choose a source")
+    source = known[0]
+  params, info = port(model, source, input_path)
+  if info.model != model:
+    raise checkpoint.WeightsError(f"{input_path}: porter gave weights for {info.model!r}, "
+                                  f"not {model!r}")
+  checkpoint.check_tree(params, backbone.param_shapes(), what=str(input_path))
+  return checkpoint.save(out, params, info)

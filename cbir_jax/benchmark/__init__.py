@@ -1,0 +1,250 @@
+"""Throughput benchmarks of cbir_jax, side by side with what users would use instead.
+
+Six sections (issue 6): model + descriptors vs PyTorch eager, the descriptor
+stage alone, the input pipeline, the extraction job end to end, exact L1
+search vs faiss, and device scaling. `run(BenchmarkConfig())` returns every
+figure as a JSON-ready dict; launch/benchmark.py prints its tables.
+Defaults depend on the host: a CPU preset that fits in minutes on two cores,
+and a GPU preset (VGG16 at 224, float32 and bfloat16, batch 64..512).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import traceback
+from typing import Any, Callable, Sequence
+
+from cbir_jax.benchmark import report, timing
+
+SECTIONS: tuple[str, ...] = ("model", "xla_flags", "descriptors", "pipeline", "end_to_end", "search",
+                             "scaling")
+
+
+@dataclasses.dataclass
+class BenchmarkConfig:
+  """What to measure. Fields left None take the preset's value (see `resolve`).
+
+  Attributes:
+    preset: "auto" (by JAX's default backend), "cpu" or "gpu".
+    sections: subset of SECTIONS, run in that order.
+    backbones, batch_sizes, dtypes, repeats, image_size: section 1.
+    xla_variants: section xla_flags: "name=XLA flags" sets under which the
+      first backbone's float32 figure at the first batch size is re-measured,
+      each in its own process, against the same peer.
+    peer: run the PyTorch peer (section 1) and faiss (section 5).
+    peer_channels_last: torch's channels_last layout (faster on CPU).
+    descriptor_batch: section 2 batch (VGG16 pools at 224).
+    data_dir: the folder holding food7/ and imagenet-sample/.
+    pipeline_folder, pipeline_images, pipeline_threads: section 3.
+    e2e_folder, e2e_backbone, e2e_batch, e2e_limit: section 4 (limit 0: all images).
+    search_sizes, search_dims, search_queries, search_k, search_repeats,
+      search_max_gb: section 5; databases above search_max_gb are skipped.
+    scaling_devices, scaling_backbone, scaling_batch, scaling_image_size: section 6.
+  """
+  preset: str = "auto"
+  sections: Sequence[str] | None = None
+  backbones: Sequence[str] | None = None
+  batch_sizes: Sequence[int] | None = None
+  dtypes: Sequence[str] | None = None
+  repeats: int | None = None
+  image_size: int | None = None
+  xla_variants: Sequence[str] | None = None
+  peer: bool = True
+  peer_channels_last: bool = True
+  descriptor_batch: int | None = None
+  data_dir: str = "../shared/data"
+  pipeline_folder: str = "food7"
+  pipeline_images: int | None = None
+  pipeline_threads: Sequence[int] | None = None
+  e2e_folder: str = "food7"
+  e2e_backbone: str | None = None
+  e2e_batch: int | None = None
+  e2e_limit: int | None = None
+  search_sizes: Sequence[int] | None = None
+  search_dims: Sequence[int] | None = None
+  search_queries: int | None = None
+  search_k: int = 10
+  search_repeats: int | None = None
+  search_max_gb: float | None = None
+  scaling_devices: Sequence[int] | None = None
+  scaling_backbone: str | None = None
+  scaling_batch: int | None = None
+  scaling_image_size: int | None = None
+
+
+# XLA:CPU in JAX 0.10 hands whole conv blocks to YNNPACK by default; with the
+# list emptied, convolutions go to XLA's own (Eigen) kernels. Measured here
+# side by side because which is faster depends on the CPU and the shapes.
+YNN_DEFAULT = "default="
+YNN_OFF = "ynn_off=--xla_cpu_experimental_ynn_fusion_type="
+
+
+def _presets(cores: int) -> dict[str, dict[str, Any]]:
+  cpu = dict(
+      sections=SECTIONS, backbones=("vgg16", "efficientnet_lite0"), batch_sizes=(8,),
+      dtypes=("float32",), repeats=3, xla_variants=(YNN_DEFAULT, YNN_OFF), descriptor_batch=8,
+      pipeline_images=256,
+      pipeline_threads=tuple(sorted({1, max(1, cores // 2), cores})),
+      e2e_backbone="efficientnet_lite0", e2e_batch=16, e2e_limit=512,
+      search_sizes=(10_000, 100_000), search_dims=(1472, 9664), search_queries=32,
+      search_repeats=2, search_max_gb=2.0, scaling_devices=(1, 2, 4, 8),
+      scaling_backbone="vgg16", scaling_batch=8, scaling_image_size=224)
+  gpu = dict(
+      sections=("model", "descriptors", "search", "scaling"), backbones=("vgg16",),
+      batch_sizes=(64, 128, 256, 512), dtypes=("float32", "bfloat16"), repeats=5,
+      xla_variants=(),
+      descriptor_batch=64, pipeline_images=1024, pipeline_threads=(1, cores // 2, cores),
+      e2e_backbone="vgg16", e2e_batch=128, e2e_limit=0,
+      search_sizes=(100_000, 1_000_000), search_dims=(1472, 9664), search_queries=256,
+      search_repeats=2, search_max_gb=8.0, scaling_devices=(1, 2, 4, 8),
+      scaling_backbone="vgg16", scaling_batch=256, scaling_image_size=224)
+  return {"cpu": cpu, "gpu": gpu}
+
+
+def resolve(config: BenchmarkConfig) -> BenchmarkConfig:
+  """Fills the None fields from the preset; checks names early, before anything runs."""
+  import jax
+
+  from cbir_jax import backbones as bb_lib
+  from cbir_jax import inference
+
+  preset = config.preset
+  if preset == "auto":
+    preset = "cpu" if jax.default_backend() == "cpu" else "gpu"
+  presets = _presets(timing.cpu_info()["cores"])
+  if preset not in presets:
+    raise ValueError(f"preset must be auto, cpu or gpu, got {config.preset!r}")
+  values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+  for k, v in presets[preset].items():
+    if values.get(k) is None:
+      values[k] = v
+  values["preset"] = preset
+  out = BenchmarkConfig(**values)
+  unknown = [s for s in out.sections if s not in SECTIONS]
+  if unknown:
+    raise ValueError(f"unknown sections {unknown}; known: {list(SECTIONS)}")
+  for name in (*out.backbones, out.e2e_backbone, out.scaling_backbone):
+    bb_lib.get(name)
+  for d in out.dtypes:
+    inference.compute_dtype(d)
+  if min(out.batch_sizes) < 1 or out.repeats < 1:
+    raise ValueError("batch sizes and repeats must be >= 1")
+  return out
+
+
+def _summary(result: dict[str, Any]) -> list[dict[str, Any]]:
+  s = result["sections"]
+  rows: list[dict[str, Any]] = []
+  add = lambda figure, value, note="": rows.append(  # noqa: E731
+      {"figure": figure, "value": value, "note": note})
+  for r in s.get("model", []):
+    tag = f"{r['backbone']} {r['dtype']} b{r['batch']}"
+    if "jax_over_torch" in r:
+      add(f"model+desc jax/torch, {tag}", r["jax_over_torch"],
+          f"{r['jax_images_per_s']:.3g} vs {r['torch_images_per_s']:.3g} images/s")
+    else:
+      add(f"model+desc jax images/s, {tag}", r["jax_images_per_s"], r.get("peer", ""))
+    if r.get("jax_fraction_of_peak"):
+      add(f"fraction of peak, {tag}", r["jax_fraction_of_peak"], r["peak_source"])
+  for r in s.get("xla_flags", []):
+    value = r.get("jax_over_torch", r["jax_images_per_s"])
+    add(f"xla flags {r['variant']}: jax/torch, {r['backbone']} b{r['batch']}"
+        if "jax_over_torch" in r else f"xla flags {r['variant']}: jax images/s", value,
+        f"XLA_FLAGS+={r['xla_flags']!r}")
+  if "descriptors" in s:
+    d = s["descriptors"]
+    add("descriptor stage jax/numpy", d["jax_over_numpy"])
+    add("descriptor stage jax/python loop", d["jax_over_loop"])
+    if "share_of_model_step" in d:
+      add("descriptor share of model step", d["share_of_model_step"], d["share_reference"])
+  if "pipeline" in s:
+    p = s["pipeline"]
+    add("input tf.data (best threads)/Pillow", p["best_tfdata_over_pillow_full"],
+        f"{p['best_tfdata_threads_full']} threads, no draft")
+    add("input draft speed-up (tf.data)", p["draft_speedup_tf.data"])
+  if "end_to_end" in s:
+    e = s["end_to_end"]
+    add(f"extraction images/s ({e['backbone']})", e["images_per_s"],
+        f"{e['images']} images of {e['folder']}")
+    add("extraction input-wait share", e["input_wait_share"])
+  for r in s.get("search", []):
+    if "jax_over_faiss" in r:
+      add(f"search jax/faiss N={r['n']} D={r['dim']}", r["jax_over_faiss"],
+          f"{r['jax_queries_per_s']:.3g} vs {r['faiss_queries_per_s']:.3g} queries/s, "
+          f"top-k agreement {r['topk_index_agreement']:.3f}")
+  if s.get("scaling"):
+    last = s["scaling"][-1]
+    add(f"scaling {last['devices']} vs {s['scaling'][0]['devices']} device(s)",
+        last["relative_to_first"], "fake CPU devices: overhead, not speed-up"
+        if last.get("fake_devices") else last["device_kind"])
+  add("total benchmark seconds", result["seconds"])
+  return rows
+
+
+def run(config: BenchmarkConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Runs the configured sections; a failing section is recorded, the others still run.
+
+  Returns:
+    {"environment", "config", "sections": {name: figures}, "errors",
+    "section_seconds", "summary", "seconds"}.
+  """
+  t0 = time.perf_counter()
+  cfg = resolve(config)
+  data_dir = os.path.abspath(cfg.data_dir)
+  result: dict[str, Any] = {"environment": timing.environment(),
+                            "config": dataclasses.asdict(cfg), "sections": {}, "errors": {}}
+  sections = result["sections"]
+  result["section_seconds"] = {}
+  for name in cfg.sections:
+    t_section = time.perf_counter()
+    try:
+      if name == "model":
+        from cbir_jax.benchmark import model
+        sections[name] = model.run(
+            backbone_names=cfg.backbones, batch_sizes=cfg.batch_sizes, dtypes=cfg.dtypes,
+            repeats=cfg.repeats, image_size=cfg.image_size, peer=cfg.peer,
+            peer_channels_last=cfg.peer_channels_last, log=log)
+      elif name == "xla_flags":
+        from cbir_jax.benchmark import model
+        sections[name] = model.run_xla_variants(
+            cfg.xla_variants, backbone_name=cfg.backbones[0], batch=cfg.batch_sizes[0],
+            repeats=cfg.repeats, image_size=cfg.image_size, peer=cfg.peer,
+            peer_channels_last=cfg.peer_channels_last, log=log)
+      elif name == "descriptors":
+        from cbir_jax.benchmark import descriptors_stage
+        sections[name] = descriptors_stage.run(
+            batch=cfg.descriptor_batch, repeats=cfg.repeats,
+            model_rows=sections.get("model", []), log=log)
+      elif name == "pipeline":
+        from cbir_jax.benchmark import pipeline
+        sections[name] = pipeline.run(
+            data_dir=data_dir, folder=cfg.pipeline_folder, num_images=cfg.pipeline_images,
+            image_size=cfg.image_size or 224, batch=16, threads=cfg.pipeline_threads, log=log)
+      elif name == "end_to_end":
+        from cbir_jax.benchmark import end_to_end
+        sections[name] = end_to_end.run(
+            data_dir=data_dir, folder=cfg.e2e_folder, backbone=cfg.e2e_backbone,
+            batch=cfg.e2e_batch, limit=cfg.e2e_limit, log=log)
+      elif name == "search":
+        from cbir_jax.benchmark import search
+        sections[name] = search.run(
+            sizes=cfg.search_sizes, dims=cfg.search_dims, num_queries=cfg.search_queries,
+            k=cfg.search_k, repeats=cfg.search_repeats, max_gb=cfg.search_max_gb,
+            faiss_peer=cfg.peer, log=log)
+      elif name == "scaling":
+        from cbir_jax.benchmark import scaling
+        sections[name] = scaling.run(
+            device_counts=cfg.scaling_devices, backbone=cfg.scaling_backbone,
+            batch=cfg.scaling_batch, image_size=cfg.scaling_image_size,
+            dtype=cfg.dtypes[0], repeats=cfg.repeats, log=log)
+    except Exception as e:  # record and go on: one broken section must not hide the others
+      result["errors"][name] = f"{type(e).__name__}: {e}"
+      log(traceback.format_exc())
+    result["section_seconds"][name] = time.perf_counter() - t_section
+  result["seconds"] = time.perf_counter() - t0
+  result["summary"] = _summary(result)
+  return result
+
+
+__all__ = ["SECTIONS", "BenchmarkConfig", "resolve", "run", "report"]

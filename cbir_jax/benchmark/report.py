@@ -1,0 +1,99 @@
+"""Plain-text tables of a benchmark result (the launcher prints them; the JSON keeps all)."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def _fmt(v: Any) -> str:
+  if v is None:
+    return "-"
+  if isinstance(v, bool):
+    return "yes" if v else "no"
+  if isinstance(v, float):
+    if v == 0:
+      return "0"
+    a = abs(v)
+    if a >= 1e5 or a < 1e-3:
+      return f"{v:.3g}"
+    if a >= 100:
+      return f"{v:.0f}"
+    if a >= 10:
+      return f"{v:.1f}"
+    return f"{v:.3g}"
+  return str(v)
+
+
+def table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+  """A fixed-width table: `columns` are (key in each row, header)."""
+  cells = [[h for _, h in columns]] + [[_fmt(r.get(k)) for k, _ in columns] for r in rows]
+  widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+  lines = [title, "-" * len(title)]
+  for j, c in enumerate(cells):
+    lines.append("  ".join(s.rjust(w) for s, w in zip(c, widths)))
+    if j == 0:
+      lines.append("  ".join("-" * w for w in widths))
+  return "\n".join(lines)
+
+
+def _gflops(x: float | None) -> float | None:
+  return x / 1e9 if x else None
+
+
+def section_tables(result: dict[str, Any]) -> list[str]:
+  """One table per section present in `result["sections"]`."""
+  s = result["sections"]
+  out = []
+  if "model" in s:
+    rows = [dict(r, gflop=_gflops(r.get("flops_per_image")),
+                 gflops=_gflops(r.get("jax_flops_per_s"))) for r in s["model"]]
+    out.append(table("1. Model + descriptors (fc_conv), inputs on device, images/s", rows, [
+        ("backbone", "backbone"), ("dtype", "dtype"), ("batch", "batch"),
+        ("jax_images_per_s", "jax"), ("torch_images_per_s", "torch"),
+        ("jax_over_torch", "jax/torch"), ("gflop", "GFLOP/img"), ("gflops", "jax GFLOP/s"),
+        ("jax_fraction_of_peak", "of peak"), ("jax_fraction_of_bf16_peak", "of bf16 peak"),
+        ("peer_max_abs_diff_rel", "max diff")]))
+  if s.get("xla_flags"):
+    out.append(table("1b. XLA CPU flags, each in a fresh process: before/after", s["xla_flags"], [
+        ("variant", "variant"), ("xla_flags", "XLA_FLAGS added"), ("backbone", "backbone"),
+        ("batch", "batch"), ("jax_images_per_s", "jax"), ("torch_images_per_s", "torch"),
+        ("jax_over_torch", "jax/torch")]))
+  if "descriptors" in s:
+    d = s["descriptors"]
+    rows = [{"impl": name, "ips": d[f"{name}_images_per_s"],
+             "ratio": d[f"{name}_images_per_s"] / d["jax_images_per_s"]}
+            for name in ("jax", "numpy", "loop")]
+    out.append(table(f"2. Conv descriptor stage alone, VGG16 pools at 224, batch {d['batch']}"
+                     f" (share of model step: {_fmt(d.get('share_of_model_step'))})",
+                     rows, [("impl", "implementation"), ("ips", "images/s"),
+                            ("ratio", "vs jax")]))
+  if "pipeline" in s:
+    p = s["pipeline"]
+    out.append(table(f"3. Input pipeline: {p['num_images']} JPEGs of {p['folder']} -> "
+                     f"{p['image_size']}px uint8", p["rows"], [
+                         ("reader", "reader"), ("threads", "threads"), ("draft", "draft"),
+                         ("images_per_s", "images/s")]))
+  if "end_to_end" in s:
+    e = s["end_to_end"]
+    out.append(table("4. End to end: extraction job", [e], [
+        ("folder", "folder"), ("backbone", "backbone"), ("batch", "batch"),
+        ("images", "images"), ("seconds", "seconds"), ("images_per_s", "images/s"),
+        ("input_wait_share", "input wait share"), ("compiles", "compiles")]))
+  if "search" in s:
+    out.append(table("5. Exact L1 top-k: queries/s", s["search"], [
+        ("n", "N"), ("dim", "D"), ("queries", "Q"), ("k", "k"),
+        ("jax_queries_per_s", "l1_topk"), ("faiss_queries_per_s", "faiss"),
+        ("jax_over_faiss", "jax/faiss"), ("topk_index_agreement", "same top-k"),
+        ("skipped", "note")]))
+  if "scaling" in s:
+    out.append(table("6. Scaling, same global batch", s["scaling"], [
+        ("devices", "devices"), ("fake_devices", "fake"), ("backbone", "backbone"),
+        ("batch", "batch"), ("images_per_s", "images/s"),
+        ("relative_to_first", "vs 1 device")]))
+  for name, err in result.get("errors", {}).items():
+    out.append(f"{name}: FAILED: {err}")
+  return out
+
+
+def summary_table(result: dict[str, Any]) -> str:
+  return table("Summary", result["summary"], [("figure", "figure"), ("value", "value"),
+                                              ("note", "note")])

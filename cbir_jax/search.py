@@ -1,0 +1,604 @@
+"""Exact L1 nearest-neighbour search (SPEC.md section 3) on the accelerator.
+
+The database is streamed to the devices in fixed-shape blocks, split over a
+"data" mesh axis, and scanned in tiles with a running top-k per device, so
+memory stays bounded whatever N is and nothing recompiles between blocks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from cbir_jax import sharding
+
+# Index given to padded or excluded rows: it loses every tie against a real row.
+_NO_INDEX = np.iinfo(np.int32).max
+_DEFAULT_BLOCK_BYTES = 256 << 20
+
+
+class TopK(NamedTuple):
+  """Search results, nearest first."""
+  distances: np.ndarray  # float32 [Q, k]: L1 / D
+  indices: np.ndarray  # int64 [Q, k]: database rows
+
+
+METHODS = ("loop", "chunks")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """How one search is cut up; every size is fixed for the whole search.
+
+  Attributes:
+    tile: database rows each device compares at once.
+    query_tile: queries compared at once.
+    d_chunk: dimensions summed at once by the "chunks" method.
+    block_rows: database rows sent to the devices per step (a multiple of
+      devices x tile); the last block is padded and its padding masked.
+    method: how |q - x| is summed over the dimension, see `_l1_sums`.
+  """
+  tile: int
+  query_tile: int
+  d_chunk: int
+  block_rows: int
+  method: str = "loop"
+
+  @property
+  def working_set_elements(self) -> int:
+    """Largest intermediate of the distance kernel, in float32 values."""
+    if self.method == "loop":
+      return self.query_tile * self.tile
+    return self.query_tile * self.tile * self.d_chunk
+
+
+def default_method(platform: str) -> str:
+  """"loop" on CPUs, "chunks" on accelerators.
+
+  On a CPU, a loop over the dimension that updates a [queries, rows]
+  accumulator vectorises along the rows and ran about 4x faster than a
+  reduction over the minor axis (notes/c_micro.py); on a GPU or TPU that loop
+  would be thousands of tiny kernels, while the chunked reduction fuses into
+  one kernel per chunk.
+  """
+  return "loop" if platform == "cpu" else "chunks"
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def plan(num_queries: int, num_rows: int, dim: int, *, num_devices: int = 1,
+         tile: int = 512, query_tile: int = 128, d_chunk: int = 256,
+         block_rows: int | None = None, itemsize: int = 4, method: str = "loop") -> Tiling:
+  """Chooses tile sizes for a search, shrinking them for small inputs.
+
+  Args:
+    num_queries, num_rows, dim: Q, N and D of the search.
+    num_devices: devices the database is split over.
+    tile, query_tile, d_chunk: upper bounds (see `Tiling`).
+    block_rows: rows per host-to-device block; default: as many as fit in
+      256 MiB of the database's dtype (`itemsize` bytes per value).
+    method: "loop" or "chunks" (see `default_method`).
+  """
+  for name, v in (("tile", tile), ("query_tile", query_tile), ("d_chunk", d_chunk)):
+    if v < 1:
+      raise ValueError(f"{name} must be >= 1, got {v}")
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  # Small inputs: smaller tiles rather than mostly-padding tiles.
+  tile = max(1, min(tile, _round_up(-(-num_rows // num_devices), 8)))
+  query_tile = max(1, min(query_tile, num_queries))
+  d_chunk = max(1, min(d_chunk, dim))
+  step = num_devices * tile
+  if block_rows is None:
+    block_rows = max(step, (_DEFAULT_BLOCK_BYTES // max(1, dim * itemsize)) // step * step)
+  elif block_rows < 1:
+    raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+  block_rows = min(_round_up(block_rows, step), _round_up(num_rows, step))
+  return Tiling(tile=tile, query_tile=query_tile, d_chunk=d_chunk, block_rows=block_rows,
+                method=method)
+
+
+def _prepare_rows(x: jax.Array, tiling: Tiling) -> jax.Array:
+  """The layout `_l1_sums` wants for a database tile [T, D] (done once per tile)."""
+  return x.T if tiling.method == "loop" else x
+
+
+def _prepare_queries(q: jax.Array, tiling: Tiling) -> jax.Array:
+  """[num_query_tiles, query_tile, D] -> the layout `_l1_sums` wants."""
+  return jnp.swapaxes(q, 1, 2) if tiling.method == "loop" else q
+
+
+def _l1_sums(q: jax.Array, x: jax.Array, tiling: Tiling) -> jax.Array:
+  """sum_d |q_i,d - x_j,d| -> [Qt, T] float32, holding at most `working_set_elements`.
+
+  Args:
+    q: queries, [D, Qt] for "loop", [Qt, D] for "chunks" (`_prepare_queries`).
+    x: database tile, [D, T] for "loop", [T, D] for "chunks" (`_prepare_rows`).
+    tiling: the method and d_chunk.
+  """
+  if tiling.method == "loop":
+    # One dimension per step: acc[i, j] += |q[d, i] - x[d, j]|, vectorised over j.
+    dim = q.shape[0]
+
+    def body(d: Any, acc: jax.Array) -> jax.Array:
+      qd = q[d].astype(jnp.float32)
+      xd = x[d].astype(jnp.float32)
+      return acc + jnp.abs(qd[:, None] - xd[None, :])
+
+    acc = jnp.zeros((q.shape[1], x.shape[1]), jnp.float32)
+    return jax.lax.fori_loop(0, dim, body, acc, unroll=8)
+
+  # "chunks": d_chunk dimensions per step, so even an unfused lowering never
+  # holds more than Qt x T x d_chunk values (a fusing compiler holds less).
+  dim, d_chunk = q.shape[1], tiling.d_chunk
+  n_full, rem = divmod(dim, d_chunk)
+
+  def add_chunk(acc: jax.Array, start: Any, size: int) -> jax.Array:
+    qs = jax.lax.dynamic_slice_in_dim(q, start, size, axis=1).astype(jnp.float32)
+    xs = jax.lax.dynamic_slice_in_dim(x, start, size, axis=1).astype(jnp.float32)
+    return acc + jnp.sum(jnp.abs(qs[:, None, :] - xs[None, :, :]), axis=-1)
+
+  acc = jnp.zeros((q.shape[0], x.shape[0]), jnp.float32)
+  if n_full == 1:
+    acc = add_chunk(acc, 0, d_chunk)
+  elif n_full > 1:
+    acc = jax.lax.fori_loop(0, n_full, lambda j, a: add_chunk(a, j * d_chunk, d_chunk), acc)
+  if rem:
+    acc = add_chunk(acc, n_full * d_chunk, rem)
+  return acc
+
+
+def merge_topk(d: jax.Array, i: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """The k smallest (distance, index) pairs along the last axis, ascending.
+
+  A two-key sort, so ties go to the lower index whatever order the candidates
+  arrive in (tiles, devices and blocks are merged in any order).
+  """
+  d, i = jax.lax.sort((d, i), dimension=-1, num_keys=2)
+  return d[..., :k], i[..., :k]
+
+
+def _scan_rows(queries: jax.Array, exclude: jax.Array, rows: jax.Array, first_index: jax.Array,
+               num_valid: jax.Array, *, k: int, tiling: Tiling, dim: int
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Top-k of `rows` (one device's share of a block) for every query.
+
+  Args:
+    queries: [Qp, D], Qp a multiple of tiling.query_tile.
+    exclude: int32 [Qp]: a global row index each query must not return (-1: none).
+    rows: [R, D], R a multiple of tiling.tile.
+    first_index: global index of rows[0].
+    num_valid: rows[:num_valid] are real; the rest is padding.
+
+  Returns:
+    (distances [Qp, k], indices [Qp, k], any non-finite distance among real rows).
+  """
+  qt, t = tiling.query_tile, tiling.tile
+  num_qt = queries.shape[0] // qt
+  q_tiles = _prepare_queries(queries.reshape(num_qt, qt, dim), tiling)
+  ex_tiles = exclude.reshape(num_qt, qt)
+  kk = min(k, t)
+  inv_dim = np.float32(1.0 / dim)
+
+  def tile_step(ti: Any, carry: tuple) -> tuple:
+    best_d, best_i, bad = carry
+    x = _prepare_rows(jax.lax.dynamic_slice_in_dim(rows, ti * t, t, axis=0), tiling)
+    local = ti * t + jnp.arange(t, dtype=jnp.int32)
+    index = first_index + local
+    real = local < num_valid
+
+    def query_step(args: tuple) -> tuple:
+      q, ex, bd, bi = args
+      dist = _l1_sums(q, x, tiling) * inv_dim
+      nonfinite = jnp.any(~jnp.isfinite(dist) & real[None, :])
+      keep = real[None, :] & (index[None, :] != ex[:, None])
+      dist = jnp.where(keep, dist, jnp.inf)
+      neg, pos = jax.lax.top_k(-dist, kk)  # ties: lower position first (documented)
+      cand_i = jnp.where(jnp.isinf(neg), _NO_INDEX, index[pos])
+      d, i = merge_topk(jnp.concatenate([bd, -neg], axis=1),
+                        jnp.concatenate([bi, cand_i], axis=1), k)
+      return d, i, nonfinite
+
+    d, i, nonfinite = jax.lax.map(
+        query_step, (q_tiles, ex_tiles, best_d.reshape(num_qt, qt, k),
+                     best_i.reshape(num_qt, qt, k)))
+    return d.reshape(-1, k), i.reshape(-1, k), bad | jnp.any(nonfinite)
+
+  init = (jnp.full((queries.shape[0], k), jnp.inf, jnp.float32),
+          jnp.full((queries.shape[0], k), _NO_INDEX, jnp.int32), jnp.zeros((), bool))
+  return jax.lax.fori_loop(0, rows.shape[0] // t, tile_step, init)
+
+
+@functools.lru_cache(maxsize=32)
+def _block_fn(mesh: Mesh, k: int, tiling: Tiling, dim: int):
+  """Jitted `(queries, exclude, block, offset, num_valid, best_d, best_i) -> merged top-k`.
+
+  The block is split over the mesh's "data" axis; each device keeps its own
+  top-k over its rows and the per-device lists are merged with the running
+  result of earlier blocks.
+  """
+  num_devices = mesh.devices.size
+  rows_per_device = tiling.block_rows // num_devices
+  axis = sharding.DATA_AXIS
+
+  def local(queries, exclude, rows, offset, num_valid):
+    dev = jax.lax.axis_index(axis)
+    start = dev * rows_per_device  # position of this device's first row in the block
+    d, i, bad = _scan_rows(queries, exclude, rows, offset + start, num_valid - start,
+                           k=k, tiling=tiling, dim=dim)
+    return d[None], i[None], bad[None]
+
+  scan = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(axis), P(), P()),
+                       out_specs=(P(axis), P(axis), P(axis)),
+                       # Loop carries start replicated and become per-device; the
+                       # outputs are declared per-device above, so skip the check.
+                       check_vma=False)
+
+  def step(queries, exclude, block, offset, num_valid, best_d, best_i, bad):
+    d, i, block_bad = scan(queries, exclude, block, offset, num_valid)
+    # [devices, Qp, k] -> [Qp, devices * k], then merge with the earlier blocks.
+    d = jnp.concatenate([best_d, jnp.moveaxis(d, 0, 1).reshape(d.shape[1], -1)], axis=1)
+    i = jnp.concatenate([best_i, jnp.moveaxis(i, 0, 1).reshape(i.shape[1], -1)], axis=1)
+    d, i = merge_topk(d, i, k)
+    return d, i, bad | jnp.any(block_bad)
+
+  rep = NamedSharding(mesh, P())
+  return jax.jit(step, in_shardings=(rep, rep, NamedSharding(mesh, P(axis)), rep, rep, rep, rep,
+                                     rep),
+                 out_shardings=(rep, rep, rep), donate_argnums=(5, 6))
+
+
+def _check_queries(queries: Any) -> np.ndarray:
+  q = np.asarray(queries)
+  if q.ndim == 1:
+    raise ValueError(f"queries must be [Q, D], got a 1-D array of shape {q.shape}; "
+                     "use queries[None] for a single query")
+  if q.ndim != 2:
+    raise ValueError(f"queries must be [Q, D], got shape {q.shape}")
+  if q.shape[0] < 1:
+    raise ValueError("no queries (Q = 0)")
+  if not np.issubdtype(q.dtype, np.number):
+    raise ValueError(f"queries must be numeric, got dtype {q.dtype}")
+  bad = ~np.isfinite(q.astype(np.float32)).all(axis=1)
+  if bad.any():
+    raise ValueError(f"queries contain NaN or infinite values (query rows "
+                     f"{np.flatnonzero(bad)[:10].tolist()})")
+  return q
+
+
+def _first_nonfinite_row(database: Any, block_rows: int) -> int:
+  for start in range(0, database.shape[0], block_rows):
+    part = np.asarray(database[start:start + block_rows], np.float32)
+    bad = ~np.isfinite(part).all(axis=1)
+    if bad.any():
+      return start + int(np.flatnonzero(bad)[0])
+  return -1
+
+
+def _host_dtype(dtype: np.dtype) -> np.dtype:
+  # Half-precision databases stay half on the device (half the memory);
+  # everything else travels as float32.
+  if dtype in (np.dtype(np.float16), np.dtype(jnp.bfloat16)):
+    return dtype
+  return np.dtype(np.float32)
+
+
+def l1_topk(queries: Any, database: Any, k: int, *, tile: int = 512, query_tile: int = 128,
+            d_chunk: int = 256, block_rows: int | None = None, mesh: Mesh | None = None,
+            exclude: Any = None, method: str | None = None) -> TopK:
+  """The k nearest database rows of each query under L1 / D (SPEC.md section 3).
+
+  Exact search: distances ascending, ties to the lower database index. The
+  database may be a NumPy array, a memory-mapped array (`np.load(...,
+  mmap_mode="r")`, `store.load_descriptors`) or anything sliceable with a
+  shape; it is read in blocks of `block_rows` rows, so it never has to fit on
+  the device (or in host memory).
+
+  Args:
+    queries: [Q, D] query descriptors.
+    database: [N, D] database descriptors.
+    k: results per query, 1 <= k <= N (minus one when excluding).
+    tile, query_tile, d_chunk, block_rows: bounds on the work done at once,
+      see `Tiling` and `plan`.
+    mesh: a mesh with a "data" axis to split the database over; default: all
+      local devices.
+    method: distance kernel, "loop" or "chunks"; default by platform
+      (`default_method`).
+    exclude: optional int [Q], a database row per query that must not be
+      returned (-1 for none); e.g. the query's own row in evaluation.
+
+  Returns:
+    TopK(distances float32 [Q, k], indices int64 [Q, k]).
+
+  Raises:
+    ValueError: dimensions differ, k out of range, or NaN/inf in the inputs.
+  """
+  q = _check_queries(queries)
+  if len(getattr(database, "shape", ())) != 2:
+    raise ValueError(f"database must be [N, D], got shape {getattr(database, 'shape', None)}")
+  n, dim = (int(s) for s in database.shape)
+  if q.shape[1] != dim:
+    raise ValueError(f"query dimension {q.shape[1]} != database dimension {dim}: "
+                     "queries and database must be the same descriptor kind")
+  if n >= _NO_INDEX:
+    raise ValueError(f"database of {n} rows is too large for int32 indices")
+  num_q = q.shape[0]
+  ex = np.full(num_q, -1, np.int64) if exclude is None else np.asarray(exclude, np.int64)
+  if ex.shape != (num_q,):
+    raise ValueError(f"exclude must have one entry per query ({num_q}), got shape {ex.shape}")
+  if ((ex < -1) | (ex >= n)).any():
+    raise ValueError(f"exclude entries must be -1 or a row in [0, {n}), got {ex.min()}..{ex.max()}")
+  limit = n - (1 if (ex >= 0).any() else 0)
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= limit:
+    raise ValueError(f"k must be an integer in [1, {limit}] for a database of {n} rows"
+                     f"{' with one row excluded per query' if limit < n else ''}, got {k!r}")
+  k = int(k)
+
+  mesh = mesh if mesh is not None else sharding.data_mesh(jax.local_devices())
+  host_dtype = _host_dtype(np.dtype(database.dtype))
+  method = method or default_method(mesh.devices.flat[0].platform)
+  tiling = plan(num_q, n, dim, num_devices=mesh.devices.size, tile=tile, query_tile=query_tile,
+                d_chunk=d_chunk, block_rows=block_rows, itemsize=host_dtype.itemsize,
+                method=method)
+  fn = _block_fn(mesh, k, tiling, dim)
+
+  qp = _round_up(num_q, tiling.query_tile)
+  rep = NamedSharding(mesh, P())
+  q_pad = np.zeros((qp, dim), np.float32)
+  q_pad[:num_q] = q
+  ex_pad = np.full(qp, -1, np.int32)
+  ex_pad[:num_q] = ex
+  q_dev, ex_dev = jax.device_put((q_pad, ex_pad), rep)
+  best_d = jax.device_put(np.full((qp, k), np.inf, np.float32), rep)
+  best_i = jax.device_put(np.full((qp, k), _NO_INDEX, np.int32), rep)
+  bad = jax.device_put(np.zeros((), bool), rep)
+  block_sharding = NamedSharding(mesh, P(sharding.DATA_AXIS))
+
+  rows = tiling.block_rows
+  for start in range(0, n, rows):
+    part = np.asarray(database[start:start + rows], dtype=host_dtype)
+    if part.shape[0] < rows:  # fixed block shape: pad, and mask via num_valid
+      part = np.concatenate([part, np.zeros((rows - part.shape[0], dim), host_dtype)])
+    # Dispatch is asynchronous: the next block is read from disk while this one runs.
+    best_d, best_i, bad = fn(q_dev, ex_dev, jax.device_put(part, block_sharding),
+                             np.int32(start), np.int32(min(rows, n - start)), best_d, best_i,
+                             bad)
+  if bool(bad):
+    row = _first_nonfinite_row(database, rows)
+    raise ValueError(f"database contains NaN or infinite values (first at row {row})"
+                     if row >= 0 else "distances overflowed to infinity (database values "
+                     "too large for float32 sums)")
+  d = np.asarray(best_d)[:num_q]
+  i = np.asarray(best_i)[:num_q].astype(np.int64)
+  return TopK(distances=d, indices=i)
+
+
+@functools.lru_cache(maxsize=16)
+def _distance_fn(tiling: Tiling, dim: int):
+  def tile_distances(queries, rows):
+    q_tiles = _prepare_queries(queries.reshape(-1, tiling.query_tile, dim), tiling)
+    x = _prepare_rows(rows, tiling)
+    d = jax.lax.map(lambda q: _l1_sums(q, x, tiling), q_tiles)
+    return d.reshape(queries.shape[0], rows.shape[0]) * np.float32(1.0 / dim)
+  return jax.jit(tile_distances)
+
+
+def l1_distances(queries: Any, database: Any, *, tile: int = 1024, query_tile: int = 128,
+                 d_chunk: int = 256, method: str | None = None) -> np.ndarray:
+  """Every query-to-row distance (L1 / D), [Q, N] float32, on the default device.
+
+  For evaluation over the full ranking (average precision), where the
+  output is Q x N anyway; the database is streamed `tile` rows at a time
+  through the same kernel as `l1_topk`, so both give the same values.
+  """
+  q = _check_queries(queries)
+  if len(getattr(database, "shape", ())) != 2:
+    raise ValueError(f"database must be [N, D], got shape {getattr(database, 'shape', None)}")
+  n, dim = (int(s) for s in database.shape)
+  if q.shape[1] != dim:
+    raise ValueError(f"query dimension {q.shape[1]} != database dimension {dim}: "
+                     "queries and database must be the same descriptor kind")
+  method = method or default_method(jax.devices()[0].platform)
+  tiling = plan(q.shape[0], n, dim, tile=tile, query_tile=query_tile, d_chunk=d_chunk,
+                method=method)
+  qp = _round_up(q.shape[0], tiling.query_tile)
+  q_pad = np.zeros((qp, dim), np.float32)
+  q_pad[:q.shape[0]] = q
+  q_dev = jnp.asarray(q_pad)
+  fn = _distance_fn(tiling, dim)
+  t = tiling.tile
+  out = np.empty((q.shape[0], n), np.float32)
+  for start in range(0, n, t):
+    part = np.asarray(database[start:start + t], np.float32)
+    m = part.shape[0]
+    if m < t:
+      part = np.concatenate([part, np.zeros((t - m, dim), np.float32)])
+    out[:, start:start + m] = np.asarray(fn(q_dev, part))[:q.shape[0], :m]
+  if not np.isfinite(out).all():
+    row = _first_nonfinite_row(database, t)
+    raise ValueError(f"database contains NaN or infinite values (first at row {row})"
+                     if row >= 0 else "distances overflowed to infinity")
+  return out
+
+
+def to_faiss(database: Any, *, block_rows: int = 65536) -> Any:
+  """A `faiss.IndexFlat(D, faiss.METRIC_L1)` holding the database, for faiss users.
+
+  Note: faiss reports raw L1 sums; divide its distances by D to get the
+  distances of `l1_topk` (SPEC.md section 3). faiss does not promise the
+  lower-index tie rule.
+
+  Raises:
+    ImportError: faiss is not installed (`pip install cbir-jax[faiss]`).
+  """
+  try:
+    import faiss  # optional dependency
+  except ImportError as e:
+    raise ImportError("to_faiss needs faiss: pip install faiss-cpu "
+                      "(or cbir-jax[faiss])") from e
+  n, dim = (int(s) for s in database.shape)
+  index = faiss.IndexFlat(dim, faiss.METRIC_L1)
+  for start in range(0, n, block_rows):
+    index.add(np.ascontiguousarray(database[start:start + block_rows], dtype=np.float32))
+  return index
+
+
+# --- searching an extraction output ----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Hit:
+  """One image of a result row."""
+  path: str
+  distance: float = float("nan")  # descriptor distance to the query (L1 / D)
+  label: str = ""
+  row: int = -1  # database row; -1 for a query image from outside the index
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryResult:
+  """A query and its ranked results, nearest first."""
+  query: Hit
+  hits: tuple[Hit, ...]
+  kind: str = ""
+
+
+class IndexMismatch(ValueError):
+  """A query cannot be described the way the index was (other weights, preprocessing, ...)."""
+
+
+def describe_images(manifest: dict[str, Any], paths: Any, kind: str) -> np.ndarray:
+  """Descriptors of image files made exactly as the index's were.
+
+  Uses the backbone, weights, preprocessing, input size, decoding, descriptor
+  settings and compute dtype recorded in the manifest, and rounds like the
+  stored rows (float16 output), so an image of the index finds itself at
+  distance ~0.
+
+  Raises:
+    IndexMismatch: the recorded weights are missing or are not the ones the
+      index was made with, or their preprocessing differs from the recorded one.
+    ValueError: an image cannot be decoded (names the file).
+  """
+  from cbir_jax import backbones, checkpoint, inference, input_pipeline
+  from cbir_jax import descriptors as desc
+  from cbir_jax import preprocessing as pp
+  from cbir_jax import weights as weights_lib
+
+  settings = manifest.get("settings", manifest)
+  backbone = backbones.get(manifest["backbone"])
+  image_size = int(manifest["image_size"])
+  recorded = manifest["weights"]
+  prep = pp.Preprocessing.from_dict(manifest["preprocessing"])
+  if recorded.get("source") == "random" and not recorded.get("dir"):
+    # `extract --weights=random`: the same seeded initialisation as the job.
+    from cbir_jax import extract
+    params = extract.random_params(backbone, image_size, int(recorded.get("seed", 0)))
+    digest = checkpoint.params_sha256(params)
+  else:
+    try:
+      params, info = weights_lib.load(backbone.name, recorded.get("dir") or None)
+    except checkpoint.WeightsError as e:
+      raise IndexMismatch(f"cannot load the weights the index was made with: {e}") from None
+    digest = info.params_sha256 or checkpoint.params_sha256(params)
+    if info.preprocessing != prep:
+      raise IndexMismatch(f"the weights in {recorded.get('dir')} use preprocessing "
+                          f"{info.preprocessing.name!r} but the index records {prep.name!r}")
+  if digest != recorded["params_sha256"]:
+    want = recorded["params_sha256"][:12]
+    raise IndexMismatch(f"the weights found for {backbone.name} (params_sha256 {digest[:12]}) "
+                        f"are not the ones the index was made with ({want}); restore them or "
+                        "extract the collection again")
+  images, errors = input_pipeline.load_images(list(paths), image_size,
+                                              draft=bool(settings.get("draft", False)))
+  bad = [f"{p}: {e}" for p, e in zip(paths, errors) if e]
+  if bad:
+    raise ValueError("cannot decode query images: " + "; ".join(bad))
+  fn = inference.jit_describe(backbone, preprocessing=prep, kinds=(kind,),
+                              config=desc.DescriptorConfig(**manifest["descriptor"]),
+                              dtype=inference.compute_dtype(settings.get("dtype", "float32")))
+  out = np.asarray(fn(params, images)[kind], np.float32)
+  if settings.get("output_dtype") == "float16":
+    out = out.astype(np.float16).astype(np.float32)
+  return out
+
+
+def _split(values: Any) -> list[str]:
+  out = []
+  for v in values or ():
+    out += [s.strip() for s in str(v).split(",") if s.strip()]
+  return out
+
+
+def search_index(index_dir: str, *, kind: str = "fc_conv", k: int = 5,
+                 query_paths: Any = (), query_ids: Any = (), exclude_self: bool = False,
+                 **search_kwargs: Any) -> list[QueryResult]:
+  """Searches an extraction output with image files and/or rows of the index.
+
+  Args:
+    index_dir: output directory of launch/extract.py.
+    kind: descriptor kind to search with.
+    k: results per query.
+    query_paths: image files (comma-separated strings allowed); described with
+      the index's recorded model (see `describe_images`).
+    query_ids: rows of the index used as queries.
+    exclude_self: drop a row query's own row from its results.
+    **search_kwargs: passed to `l1_topk` (tiling, mesh).
+
+  Returns:
+    One QueryResult per query: image files first, then rows, in the order given.
+  """
+  from cbir_jax import store
+
+  paths = _split(query_paths)
+  ids = [int(v) for v in _split(query_ids)]
+  if not paths and not ids:
+    raise ValueError("no queries: give image files (--query) or index rows (--query_ids)")
+  manifest = store.read_manifest(index_dir)
+  database, meta = store.load_descriptors(index_dir, kind)
+  n = database.shape[0]
+  bad = [i for i in ids if not 0 <= i < n]
+  if bad:
+    raise ValueError(f"query ids {bad} are not rows of the index (0..{n - 1})")
+  parts, queries, exclude = [], [], []
+  names = meta.get("label_name")
+  labels = meta.get("label")
+
+  def label_of(row: int) -> str:
+    if names is not None and str(names[row]):
+      return str(names[row])
+    return str(labels[row]) if labels is not None and labels[row] >= 0 else ""
+
+  if paths:
+    parts.append(describe_images(manifest, paths, kind))
+    queries += [Hit(path=p) for p in paths]
+    exclude += [-1] * len(paths)
+  if ids:
+    parts.append(np.asarray(database[np.asarray(ids)], np.float32))
+    queries += [Hit(path=str(meta["path"][i]), label=label_of(i), row=i) for i in ids]
+    exclude += ids if exclude_self else [-1] * len(ids)
+  top = l1_topk(np.concatenate(parts), database, k, exclude=np.asarray(exclude),
+                **search_kwargs)
+  return [QueryResult(query=q, kind=kind, hits=tuple(
+              Hit(path=str(meta["path"][i]), distance=float(d), label=label_of(int(i)),
+                  row=int(i)) for d, i in zip(top.distances[a], top.indices[a])))
+          for a, q in enumerate(queries)]
+
+
+def format_results(results: list[QueryResult]) -> str:
+  """Ranked table per query: rank, distance, path, label."""
+  lines = []
+  for r in results:
+    where = f"row {r.query.row}" if r.query.row >= 0 else "image"
+    lines.append(f"query ({where}, {r.kind}): {r.query.path}")
+    lines.append(f"{'rank':>4}  {'distance':>10}  path  [label]")
+    for rank, h in enumerate(r.hits, 1):
+      lines.append(f"{rank:>4}  {h.distance:>10.6f}  {h.path}  [{h.label}]")
+  return "\n".join(lines)

@@ -1,0 +1,281 @@
+"""Hostile search and evaluation inputs: indexes that do not match their manifest, bad queries.
+
+Each damaged index is checked at the library (`load_descriptors`, `l1_topk`):
+an error that names the problem; and, for one case of each sort, through the
+launchers (launch/search.py, launch/evaluate.py, run as subprocesses): a
+non-zero exit with a one-line message, not a traceback.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from cbir_jax import search, store
+
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def indexes(baseline, tmp_path_factory):
+  """The suite's finished extraction (300 rows, shards of 20), as written (descriptors
+  consolidated into one array per kind) and as a job with --noconsolidate leaves it."""
+  base = tmp_path_factory.mktemp("index")
+  out = {"consolidated": baseline[0], "shards": base / "shards"}
+  shutil.copytree(baseline[0], out["shards"])
+  shutil.rmtree(out["shards"] / store.CONSOLIDATED)
+  _edit_manifest(out["shards"], lambda m: m.update(consolidated={}))
+  return out
+
+
+def _rows(index: pathlib.Path) -> int:
+  return int(json.loads((index / store.MANIFEST).read_text())["rows"])
+
+
+def _sha(p: pathlib.Path) -> str:
+  return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _edit_manifest(d: pathlib.Path, fn: Callable[[dict], None]) -> None:
+  m = json.loads((d / store.MANIFEST).read_text())
+  fn(m)
+  (d / store.MANIFEST).write_text(json.dumps(m))
+
+
+def _rehash(d: pathlib.Path, rel: str) -> None:
+  """Makes the manifest's checksum of `rel` match the file again (a consistent forgery)."""
+  digest = _sha(d / rel)
+
+  def fix(m):
+    for kind, c in m.get("consolidated", {}).items():
+      if c["file"] == rel:
+        c["sha256"] = digest
+    for s in m["shards"]:
+      name = rel.removeprefix(s["dir"] + "/")
+      if name in s.get("files", {}):
+        s["files"][name]["sha256"] = digest
+  _edit_manifest(d, fix)
+
+
+def _set_npy(path: pathlib.Path, fn: Callable[[np.ndarray], np.ndarray]) -> None:
+  a = np.load(path)
+  np.save(path, fn(a.copy()))
+
+
+# --- the damages -----------------------------------------------------------------------------
+
+
+def missing_shard(d):
+  shutil.rmtree(d / "shards" / "000001")
+
+
+def wrong_row_count(d):
+  _edit_manifest(d, lambda m: m["shards"][1].update(rows=m["shards"][1]["rows"] + 1))
+
+
+def meta_changed(d):
+  p = d / "shards" / "000001" / "meta.npz"
+  with np.load(p) as z:
+    cols = {c: z[c] for c in z.files}
+  cols["label"] = 1 - cols["label"]  # a valid file with other labels: only the checksum tells
+  np.savez(p, **cols)
+
+
+def consolidated_changed(d):
+  _set_npy(d / "descriptors" / "fc_conv.npy", lambda a: (a.__setitem__((3, 0), a[3, 0] + 1), a)[1])
+
+
+def nan_consolidated(d):
+  _set_npy(d / "descriptors" / "fc_conv.npy", lambda a: (a.__setitem__((5, 2), np.nan), a)[1])
+  _rehash(d, "descriptors/fc_conv.npy")
+
+
+def nan_shard(d):
+  _set_npy(d / "shards" / "000002" / "fc_conv.npy", lambda a: (a.__setitem__((1, 0), np.nan), a)[1])
+  _rehash(d, "shards/000002/fc_conv.npy")
+
+
+def short_shard(d):
+  _set_npy(d / "shards" / "000002" / "fc_conv.npy", lambda a: a[:-1])
+  _rehash(d, "shards/000002/fc_conv.npy")
+
+
+def truncated_manifest(d):
+  text = (d / store.MANIFEST).read_text()
+  (d / store.MANIFEST).write_text(text[: len(text) // 2])
+
+
+def unfinished(d):
+  _edit_manifest(d, lambda m: m.update(status="running"))
+
+
+@dataclasses.dataclass
+class Damage:
+  name: str
+  index: str  # which fixture index to copy
+  apply: Callable[[pathlib.Path], None]
+  pattern: str  # the error must match this (library and launchers)
+  search: bool = False  # also run launch/search.py on it
+  evaluate: bool = False  # also run launch/evaluate.py on it
+
+
+DAMAGES = [
+    Damage("index: manifest lists a shard that is missing", "consolidated", missing_shard,
+           r"000001.*missing", search=True),
+    Damage("index: manifest row count differs from the shard", "consolidated", wrong_row_count,
+           r"000001.*rows.*manifest says"),
+    Damage("index: shard metadata does not match its checksum", "consolidated", meta_changed,
+           r"000001/meta\.npz.*SHA-256"),
+    Damage("index: descriptor file does not match its checksum", "consolidated",
+           consolidated_changed, r"fc_conv\.npy.*SHA-256", search=True),
+    Damage("index: NaN in a descriptor file (checksum forged to match)", "consolidated",
+           nan_consolidated, r"row 5.*NaN", search=True, evaluate=True),
+    Damage("index: NaN in a shard's descriptor file (unconsolidated)", "shards", nan_shard,
+           r"row 41.*NaN"),
+    Damage("index: shard descriptor file one row short (checksum forged)", "shards", short_shard,
+           r"000002/fc_conv\.npy.*rows.*manifest says"),
+    Damage("index: truncated manifest.json", "consolidated", truncated_manifest,
+           r"manifest", search=True),
+    Damage("index: extraction not finished", "consolidated", unfinished, r"not finished",
+           evaluate=True),
+]
+
+
+def _launch(script: str, index: pathlib.Path, *args: str) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, str(REPO / "launch" / script), f"--index={index}",
+                           *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _one_line_error(proc: subprocess.Popen, prefix: str, pattern: str) -> tuple[bool, str]:
+  """(exit != 0, last line `prefix: error: ...` matching `pattern`, no traceback), last line."""
+  _, err = proc.communicate(timeout=300)
+  lines = [ln for ln in err.splitlines() if ln.strip()]
+  last = lines[-1] if lines else ""
+  ok = (proc.returncode not in (0, None) and "Traceback" not in err
+        and last.startswith(f"{prefix}: error:") and bool(re.search(pattern, last, re.I)))
+  return ok, (last if lines else f"exit {proc.returncode}, no message")
+
+
+def test_damaged_indexes(indexes, tmp_path, hostile):
+  """Every damage: a library error naming it, and one-line launcher errors (run in parallel)."""
+  procs = []
+  lib = {}
+  for i, dmg in enumerate(DAMAGES):
+    d = tmp_path / f"case{i}"
+    shutil.copytree(indexes[dmg.index], d)
+    dmg.apply(d)
+    try:
+      store.load_descriptors(d, "fc_conv")
+      lib[dmg.name] = (False, "loaded without error")
+    except store.StoreError as e:
+      lib[dmg.name] = (bool(re.search(dmg.pattern, str(e), re.S)), str(e))
+    if dmg.search:
+      procs.append((dmg, "search", _launch("search.py", d, "--query_ids=0", "--k=3")))
+    if dmg.evaluate:
+      procs.append((dmg, "evaluate", _launch("evaluate.py", d, "--kinds=fc_conv",
+                                             "--num_queries=4", "--k=3")))
+  results = {d.name: [lib[d.name]] for d in DAMAGES}
+  for dmg, prefix, proc in procs:
+    results[dmg.name].append(_one_line_error(proc, prefix, dmg.pattern))
+  failed = []
+  for name, checks in results.items():
+    ok = all(c[0] for c in checks)
+    hostile.check(name, ok, " | ".join(c[1][:160] for c in checks))
+    if not ok:
+      failed.append((name, checks))
+  assert not failed, failed
+
+
+def test_k_larger_than_n(indexes, hostile):
+  d = indexes["consolidated"]
+  n = _rows(d)
+  db, _ = store.load_descriptors(d, "fc_conv")
+  q = np.asarray(db[:2], np.float32)
+  checks = []
+  for k in (n + 1, 10 ** 6):
+    try:
+      search.l1_topk(q, db, k)
+      checks.append((False, f"k={k} accepted"))
+    except ValueError as e:
+      checks.append((bool(re.search(rf"k must .*\b{n}\b", str(e))), str(e)))
+  searching = _launch("search.py", d, "--query_ids=0", f"--k={n + 1}")
+  evaluating = _launch("evaluate.py", d, "--kinds=fc_conv", "--num_queries=4", f"--k={n}")
+  checks.append(_one_line_error(searching, "search", rf"k must .*\b{n}\b"))
+  checks.append(_one_line_error(evaluating, "evaluate", rf"k must .*\b{n - 1}\b"))
+  ok = all(c[0] for c in checks)
+  hostile.check("k larger than N", ok, " | ".join(c[1][:120] for c in checks))
+  assert ok, checks
+
+
+def test_query_of_wrong_dimension(indexes, hostile):
+  db, _ = store.load_descriptors(indexes["consolidated"], "fc_conv")
+  dim = db.shape[1]
+  checks = []
+  for fn in (lambda q: search.l1_topk(q, db, 3), lambda q: search.l1_distances(q, db)):
+    for bad_dim in (dim - 1, dim + 7):
+      try:
+        fn(np.zeros((2, bad_dim), np.float32))
+        checks.append((False, f"dimension {bad_dim} accepted"))
+      except ValueError as e:
+        checks.append((bool(re.search(rf"{bad_dim}.*{dim}", str(e))), str(e)))
+  try:
+    search.l1_topk(np.zeros(dim, np.float32), db, 3)  # a single query without its batch axis
+    checks.append((False, "1-D query accepted"))
+  except ValueError as e:
+    checks.append(("[Q, D]" in str(e), str(e)))
+  ok = all(c[0] for c in checks)
+  hostile.check("query of the wrong dimension", ok, checks[0][1][:160])
+  assert ok, checks
+
+
+def test_nan_in_queries_and_unverified_database(indexes, hostile):
+  """NaN that got past the loader (verify=False) or arrives in a query: still an error."""
+  db = np.array(store.load_descriptors(indexes["consolidated"], "fc_conv")[0])
+  q = db[:2].copy()
+  checks = []
+  bad_db = db.copy()
+  bad_db[7, 3] = np.nan
+  for what, call, pattern in (
+      ("database", lambda: search.l1_topk(q, bad_db, 3), r"NaN.*row 7"),
+      ("database (all distances)", lambda: search.l1_distances(q, bad_db), r"NaN.*row 7"),
+      ("query", lambda: search.l1_topk(np.where(np.arange(q.shape[1]) == 4, np.nan, q), db, 3),
+       r"NaN")):
+    try:
+      call()
+      checks.append((False, f"{what}: accepted"))
+    except ValueError as e:
+      checks.append((bool(re.search(pattern, str(e))), f"{what}: {e}"))
+  ok = all(c[0] for c in checks)
+  hostile.check("NaN in the database given to the search directly, or in a query", ok,
+                " | ".join(c[1][:120] for c in checks))
+  assert ok, checks
+
+
+def test_query_image_on_random_weights_index(many_images, tmp_path):
+  """Regression (not a hostile case): an index made with --weights=random must describe
+  query images with the job's own random weights, so a database image finds itself."""
+  from cbir_jax import extract
+
+  from robust_common import job_config
+
+  folder, paths = many_images
+  out = tmp_path / "out"
+  sub = tmp_path / "imgs"
+  sub.mkdir()
+  for p in paths[:10]:
+    shutil.copy(p, sub / pathlib.Path(p).name)
+  extract.run(job_config(sub, out, "random"), log=lambda m: None)
+  query = str(sub / pathlib.Path(paths[3]).name)
+  [result] = search.search_index(str(out), query_paths=[query], k=2)
+  assert result.hits[0].path == query
+  assert result.hits[0].distance < 1e-5

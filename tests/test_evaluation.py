@@ -1,0 +1,143 @@
+"""Colour histograms and retrieval metrics against hand-computed values."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from cbir_jax import evaluation as ev
+
+
+def solid(rgb, h=4, w=5):
+  return np.broadcast_to(np.asarray(rgb, np.uint8), (h, w, 3)).copy()
+
+
+def test_histogram_bins_follow_numpy_histogram_over_0_255():
+  rng = np.random.default_rng(0)
+  img = rng.integers(0, 256, (31, 17, 3), dtype=np.uint8)
+  for bins in (25, 7, 256):
+    h = ev.color_histogram(img, bins)
+    for c in range(3):
+      ref, _ = np.histogram(img[..., c], bins=bins, range=(0, 255))
+      np.testing.assert_allclose(h[c * bins:(c + 1) * bins], ref / ref.max(), rtol=1e-6)
+
+
+def test_histogram_distance_of_constructed_images():
+  k = 25  # 3K = 75 values compared
+  black, white = solid((0, 0, 0)), solid((255, 255, 255))
+  # Solid black vs solid white: each channel has a 1 in bin 0 vs bin 24: L1 = 2 per channel.
+  assert ev.histogram_distance(ev.color_histogram(black), ev.color_histogram(white)) == \
+      pytest.approx(6 / 75)
+  # 3/4 black, 1/4 white: per channel [1, 0, ..., 1/3] after dividing by the largest bin;
+  # against solid black that differs by 1/3 in one bin per channel: 3 * (1/3) / 75.
+  mixed = solid((0, 0, 0), h=4, w=4)
+  mixed[3] = 255
+  assert ev.histogram_distance(ev.color_histogram(mixed), ev.color_histogram(black)) == \
+      pytest.approx(1 / 75)
+  # Bin 0 is [0, 10.2): 0 and 10 share it, 11 is in bin 1. Channels are separate, so
+  # (10, 0, 0) vs (11, 0, 0) differs in R only: 2 / 75.
+  assert ev.histogram_distance(ev.color_histogram(solid((0, 0, 0))),
+                               ev.color_histogram(solid((10, 0, 0)))) == 0
+  assert ev.histogram_distance(ev.color_histogram(solid((10, 0, 0))),
+                               ev.color_histogram(solid((11, 0, 0)))) == pytest.approx(2 / 75)
+
+
+def test_histograms_of_files_are_full_size_and_cached(tmp_path):
+  img = solid((0, 0, 0), h=40, w=40)
+  img[:10] = (255, 128, 0)  # a quarter of the pixels
+  Image.fromarray(img).save(tmp_path / "a.png")  # lossless, so the counts are exact
+  palette = Image.fromarray(solid((255, 128, 0), 8, 8)).convert("P", palette=Image.Palette.ADAPTIVE)
+  palette.save(tmp_path / "b.png")
+  cache = {}
+  h = ev.image_histograms([str(tmp_path / "a.png"), str(tmp_path / "b.png")], cache=cache)
+  expect_a = np.zeros(75)
+  expect_a[[0, 24]] = [1, 1 / 3]  # R: 30 black rows, 10 red rows -> 1 and 1/3
+  expect_a[25 + 0], expect_a[25 + 12] = 1, 1 / 3  # G: 128 falls in bin 12 (122.4..132.6)
+  expect_a[50 + 0] = 1  # B: all zero
+  np.testing.assert_allclose(h[0], expect_a, rtol=1e-6)
+  assert h[1][24] == 1 and h[1][25 + 12] == 1 and h[1][50] == 1  # palette image -> RGB
+  assert set(cache) == {str(tmp_path / "a.png"), str(tmp_path / "b.png")}
+  cache[str(tmp_path / "a.png")] = np.full(75, 7.0, np.float32)  # a cached value is reused
+  assert ev.image_histograms([str(tmp_path / "a.png")], cache=cache)[0, 0] == 7.0
+  with pytest.raises(ValueError, match="cannot read image"):
+    ev.image_histograms([str(tmp_path / "missing.jpg")])
+
+
+def test_precision_and_average_precision_by_hand():
+  # Ranked relevance: R N R N N R  (3 relevant of 6).
+  rel = np.array([[1, 0, 1, 0, 0, 1], [0, 0, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1]], bool)
+  np.testing.assert_allclose(ev.precision_at_k(rel, 1), [1, 0, 0])
+  np.testing.assert_allclose(ev.precision_at_k(rel, 5), [2 / 5, 0, 4 / 5])
+  ap = ev.average_precision(rel)
+  assert ap[0] == pytest.approx((1 / 1 + 2 / 3 + 3 / 6) / 3)
+  assert np.isnan(ap[1])  # no relevant item: undefined, left out of the mean
+  assert ap[2] == pytest.approx((1 / 2 + 2 / 3 + 3 / 4 + 4 / 5 + 5 / 6) / 5)
+  with pytest.raises(ValueError, match="at least k=7"):
+    ev.precision_at_k(rel, 7)
+
+
+def test_rank_database_breaks_ties_by_index_and_drops_the_query():
+  d = np.array([[0.0, 0.5, 0.2, 0.5, 0.2]])
+  np.testing.assert_array_equal(ev.rank_database(d), [[0, 2, 4, 1, 3]])
+  np.testing.assert_array_equal(ev.rank_database(d, exclude=np.array([0])), [[2, 4, 1, 3]])
+
+
+def test_select_queries_is_seeded_and_skips_unlabelled():
+  labels = np.array([0, -1, 1, 1, -1, 0, 2, 2])
+  a = ev.select_queries(labels, 3, seed=5)
+  assert np.array_equal(a, ev.select_queries(labels, 3, seed=5))
+  assert len(set(a)) == 3 and all(labels[a] >= 0)
+  np.testing.assert_array_equal(ev.select_queries(labels, None, 0), [0, 2, 3, 5, 6, 7])
+  with pytest.raises(ValueError, match="only 6 labelled rows"):
+    ev.select_queries(labels, 7, 0)
+
+
+def test_labels_from_text_column():
+  meta = {"group": np.array(["dog", "", "bird", "dog"]), "label": np.array([3, 1, -1, 3])}
+  labels, names = ev.labels_from_metadata(meta, "group")
+  assert names == ["bird", "dog"] and labels.tolist() == [1, -1, 0, 1]
+  assert ev.labels_from_metadata(meta, "label")[0].tolist() == [3, 1, -1, 3]
+  with pytest.raises(ValueError, match="no metadata column 'kind'"):
+    ev.labels_from_metadata(meta, "kind")
+
+
+def test_evaluate_arrays_on_a_constructed_collection(tmp_path):
+  # Two colour classes of three images. Descriptor "good" separates the classes;
+  # "bad" only knows the position j within a class, so it mixes them.
+  # Colours of one class share their bins; the classes differ in R and B bins.
+  colours = {0: [(200, 5, 5), (201, 6, 4), (199, 4, 6)],
+             1: [(5, 5, 200), (6, 4, 201), (4, 6, 199)]}
+  paths, labels, good, bad = [], [], [], []
+  for c, cols in colours.items():
+    for j, rgb in enumerate(cols):
+      p = tmp_path / f"{c}_{j}.png"
+      Image.fromarray(solid(rgb, 6, 6)).save(p)
+      paths.append(str(p))
+      labels.append(c)
+      good.append([10.0 * c + j, 0.0])
+      bad.append([float(j), 0.0])
+  out = ev.evaluate_arrays({"good": np.array(good, np.float32), "bad": np.array(bad, np.float32)},
+                           np.array(labels), paths, queries=np.array([0, 4]), k=2)
+  by = {r.kind: r for r in out}
+  assert list(by) == ["good", "bad", ev.RANDOM]
+  # good: query 0 -> rows 1, 2 (class 0); query 4 (11, 0) -> rows 3, 5 tied at 0.5, then
+  # the rest; the relevant rows come first in both full rankings.
+  assert by["good"].top_k == [[1, 2], [3, 5]]
+  assert by["good"].precision_at_k == 1.0 and by["good"].mean_ap == 1.0
+  # bad, by hand (distances L1 / 2, ties to the lower row):
+  #   query 0 (0,0): row3 0, row1 .5, row4 .5, row2 1, row5 1 -> relevance 0 1 0 1 0
+  #     P@2 = 1/2, AP = (1/2 + 2/4) / 2 = 0.5
+  #   query 4 (1,0): row1 0, row0 .5, row2 .5, row3 .5, row5 .5 -> relevance 0 0 0 1 1
+  #     P@2 = 0, AP = (1/4 + 2/5) / 2 = 0.325
+  assert by["bad"].top_k == [[3, 1], [1, 0]]
+  assert by["bad"].per_query_precision == [0.5, 0.0]
+  assert by["bad"].precision_at_k == pytest.approx(0.25)
+  assert by["bad"].mean_ap == pytest.approx((0.5 + 0.325) / 2)
+  # Table I column: mean over queries of the mean histogram distance of the top-k.
+  h = ev.image_histograms(paths)
+  d = ev.histogram_distance
+  expect = np.mean([(d(h[0], h[3]) + d(h[0], h[1])) / 2, (d(h[4], h[1]) + d(h[4], h[0])) / 2])
+  assert by["bad"].hist_distance == pytest.approx(expect)
+  # Same class: 0; other class: R and B bins differ, 2 + 2 over 75. Query 0 retrieved one
+  # of each, query 4 two of the other class.
+  assert by["bad"].hist_distance == pytest.approx(((0 + 4 / 75) / 2 + 4 / 75) / 2)
+  assert by["good"].hist_distance == 0
+  assert by[ev.RANDOM].dim == 0 and 0 <= by[ev.RANDOM].precision_at_k <= 1

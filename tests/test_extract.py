@@ -1,0 +1,485 @@
+"""The extraction job: devices, processes, kills, bad files, TFDS, resume and refusals.
+
+Jobs use the test-only "vgg_tiny" backbone with random weights on 32x32
+inputs; the reference descriptors come from `inference.jit_describe` on a
+one-device mesh, outside the job.
+"""
+import dataclasses
+import json
+import os
+import re
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from cbir_jax import backbones, extract, inference, input_pipeline, sharding, store
+from cbir_jax import descriptors as desc
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SIZE = 32
+COMMON = dict(model="vgg_tiny", weights="random", image_size=SIZE, progress="none")
+
+
+def _photos(root: pathlib.Path, n: int, seed: int = 0) -> list[str]:
+  """n small images in two class folders (smooth colours plus noise, PNG and JPEG)."""
+  rng = np.random.default_rng(seed)
+  paths = []
+  for i in range(n):
+    cls = ("cats", "dogs")[i % 2]
+    h, w = int(rng.integers(24, 48)), int(rng.integers(24, 48))
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 / w, yy * 255 / h, np.full((h, w), rng.integers(0, 255))], -1)
+    a = np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+    p = root / cls / f"{i:03d}.{'png' if i % 3 else 'jpg'}"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a).save(p)
+    paths.append(str(p))
+  return sorted(paths)
+
+
+def _bad_files(root: pathlib.Path) -> dict[str, str]:
+  """Corrupt, truncated, zero-byte and non-image files; name -> expected reason fragment."""
+  (root / "cats").mkdir(parents=True, exist_ok=True)
+  good = root / "cats" / "000.png"
+  data = good.read_bytes() if good.exists() else b""
+  (root / "cats" / "zero.jpg").write_bytes(b"")
+  (root / "cats" / "text.jpg").write_text("this is a text file, not a JPEG\n")
+  (root / "dogs" / "truncated.png").write_bytes(data[: len(data) // 3])
+  (root / "dogs" / "random.png").write_bytes(np.random.default_rng(1).bytes(3000))
+  return {"zero.jpg": "empty", "text.jpg": "identify", "truncated.png": "",
+          "random.png": "identify"}
+
+
+def _reference(paths, kinds=desc.KINDS, seed=0):
+  """Descriptors of `paths` on ONE device, outside the job."""
+  bb = backbones.get("vgg_tiny")
+  params = extract.random_params(bb, SIZE, seed)
+  fn = inference.jit_describe(bb, mesh=sharding.data_mesh(jax.devices()[:1]),
+                              preprocessing=bb.preprocessing, kinds=kinds,
+                              config=desc.DescriptorConfig())
+  images, errors = input_pipeline.load_images(paths, SIZE)
+  out = fn(params, images)
+  return {k: np.asarray(v) for k, v in out.items()}, errors
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  root = tmp_path_factory.mktemp("photos")
+  paths = _photos(root, 21)
+  bad = _bad_files(root)
+  return root, paths, bad
+
+
+@pytest.fixture(scope="module")
+def reference_run(folder, tmp_path_factory):
+  """An uninterrupted in-process run on 8 devices (shared by several tests)."""
+  root, _, _ = folder
+  out = tmp_path_factory.mktemp("ref") / "out"
+  cfg = extract.ExtractConfig(output=str(out), images=str(root), batch_size=1, shard_size=6,
+                              **COMMON)
+  summary = extract.run(cfg)
+  return out, summary, cfg
+
+
+def test_eight_devices_equal_one_device(folder, reference_run):
+  root, paths, bad = folder
+  out, summary, _ = reference_run
+  assert len(jax.devices()) == 8
+  # 25 records, shards of 6 -> 5 shards, each padded to one or more global batches of 8.
+  assert summary.images == len(paths) and summary.failed == len(bad)
+  assert summary.compiles == 1  # equal shapes every step: compiled once
+  ref, errors = _reference(paths)
+  assert not any(errors)
+  for kind in desc.KINDS:
+    got, meta = store.load_descriptors(out, kind)
+    assert isinstance(got, np.memmap)
+    np.testing.assert_allclose(got, ref[kind], rtol=1e-5, atol=1e-5, err_msg=kind)
+  np.testing.assert_array_equal(meta["path"], paths)  # input order, failures left out
+  all_keys = [r.key for r in input_pipeline.folder_records(root)]
+  np.testing.assert_array_equal(meta["row"], [all_keys.index(p) for p in paths])
+  np.testing.assert_array_equal(meta["label"], [0 if "/cats/" in p else 1 for p in paths])
+  np.testing.assert_array_equal(meta["label_name"],
+                                ["cats" if "/cats/" in p else "dogs" for p in paths])
+  sizes = [Image.open(p).size for p in paths]
+  np.testing.assert_array_equal(meta["width"], [s[0] for s in sizes])
+  np.testing.assert_array_equal(meta["height"], [s[1] for s in sizes])
+
+
+def test_bad_files_reported_and_manifest(folder, reference_run):
+  root, paths, bad = folder
+  out, summary, _ = reference_run
+  failures = store.read_failures(out)
+  assert sorted(os.path.basename(p) for p, _ in failures) == sorted(bad)
+  for p, reason in failures:
+    assert reason and bad[os.path.basename(p)] in reason, (p, reason)
+  tsv = (out / "failures-0.tsv").read_text().splitlines()
+  assert tsv[0] == "path\treason" and len(tsv) == 1 + len(bad)
+  m = json.loads((out / "manifest.json").read_text())
+  assert m["rows"] == len(paths) and m["failures"] == len(bad) and m["status"] == "complete"
+  assert m["num_records"] == len(paths) + len(bad) and len(m["shards"]) == 5
+  assert sum(s["rows"] for s in m["shards"]) == len(paths)
+  assert m["backbone"] == "vgg_tiny" and m["weights"]["source"] == "random"
+  assert m["descriptor"] == {"threshold": 0.5, "relative": True, "masks": "channel"}
+  assert m["image_size"] == SIZE and m["output_dtype"] == "float32"
+  assert m["package_version"] and len(m["weights"]["params_sha256"]) == 64
+
+
+def test_rerun_skips_complete_and_refuses_other_settings(folder, reference_run):
+  root, _, _ = folder
+  out, _, cfg = reference_run
+  before = (out / "descriptors" / "fc_conv.npy").stat().st_mtime_ns
+  again = extract.run(cfg)
+  assert again.shards_written == 0 and again.shards_skipped == 5
+  assert again.images == 0
+  assert store.load_descriptors(out, "fc")[0].shape[0] == 21
+  del before
+  for change in (dict(threshold=0.3), dict(seed=1), dict(image_size=48),
+                 dict(output_dtype="float16"), dict(kinds=("fc",))):
+    bad = extract.ExtractConfig(**{**cfg.__dict__, **change})
+    with pytest.raises(extract.ExtractError, match="other settings"):
+      extract.run(bad)
+
+
+def test_lock_refuses_a_second_job(folder, tmp_path):
+  root, _, _ = folder
+  out = tmp_path / "locked"
+  out.mkdir()
+  held = store.lock(out, 0)
+  try:
+    with pytest.raises(extract.ExtractError, match="another job"):
+      extract.run(extract.ExtractConfig(output=str(out), images=str(root), **COMMON))
+  finally:
+    held.close()
+
+
+def test_disk_full_keeps_complete_shards(folder, tmp_path, monkeypatch):
+  root, paths, _ = folder
+  out = tmp_path / "full"
+  cfg = extract.ExtractConfig(output=str(out), images=str(root), batch_size=1, shard_size=6,
+                              **COMMON)
+  real_save, calls = np.save, []
+
+  def failing_save(path, a, *args, **kwargs):
+    calls.append(path)
+    if len(calls) > 2 * len(desc.KINDS):  # the third shard's first file: disk full
+      raise OSError(28, "No space left on device")
+    return real_save(path, a, *args, **kwargs)
+
+  monkeypatch.setattr(np, "save", failing_save)
+  with pytest.raises(extract.ExtractError, match="No space left on device"):
+    extract.run(cfg)
+  monkeypatch.setattr(np, "save", real_save)
+  done = store.complete_shards(out)
+  assert sorted(done) == [0, 1]
+  assert not [d for d in (out / "shards").iterdir() if d.name.startswith(".tmp")]
+  summary = extract.run(cfg)
+  assert summary.shards_skipped == 2 and summary.shards_written == 3
+  got, meta = store.load_descriptors(out, "fc_conv")
+  np.testing.assert_array_equal(meta["path"], paths)
+
+
+def test_load_validates_the_manifest(folder, reference_run, tmp_path):
+  import shutil
+  src, _, _ = reference_run
+  cases = {
+      "checksum": lambda o: _flip_byte(o / "descriptors" / "fc_conv.npy"),
+      "missing shard": lambda o: shutil.rmtree(o / "shards" / "000002"),
+      "row count": lambda o: _edit_manifest(o, lambda m: m["shards"][0].update(rows=99)),
+      "NaN": lambda o: _nan(o),
+  }
+  for name, damage in cases.items():
+    o = tmp_path / name.replace(" ", "_")
+    shutil.copytree(src, o)
+    damage(o)
+    with pytest.raises(store.StoreError) as e:
+      store.load_descriptors(o, "fc_conv")
+    assert str(e.value), name
+  with pytest.raises(store.StoreError, match="not extracted"):
+    store.load_descriptors(src, "nope")
+
+
+def _flip_byte(p):
+  b = bytearray(p.read_bytes())
+  b[-1] ^= 0xFF
+  p.write_bytes(bytes(b))
+
+
+def _edit_manifest(o, fn):
+  m = json.loads((o / "manifest.json").read_text())
+  fn(m)
+  (o / "manifest.json").write_text(json.dumps(m))
+
+
+def _nan(o):
+  p = o / "descriptors" / "fc_conv.npy"
+  a = np.load(p)
+  a[3, 5] = np.nan
+  np.save(p, a)
+  _edit_manifest(o, lambda m: m["consolidated"]["fc_conv"].update(
+      sha256=store._sha256(p)))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int, **extra) -> dict:
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  env.update({k: str(v) for k, v in extra.items()})
+  return env
+
+
+def _cmd(root, out, *more):
+  return [sys.executable, str(REPO / "launch" / "extract.py"), f"--images={root}",
+          f"--output={out}", "--model=vgg_tiny", "--weights=random", f"--image_size={SIZE}",
+          "--batch_size=1", "--progress=log", *more]
+
+
+def test_two_processes_write_every_image_once(folder, reference_run, tmp_path):
+  root, paths, bad = folder
+  ref_out, _, _ = reference_run
+  out = tmp_path / "two"
+  port = _free_port()
+  procs = [subprocess.Popen(
+      _cmd(root, out, "--shard_size=6", f"--coordinator_address=127.0.0.1:{port}",
+           "--num_processes=2", f"--process_id={i}"),
+      env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  logs = [p.communicate(timeout=240)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)[-4000:]
+  m = json.loads((out / "manifest.json").read_text())
+  assert m["process_count"] == 2
+  assert {s["process"] for s in m["shards"]} == {0, 1}  # both processes wrote shards
+  got, meta = store.load_descriptors(out, "fc_conv")
+  np.testing.assert_array_equal(meta["path"], paths)  # every image exactly once, in order
+  assert len(set(meta["row"].tolist())) == len(paths)
+  ref, _ = store.load_descriptors(ref_out, "fc_conv")
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+  failures = sorted(os.path.basename(p) for p, _ in store.read_failures(out))
+  assert failures == sorted(bad)
+  per_process = [(out / f"failures-{i}.tsv").read_text().count("\n") - 1 for i in range(2)]
+  assert sum(per_process) == len(bad)
+
+
+def _wait_for_shards(out, n, proc, timeout=120):
+  t = time.time()
+  while time.time() - t < timeout:
+    if proc.poll() is not None:
+      return False
+    if len(store.complete_shards(out)) >= n:
+      return True
+    time.sleep(0.02)
+  return False
+
+
+def test_interrupt_and_kill_then_resume_equals_uninterrupted(tmp_path, reference_run):
+  root = tmp_path / "many"
+  paths = _photos(root, 40, seed=3)
+  bad = _bad_files(root)
+  out = tmp_path / "out"
+  cmd = _cmd(root, out, "--shard_size=4")
+  env = _env(1, CBIR_JAX_TEST_STEP_DELAY_S=0.15)
+  # SIGINT: stops after the shard in flight, exit status 130, complete shards kept.
+  p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True)
+  assert _wait_for_shards(out, 1, p), p.communicate()[0][-3000:]
+  p.send_signal(signal.SIGINT)
+  log = p.communicate(timeout=120)[0]
+  assert p.returncode == 130, log[-3000:]
+  assert "interrupted" in log and "Rerun the same command" in log
+  after_int = len(store.complete_shards(out))
+  assert 1 <= after_int < 11
+  # SIGKILL with more shards written and one in flight.
+  p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True)
+  assert _wait_for_shards(out, after_int + 2, p), p.communicate()[0][-3000:]
+  p.kill()
+  p.wait(timeout=60)
+  killed_at = len(store.complete_shards(out))
+  assert p.returncode == -signal.SIGKILL and after_int + 2 <= killed_at < 11
+  assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+  with pytest.raises(store.StoreError, match="not finished"):
+    store.load_descriptors(out, "fc")
+  # Rerun to the end (the dead job's lock went with it).
+  done = subprocess.run(cmd, env=_env(1), capture_output=True, text=True, timeout=240)
+  assert done.returncode == 0, done.stderr[-3000:]
+  summary = done.stdout.strip().splitlines()[-1]
+  good, failed = map(int, re.match(r"extracted (\d+) images, (\d+) failed", summary).groups())
+  n_records = len(paths) + len(bad)
+  assert good + failed == n_records - 4 * killed_at  # exactly the records of pending shards
+  assert f"skipped (already complete) {killed_at}" in summary
+  got, meta = store.load_descriptors(out, "fc_conv")
+  np.testing.assert_array_equal(meta["path"], paths)  # row for row: no duplicates, no gaps
+  assert sorted(os.path.basename(f) for f, _ in store.read_failures(out)) == sorted(bad)
+  # Same as an uninterrupted run (in-process, 8 devices, other batch layout).
+  ref_out = tmp_path / "uninterrupted"
+  extract.run(extract.ExtractConfig(output=str(ref_out), images=str(root), batch_size=1,
+                                    shard_size=4, kinds=("fc_conv",), **COMMON))
+  ref, ref_meta = store.load_descriptors(ref_out, "fc_conv")
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+  for c in ("row", "path", "label", "width", "height"):
+    np.testing.assert_array_equal(meta[c], ref_meta[c])
+
+
+def test_tfds_mock_data(tmp_path):
+  import tensorflow_datasets as tfds
+
+  n = 10
+  data_dir = tmp_path / "tfds"
+  with tfds.testing.mock_data(num_examples=n, data_dir=str(data_dir)):
+    builder = tfds.builder("mnist")
+    # Prepared metadata (what `tfds build` leaves); examples come from the mock.
+    pathlib.Path(builder.data_dir).mkdir(parents=True)
+    builder.info.write_to_directory(builder.data_dir)
+    ds = builder.as_dataset(split="train", decoders={"image": tfds.decode.SkipDecoding()},
+                            shuffle_files=False)
+    examples = [(ex["image"], int(ex["label"])) for ex in tfds.as_numpy(ds)]
+    out = tmp_path / "out"
+    summary = extract.run(extract.ExtractConfig(
+        output=str(out), tfds="mnist:train", data_dir=str(data_dir), batch_size=1,
+        shard_size=16, kinds=("fc", "conv"), **COMMON))
+  assert summary.images == n and summary.failed == 0
+  got, meta = store.load_descriptors(out, "conv")
+  assert got.shape[0] == n
+  np.testing.assert_array_equal(meta["label"], [lbl for _, lbl in examples])
+  np.testing.assert_array_equal(meta["label_name"], [str(lbl) for _, lbl in examples])
+  assert all("mnist-train" in k and k.endswith(f"__{i}") for i, k in enumerate(meta["path"]))
+  np.testing.assert_array_equal(meta["width"], 28)
+  # Reference: the same bytes decoded and described outside the job, on one device.
+  bb = backbones.get("vgg_tiny")
+  params = extract.random_params(bb, SIZE, 0)
+  fn = inference.jit_describe(bb, mesh=sharding.data_mesh(jax.devices()[:1]),
+                              preprocessing=bb.preprocessing, kinds=("conv",),
+                              config=desc.DescriptorConfig())
+  images = np.stack([input_pipeline.decode_image(b, SIZE)[0] for b, _ in examples])
+  np.testing.assert_allclose(got, np.asarray(fn(params, images)["conv"]), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_tfds_not_prepared_says_so(tmp_path):
+  from cbir_jax import tfds_input
+  with pytest.raises(tfds_input.TfdsError, match="not prepared.*never downloads"):
+    tfds_input.open_tfds("mnist:train", str(tmp_path))
+  assert not any(tmp_path.rglob("*.tfrecord*"))
+  with pytest.raises(extract.ExtractError, match="not prepared"):
+    extract.run(extract.ExtractConfig(output=str(tmp_path / "o"), tfds="mnist:train",
+                                      data_dir=str(tmp_path), **COMMON))
+
+
+def test_labels_csv(folder, tmp_path):
+  root, paths, _ = folder
+  rows = ["file,class_index,class_name,group"]
+  for i, p in enumerate(paths[:5]):
+    rows.append(f"{os.path.basename(p)},{100 + i},name{i},g{i % 2}")
+  csv = tmp_path / "labels.csv"
+  csv.write_text("\n".join(rows) + "\n")
+  out = tmp_path / "out"
+  extract.run(extract.ExtractConfig(output=str(out), images=str(root), labels_csv=str(csv),
+                                    kinds=("mac",), **COMMON))
+  _, meta = store.load_descriptors(out, "mac")
+  np.testing.assert_array_equal(meta["label"][:5], np.arange(100, 105))
+  np.testing.assert_array_equal(meta["label"][5:], -1)
+  assert list(meta["group"][:5]) == ["g0", "g1", "g0", "g1", "g0"]
+  assert meta["label_name"][2] == "name2"
+
+
+def test_config_errors(tmp_path):
+  for bad, msg in ((dict(), "exactly one input"),
+                   (dict(images="x", tfds="a:b"), "exactly one input"),
+                   (dict(images="x", kinds=("fc", "bogus")), "unknown descriptor kinds"),
+                   (dict(images="x", output_dtype="int8"), "output dtype"),
+                   (dict(images=str(tmp_path / "none")), "does not exist")):
+    with pytest.raises(extract.ExtractError, match=msg):
+      extract.run(extract.ExtractConfig(output=str(tmp_path / "o"), **{**COMMON, **bad}))
+
+
+def _prepared_tfds(data_dir: pathlib.Path, n: int):
+  """A real (not mocked) TFDS dataset prepared in data_dir: example i is (20 + i) px wide."""
+  import tensorflow_datasets as tfds
+
+  class CbirTestShapes(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "label": tfds.features.ClassLabel(names=["red", "green", "blue"])}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(n):
+        img = np.zeros((24, 20 + i, 3), np.uint8)
+        img[..., i % 3] = 40 + 5 * i
+        yield i, {"image": img, "label": i % 3}
+
+  builder = CbirTestShapes(data_dir=str(data_dir))
+  builder.download_and_prepare()
+  return builder.name
+
+
+def test_tfds_prepared_dataset_in_shards(tmp_path):
+  """Real TFDS reading: shards become split slices, and every record lands once, in order."""
+  n = 23
+  name = _prepared_tfds(tmp_path / "tfds", n)
+  out = tmp_path / "out"
+  cfg = extract.ExtractConfig(output=str(out), tfds=f"{name}:train",
+                              data_dir=str(tmp_path / "tfds"), batch_size=1, shard_size=5,
+                              kinds=("mac",), **COMMON)
+  summary = extract.run(cfg)
+  assert summary.images == n and summary.shards_written == 5
+  # The split's own order (TFDS shuffles examples once, when it prepares them), read whole.
+  import tensorflow_datasets as tfds
+  whole = tfds.builder(name, data_dir=str(tmp_path / "tfds")).as_dataset(
+      split="train", shuffle_files=False, read_config=tfds.ReadConfig(add_tfds_id=True))
+  order = [(int(ex["image"].shape[1]), int(ex["label"]), ex["tfds_id"].decode())
+           for ex in tfds.as_numpy(whole)]
+  widths = np.array([w for w, _, _ in order])
+  assert sorted(widths.tolist()) == list(range(20, 20 + n))
+  _, meta = store.load_descriptors(out, "mac")
+  np.testing.assert_array_equal(meta["row"], np.arange(n))
+  np.testing.assert_array_equal(meta["width"], widths)  # every record once, in split order
+  np.testing.assert_array_equal(meta["label"], (widths - 20) % 3)
+  np.testing.assert_array_equal(meta["label_name"],
+                                [["red", "green", "blue"][i] for i in (widths - 20) % 3])
+  np.testing.assert_array_equal(meta["path"], [k for _, _, k in order])
+  # A sliced split composes with the shard slices.
+  out2 = tmp_path / "out2"
+  extract.run(dataclasses.replace(cfg, output=str(out2), tfds=f"{name}:train[7:19]"))
+  _, meta2 = store.load_descriptors(out2, "mac")
+  np.testing.assert_array_equal(meta2["width"], widths[7:19])
+
+
+def test_non_finite_descriptors_become_failures(tmp_path, monkeypatch):
+  """float16 output of activations beyond 65504: reported as failures, never stored as inf."""
+  root = tmp_path / "imgs"
+  paths = _photos(root, 3)
+  real = extract.random_params
+
+  def huge(backbone, size, seed=0):  # a ReLU net without biases scales with its first kernel
+    p = real(backbone, size, seed)
+    p["conv1_1"]["kernel"] = p["conv1_1"]["kernel"] * 1e7
+    return p
+
+  monkeypatch.setattr(extract, "random_params", huge)
+  out = tmp_path / "out"
+  summary = extract.run(extract.ExtractConfig(output=str(out), images=str(root),
+                                              output_dtype="float16", kinds=("fc", "mac"),
+                                              **COMMON))
+  assert summary.images == 0 and summary.failed == len(paths)
+  reasons = [r for _, r in store.read_failures(out)]
+  assert len(reasons) == 3 and all("not finite" in r for r in reasons)
+  x, meta = store.load_descriptors(out, "fc")
+  assert x.shape == (0, 64) and len(meta["path"]) == 0

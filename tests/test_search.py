@@ -1,0 +1,176 @@
+"""Exact search against a brute-force NumPy reference (ties, edge sizes, devices, streaming)."""
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from cbir_jax import search, sharding
+
+
+def brute_force(q, db, k, exclude=None):
+  """Literal reference: float64 L1 / D, then sort by (distance, index)."""
+  q = np.asarray(q, np.float64)
+  db = np.asarray(db, np.float64)
+  d = np.abs(q[:, None, :] - db[None, :, :]).sum(-1) / db.shape[1]
+  if exclude is not None:
+    for a, e in enumerate(exclude):
+      if e >= 0:
+        d[a, e] = np.inf
+  order = np.stack([np.lexsort((np.arange(db.shape[0]), row)) for row in d])[:, :k]
+  return np.take_along_axis(d, order, 1), order
+
+
+def tie_data(rng, n, dim, q):
+  """Small integers: every sum is exact in float32, so equal distances are truly equal."""
+  db = rng.integers(0, 3, (n, dim)).astype(np.float32)
+  db[n // 2] = db[1]  # duplicated rows: exact ties at every query
+  db[n - 1] = db[1]
+  queries = np.concatenate([db[[1]], rng.integers(0, 3, (q - 1, dim)).astype(np.float32)])
+  return queries, db
+
+
+def one_device():
+  return sharding.data_mesh(jax.local_devices()[:1])
+
+
+@pytest.mark.parametrize("method", ["loop", "chunks"])
+@pytest.mark.parametrize("k", [1, 9])
+def test_ties_go_to_lower_index(method, k):
+  rng = np.random.default_rng(0)
+  q, db = tie_data(rng, n=203, dim=29, q=5)  # D=29, N=203: multiples of no tile size
+  r = search.l1_topk(q, db, k, tile=16, query_tile=3, d_chunk=8, method=method)
+  d_ref, i_ref = brute_force(q, db, k)
+  np.testing.assert_array_equal(r.indices, i_ref)
+  np.testing.assert_allclose(r.distances, d_ref, rtol=1e-6)
+  # The query is row 1 and its duplicates 101 and 202: distance 0, lower index first.
+  np.testing.assert_array_equal(r.indices[0, :min(k, 3)], [1, 101, 202][:k])
+  assert r.distances[0, 0] == 0.0
+
+
+def test_k_equals_n_and_single_query_on_eight_devices():
+  assert len(jax.devices()) == 8, "conftest should give 8 fake CPU devices"
+  rng = np.random.default_rng(1)
+  q, db = tie_data(rng, n=77, dim=13, q=1)
+  r = search.l1_topk(q, db, 77, tile=8, d_chunk=5)  # default mesh: all 8 devices
+  d_ref, i_ref = brute_force(q, db, 77)
+  np.testing.assert_array_equal(r.indices, i_ref)
+  np.testing.assert_allclose(r.distances, d_ref, rtol=1e-6)
+  assert sorted(r.indices[0].tolist()) == list(range(77))  # every row once, no padding
+
+
+def test_random_floats_match_brute_force_and_one_vs_eight_devices():
+  rng = np.random.default_rng(2)
+  db = rng.normal(size=(300, 37)).astype(np.float32)
+  q = rng.normal(size=(11, 37)).astype(np.float32)
+  d_ref, i_ref = brute_force(q, db, 6)
+  r8 = search.l1_topk(q, db, 6, tile=16, query_tile=4)
+  r1 = search.l1_topk(q, db, 6, tile=16, query_tile=4, mesh=one_device())
+  for r in (r8, r1):
+    np.testing.assert_allclose(r.distances, d_ref, rtol=1e-5)
+    # Random normals: the gaps between neighbours are far above float32 rounding.
+    np.testing.assert_array_equal(r.indices, i_ref)
+  assert r8.distances.dtype == np.float32 and r8.indices.dtype == np.int64
+
+
+def test_memmap_streams_in_fixed_blocks_without_recompiling(tmp_path):
+  rng = np.random.default_rng(3)
+  q, db = tie_data(rng, n=1000, dim=21, q=4)
+  np.save(tmp_path / "db.npy", db)
+  mm = np.load(tmp_path / "db.npy", mmap_mode="r")
+  # 8 devices x tile 8 = 64-row steps; blocks of 128 rows: 8 blocks, the last one
+  # (1000 - 896 = 104 rows) padded and masked.
+  tiling = search.plan(4, 1000, 21, num_devices=8, tile=8, block_rows=128, d_chunk=4,
+                       method="loop")
+  assert tiling.block_rows == 128 and 1000 % tiling.block_rows
+  fn = search._block_fn(sharding.data_mesh(jax.local_devices()), 5, tiling, 21)
+  before = fn._cache_size()
+  r = search.l1_topk(q, mm, 5, tile=8, block_rows=128, d_chunk=4, method="loop")
+  assert fn._cache_size() - before <= 1  # one compilation for all 8 blocks
+  d_ref, i_ref = brute_force(q, db, 5)
+  np.testing.assert_array_equal(r.indices, i_ref)
+  np.testing.assert_allclose(r.distances, d_ref, rtol=1e-6)
+
+
+def test_exclude_drops_the_query_row():
+  rng = np.random.default_rng(4)
+  q, db = tie_data(rng, n=60, dim=7, q=3)
+  exclude = [1, -1, 30]
+  r = search.l1_topk(q, db, 59, exclude=exclude, tile=8)
+  d_ref, i_ref = brute_force(q, db, 59, exclude)
+  np.testing.assert_array_equal(r.indices, i_ref)
+  assert 1 not in r.indices[0] and 30 not in r.indices[2]
+  with pytest.raises(ValueError, match=r"k must be an integer in \[1, 59\].*excluded"):
+    search.l1_topk(q, db, 60, exclude=exclude)
+
+
+def _tensor_sizes(hlo_text):
+  sizes = []
+  for dims in re.findall(r"tensor<((?:\d+x)+)[a-z]", hlo_text):
+    sizes.append(int(np.prod([int(v) for v in dims.rstrip("x").split("x")])))
+  return sizes
+
+
+@pytest.mark.parametrize("method", ["loop", "chunks"])
+def test_working_set_is_bounded_by_the_tiling(method):
+  """The lowered program holds tiles of the query x row x dimension work, never all of it."""
+  q_n, dim, k, block, devices = 64, 96, 3, 128, 8
+  tiling = search.plan(q_n, 4096, dim, num_devices=devices, tile=16, query_tile=16,
+                       d_chunk=8, block_rows=block, method=method)
+  assert (tiling.tile, tiling.query_tile, tiling.block_rows) == (16, 16, block)
+  fn = search._block_fn(sharding.data_mesh(jax.local_devices()), k, tiling, dim)
+  f32, i32 = np.float32, np.int32
+  args = (np.zeros((q_n, dim), f32), np.zeros(q_n, i32), np.zeros((block, dim), f32), i32(0),
+          i32(block), np.zeros((q_n, k), f32), np.zeros((q_n, k), i32), np.zeros((), bool))
+  sizes = _tensor_sizes(fn.lower(*args).as_text())
+  # Arrays that are the inputs (or a device's share of them) may be large; every
+  # intermediate is at most the kernel's working set, one tile of rows, or the
+  # per-device candidate lists being merged.
+  data = {block * dim, block // devices * dim, q_n * dim}
+  bound = max(tiling.working_set_elements, tiling.tile * dim, q_n * k * (devices + 1))
+  others = [s for s in sizes if s not in data]
+  assert max(others) <= bound, (max(others), bound)
+  assert tiling.working_set_elements == (16 * 16 if method == "loop" else 16 * 16 * 8)
+  # One untiled query-tile x device-rows x D comparison would exceed every array present.
+  assert max(sizes) < tiling.query_tile * (block // devices) * dim
+
+
+def test_l1_distances_match_reference_and_topk():
+  rng = np.random.default_rng(5)
+  q, db = tie_data(rng, n=130, dim=19, q=6)
+  d = search.l1_distances(q, db, tile=32, query_tile=4)
+  ref = np.abs(q[:, None].astype(np.float64) - db[None]).sum(-1) / 19
+  np.testing.assert_allclose(d, ref, rtol=1e-6)
+  order = np.argsort(d, axis=1, kind="stable")[:, :10]
+  np.testing.assert_array_equal(order, search.l1_topk(q, db, 10, tile=8).indices)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(q=np.zeros((2, 5))), "query dimension 5 != database dimension 4"),
+    (dict(k=0), r"k must be an integer in \[1, 10\]"),
+    (dict(k=11), r"k must be an integer in \[1, 10\]"),
+    (dict(q=np.zeros(4)), "queries must be \\[Q, D\\]"),
+    (dict(q=np.array([[0, 0, np.nan, 0.]])), r"queries contain NaN.*rows \[0\]"),
+    (dict(db_nan=7), "database contains NaN or infinite values \\(first at row 7\\)"),
+])
+def test_clear_errors(bad, match):
+  db = np.arange(40, dtype=np.float32).reshape(10, 4)
+  if "db_nan" in bad:
+    db[bad["db_nan"], 2] = np.nan
+  q = bad.get("q", np.zeros((2, 4), np.float32))
+  with pytest.raises(ValueError, match=match):
+    search.l1_topk(q, db, bad.get("k", 3), tile=4)
+
+
+def test_faiss_export_agrees_after_dividing_by_d():
+  faiss = pytest.importorskip("faiss", reason="faiss is an optional dependency")
+  rng = np.random.default_rng(6)
+  db = rng.random((500, 24), dtype=np.float32)
+  q = rng.random((7, 24), dtype=np.float32)
+  index = search.to_faiss(db, block_rows=128)
+  assert isinstance(index, faiss.IndexFlat) and index.metric_type == faiss.METRIC_L1
+  assert index.ntotal == 500
+  fd, fi = index.search(q, 5)
+  r = search.l1_topk(q, db, 5, mesh=one_device())
+  np.testing.assert_array_equal(fi, r.indices)
+  np.testing.assert_allclose(fd / 24, r.distances, rtol=1e-5)
