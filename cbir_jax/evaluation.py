@@ -259,7 +259,14 @@ def labels_from_metadata(meta: Mapping[str, np.ndarray], column: str = "label"
                      "columns come from the --labels_csv given to launch/extract.py)")
   values = np.asarray(meta[column])
   if np.issubdtype(values.dtype, np.integer):
-    names = ([str(v) for v in np.unique(values[values >= 0])])
+    # names[v] names label value v: the extraction's label_name when it has one
+    # (folder or CSV class names), else the number itself.
+    text = np.asarray(meta["label_name"]).astype(str) if "label_name" in meta else None
+    names = [str(v) for v in range(int(values.max(initial=-1)) + 1)]
+    if text is not None:
+      for v, t in zip(values.tolist(), text.tolist()):
+        if v >= 0 and t:
+          names[v] = t
     return values.astype(np.int64), names
   values = values.astype(str)
   names = sorted(set(values.tolist()) - {""})
@@ -302,7 +309,8 @@ def evaluate(index_dir: str, *, kinds: Sequence[str] | None = None,
                             random_baseline=random_baseline, seed=seed)
   return {
       "index": os.path.abspath(index_dir), "backbone": manifest.get("backbone"),
-      "label_column": label_column, "num_labels": len(names), "num_rows": len(labels),
+      "label_column": label_column, "num_labels": int(len(np.unique(labels[labels >= 0]))),
+      "num_rows": len(labels),
       "num_queries": int(len(queries)), "k": k, "seed": seed, "bins": bins,
       "queries": [{"row": int(r), "path": paths[r], "label": names[labels[r]]} for r in queries],
       "results": {r.kind: {"dim": r.dim, "precision_at_k": r.precision_at_k,

@@ -141,3 +141,15 @@ def test_evaluate_arrays_on_a_constructed_collection(tmp_path):
   assert by["bad"].hist_distance == pytest.approx(((0 + 4 / 75) / 2 + 4 / 75) / 2)
   assert by["good"].hist_distance == 0
   assert by[ev.RANDOM].dim == 0 and 0 <= by[ev.RANDOM].precision_at_k <= 1
+
+
+def test_integer_labels_are_named_by_label_name():
+  meta = {"label": np.array([2, 0, 2, -1, 5]),
+          "label_name": np.array(["satay", "apam", "satay", "", "rojak"])}
+  labels, names = ev.labels_from_metadata(meta, "label")
+  np.testing.assert_array_equal(labels, [2, 0, 2, -1, 5])
+  assert [names[v] for v in (0, 2, 5)] == ["apam", "satay", "rojak"]
+  text_labels, text_names = ev.labels_from_metadata(
+      {"group": np.array(["dog", "", "bird", "dog"])}, "group")
+  np.testing.assert_array_equal(text_labels, [1, -1, 0, 1])
+  assert text_names == ["bird", "dog"]
