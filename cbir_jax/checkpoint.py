@@ -52,12 +52,17 @@ class WeightsInfo:
                format_version=int(d.get("format_version", FORMAT_VERSION)))
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-  h = hashlib.sha256()
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int = 1 << 22) -> str:
+  """Hex digest of a file, read in chunks (weight files and shards can be large)."""
+  h = hashlib.new(algorithm)
   with open(path, "rb") as f:
     while block := f.read(chunk):
       h.update(block)
   return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+  return file_digest(path, "sha256")
 
 
 def params_sha256(params: Any) -> str:

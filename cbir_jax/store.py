@@ -158,8 +158,7 @@ def prepare(output_dir: str | os.PathLike, manifest: dict[str, Any]) -> dict[str
   path = out / MANIFEST
   if path.exists():
     old = read_manifest(out)
-    # Compare as JSON sees them: tuples in the new settings are lists on disk.
-    diffs = diff_settings(old.get("settings", {}), json.loads(json.dumps(manifest["settings"])))
+    diffs = diff_settings(old.get("settings", {}), manifest["settings"])
     if diffs:
       raise StoreError(
           f"{out} already holds descriptors made with other settings; refusing to mix them. "

@@ -29,15 +29,22 @@ _DTYPES = flags.DEFINE_list("dtypes", None, "Compute dtypes (float32, bfloat16, 
 _REPEATS = flags.DEFINE_integer("repeats", None, "Timed repeats per figure (median reported).")
 _SIZE = flags.DEFINE_integer("image_size", None, "Input size (default: the backbone's, 224).")
 _XLA_FLAGS = flags.DEFINE_string("xla_flags", None, "Added to XLA_FLAGS for this run (all "
-                                 "sections), e.g. --xla_flags=--xla_cpu_experimental_ynn_fusion_type=")
+                                 "sections), e.g. "
+                                 "--xla_flags=--xla_cpu_experimental_ynn_fusion_type=")
 _VARIANTS = flags.DEFINE_list("xla_variants", None, "Section xla_flags: NAME=FLAGS sets, each "
-                              "re-measuring the first backbone and batch in a fresh process "
+                              "re-measuring every backbone at the first batch in a fresh process "
                               "(default on CPU: default=,ynn_off=--xla_cpu_experimental_ynn_"
                               "fusion_type=).")
 _PEER = flags.DEFINE_bool("peer", True, "Run the PyTorch and faiss peers.")
-_CL = flags.DEFINE_bool("peer_channels_last", True, "PyTorch peer in channels_last layout.")
+_LAYOUT = flags.DEFINE_enum("peer_layout", "auto", ["auto", "channels_last", "nchw"],
+                            "PyTorch peer's memory layout (auto: the faster per backbone).")
 _DATA = flags.DEFINE_string("data_dir", str(_REPO.parent / "shared" / "data"),
                             "Folder with food7/ and imagenet-sample/.")
+_PIPE_DIR = flags.DEFINE_string("pipeline_folder", "imagenet-sample/images", "JPEG folder under "
+                                 "--data_dir for section pipeline (food7's photos are 224x224 "
+                                 "already; ImageNet's are ~500x375).")
+_E2E_DIR = flags.DEFINE_string("e2e_folder", "food7", "Image folder under --data_dir for section "
+                               "end_to_end.")
 _PIPE_N = flags.DEFINE_integer("pipeline_images", None, "Images decoded in section pipeline.")
 _PIPE_T = flags.DEFINE_list("pipeline_threads", None, "tf.data thread counts to try.")
 _E2E_MODEL = flags.DEFINE_string("e2e_backbone", None, "Backbone of the extraction job.")
@@ -54,6 +61,7 @@ _SC_MODEL = flags.DEFINE_string("scaling_backbone", None, "Backbone for section 
 _SC_BATCH = flags.DEFINE_integer("scaling_batch", None, "Global batch for section scaling.")
 _SC_SIZE = flags.DEFINE_integer("scaling_image_size", None, "Input size for section scaling.")
 _JSON = flags.DEFINE_string("json", None, "Write every figure here as JSON.")
+_MD = flags.DEFINE_string("markdown", None, "Write the tables here as Markdown.")
 
 
 def _ints(v):
@@ -69,8 +77,9 @@ def main(argv: list[str]) -> None:
       preset=_PRESET.value, sections=_SECTIONS.value, backbones=_BACKBONES.value,
       batch_sizes=_ints(_BATCHES.value), dtypes=_DTYPES.value, repeats=_REPEATS.value,
       image_size=_SIZE.value, xla_variants=_VARIANTS.value, peer=_PEER.value,
-      peer_channels_last=_CL.value,
-      data_dir=_DATA.value, pipeline_images=_PIPE_N.value,
+      peer_layout=_LAYOUT.value,
+      data_dir=_DATA.value, pipeline_folder=_PIPE_DIR.value, pipeline_images=_PIPE_N.value,
+      e2e_folder=_E2E_DIR.value,
       pipeline_threads=_ints(_PIPE_T.value), e2e_backbone=_E2E_MODEL.value,
       e2e_batch=_E2E_BATCH.value, e2e_limit=_E2E_LIMIT.value,
       search_sizes=_ints(_S_SIZES.value), search_dims=_ints(_S_DIMS.value),
@@ -88,6 +97,9 @@ def main(argv: list[str]) -> None:
   if _JSON.value:
     pathlib.Path(_JSON.value).write_text(json.dumps(result, indent=1))
     print(f"\nJSON: {_JSON.value}")
+  if _MD.value:
+    pathlib.Path(_MD.value).write_text(report.markdown(result))
+    print(f"Markdown: {_MD.value}")
   print("\n" + report.summary_table(result))
   if result["errors"]:
     raise SystemExit(1)

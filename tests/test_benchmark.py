@@ -68,7 +68,7 @@ def test_every_section_gives_finite_positive_figures(shared_data, tmp_path):
   (q,) = s["search"]
   _positive(q["jax_queries_per_s"], "search.jax")
   _positive(q["faiss_queries_per_s"], "search.faiss")
-  assert q["topk_index_agreement"] == 1.0
+  assert q["topk_index_agreement"] == 1.0 and q["topk_set_agreement"] == 1.0
   assert q["max_distance_diff_rel"] < 1e-5
 
   (sc,) = s["scaling"]
@@ -79,6 +79,8 @@ def test_every_section_gives_finite_positive_figures(shared_data, tmp_path):
   assert "search jax/faiss N=300 D=24" in figures
   text = "\n".join(report.section_tables(back) + [report.summary_table(back)])
   assert "Summary" in text and "l1_topk" in text
+  md = report.markdown(back)
+  assert md.count("| jax/faiss |") == 1 and "**Summary**" in md
 
 
 def test_search_skips_databases_over_the_memory_cap():

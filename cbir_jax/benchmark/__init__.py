@@ -1,8 +1,9 @@
 """Throughput benchmarks of cbir_jax, side by side with what users would use instead.
 
-Six sections (issue 6): model + descriptors vs PyTorch eager, the descriptor
-stage alone, the input pipeline, the extraction job end to end, exact L1
-search vs faiss, and device scaling. `run(BenchmarkConfig())` returns every
+Sections (issue 6): model + descriptors vs PyTorch eager (and the same under
+other XLA flags, each in a fresh process), the descriptor stage alone, the
+input pipeline, the extraction job end to end, exact L1 search vs faiss, and
+device scaling. `run(BenchmarkConfig())` returns every
 figure as a JSON-ready dict; launch/benchmark.py prints its tables.
 Defaults depend on the host: a CPU preset that fits in minutes on two cores,
 and a GPU preset (VGG16 at 224, float32 and bfloat16, batch 64..512).
@@ -17,8 +18,8 @@ from typing import Any, Callable, Sequence
 
 from cbir_jax.benchmark import report, timing
 
-SECTIONS: tuple[str, ...] = ("model", "xla_flags", "descriptors", "pipeline", "end_to_end", "search",
-                             "scaling")
+SECTIONS: tuple[str, ...] = ("model", "xla_flags", "descriptors", "pipeline", "end_to_end",
+                             "search", "scaling")
 
 
 @dataclasses.dataclass
@@ -29,11 +30,12 @@ class BenchmarkConfig:
     preset: "auto" (by JAX's default backend), "cpu" or "gpu".
     sections: subset of SECTIONS, run in that order.
     backbones, batch_sizes, dtypes, repeats, image_size: section 1.
-    xla_variants: section xla_flags: "name=XLA flags" sets under which the
-      first backbone's float32 figure at the first batch size is re-measured,
-      each in its own process, against the same peer.
+    xla_variants: section xla_flags: "name=XLA flags" sets under which each
+      backbone's float32 figure at the first batch size is re-measured, each
+      in its own process, against the same peer.
     peer: run the PyTorch peer (section 1) and faiss (section 5).
-    peer_channels_last: torch's channels_last layout (faster on CPU).
+    peer_layout: the peer's memory layout, "channels_last", "nchw" or "auto"
+      (the faster one for the backbone, see torch_peer.FASTER_LAYOUT).
     descriptor_batch: section 2 batch (VGG16 pools at 224).
     data_dir: the folder holding food7/ and imagenet-sample/.
     pipeline_folder, pipeline_images, pipeline_threads: section 3.
@@ -51,10 +53,10 @@ class BenchmarkConfig:
   image_size: int | None = None
   xla_variants: Sequence[str] | None = None
   peer: bool = True
-  peer_channels_last: bool = True
+  peer_layout: str = "auto"
   descriptor_batch: int | None = None
   data_dir: str = "../shared/data"
-  pipeline_folder: str = "food7"
+  pipeline_folder: str = "imagenet-sample/images"
   pipeline_images: int | None = None
   pipeline_threads: Sequence[int] | None = None
   e2e_folder: str = "food7"
@@ -83,12 +85,12 @@ YNN_OFF = "ynn_off=--xla_cpu_experimental_ynn_fusion_type="
 def _presets(cores: int) -> dict[str, dict[str, Any]]:
   cpu = dict(
       sections=SECTIONS, backbones=("vgg16", "efficientnet_lite0"), batch_sizes=(8,),
-      dtypes=("float32",), repeats=3, xla_variants=(YNN_DEFAULT, YNN_OFF), descriptor_batch=8,
+      dtypes=("float32",), repeats=5, xla_variants=(YNN_DEFAULT, YNN_OFF), descriptor_batch=8,
       pipeline_images=256,
       pipeline_threads=tuple(sorted({1, max(1, cores // 2), cores})),
-      e2e_backbone="efficientnet_lite0", e2e_batch=16, e2e_limit=512,
+      e2e_backbone="efficientnet_lite0", e2e_batch=16, e2e_limit=0,
       search_sizes=(10_000, 100_000), search_dims=(1472, 9664), search_queries=32,
-      search_repeats=2, search_max_gb=2.0, scaling_devices=(1, 2, 4, 8),
+      search_repeats=2, search_max_gb=4.0, scaling_devices=(1, 2, 4, 8),
       scaling_backbone="vgg16", scaling_batch=8, scaling_image_size=224)
   gpu = dict(
       sections=("model", "descriptors", "search", "scaling"), backbones=("vgg16",),
@@ -128,6 +130,8 @@ def resolve(config: BenchmarkConfig) -> BenchmarkConfig:
     bb_lib.get(name)
   for d in out.dtypes:
     inference.compute_dtype(d)
+  if out.peer_layout not in ("auto", "channels_last", "nchw"):
+    raise ValueError(f"peer_layout must be auto, channels_last or nchw, got {out.peer_layout!r}")
   if min(out.batch_sizes) < 1 or out.repeats < 1:
     raise ValueError("batch sizes and repeats must be >= 1")
   return out
@@ -172,7 +176,7 @@ def _summary(result: dict[str, Any]) -> list[dict[str, Any]]:
     if "jax_over_faiss" in r:
       add(f"search jax/faiss N={r['n']} D={r['dim']}", r["jax_over_faiss"],
           f"{r['jax_queries_per_s']:.3g} vs {r['faiss_queries_per_s']:.3g} queries/s, "
-          f"top-k agreement {r['topk_index_agreement']:.3f}")
+          f"same ranks {r['topk_index_agreement']:.3f}, same sets {r['topk_set_agreement']:.3f}")
   if s.get("scaling"):
     last = s["scaling"][-1]
     add(f"scaling {last['devices']} vs {s['scaling'][0]['devices']} device(s)",
@@ -204,13 +208,13 @@ def run(config: BenchmarkConfig, *, log: Callable[[str], None] = print) -> dict[
         sections[name] = model.run(
             backbone_names=cfg.backbones, batch_sizes=cfg.batch_sizes, dtypes=cfg.dtypes,
             repeats=cfg.repeats, image_size=cfg.image_size, peer=cfg.peer,
-            peer_channels_last=cfg.peer_channels_last, log=log)
+            peer_layout=cfg.peer_layout, log=log)
       elif name == "xla_flags":
         from cbir_jax.benchmark import model
         sections[name] = model.run_xla_variants(
-            cfg.xla_variants, backbone_name=cfg.backbones[0], batch=cfg.batch_sizes[0],
+            cfg.xla_variants, backbone_names=cfg.backbones, batch=cfg.batch_sizes[0],
             repeats=cfg.repeats, image_size=cfg.image_size, peer=cfg.peer,
-            peer_channels_last=cfg.peer_channels_last, log=log)
+            peer_layout=cfg.peer_layout, log=log)
       elif name == "descriptors":
         from cbir_jax.benchmark import descriptors_stage
         sections[name] = descriptors_stage.run(

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cbir_jax import backbones, inference
@@ -48,7 +47,7 @@ def jax_step(backbone: backbones.Backbone, params: Any, batch: int, image_size: 
 
 def run(*, backbone_names: Sequence[str], batch_sizes: Sequence[int], dtypes: Sequence[str],
         repeats: int, image_size: int | None = None, peer: bool = True,
-        peer_channels_last: bool = True, log=print) -> list[dict[str, Any]]:
+        peer_layout: str = "auto", log=print) -> list[dict[str, Any]]:
   """One row per (backbone, dtype, batch): images/s of JAX and of the peer, FLOP/s, peak share.
 
   The peer runs float32 only (the question is the same maths at the same
@@ -57,7 +56,8 @@ def run(*, backbone_names: Sequence[str], batch_sizes: Sequence[int], dtypes: Se
   """
   device = jax.devices()[0]
   threads = timing.cpu_info()["cores"]
-  ok, why = torch_peer.available(device.platform)
+  wants_peer = peer and any(n in torch_peer.FASTER_LAYOUT for n in backbone_names)
+  ok, why = torch_peer.available(device.platform) if wants_peer else (False, "")
   torch_device = "cuda" if device.platform == "gpu" else "cpu"
   rows = []
   for name in backbone_names:
@@ -66,14 +66,16 @@ def run(*, backbone_names: Sequence[str], batch_sizes: Sequence[int], dtypes: Se
     peer_step = None
     params = None
     note = ""
-    if peer and ok and name in ("vgg16", "efficientnet_lite0"):
+    if peer and ok and name in torch_peer.FASTER_LAYOUT:
       try:
+        layout = (torch_peer.FASTER_LAYOUT[name] if peer_layout == "auto" else peer_layout)
         peer_step, params, note = torch_peer.make_step(
-            name, None, threads=threads, channels_last=peer_channels_last, device=torch_device)
+            name, None, threads=threads, channels_last=layout == "channels_last",
+            device=torch_device)
       except Exception as e:  # a missing optional package: report, keep the JAX side
         note = f"peer unavailable: {type(e).__name__}: {e}"
     elif peer:
-      note = why if not ok else f"no PyTorch peer for {name}"
+      note = why if (not ok and why) else f"no PyTorch peer for {name}"
     if params is None:
       params = jax.tree.map(np.asarray, random_params(backbone, size))
     for dtype in dtypes:
@@ -152,9 +154,10 @@ def _variant_subprocess(flags: str, kw: dict[str, Any]) -> dict[str, Any]:
   return json.loads(lines[-1])[0]
 
 
-def run_xla_variants(variants: Sequence[str], *, backbone_name: str, batch: int, repeats: int,
+def run_xla_variants(variants: Sequence[str], *, backbone_names: Sequence[str], batch: int,
+                     repeats: int,
                      image_size: int | None = None, peer: bool = True,
-                     peer_channels_last: bool = True, log=print) -> list[dict[str, Any]]:
+                     peer_layout: str = "auto", log=print) -> list[dict[str, Any]]:
   """The section-1 figure under several XLA flag sets, each in a fresh process.
 
   XLA reads XLA_FLAGS once, when the backend starts, so a flag's before/after
@@ -166,15 +169,15 @@ def run_xla_variants(variants: Sequence[str], *, backbone_name: str, batch: int,
     variants: "name=flags" strings, e.g. "ynn_off=--xla_cpu_experimental_ynn_fusion_type=".
   """
   rows = []
-  for v in variants:
-    name, _, flags = v.partition("=")
-    log(f"[xla_flags] {backbone_name} float32 batch {batch}, {name}: XLA_FLAGS+={flags!r} ...")
-    kw = dict(backbone_names=[backbone_name], batch_sizes=[batch], dtypes=["float32"],
-              repeats=repeats, image_size=image_size, peer=peer,
-              peer_channels_last=peer_channels_last)
-    row = _variant_subprocess(flags, kw)
-    row.update(variant=name, xla_flags=flags)
-    rows.append(row)
+  for backbone_name in backbone_names:
+    for v in variants:
+      name, _, flags = v.partition("=")
+      log(f"[xla_flags] {backbone_name} float32 batch {batch}, {name}: XLA_FLAGS+={flags!r} ...")
+      kw = dict(backbone_names=[backbone_name], batch_sizes=[batch], dtypes=["float32"],
+                repeats=repeats, image_size=image_size, peer=peer, peer_layout=peer_layout)
+      row = _variant_subprocess(flags, kw)
+      row.update(variant=name, xla_flags=flags)
+      rows.append(row)
   return rows
 
 

@@ -23,9 +23,19 @@ def _fmt(v: Any) -> str:
   return str(v)
 
 
+_MARKDOWN = False  # set by `markdown()` while it renders
+
+
 def table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
-  """A fixed-width table: `columns` are (key in each row, header)."""
+  """A fixed-width table (or a Markdown one): `columns` are (key in each row, header)."""
   cells = [[h for _, h in columns]] + [[_fmt(r.get(k)) for k, _ in columns] for r in rows]
+  if _MARKDOWN:
+    lines = [f"**{title}**", ""]
+    for j, c in enumerate(cells):
+      lines.append("| " + " | ".join(x.replace("|", "/") for x in c) + " |")
+      if j == 0:
+        lines.append("|" + "---|" * len(c))
+    return "\n".join(lines)
   widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
   lines = [title, "-" * len(title)]
   for j, c in enumerate(cells):
@@ -82,7 +92,8 @@ def section_tables(result: dict[str, Any]) -> list[str]:
     out.append(table("5. Exact L1 top-k: queries/s", s["search"], [
         ("n", "N"), ("dim", "D"), ("queries", "Q"), ("k", "k"),
         ("jax_queries_per_s", "l1_topk"), ("faiss_queries_per_s", "faiss"),
-        ("jax_over_faiss", "jax/faiss"), ("topk_index_agreement", "same top-k"),
+        ("jax_over_faiss", "jax/faiss"), ("topk_index_agreement", "same ranks"),
+        ("topk_set_agreement", "same top-k set"), ("max_distance_diff_rel", "max dist diff"),
         ("skipped", "note")]))
   if "scaling" in s:
     out.append(table("6. Scaling, same global batch", s["scaling"], [
@@ -97,3 +108,13 @@ def section_tables(result: dict[str, Any]) -> list[str]:
 def summary_table(result: dict[str, Any]) -> str:
   return table("Summary", result["summary"], [("figure", "figure"), ("value", "value"),
                                               ("note", "note")])
+
+
+def markdown(result: dict[str, Any]) -> str:
+  """Every table of `result` as Markdown (for docs/benchmarks.md), the summary last."""
+  global _MARKDOWN
+  _MARKDOWN = True
+  try:
+    return "\n\n".join(section_tables(result) + [summary_table(result)]) + "\n"
+  finally:
+    _MARKDOWN = False

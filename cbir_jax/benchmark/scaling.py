@@ -23,7 +23,6 @@ def measure(num_devices: int, *, backbone: str, batch: int, image_size: int, dty
             repeats: int) -> dict[str, Any]:
   """Images/s of the sharded step on the first `num_devices` devices (in this process)."""
   import jax
-  import numpy as np
 
   from cbir_jax import backbones, inference, sharding
 

@@ -16,16 +16,31 @@ import numpy as np
 from cbir_jax import preprocessing as pp
 from cbir_jax.backbones import vgg
 
-try:
-  import torch
-  from torch import nn
-except ImportError:  # the peer is optional; the JAX side still runs
-  torch = None
+torch: Any = None  # imported on first use: a JAX-only run should not pay torch's import
+nn: Any = None
+
+
+def _import_torch() -> bool:
+  global torch, nn
+  if torch is None:
+    try:
+      import torch as _torch
+    except ImportError:  # the peer is optional; the JAX side still runs
+      return False
+    torch, nn = _torch, _torch.nn
+  return True
+
+
+# The peer's faster memory layout on CPU, measured on this project's machine
+# (docs/benchmarks.md): oneDNN's channels_last convs win for VGG16 (about 2x),
+# while the reference EfficientNet-Lite0 (explicit padding, depthwise convs)
+# runs several times faster in the default NCHW layout.
+FASTER_LAYOUT = {"vgg16": "channels_last", "efficientnet_lite0": "nchw"}
 
 
 def available(platform: str = "cpu") -> tuple[bool, str]:
   """Whether the peer can run next to JAX devices of `platform` ("cpu" or "gpu")."""
-  if torch is None:
+  if not _import_torch():
     return False, "torch is not installed"
   if platform == "gpu" and not torch.cuda.is_available():
     return False, f"torch {torch.__version__} sees no CUDA device (a CPU-only build?)"
@@ -110,6 +125,7 @@ def _lite0_features(model: Any, x: Any) -> tuple[list[Any], Any]:
 
 def conv_descriptor(pools: Sequence[Any], threshold: float = 0.5) -> Any:
   """SPEC.md section 2 (relative threshold, per-channel masks) on NCHW torch tensors."""
+  _import_torch()
   last = pools[-1].float()
   n, _, h, w = last.shape
   tau = threshold * last.amax(dim=(1, 2, 3), keepdim=True)
@@ -156,6 +172,8 @@ def make_step(backbone_name: str, params: Any, *, threads: int, channels_last: b
     (step, jax_params, note): jax_params are the peer's weights as Flax params.
   """
   del params
+  if not _import_torch():
+    raise ImportError("the PyTorch peer needs torch")
   torch.set_num_threads(threads)
   fmt = torch.channels_last if channels_last else torch.contiguous_format
   if backbone_name == "vgg16":

@@ -6,7 +6,6 @@ SPEC.md section 6 lists what each source needs (layout, FC6 order, preprocessing
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import pathlib
 from typing import Any, Mapping
@@ -16,7 +15,7 @@ from absl import logging
 
 from cbir_jax import preprocessing as pp
 from cbir_jax.backbones.vgg import VGG16_BLOCKS
-from cbir_jax.checkpoint import WeightsError, WeightsInfo, file_sha256
+from cbir_jax.checkpoint import WeightsError, WeightsInfo, file_digest, file_sha256
 from cbir_jax.porting import register
 
 MODEL = "vgg16"
@@ -273,14 +272,6 @@ def _read_keras(path: pathlib.Path) -> dict[str, list[np.ndarray]]:
                        f"({type(e).__name__}: {e}); is it truncated?") from e
 
 
-def _md5(path: pathlib.Path, chunk: int = 1 << 20) -> str:
-  h = hashlib.md5()
-  with open(path, "rb") as f:
-    while block := f.read(chunk):
-      h.update(block)
-  return h.hexdigest()
-
-
 @register(MODEL, "keras")
 def port_keras(path: str | os.PathLike) -> tuple[dict[str, Any], WeightsInfo]:
   """Reads Keras' `vgg16_weights_tf_dim_ordering_tf_kernels.h5` (classic Keras 1/2 layout).
@@ -304,7 +295,7 @@ def port_keras(path: str | os.PathLike) -> tuple[dict[str, Any], WeightsInfo]:
   params = {flax_name[layer]: {"kernel": np.ascontiguousarray(k, np.float32),
                                "bias": np.ascontiguousarray(b, np.float32)}
             for layer, (k, b) in layers.items()}
-  md5 = _md5(path)
+  md5 = file_digest(path, "md5")
   if md5 != KERAS_MD5:
     logging.warning("%s: unknown checksum (md5 %s; official %s has md5 %s); porting anyway",
                     path, md5, KERAS_FILE, KERAS_MD5)

@@ -85,21 +85,33 @@ def compare_with_baseline(out: pathlib.Path, baseline) -> tuple[int, int, list[s
 
 
 def _wait_for_shards(proc: subprocess.Popen, out: pathlib.Path, n: int, timeout: float = 180
-                     ) -> bool:
-  """Waits until `n` shards are complete; False if the process ended first."""
+                     ) -> tuple[bool, float]:
+  """Waits until `n` shards are complete.
+
+  Returns:
+    (False if the process ended first, the time between the last two shard completions
+    seen: how long one shard takes on this machine now; 0 if not seen).
+  """
   t0 = time.monotonic()
+  count, seen = -1, []
   while time.monotonic() - t0 < timeout:
-    if len(store.complete_shards(out)) >= n:
-      return True
+    now = len(store.complete_shards(out))
+    if now != count:
+      count = now
+      seen.append(time.monotonic())
+    if now >= n:
+      return True, (seen[-1] - seen[-2] if len(seen) >= 3 else 0.0)
     if proc.poll() is not None:
-      return False
-    time.sleep(0.01)
+      return False, 0.0
+    time.sleep(0.002)
   raise AssertionError(f"no progress to {n} shards in {timeout} s")
 
 
-def _start(cmd: list[str], **kw) -> subprocess.Popen:
-  return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          errors="replace", **kw)
+def _start(cmd: list[str], log: pathlib.Path) -> subprocess.Popen:
+  """Starts a job with its output in `log` (a file: a pipe nobody reads could fill and
+  stall the job)."""
+  with open(log, "w") as f:
+    return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
 
 
 def test_kill_and_resume(many_images, tiny_weights, baseline, tmp_path, hostile):
@@ -112,22 +124,26 @@ def test_kill_and_resume(many_images, tiny_weights, baseline, tmp_path, hostile)
   out = tmp_path / "out"
   cmd = job_command(folder, out, tiny_weights)
   rng = np.random.default_rng(20261127)
-  # Kill once 1-4 shards are complete and again 3-6 shards later, each after a random
-  # 0-150 ms more (so some kills land inside a shard write); then SIGINT 2-4 later.
-  first = int(rng.integers(1, 5))
-  kill_at = [first, first + int(rng.integers(3, 7))]
-  delays = rng.uniform(0.0, 0.15, size=len(kill_at))
-  names = [f"SIGKILL #{i + 1} of an extraction (after {n} shards + {d * 1000:.0f} ms), rerun"
+  # Kill once 1-3 shards are complete, again 2-4 and 2-3 shards later (of 15), each after
+  # a random fraction of the time one shard takes (measured as the job runs, so the kill
+  # lands inside the next shard's work or write whatever the machine's speed); then
+  # SIGINT 2-4 shards later.
+  kill_at = [int(rng.integers(1, 4))]
+  kill_at.append(kill_at[-1] + int(rng.integers(2, 5)))
+  kill_at.append(kill_at[-1] + int(rng.integers(2, 4)))
+  delays = rng.uniform(0.0, 0.9, size=len(kill_at))
+  names = [f"SIGKILL #{i + 1} of an extraction (after {n} shards + {d:.2f} of a shard), rerun"
            for i, (n, d) in enumerate(zip(kill_at, delays))]
   lock_case = "second job into an output directory in use"
   sigint_case = "SIGINT: stops cleanly, complete shards kept"
   hostile.declare(*names, lock_case, sigint_case)
 
   for i, (n, delay) in enumerate(zip(kill_at, delays)):
-    proc = _start(cmd)
+    log = tmp_path / f"kill{i}.log"
+    proc = _start(cmd, log)
     try:
-      reached = _wait_for_shards(proc, out, n)
-      assert reached, f"job ended before {n} shards: {proc.communicate()[1][-3000:]}"
+      reached, shard_s = _wait_for_shards(proc, out, n)
+      assert reached, f"job ended before {n} shards: {log.read_text(errors='replace')[-3000:]}"
       if i == 0:
         # Freeze the job (it keeps its lock) and start a second one on the same directory.
         proc.send_signal(signal.SIGSTOP)
@@ -141,22 +157,28 @@ def test_kill_and_resume(many_images, tiny_weights, baseline, tmp_path, hostile)
           assert ok, (str(e.value), before, after)
         finally:
           proc.send_signal(signal.SIGCONT)
-      time.sleep(delay)
+      time.sleep(delay * shard_s)
     finally:
       proc.kill()
-      proc.communicate()
+      proc.wait()
     shards = verify_complete_shards(out)
     hostile.check(names[i], len(shards) >= n,
                   f"{len(shards)} complete shards intact after the kill; rerun continued")
     assert len(shards) >= n
 
   # SIGINT: the job finishes the shard in progress, exits 130 with a one-line message.
-  proc = _start(cmd)
-  # 2-4 shards further, but at least one shard short of the end so the signal lands mid-job.
-  target = min(len(store.complete_shards(out)) + int(rng.integers(2, 5)), NUM_IMAGES // 20 - 2)
-  reached = _wait_for_shards(proc, out, target)
+  log = tmp_path / "sigint.log"
+  proc = _start(cmd, log)
+  # 2-4 shards further, but with shards left after the one in flight, so the job must stop
+  # early rather than finish.
+  last = NUM_IMAGES // 20 - 3
+  now = len(store.complete_shards(out))
+  assert now < last, f"the kills left too little work for SIGINT ({now} shards done)"
+  target = min(now + int(rng.integers(2, 5)), last)
+  reached, _ = _wait_for_shards(proc, out, target)
   proc.send_signal(signal.SIGINT)
-  stdout, stderr = proc.communicate(timeout=120)
+  proc.wait(timeout=120)
+  stderr = log.read_text(errors="replace")
   shards = verify_complete_shards(out)
   leftovers = [p.name for p in (out / store.SHARDS).iterdir() if p.name.startswith(".tmp")]
   msg = [ln for ln in stderr.splitlines() if ln.startswith("extract:")]

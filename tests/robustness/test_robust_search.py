@@ -279,3 +279,39 @@ def test_query_image_on_random_weights_index(many_images, tmp_path):
   [result] = search.search_index(str(out), query_paths=[query], k=2)
   assert result.hits[0].path == query
   assert result.hits[0].distance < 1e-5
+
+
+def test_bad_queries_through_launchers(indexes, tmp_path, hostile):
+  """Queries that cannot be used, through the launchers (run in parallel): one-line errors."""
+  d = indexes["consolidated"]
+  bad = tmp_path / "bad.jpg"
+  bad.write_bytes(b"GIF89a but not really")
+  missing = tmp_path / "missing.png"
+  moved = tmp_path / "weights_moved"
+  shutil.copytree(d, moved)
+  _edit_manifest(moved, lambda m: m["weights"].update(dir=str(tmp_path / "gone")))
+  good_query = str(_any_image(d))
+  runs = [
+      ("query image that cannot be decoded, or does not exist", "search",
+       _launch("search.py", d, f"--query={bad},{missing}"),
+       r"bad\.jpg: not an image.*missing\.png: cannot read file"),
+      ("query id outside the index", "search", _launch("search.py", d, "--query_ids=100000"),
+       r"100000.*not rows"),
+      ("weights recorded in the index are gone (query image)", "search",
+       _launch("search.py", moved, f"--query={good_query}"), r"weights the index was made with"),
+      ("evaluation on a label column the index does not have", "evaluate",
+       _launch("evaluate.py", d, "--label_column=nope", "--kinds=fc", "--num_queries=3"),
+       r"no metadata column 'nope'"),
+  ]
+  failed = []
+  for name, prefix, proc, pattern in runs:
+    ok, last = _one_line_error(proc, prefix, pattern)
+    hostile.check(name, ok, last[:200])
+    if not ok:
+      failed.append((name, last))
+  assert not failed, failed
+
+
+def _any_image(index: pathlib.Path) -> pathlib.Path:
+  _, meta = store.load_descriptors(index, "fc")
+  return pathlib.Path(str(meta["path"][0]))
