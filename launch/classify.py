@@ -10,7 +10,7 @@ import sys
 
 from absl import app, flags
 
-from cbir_jax import backbones, classify
+from cbir_jax import backbones, classify, runtime
 
 _MODEL = flags.DEFINE_string("model", backbones.DEFAULT_BACKBONE, "Backbone name.")
 _WEIGHTS = flags.DEFINE_string("weights", None,
@@ -23,6 +23,7 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute
 
 
 def main(argv: list[str]) -> None:
+  runtime.tune_xla_cpu()  # before any JAX computation
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:

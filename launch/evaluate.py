@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags, logging
 
-from cbir_jax import evaluation
+from cbir_jax import evaluation, runtime
 
 _INDEX = flags.DEFINE_string("index", None, "Extraction output directory.", required=True)
 _KINDS = flags.DEFINE_list("kinds", None, "Descriptor kinds (default: every extracted kind).")
@@ -27,6 +27,7 @@ _JSON = flags.DEFINE_string("json", None, "Write the numbers (and per-query resu
 
 
 def main(argv: list[str]) -> None:
+  runtime.tune_xla_cpu()  # before any JAX computation
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:  # keep library INFO logs (orbax) off the table

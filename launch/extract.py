@@ -13,7 +13,7 @@ import sys
 
 from absl import app, flags, logging
 
-from cbir_jax import backbones, extract
+from cbir_jax import backbones, extract, runtime
 from cbir_jax.descriptors import KINDS
 
 _d = extract.ExtractConfig(output="")
@@ -69,6 +69,7 @@ _PID = flags.DEFINE_integer("process_id", None, "Multi-process: this process' in
 
 
 def main(argv: list[str]) -> None:
+  runtime.tune_xla_cpu()  # before any JAX computation
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:  # library INFO logs (orbax, jax) would bury ours

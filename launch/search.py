@@ -11,7 +11,7 @@ import sys
 
 from absl import app, flags, logging
 
-from cbir_jax import descriptors, report, search
+from cbir_jax import descriptors, report, runtime, search
 
 _INDEX = flags.DEFINE_string("index", None, "Extraction output directory.", required=True)
 _QUERY = flags.DEFINE_multi_string("query", [], "Query image file(s); repeat the flag or "
@@ -26,6 +26,7 @@ _REPORT = flags.DEFINE_string("report", None, "Folder for results.png and result
 
 
 def main(argv: list[str]) -> None:
+  runtime.tune_xla_cpu()  # before any JAX computation
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:  # keep library INFO logs (orbax) off the table

@@ -3,7 +3,12 @@ import os
 import pathlib
 
 # Must happen before jax is imported anywhere in the test process.
+# The same XLA:CPU flags the launchers add (cbir_jax.runtime), so that in-process
+# results and launcher subprocesses (which inherit this environment) agree.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from cbir_jax import runtime  # noqa: E402  (imports no JAX backend)
+
+runtime.tune_xla_cpu()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # only affects TensorFlow/torch here
 
