@@ -290,6 +290,18 @@ def _host_dtype(dtype: np.dtype) -> np.dtype:
   return np.dtype(np.float32)
 
 
+def _check_pair(queries: Any, database: Any) -> tuple[np.ndarray, int, int]:
+  """Checked float32 queries and the database's (N, D); clear errors for mismatches."""
+  q = _check_queries(queries)
+  if len(getattr(database, "shape", ())) != 2:
+    raise ValueError(f"database must be [N, D], got shape {getattr(database, 'shape', None)}")
+  n, dim = (int(s) for s in database.shape)
+  if q.shape[1] != dim:
+    raise ValueError(f"query dimension {q.shape[1]} != database dimension {dim}: "
+                     "queries and database must be the same descriptor kind")
+  return q, n, dim
+
+
 def l1_topk(queries: Any, database: Any, k: int, *, tile: int = 512, query_tile: int = 128,
             d_chunk: int = 256, block_rows: int | None = None, mesh: Mesh | None = None,
             exclude: Any = None, method: str | None = None) -> TopK:
@@ -320,13 +332,7 @@ def l1_topk(queries: Any, database: Any, k: int, *, tile: int = 512, query_tile:
   Raises:
     ValueError: dimensions differ, k out of range, or NaN/inf in the inputs.
   """
-  q = _check_queries(queries)
-  if len(getattr(database, "shape", ())) != 2:
-    raise ValueError(f"database must be [N, D], got shape {getattr(database, 'shape', None)}")
-  n, dim = (int(s) for s in database.shape)
-  if q.shape[1] != dim:
-    raise ValueError(f"query dimension {q.shape[1]} != database dimension {dim}: "
-                     "queries and database must be the same descriptor kind")
+  q, n, dim = _check_pair(queries, database)
   if n >= _NO_INDEX:
     raise ValueError(f"database of {n} rows is too large for int32 indices")
   num_q = q.shape[0]
@@ -398,13 +404,7 @@ def l1_distances(queries: Any, database: Any, *, tile: int = 1024, query_tile: i
   output is Q x N anyway; the database is streamed `tile` rows at a time
   through the same kernel as `l1_topk`, so both give the same values.
   """
-  q = _check_queries(queries)
-  if len(getattr(database, "shape", ())) != 2:
-    raise ValueError(f"database must be [N, D], got shape {getattr(database, 'shape', None)}")
-  n, dim = (int(s) for s in database.shape)
-  if q.shape[1] != dim:
-    raise ValueError(f"query dimension {q.shape[1]} != database dimension {dim}: "
-                     "queries and database must be the same descriptor kind")
+  q, n, dim = _check_pair(queries, database)
   method = method or default_method(jax.devices()[0].platform)
   tiling = plan(q.shape[0], n, dim, tile=tile, query_tile=query_tile, d_chunk=d_chunk,
                 method=method)
