@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any
+from typing import Any, Sequence
 
 from cbir_jax import backbones, checkpoint
+from cbir_jax import descriptors as desc
 
 ENV_VAR = "CBIR_JAX_WEIGHTS_DIR"
 _REPO_WEIGHTS = pathlib.Path(__file__).resolve().parents[1] / "weights"
@@ -49,4 +50,42 @@ def load(model: str, directory: str | os.PathLike | None = None
     if directory is None:
       msg += f", or set {ENV_VAR} to a folder that holds {model}/"
     raise checkpoint.WeightsError(msg)
+  info = checkpoint.read_info(path)
+  if not info.has_fc and info.model == model:  # another model's weights: load() says so
+    try:
+      backbone = backbone.without_fc()
+    except ValueError as e:
+      raise checkpoint.WeightsError(f"{path}: {checkpoint.INFO_FILE} says the weights have no "
+                                    f"FC layers, but {e}") from None
   return checkpoint.load(path, model=model, expected=backbone.param_shapes())
+
+
+def check_kinds(info: checkpoint.WeightsInfo, kinds: Sequence[str]) -> None:
+  """Refuses descriptor kinds these weights cannot give; call it before reading any image.
+
+  Weights without FC layers (`info.has_fc` False, e.g. ported from Keras'
+  `vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5`) give conv, mac, spoc
+  and gem, not the kinds built from FC activations (`descriptors.FC_KINDS`).
+
+  Args:
+    info: the weights' record (from `load`, or `checkpoint.read_info(directory)`).
+    kinds: the descriptor kinds asked for.
+
+  Raises:
+    WeightsError (a ValueError): an FC kind asked of weights without FC layers;
+      the message names the files that have them.
+  """
+  need = [k for k in kinds if k in desc.FC_KINDS]
+  if info.has_fc or not need:
+    return
+  from cbir_jax import porting  # light: porter modules import torch/h5py only when porting
+
+  files = porting.full_files(info.model, info.source)
+  where = (f"port a file that has them: {' or '.join(files)}" if files
+           else f"use {info.model} weights that have them")
+  usable = [k for k in desc.KINDS if k not in desc.FC_KINDS]
+  raise checkpoint.WeightsError(
+      f"descriptor kind(s) {', '.join(need)} need the network's FC layers, but these "
+      f"{info.model} weights have no FC layers (ported from {info.source_file or info.source}, "
+      f"conv layers only). For {', '.join(need)}, {where}; with these weights, ask for "
+      f"{', '.join(usable)}")
