@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cbir_jax import backbones, inference, sharding
+from cbir_jax import descriptors as desc
 from cbir_jax import preprocessing as pp
 from cbir_jax.backbones import vgg
 
@@ -193,3 +194,37 @@ def test_describe_step_on_conv_only_params(tiny):
   with pytest.raises(ValueError, match="need the network's FC layers"):
     inference.jit_describe(b, preprocessing=pp.TORCHVISION, kinds=("conv", "fc"))(
         conv_only, images)
+
+
+def test_extraction_job_with_conv_only_weights(tmp_path):
+  """The job loads conv-only weights (has_fc False) and writes conv, mac, spoc, gem: the same
+  rows as full weights with the same conv layers."""
+  from PIL import Image
+
+  from cbir_jax import checkpoint, extract, store
+
+  b = backbones.get("vgg_tiny")
+  full = b.random_params(0, 32)
+  conv_only = {k: v for k, v in full.items() if not k.startswith("fc")}
+  dirs = {"full": tmp_path / "full", "conv_only": tmp_path / "conv_only"}
+  checkpoint.save(dirs["full"], full, checkpoint.WeightsInfo("vgg_tiny", pp.TORCHVISION))
+  checkpoint.save(dirs["conv_only"], conv_only,
+                  checkpoint.WeightsInfo("vgg_tiny", pp.TORCHVISION, has_fc=False))
+  images = tmp_path / "imgs"
+  images.mkdir()
+  rng = np.random.default_rng(5)
+  for i in range(5):
+    Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(
+        images / f"img{i}.png")
+  kinds = ("conv", "mac", "spoc", "gem")
+  got = {}
+  for name, wdir in dirs.items():
+    out = tmp_path / f"out_{name}"
+    extract.run(extract.ExtractConfig(output=str(out), images=str(images), model="vgg_tiny",
+                                      weights=str(wdir), kinds=kinds, image_size=32,
+                                      progress="none"), log=lambda m: None)
+    got[name] = {k: store.load_descriptors(out, k)[0] for k in kinds}
+  dims = desc.dimensions(b.block_channels, b.fc_dim)
+  for k in kinds:
+    assert got["conv_only"][k].shape == (5, dims[k])
+    np.testing.assert_allclose(got["conv_only"][k], got["full"][k], rtol=1e-6, atol=1e-6)
