@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmarks and the GPU check (tiny settings on the CPU; no speed assertions)."""
+"""Smoke tests of the benchmarks and the GPU check: tiny settings on the CPU, no speed asserts."""
 import dataclasses
 import json
 import math

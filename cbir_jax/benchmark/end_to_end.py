@@ -52,6 +52,8 @@ def extract_folder(images: str, *, backbone: str, batch: int, dtype: str = "floa
           "batch": batch, "dtype": dtype, "draft": getattr(config, "draft", None),
           "num_threads": num_threads, "images": total, "failed": s.failed,
           "seconds": s.seconds, "images_per_s": s.images_per_s,
+          # after start-up and compilation (what a long job runs at), where the job reports it
+          "steady_images_per_s": getattr(s, "steady_images_per_s", None),
           "input_wait_s": s.input_wait_s, "input_wait_share": s.input_wait_s / s.seconds,
           "device_s": s.device_s, "write_s": s.write_s, "compiles": s.compiles,
           "cpu_s": cpu, "images_per_cpu_s": total / cpu if cpu > 0 else None}

@@ -72,10 +72,10 @@ class GpuCheckConfig:
   e2e_backbone: str = "efficientnet_lite0"
   e2e_batch: int = 256
   e2e_dtype: str = "float32"
-  photo_count: int = 3000
+  photo_count: int = 4000
   photo_width: int = 500
   photo_height: int = 375
-  phone_count: int = 200
+  phone_count: int = 300
   phone_width: int = 4032
   phone_height: int = 3024
   num_threads: int | None = None
@@ -247,8 +247,8 @@ def model_sweep(cfg: GpuCheckConfig, clock: Callable[[], float], add: Callable[.
   for name, dtype, batch in _sweep_order(parse_sweep(cfg.sweep), cfg.dtypes):
     estimate = cost.get((name, dtype), cost.get(name, 30.0))
     if clock() + estimate > deadline:
-      add("skipped", {"backbone": name, "dtype": dtype, "batch": batch,
-                      "why": f"time budget: {clock():.0f} s + ~{estimate:.0f} s > {deadline:.0f} s"})
+      why = f"time budget: {clock():.0f} s + ~{estimate:.0f} s > {deadline:.0f} s"
+      add("skipped", {"backbone": name, "dtype": dtype, "batch": batch, "why": why})
       continue
     t = clock()
     try:

@@ -157,7 +157,8 @@ def gpu_check_tables(result: dict[str, Any]) -> list[str]:
         ("mean_file_mb", "MB"), ("decode_threads", "threads"),
         ("decode_images_per_s", "input alone images/s"),
         ("decode_images_per_cpu_s", "input images/CPU-s"),
-        ("job_images_per_s", "job images/s"), ("job_input_wait_share", "job input wait"),
+        ("job_images_per_s", "job images/s"),
+        ("job_steady_images_per_s", "after compile"), ("job_input_wait_share", "job input wait"),
         ("job_compiles", "compiles"), ("error", "error")]))
   if result["skipped"]:
     out.append(table("Skipped", result["skipped"], [
