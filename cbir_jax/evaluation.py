@@ -455,14 +455,13 @@ def format_table(report: Mapping[str, Any]) -> str:
   if notes["undefined"]:
     lines.append(notes["undefined"])
   elif without:
-    lines.append(f"P@c and mAP: over the {report['num_queries'] - without} queries that have "
+    lines.append(f"P@k and mAP: over the {report['num_queries'] - without} queries that have "
                  f"another row of their label ({without} have none)")
   if notes["histograms"]:
     lines.append(f"{hist_head}: not computed: {notes['histograms']}")
   else:
-    lines.append(f"{hist_head}: mean over queries of the mean RGB-histogram distance (L1 / "
-                 f"{3 * report['bins']}) between the query and its top {k}; lower = closer in "
-                 "colour")
+    lines.append(f"{hist_head}: RGB-histogram distance (L1 / {3 * report['bins']}) of a query "
+                 f"to its top {k}, averaged; lower = closer in colour")
   if RANDOM in report["results"]:
     lines.append(f"{RANDOM}: the other rows in random order per query (seed {report['seed']}): "
                  "the floor")
