@@ -22,6 +22,7 @@ from PIL import Image
 
 from cbir_jax import backbones, extract, inference, input_pipeline, sharding, store
 from cbir_jax import descriptors as desc
+from cbir_jax.descriptors import KINDS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -126,10 +127,13 @@ def test_bad_files_reported_and_manifest(folder, reference_run):
   assert m["rows"] == len(paths) and m["failures"] == len(bad) and m["status"] == "complete"
   assert m["num_records"] == len(paths) + len(bad) and len(m["shards"]) == 5
   assert sum(s["rows"] for s in m["shards"]) == len(paths)
-  assert m["backbone"] == "vgg_tiny" and m["weights"]["source"] == "random"
-  assert m["descriptor"] == {"threshold": 0.5, "relative": True, "masks": "channel"}
-  assert m["image_size"] == SIZE and m["output_dtype"] == "float32"
-  assert m["package_version"] and len(m["weights"]["params_sha256"]) == 64
+  s = m["settings"]
+  assert s["backbone"] == "vgg_tiny" and m["weights"]["source"] == "random"
+  assert s["descriptor"] == {"threshold": 0.5, "relative": True, "masks": "channel"}
+  assert s["image_size"] == SIZE and s["output_dtype"] == "float32"
+  assert s["package_version"] and len(m["weights"]["params_sha256"]) == 64
+  assert m["weights"]["kind"] == "random" and "dir" not in m["weights"] or not m["weights"]["dir"]
+  assert m["verified"]["shards"] == 5 and sorted(m["verified"]["consolidated"]) == sorted(KINDS)
 
 
 def test_rerun_skips_complete_and_refuses_other_settings(folder, reference_run):
@@ -200,7 +204,7 @@ def test_load_validates_the_manifest(folder, reference_run, tmp_path):
     shutil.copytree(src, o)
     damage(o)
     with pytest.raises(store.StoreError) as e:
-      store.load_descriptors(o, "fc_conv")
+      store.load_descriptors(o, "fc_conv", verify=True)
     assert str(e.value), name
   with pytest.raises(store.StoreError, match="not extracted"):
     store.load_descriptors(src, "nope")
@@ -466,14 +470,15 @@ def test_non_finite_descriptors_become_failures(tmp_path, monkeypatch):
   """float16 output of activations beyond 65504: reported as failures, never stored as inf."""
   root = tmp_path / "imgs"
   paths = _photos(root, 3)
-  real = extract.random_params
+  from cbir_jax import weights
+  real = weights.random_params
 
   def huge(backbone, size, seed=0):  # a ReLU net without biases scales with its first kernel
     p = real(backbone, size, seed)
     p["conv1_1"]["kernel"] = p["conv1_1"]["kernel"] * 1e7
     return p
 
-  monkeypatch.setattr(extract, "random_params", huge)
+  monkeypatch.setattr(weights, "random_params", huge)
   out = tmp_path / "out"
   summary = extract.run(extract.ExtractConfig(output=str(out), images=str(root),
                                               output_dtype="float16", kinds=("fc", "mac"),
