@@ -50,10 +50,13 @@ def seal(out: pathlib.Path, m: Manifest, *, process_count: int, consolidate: boo
   _verify_shards(out, shards, skip=kinds if consolidate and shards else ())
   consolidated = {}
   if consolidate and shards:
+    total = sum(f["bytes"] for s in shards for f in s.files.values()) / 1e6
+    log(f"finishing: verifying {len(shards)} shard(s) and consolidating {len(kinds)} kinds "
+        f"({total:.0f} MB)")
     try:
       for i, kind in enumerate(kinds):
-        log(f"finishing: consolidating {kind} ({i + 1}/{len(kinds)} kinds, "
-            f"{sum(s.files[f'{kind}.npy']['bytes'] for s in shards) / 1e6:.0f} MB)")
+        if total > 256:  # a line per kind where it takes a while
+          log(f"finishing: {kind} ({i + 1}/{len(kinds)})")
         consolidated[kind] = _consolidate(out, m.path(store.CONSOLIDATED), kind, shards)
     except OSError as e:
       raise store.StoreError(f"{out}: cannot write the consolidated arrays: {e}; the shards "

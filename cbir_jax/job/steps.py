@@ -125,13 +125,14 @@ class StepRunner:
           break
       if prev is not None:
         self._consume(*prev, progress)
+      left = self.assembler.remaining  # units not complete (the stopped one included)
       if stopped:
         self._write_stopped_part(stop.at)
     progress.close()
     _close(batches)
     self.clock.charge("input")
     self._count_compiles()
-    return stopped and self.coord.max(self.assembler.remaining) > 0
+    return stopped and self.coord.max(left) > 0
 
   def _write_stopped_part(self, asked_at: float) -> None:
     part = self.assembler.stop()
