@@ -419,20 +419,33 @@ def finalize(output_dir: str | os.PathLike, *, num_shards: int, process_count: i
 # --- reading -------------------------------------------------------------------------------
 
 
+def _npy_rows(path: pathlib.Path) -> int | None:
+  """Rows an .npy header declares (None if it has no readable header)."""
+  try:
+    with open(path, "rb") as f:
+      version = np.lib.format.read_magic(f)
+      read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+              else np.lib.format.read_array_header_2_0)
+      shape = read(f)[0]
+    return int(shape[0]) if shape else None
+  except (OSError, ValueError):
+    return None
+
+
 def _file(out: pathlib.Path, rel: str, want: Mapping[str, Any] | None, verify: bool,
           rows: int | None = None) -> pathlib.Path:
-  """A file the manifest lists: present, of its recorded size, and (verify) of its digest.
-
-  With `rows`, an .npy whose header says otherwise is reported by its row count.
-  """
+  """A file the manifest lists: present, of its recorded size (and, for an .npy, `rows`
+  rows), and with `verify`, of its recorded digest."""
   p = out / rel
   try:
     size = p.stat().st_size
   except OSError:
     raise StoreError(f"{out}: {rel} is listed in the manifest but missing") from None
-  if rows is not None and len(_load_npy(p)) != rows:
-    raise StoreError(f"{out}: {rel} has {len(_load_npy(p))} rows, the manifest says {rows}")
   want = want or {}
+  has = _npy_rows(p) if rows is not None else None
+  if rows is not None and has != rows:
+    raise StoreError(f"{out}: {rel} has {size} bytes ({has} rows), the manifest says {rows} "
+                     "rows (damaged or modified file)")
   if want.get("bytes", -1) >= 0 and size != want["bytes"]:
     raise StoreError(f"{out}: {rel} has {size} bytes, the manifest says {want['bytes']} "
                      "(damaged or modified file)")

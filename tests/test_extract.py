@@ -488,3 +488,28 @@ def test_non_finite_descriptors_become_failures(tmp_path, monkeypatch):
   assert len(reasons) == 3 and all("not finite" in r for r in reasons)
   x, meta = store.load_descriptors(out, "fc")
   assert x.shape == (0, 64) and len(meta["path"]) == 0
+
+
+def test_checksums_verified_once_when_the_job_finishes(reference_run, tmp_path, monkeypatch):
+  """The job verifies and records; loading checks sizes and shapes, and hashes only when asked."""
+  import shutil
+  out, _, _ = reference_run
+  m = store.read_manifest(out)
+  assert m["verified"]["shards"] == len(m["shards"]) and m["verified"]["finite"]
+  for kind, c in m["consolidated"].items():  # recorded digests are the files' own
+    assert c["sha256"] == store.sha256_file(out / c["file"]), kind
+    assert c["bytes"] == (out / c["file"]).stat().st_size
+  hashed = []
+  real = store.sha256_file
+  monkeypatch.setattr(store, "sha256_file", lambda p, *a: hashed.append(p) or real(p, *a))
+  store.load_descriptors(out, "fc_conv")
+  assert hashed == []
+  store.load_descriptors(out, "fc_conv", verify=True)
+  assert {pathlib.Path(p).name for p in hashed} == {"fc_conv.npy", "meta.npz"}
+  # A file cut short is caught without hashing (its size), named with its row count.
+  cut = tmp_path / "cut"
+  shutil.copytree(out, cut)
+  p = cut / "descriptors" / "fc_conv.npy"
+  p.write_bytes(p.read_bytes()[:-4])
+  with pytest.raises(store.StoreError, match=r"fc_conv\.npy has \d+ bytes, the manifest says"):
+    store.load_descriptors(cut, "fc_conv")
