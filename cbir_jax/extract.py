@@ -8,7 +8,6 @@ device of every process; complete shards survive kills and a rerun continues (st
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Callable
 
 from cbir_jax import backbones, store

@@ -196,6 +196,13 @@ def prepare(output_dir: str | os.PathLike, manifest: Manifest | Mapping[str, Any
     old = load_manifest(out)
     check_settings(out, old, new)
     return old
+  refuse_orphan_shards(out)
+  write_manifest(out, new)
+  return new
+
+
+def refuse_orphan_shards(out: pathlib.Path) -> None:
+  """Raises StoreError if `out` holds complete shards but no manifest."""
   leftover = complete_shards(out)
   if leftover:
     # Shards record no settings of their own: without the manifest nobody can tell
@@ -204,8 +211,6 @@ def prepare(output_dir: str | os.PathLike, manifest: Manifest | Mapping[str, Any
         f"{out} holds {len(leftover)} complete shard(s) but no {MANIFEST}, so the settings "
         "that made them are unknown; refusing to reuse them. Restore the manifest, or "
         "delete the directory to start over.")
-  write_manifest(out, new)
-  return new
 
 
 def check_settings(out: pathlib.Path, old: Manifest, new: Manifest) -> None:

@@ -144,7 +144,21 @@ def plan_job(config: Any, coord: Coordinator, log: Callable[[str], None]) -> Pla
               descriptor=desc.DescriptorConfig(config.threshold, config.relative, config.masks),
               manifest=manifest, update=update, units=[], skipped=0, lock=lock, done=done)
   plan.units, plan.skipped = my_units(plan, config.shard_size, coord)
+  _lay_out_steps(plan, config, coord, log)
   return plan
+
+
+def _lay_out_steps(plan: Plan, config: Any, coord: Coordinator, log: Callable[[str], None]
+                   ) -> None:
+  """Rows per step on this process, and the steps every process runs (the most any needs)."""
+  from cbir_jax import sharding
+
+  plan.batch_rows = sharding.local_batch_size(config.batch_size, sharding.data_mesh())
+  plan.local_steps = len(plan.positions()) // plan.batch_rows
+  plan.global_steps = coord.max(plan.local_steps)
+  if config.shard_size < plan.batch_rows and plan.units:
+    log(f"warning: --shard_size={config.shard_size} is smaller than this process' batch of "
+        f"{plan.batch_rows} images (batch_size x local devices): most of every step is padding")
 
 
 def _lock(out: pathlib.Path, pid: int) -> IO[str]:
@@ -167,8 +181,7 @@ def prepare(out: pathlib.Path, target: Manifest, source: sources.Source, *, upda
   """
   if not (out / store.MANIFEST).exists():
     if write:
-      if store.complete_shards(out):
-        store.prepare(out, target)  # refuses shards left without a manifest
+      store.refuse_orphan_shards(out)
       source.identities.save(out / store.RECORDS)  # before the manifest that names it
       store.prepare(out, target)
     return target, None, False

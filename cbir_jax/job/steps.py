@@ -57,7 +57,6 @@ class StepRunner:
     self.plan, self.config, self.coord = plan, config, coord
     self.clock, self.summary, self.log = clock, summary, log
     self.mesh = sharding.data_mesh()
-    self.batch_rows = sharding.local_batch_size(config.batch_size, self.mesh)
     self.fn = inference.jit_describe(
         plan.backbone, mesh=self.mesh, preprocessing=plan.loaded.preprocessing,
         kinds=plan.kinds, config=plan.descriptor, dtype=inference.compute_dtype(config.dtype))
@@ -91,15 +90,8 @@ class StepRunner:
     from cbir_jax import sharding
 
     plan, config = self.plan, self.config
-    plan.batch_rows = self.batch_rows
     positions = plan.positions()
-    plan.local_steps = len(positions) // self.batch_rows
-    plan.global_steps = self.coord.max(plan.local_steps)
-    if config.shard_size < self.batch_rows:
-      self.log(f"warning: --shard_size={config.shard_size} is smaller than this process' batch "
-               f"of {self.batch_rows} images (batch_size x local devices): most of every step "
-               "is padding")
-    batches = plan.source.batches(positions, batch_size=self.batch_rows,
+    batches = plan.source.batches(positions, batch_size=plan.batch_rows,
                                   image_size=plan.image_size, num_threads=config.num_threads,
                                   draft=config.draft)
     progress = Progress(int(np.count_nonzero(positions >= 0)), config.progress,
@@ -110,7 +102,7 @@ class StepRunner:
     with StopFlag(self.log) as stop:
       for step in range(plan.global_steps):
         batch = (next(batches) if step < plan.local_steps
-                 else padding_batch(self.batch_rows, plan.image_size))
+                 else padding_batch(plan.batch_rows, plan.image_size))
         self.clock.charge("input")
         if delay:
           time.sleep(delay)
