@@ -121,7 +121,7 @@ def test_assembler_float16_overflow_is_a_failure():
 
 
 def _ids(pairs):
-  return ident.RecordIdentities(np.array([k for k, _ in pairs]), np.array([s for _, s in pairs]))
+  return ident.RecordIdentities([k for k, _ in pairs], [s for _, s in pairs])
 
 
 def test_identity_compare_by_key_and_stamp():
@@ -144,14 +144,19 @@ def test_folder_identities_and_stamps(tmp_path):
   p.write_bytes(b"12345")
   os.utime(p, ns=(1, 1_000_000_123))
   ids = ident.folder_identities(str(tmp_path), [str(p), str(tmp_path / "gone.jpg")])
-  assert ids.keys.tolist() == ["x/a.jpg", "gone.jpg"]
-  assert ids.stamps.tolist() == ["5:1000000123", "missing"]
+  assert ids.keys == ["x/a.jpg", "gone.jpg"]
+  assert ids.stamps == ["5:1000000123", "missing"]
   digest = ident.folder_identities(str(tmp_path), [str(p)], content_digest=True).stamps[0]
   import hashlib
   assert digest == f"5:1000000123:{hashlib.sha256(b'12345').hexdigest()}"
   ids.save(tmp_path / "r.npz")
   back = ident.RecordIdentities.load(tmp_path / "r.npz")
-  assert back.digest() == ids.digest() and back.keys.tolist() == ids.keys.tolist()
+  assert back.digest() == ids.digest() and back.keys == ids.keys and back.stamps == ids.stamps
+  odd = ident.RecordIdentities(["caf\udce9.jpg", "b\nc.jpg"], ["1:2", "3:4"])  # not UTF-8
+  odd.save(tmp_path / "o.npz")
+  assert ident.RecordIdentities.load(tmp_path / "o.npz") == odd
+  ident.RecordIdentities([], []).save(tmp_path / "e.npz")
+  assert len(ident.RecordIdentities.load(tmp_path / "e.npz")) == 0
 
 
 # --- labels CSV ------------------------------------------------------------------------------

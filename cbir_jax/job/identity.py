@@ -16,26 +16,32 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class RecordIdentities:
-  """Keys and stamps of every record, in input order."""
-  keys: np.ndarray  # str [N]
-  stamps: np.ndarray  # str [N]
+  """Keys and stamps of every record, in input order (plain lists of str)."""
+  keys: Sequence[str]
+  stamps: Sequence[str]
+
+  def __post_init__(self) -> None:
+    object.__setattr__(self, "keys", [str(k) for k in self.keys])
+    object.__setattr__(self, "stamps", [str(s) for s in self.stamps])
+    if len(self.keys) != len(self.stamps):
+      raise ValueError(f"{len(self.keys)} keys but {len(self.stamps)} stamps")
 
   def __len__(self) -> int:
     return len(self.keys)
 
   def digest(self) -> str:
     h = hashlib.sha256()
-    for k, s in zip(self.keys.tolist(), self.stamps.tolist()):
-      h.update(k.encode("utf-8", "surrogateescape") + b"\0" +
-               s.encode("utf-8", "surrogateescape") + b"\n")
+    for k, s in zip(self.keys, self.stamps):
+      h.update(_utf8(k) + b"\0" + _utf8(s) + b"\n")
     return h.hexdigest()
 
   def save(self, path: str | os.PathLike) -> None:
-    """Writes an .npz (fixed-width unicode: loads without pickle), atomically."""
+    """Writes a compressed .npz of two NUL-separated UTF-8 blobs (no pickle), atomically."""
     path = pathlib.Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
-      np.savez(f, keys=_text(self.keys), stamps=_text(self.stamps))
+      np.savez_compressed(f, count=np.int64(len(self)), keys=_blob(self.keys),
+                          stamps=_blob(self.stamps))
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -43,12 +49,23 @@ class RecordIdentities:
   @classmethod
   def load(cls, path: str | os.PathLike) -> "RecordIdentities":
     with np.load(path, allow_pickle=False) as z:
-      return cls(keys=z["keys"], stamps=z["stamps"])
+      n = int(z["count"])
+      return cls(keys=_unblob(z["keys"], n), stamps=_unblob(z["stamps"], n))
 
 
-def _text(values: np.ndarray) -> np.ndarray:
-  # Names that are not valid UTF-8 reach us as surrogate escapes; numpy stores them fine.
-  return np.asarray(values, dtype=str) if len(values) else np.zeros(0, "<U1")
+def _utf8(s: str) -> bytes:
+  # Names that are not valid UTF-8 reach us as surrogate escapes: stored as their own bytes.
+  return s.encode("utf-8", "surrogateescape")
+
+
+def _blob(values: Sequence[str]) -> np.ndarray:
+  return np.frombuffer(b"\0".join(_utf8(v) for v in values), np.uint8)
+
+
+def _unblob(blob: np.ndarray, n: int) -> list[str]:
+  if n == 0:
+    return []
+  return [b.decode("utf-8", "surrogateescape") for b in blob.tobytes().split(b"\0")]
 
 
 def file_stamp(path: str, content_digest: bool = False) -> str:
@@ -74,9 +91,7 @@ def folder_identities(root: str, paths: Sequence[str], *, content_digest: bool =
                       ) -> RecordIdentities:
   """Identities of files under `root`: keys are POSIX paths relative to it."""
   keys = [pathlib.PurePath(os.path.relpath(p, root)).as_posix() for p in paths]
-  stamps = [file_stamp(p, content_digest) for p in paths]
-  return RecordIdentities(keys=_text(np.asarray(keys, dtype=object)),
-                          stamps=_text(np.asarray(stamps, dtype=object)))
+  return RecordIdentities(keys=keys, stamps=[file_stamp(p, content_digest) for p in paths])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,10 +111,10 @@ class InputDiff:
 
 def compare(old: RecordIdentities, new: RecordIdentities) -> InputDiff:
   """Matches records by key, then compares stamps."""
-  where = {k: i for i, k in enumerate(old.keys.tolist())}
+  where = {k: i for i, k in enumerate(old.keys)}
   kept_new, kept_old, added, changed = [], [], [], []
   seen = np.zeros(len(old), bool)
-  for j, (k, s) in enumerate(zip(new.keys.tolist(), new.stamps.tolist())):
+  for j, (k, s) in enumerate(zip(new.keys, new.stamps)):
     i = where.get(k)
     if i is None:
       added.append(j)
@@ -117,8 +132,8 @@ def compare(old: RecordIdentities, new: RecordIdentities) -> InputDiff:
                    reordered=bool(len(kept_old_a) > 1 and (np.diff(kept_old_a) < 0).any()))
 
 
-def examples(keys: np.ndarray, positions: np.ndarray, n: int = 3) -> list[str]:
-  return [str(keys[i]) for i in positions[:n]]
+def examples(keys: Sequence[str], positions: np.ndarray, n: int = 3) -> list[str]:
+  return [keys[int(i)] for i in positions[:n]]
 
 
 def describe(diff: InputDiff, old: RecordIdentities, new: RecordIdentities, *, n: int = 3

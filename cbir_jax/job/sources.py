@@ -139,8 +139,7 @@ def tfds_source(spec: str, data_dir: str | None) -> Source:
     raise ExtractError(str(e)) from None
   keys, stamps, real = _tfds_identities(src)
   return Source(type="tfds", root=os.path.abspath(src.data_dir), spec=spec, keys=keys,
-                identities=ident.RecordIdentities(np.asarray(keys, dtype=str),
-                                                  np.asarray(stamps, dtype=str)),
+                identities=ident.RecordIdentities(keys, stamps),
                 real_keys=real, tfds=src)
 
 
