@@ -145,7 +145,8 @@ def load_recorded(model: str, record: WeightsRecord, *, image_size: int) -> Load
       continue
     digest = info.params_sha256 or checkpoint.params_sha256(params)
     found = dataclasses.replace(record, params_sha256=digest, source=info.source,
-                                source_file=info.source_file, source_sha256=info.source_sha256)
+                                source_file=info.source_file, source_sha256=info.source_sha256,
+                                has_fc_head=getattr(info, "has_fc_head", record.has_fc_head))
     if record.kind == "directory" and path.resolve() != pathlib.Path(record.dir).resolve():
       found = dataclasses.replace(found, kind="shipped", name=model, dir="")
     return _checked(params, record, info.preprocessing, found)

@@ -513,3 +513,16 @@ def test_checksums_verified_once_when_the_job_finishes(reference_run, tmp_path, 
   p.write_bytes(p.read_bytes()[:-4])
   with pytest.raises(store.StoreError, match=r"fc_conv\.npy has \d+ bytes, the manifest says"):
     store.load_descriptors(cut, "fc_conv")
+
+
+def test_fc_kinds_refused_on_weights_without_fc_layers():
+  """The planner's one kinds-vs-weights check: a no-top port cannot give fc / fc_conv."""
+  from cbir_jax.job import plan
+  from cbir_jax.manifest import WeightsRecord
+
+  bb = backbones.get("vgg_tiny")
+  notop = WeightsRecord(kind="directory", name="vgg16-notop", has_fc_head=False)
+  with pytest.raises(extract.ExtractError, match=r"no FC layers.*\['fc', 'fc_conv'\]"):
+    plan.check_kinds(("fc", "conv", "fc_conv"), bb, notop)
+  plan.check_kinds(("conv", "mac", "spoc"), bb, notop)  # no error
+  plan.check_kinds(desc.KINDS, bb, WeightsRecord(kind="random", name="random"))

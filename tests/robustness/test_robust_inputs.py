@@ -355,9 +355,18 @@ def test_weights_folder_moved(small, tiny_weights, tmp_path, hostile, monkeypatc
   [r] = search.search_index(str(out), query_paths=[query], k=1)
   ok = (recorded["kind"] == "shipped" and "dir" in recorded and not recorded["dir"]
         and gone_refused and r.hits[0].path == query and r.hits[0].distance < 1e-5)
+  # A --weights folder that is gone: the same weights shipped elsewhere are found by digest.
+  own = tmp_path / "own_weights"
+  shutil.copytree(tiny_weights, own)
+  out2 = tmp_path / "out2"
+  _run(small[0], out2, own)
+  shutil.rmtree(own)
+  [r2] = search.search_index(str(out2), query_paths=[query], k=1)
+  ok = ok and r2.hits[0].path == query and r2.hits[0].distance < 1e-5
   hostile.check(name, ok, f"recorded as {recorded['kind']} {recorded['name']!r} + digest; "
-                f"found again in the repository's weights; without them: {msg[:120]}")
-  assert ok, (recorded, msg, r)
+                f"found again in the repository's weights (also for a --weights folder that "
+                f"is gone); without them: {msg[:120]}")
+  assert ok, (recorded, msg, r, r2)
 
 
 def test_file_replaced_keeping_size_and_time(small, tiny_weights, tmp_path, hostile):
