@@ -167,5 +167,5 @@ def _checked(params: Any, wanted: WeightsRecord, prep: pp.Preprocessing, found: 
   return Loaded(params=params, record=found, preprocessing=prep)
 
 
-__all__ = ["ENV_VAR", "Loaded", "WeightsNotFound", "default_weights_dir", "load", "load_recorded", "random_params",
-           "record_for", "weights_root"]
+__all__ = ["ENV_VAR", "Loaded", "WeightsNotFound", "default_weights_dir", "load", "load_recorded",
+           "random_params", "record_for", "weights_root"]

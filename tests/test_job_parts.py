@@ -179,7 +179,8 @@ def test_labels_by_relative_path_and_unique_name(tmp_path):
                  "2.jpg,1,dog,h\nmissing.jpg,5,x,y\n")
   lab = labels_lib.labels_from_csv(str(csv), keys, str(tmp_path / "imgs"))
   assert lab.labels.tolist() == [0, 1, 1, -1]
-  assert lab.names == ["cat", "dog", "dog", ""] and lab.extra["group"].tolist() == ["g", "h", "h", ""]
+  assert lab.names == ["cat", "dog", "dog", ""]
+  assert lab.extra["group"].tolist() == ["g", "h", "h", ""]
   r = lab.report
   assert (r.labelled, r.unlabelled, r.unused_keys, r.case_mismatches) == (3, 1, 1, 0)
   assert any("1 files have no row" in ln and "top.png" in ln for ln in r.lines())
