@@ -102,7 +102,7 @@ def test_query_with_other_weights_is_refused(index):
   other = dict(manifest, weights=dict(manifest["weights"], params_sha256="0" * 64))
   with pytest.raises(search.IndexMismatch, match="not the ones the index was made with"):
     search.describe_images(other, paths[:1], "conv")
-  other = dict(manifest, preprocessing=pp.CAFFE.to_dict())
+  other = dict(manifest, settings=dict(manifest["settings"], preprocessing=pp.CAFFE.to_dict()))
   with pytest.raises(search.IndexMismatch, match="use preprocessing 'torchvision' but the "
                      "index records 'caffe'"):
     search.describe_images(other, paths[:1], "conv")
