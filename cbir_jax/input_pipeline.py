@@ -1,15 +1,7 @@
 """Host input: list image folders, and decode images into fixed-size batches on every core.
 
-Rows come out in input order, `prefetch` batches are decoded ahead on a thread pool (Pillow
-releases the GIL while decoding and resizing), and a file that cannot be read or decoded
-becomes a row with `ok=False` and a reason, never an exception, so one bad file cannot stop
-a job. No TensorFlow anywhere: `tfds_input` feeds TFDS records through the same engine.
-
-Why a plain thread pool and not Grain: measured on the 2-core development machine, Grain's
-`MapDataset.map(...).to_iter_dataset(ReadOptions(num_threads=2))` spends 45-55 us of
-GIL-holding CPU per element in the consumer's thread against 8-9 us here (trivial
-elements, 20000 of them); at a 16-core host's ~6000 ImageNet-size images/s that is a third
-of a core serialised ahead of the accelerator, for no feature an in-order inference pass uses.
+Rows keep their input order; a file that cannot be read or decoded becomes a row with a
+reason, never an exception. No TensorFlow: `tfds_input` feeds TFDS records through here too.
 """
 from __future__ import annotations
 
@@ -175,6 +167,13 @@ def _decode_into(images: np.ndarray, j: int, row: Row, size: tuple[int, int], dr
   return w, h, err, label
 
 
+# A plain thread pool rather than Grain (PyPI `grain`): Pillow releases the GIL while
+# decoding and resizing, so threads scale, and per element the pool costs 8-9 us of CPU
+# against 45-55 us for Grain's `MapDataset.map(...).to_iter_dataset(ReadOptions(num_threads=2))`
+# (20000 trivial elements on the 2-core development machine; wall time = CPU time, so that
+# cost is serialised). At a 16-core host's ~6000 ImageNet-size images/s, Grain's share is a
+# third of a core ahead of the accelerator, for features (sampling, shuffling, checkpointed
+# iterators) an in-order inference pass does not use.
 class BatchStream(Iterator[Batch]):
   """Fixed-size batches of `rows`, decoded ahead on a thread pool, in input order.
 
