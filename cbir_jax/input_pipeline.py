@@ -142,6 +142,8 @@ class _Pending:
   futures: list[tuple[int, concurrent.futures.Future]]
 
   def result(self) -> Batch:
+    # One wake-up per batch, not one per row: the decoding threads keep the cores.
+    concurrent.futures.wait([f for _, f in self.futures])
     b = self.batch
     for j, fut in self.futures:
       w, h, err, label = fut.result()
