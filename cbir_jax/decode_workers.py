@@ -240,21 +240,27 @@ class DecodeWorkers:
       tickets.append(t)
     return tickets
 
+  def _gone(self, w: int) -> RuntimeError:
+    proc = self._procs[w]
+    proc.join(1)  # its exit code, when it is exiting
+    hint = "" if self._answered[w] else (
+        "; it never answered: if the main script starts the job outside "
+        "`if __name__ == \"__main__\":`, each spawned worker re-runs it (Python stops "
+        "that, see above) - add the guard, or pass num_workers=0")
+    return RuntimeError(f"decode worker {w} (pid {proc.pid}) is gone (exit code "
+                        f"{proc.exitcode}; out of memory, or a signal?){hint}")
+
   def _answer(self, w: int) -> Any:
     """The next message of worker w; RuntimeError when it failed or died."""
     conn, proc = self._conns[w][1], self._procs[w]
-    while not conn.poll():  # wakes up on a message or on the worker's exit
+    while not conn.poll():  # wakes up on a message, or when the worker is gone
       multiprocessing.connection.wait([conn, proc.sentinel])
       if proc.exitcode is not None and not conn.poll():
-        hint = "" if self._answered[w] else (
-            "; if the main script starts the job outside `if __name__ == \"__main__\":`, each "
-            "spawned worker re-runs it: add that guard, or pass num_workers=0")
-        raise RuntimeError(f"decode worker {w} (pid {proc.pid}) exited with code "
-                           f"{proc.exitcode}{hint}")
+        raise self._gone(w)
     try:
       msg = conn.recv()
-    except (EOFError, OSError) as e:
-      raise RuntimeError(f"decode worker {w} (pid {proc.pid}) went away: {e}") from None
+    except (EOFError, OSError):
+      raise self._gone(w) from None
     if msg[0] == "error":
       raise RuntimeError(f"decode worker {w} (pid {proc.pid}) failed:\n{msg[1]}")
     self._answered[w] = True

@@ -173,17 +173,22 @@ THREADS_PER_WORKER = 4
 
 def decode_parallelism(num_workers: int | None = None, num_threads: int | None = None, *,
                        cores: int | None = None) -> tuple[int, int]:
-  """(worker processes, decode threads per process) by the rule above; 0 processes: threads here.
+  """(worker processes, decode threads per process); 0 processes: threads in this process.
 
   Args:
-    num_workers: processes (0: threads in this process; None: by the rule).
-    num_threads: decode threads per process (None: the cores over the processes).
+    num_workers: processes (0: threads in this process). None: by the rule above, for
+      `num_threads` decodes at once if given (a job's `--num_threads=8` keeps meaning
+      eight decodes, as 2 processes x 4 threads), else for `cores`.
+    num_threads: with `num_workers` given, decode threads per process (None: the cores
+      over the processes); with it None, the decodes at once, split by the rule.
     cores: the cores to plan for (default: those this process may use).
   """
   cores = cores or default_threads()
   if num_workers is None:
-    num_workers = 0 if cores <= THREADS_ALONE_UP_TO else -(-cores // THREADS_PER_WORKER)
-  if num_threads is None:
+    wanted = num_threads or cores
+    num_workers = 0 if wanted <= THREADS_ALONE_UP_TO else -(-wanted // THREADS_PER_WORKER)
+    num_threads = wanted if num_workers == 0 else -(-wanted // num_workers)
+  elif num_threads is None:
     num_threads = cores if num_workers == 0 else -(-cores // num_workers)
   if num_workers < 0 or num_threads < 1:
     raise ValueError(f"num_workers must be >= 0 and num_threads >= 1, got {num_workers}, "
@@ -206,11 +211,11 @@ def _choose_parallelism(read: decode_workers.Reader, num_workers: int | None,
 
   Chosen automatically, processes give way to threads for a reader that does not pickle
   (a closure). Asked for or not, they give way when shared memory lacks room for their
-  batch buffers, with one warning line.
+  batch buffers, with one warning line. Threads instead keep the decodes at once.
   """
   workers, threads = decode_parallelism(num_workers, num_threads)
   if workers and num_workers is None and not _picklable(read):
-    return decode_parallelism(0, num_threads)
+    return 0, workers * threads
   need = decode_workers.shm_bytes(workers, batch_size, size, ahead) if workers else 0
   room = decode_workers.shm_room() if workers else None
   if room is not None and room < need:
@@ -218,7 +223,7 @@ def _choose_parallelism(read: decode_workers.Reader, num_workers: int | None,
                     "free; decoding with threads in this process instead (a container may "
                     "need a larger /dev/shm, e.g. docker --shm-size)", workers, need / 2**20,
                     decode_workers.SHM_DIR, room / 2**20)
-    return decode_parallelism(0, num_threads)
+    return 0, workers * threads
   return workers, threads
 
 
@@ -308,9 +313,8 @@ class BatchStream(Iterator[Batch]):
     read: `Row.arg` -> (encoded image, label); runs on the decode threads, so it must be
       thread-safe, and in the worker processes, so it must pickle there.
     image_size, batch_size: output size and rows per batch.
-    num_threads: decode threads per process (None: `decode_parallelism`).
-    num_workers: decode processes (0: threads in this process; None: by the measured
-      rule in `decode_parallelism`; threads when `read` does not pickle).
+    num_threads, num_workers: as in `image_batches` (with None for both, the measured
+      rule of `decode_parallelism`; threads when `read` does not pickle).
     draft, max_pixels: as in `decode.decode_image`.
     prefetch: batches decoded ahead of the one the consumer waits for (processes keep at
       least one, so no worker waits while this process collects a batch).
@@ -432,9 +436,9 @@ def image_batches(keys: Sequence[str], *, image_size: int | tuple[int, int], bat
     batch_size: rows per batch; the last batch is padded to this size.
     read: key -> encoded bytes (files by default); with worker processes it must pickle
       (a module-level function), and runs there.
-    num_threads: decode threads per process (None: `decode_parallelism`).
-    num_workers: decode processes (0: threads in this process; None: by core count,
-      `decode_parallelism`).
+    num_threads: decode threads per process when `num_workers` is given; else the decodes
+      at once, split into processes by the rule (None: every core), `decode_parallelism`.
+    num_workers: decode processes (0: threads in this process; None: by the rule).
     draft: JPEG DCT-scaled decoding, see `decode.decode_image` (False: full resolution).
     max_pixels: larger images are refused (decompression bombs).
     prefetch: batches decoded ahead of the one the consumer waits for.

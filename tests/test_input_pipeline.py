@@ -5,6 +5,7 @@ import io
 import os
 import pathlib
 import struct
+import sys
 import threading
 import zlib
 
@@ -608,7 +609,7 @@ def test_a_failing_or_killed_worker_raises_and_leaves_none(hard_folder, tmp_path
   pids = s._engine._workers.pids()
   next(s)
   os.kill(pids[1], signal.SIGKILL)
-  with pytest.raises(RuntimeError, match=r"decode worker 1 .*(exited with code -9|went away)"):
+  with pytest.raises(RuntimeError, match=r"decode worker 1 .*gone \(exit code -9"):
     for _ in s:
       pass
   assert not _workers_alive(pids)
@@ -621,7 +622,10 @@ def test_decode_parallelism_rule():
     assert ip.decode_parallelism(cores=cores) == want, cores
   assert ip.decode_parallelism(0, cores=16) == (0, 16)
   assert ip.decode_parallelism(3, cores=16) == (3, 6)
-  assert ip.decode_parallelism(None, 2, cores=16) == (4, 2)
+  assert ip.decode_parallelism(3, 2, cores=16) == (3, 2)  # threads per process
+  # num_threads alone is the decodes at once, split by the same rule.
+  assert ip.decode_parallelism(None, 2, cores=16) == (0, 2)
+  assert ip.decode_parallelism(None, 16, cores=2) == (4, 4)
   with pytest.raises(ValueError):
     ip.decode_parallelism(-1, cores=4)
 
@@ -638,6 +642,27 @@ def test_processes_give_way_to_threads_where_they_cannot_run(tmp_path, monkeypat
   monkeypatch.setattr(ip.decode_workers, "shm_room", lambda: 1 << 20)  # a 1 MB /dev/shm
   with caplog.at_level("WARNING"):
     s = ip.image_batches(paths, image_size=224, batch_size=8, num_workers=2, num_threads=1)
-  assert (s.num_workers, s.num_threads) == (0, 1)
+  assert (s.num_workers, s.num_threads) == (0, 2)  # as many decodes at once, as threads
   assert "decode processes need" in caplog.text and "--shm-size" in caplog.text
   s.close()
+
+
+def test_a_script_without_a_main_guard_is_told_what_to_do(tmp_path, hard_folder):
+  """Spawned workers re-run the main script; without the guard each would start the job
+  again, so Python stops them, and the job says why."""
+  import subprocess
+  import textwrap
+
+  script = tmp_path / "unguarded.py"
+  script.write_text(textwrap.dedent(f"""
+      from cbir_jax import input_pipeline as ip
+      for b in ip.image_batches({hard_folder[:4]!r}, image_size=8, batch_size=2,
+                                num_workers=1):
+        pass
+      print("DONE")
+  """))
+  env = dict(os.environ, PYTHONPATH=str(tf_free.REPO), JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                     timeout=300, cwd=str(tmp_path))
+  assert r.returncode != 0 and "DONE" not in r.stdout
+  assert 'outside `if __name__ == "__main__":`' in r.stderr, r.stderr[-3000:]
