@@ -1,8 +1,9 @@
-"""Decode worker processes: each decodes whole batches with its own threads into shared memory.
+"""Decode worker processes: each decodes its share of every batch with its own threads.
 
 `input_pipeline.BatchStream` runs them on many-core hosts, where one process' GIL holds a
-thread pool to about five busy cores. A worker imports this module, `decode`, NumPy and
-Pillow (and whatever its reader needs); never JAX or TensorFlow, and no accelerator.
+thread pool to about five busy cores; pixels come back through shared memory. A worker
+imports this module, `decode`, NumPy and Pillow (and whatever its reader needs), never
+JAX or TensorFlow, and touches no accelerator.
 """
 from __future__ import annotations
 

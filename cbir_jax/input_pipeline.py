@@ -153,17 +153,19 @@ def default_threads() -> int:
 
 
 # Decode parallelism when it is not given, from images decoded and resized to 224 per
-# wall-second (draft on) with this engine's two halves:
+# wall-second (draft on):
 # - 16-core H200 host, 500x375 JPEGs (docs/gpu/2026-11-27_h200_input_scaling.log):
 #     1, 2, 4, 8, 16 threads in one process:         278, 555, 1045, 1367, 1208
 #     1, 2, 4, 8, 16 processes (one decode at a time): 299, 617, 1234, 2032, 3660
-#   Per CPU-second threads stay at ~260-290 images: past 4 threads the GIL (the Python part
-#   of each decode) caps a process at ~5 busy cores. 4032x3024 JPEGs spend their time in
-#   Pillow with the GIL released; threads scale there (42, 78, 135, 286, 456).
-# - 2-core development machine (shared; docs/benchmarks.md, "Input decoding"), 1000
-#   imagenet-sample photos, batch 64, wall rate relative to 2 threads here:
-#   1 process x 2 threads 0.95x, 2 processes x 1 thread 0.93x: with 2 cores a worker
-#   process buys nothing and costs start-up (~0.5 s) and a copy per batch.
+#   Threads scale linearly to 4 (94%) and stall past 8: per CPU-second they stay at
+#   ~260-290 images, the GIL (the Python part of each decode) caps a process at ~5 busy
+#   cores. 4032x3024 JPEGs spend their time in Pillow with the GIL released; threads
+#   scale there (42, 78, 135, 286, 456).
+# - 2-core development machine, these worker processes against 2 threads, side by side
+#   (docs/benchmarks.md, "Worker processes"; shared, load 6-10): past start-up equal
+#   within the noise (0.93-1.15x on imagenet-sample and phone-size JPEGs), whole runs
+#   of 256-1000 photos 0.60-0.91x and per CPU-second 0.60-0.90x: every stream pays
+#   0.5-1.6 s and the CPU of starting its workers, and 2 cores have no GIL limit to lift.
 # So: threads in this process up to 4 cores, where they scale linearly; above that,
 # ceil(cores / 4) processes of ceil(cores / processes) threads (16 cores: 4 x 4), each in
 # the range where its threads scale, and the main process left to the accelerator.
