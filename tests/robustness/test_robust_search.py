@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from cbir_jax import search, store
+from cbir_jax import query as query_lib
 
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -278,7 +279,7 @@ def test_query_image_on_random_weights_index(many_images, tmp_path):
     shutil.copy(p, sub / pathlib.Path(p).name)
   extract.run(job_config(sub, out, "random"), log=lambda m: None)
   query = str(sub / pathlib.Path(paths[3]).name)
-  [result] = search.search_index(str(out), query_paths=[query], k=2)
+  [result] = query_lib.search_index(str(out), query_paths=[query], k=2)
   assert result.hits[0].path == query
   assert result.hits[0].distance < 1e-5
 
