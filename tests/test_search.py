@@ -1,7 +1,10 @@
 """Exact search against a brute-force NumPy reference (ties, edge sizes, devices, streaming)."""
+import os
 import pathlib
 import re
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -301,3 +304,14 @@ def test_table_json_and_report_mark_the_query_itself(small_index, tmp_path):
   written = report.write_report(tmp_path / "rep", results)
   assert [[c["mark"] for c in row][:2] for row in written["cells"]] == [["query", "self"]] * 2
   assert "the query itself" in pathlib.Path(written["html"]).read_text()
+
+
+def test_the_query_layer_does_not_import_the_job():
+  code = ("import sys; import cbir_jax.query, cbir_jax.report; "
+          "print(sorted(m for m in sys.modules if m == 'cbir_jax.extract' "
+          "or m.startswith('cbir_jax.job')))")
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "[]"
