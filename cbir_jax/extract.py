@@ -48,7 +48,7 @@ class ExtractConfig:
     masks: "channel": the paper's per-channel masks; "spatial": the authors' notebook variant.
     shard_size: input records per shard (the unit of consolidation and of resumption;
       a stopped job also keeps the finished part of the shard in progress).
-    num_threads: parallel decodes per process (None = tf.data autotune).
+    num_threads: parallel decodes per process (None = every core this process may use).
     draft: JPEG reduced-scale decoding (faster, slightly different pixels).
     consolidate: concatenate the shards into one array per kind at the end.
     update: bring an existing output up to date with a changed input: rows of

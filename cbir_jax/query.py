@@ -186,7 +186,7 @@ def _rows_by_path(index: _Index, paths: Sequence[str]) -> list[int]:
 
 def _same_pixels(path: str, row: int, index: _Index) -> bool:
   """Whether a query file and an index row are the same image: equal bytes or equal pixels."""
-  from cbir_jax.input_pipeline import read_file
+  from cbir_jax.decode import read_file
 
   try:
     mine = read_file(path)
