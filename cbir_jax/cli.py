@@ -16,7 +16,7 @@ import re
 import sys
 import types
 import typing
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -147,10 +147,6 @@ class ConfigFlags:
   def __init__(self, cls: type, kinds: Mapping[str, _Kind], fv: flags.FlagValues):
     self.cls, self._kinds, self._fv = cls, dict(kinds), fv
 
-  @property
-  def names(self) -> tuple[str, ...]:
-    return tuple(self._kinds)
-
   def values(self) -> dict[str, Any]:
     """The parsed flags as field values (lists back to tuples where the field is one)."""
     out = {}
@@ -159,16 +155,12 @@ class ConfigFlags:
       out[name] = tuple(v) if kind.as_tuple and v is not None else v
     return out
 
-  def present(self, name: str) -> bool:
-    """Whether the command line set this flag."""
-    return bool(self._fv[name].present)
-
   def config(self, **overrides: Any) -> Any:
-    """The dataclass from the parsed flags; `overrides` replace fields (or give skipped ones)."""
+    """The dataclass from the parsed flags; `overrides` replace fields."""
     return self.cls(**{**self.values(), **overrides})
 
 
-def define(cls: type, *, defaults: Mapping[str, Any] | None = None, skip: Sequence[str] = (),
+def define(cls: type, *, defaults: Mapping[str, Any] | None = None,
            flag_values: flags.FlagValues = flags.FLAGS) -> ConfigFlags:
   """Declares one absl flag per field of the dataclass `cls`.
 
@@ -180,7 +172,6 @@ def define(cls: type, *, defaults: Mapping[str, Any] | None = None, skip: Sequen
   Args:
     cls: a dataclass.
     defaults: flag defaults that differ from the field defaults (e.g. a path by the repo).
-    skip: fields that get no flag (give them to `config` as overrides).
     flag_values: where to define them (tests pass their own FlagValues).
 
   Returns:
@@ -191,8 +182,6 @@ def define(cls: type, *, defaults: Mapping[str, Any] | None = None, skip: Sequen
   defaults = dict(defaults or {})
   kinds = {}
   for f in dataclasses.fields(cls):
-    if f.name in skip:
-      continue
     kind = _kind_of(hints[f.name])
     required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     if f.name in defaults:
@@ -238,9 +227,12 @@ class _Formatter(logging.Formatter):
     self._prog, self._other = prog, other or absl_logging.PythonFormatter()
 
   def format(self, record: logging.LogRecord) -> str:
-    if _ours(record) and record.name != "py.warnings":
-      return f"{self._prog}: {record.levelname.lower()}: {record.getMessage()}"
-    return self._other.format(record)
+    if not _ours(record):
+      return self._other.format(record)
+    text = record.getMessage()
+    if record.name == "py.warnings":  # "path:line: Category: message" and the source line
+      text = text.splitlines()[0]
+    return f"{self._prog}: {record.levelname.lower()}: {text}"
 
 
 def quiet_environment(environ: typing.MutableMapping[str, str] = os.environ) -> None:

@@ -284,3 +284,29 @@ def test_search_json_matches_the_table(tmp_path):
   assert [r["self_row"] for r in got["results"][::4]] == [row_of[paths[2]], 5, 7]
   assert not any(r["row"] == r["self_row"] for r in got["results"])
   np.testing.assert_array_equal([r["query_row"] for r in got["results"][::4]], [None, 5, 7])
+
+
+def test_quiet_logging_keeps_our_warnings_and_errors_only():
+  import logging
+
+  ours = str(REPO / "cbir_jax" / "porting" / "vgg.py")
+  theirs = "/site-packages/orbax/checkpoint/checkpointer.py"
+
+  def record(name, level, path, msg="m"):
+    return logging.LogRecord(name, level, path, 1, msg, None, None)
+
+  keep = cli._QuietFilter().filter
+  assert keep(record("absl", logging.WARNING, ours, "unknown checksum"))
+  assert not keep(record("absl", logging.INFO, ours))
+  assert not keep(record("absl", logging.INFO, theirs))  # orbax's INFO lines
+  assert not keep(record("tensorflow", logging.WARNING, theirs))  # deprecations
+  assert not keep(record("jax._src.xla_bridge", logging.INFO, theirs))  # backend probing
+  assert keep(record("jax._src.xla_bridge", logging.WARNING, theirs))  # why no GPU backend
+  assert keep(record("orbax", logging.ERROR, theirs))
+  fmt = cli._Formatter("port_weights", None)
+  assert fmt.format(record("absl", logging.WARNING, ours, "unknown checksum")) == \
+      "port_weights: warning: unknown checksum"
+  assert fmt.format(record("orbax", logging.ERROR, theirs, "x")).startswith("E")  # absl's
+  env = {"TF_CPP_MIN_LOG_LEVEL": "0"}
+  cli.quiet_environment(env)  # the user's own choice stays
+  assert env == {"TF_CPP_MIN_LOG_LEVEL": "0", "TF_ENABLE_ONEDNN_OPTS": "0"}
