@@ -84,8 +84,10 @@ class Variant:
 
 
 def default_processes(cores: int) -> tuple[tuple[int, int], ...]:
-  """(processes, threads each) to compare: one process of every core's thread, one per core."""
-  return tuple(sorted({(1, cores), (cores, 1)}))
+  """(processes, threads each) to compare with threads here: the product's rule where it
+  picks processes (else one process of every core's threads), and one process per core."""
+  workers, threads = input_pipeline.decode_parallelism(cores=cores)
+  return tuple(sorted({(workers, threads) if workers else (1, cores), (cores, 1)}))
 
 
 def variants(threads: Sequence[int], processes: Sequence[tuple[int, int]] = ()) -> list[Variant]:
