@@ -47,7 +47,10 @@ class ExtractConfig:
       a stopped job also keeps the finished part of the shard in progress).
     num_threads: parallel decodes per process (None = tf.data autotune).
     draft: JPEG reduced-scale decoding (faster, slightly different pixels).
-    consolidate: concatenate the shards into one array per kind at the end.
+    consolidate: gather the shards into descriptors/ at the end (one array per distinct
+      kind, meta.npz, failures.json); False leaves the rows in the shards.
+    keep_shards: keep the shards after a verified consolidation (by default they are
+      removed: descriptors/ holds every row; --update reuses rows from it).
     update: bring an existing output up to date with a changed input: rows of
       unchanged records are kept, new and changed records extracted, removed ones dropped.
     content_digest: identify each file by a SHA-256 of its bytes as well as its size
@@ -78,6 +81,7 @@ class ExtractConfig:
   num_threads: int | None = None
   draft: bool = False
   consolidate: bool = True
+  keep_shards: bool = False
   update: bool = False
   content_digest: bool = False
   progress: str = "auto"

@@ -195,8 +195,9 @@ def test_load_validates_the_manifest(folder, reference_run, tmp_path):
   src, _, _ = reference_run
   cases = {
       "checksum": lambda o: _flip_byte(o / "descriptors" / "fc_conv.npy"),
-      "missing shard": lambda o: shutil.rmtree(o / "shards" / "000002"),
-      "row count": lambda o: _edit_manifest(o, lambda m: m["shards"][0].update(rows=99)),
+      "missing metadata": lambda o: (o / "descriptors" / "meta.npz").unlink(),
+      "metadata row count": lambda o: _edit_manifest(o, lambda m: m.update(rows=99)),
+      "metadata digest": lambda o: _flip_byte(o / "descriptors" / "meta.npz"),
       "NaN": lambda o: _nan(o),
   }
   for name, damage in cases.items():

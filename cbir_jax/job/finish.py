@@ -1,7 +1,8 @@
 """Finishing a job: assemble an update's shards, verify and consolidate, switch the manifest.
 
 Process 0 does it alone once every process has written its shards. The manifest switch is
-the last write: before it, readers see the previous complete generation; after it, the new one.
+the last write: before it, readers see the previous complete generation; after it, the new
+one (whose shards are then removed unless --keep_shards).
 """
 from __future__ import annotations
 
@@ -61,8 +62,10 @@ def finish(plan: Plan, config: Any, coord: Coordinator, clock: Clock, summary: A
     summary.shards_written += upd.assemble(out, plan.update, m, plan.source, log,
                                            config.shard_size)
     clock.charge("assemble")
+  progress = consolidate.FinishProgress(config.progress, log)
   sealed = consolidate.seal(out, m, process_count=coord.process_count,
-                            consolidate=config.consolidate, log=log)
+                            consolidate=config.consolidate, keep_shards=config.keep_shards,
+                            progress=progress)
   report = plan.source.labels_report
   sealed = sealed.replace(run=run_info(config, coord),
                           labels=report.to_dict() if report is not None else {})
@@ -70,6 +73,10 @@ def finish(plan: Plan, config: Any, coord: Coordinator, clock: Clock, summary: A
   store.write_manifest(out, sealed)  # the switch
   if plan.update is not None:
     remove_other_generations(out, sealed.base)
+  removed = store.remove_shards(out, sealed)
+  progress.close(f"verified {len(sealed.shards)} shard(s)"
+                 + (f", wrote {sealed.path(store.CONSOLIDATED)}/" if sealed.metadata else "")
+                 + ("; shards removed (--keep_shards keeps them)" if removed else ""))
   clock.charge("finish")
 
 

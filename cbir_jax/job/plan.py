@@ -9,7 +9,7 @@ import dataclasses
 import math
 import pathlib
 import shutil
-from typing import IO, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -40,7 +40,7 @@ class Plan:
   batch_rows: int = 0  # rows per step on this process
   local_steps: int = 0
   global_steps: int = 0
-  lock: IO[str] | None = None
+  lock: store.DirLock | None = None
   done: bool = False  # the output is complete and up to date: nothing to do
 
   @property
@@ -165,7 +165,7 @@ def _lay_out_steps(plan: Plan, config: Any, coord: Coordinator, log: Callable[[s
         f"{plan.batch_rows} images (batch_size x local devices): most of every step is padding")
 
 
-def _lock(out: pathlib.Path, pid: int) -> IO[str]:
+def _lock(out: pathlib.Path, pid: int) -> store.DirLock:
   try:
     out.mkdir(parents=True, exist_ok=True)
   except OSError as e:
@@ -198,6 +198,7 @@ def prepare(out: pathlib.Path, target: Manifest, source: sources.Source, *, upda
   if _same_input(old, target):
     if write:
       remove_other_generations(out, old.base)
+      store.remove_shards(out, old)  # a removal that a kill cut short
     return old, None, old.complete
   old_ids = _old_identities(out, old)
   if not update:
@@ -253,7 +254,7 @@ def _prepare_update(out: pathlib.Path, old: Manifest, old_ids: ident.RecordIdent
       target = started  # an interrupted update of this same input: continue it
     elif write:
       shutil.rmtree(build)  # an update of another input, never switched to: start over
-  plan = upd.plan_update(out, old, old_ids, source)
+  plan = upd.plan_update(out, old, old_ids, source, verify=write)
   target = target.replace(update=plan.report)
   if write:
     remove_other_generations(out, old.base, keep=(base,))
@@ -292,6 +293,8 @@ def my_units(plan: Plan, shard_size: int, coord: Coordinator) -> tuple[list[Unit
   count = math.ceil(len(positions) / shard_size)
   per = math.ceil(count / coord.process_count)
   mine = range(coord.process_index * per, min((coord.process_index + 1) * per, count))
+  if plan.done:  # complete (its shards may be removed): nothing to look at
+    return [], len(mine)
   done = store.complete_shards(plan.out, where)
   pieces = store.shard_pieces(plan.out, where)
   units, skipped = [], 0
