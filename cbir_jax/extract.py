@@ -37,7 +37,9 @@ class ExtractConfig:
     weights: weights directory; None = the shipped weights of `model`;
       "random" = random initialisation from `seed` (tests, demos).
     seed: seed of random weights.
-    kinds: descriptor kinds to write.
+    kinds: descriptor kinds to write; None = every kind the weights can give (all of
+      `descriptors.KINDS`, or those not in `descriptors.FC_KINDS` for weights without the
+      FC layers, e.g. VGG16 ported from Keras' _notop.h5).
     batch_size: images per device per step.
     dtype: compute dtype (float32, bfloat16, float16).
     output_dtype: dtype of the stored descriptors (float32 or float16).
@@ -69,7 +71,7 @@ class ExtractConfig:
   model: str = backbones.DEFAULT_BACKBONE
   weights: str | None = None
   seed: int = 0
-  kinds: tuple[str, ...] = desc.KINDS
+  kinds: tuple[str, ...] | None = None
   batch_size: int = 16
   dtype: str = "float32"
   output_dtype: str = "float32"
@@ -97,9 +99,10 @@ class ExtractConfig:
       raise ExtractError("give exactly one input: --images=FOLDER or --tfds=NAME:SPLIT")
     if self.labels_csv and not self.images:
       raise ExtractError("--labels_csv applies to --images folders only")
-    bad = [k for k in self.kinds if k not in desc.KINDS]
-    if bad or not self.kinds:
-      raise ExtractError(f"unknown descriptor kinds {bad}; known: {list(desc.KINDS)}")
+    if self.kinds is not None:
+      bad = [k for k in self.kinds if k not in desc.KINDS]
+      if bad or not self.kinds:
+        raise ExtractError(f"unknown descriptor kinds {bad}; known: {list(desc.KINDS)}")
     for name, allowed in (("output_dtype", OUTPUT_DTYPES), ("dtype", COMPUTE_DTYPES),
                           ("progress", PROGRESS_MODES)):
       if getattr(self, name) not in allowed:

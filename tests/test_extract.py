@@ -527,3 +527,29 @@ def test_fc_kinds_refused_on_weights_without_fc_layers():
     plan.check_kinds(("fc", "conv", "fc_conv"), bb, notop)
   plan.check_kinds(("conv", "mac", "spoc"), bb, notop)  # no error
   plan.check_kinds(desc.KINDS, bb, WeightsRecord(kind="random", name="random"))
+
+
+def test_default_kinds_follow_the_weights(folder, tmp_path):
+  """Without --kinds, weights lacking the FC layers give every other kind; asking for an FC
+  kind from them is refused before the output directory is touched."""
+  from cbir_jax import checkpoint
+  from cbir_jax import preprocessing as pp
+
+  root, paths, _ = folder
+  bb = backbones.get("vgg_tiny")
+  conv_only = {k: v for k, v in extract.random_params(bb, SIZE, 0).items()
+               if not k.startswith("fc")}
+  wdir = tmp_path / "notop"
+  checkpoint.save(wdir, conv_only, checkpoint.WeightsInfo("vgg_tiny", pp.TORCHVISION,
+                                                          has_fc=False))
+  cfg = extract.ExtractConfig(output=str(tmp_path / "out"), images=str(root), model="vgg_tiny",
+                              weights=str(wdir), image_size=SIZE, progress="none")
+  assert cfg.kinds is None
+  extract.run(cfg, log=lambda m: None)
+  kinds = store.load_manifest(cfg.output).settings.kinds
+  assert kinds == tuple(k for k in desc.KINDS if k not in ("fc", "fc_conv"))
+  assert store.load_descriptors(cfg.output, "conv")[0].shape[0] == len(paths)
+  asked = dataclasses.replace(cfg, output=str(tmp_path / "asked"), kinds=("conv", "fc"))
+  with pytest.raises(extract.ExtractError, match="no FC layers"):
+    extract.run(asked, log=lambda m: None)
+  assert not pathlib.Path(asked.output).exists()

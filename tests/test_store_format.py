@@ -115,6 +115,9 @@ def test_finished_output_has_no_shards_no_lock_and_showed_finishing(finished):
   store.verify_consolidated(out, m)
   finishing = [ln for ln in lines if ln.startswith("finishing:")]
   assert len(finishing) >= 2 and "shards removed" in finishing[-1], lines
+  # The platform: one line first, and the same in the manifest's run info.
+  assert lines[0].startswith(f"JAX {jax.__version__} on cpu: {jax.local_device_count()} x ")
+  assert m.run["backend"] == "cpu" and m.run["local_device_count"] == jax.local_device_count()
 
 
 def _shard_arrays(out: pathlib.Path, m: dict, kind: str) -> np.ndarray:

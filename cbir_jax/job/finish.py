@@ -32,9 +32,7 @@ def run_info(config: Any, coord: Coordinator) -> dict[str, Any]:
           "batch_size": config.batch_size, "num_threads": config.num_threads,
           "host": os.uname().nodename,
           "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-  platform_info = getattr(runtime, "platform_info", None)  # added by the input engine
-  if platform_info is not None:
-    info.update(platform_info())
+  info.update(runtime.platform_info())
   return info
 
 

@@ -71,6 +71,17 @@ def load_weights(config: Any, backbone: backbones.Backbone, image_size: int
     raise ExtractError(f"{e} (or pass --weights=random for random weights)") from None
 
 
+def resolve_kinds(kinds: tuple[str, ...] | None, backbone: backbones.Backbone,
+                  record: Any) -> tuple[str, ...]:
+  """The kinds to write: those asked for (checked against the weights), or with None every
+  kind the weights can give (no FC kinds from weights without the FC layers)."""
+  if kinds is None:
+    return tuple(k for k in desc.KINDS
+                 if record.has_fc_head is not False or k not in desc.FC_KINDS)
+  check_kinds(tuple(kinds), backbone, record)
+  return tuple(kinds)
+
+
 def check_kinds(kinds: tuple[str, ...], backbone: backbones.Backbone,
                 record: Any) -> None:
   """The one place where descriptor kinds are checked against the weights.
@@ -95,10 +106,10 @@ def _version() -> str:
 
 
 def new_manifest(config: Any, source: sources.Source, loaded: weights_lib.Loaded,
-                 backbone: backbones.Backbone, image_size: int) -> Manifest:
-  """The manifest of a first generation made with these settings."""
+                 backbone: backbones.Backbone, image_size: int, kinds: tuple[str, ...]
+                 ) -> Manifest:
+  """The manifest of a first generation made with these settings (`kinds` resolved)."""
   dcfg = desc.DescriptorConfig(config.threshold, config.relative, config.masks)
-  kinds = tuple(config.kinds)
   settings = Settings(
       backbone=config.model, weights=loaded.record.identity(),
       preprocessing=loaded.preprocessing.to_dict(), descriptor=dcfg.to_dict(),
@@ -111,18 +122,29 @@ def new_manifest(config: Any, source: sources.Source, loaded: weights_lib.Loaded
                   dimensions={k: int(dims[k]) for k in kinds})
 
 
+def report_platform(log: Callable[[str], None]) -> None:
+  """One line: the platform and devices this process runs on (and a warning when an NVIDIA
+  GPU is visible but JAX runs on the CPU)."""
+  from cbir_jax import runtime
+
+  info = runtime.platform_info()
+  log(runtime.PlatformInfo.from_dict(info).line())
+  runtime.warn_if_gpu_unused(log, backend=info["backend"])
+
+
 def plan_job(config: Any, coord: Coordinator, log: Callable[[str], None]) -> Plan:
   """Opens everything and decides what this process does; nothing is written before all agree.
 
   Raises:
     ExtractError: any refusal (this process' or another's).
   """
+  report_platform(log)
   backbone = backbones.get(config.model)
   image_size = config.image_size or backbone.image_size
   source = open_source(config)
   loaded = load_weights(config, backbone, image_size)
-  check_kinds(tuple(config.kinds), backbone, loaded.record)
-  target = new_manifest(config, source, loaded, backbone, image_size)
+  kinds = resolve_kinds(config.kinds, backbone, loaded.record)
+  target = new_manifest(config, source, loaded, backbone, image_size, kinds)
   coord.agree(settings=target.settings.digest(), weights=loaded.record.params_sha256,
               input=target.input.identity_sha256)
   out = pathlib.Path(config.output)
@@ -314,5 +336,6 @@ def my_units(plan: Plan, shard_size: int, coord: Coordinator) -> tuple[list[Unit
   return units, skipped
 
 
-__all__ = ["Plan", "changed_input_message", "check_kinds", "load_weights", "my_units",
-           "new_manifest", "open_source", "plan_job", "prepare", "remove_other_generations"]
+__all__ = ["Plan", "changed_input_message", "check_kinds", "resolve_kinds", "load_weights", "my_units",
+           "new_manifest", "open_source", "plan_job", "prepare", "remove_other_generations",
+           "report_platform"]
