@@ -1,16 +1,17 @@
-"""The bulk extraction job: images (folder or TFDS) -> descriptor shards on disk.
+"""The bulk extraction job: images (folder or TFDS) -> descriptors/ on disk (store.py).
 
 `run` goes through named stages (cbir_jax/job/): plan the job (input, weights, settings,
 output directory, work left) -> run the steps -> assemble rows into shards -> finish
-(verify, consolidate, switch the manifest). One jitted step on a "data" mesh over every
-device of every process; complete shards survive kills and a rerun continues (store.py).
+(verify, consolidate into descriptors/, switch the manifest, remove the shards). One jitted
+step on a "data" mesh over every device of every process; complete shards survive kills and
+a rerun continues.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Callable
 
-from cbir_jax import backbones, store
+from cbir_jax import backbones, decode, store
 from cbir_jax import descriptors as desc
 from cbir_jax.job import control
 from cbir_jax.job.errors import ExtractError, Interrupted
@@ -47,8 +48,14 @@ class ExtractConfig:
     threshold, relative, masks: DescriptorConfig (SPEC.md section 4).
     shard_size: input records per shard (the unit of consolidation and of resumption;
       a stopped job also keeps the finished part of the shard in progress).
-    num_threads: parallel decodes per process (None = tf.data autotune).
-    draft: JPEG reduced-scale decoding (faster, slightly different pixels).
+    num_threads: parallel decodes per process; None = every core this process may use.
+      Changes no row: recorded in the manifest's run info, not compared on reruns.
+    draft: decode JPEGs at the smallest DCT scale (1/2..1/8) still at least the input
+      size, then resize as always (several times less CPU on large photos; pixels within
+      about half a grey level); False decodes at full resolution. A setting (it changes
+      rows), recorded in the manifest.
+    max_pixels: images with more pixels are refused as decompression bombs (a setting:
+      it decides which images get rows).
     consolidate: gather the shards into descriptors/ at the end (one array per distinct
       kind, meta.npz, failures.json); False leaves the rows in the shards.
     keep_shards: keep the shards after a verified consolidation (by default they are
@@ -81,7 +88,8 @@ class ExtractConfig:
   masks: str = "channel"
   shard_size: int = 4096
   num_threads: int | None = None
-  draft: bool = False
+  draft: bool = True
+  max_pixels: int = decode.MAX_PIXELS
   consolidate: bool = True
   keep_shards: bool = False
   update: bool = False
@@ -108,9 +116,12 @@ class ExtractConfig:
       if getattr(self, name) not in allowed:
         what = {"output_dtype": "output dtype", "dtype": "compute dtype"}.get(name, name)
         raise ExtractError(f"{what} must be one of {allowed}, got {getattr(self, name)!r}")
-    for name in ("batch_size", "shard_size"):
+    for name in ("batch_size", "shard_size", "max_pixels"):
       if getattr(self, name) < 1:
         raise ExtractError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.num_threads is not None and self.num_threads < 1:
+      raise ExtractError(f"num_threads must be >= 1 (or unset: every core), got "
+                         f"{self.num_threads}")
     if self.image_size is not None and self.image_size < 32:
       raise ExtractError(f"image_size must be >= 32 (five stride-2 blocks), got "
                          f"{self.image_size}")
@@ -143,6 +154,7 @@ class Summary:
   stop_s: float = 0.0  # from the stop request to the rows written
   complete: bool = False  # the whole output (all processes) is finished
   update_line: str = ""
+  skipped_line: str = ""  # files of the input folder not read ("skipped 3 files: .txt 2, ...")
 
   def _phase(self, name: str) -> float:
     return self.phases.get(name, 0.0)
@@ -186,7 +198,9 @@ class Summary:
     times = ", ".join(f"{name} {self.phases[name]:.1f}" for name in PHASES
                       if self.phases.get(name, 0.0) >= 0.05)
     update = f"; {self.update_line}" if self.update_line else ""
-    return (f"extracted {self.images} images, {self.failed} failed, in {self.seconds:.1f} s "
+    skipped = f", {self.skipped_line}" if self.skipped_line else ""
+    return (f"extracted {self.images} images, {self.failed} failed{skipped}, in "
+            f"{self.seconds:.1f} s "
             f"({self.images_per_s:.1f} images/s; {self.steady_images_per_s:.1f} while "
             f"stepping); waiting for input {100 * share:.0f}%; seconds: {times}; shards "
             f"written {self.shards_written}, skipped (already complete) "
@@ -227,6 +241,7 @@ def run(config: ExtractConfig, *, log: Callable[[str], None] = _log,
   summary = Summary(output=str(config.output), process_index=coord.process_index)
   plan = planning.plan_job(config, coord, log)
   clock.charge("startup")
+  summary.skipped_line = plan.source.skipped_line()
   try:
     summary.shards_skipped = plan.skipped
     _report_plan(plan, coord, log)

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 FORMAT = "cbir_jax.descriptors"
 FORMAT_VERSION = 3  # 3: metadata and failures consolidated, aliases, shards removable
 WEIGHTS_KINDS = ("shipped", "directory", "random")
+_PILLOW_MAX_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS, the limit formats 1-2 used
 
 
 def digest_of(obj: Any) -> str:
@@ -90,6 +91,7 @@ class Settings:
   draft: bool
   shard_size: int
   package_version: str
+  max_pixels: int = 0
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
@@ -104,7 +106,9 @@ class Settings:
                kinds=tuple(d["kinds"]), dtype=d.get("dtype", "float32"),
                output_dtype=d.get("output_dtype", "float32"), draft=bool(d.get("draft", False)),
                shard_size=int(d.get("shard_size", 0)),
-               package_version=d.get("package_version", ""))
+               package_version=d.get("package_version", ""),
+               # Before it was a setting (formats 1-2) the limit was Pillow's default.
+               max_pixels=int(d.get("max_pixels", _PILLOW_MAX_PIXELS)))
 
   def digest(self) -> str:
     return digest_of(self.to_dict())
@@ -138,6 +142,8 @@ class InputRecord:
     records_file: the identities, relative to the output directory.
     content_digest: whether stamps include a SHA-256 of each file's bytes.
     labels_sha256: digest of the labels CSV ("" without one).
+    skipped: files of the folder not read, by lower-case extension (not part of the
+      identity: other files coming and going change no row).
   """
   type: str
   root: str
@@ -147,9 +153,14 @@ class InputRecord:
   spec: str = ""
   content_digest: bool = False
   labels_sha256: str = ""
+  skipped: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    return json.loads(json.dumps(dataclasses.asdict(self)))
+
+  def same_records(self, other: "InputRecord") -> bool:
+    """Equal but for `skipped`."""
+    return dataclasses.replace(self, skipped={}) == dataclasses.replace(other, skipped={})
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "InputRecord":
@@ -159,7 +170,8 @@ class InputRecord:
                records_file=d.get("records_file", ""),
                spec=d.get("spec", f"{d['name']}:{d['split']}" if "name" in d else ""),
                content_digest=bool(d.get("content_digest", False)),
-               labels_sha256=d.get("labels_sha256", d.get("labels_csv_sha256", "")))
+               labels_sha256=d.get("labels_sha256", d.get("labels_csv_sha256", "")),
+               skipped={str(k): int(v) for k, v in (d.get("skipped") or {}).items()})
 
 
 @dataclasses.dataclass(frozen=True)

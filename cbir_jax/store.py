@@ -690,5 +690,5 @@ def read_failures(output_dir: str | os.PathLike) -> list[tuple[str, str]]:
 
 __all__ = ["StoreError", "ShardData", "load_descriptors", "open_index", "read_failures",
            "read_manifest", "load_manifest", "write_manifest", "lock", "DirLock", "prepare",
-           "write_shard", "finalize", "remove_shards", "verify_consolidated", "complete_shards", "shard_pieces",
-           "read_shard"]
+           "write_shard", "finalize", "remove_shards", "verify_consolidated", "complete_shards",
+           "shard_pieces", "read_shard"]

@@ -23,13 +23,14 @@ def run_info(config: Any, coord: Coordinator) -> dict[str, Any]:
   """How the job ran (not compared on reruns): platform, devices, threads."""
   import jax
 
-  from cbir_jax import runtime
+  from cbir_jax import input_pipeline, runtime
 
   devices = jax.devices()
   info = {"platform": jax.default_backend(),
           "device_kinds": sorted({d.device_kind for d in devices}),
           "devices": len(devices), "process_count": coord.process_count,
-          "batch_size": config.batch_size, "num_threads": config.num_threads,
+          "batch_size": config.batch_size,
+          "num_threads": config.num_threads or input_pipeline.default_threads(),
           "host": os.uname().nodename,
           "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
   info.update(runtime.platform_info())

@@ -114,7 +114,8 @@ def new_manifest(config: Any, source: sources.Source, loaded: weights_lib.Loaded
       backbone=config.model, weights=loaded.record.identity(),
       preprocessing=loaded.preprocessing.to_dict(), descriptor=dcfg.to_dict(),
       image_size=image_size, kinds=kinds, dtype=config.dtype, output_dtype=config.output_dtype,
-      draft=config.draft, shard_size=config.shard_size, package_version=_version())
+      draft=config.draft, shard_size=config.shard_size, package_version=_version(),
+      max_pixels=config.max_pixels)
   dims = desc.dimensions(backbone.block_channels, backbone.fc_dim)
   return Manifest(settings=settings, weights=loaded.record,
                   input=source.input_record(store.RECORDS),
@@ -272,7 +273,8 @@ def _prepare_update(out: pathlib.Path, old: Manifest, old_ids: ident.RecordIdent
   build = out / base
   if (build / store.MANIFEST).exists():
     started = store.load_manifest(build)
-    if started.settings.digest() == target.settings.digest() and started.input == target.input:
+    if (started.settings.digest() == target.settings.digest()
+        and started.input.same_records(target.input)):
       target = started  # an interrupted update of this same input: continue it
     elif write:
       shutil.rmtree(build)  # an update of another input, never switched to: start over
@@ -336,6 +338,6 @@ def my_units(plan: Plan, shard_size: int, coord: Coordinator) -> tuple[list[Unit
   return units, skipped
 
 
-__all__ = ["Plan", "changed_input_message", "check_kinds", "resolve_kinds", "load_weights", "my_units",
+__all__ = ["Plan", "changed_input_message", "check_kinds", "load_weights", "my_units",
            "new_manifest", "open_source", "plan_job", "prepare", "remove_other_generations",
-           "report_platform"]
+           "report_platform", "resolve_kinds"]

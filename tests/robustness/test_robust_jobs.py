@@ -292,13 +292,13 @@ def test_file_deleted_between_listing_and_reading(tiny_weights, tmp_path, hostil
   folder = tmp_path / "imgs"
   paths = write_small_images(folder, 12)
   victim = paths[5]
-  real = input_pipeline.folder_records
+  real = input_pipeline.list_folder
 
   def list_then_delete(root):
-    records = real(root)
+    listing = real(root)
     os.remove(victim)
-    return records
-  monkeypatch.setattr(input_pipeline, "folder_records", list_then_delete)
+    return listing
+  monkeypatch.setattr(input_pipeline, "list_folder", list_then_delete)
   out = tmp_path / "out"
   summary = extract.run(job_config(folder, out, tiny_weights), log=_quiet)
   _, meta = store.load_descriptors(out, "fc")
