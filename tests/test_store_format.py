@@ -249,3 +249,27 @@ def test_finish_progress_log_lines():
   quiet = []
   FinishProgress("none", quiet.append).close("done")
   assert quiet == []
+
+
+def test_update_of_an_output_left_in_shards(tmp_path):
+  """--consolidate=false keeps rows in the shards (as formats 1-2 did): --update reuses them
+  from there and its result equals a clean run."""
+  root = tmp_path / "imgs"
+  _folder(root, 6)
+  out, clean = tmp_path / "out", tmp_path / "clean"
+  cfg = extract.ExtractConfig(output=str(out), images=str(root), consolidate=False, **COMMON)
+  extract.run(cfg)
+  m = store.load_manifest(out)
+  assert m.metadata is None and m.shards_kept and not (out / "descriptors").exists()
+  extra = _folder(tmp_path / "more", 2)
+  for i, p in enumerate(extra):
+    shutil.copy(p, root / "cats" / f"new{i}.png")
+  s = extract.run(extract.ExtractConfig(**{**cfg.__dict__, "update": True}))
+  assert s.images == 2 and s.reused == 7  # 6 rows and 1 failure kept
+  extract.run(extract.ExtractConfig(**{**cfg.__dict__, "output": str(clean)}))
+  for kind in desc.KINDS:
+    a, ma = store.load_descriptors(out, kind)
+    b, mb = store.load_descriptors(clean, kind)
+    np.testing.assert_array_equal(a, b)
+  for c in mb:
+    np.testing.assert_array_equal(ma[c], mb[c])
