@@ -11,15 +11,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from cbir_jax import backbones, decode, store
+from cbir_jax import backbones, choices, decode, store
 from cbir_jax import descriptors as desc
+from cbir_jax.choices import COMPUTE_DTYPES, OUTPUT_DTYPES, PROGRESS_MODES  # noqa: F401 (kept here)
+from cbir_jax.choices import ComputeDtype, Kind, Masks, Model, OutputDtype, Progress
 from cbir_jax.job import control
 from cbir_jax.job.errors import ExtractError, Interrupted
 from cbir_jax.weights import random_params
-
-OUTPUT_DTYPES = ("float32", "float16")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-PROGRESS_MODES = ("auto", "bar", "log", "none")
 
 
 @dataclasses.dataclass
@@ -28,9 +26,12 @@ class ExtractConfig:
 
   Attributes:
     output: output directory (created; a rerun continues it).
-    images: folder of images (recursive), or None with `tfds`.
-    tfds: "name:split" of a prepared TFDS dataset, read from `data_dir`.
-    data_dir: TFDS data_dir.
+    images: folder of images (recursive; every format this Pillow build decodes, e.g. jpg,
+      png, webp, tif; other files are counted, not read); the first-level subfolder, if
+      any, is the label. None with `tfds`.
+    tfds: "name:split" of a prepared TFDS dataset, read from `data_dir`; never downloads.
+    data_dir: TFDS data_dir where the dataset is prepared (default $TFDS_DATA_DIR or
+      ~/tensorflow_datasets).
     labels_csv: optional CSV (columns file, class_index[, class_name, ...]) giving labels
       by path relative to `images` (or by file name where names are unique); other
       columns become metadata columns.
@@ -38,28 +39,30 @@ class ExtractConfig:
     weights: weights directory; None = the shipped weights of `model`;
       "random" = random initialisation from `seed` (tests, demos).
     seed: seed of random weights.
-    kinds: descriptor kinds to write; None = every kind the weights can give (all of
-      `descriptors.KINDS`, or those not in `descriptors.FC_KINDS` for weights without the
-      FC layers, e.g. VGG16 ported from Keras' _notop.h5).
+    kinds: descriptor kinds to write; empty (the default) = every kind the weights can
+      give: all of them, or all but fc and fc_conv for weights without the FC layers
+      (e.g. VGG16 ported from Keras' _notop.h5).
     batch_size: images per device per step.
     dtype: compute dtype (float32, bfloat16, float16).
     output_dtype: dtype of the stored descriptors (float32 or float16).
     image_size: square network input size; None = the backbone's default.
-    threshold, relative, masks: DescriptorConfig (SPEC.md section 4).
+    threshold: significance threshold tau (a fraction of the image's maximum last-block
+      activation with `relative`; SPEC.md section 4).
+    relative: tau = threshold x the image's maximum; false: tau = threshold.
+    masks: "channel": the paper's per-channel masks; "spatial": the authors' notebook variant.
     shard_size: input records per shard (the unit of consolidation and of resumption;
       a stopped job also keeps the finished part of the shard in progress).
-    num_threads: parallel decodes per process; None = every core this process may use.
-      Changes no row: recorded in the manifest's run info, not compared on reruns.
+    num_threads: parallel decodes per process (None = every core this process may use);
+      changes no row (recorded with the run, not compared on reruns).
     draft: decode JPEGs at the smallest DCT scale (1/2..1/8) still at least the input
-      size, then resize as always (several times less CPU on large photos; pixels within
-      about half a grey level); False decodes at full resolution. A setting (it changes
-      rows), recorded in the manifest.
+      size, then resize as always (several times less CPU on large photos, pixels within
+      about half a grey level); --nodraft decodes at full resolution. Recorded as a setting.
     max_pixels: images with more pixels are refused as decompression bombs (a setting:
       it decides which images get rows).
     consolidate: gather the shards into descriptors/ at the end (one array per distinct
-      kind, meta.npz, failures.json); False leaves the rows in the shards.
-    keep_shards: keep the shards after a verified consolidation (by default they are
-      removed: descriptors/ holds every row; --update reuses rows from it).
+      kind, meta.npz, failures.json); false leaves the rows in the shards.
+    keep_shards: keep the shards after the verified consolidation (by default they are
+      removed: descriptors/ holds every row, and --update reuses rows from it).
     update: bring an existing output up to date with a changed input: rows of
       unchanged records are kept, new and changed records extracted, removed ones dropped.
     content_digest: identify each file by a SHA-256 of its bytes as well as its size
@@ -67,25 +70,26 @@ class ExtractConfig:
     progress: "auto" (bar on a terminal, log lines otherwise), "bar", "log", "none".
     log_every_s: seconds between progress log lines.
     distributed: call jax.distributed.initialize() (auto-detects on managed clusters).
-    coordinator_address, num_processes, process_id: explicit multi-process settings
-      (any of them implies `distributed`).
+    coordinator_address: multi-process: host:port of process 0 (implies `distributed`).
+    num_processes: multi-process: number of processes.
+    process_id: multi-process: this process' index.
   """
   output: str
   images: str | None = None
   tfds: str | None = None
   data_dir: str | None = None
   labels_csv: str | None = None
-  model: str = backbones.DEFAULT_BACKBONE
+  model: Model = backbones.DEFAULT_BACKBONE
   weights: str | None = None
   seed: int = 0
-  kinds: tuple[str, ...] | None = None
+  kinds: tuple[Kind, ...] = ()
   batch_size: int = 16
-  dtype: str = "float32"
-  output_dtype: str = "float32"
+  dtype: ComputeDtype = "float32"
+  output_dtype: OutputDtype = "float32"
   image_size: int | None = None
   threshold: float = 0.5
   relative: bool = True
-  masks: str = "channel"
+  masks: Masks = "channel"
   shard_size: int = 4096
   num_threads: int | None = None
   draft: bool = True
@@ -94,7 +98,7 @@ class ExtractConfig:
   keep_shards: bool = False
   update: bool = False
   content_digest: bool = False
-  progress: str = "auto"
+  progress: Progress = "auto"
   log_every_s: float = 30.0
   distributed: bool = False
   coordinator_address: str | None = None
@@ -107,15 +111,10 @@ class ExtractConfig:
       raise ExtractError("give exactly one input: --images=FOLDER or --tfds=NAME:SPLIT")
     if self.labels_csv and not self.images:
       raise ExtractError("--labels_csv applies to --images folders only")
-    if self.kinds is not None:
-      bad = [k for k in self.kinds if k not in desc.KINDS]
-      if bad or not self.kinds:
-        raise ExtractError(f"unknown descriptor kinds {bad}; known: {list(desc.KINDS)}")
-    for name, allowed in (("output_dtype", OUTPUT_DTYPES), ("dtype", COMPUTE_DTYPES),
-                          ("progress", PROGRESS_MODES)):
-      if getattr(self, name) not in allowed:
-        what = {"output_dtype": "output dtype", "dtype": "compute dtype"}.get(name, name)
-        raise ExtractError(f"{what} must be one of {allowed}, got {getattr(self, name)!r}")
+    try:
+      choices.check(self)  # kinds, dtypes, masks, progress, model: the flags' own lists
+    except ValueError as e:
+      raise ExtractError(str(e)) from None
     for name in ("batch_size", "shard_size", "max_pixels"):
       if getattr(self, name) < 1:
         raise ExtractError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -26,7 +26,7 @@ def test_every_section_gives_finite_positive_figures(shared_data, tmp_path, monk
   config = benchmark.BenchmarkConfig(
       preset="cpu", backbones=("vgg_tiny",), batch_sizes=(2,), dtypes=("float32",), repeats=1,
       xla_variants=("ynn_off=--xla_cpu_experimental_ynn_fusion_type=",),
-      image_size=64, descriptor_batch=1, data_dir=str(shared_data), input_images=3,
+      image_size=64, descriptor_batch=1, images=str(shared_data), input_images=3,
       input_phone_images=1, input_threads=(1, 2), input_rounds=2,
       e2e_backbone="vgg_tiny", e2e_batch=2, e2e_limit=3,
       search_sizes=(300,), search_dims=(24,), search_queries=5, search_k=4, search_repeats=1,

@@ -441,7 +441,7 @@ def test_default_kinds_follow_the_weights(folder, tmp_path):
                                                           has_fc=False))
   cfg = extract.ExtractConfig(output=str(tmp_path / "out"), images=str(root), model="vgg_tiny",
                               weights=str(wdir), image_size=SIZE, progress="none")
-  assert cfg.kinds is None
+  assert cfg.kinds == ()
   extract.run(cfg, log=lambda m: None)
   kinds = store.load_manifest(cfg.output).settings.kinds
   assert kinds == tuple(k for k in desc.KINDS if k not in ("fc", "fc_conv"))

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from cbir_jax.benchmark import timing
+from cbir_jax.choices import ComputeDtype, Model
 
 # Accepted difference from the CPU float32 reference: the largest over images and
 # kinds of the row-wise relative L1 difference sum|x - ref| / sum|ref| (L1 is what
@@ -65,13 +66,13 @@ class GpuCheckConfig:
   """
   sweep: tuple[str, ...] = ("vgg16:32,64,128,256,512",
                             "efficientnet_lite0:128,256,512,1024,2048")
-  dtypes: tuple[str, ...] = ("float32", "bfloat16")
+  dtypes: tuple[ComputeDtype, ...] = ("float32", "bfloat16")
   repeats: int = 5
   image_size: int | None = None
   accuracy_images: int = 10
-  e2e_backbone: str = "efficientnet_lite0"
+  e2e_backbone: Model = "efficientnet_lite0"
   e2e_batch: int = 256
-  e2e_dtype: str = "float32"
+  e2e_dtype: ComputeDtype = "float32"
   photo_count: int = 4000
   photo_width: int = 500
   photo_height: int = 375

@@ -73,9 +73,9 @@ def load_weights(config: Any, backbone: backbones.Backbone, image_size: int
 
 def resolve_kinds(kinds: tuple[str, ...] | None, backbone: backbones.Backbone,
                   record: Any) -> tuple[str, ...]:
-  """The kinds to write: those asked for (checked against the weights), or with None every
-  kind the weights can give (no FC kinds from weights without the FC layers)."""
-  if kinds is None:
+  """The kinds to write: those asked for (checked against the weights), or when none are
+  asked every kind the weights can give (no FC kinds from weights without the FC layers)."""
+  if not kinds:
     return tuple(k for k in desc.KINDS
                  if record.has_fc_head is not False or k not in desc.FC_KINDS)
   check_kinds(tuple(kinds), backbone, record)
@@ -123,14 +123,16 @@ def new_manifest(config: Any, source: sources.Source, loaded: weights_lib.Loaded
                   dimensions={k: int(dims[k]) for k in kinds})
 
 
-def report_platform(log: Callable[[str], None]) -> None:
-  """One line: the platform and devices this process runs on (and a warning when an NVIDIA
-  GPU is visible but JAX runs on the CPU)."""
+def report_platform(log: Callable[[str], None], *, warn: bool) -> None:
+  """One line: the platform and devices this process runs on; with `warn`, another when an
+  NVIDIA GPU is visible but JAX runs on the CPU (launchers warn for single-process jobs
+  before JAX starts; processes of a multi-process job only know once it has)."""
   from cbir_jax import runtime
 
   info = runtime.platform_info()
   log(runtime.PlatformInfo.from_dict(info).line())
-  runtime.warn_if_gpu_unused(log, backend=info["backend"])
+  if warn:
+    runtime.warn_if_gpu_unused(log, backend=info["backend"])
 
 
 def plan_job(config: Any, coord: Coordinator, log: Callable[[str], None]) -> Plan:
@@ -139,7 +141,7 @@ def plan_job(config: Any, coord: Coordinator, log: Callable[[str], None]) -> Pla
   Raises:
     ExtractError: any refusal (this process' or another's).
   """
-  report_platform(log)
+  report_platform(log, warn=coord.process_count > 1)
   backbone = backbones.get(config.model)
   image_size = config.image_size or backbone.image_size
   source = open_source(config)
