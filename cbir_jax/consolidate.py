@@ -1,41 +1,137 @@
-"""Finishing a generation: verify every shard once, then concatenate each kind into one array.
+"""Finishing a generation: verify every shard once, then gather it into descriptors/.
 
-Runs on process 0 after every shard exists. Every byte is checked here, once, against the
-checksums written with the shards, so loaders afterwards only check sizes and shapes.
+Runs on process 0 after every shard exists. Every byte kept is checked here, once, against
+the checksums written with the shards, so loaders afterwards only check sizes and shapes.
+descriptors/ then holds one array per distinct kind, meta.npz and failures.json.
 """
 from __future__ import annotations
 
 import datetime
 import hashlib
 import io
+import json
 import os
 import pathlib
+import sys
 import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from cbir_jax import store
-from cbir_jax.manifest import ConsolidatedEntry, Manifest, ShardEntry
+from cbir_jax.manifest import FORMAT_VERSION, ConsolidatedEntry, Manifest, ShardEntry
 
 _BLOCK = 1 << 22
+META = "meta.npz"
+FAILURES = "failures.json"
 
 
 def _quiet(msg: str) -> None:
   del msg
 
 
-def seal(out: pathlib.Path, m: Manifest, *, process_count: int, consolidate: bool = True,
-         log: Callable[[str], None] = _quiet) -> Manifest:
-  """The generation's complete manifest: shards listed and verified, arrays consolidated.
+class FinishProgress:
+  """Progress of the finishing work, by bytes read: a bar on a terminal, else log lines.
 
-  Does not write the manifest: the caller switches it atomically.
+  Log mode writes a first and a last line, and a line per step in between only when a
+  second has passed since the previous one (a short finish stays two lines).
+  """
+
+  def __init__(self, mode: str = "none", log: Callable[[str], None] = _quiet,
+               every_s: float = 1.0):
+    self.mode = "bar" if mode == "auto" and sys.stderr.isatty() else mode
+    if self.mode == "auto":
+      self.mode = "log"
+    self.log, self.every_s = log, every_s
+    self.total = self.done = 0
+    self.t0 = self.last = time.perf_counter()
+    self.bar = None
+
+  def start(self, total: int, what: str) -> None:
+    self.total, self.t0 = total, time.perf_counter()
+    self.last = self.t0
+    if self.mode == "bar":
+      try:
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="finishing",
+                        dynamic_ncols=True)
+        return
+      except ImportError:
+        self.mode = "log"
+    if self.mode == "log":
+      self.log(f"finishing: {what} ({total / 1e6:.1f} MB)")
+
+  def step(self, nbytes: int, what: str) -> None:
+    self.done += nbytes
+    if self.bar is not None:
+      self.bar.update(nbytes)
+    elif self.mode == "log" and time.perf_counter() - self.last >= self.every_s:
+      self.last = time.perf_counter()
+      self.log(f"finishing: {what} ({self.done / 1e6:.1f}/{self.total / 1e6:.1f} MB, "
+               f"{self.last - self.t0:.1f} s)")
+
+  def close(self, what: str) -> None:
+    if self.bar is not None:
+      self.bar.close()
+      self.bar = None
+    if self.mode != "none":
+      self.log(f"finishing: {what} ({time.perf_counter() - self.t0:.1f} s)")
+
+
+def seal(out: pathlib.Path, m: Manifest, *, process_count: int, consolidate: bool = True,
+         keep_shards: bool = True, progress: FinishProgress | None = None) -> Manifest:
+  """The generation's complete manifest: shards listed and verified, descriptors/ written.
+
+  Does not write the manifest (the caller switches it atomically) nor remove shards
+  (the caller does, after the switch, unless `keep_shards`).
 
   Raises:
     StoreError: shards are missing (processes that do not share the output
       filesystem), a shard does not match its checksums (damaged after it was
       written: the message names it), or a file cannot be written.
   """
+  progress = progress or FinishProgress()
+  shards = _complete(out, m)
+  kinds = list(m.settings.kinds)
+  t = time.perf_counter()
+  consolidate = consolidate and bool(shards)
+  aliases = identical_kinds(shards, kinds) if consolidate else {}
+  stored = [k for k in kinds if k not in aliases]
+  # What is read once here: each stored kind while copied, metadata and failures while
+  # gathered; what stays in shards only (aliases' files, or all with --consolidate=false)
+  # is hashed on its own, unless the shards are about to be removed.
+  read_later = {f"{k}.npy" for k in stored} | {META, FAILURES} if consolidate else set()
+  alone = [(s, name) for s in shards for name in s.files
+           if name not in read_later and (keep_shards or not consolidate)]
+  progress.start(sum(int(s.files[n]["bytes"]) for s in shards for n in s.files
+                     if n in read_later or (s, n) in alone),
+                 f"verifying {len(shards)} shard(s)" + (
+                     f", consolidating {len(stored)} kind(s) and the row metadata"
+                     if consolidate else ""))
+  _verify_files(out, alone, progress)
+  entries: dict[str, Any] = {}
+  if consolidate:
+    folder = m.path(store.CONSOLIDATED)
+    try:
+      for kind in stored:
+        entries[kind] = _consolidate(out, folder, kind, shards, progress)
+      metadata, failures = _gather_meta(out, folder, shards, progress)
+    except OSError as e:
+      raise store.StoreError(f"{out}: cannot write the consolidated arrays: {e}; the shards "
+                             "are complete, rerun the same command to retry") from e
+  verified = {"at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "shards": len(shards), "consolidated": sorted(entries) + sorted(aliases),
+              "finite": bool(entries), "seconds": round(time.perf_counter() - t, 3)}
+  return m.replace(shards=shards, rows=sum(s.rows for s in shards),
+                   failures=sum(s.failures for s in shards), process_count=process_count,
+                   status="complete", consolidated=entries, aliases=aliases,
+                   metadata=metadata if consolidate else None,
+                   failures_file=failures if consolidate else None,
+                   shards_kept=keep_shards or not consolidate, verified=verified,
+                   format_version=FORMAT_VERSION)
+
+
+def _complete(out: pathlib.Path, m: Manifest) -> tuple[ShardEntry, ...]:
   where = m.path(store.SHARDS)
   done = store.complete_shards(out, where)
   missing = [k for k in range(m.num_shards) if k not in done]
@@ -44,29 +140,28 @@ def seal(out: pathlib.Path, m: Manifest, *, process_count: int, consolidate: boo
         f"{out}: {len(missing)} of {m.num_shards} shards missing (first: "
         f"{store.shard_name(missing[0])}); were all processes writing to one shared "
         "directory? Rerun the same command to complete them.")
-  shards = tuple(_entry(done[k], f"{where}/{store.shard_name(k)}") for k in range(m.num_shards))
-  kinds = list(m.settings.kinds)
-  t = time.perf_counter()
-  _verify_shards(out, shards, skip=kinds if consolidate and shards else ())
-  consolidated = {}
-  if consolidate and shards:
-    total = sum(f["bytes"] for s in shards for f in s.files.values()) / 1e6
-    log(f"finishing: verifying {len(shards)} shard(s) and consolidating {len(kinds)} kinds "
-        f"({total:.0f} MB)")
-    try:
-      for i, kind in enumerate(kinds):
-        if total > 256:  # a line per kind where it takes a while
-          log(f"finishing: {kind} ({i + 1}/{len(kinds)})")
-        consolidated[kind] = _consolidate(out, m.path(store.CONSOLIDATED), kind, shards)
-    except OSError as e:
-      raise store.StoreError(f"{out}: cannot write the consolidated arrays: {e}; the shards "
-                             "are complete, rerun the same command to retry") from e
-  verified = {"at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "shards": len(shards), "consolidated": sorted(consolidated),
-              "finite": bool(consolidated), "seconds": round(time.perf_counter() - t, 3)}
-  return m.replace(shards=shards, rows=sum(s.rows for s in shards),
-                   failures=sum(s.failures for s in shards), process_count=process_count,
-                   status="complete", consolidated=consolidated, verified=verified)
+  return tuple(_entry(done[k], f"{where}/{store.shard_name(k)}") for k in range(m.num_shards))
+
+
+def identical_kinds(shards: Sequence[ShardEntry], kinds: Sequence[str]) -> dict[str, str]:
+  """Kinds whose shard files are byte-identical to an earlier kind's, shard by shard.
+
+  Decided by the digests recorded when the shards were written (equal digests of equal
+  .npy files mean equal headers and rows), so it holds whatever made them equal: by
+  definition (EfficientNet-Lite0's fc is its spoc) or by the data (a 1x1 last block makes
+  mac, spoc and gem equal). Returns {kind: the earlier kind it equals}.
+  """
+  first: dict[tuple[str, ...], str] = {}
+  aliases = {}
+  for kind in kinds:
+    key = tuple(str(s.files.get(f"{kind}.npy", {}).get("sha256", "")) for s in shards)
+    if not all(key):
+      continue
+    if key in first:
+      aliases[kind] = first[key]
+    else:
+      first[key] = kind
+  return aliases
 
 
 def _entry(info: dict[str, Any], rel: str) -> ShardEntry:
@@ -82,15 +177,65 @@ def _damaged(out: pathlib.Path, rel: str, why: str) -> store.StoreError:
                           "and rerun the same command to recompute it")
 
 
-def _verify_shards(out: pathlib.Path, shards: Sequence[ShardEntry], skip: Sequence[str]) -> None:
-  """Checks every shard file against its SHA-256 (kinds in `skip` are checked while copied)."""
-  skip_files = {f"{k}.npy" for k in skip}
+def _verify_files(out: pathlib.Path, files: Sequence[tuple[ShardEntry, str]],
+                  progress: FinishProgress) -> None:
+  """Checks shard files against their SHA-256 in shard.json."""
+  for s, name in files:
+    if store.sha256_file(out / s.dir / name) != s.files[name]["sha256"]:
+      raise _damaged(out, f"{s.dir}/{name}", "does not match its SHA-256 in shard.json")
+    progress.step(int(s.files[name]["bytes"]), f"verified {s.dir}")
+
+
+def _read_verified(out: pathlib.Path, s: ShardEntry, name: str) -> bytes:
+  rel = f"{s.dir}/{name}"
+  data = (out / rel).read_bytes()
+  want = s.files.get(name, {}).get("sha256")
+  if want and hashlib.sha256(data).hexdigest() != want:
+    raise _damaged(out, rel, "does not match its SHA-256 in shard.json")
+  return data
+
+
+def _gather_meta(out: pathlib.Path, folder: str, shards: Sequence[ShardEntry],
+                 progress: FinishProgress) -> tuple[ConsolidatedEntry, ConsolidatedEntry]:
+  """descriptors/meta.npz (every shard's rows, in order) and descriptors/failures.json."""
+  parts, failures = [], []
   for s in shards:
-    for name, f in s.files.items():
-      if name in skip_files:
-        continue
-      if store.sha256_file(out / s.dir / name) != f["sha256"]:
-        raise _damaged(out, f"{s.dir}/{name}", "does not match its SHA-256 in shard.json")
+    try:
+      with np.load(io.BytesIO(_read_verified(out, s, META)), allow_pickle=False) as z:
+        parts.append({c: z[c] for c in z.files})
+    except ValueError as e:  # not an npz: damaged although its digest was not recorded
+      raise _damaged(out, f"{s.dir}/{META}", f"cannot be read ({e})") from e
+    if FAILURES in s.files:
+      failures += json.loads(_read_verified(out, s, FAILURES).decode("utf-8", "surrogateescape"))
+    progress.step(sum(int(s.files[n]["bytes"]) for n in (META, FAILURES) if n in s.files),
+                  "row metadata")
+  columns = list(parts[0]) if parts else list(store.META_COLUMNS)
+  meta = {c: np.concatenate([p[c] for p in parts]) if parts else np.zeros(0) for c in columns}
+  rows = len(meta["row"])
+  # Compressed: fixed-width path strings are mostly padding.
+  mpath = _write_atomic(out / folder / META,
+                        lambda f: np.savez_compressed(f, **meta))
+  text = json.dumps(failures).encode("utf-8", "surrogateescape")
+  fpath = _write_atomic(out / folder / FAILURES, lambda f: f.write(text))
+  return (ConsolidatedEntry(f"{folder}/{META}", rows, store.sha256_file(mpath),
+                            mpath.stat().st_size),
+          ConsolidatedEntry(f"{folder}/{FAILURES}", len(failures), store.sha256_file(fpath),
+                            fpath.stat().st_size))
+
+
+def _write_atomic(path: pathlib.Path, write: Callable[[Any], Any]) -> pathlib.Path:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp")
+  try:
+    with open(tmp, "wb") as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+  return path
 
 
 def _read_header(src, rel: str, out: pathlib.Path) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -103,8 +248,8 @@ def _read_header(src, rel: str, out: pathlib.Path) -> tuple[tuple[int, ...], boo
     raise _damaged(out, rel, f"is not a valid .npy ({e})") from e
 
 
-def _consolidate(out: pathlib.Path, folder: str, kind: str, shards: Sequence[ShardEntry]
-                 ) -> ConsolidatedEntry:
+def _consolidate(out: pathlib.Path, folder: str, kind: str, shards: Sequence[ShardEntry],
+                 progress: FinishProgress) -> ConsolidatedEntry:
   # Plain writes, not a memory map: on a full disk a write into a mapped file is
   # SIGBUS (the process dies), while write() raises ENOSPC that we can report.
   # Each shard file is hashed and scanned for non-finite values as it is copied, and
@@ -131,6 +276,8 @@ def _consolidate(out: pathlib.Path, folder: str, kind: str, shards: Sequence[Sha
                                    f"({s.rows}, {header_at[1]}) {header_at[0]}")
           row_bytes = dtype.itemsize * int(np.prod(shape[1:]))
           _copy_checked(src, f, digest, out, rel, s, dtype, row_bytes)
+        progress.step(int(s.files.get(f"{kind}.npy", {}).get("bytes", 0)),
+                      f"{kind} consolidated")
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -172,4 +319,4 @@ def _copy_checked(src, dst, out_digest, out: pathlib.Path, rel: str, s: ShardEnt
     raise _damaged(out, rel, "does not match its SHA-256 in shard.json")
 
 
-__all__ = ["seal"]
+__all__ = ["FinishProgress", "identical_kinds", "seal"]

@@ -1,16 +1,17 @@
-"""The bulk extraction job: images (folder or TFDS) -> descriptor shards on disk.
+"""The bulk extraction job: images (folder or TFDS) -> descriptors/ on disk (store.py).
 
 `run` goes through named stages (cbir_jax/job/): plan the job (input, weights, settings,
 output directory, work left) -> run the steps -> assemble rows into shards -> finish
-(verify, consolidate, switch the manifest). One jitted step on a "data" mesh over every
-device of every process; complete shards survive kills and a rerun continues (store.py).
+(verify, consolidate into descriptors/, switch the manifest, remove the shards). One jitted
+step on a "data" mesh over every device of every process; complete shards survive kills and
+a rerun continues.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Callable
 
-from cbir_jax import backbones, choices, store
+from cbir_jax import backbones, choices, decode, store
 from cbir_jax import descriptors as desc
 from cbir_jax.choices import COMPUTE_DTYPES, OUTPUT_DTYPES, PROGRESS_MODES  # noqa: F401 (kept here)
 from cbir_jax.choices import ComputeDtype, Kind, Masks, Model, OutputDtype, Progress
@@ -25,8 +26,9 @@ class ExtractConfig:
 
   Attributes:
     output: output directory (created; a rerun continues it).
-    images: folder of images (recursive; jpg, jpeg, png, bmp, gif, webp, tif, tiff); the
-      first-level subfolder, if any, is the label. None with `tfds`.
+    images: folder of images (recursive; every format this Pillow build decodes, e.g. jpg,
+      png, webp, tif; other files are counted, not read); the first-level subfolder, if
+      any, is the label. None with `tfds`.
     tfds: "name:split" of a prepared TFDS dataset, read from `data_dir`; never downloads.
     data_dir: TFDS data_dir where the dataset is prepared (default $TFDS_DATA_DIR or
       ~/tensorflow_datasets).
@@ -37,7 +39,9 @@ class ExtractConfig:
     weights: weights directory; None = the shipped weights of `model`;
       "random" = random initialisation from `seed` (tests, demos).
     seed: seed of random weights.
-    kinds: descriptor kinds to write.
+    kinds: descriptor kinds to write; empty (the default) = every kind the weights can
+      give: all of them, or all but fc and fc_conv for weights without the FC layers
+      (e.g. VGG16 ported from Keras' _notop.h5).
     batch_size: images per device per step.
     dtype: compute dtype (float32, bfloat16, float16).
     output_dtype: dtype of the stored descriptors (float32 or float16).
@@ -48,9 +52,17 @@ class ExtractConfig:
     masks: "channel": the paper's per-channel masks; "spatial": the authors' notebook variant.
     shard_size: input records per shard (the unit of consolidation and of resumption;
       a stopped job also keeps the finished part of the shard in progress).
-    num_threads: parallel decodes per process (None = every core this process may use).
-    draft: JPEG reduced-scale decoding (faster, slightly different pixels).
-    consolidate: concatenate the shards into one array per kind at the end.
+    num_threads: parallel decodes per process (None = every core this process may use);
+      changes no row (recorded with the run, not compared on reruns).
+    draft: decode JPEGs at the smallest DCT scale (1/2..1/8) still at least the input
+      size, then resize as always (several times less CPU on large photos, pixels within
+      about half a grey level); --nodraft decodes at full resolution. Recorded as a setting.
+    max_pixels: images with more pixels are refused as decompression bombs (a setting:
+      it decides which images get rows).
+    consolidate: gather the shards into descriptors/ at the end (one array per distinct
+      kind, meta.npz, failures.json); false leaves the rows in the shards.
+    keep_shards: keep the shards after the verified consolidation (by default they are
+      removed: descriptors/ holds every row, and --update reuses rows from it).
     update: bring an existing output up to date with a changed input: rows of
       unchanged records are kept, new and changed records extracted, removed ones dropped.
     content_digest: identify each file by a SHA-256 of its bytes as well as its size
@@ -70,7 +82,7 @@ class ExtractConfig:
   model: Model = backbones.DEFAULT_BACKBONE
   weights: str | None = None
   seed: int = 0
-  kinds: tuple[Kind, ...] = desc.KINDS
+  kinds: tuple[Kind, ...] = ()
   batch_size: int = 16
   dtype: ComputeDtype = "float32"
   output_dtype: OutputDtype = "float32"
@@ -80,8 +92,10 @@ class ExtractConfig:
   masks: Masks = "channel"
   shard_size: int = 4096
   num_threads: int | None = None
-  draft: bool = False
+  draft: bool = True
+  max_pixels: int = decode.MAX_PIXELS
   consolidate: bool = True
+  keep_shards: bool = False
   update: bool = False
   content_digest: bool = False
   progress: Progress = "auto"
@@ -97,15 +111,16 @@ class ExtractConfig:
       raise ExtractError("give exactly one input: --images=FOLDER or --tfds=NAME:SPLIT")
     if self.labels_csv and not self.images:
       raise ExtractError("--labels_csv applies to --images folders only")
-    if not self.kinds:
-      raise ExtractError(f"no descriptor kinds; known: {list(desc.KINDS)}")
     try:
       choices.check(self)  # kinds, dtypes, masks, progress, model: the flags' own lists
     except ValueError as e:
       raise ExtractError(str(e)) from None
-    for name in ("batch_size", "shard_size"):
+    for name in ("batch_size", "shard_size", "max_pixels"):
       if getattr(self, name) < 1:
         raise ExtractError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.num_threads is not None and self.num_threads < 1:
+      raise ExtractError(f"num_threads must be >= 1 (or unset: every core), got "
+                         f"{self.num_threads}")
     if self.image_size is not None and self.image_size < 32:
       raise ExtractError(f"image_size must be >= 32 (five stride-2 blocks), got "
                          f"{self.image_size}")
@@ -138,6 +153,7 @@ class Summary:
   stop_s: float = 0.0  # from the stop request to the rows written
   complete: bool = False  # the whole output (all processes) is finished
   update_line: str = ""
+  skipped_line: str = ""  # files of the input folder not read ("skipped 3 files: .txt 2, ...")
 
   def _phase(self, name: str) -> float:
     return self.phases.get(name, 0.0)
@@ -181,7 +197,9 @@ class Summary:
     times = ", ".join(f"{name} {self.phases[name]:.1f}" for name in PHASES
                       if self.phases.get(name, 0.0) >= 0.05)
     update = f"; {self.update_line}" if self.update_line else ""
-    return (f"extracted {self.images} images, {self.failed} failed, in {self.seconds:.1f} s "
+    skipped = f", {self.skipped_line}" if self.skipped_line else ""
+    return (f"extracted {self.images} images, {self.failed} failed{skipped}, in "
+            f"{self.seconds:.1f} s "
             f"({self.images_per_s:.1f} images/s; {self.steady_images_per_s:.1f} while "
             f"stepping); waiting for input {100 * share:.0f}%; seconds: {times}; shards "
             f"written {self.shards_written}, skipped (already complete) "
@@ -222,6 +240,7 @@ def run(config: ExtractConfig, *, log: Callable[[str], None] = _log,
   summary = Summary(output=str(config.output), process_index=coord.process_index)
   plan = planning.plan_job(config, coord, log)
   clock.charge("startup")
+  summary.skipped_line = plan.source.skipped_line()
   try:
     summary.shards_skipped = plan.skipped
     _report_plan(plan, coord, log)

@@ -1,7 +1,7 @@
 """The records an extraction writes to disk, as typed dataclasses with to_dict / from_dict.
 
 Read by the job (extract), the store (store.py) and the query side (search, evaluation) alike;
-`Manifest.from_dict` also reads the first format (format_version 1) so old indexes keep loading.
+`Manifest.from_dict` also reads formats 1 and 2 (row metadata only in shards) so old indexes load.
 """
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import json
 from typing import Any, Mapping
 
 FORMAT = "cbir_jax.descriptors"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: metadata and failures consolidated, aliases, shards removable
 WEIGHTS_KINDS = ("shipped", "directory", "random")
+_PILLOW_MAX_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS, the limit formats 1-2 used
 
 
 def digest_of(obj: Any) -> str:
@@ -90,6 +91,7 @@ class Settings:
   draft: bool
   shard_size: int
   package_version: str
+  max_pixels: int = 0
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
@@ -104,7 +106,9 @@ class Settings:
                kinds=tuple(d["kinds"]), dtype=d.get("dtype", "float32"),
                output_dtype=d.get("output_dtype", "float32"), draft=bool(d.get("draft", False)),
                shard_size=int(d.get("shard_size", 0)),
-               package_version=d.get("package_version", ""))
+               package_version=d.get("package_version", ""),
+               # Before it was a setting (formats 1-2) the limit was Pillow's default.
+               max_pixels=int(d.get("max_pixels", _PILLOW_MAX_PIXELS)))
 
   def digest(self) -> str:
     return digest_of(self.to_dict())
@@ -138,6 +142,8 @@ class InputRecord:
     records_file: the identities, relative to the output directory.
     content_digest: whether stamps include a SHA-256 of each file's bytes.
     labels_sha256: digest of the labels CSV ("" without one).
+    skipped: files of the folder not read, by lower-case extension (not part of the
+      identity: other files coming and going change no row).
   """
   type: str
   root: str
@@ -147,9 +153,14 @@ class InputRecord:
   spec: str = ""
   content_digest: bool = False
   labels_sha256: str = ""
+  skipped: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    return json.loads(json.dumps(dataclasses.asdict(self)))
+
+  def same_records(self, other: "InputRecord") -> bool:
+    """Equal but for `skipped`."""
+    return dataclasses.replace(self, skipped={}) == dataclasses.replace(other, skipped={})
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "InputRecord":
@@ -159,7 +170,8 @@ class InputRecord:
                records_file=d.get("records_file", ""),
                spec=d.get("spec", f"{d['name']}:{d['split']}" if "name" in d else ""),
                content_digest=bool(d.get("content_digest", False)),
-               labels_sha256=d.get("labels_sha256", d.get("labels_csv_sha256", "")))
+               labels_sha256=d.get("labels_sha256", d.get("labels_csv_sha256", "")),
+               skipped={str(k): int(v) for k, v in (d.get("skipped") or {}).items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,8 +198,9 @@ class ShardEntry:
 
 @dataclasses.dataclass(frozen=True)
 class ConsolidatedEntry:
+  """A consolidated file: a kind's array, the row metadata, or the failures list."""
   file: str  # relative to the output directory
-  rows: int
+  rows: int  # rows (array, metadata) or failures listed
   sha256: str = ""
   bytes: int = -1  # -1: not recorded (format 1)
 
@@ -235,6 +248,12 @@ class Manifest:
   `base` is the folder (relative to the output directory) that holds this
   generation's shards and arrays: "" for a first extraction, "gen-000001" and so
   on after `--update`s; every path listed below already includes it.
+
+  Format 3 consolidates everything a reader needs into `descriptors/`: one array per
+  distinct kind (`consolidated`), kinds whose rows are byte-identical to another's stored
+  once and named in `aliases` (kind -> the kind whose file holds them), the row metadata
+  (`metadata`: descriptors/meta.npz) and the failures (`failures_file`). The shards
+  (`shards` still lists them) are then removed unless `shards_kept`.
   """
   settings: Settings
   weights: WeightsRecord
@@ -249,6 +268,10 @@ class Manifest:
   failures: int = 0
   process_count: int = 1
   consolidated: Mapping[str, ConsolidatedEntry] = dataclasses.field(default_factory=dict)
+  aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  metadata: ConsolidatedEntry | None = None
+  failures_file: ConsolidatedEntry | None = None
+  shards_kept: bool = True
   verified: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   update: UpdateReport | None = None
   labels: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -263,6 +286,10 @@ class Manifest:
   def complete(self) -> bool:
     return self.status == "complete"
 
+  def stored_kind(self, kind: str) -> str:
+    """The kind whose consolidated file holds `kind`'s rows (itself unless an alias)."""
+    return self.aliases.get(kind, kind)
+
   def path(self, *parts: str) -> str:
     """A path of this generation, relative to the output directory."""
     return "/".join(p for p in (self.base, *parts) if p)
@@ -276,7 +303,11 @@ class Manifest:
          "shards": [e.to_dict() for e in self.shards], "rows": self.rows,
          "failures": self.failures, "process_count": self.process_count,
          "consolidated": {k: c.to_dict() for k, c in self.consolidated.items()},
-         "verified": dict(self.verified), "labels": dict(self.labels), "run": dict(self.run),
+         "aliases": dict(self.aliases),
+         "metadata": self.metadata.to_dict() if self.metadata else None,
+         "failures_file": self.failures_file.to_dict() if self.failures_file else None,
+         "shards_kept": self.shards_kept, "verified": dict(self.verified),
+         "labels": dict(self.labels), "run": dict(self.run),
          "update": self.update.to_dict() if self.update else None,
          "backbone": s["backbone"]}  # as format 1 had it (settings.backbone is the same)
     return json.loads(json.dumps(d))
@@ -301,6 +332,11 @@ class Manifest:
         process_count=int(d.get("process_count", 1)),
         consolidated={k: ConsolidatedEntry.from_dict(c)
                       for k, c in (d.get("consolidated") or {}).items()},
+        aliases=dict(d.get("aliases") or {}),
+        metadata=ConsolidatedEntry.from_dict(d["metadata"]) if d.get("metadata") else None,
+        failures_file=(ConsolidatedEntry.from_dict(d["failures_file"])
+                       if d.get("failures_file") else None),
+        shards_kept=bool(d.get("shards_kept", True)),
         verified=dict(d.get("verified") or {}),
         update=UpdateReport.from_dict(d["update"]) if d.get("update") else None,
         labels=dict(d.get("labels") or {}), run=dict(d.get("run") or {}),

@@ -1,27 +1,41 @@
 """Descriptor output on disk: shards written atomically, a manifest, and a checked loader.
 
-Layout of an output directory (a "generation" is one complete set of rows; the first lives at
-the top, each `--update` builds the next one in `gen-NNNNNN/` and switches the manifest to it):
+Layout of a finished output directory (a "generation" is one complete set of rows; the first
+lives at the top, each `--update` builds the next one in `gen-NNNNNN/` and switches the
+manifest to it; `manifest.json`'s "base" names the generation's folder):
   manifest.json              the current generation: settings, weights record, input record,
-                             shard list with row counts and SHA-256, checks done (manifest.py)
+                             shard list, consolidated files with SHA-256, kind aliases,
+                             checks done (manifest.py)
   records.npz                per-record input identities (key, stamp) of that generation
+  descriptors/<kind>.npy     one array [rows, D] per distinct kind (float32 or float16); a
+                             kind whose rows equal another's is stored once and named in
+                             the manifest's "aliases" ({"spoc": "fc"} on EfficientNet-Lite0)
+  descriptors/meta.npz       row, path, label, label_name, width, height (+ extra columns),
+                             one entry per row of the arrays; no pickled objects
+  descriptors/failures.json  [[path, reason, record], ...] for records not decoded
+  failures-<process>.tsv     path <TAB> reason, the failures of that process' shards
+  gen-000001/                the next generation (after --update): records.npz, descriptors/
+
+While a job runs (and after it with --keep_shards or --consolidate=false):
   shards/000007/             one shard = the rows of records [7*S, 8*S)
-      <kind>.npy             descriptor rows [n, D] (float32 or float16)
-      meta.npz               row, path, label, label_name, width, height (+ extra columns)
-      failures.json          [[path, reason, record], ...] for records not decoded
+      <kind>.npy, meta.npz, failures.json   as in descriptors/, for these rows
       shard.json             rows, record range, SHA-256 of every file above (written last)
   shards/000007.part-1200/   a shard's first 1200 records, written when a job was stopped
                              mid-shard; the rerun continues from record 1200 of the shard
-  descriptors/<kind>.npy     all shards concatenated once the job completes, so
-                             `load_descriptors` can hand out one memory-mapped array
-  gen-000001/                the next generation (after --update): records.npz, delta/
-                             (the records it extracted), shards/, descriptors/
-  failures-<process>.tsv     path <TAB> reason, the failures of that process' shards
-  .lock-<process>            flock'ed while a job process writes here
+  gen-000001/delta/          the records an update extracts, before it assembles its shards
+  .lock-<process>            flock'ed while a job process writes here; removed at its end
 
 A shard directory is built under a temporary name and renamed when complete, so
 it exists whole or not at all. Rows hold decoded images only; a failed image has
 no row (its record index is absent from "row") and is listed in failures.json.
+Shards are removed only after the manifest naming the verified descriptors/ is written.
+
+Reading descriptors/ with NumPy alone (no cbir_jax):
+  m = json.load(open(f"{out}/manifest.json"))
+  meta = np.load(f"{out}/{m['metadata']['file']}")          # descriptors/meta.npz
+  kind = m["aliases"].get("spoc", "spoc")
+  x = np.load(f"{out}/{m['consolidated'][kind]['file']}", mmap_mode="r")
+  # x[i] is the image meta["path"][i], label meta["label"][i] ("label_name" its name)
 """
 from __future__ import annotations
 
@@ -145,31 +159,77 @@ def write_manifest(output_dir: str | os.PathLike, manifest: Manifest, name: str 
 # --- writing -------------------------------------------------------------------------------
 
 
-def lock(output_dir: str | os.PathLike, process_index: int = 0) -> IO[str]:
+class DirLock:
+  """A job process' write lock on an output directory: an flock'ed `.lock-<process>` file.
+
+  `close()` removes the file, then releases the lock, so a finished job leaves no lock
+  file. A job that opened the file just before it was removed gets the lock on a file
+  that is no longer there; `lock` sees that (another inode at the path, or none) and
+  takes the lock again on the file now at the path, so two jobs never both hold it.
+  """
+
+  def __init__(self, path: pathlib.Path, f: IO[str]):
+    self.path, self._f = path, f
+
+  @property
+  def closed(self) -> bool:
+    return self._f is None
+
+  def close(self) -> None:
+    if self._f is None:
+      return
+    try:
+      if _same_file(self._f, self.path):
+        self.path.unlink(missing_ok=True)
+    finally:
+      self._f.close()
+      self._f = None
+
+  def __enter__(self) -> "DirLock":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def _same_file(f: IO[str], path: pathlib.Path) -> bool:
+  try:
+    a, b = os.fstat(f.fileno()), os.stat(path)
+  except FileNotFoundError:
+    return False
+  return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def lock(output_dir: str | os.PathLike, process_index: int = 0) -> DirLock:
   """Takes this process' write lock on `output_dir`; the OS drops it when the process dies.
 
-  Returns the open lock file; keep it open for the job's lifetime.
+  Returns the lock; keep it for the job's lifetime and `close()` it at the end (which
+  removes the lock file).
 
   Raises:
     StoreError: another live job holds the lock.
   """
   path = pathlib.Path(output_dir) / f".lock-{process_index}"
-  f = open(path, "a+")
-  try:
-    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except OSError as e:
-    f.seek(0)
-    holder = f.read().strip() or "unknown"
+  for _ in range(100):  # another job removing the file as we open it: try again
+    f = open(path, "a+")
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      f.seek(0)
+      holder = f.read().strip() or "unknown"
+      f.close()
+      if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+        raise StoreError(f"{output_dir} is being written by another job ({holder}); wait for "
+                         "it to finish or stop it, or choose another --output") from None
+      raise
+    if _same_file(f, path):
+      f.seek(0)
+      f.truncate()
+      f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+      f.flush()
+      return DirLock(path, f)
     f.close()
-    if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-      raise StoreError(f"{output_dir} is being written by another job ({holder}); wait for it "
-                       "to finish or stop it, or choose another --output") from None
-    raise
-  f.seek(0)
-  f.truncate()
-  f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-  f.flush()
-  return f
+  raise StoreError(f"cannot take the lock {path}: it keeps being replaced")
 
 
 def diff_settings(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = ""
@@ -410,15 +470,30 @@ def _tsv(s: str) -> str:
 
 
 def finalize(output_dir: str | os.PathLike, *, num_shards: int, process_count: int,
-             consolidate: bool = True) -> dict[str, Any]:
+             consolidate: bool = True, keep_shards: bool = False) -> dict[str, Any]:
   """Completes a generation whose shards are all written (see `consolidate.seal`)."""
   from cbir_jax import consolidate as cons
   out = pathlib.Path(output_dir)
   m = load_manifest(out)
   m = cons.seal(out, m.replace(num_shards=num_shards), process_count=process_count,
-                consolidate=consolidate)
+                consolidate=consolidate, keep_shards=keep_shards)
   write_manifest(out, m)
+  remove_shards(out, m)
   return m.to_dict()
+
+
+def remove_shards(output_dir: str | os.PathLike, m: Manifest) -> bool:
+  """Deletes a complete generation's shards when its manifest says they are not kept.
+
+  Only after that manifest is on disk: its descriptors/ then hold every row. Also
+  finishes a removal that a kill cut short. Returns whether shards were there and are gone
+  (a failure to remove them loses nothing: a rerun tries again).
+  """
+  root = pathlib.Path(output_dir) / m.path(SHARDS)
+  if not m.complete or m.shards_kept or m.metadata is None or not root.exists():
+    return False
+  shutil.rmtree(root, ignore_errors=True)
+  return not root.exists()
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -478,27 +553,42 @@ def _load_npy(path: pathlib.Path) -> np.ndarray:
   return a
 
 
-def _read_meta(out: pathlib.Path, m: Manifest, verify: bool) -> list[dict[str, np.ndarray]]:
-  metas = []
+def _read_npz(out: pathlib.Path, rel: str, want: Mapping[str, Any] | None, verify: bool
+              ) -> dict[str, np.ndarray]:
+  p = _file(out, rel, want, verify)
+  try:
+    with np.load(p, allow_pickle=False) as z:
+      return {c: z[c] for c in z.files}
+  except Exception as e:  # zip/format errors of a damaged file
+    raise StoreError(f"{out}: cannot read {rel} ({e})") from e
+
+
+def _read_meta(out: pathlib.Path, m: Manifest, verify: bool) -> dict[str, np.ndarray]:
+  """The row metadata: descriptors/meta.npz (format 3), else every shard's, joined."""
+  if m.metadata is not None:
+    e = m.metadata
+    meta = _read_npz(out, e.file, {"sha256": e.sha256, "bytes": e.bytes}, verify)
+    have = len(meta.get("row", ()))
+    if have != m.rows or e.rows != m.rows:
+      raise StoreError(f"{out}: {e.file} has {have} rows, the manifest says {m.rows} (and "
+                       f"{e.rows} for the file)")
+    return meta
+  metas = []  # formats 1 and 2, and --consolidate=false: the shards hold the metadata
   for s in m.shards:
     if not (out / s.dir).is_dir():
       raise StoreError(f"{out}: shard {s.dir} is listed in the manifest but missing")
-    p = _file(out, f"{s.dir}/meta.npz", s.files.get("meta.npz"), verify)
-    try:
-      with np.load(p, allow_pickle=False) as z:
-        meta = {c: z[c] for c in z.files}
-    except Exception as e:  # zip/format errors of a damaged file
-      raise StoreError(f"{out}: cannot read {s.dir}/meta.npz ({e})") from e
+    meta = _read_npz(out, f"{s.dir}/meta.npz", s.files.get("meta.npz"), verify)
     if len(meta.get("row", ())) != s.rows:
       raise StoreError(f"{out}: {s.dir}/meta.npz has {len(meta.get('row', ()))} rows, the "
                        f"manifest says {s.rows}")
     metas.append(meta)
-  return metas
+  cols = metas[0].keys() if metas else META_COLUMNS
+  return {c: np.concatenate([mt[c] for mt in metas]) if metas else np.zeros(0) for c in cols}
 
 
 def _read_array(out: pathlib.Path, m: Manifest, kind: str, verify: bool) -> np.ndarray:
   dim = m.dimensions.get(kind)
-  c = m.consolidated.get(kind)
+  c = m.consolidated.get(m.stored_kind(kind))
   if c is not None:
     want = {"sha256": c.sha256, "bytes": c.bytes}
     array = _load_npy(_file(out, c.file, want, verify, rows=m.rows))
@@ -518,6 +608,18 @@ def _read_array(out: pathlib.Path, m: Manifest, kind: str, verify: bool) -> np.n
   return array
 
 
+def verify_consolidated(output_dir: str | os.PathLike, m: Manifest) -> None:
+  """Checks every file of a generation's descriptors/ against its size and SHA-256.
+
+  Raises:
+    StoreError: naming the first file that is missing or differs.
+  """
+  out = pathlib.Path(output_dir)
+  for e in (*m.consolidated.values(), m.metadata, m.failures_file):
+    if e is not None:
+      _file(out, e.file, {"sha256": e.sha256, "bytes": e.bytes}, True)
+
+
 def open_index(output_dir: str | os.PathLike, kind: str = "fc_conv", *, verify: bool = False
                ) -> tuple[Manifest, np.ndarray, dict[str, np.ndarray]]:
   """(manifest, descriptors, metadata) of a finished extraction; see `load_descriptors`."""
@@ -530,13 +632,10 @@ def open_index(output_dir: str | os.PathLike, kind: str = "fc_conv", *, verify: 
   if kind not in m.settings.kinds:
     raise StoreError(f"{out}: kind {kind!r} was not extracted; available: "
                      f"{list(m.settings.kinds)}")
-  metas = _read_meta(out, m, verify)
+  meta = _read_meta(out, m, verify)
   array = _read_array(out, m, kind, verify)
   if verify:
     _check_finite(array, f"{out} ({kind})")
-  cols = metas[0].keys() if metas else META_COLUMNS
-  meta = {c: np.concatenate([mt[c] for mt in metas]) if metas else np.zeros(0)
-          for c in cols}
   return m, array, meta
 
 
@@ -548,9 +647,14 @@ def load_descriptors(output_dir: str | os.PathLike, kind: str = "fc_conv", *,
   manifest's "verified"); loading checks what is cheap: every listed file
   exists with its recorded size, row counts and shapes agree.
 
+  Reads every format the job has written: format 3 (descriptors/ with meta.npz and
+  kind aliases), and formats 1 and 2 (row metadata in the shards, kept beside the
+  arrays): no conversion is needed.
+
   Args:
     output_dir: a directory written by the extraction job.
-    kind: descriptor kind (fc, conv, fc_conv, mac, spoc; those the job extracted).
+    kind: descriptor kind (fc, conv, fc_conv, mac, spoc, gem; those the job
+      extracted). A kind stored as an alias of another returns that kind's array.
     verify: also recompute SHA-256 checksums and check every value is finite
       (reads the data once more; for copies of uncertain provenance).
 
@@ -571,10 +675,12 @@ def load_descriptors(output_dir: str | os.PathLike, kind: str = "fc_conv", *,
 def read_failures(output_dir: str | os.PathLike) -> list[tuple[str, str]]:
   """All (path, reason) failures of the current generation (finished or partial), in input order."""
   out = pathlib.Path(output_dir)
-  base = ""
-  if (out / MANIFEST).is_file():
-    base = load_manifest(out).base
-  where = "/".join(p for p in (base, SHARDS) if p)
+  m = load_manifest(out) if (out / MANIFEST).is_file() else None
+  if m is not None and m.complete and m.failures_file is not None:
+    f = m.failures_file
+    p = _file(out, f.file, {"sha256": f.sha256, "bytes": f.bytes}, False)
+    return [(key, reason) for key, reason, _ in read_failures_json(p)]
+  where = m.path(SHARDS) if m is not None else SHARDS
   result = []
   for k, _ in sorted(complete_shards(out, where).items()):
     result += [(key, reason) for key, reason, _ in
@@ -583,5 +689,6 @@ def read_failures(output_dir: str | os.PathLike) -> list[tuple[str, str]]:
 
 
 __all__ = ["StoreError", "ShardData", "load_descriptors", "open_index", "read_failures",
-           "read_manifest", "load_manifest", "write_manifest", "lock", "prepare", "write_shard",
-           "finalize", "complete_shards", "shard_pieces", "read_shard"]
+           "read_manifest", "load_manifest", "write_manifest", "lock", "DirLock", "prepare",
+           "write_shard", "finalize", "remove_shards", "verify_consolidated", "complete_shards",
+           "shard_pieces", "read_shard"]

@@ -195,8 +195,9 @@ def test_load_validates_the_manifest(folder, reference_run, tmp_path):
   src, _, _ = reference_run
   cases = {
       "checksum": lambda o: _flip_byte(o / "descriptors" / "fc_conv.npy"),
-      "missing shard": lambda o: shutil.rmtree(o / "shards" / "000002"),
-      "row count": lambda o: _edit_manifest(o, lambda m: m["shards"][0].update(rows=99)),
+      "missing metadata": lambda o: (o / "descriptors" / "meta.npz").unlink(),
+      "metadata row count": lambda o: _edit_manifest(o, lambda m: m.update(rows=99)),
+      "metadata digest": lambda o: _flip_byte(o / "descriptors" / "meta.npz"),
       "NaN": lambda o: _nan(o),
   }
   for name, damage in cases.items():
@@ -423,3 +424,72 @@ def test_fc_kinds_refused_on_weights_without_fc_layers():
     plan.check_kinds(("fc", "conv", "fc_conv"), bb, notop)
   plan.check_kinds(("conv", "mac", "spoc"), bb, notop)  # no error
   plan.check_kinds(desc.KINDS, bb, WeightsRecord(kind="random", name="random"))
+
+
+def test_default_kinds_follow_the_weights(folder, tmp_path):
+  """Without --kinds, weights lacking the FC layers give every other kind; asking for an FC
+  kind from them is refused before the output directory is touched."""
+  from cbir_jax import checkpoint
+  from cbir_jax import preprocessing as pp
+
+  root, paths, _ = folder
+  bb = backbones.get("vgg_tiny")
+  conv_only = {k: v for k, v in extract.random_params(bb, SIZE, 0).items()
+               if not k.startswith("fc")}
+  wdir = tmp_path / "notop"
+  checkpoint.save(wdir, conv_only, checkpoint.WeightsInfo("vgg_tiny", pp.TORCHVISION,
+                                                          has_fc=False))
+  cfg = extract.ExtractConfig(output=str(tmp_path / "out"), images=str(root), model="vgg_tiny",
+                              weights=str(wdir), image_size=SIZE, progress="none")
+  assert cfg.kinds == ()
+  extract.run(cfg, log=lambda m: None)
+  kinds = store.load_manifest(cfg.output).settings.kinds
+  assert kinds == tuple(k for k in desc.KINDS if k not in ("fc", "fc_conv"))
+  assert store.load_descriptors(cfg.output, "conv")[0].shape[0] == len(paths)
+  asked = dataclasses.replace(cfg, output=str(tmp_path / "asked"), kinds=("conv", "fc"))
+  with pytest.raises(extract.ExtractError, match="no FC layers"):
+    extract.run(asked, log=lambda m: None)
+  assert not pathlib.Path(asked.output).exists()
+
+
+def test_files_that_are_not_images_are_counted(tmp_path):
+  """Other files are not read: counted by extension in the summary and the manifest, and
+  outside the input's identity (another one coming changes no row)."""
+  root = tmp_path / "imgs"
+  paths = _photos(root, 4)
+  for name in ("notes.txt", "cats/readme.TXT", "dogs/IMG_1.heic"):
+    (root / name).write_text("not read")
+  cfg = extract.ExtractConfig(output=str(tmp_path / "out"), images=str(root), **COMMON)
+  s = extract.run(cfg, log=lambda m: None)
+  assert s.images == len(paths) and s.failed == 0
+  assert "4 images, 0 failed, skipped 3 files: .txt 2, .heic 1, in " in s.line()
+  assert store.load_manifest(cfg.output).input.skipped == {".heic": 1, ".txt": 2}
+  (root / "more.pdf").write_text("not read")
+  again = extract.run(cfg, log=lambda m: None)
+  assert again.complete and again.images == 0 and "skipped 4 files" in again.line()
+
+
+def test_decoding_options_settings_and_run_info(folder, tmp_path):
+  """draft and max_pixels change rows (settings, compared); num_threads does not (run info)."""
+  root, paths, bad = folder
+  base = dict(output=str(tmp_path / "t1"), images=str(root), kinds=("mac",), **COMMON)
+  one = extract.run(extract.ExtractConfig(num_threads=1, **base), log=lambda m: None)
+  m = store.load_manifest(base["output"])
+  assert m.settings.draft is True and m.settings.max_pixels == extract.decode.MAX_PIXELS
+  assert m.run["num_threads"] == 1 and one.images == len(paths)
+  again = extract.run(extract.ExtractConfig(num_threads=2, **base), log=lambda m: None)
+  assert again.complete and again.images == 0  # another thread count: nothing to redo
+  two = dict(base, output=str(tmp_path / "t2"))
+  extract.run(extract.ExtractConfig(num_threads=2, **two), log=lambda m: None)
+  np.testing.assert_array_equal(store.load_descriptors(base["output"], "mac")[0],
+                                store.load_descriptors(two["output"], "mac")[0])
+  for change, what in ((dict(draft=False), "draft"), (dict(max_pixels=10_000), "max_pixels")):
+    with pytest.raises(extract.ExtractError, match=f"other settings.*{what}"):
+      extract.run(extract.ExtractConfig(**{**base, **change}), log=lambda m: None)
+  # A pixel limit below the photos' sizes (24-48 px a side): those over it become failures.
+  small = dict(base, output=str(tmp_path / "limit"), max_pixels=40 * 40)
+  s = extract.run(extract.ExtractConfig(**small), log=lambda m: None)
+  over = [p for p in paths if np.prod(Image.open(p).size) > 40 * 40]
+  assert over and s.failed == len(bad) + len(over)
+  reasons = dict(store.read_failures(small["output"]))
+  assert all("pixels" in reasons[p] for p in over)

@@ -1,7 +1,8 @@
 """Finishing a job: assemble an update's shards, verify and consolidate, switch the manifest.
 
 Process 0 does it alone once every process has written its shards. The manifest switch is
-the last write: before it, readers see the previous complete generation; after it, the new one.
+the last write: before it, readers see the previous complete generation; after it, the new
+one (whose shards are then removed unless --keep_shards).
 """
 from __future__ import annotations
 
@@ -22,18 +23,17 @@ def run_info(config: Any, coord: Coordinator) -> dict[str, Any]:
   """How the job ran (not compared on reruns): platform, devices, threads."""
   import jax
 
-  from cbir_jax import runtime
+  from cbir_jax import input_pipeline, runtime
 
   devices = jax.devices()
   info = {"platform": jax.default_backend(),
           "device_kinds": sorted({d.device_kind for d in devices}),
           "devices": len(devices), "process_count": coord.process_count,
-          "batch_size": config.batch_size, "num_threads": config.num_threads,
+          "batch_size": config.batch_size,
+          "num_threads": config.num_threads or input_pipeline.default_threads(),
           "host": os.uname().nodename,
           "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-  platform_info = getattr(runtime, "platform_info", None)  # added by the input engine
-  if platform_info is not None:
-    info.update(platform_info())
+  info.update(runtime.platform_info())
   return info
 
 
@@ -61,8 +61,10 @@ def finish(plan: Plan, config: Any, coord: Coordinator, clock: Clock, summary: A
     summary.shards_written += upd.assemble(out, plan.update, m, plan.source, log,
                                            config.shard_size)
     clock.charge("assemble")
+  progress = consolidate.FinishProgress(config.progress, log)
   sealed = consolidate.seal(out, m, process_count=coord.process_count,
-                            consolidate=config.consolidate, log=log)
+                            consolidate=config.consolidate, keep_shards=config.keep_shards,
+                            progress=progress)
   report = plan.source.labels_report
   sealed = sealed.replace(run=run_info(config, coord),
                           labels=report.to_dict() if report is not None else {})
@@ -70,6 +72,10 @@ def finish(plan: Plan, config: Any, coord: Coordinator, clock: Clock, summary: A
   store.write_manifest(out, sealed)  # the switch
   if plan.update is not None:
     remove_other_generations(out, sealed.base)
+  removed = store.remove_shards(out, sealed)
+  progress.close(f"verified {len(sealed.shards)} shard(s)"
+                 + (f", wrote {sealed.path(store.CONSOLIDATED)}/" if sealed.metadata else "")
+                 + ("; shards removed (--keep_shards keeps them)" if removed else ""))
   clock.charge("finish")
 
 

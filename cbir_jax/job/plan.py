@@ -9,7 +9,7 @@ import dataclasses
 import math
 import pathlib
 import shutil
-from typing import IO, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -40,7 +40,7 @@ class Plan:
   batch_rows: int = 0  # rows per step on this process
   local_steps: int = 0
   global_steps: int = 0
-  lock: IO[str] | None = None
+  lock: store.DirLock | None = None
   done: bool = False  # the output is complete and up to date: nothing to do
 
   @property
@@ -71,6 +71,17 @@ def load_weights(config: Any, backbone: backbones.Backbone, image_size: int
     raise ExtractError(f"{e} (or pass --weights=random for random weights)") from None
 
 
+def resolve_kinds(kinds: tuple[str, ...] | None, backbone: backbones.Backbone,
+                  record: Any) -> tuple[str, ...]:
+  """The kinds to write: those asked for (checked against the weights), or when none are
+  asked every kind the weights can give (no FC kinds from weights without the FC layers)."""
+  if not kinds:
+    return tuple(k for k in desc.KINDS
+                 if record.has_fc_head is not False or k not in desc.FC_KINDS)
+  check_kinds(tuple(kinds), backbone, record)
+  return tuple(kinds)
+
+
 def check_kinds(kinds: tuple[str, ...], backbone: backbones.Backbone,
                 record: Any) -> None:
   """The one place where descriptor kinds are checked against the weights.
@@ -95,20 +106,33 @@ def _version() -> str:
 
 
 def new_manifest(config: Any, source: sources.Source, loaded: weights_lib.Loaded,
-                 backbone: backbones.Backbone, image_size: int) -> Manifest:
-  """The manifest of a first generation made with these settings."""
+                 backbone: backbones.Backbone, image_size: int, kinds: tuple[str, ...]
+                 ) -> Manifest:
+  """The manifest of a first generation made with these settings (`kinds` resolved)."""
   dcfg = desc.DescriptorConfig(config.threshold, config.relative, config.masks)
-  kinds = tuple(config.kinds)
   settings = Settings(
       backbone=config.model, weights=loaded.record.identity(),
       preprocessing=loaded.preprocessing.to_dict(), descriptor=dcfg.to_dict(),
       image_size=image_size, kinds=kinds, dtype=config.dtype, output_dtype=config.output_dtype,
-      draft=config.draft, shard_size=config.shard_size, package_version=_version())
+      draft=config.draft, shard_size=config.shard_size, package_version=_version(),
+      max_pixels=config.max_pixels)
   dims = desc.dimensions(backbone.block_channels, backbone.fc_dim)
   return Manifest(settings=settings, weights=loaded.record,
                   input=source.input_record(store.RECORDS),
                   num_shards=math.ceil(source.num_records / config.shard_size),
                   dimensions={k: int(dims[k]) for k in kinds})
+
+
+def report_platform(log: Callable[[str], None], *, warn: bool) -> None:
+  """One line: the platform and devices this process runs on; with `warn`, another when an
+  NVIDIA GPU is visible but JAX runs on the CPU (launchers warn for single-process jobs
+  before JAX starts; processes of a multi-process job only know once it has)."""
+  from cbir_jax import runtime
+
+  info = runtime.platform_info()
+  log(runtime.PlatformInfo.from_dict(info).line())
+  if warn:
+    runtime.warn_if_gpu_unused(log, backend=info["backend"])
 
 
 def plan_job(config: Any, coord: Coordinator, log: Callable[[str], None]) -> Plan:
@@ -117,12 +141,13 @@ def plan_job(config: Any, coord: Coordinator, log: Callable[[str], None]) -> Pla
   Raises:
     ExtractError: any refusal (this process' or another's).
   """
+  report_platform(log, warn=coord.process_count > 1)
   backbone = backbones.get(config.model)
   image_size = config.image_size or backbone.image_size
   source = open_source(config)
   loaded = load_weights(config, backbone, image_size)
-  check_kinds(tuple(config.kinds), backbone, loaded.record)
-  target = new_manifest(config, source, loaded, backbone, image_size)
+  kinds = resolve_kinds(config.kinds, backbone, loaded.record)
+  target = new_manifest(config, source, loaded, backbone, image_size, kinds)
   coord.agree(settings=target.settings.digest(), weights=loaded.record.params_sha256,
               input=target.input.identity_sha256)
   out = pathlib.Path(config.output)
@@ -165,7 +190,7 @@ def _lay_out_steps(plan: Plan, config: Any, coord: Coordinator, log: Callable[[s
         f"{plan.batch_rows} images (batch_size x local devices): most of every step is padding")
 
 
-def _lock(out: pathlib.Path, pid: int) -> IO[str]:
+def _lock(out: pathlib.Path, pid: int) -> store.DirLock:
   try:
     out.mkdir(parents=True, exist_ok=True)
   except OSError as e:
@@ -198,6 +223,7 @@ def prepare(out: pathlib.Path, target: Manifest, source: sources.Source, *, upda
   if _same_input(old, target):
     if write:
       remove_other_generations(out, old.base)
+      store.remove_shards(out, old)  # a removal that a kill cut short
     return old, None, old.complete
   old_ids = _old_identities(out, old)
   if not update:
@@ -249,11 +275,12 @@ def _prepare_update(out: pathlib.Path, old: Manifest, old_ids: ident.RecordIdent
   build = out / base
   if (build / store.MANIFEST).exists():
     started = store.load_manifest(build)
-    if started.settings.digest() == target.settings.digest() and started.input == target.input:
+    if (started.settings.digest() == target.settings.digest()
+        and started.input.same_records(target.input)):
       target = started  # an interrupted update of this same input: continue it
     elif write:
       shutil.rmtree(build)  # an update of another input, never switched to: start over
-  plan = upd.plan_update(out, old, old_ids, source)
+  plan = upd.plan_update(out, old, old_ids, source, verify=write)
   target = target.replace(update=plan.report)
   if write:
     remove_other_generations(out, old.base, keep=(base,))
@@ -292,6 +319,8 @@ def my_units(plan: Plan, shard_size: int, coord: Coordinator) -> tuple[list[Unit
   count = math.ceil(len(positions) / shard_size)
   per = math.ceil(count / coord.process_count)
   mine = range(coord.process_index * per, min((coord.process_index + 1) * per, count))
+  if plan.done:  # complete (its shards may be removed): nothing to look at
+    return [], len(mine)
   done = store.complete_shards(plan.out, where)
   pieces = store.shard_pieces(plan.out, where)
   units, skipped = [], 0
@@ -312,4 +341,5 @@ def my_units(plan: Plan, shard_size: int, coord: Coordinator) -> tuple[list[Unit
 
 
 __all__ = ["Plan", "changed_input_message", "check_kinds", "load_weights", "my_units",
-           "new_manifest", "open_source", "plan_job", "prepare", "remove_other_generations"]
+           "new_manifest", "open_source", "plan_job", "prepare", "remove_other_generations",
+           "report_platform", "resolve_kinds"]

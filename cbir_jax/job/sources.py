@@ -5,6 +5,7 @@ so a job can read whole shards, the rest of a stopped shard, or only an update's
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 from typing import Any, Iterator
@@ -31,6 +32,7 @@ class Source:
       TFDS, whose labels come with the data.
     real_keys: whether `keys` name records exactly (a batch's own keys are checked
       against them); False for TFDS datasets whose ids cannot be listed ahead.
+    skipped: files of a folder not read (not images), by extension.
   """
   type: str
   root: str
@@ -45,6 +47,7 @@ class Source:
   content_digest: bool = False
   real_keys: bool = True
   tfds: Any = None
+  skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
   @property
   def num_records(self) -> int:
@@ -58,7 +61,12 @@ class Source:
     return InputRecord(type=self.type, root=self.root, num_records=self.num_records,
                        identity_sha256=self.identity_digest(), records_file=records_file,
                        spec=self.spec, content_digest=self.content_digest,
-                       labels_sha256=self.labels_sha256)
+                       labels_sha256=self.labels_sha256,
+                       skipped=dict(sorted(self.skipped.items())))
+
+  def skipped_line(self) -> str:
+    """"skipped 3 files: .txt 2, .heic 1", or "" when every file was read."""
+    return input_pipeline.format_skipped(self.skipped)
 
   def label_name(self, label: int) -> str:
     names = self.tfds.label_names if self.tfds is not None else ()
@@ -95,35 +103,37 @@ class Source:
     return ("row", "path", "label", "label_name", "width", "height", *self.extra)
 
   def batches(self, positions: np.ndarray, *, batch_size: int, image_size: int,
-              num_threads: int | None, draft: bool) -> Iterator[input_pipeline.Batch]:
+              num_threads: int | None, draft: bool, max_pixels: int = input_pipeline.MAX_PIXELS
+              ) -> Iterator[input_pipeline.Batch]:
     """Fixed-size batches of the records at `positions` (-1: a padding row)."""
     if not len(positions):
       return iter(())
+    opts = dict(image_size=image_size, batch_size=batch_size, num_threads=num_threads,
+                draft=draft, max_pixels=max_pixels)
     if self.tfds is not None:
       from cbir_jax import tfds_input
-      return tfds_input.position_batches(self.tfds, positions, image_size=image_size,
-                                         batch_size=batch_size, num_threads=num_threads,
-                                         draft=draft)
-    return input_pipeline.positions_batches(self.keys, positions, image_size=image_size,
-                                            batch_size=batch_size, num_threads=num_threads,
-                                            draft=draft)
+      return tfds_input.position_batches(self.tfds, positions, **opts)
+    return input_pipeline.positions_batches(self.keys, positions, **opts)
 
 
 def folder_source(root: str, labels_csv: str | None, *, content_digest: bool = False) -> Source:
   """Every image under `root`, sorted, with identities and (folder or CSV) labels."""
   root = os.path.abspath(root)  # stored paths stay valid from any working directory
   try:
-    records = input_pipeline.folder_records(root)
+    listing = input_pipeline.list_folder(root)
   except FileNotFoundError as e:
     raise ExtractError(str(e)) from None
+  records = listing.records
   if not records:
-    raise ExtractError(f"no images found under {root} (extensions: "
-                       f"{', '.join(sorted(input_pipeline.IMAGE_EXTENSIONS))})")
+    other = input_pipeline.format_skipped(listing.skipped)
+    raise ExtractError(f"no images found under {root} ({other or 'no files'}; image "
+                       f"extensions: {', '.join(sorted(input_pipeline.IMAGE_EXTENSIONS))})")
   keys = [r.key for r in records]
   src = Source(type="folder", root=root, keys=keys,
                identities=ident.folder_identities(root, keys, content_digest=content_digest),
                labels=np.array([r.label for r in records], np.int64),
-               label_names=[r.label_name for r in records], content_digest=content_digest)
+               label_names=[r.label_name for r in records], content_digest=content_digest,
+               skipped=listing.skipped)
   if labels_csv:
     lab = labels_from_csv(labels_csv, keys, root)
     src.labels, src.label_names, src.extra = lab.labels, lab.names, lab.extra

@@ -22,15 +22,6 @@ from cbir_jax.job.plan import Plan
 STEP_DELAY_ENV = "CBIR_JAX_TEST_STEP_DELAY_S"
 
 
-def padding_batch(batch_size: int, image_size: int) -> input_pipeline.Batch:
-  """A batch of padding rows only (valid=False), for steps past this process' records."""
-  z = np.zeros(batch_size, np.int32)
-  return input_pipeline.Batch(images=np.zeros((batch_size, image_size, image_size, 3), np.uint8),
-                              index=np.full(batch_size, -1, np.int64), width=z, height=z,
-                              ok=np.zeros(batch_size, bool), valid=np.zeros(batch_size, bool),
-                              error=[""] * batch_size)
-
-
 def write_finished(out: Any, f: rows_lib.Finished, kinds: tuple[str, ...], pid: int) -> None:
   """Writes a finished shard, or the finished part of a stopped one, joined to its earlier part."""
   arrays, meta, failures = f.arrays, f.meta, f.failures
@@ -93,7 +84,7 @@ class StepRunner:
     positions = plan.positions()
     batches = plan.source.batches(positions, batch_size=plan.batch_rows,
                                   image_size=plan.image_size, num_threads=config.num_threads,
-                                  draft=config.draft)
+                                  draft=config.draft, max_pixels=config.max_pixels)
     progress = Progress(int(np.count_nonzero(positions >= 0)), config.progress,
                         config.log_every_s, self.log)
     delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
@@ -102,7 +93,7 @@ class StepRunner:
     with StopFlag(self.log) as stop:
       for step in range(plan.global_steps):
         batch = (next(batches) if step < plan.local_steps
-                 else padding_batch(plan.batch_rows, plan.image_size))
+                 else input_pipeline.Batch.padding(plan.batch_rows, plan.image_size))
         self.clock.charge("input")
         if delay:
           time.sleep(delay)
@@ -150,4 +141,4 @@ def _close(batches: Any) -> None:
     close()
 
 
-__all__ = ["StepRunner", "padding_batch", "write_finished"]
+__all__ = ["StepRunner", "write_finished"]

@@ -34,11 +34,39 @@ class RowIndex:
 
 def row_index(out: pathlib.Path, where: str, num_records: int) -> RowIndex:
   """Indexes the complete shards in `out/where` (rows by record position)."""
+  return _index_folders(out, [f"{where}/{store.shard_name(k)}" for k in
+                              sorted(store.complete_shards(out, where))], num_records)
+
+
+def generation_rows(out: pathlib.Path, m: Manifest, num_records: int, *,
+                    verify: bool = False) -> RowIndex:
+  """Where the rows of a generation are: its descriptors/ folder (format 3, complete: one
+  folder laid out like a shard, kept when the shards are removed), else its shards.
+
+  Args:
+    verify: check descriptors/ against its digests first (reused rows are copied into the
+      next generation as they are, so an update checks them once, when it plans).
+
+  Raises:
+    ExtractError: descriptors/ cannot be read, or (verify) does not match its digests.
+  """
+  if m.complete and m.metadata is not None and m.failures_file is not None:
+    try:
+      if verify:
+        store.verify_consolidated(out, m)
+      return _index_folders(out, [m.path(store.CONSOLIDATED)], num_records)
+    except (OSError, ValueError, KeyError) as e:  # StoreError included
+      raise ExtractError(f"cannot reuse the rows of the previous output: {e}; write to "
+                         "another --output, or delete the directory to start over") from None
+  return row_index(out, m.path(store.SHARDS), num_records)
+
+
+def _index_folders(out: pathlib.Path, folders: Sequence[str], num_records: int) -> RowIndex:
+  """Indexes folders holding meta.npz, failures.json and <kind>.npy (shards, descriptors/)."""
   dirs, failures = [], {}
   shard_of = np.full(num_records, -1, np.int32)
   row_of = np.full(num_records, -1, np.int64)
-  for k, _ in sorted(store.complete_shards(out, where).items()):
-    d = f"{where}/{store.shard_name(k)}"
+  for d in folders:
     with np.load(out / d / "meta.npz", allow_pickle=False) as z:
       rows = z["row"].astype(np.int64)
     fails = store.read_failures_json(out / d / "failures.json")
@@ -62,10 +90,13 @@ class UpdatePlan:
 
 
 def plan_update(out: pathlib.Path, old: Manifest, old_ids: ident.RecordIdentities,
-                source: Source) -> UpdatePlan:
-  """Compares identities; unchanged records whose rows (or failures) exist are reused."""
+                source: Source, *, verify: bool = False) -> UpdatePlan:
+  """Compares identities; unchanged records whose rows (or failures) exist are reused.
+
+  `verify`: check the previous generation's descriptors/ (the process that writes does).
+  """
   diff = ident.compare(old_ids, source.identities)
-  have = row_index(out, old.path(store.SHARDS), len(old_ids))
+  have = generation_rows(out, old, len(old_ids), verify=verify)
   reused_from = np.full(source.num_records, -1, np.int64)
   ok = have.has(diff.kept_old)
   reused_from[diff.kept_new[ok]] = diff.kept_old[ok]
@@ -82,10 +113,15 @@ def plan_update(out: pathlib.Path, old: Manifest, old_ids: ident.RecordIdentitie
 
 
 class _ShardCache:
-  """Recently used shards' metadata and memory-mapped arrays (assembly reads them in order)."""
+  """Recently used shards' metadata and memory-mapped arrays (assembly reads them in order).
 
-  def __init__(self, out: pathlib.Path, size: int = 4):
-    self.out, self.size = out, size
+  `aliases` (the previous generation's) name the file of a kind a descriptors/ folder
+  stores once; shards hold a file per kind.
+  """
+
+  def __init__(self, out: pathlib.Path, aliases: Mapping[str, str] | None = None,
+               size: int = 4):
+    self.out, self.size, self.aliases = out, size, dict(aliases or {})
     self._items: collections.OrderedDict = collections.OrderedDict()
 
   def get(self, d: str) -> dict:
@@ -100,8 +136,10 @@ class _ShardCache:
   def array(self, d: str, kind: str) -> np.ndarray:
     item = self.get(d)
     if kind not in item["arrays"]:
-      item["arrays"][kind] = np.load(self.out / d / f"{kind}.npy", mmap_mode="r",
-                                     allow_pickle=False)
+      path = self.out / d / f"{kind}.npy"
+      if not path.exists() and kind in self.aliases:
+        path = self.out / d / f"{self.aliases[kind]}.npy"
+      item["arrays"][kind] = np.load(path, mmap_mode="r", allow_pickle=False)
     return item["arrays"][kind]
 
 
@@ -176,11 +214,11 @@ def assemble(out: pathlib.Path, plan: UpdatePlan, new: Manifest, source: Source,
              log: Callable[[str], None], shard_size: int) -> int:
   """Writes the new generation's shards (skipping complete ones); returns how many it wrote."""
   kinds = list(new.settings.kinds)
-  old = row_index(out, plan.old.path(store.SHARDS), plan.old.num_records)
+  old = generation_rows(out, plan.old, plan.old.num_records)
   delta = row_index(out, new.path(store.DELTA), source.num_records)
   where = new.path(store.SHARDS)
   done = store.complete_shards(out, where)
-  cache, written = _ShardCache(out), 0
+  cache, written = _ShardCache(out, plan.old.aliases), 0
   for k in range(new.num_shards):
     positions = np.arange(k * shard_size, min((k + 1) * shard_size, source.num_records))
     digest = store.positions_sha256(positions)
@@ -198,4 +236,5 @@ def assemble(out: pathlib.Path, plan: UpdatePlan, new: Manifest, source: Source,
   return written
 
 
-__all__ = ["RowIndex", "UpdatePlan", "assemble", "plan_update", "row_index"]
+__all__ = ["RowIndex", "UpdatePlan", "assemble", "generation_rows", "plan_update",
+           "row_index"]

@@ -70,7 +70,7 @@ def job_command(images, output, weights, *extra: str) -> list[str]:
   return [sys.executable, str(repo / "launch" / "extract.py"), f"--images={images}",
           f"--output={output}", f"--model={TINY_MODEL}", f"--weights={weights}",
           f"--image_size={TINY_SIZE}", "--shard_size=20", "--batch_size=2", "--num_threads=2",
-          "--progress=log", "--log_every_s=2", *extra]
+          "--draft", "--progress=log", "--log_every_s=2", *extra]  # --draft: the config default
 
 
 NUM_IMAGES = 300  # the kill-and-resume collection: 15 shards of 20

@@ -84,7 +84,8 @@ def _unfinished(out: pathlib.Path, keep: int) -> None:
     if int(d.name) >= keep:
       shutil.rmtree(d)
   shutil.rmtree(out / store.CONSOLIDATED, ignore_errors=True)
-  m.update(status="running", shards=[], consolidated={})
+  m.update(status="running", shards=[], consolidated={}, aliases={}, metadata=None,
+           failures_file=None)
   (out / store.MANIFEST).write_text(json.dumps(m))
 
 
@@ -95,7 +96,7 @@ def small(tmp_path_factory, tiny_weights):
   images = root / "imgs"
   write_small_images(images, N, seed=7)
   out = root / "out"
-  _run(images, out, tiny_weights)
+  _run(images, out, tiny_weights, keep_shards=True)  # tests stage unfinished jobs from them
   return images, out
 
 
@@ -200,6 +201,7 @@ def test_update_after_adding_removing_and_replacing_photos(shared_data, tiny_wei
     shutil.copy(p, images / p.name)
   out = tmp_path / "out"
   _run(images, out, tiny_weights)
+  assert not (out / store.SHARDS).exists()  # the update reuses rows from descriptors/
   for p in photos[120:130]:
     shutil.copy(p, images / p.name)
   for p in photos[:5]:
@@ -282,7 +284,7 @@ def test_stale_failure_files_of_another_process_count(small, tiny_weights, tmp_p
   images = _copy(small[0], tmp_path / "imgs")
   (images / "a" / "broken.png").write_bytes(b"not a png")
   out = tmp_path / "out"
-  _run(images, out, tiny_weights)
+  _run(images, out, tiny_weights, keep_shards=True)
   _unfinished(out, keep=1)
   for p in (1, 3):  # what processes 1 and 3 of an earlier run left
     (out / f"failures-{p}.tsv").write_text("path\treason\n/x/old.png\tstale\n" * 4)
@@ -478,3 +480,33 @@ def test_update_interrupted_keeps_the_previous_output(small, tiny_weights, tmp_p
                             "previous output readable after the kill and the failed switch; "
                             "reruns continued the same update"))
   assert ok, (old_ok, still_old, s, leftovers)
+
+
+def test_update_refuses_damaged_descriptors(small, tiny_weights, tmp_path, hostile):
+  """descriptors/ damaged on disk (a flipped byte, same size) before --update on an output
+  whose shards were removed: its rows are not copied into the next generation; the update
+  stops before reading any image, naming the file, and the previous output is untouched."""
+  name = "--update on an output whose descriptors/ were damaged after the job"
+  hostile.declare(name)
+  images = _copy(small[0], tmp_path / "imgs")
+  out = tmp_path / "out"
+  _run(images, out, tiny_weights)
+  victim = out / store.CONSOLIDATED / "conv.npy"
+  data = bytearray(victim.read_bytes())
+  data[-3] ^= 0x10
+  victim.write_bytes(bytes(data))
+  write_small_images(tmp_path / "more", 4, seed=12)
+  for p in (tmp_path / "more").rglob("*.png"):
+    shutil.copy(p, images / p.parent.name / f"more_{p.name}")
+  snapshot = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+  lines = []
+  try:
+    _run(images, out, tiny_weights, update=True, log=lines.append)
+    ok, how = False, "accepted"
+  except extract.ExtractError as e:
+    now = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    ok = ("conv.npy" in str(e) and "SHA-256" in str(e) and now == snapshot
+          and not list(out.glob("gen-*")))
+    how = f"refused before reading an image: {str(e)[:160]}"
+  hostile.check(name, ok, how)
+  assert ok, (how, lines)

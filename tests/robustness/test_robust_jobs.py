@@ -194,8 +194,9 @@ def test_kill_and_resume(many_images, tiny_weights, baseline, tmp_path, hostile)
   lost, duplicated, problems = compare_with_baseline(out, baseline)
   hostile.rows(lost=lost, duplicated=duplicated)
   assert (lost, duplicated, problems) == (0, 0, [])
-  assert not [p for p in (out / store.SHARDS).iterdir() if p.name.startswith(".tmp")]
-  assert len(verify_complete_shards(out)) == NUM_IMAGES // 20
+  # Finished: the verified descriptors/ hold every row, so the shards and the lock file went.
+  assert not (out / store.SHARDS).exists() and not list(out.glob(".lock-*"))
+  assert len(store.read_manifest(out)["shards"]) == NUM_IMAGES // 20
 
 
 def test_rerun_with_other_settings_is_refused(many_images, tiny_weights, baseline, tmp_path,
@@ -291,13 +292,13 @@ def test_file_deleted_between_listing_and_reading(tiny_weights, tmp_path, hostil
   folder = tmp_path / "imgs"
   paths = write_small_images(folder, 12)
   victim = paths[5]
-  real = input_pipeline.folder_records
+  real = input_pipeline.list_folder
 
   def list_then_delete(root):
-    records = real(root)
+    listing = real(root)
     os.remove(victim)
-    return records
-  monkeypatch.setattr(input_pipeline, "folder_records", list_then_delete)
+    return listing
+  monkeypatch.setattr(input_pipeline, "list_folder", list_then_delete)
   out = tmp_path / "out"
   summary = extract.run(job_config(folder, out, tiny_weights), log=_quiet)
   _, meta = store.load_descriptors(out, "fc")
@@ -465,7 +466,8 @@ def _unfinished_copy(baseline, dest: pathlib.Path, keep: int) -> pathlib.Path:
   for f in dest.glob("failures-*.tsv"):
     f.unlink()
   m = json.loads((dest / store.MANIFEST).read_text())
-  m.update(status="running", shards=[], consolidated={})
+  m.update(status="running", shards=[], consolidated={}, aliases={}, metadata=None,
+           failures_file=None)
   (dest / store.MANIFEST).write_text(json.dumps(m))
   return dest
 
@@ -484,7 +486,9 @@ def test_leftovers_of_a_killed_shard_write(many_images, tiny_weights, baseline, 
   summary = extract.run(job_config(many_images[0], out, tiny_weights), log=_quiet)
   lost, duplicated, problems = compare_with_baseline(out, baseline)
   hostile.rows(lost=lost, duplicated=duplicated)
-  leftovers = [p.name for p in (out / store.SHARDS).iterdir() if not p.name.isdigit()]
+  # Finished: shards/ goes, and with it every leftover (a stray would keep it alive).
+  leftovers = [p.name for p in out.rglob("*") if p.name.startswith(".tmp")
+               or p.parent.name == store.SHARDS]
   ok = (lost, duplicated, problems, leftovers) == (0, 0, [], []) and summary.shards_skipped == 5
   hostile.check("leftovers of a shard write cut short (temp dir, shard without shard.json)", ok,
                 f"cleaned up; rerun wrote {summary.shards_written} shards, skipped "
@@ -602,6 +606,40 @@ def test_killed_while_consolidating(many_images, tiny_weights, baseline, tmp_pat
   hostile.check("killed while consolidating the shards", ok,
                 "rerun wrote no shard, rebuilt the arrays; output equals the uninterrupted run")
   assert ok, (lost, duplicated, problems, summary)
+
+
+def test_killed_while_removing_the_shards(many_images, tiny_weights, baseline, tmp_path,
+                                         hostile, monkeypatch):
+  """Killed after the manifest switch, half-way through removing the shards: the output
+  already loads from descriptors/, and the rerun finishes the removal and rewrites nothing."""
+  name = "killed while removing the shards after a verified consolidation"
+  hostile.declare(name)
+  out = _unfinished_copy(baseline, tmp_path / "out", keep=NUM_IMAGES // 20)
+  real_rmtree = shutil.rmtree
+
+  def killed_half_way(path, *a, **kw):
+    shards = sorted(pathlib.Path(path).iterdir())
+    for d in shards[:len(shards) // 2]:
+      real_rmtree(d)
+    raise KeyboardInterrupt  # stands for SIGKILL: nothing after this line runs
+
+  monkeypatch.setattr(store.shutil, "rmtree", killed_half_way)
+  with pytest.raises(KeyboardInterrupt):
+    extract.run(job_config(many_images[0], out, tiny_weights), log=_quiet)
+  monkeypatch.undo()
+  left = len(list((out / store.SHARDS).iterdir()))
+  lost, duplicated, problems = compare_with_baseline(out, baseline)  # loads meanwhile
+  before = {p: p.stat().st_mtime_ns for p in (out / store.CONSOLIDATED).iterdir()}
+  summary = extract.run(job_config(many_images[0], out, tiny_weights), log=_quiet)
+  after = {p: p.stat().st_mtime_ns for p in (out / store.CONSOLIDATED).iterdir()}
+  lost2, duplicated2, problems2 = compare_with_baseline(out, baseline)
+  hostile.rows(lost=lost + lost2, duplicated=duplicated + duplicated2)
+  ok = (0 < left < NUM_IMAGES // 20 and (lost, duplicated, problems) == (0, 0, [])
+        and summary.complete and summary.images == 0 and before == after
+        and not (out / store.SHARDS).exists() and (lost2, duplicated2, problems2) == (0, 0, []))
+  hostile.check(name, ok, f"{left} shards left by the kill; the output loaded meanwhile; the "
+                "rerun removed them and rewrote nothing")
+  assert ok, (left, problems, problems2, summary)
 
 
 @pytest.mark.parametrize("name,data,pattern", [

@@ -29,13 +29,15 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def indexes(baseline, tmp_path_factory):
-  """The suite's finished extraction (300 rows, shards of 20), as written (descriptors
-  consolidated into one array per kind) and as a job with --noconsolidate leaves it."""
+  """The suite's finished extraction (300 rows, shards of 20), as written (descriptors/:
+  one array per distinct kind, meta.npz, failures.json) and as a job with --noconsolidate
+  leaves it (rows and metadata in the shards only)."""
   base = tmp_path_factory.mktemp("index")
   out = {"consolidated": baseline[0], "shards": base / "shards"}
   shutil.copytree(baseline[0], out["shards"])
   shutil.rmtree(out["shards"] / store.CONSOLIDATED)
-  _edit_manifest(out["shards"], lambda m: m.update(consolidated={}))
+  _edit_manifest(out["shards"], lambda m: m.update(consolidated={}, aliases={}, metadata=None,
+                                                   failures_file=None, shards_kept=True))
   return out
 
 
@@ -92,6 +94,22 @@ def meta_changed(d):
   np.savez(p, **cols)
 
 
+def consolidated_meta_missing(d):
+  (d / "descriptors" / "meta.npz").unlink()
+
+
+def consolidated_meta_changed(d):
+  p = d / "descriptors" / "meta.npz"
+  with np.load(p) as z:
+    cols = {c: z[c] for c in z.files}
+  cols["label"] = 1 - cols["label"]
+  np.savez_compressed(p, **cols)
+
+
+def consolidated_meta_rows(d):
+  _edit_manifest(d, lambda m: m["metadata"].update(rows=m["metadata"]["rows"] + 1))
+
+
 def consolidated_changed(d):
   _set_npy(d / "descriptors" / "fc_conv.npy", lambda a: (a.__setitem__((3, 0), a[3, 0] + 1), a)[1])
 
@@ -131,12 +149,19 @@ class Damage:
 
 
 DAMAGES = [
-    Damage("index: manifest lists a shard that is missing", "consolidated", missing_shard,
+    # Shards hold the rows only without consolidation (formats 1-2, --noconsolidate).
+    Damage("index: manifest lists a shard that is missing", "shards", missing_shard,
            r"000001.*missing", search=True),
-    Damage("index: manifest row count differs from the shard", "consolidated", wrong_row_count,
+    Damage("index: manifest row count differs from the shard", "shards", wrong_row_count,
            r"000001.*rows.*manifest says"),
-    Damage("index: shard metadata does not match its checksum", "consolidated", meta_changed,
+    Damage("index: shard metadata does not match its checksum", "shards", meta_changed,
            r"000001/meta\.npz.*SHA-256"),
+    Damage("index: row metadata file (descriptors/meta.npz) missing", "consolidated",
+           consolidated_meta_missing, r"descriptors/meta\.npz.*missing", search=True),
+    Damage("index: row metadata changed (labels), same columns", "consolidated",
+           consolidated_meta_changed, r"descriptors/meta\.npz.*(SHA-256|bytes)"),
+    Damage("index: manifest row count differs from the row metadata", "consolidated",
+           consolidated_meta_rows, r"rows"),
     # Checksums are verified when the job finishes; loading checks them again only when
     # asked (verify=True), so the launchers (which do not ask yet) are not run on this one.
     Damage("index: descriptor file does not match its checksum", "consolidated",
