@@ -177,8 +177,8 @@ class _Base:
   process_index: int = 0
   process_count: int = 1
 
-  def __init__(self, hint: str):
-    self.hint = hint
+  def __init__(self, program: str, hint: str):
+    self.program, self.hint = program, hint
     self._stop_reason: str | None = None
     self._stop_local = False
 
@@ -199,6 +199,14 @@ class _Base:
     """Returns once every process has called `barrier(name)`."""
     self.gather(f"barrier:{name}", "")
 
+  def decide_stop(self, finished: bool) -> str | None:
+    """The decision point after the step loop, which every process reaches, whether it
+    finished its steps or stopped early: None when every process finished, else why the
+    job stops, the same on every process."""
+    mine = "" if finished else (self.stop_reason or f"process {self.process_index} stopped")
+    reasons = [r for r in self.gather("decide stop", mine) if r]
+    return reasons[0] if reasons else None
+
   def agree(self, fields: Mapping[str, str | bytes]) -> None:
     """Raises Disagreement, on every process, unless all processes passed equal fields.
 
@@ -214,8 +222,8 @@ class _Base:
 class LocalCluster(_Base):
   """A job of one process: the same calls, no coordinator."""
 
-  def __init__(self, hint: str = ""):
-    super().__init__(hint)
+  def __init__(self, program: str = "cbir_jax", hint: str = ""):
+    super().__init__(program, hint)
 
   def gather(self, name: str, value: str) -> list[str]:
     return [value]
@@ -225,6 +233,12 @@ class LocalCluster(_Base):
 
   def shutdown(self) -> None:
     pass
+
+  def abort(self, message: str, code: int = EXIT_ERROR) -> NoReturn:
+    """Ends the process with one line (SystemExit, so that exit hooks run)."""
+    kind = "error: " if code != EXIT_INTERRUPTED else ""
+    print(f"{self.program}: {kind}{message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
 
 
 class Cluster(_Base):
@@ -240,9 +254,9 @@ class Cluster(_Base):
                address: str, timeouts: Timeouts, program: str, hint: str,
                coordinator: _coordinator.Link | None = None,
                exit_fn: Callable[[int], NoReturn] = os._exit):
-    super().__init__(hint)
+    super().__init__(program, hint)
     self.process_index, self.process_count, self.job = process_index, process_count, job
-    self.address, self.timeouts, self.program = address, timeouts, program
+    self.address, self.timeouts = address, timeouts
     self._client, self._coordinator, self._exit = client, coordinator, exit_fn
     self._ns = f"cbir_jax/{job or 'adopted'}"
     self._seq = 0
@@ -493,14 +507,14 @@ def initialize(job: str, *, coordinator_address: str | None = None,
                    hint=hint, exit_fn=exit_fn)
   explicit = (coordinator_address, num_processes, process_id)
   if not auto_detect and all(v is None for v in explicit):
-    return LocalCluster(hint)
+    return LocalCluster(program, hint)
   if None in explicit:
     coordinator_address, num_processes, process_id = _detect(*explicit, timeouts)
   n, pid = int(num_processes), int(process_id)
   if not 0 <= pid < n:
     raise DistributedError(f"process_id must be in [0, {n}), got {pid}")
   if n == 1:
-    return LocalCluster(hint)
+    return LocalCluster(program, hint)
   try:
     _coordinator.split_address(coordinator_address)
   except ValueError as e:

@@ -295,6 +295,19 @@ def test_gather_and_agree_across_processes():
     _close(cs)
 
 
+def test_decide_stop_gives_every_process_the_same_reason():
+  kv = FakeKV()
+  cs, _ = _clusters(kv, 3)
+  try:
+    out, err = _in_threads([lambda c=c: c.decide_stop(True) for c in cs])
+    assert err == [None] * 3 and out == [None] * 3
+    cs[2]._stop_reason = "SIGTERM to process 2"  # as its signal handler would set it
+    out, err = _in_threads([lambda c=c: c.decide_stop(c.process_index == 0) for c in cs])
+    assert err == [None] * 3 and out == ["process 1 stopped"] * 3
+  finally:
+    _close(cs)
+
+
 def test_a_stop_request_reaches_every_process():
   kv = FakeKV()
   cs, codes = _clusters(kv, 2)
@@ -342,7 +355,7 @@ def test_abort_tells_the_others_why_and_with_which_code(capsys):
 # --- one process ---------------------------------------------------------------------------
 
 
-def test_local_cluster_has_the_same_calls():
+def test_local_cluster_has_the_same_calls(capsys):
   c = distributed.initialize("/out")
   assert isinstance(c, distributed.LocalCluster)
   assert c.gather("x", "v") == ["v"]
@@ -354,7 +367,11 @@ def test_local_cluster_has_the_same_calls():
   c.request_stop("second")
   assert c.stop_reason == "SIGINT to process 0"
   c.check()
+  assert c.decide_stop(False) == "SIGINT to process 0" and c.decide_stop(True) is None
   c.shutdown()
+  with pytest.raises(SystemExit) as e:
+    distributed.LocalCluster("t").abort("disk full")
+  assert e.value.code == 1 and capsys.readouterr().err == "t: error: disk full\n"
   one = distributed.initialize("/out", coordinator_address="127.0.0.1:1", num_processes=1,
                                process_id=0)
   assert isinstance(one, distributed.LocalCluster)

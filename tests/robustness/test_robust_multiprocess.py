@@ -107,12 +107,19 @@ def _one_line(p: Proc, *must: str) -> tuple[bool, str]:
 LONG = ("--steps=100000", "--step_delay_s=0.02")
 
 
-@pytest.mark.parametrize("victim", [1, 0])
-def test_sigterm_to_one_process_stops_both_with_130(tmp_path, hostile, victim):
+@pytest.mark.parametrize("victim,when", [(1, "mid-job"), (0, "mid-job"),
+                                         (1, "after process 0 finished its steps")])
+def test_sigterm_to_one_process_stops_both_with_130(tmp_path, hostile, victim, when):
   case = "2-process job: SIGTERM to one process"
   hostile.declare(case)
-  procs = _job(tmp_path, *LONG)
-  _wait_steps(procs)
+  if when == "mid-job":
+    procs = _job(tmp_path, *LONG)
+    _wait_steps(procs)
+  else:  # process 0 waits at the end for process 1, which then gets the signal
+    procs = _job(tmp_path, "--step_delay_s=0.02", per_process={
+        0: ["--steps=20"], 1: ["--steps=100000"]})
+    _wait_steps(procs[1:], n=40)
+    assert procs[0].popen.poll() is None and procs[0].steps() == 20
   t = time.monotonic()
   procs[victim].popen.send_signal(signal.SIGTERM)
   _wait_all(procs)
@@ -120,9 +127,9 @@ def test_sigterm_to_one_process_stops_both_with_130(tmp_path, hostile, victim):
   codes = [p.popen.returncode for p in procs]
   said = all(f"SIGTERM to process {victim}" in p.stderr() for p in procs)
   clean = not any(n in p.stderr() for p in procs for n in NOISE)
-  print(f"SIGTERM to process {victim}: both ended {codes} in {secs:.1f} s")
+  print(f"SIGTERM to process {victim} ({when}): both ended {codes} in {secs:.1f} s")
   ok = hostile.check(case, codes == [130, 130] and said and clean,
-                     f"SIGTERM to process {victim}: exits {codes} in {secs:.1f} s")
+                     f"SIGTERM to process {victim} ({when}): exits {codes} in {secs:.1f} s")
   assert ok, [p.stderr()[-2000:] for p in procs]
 
 

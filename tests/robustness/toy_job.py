@@ -85,9 +85,10 @@ def _job(cluster, args) -> int:
     print(f"step {step}", flush=True)
   else:
     step = args.steps
-  reason = cluster.stop_reason
+  # The decision point every process reaches, whether it stopped or finished its steps.
+  reason = cluster.decide_stop(step == args.steps)
   cluster.shutdown()
-  if reason and step < args.steps:
+  if reason:
     print(f"toy: stopped at step {step} ({reason}); rerun to continue", file=sys.stderr,
           flush=True)
     return 130
