@@ -133,6 +133,26 @@ def test_sigterm_to_one_process_stops_both_with_130(tmp_path, hostile, victim, w
   assert ok, [p.stderr()[-2000:] for p in procs]
 
 
+def test_second_sigint_stops_every_process_at_once_with_130(tmp_path, hostile):
+  case = "2-process job: second SIGINT to one process"
+  hostile.declare(case)
+  procs = _job(tmp_path, *LONG)
+  _wait_steps(procs)
+  t = time.monotonic()
+  procs[1].popen.send_signal(signal.SIGINT)
+  time.sleep(0.05)
+  procs[1].popen.send_signal(signal.SIGINT)
+  _wait_all(procs)
+  secs = max(p.ended for p in procs) - t
+  codes = [p.popen.returncode for p in procs]
+  clean = not any(n in p.stderr() for p in procs for n in NOISE)
+  at_once = "stopped at once" in procs[0].stderr()  # else the first stop was already done
+  ok = hostile.check(case, codes == [130, 130] and clean,
+                     f"exits {codes} in {secs:.1f} s "
+                     f"({'stopped at once' if at_once else 'stopped together'})")
+  assert ok, [p.stderr()[-2000:] for p in procs]
+
+
 @pytest.mark.parametrize("victim", [1, 0])
 def test_kill_9_of_one_process_ends_the_other_with_one_line(tmp_path, hostile, victim):
   case = "2-process job: kill -9 of one process"
