@@ -6,14 +6,15 @@ dies, or when a process of another job registers. Here the service runs in a
 process of its own (`_coordinator.py`), a job identity is checked before
 registering, and a watchdog thread ends a process with one line, before JAX would:
 
-  cluster = distributed.initialize(job=str(output_dir), coordinator_address="host:1234",
+  cluster = distributed.initialize(str(output_dir), coordinator_address="host:1234",
                                    num_processes=2, process_id=i, program="extract")
   cluster.agree({"threshold": "0.5", "weights": params_sha256})  # before any write
-  for step in range(steps):
+  for step in range(steps):  # a step without collectives (step_has_collectives)
     if cluster.stop_reason:  # a SIGINT/SIGTERM to any process (cluster.request_stop)
       break
-    cluster.check()  # raises PeerLost when a process died or failed
+    cluster.check()  # raises PeerLost when a process died, hung or failed
     ...
+  reason = cluster.decide_stop(finished=step == steps - 1)  # same answer everywhere
   cluster.shutdown()  # every process, at the end; or cluster.abort(message) on an error
 
 The coordinator uses two ports: P (JAX's service) and P+1 (the job's identity).

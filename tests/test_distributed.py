@@ -378,3 +378,25 @@ def test_local_cluster_has_the_same_calls(capsys):
   with pytest.raises(distributed.DistributedError, match="process_id"):
     distributed.initialize("/out", coordinator_address="127.0.0.1:1", num_processes=2,
                            process_id=2)
+
+
+def test_the_private_jax_apis_relied_on_still_exist():
+  """distributed.py builds JAX's client itself (jax.distributed.initialize always hosts the
+  service in process 0); a JAX upgrade that moves these must fail here, not in a job."""
+  from jax._src import clusters, xla_bridge
+  from jax._src import distributed as jax_distributed
+  from jax._src.lib import _jax
+
+  for arg in ("init_timeout", "heartbeat_timeout", "shutdown_timeout", "use_compression"):
+    assert arg in _jax.get_distributed_runtime_client.__doc__
+  for arg in ("heartbeat_timeout", "cluster_register_timeout", "shutdown_timeout"):
+    assert arg in _jax.get_distributed_runtime_service.__doc__
+  for name in ("connect", "shutdown", "key_value_set", "key_value_dir_get",
+               "blocking_key_value_get"):
+    assert hasattr(_jax.DistributedRuntimeClient, name)
+  state = jax_distributed.global_state
+  for name in ("client", "process_id", "num_processes", "coordinator_address"):
+    assert hasattr(state, name)
+  assert callable(state.initialize_preemption_sync_manager)
+  assert callable(clusters.ClusterEnv.auto_detect_unset_distributed_params)
+  assert callable(xla_bridge.backends_are_initialized)
