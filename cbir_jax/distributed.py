@@ -9,12 +9,14 @@ registering, and a watchdog thread ends a process with one line, before JAX woul
   cluster = distributed.initialize(str(output_dir), coordinator_address="host:1234",
                                    num_processes=2, process_id=i, program="extract")
   cluster.agree({"threshold": "0.5", "weights": params_sha256})  # before any write
+  finished = True
   for step in range(steps):  # a step without collectives (step_has_collectives)
     if cluster.stop_reason:  # a SIGINT/SIGTERM to any process (cluster.request_stop)
+      finished = False
       break
     cluster.check()  # raises PeerLost when a process died, hung or failed
     ...
-  reason = cluster.decide_stop(finished=step == steps - 1)  # same answer everywhere
+  reason = cluster.decide_stop(finished)  # None, or why: the same on every process
   cluster.shutdown()  # every process, at the end; or cluster.abort(message) on an error
 
 The coordinator uses two ports: P (JAX's service) and P+1 (the job's identity).
