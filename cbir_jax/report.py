@@ -1,24 +1,94 @@
-"""Search results to look at: each query beside its top-k, with colour histograms.
+"""Search results to look at: each query beside its top-k, with colour histograms and class marks.
 
-Writes one PNG (a grid, like the paper's Figures 3-10) and one HTML page that
-links every image file; under each image its RGB histogram, its histogram
-distance to the query (SPEC.md section 5) and its descriptor distance.
+Writes one PNG (a grid, like the paper's Figures 3-10) and one HTML page into a folder that holds
+every image it shows (thumbnails and copies): the folder can be moved or sent as it is.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import html
 import os
 import pathlib
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from cbir_jax import evaluation
+from cbir_jax.index_images import ImageUnavailable, IndexImages
 from cbir_jax.search import Hit, QueryResult
 
 _CHANNEL_COLOURS = ((220, 40, 40), (40, 170, 40), (40, 80, 230))
-_TEXT_LINES = 3
+_GREY = (70, 70, 70)  # the one histogram of a greyscale image (R = G = B)
+# Result frames: same class as the query, another class, unknown (no label on either side).
+MARKS = {"same": (20, 150, 60), "other": (215, 35, 35), "unknown": (175, 175, 175)}
+_MARK_TEXT = {"same": "same class as the query", "other": "another class",
+              "unknown": "class unknown"}
+_QUERY_FRAME = (0, 0, 0)
+_COPY_SIZE = 1024  # longest side of the copy a thumbnail links to
+_TEXT_LINES = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportHeader:
+  """What the report shows results of: index, model, descriptor kind, k and threshold."""
+  index: str
+  model: str
+  kind: str
+  k: int
+  threshold: str
+  images: str = ""  # where the images were read from
+
+  def title(self) -> str:
+    return f"{os.path.basename(os.path.normpath(self.index))}: {self.kind}, top {self.k}"
+
+  def line(self) -> str:
+    return (f"index {self.index} | model {self.model} | kind {self.kind} | k = {self.k} | "
+            f"threshold {self.threshold}")
+
+
+def header_of(index_dir: str, manifest: Any, *, kind: str, k: int,
+              images: IndexImages | None = None) -> ReportHeader:
+  """The header from an index's manifest (the dict `store.read_manifest` returns, or the
+  typed form with `settings`)."""
+  settings = getattr(manifest, "settings", None)
+  if settings is not None:
+    model, desc = settings.backbone, dict(settings.descriptor)
+  else:
+    model = manifest.get("backbone", "?")
+    desc = manifest.get("descriptor") or manifest.get("settings", {}).get("descriptor", {})
+  tau = desc.get("threshold", "?")
+  threshold = (f"tau = {tau} x max per image" if desc.get("relative", True) else f"tau = {tau}")
+  threshold += f", {desc.get('masks', 'channel')} masks"
+  return ReportHeader(index=str(index_dir), model=model, kind=kind, k=k, threshold=threshold,
+                      images=images.describe() if images else "")
+
+
+def mark(query: Hit, hit: Hit) -> str:
+  """"same" / "other" class as the query, or "unknown" when either has no label."""
+  if not query.label or not hit.label:
+    return "unknown"
+  return "same" if hit.label == query.label else "other"
+
+
+def _histogram_lines(channels: np.ndarray) -> list[tuple[np.ndarray, tuple[int, int, int], int]]:
+  """(values, colour, width) per line: channels with equal histograms share one line, drawn
+  in the mean of their colours, so none hides behind another; all three (a greyscale image)
+  give one neutral grey line."""
+  groups: list[list[int]] = []
+  for c in range(3):
+    same = next((g for g in groups if np.array_equal(channels[g[0]], channels[c])), None)
+    if same is None:
+      groups.append([c])
+    else:
+      same.append(c)
+  lines = []
+  for g in groups:
+    colour = _GREY if len(g) == 3 else tuple(
+        int(np.mean([_CHANNEL_COLOURS[c][i] for c in g])) for i in range(3))
+    lines.append((channels[g[0]], colour, 1 if len(g) == 1 else 2))
+  return lines
 
 
 def draw_histogram(hist: np.ndarray, size: tuple[int, int]) -> Image.Image:
@@ -32,102 +102,264 @@ def draw_histogram(hist: np.ndarray, size: tuple[int, int]) -> Image.Image:
   bins = len(hist) // 3
   img = Image.new("RGB", size, (255, 255, 255))
   draw = ImageDraw.Draw(img)
-  top, bottom = 3, h - 2
-  for c, colour in enumerate(_CHANNEL_COLOURS):
-    values = np.asarray(hist[c * bins:(c + 1) * bins], np.float64)
+  top, bottom = 3, h - 3
+  for values, colour, width in _histogram_lines(np.asarray(hist, np.float64).reshape(3, bins)):
     points = []
     for b, v in enumerate(values):
       y = bottom - v * (bottom - top)
       points += [(b * (w - 1) / bins, y), ((b + 1) * (w - 1) / bins, y)]
-    draw.line(points, fill=colour, width=1)
-  draw.line([(0, bottom + 1), (w - 1, bottom + 1)], fill=(150, 150, 150))
+    draw.line(points, fill=colour, width=width)
+  draw.line([(0, h - 1), (w - 1, h - 1)], fill=(150, 150, 150))
   return img
 
 
-def _thumbnail(path: str, box: int) -> Image.Image:
-  rgb = evaluation.read_rgb(path)
-  img = ImageOps.contain(Image.fromarray(rgb), (box, box), Image.BILINEAR)
-  canvas = Image.new("RGB", (box, box), (255, 255, 255))
-  canvas.paste(img, ((box - img.width) // 2, (box - img.height) // 2))
-  return canvas
+def _font(size: int) -> ImageFont.ImageFont:
+  try:
+    return ImageFont.load_default(size=size)  # scalable when Pillow has FreeType
+  except (TypeError, OSError, ImportError):
+    return ImageFont.load_default()
 
 
-def _captions(hit: Hit, rank: int, hist_distance: float) -> list[str]:
+def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
+  """`text`, shortened in the middle ("ab...yz") until it fits `width` pixels."""
+  if draw.textlength(text, font=font) <= width:
+    return text
+  keep = len(text)
+  while keep > 2:
+    keep -= 1
+    short = text[:keep // 2] + "..." + text[len(text) - (keep - keep // 2):]
+    if draw.textlength(short, font=font) <= width:
+      return short
+  return "..."
+
+
+def _name(hit: Hit) -> str:
+  """A short name for the caption: class folder and file name, or the TFDS id."""
+  parts = pathlib.PurePath(hit.path).parts
+  return "/".join(parts[-2:]) if len(parts) > 1 else hit.path
+
+
+@dataclasses.dataclass(frozen=True)
+class _Picture:
+  """One image of the report: its files under images/ and its histogram, or why it is missing."""
+  stem: str
+  thumb: Image.Image | None  # fits the thumbnail box
+  hist: np.ndarray | None
+  error: str = ""
+
+
+def _picture(hit: Hit, images: IndexImages, out: pathlib.Path, *, bins: int, thumb: int
+             ) -> _Picture:
+  """Reads one image (an index row through `images`; a query file from outside the index as
+  it is) and writes its thumbnail, its copy and its histogram into `out`/images."""
+  outside = hit.row < 0
+  key = ("file:" if outside else "row:") + hit.path
+  stem = hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+  try:
+    rgb = (IndexImages() if outside else images).read_rgb(hit.path, upright=True)
+  except ImageUnavailable as e:
+    return _Picture(stem, None, None, str(e))
+  hist = evaluation.color_histogram(rgb, bins)  # the orientation does not change it
+  full = Image.fromarray(rgb)
+  copy = ImageOps.contain(full, (_COPY_SIZE, _COPY_SIZE), Image.BILINEAR) \
+      if max(full.size) > _COPY_SIZE else full
+  copy.save(out / "images" / f"{stem}.jpg", quality=90)
+  small = ImageOps.contain(full, (thumb, thumb), Image.BILINEAR)
+  small.save(out / "images" / f"{stem}_thumb.jpg", quality=90)
+  return _Picture(stem, small, hist)
+
+
+def _captions(hit: Hit, rank: int, hist_distance: float | None) -> list[str]:
+  hd = "-" if hist_distance is None else f"{hist_distance:.4f}"
   if rank == 0:
-    return ["query", hit.label[:24], f"row {hit.row}" if hit.row >= 0 else "outside the index"]
-  return [f"#{rank} d={hit.distance:.4f}", f"hist d={hist_distance:.4f}", hit.label[:24]]
+    where = f"row {hit.row}" if hit.row >= 0 else "outside the index"
+    return ["query", _name(hit), hit.label or "(no label)", where]
+  return [f"#{rank}  d={hit.distance:.4f}", f"hist d={hd}", hit.label or "(no label)",
+          _name(hit)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cell:
+  hit: Hit
+  rank: int  # 0 = the query
+  picture: _Picture
+  mark: str  # "query", or a key of MARKS
+  hist_distance: float | None
+
+
+def _cells(results: Sequence[QueryResult], images: IndexImages, out: pathlib.Path, *,
+           bins: int, thumb: int) -> list[list[_Cell]]:
+  """Every image read once (a result shown twice is one file), with its caption figures."""
+  pictures: dict[tuple[bool, str], _Picture] = {}
+  rows = []
+  for r in results:
+    row = []
+    for rank, hit in enumerate((r.query, *r.hits)):
+      key = (hit.row < 0, hit.path)
+      if key not in pictures:
+        pictures[key] = _picture(hit, images, out, bins=bins, thumb=thumb)
+        if pictures[key].hist is not None:
+          draw_histogram(pictures[key].hist, (thumb, _hist_height(thumb))).save(
+              out / "images" / f"{pictures[key].stem}_hist.png")
+      row.append((rank, hit, pictures[key]))
+    q_hist = row[0][2].hist
+    rows.append([_Cell(hit, rank, pic, "query" if rank == 0 else mark(r.query, hit),
+                       None if rank == 0 or q_hist is None or pic.hist is None else
+                       float(evaluation.histogram_distance(q_hist, pic.hist)))
+                 for rank, hit, pic in row])
+  return rows
+
+
+def _hist_height(thumb: int) -> int:
+  return max(40, thumb // 3)
+
+
+def _legend(draw: ImageDraw.ImageDraw, x: int, y: int, font: Any) -> None:
+  for name in ("same", "other", "unknown"):
+    draw.rectangle([x, y + 2, x + 11, y + 13], outline=MARKS[name], width=3)
+    draw.text((x + 16, y), _MARK_TEXT[name], fill=(0, 0, 0), font=font)
+    x += 24 + int(draw.textlength(_MARK_TEXT[name], font=font))
+  for colour in (*_CHANNEL_COLOURS, _GREY):
+    draw.line([(x, y + 8), (x + 12, y + 8)], fill=colour, width=2)
+    x += 16
+  draw.text((x, y), "histograms R, G, B; equal channels share a line (grey: all three)",
+            fill=(0, 0, 0), font=font)
+
+
+def _sheet(cells: list[list[_Cell]], header: ReportHeader | None, title: str, *, thumb: int
+           ) -> tuple[Image.Image, list[list[dict[str, Any]]]]:
+  """The PNG: title, header and legend lines, then one row of cells per query.
+
+  Returns the image and, per cell, its stored path, mark and frame box (x0, y0, x1, y1).
+  """
+  font, big = _font(11), _font(15)
+  hist_h, line_h, pad, frame = _hist_height(thumb), 14, 10, 3
+  cell_w, cell_h = thumb + 2 * pad, thumb + hist_h + _TEXT_LINES * line_h + 3 * pad
+  cols = max(len(row) for row in cells)
+  top = pad + 22 + (16 if header else 0) + 20
+  sheet = Image.new("RGB", (cols * cell_w + pad, top + len(cells) * cell_h), (255, 255, 255))
+  draw = ImageDraw.Draw(sheet)
+  width = sheet.width - 2 * pad
+  draw.text((pad, pad), _fit(draw, title, big, width), fill=(0, 0, 0), font=big)
+  if header:
+    draw.text((pad, pad + 22), _fit(draw, header.line(), font, width), fill=(60, 60, 60),
+              font=font)
+  _legend(draw, pad, top - 20, font)
+  boxes = []
+  for qi, row in enumerate(cells):
+    boxes.append([])
+    for c in row:
+      x, y = pad + c.rank * cell_w, top + pad + qi * cell_h
+      box = (x - frame, y - frame, x + thumb + frame - 1, y + thumb + hist_h + frame - 1)
+      if c.picture.thumb is not None:
+        t = c.picture.thumb
+        sheet.paste(t, (x + (thumb - t.width) // 2, y + (thumb - t.height) // 2))
+        sheet.paste(draw_histogram(c.picture.hist, (thumb, hist_h)), (x, y + thumb))
+      else:
+        draw.rectangle([x, y, x + thumb - 1, y + thumb - 1], fill=(225, 225, 225))
+        draw.text((x + 6, y + thumb // 2 - 6), "image not readable", fill=(90, 90, 90),
+                  font=font)
+      colour = _QUERY_FRAME if c.mark == "query" else MARKS[c.mark]
+      draw.rectangle(box, outline=colour, width=frame)
+      for li, text in enumerate(_captions(c.hit, c.rank, c.hist_distance)):
+        draw.text((x, y + thumb + hist_h + frame + 2 + li * line_h), _fit(draw, text, font, thumb),
+                  fill=(0, 0, 0), font=font)
+      boxes[-1].append({"path": c.hit.path, "mark": c.mark, "box": box})
+  return sheet, boxes
+
+
+def _figure(c: _Cell) -> str:
+  captions = "<br>".join(html.escape(t) for t in _captions(c.hit, c.rank, c.hist_distance))
+  where = html.escape(c.hit.path)
+  if c.picture.thumb is None:
+    image = f'<div class="missing">image not readable: {html.escape(c.picture.error)}</div>'
+  else:
+    stem = c.picture.stem
+    image = (f'<a href="images/{stem}.jpg"><img src="images/{stem}_thumb.jpg" alt="{where}">'
+             f'</a><img src="images/{stem}_hist.png" alt="colour histogram">')
+  cls = "query" if c.mark == "query" else f"hit {c.mark}"
+  return (f'<figure class="{cls}">{image}<figcaption>{captions}<br><small>{where}</small>'
+          "</figcaption></figure>")
+
+
+def _page(cells: list[list[_Cell]], results: Sequence[QueryResult], header: ReportHeader | None,
+          title: str, *, bins: int, thumb: int) -> str:
+  """The HTML page; every link and image in it is relative to the report folder."""
+  sections = []
+  for qi, (r, row) in enumerate(zip(results, cells)):
+    sections.append(f"<section><h2>Query {qi + 1}: {html.escape(r.query.path)}</h2>"
+                    f'<div class="row">{"".join(_figure(c) for c in row)}</div></section>')
+  meta = "" if header is None else (
+      f'<p class="meta">{html.escape(header.line())}'
+      f'{"<br>images read from " + html.escape(header.images) if header.images else ""}</p>')
+  legend = " ".join(f'<span class="key {m}"></span> {_MARK_TEXT[m]}' for m in MARKS)
+  style = ("body{font-family:sans-serif} .row{display:flex;flex-wrap:wrap;gap:12px}"
+           f"figure{{margin:4px;width:{thumb}px;font-size:12px;word-break:break-all}}"
+           "figure img{display:block;max-width:100%} figure.query{outline:3px solid #000}"
+           ".missing{height:" + str(thumb) + "px;background:#e1e1e1;font-size:11px}"
+           ".key{display:inline-block;width:10px;height:10px;border:3px solid}"
+           + "".join(f"figure.{m}{{outline:3px solid rgb{MARKS[m]}}} .key.{m}"
+                     f"{{border-color:rgb{MARKS[m]}}}" for m in MARKS))
+  return (
+      "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+      f"<title>{html.escape(title)}</title><style>{style}</style></head><body>"
+      f"<h1>{html.escape(title)}</h1>{meta}<p>Frames: {legend}. Under each image: its RGB "
+      "histogram (each channel scaled to its largest bin; channels with equal histograms share "
+      "one line in their mixed colour, grey for a greyscale image), the descriptor distance d "
+      f"(L1 / D) and the histogram distance to the query (L1 / 3K, K = {bins}). A thumbnail "
+      f"links to a copy of the image (at most {_COPY_SIZE} px); this folder holds every image "
+      "it shows. "
+      f'<a href="results.png">One picture</a>.</p>{"".join(sections)}</body></html>\n')
 
 
 def write_report(out_dir: str | os.PathLike, results: Sequence[QueryResult], *,
+                 images: IndexImages | None = None, header: ReportHeader | None = None,
                  bins: int = evaluation.DEFAULT_BINS, thumb: int = 160,
-                 title: str = "cbir_jax search") -> dict[str, str]:
-  """Writes results.png and results.html (plus the thumbnails the page shows) to out_dir.
+                 title: str | None = None) -> dict[str, Any]:
+  """Writes results.png, results.html and images/ (thumbnails, copies, histograms) to out_dir.
 
   Args:
     out_dir: output folder (created).
     results: queries and their hits, in display order.
+    images: where the index's images are read (default: files at their stored paths).
+    header: the index, model, kind, k and threshold shown on top (`header_of`).
     bins: K of the colour histograms.
     thumb: size of the square thumbnail box, in pixels.
-    title: page title.
+    title: page title (default: from the header).
 
   Returns:
-    {"png": path, "html": path}.
+    {"png": path, "html": path, "missing": why each image that could not be read is missing,
+     "cells": per query, per image, {"path", "mark", "box"} of the PNG}.
   """
   if not results:
     raise ValueError("no query results to report")
   out = pathlib.Path(out_dir)
   (out / "images").mkdir(parents=True, exist_ok=True)
-  paths = [h.path for r in results for h in (r.query, *r.hits)]
-  cache: dict[str, np.ndarray] = {}
-  evaluation.image_histograms(paths, bins=bins, cache=cache)
-
-  font = ImageFont.load_default()
-  hist_h, line_h, pad = max(40, thumb // 3), 14, 6
-  cell_w, cell_h = thumb + pad, thumb + hist_h + _TEXT_LINES * line_h + 2 * pad
-  cols = 1 + max(len(r.hits) for r in results)
-  sheet = Image.new("RGB", (cols * cell_w + pad, len(results) * cell_h + pad), (255, 255, 255))
-  draw = ImageDraw.Draw(sheet)
-  rows_html = []
-  for qi, r in enumerate(results):
-    q_hist = cache[r.query.path]
-    figures = []
-    for rank, hit in enumerate((r.query, *r.hits)):
-      hd = float(evaluation.histogram_distance(q_hist, cache[hit.path]))
-      x, y = pad + rank * cell_w, pad + qi * cell_h
-      thumb_img = _thumbnail(hit.path, thumb)
-      hist_img = draw_histogram(cache[hit.path], (thumb, hist_h))
-      sheet.paste(thumb_img, (x, y))
-      sheet.paste(hist_img, (x, y + thumb))
-      if rank == 0:  # frame the query
-        draw.rectangle([x - 2, y - 2, x + thumb + 1, y + thumb + hist_h + 1], outline=(0, 0, 0))
-      captions = _captions(hit, rank, hd)
-      for li, text in enumerate(captions):
-        draw.text((x, y + thumb + hist_h + 2 + li * line_h), text, fill=(0, 0, 0), font=font)
-      name = f"q{qi:03d}_{rank:03d}"
-      thumb_img.save(out / "images" / f"{name}.jpg", quality=90)
-      hist_img.save(out / "images" / f"{name}_hist.png")
-      uri = pathlib.Path(hit.path).absolute().as_uri()
-      figures.append(
-          f'<figure class="{"query" if rank == 0 else "hit"}"><a href="{html.escape(uri)}">'
-          f'<img src="images/{name}.jpg" alt="{html.escape(hit.path)}"></a>'
-          f'<img src="images/{name}_hist.png" alt="RGB histogram">'
-          f'<figcaption>{"<br>".join(html.escape(c) for c in captions if c)}<br>'
-          f'<small>{html.escape(hit.path)}</small></figcaption></figure>')
-    rows_html.append(f'<section><h2>Query {qi + 1}: {html.escape(r.query.path)}'
-                     f'{" (" + html.escape(r.kind) + ")" if r.kind else ""}</h2>'
-                     f'<div class="row">{"".join(figures)}</div></section>')
-  png = out / "results.png"
+  title = title or (header.title() if header else "cbir_jax search")
+  cells = _cells(results, images or IndexImages(), out, bins=bins, thumb=thumb)
+  sheet, boxes = _sheet(cells, header, title, thumb=thumb)
+  png, page = out / "results.png", out / "results.html"
   sheet.save(png)
-  page = out / "results.html"
-  page.write_text(
-      "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
-      f"<title>{html.escape(title)}</title><style>"
-      "body{font-family:sans-serif} .row{display:flex;flex-wrap:wrap;gap:8px}"
-      f"figure{{margin:0;width:{thumb}px;font-size:12px;word-break:break-all}}"
-      "figure img{display:block} figure.query{outline:2px solid #000}"
-      "</style></head><body>"
-      f"<h1>{html.escape(title)}</h1><p>Under each image: its RGB histogram (each channel "
-      "scaled to its largest bin), the descriptor distance d (L1 / D) and the histogram "
-      f"distance to the query (L1 / 3K, K = {bins}). <a href=\"results.png\">One picture</a>."
-      f"</p>{''.join(rows_html)}</body></html>\n")
-  return {"png": str(png), "html": str(page)}
+  page.write_text(_page(cells, results, header, title, bins=bins, thumb=thumb),
+                  encoding="utf-8")
+  unread = {(c.hit.row < 0, c.hit.path): c.picture.error for row in cells for c in row}
+  missing = [e for e in unread.values() if e]
+  return {"png": str(png), "html": str(page), "missing": missing, "cells": boxes}
+
+
+def write_index_report(out_dir: str | os.PathLike, index_dir: str,
+                       results: Sequence[QueryResult], *, k: int,
+                       images: IndexImages | None = None, **kwargs: Any) -> dict[str, Any]:
+  """`write_report` for results of `search.search_index`, with the index's header.
+
+  Args:
+    images: where the index's images are (default: as its manifest records them).
+    **kwargs: passed to `write_report` (bins, thumb, title).
+  """
+  from cbir_jax import store
+
+  manifest = store.read_manifest(index_dir)
+  images = images or IndexImages.of_index(index_dir)
+  kind = results[0].kind if results else ""
+  return write_report(out_dir, results, images=images, header=header_of(
+      index_dir, manifest, kind=kind, k=k, images=images), **kwargs)

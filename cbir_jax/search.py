@@ -474,13 +474,13 @@ class IndexMismatch(ValueError):
   """A query cannot be described the way the index was (other weights, preprocessing, ...)."""
 
 
-def describe_images(manifest: dict[str, Any], paths: Any, kind: str) -> np.ndarray:
+def describe_images(manifest: Any, paths: Any, kind: str) -> np.ndarray:
   """Descriptors of image files made exactly as the index's were.
 
   Uses the backbone, weights, preprocessing, input size, decoding, descriptor
-  settings and compute dtype recorded in the manifest, and rounds like the
-  stored rows (float16 output), so an image of the index finds itself at
-  distance ~0.
+  settings and compute dtype recorded in the manifest (a `manifest.Manifest` or
+  its dict), and rounds like the stored rows (float16 output), so an image of
+  the index finds itself at distance ~0.
 
   Raises:
     IndexMismatch: the recorded weights are missing or are not the ones the
@@ -491,41 +491,36 @@ def describe_images(manifest: dict[str, Any], paths: Any, kind: str) -> np.ndarr
   from cbir_jax import descriptors as desc
   from cbir_jax import preprocessing as pp
   from cbir_jax import weights as weights_lib
+  from cbir_jax.manifest import Manifest
 
-  settings = manifest.get("settings", manifest)
-  backbone = backbones.get(manifest["backbone"])
-  image_size = int(manifest["image_size"])
-  recorded = manifest["weights"]
-  prep = pp.Preprocessing.from_dict(manifest["preprocessing"])
-  if recorded.get("source") == "random" and not recorded.get("dir"):
-    # `extract --weights=random`: the same seeded initialisation as the job.
-    from cbir_jax import extract
-    params = extract.random_params(backbone, image_size, int(recorded.get("seed", 0)))
-    digest = checkpoint.params_sha256(params)
-  else:
-    try:
-      params, info = weights_lib.load(backbone.name, recorded.get("dir") or None)
-    except checkpoint.WeightsError as e:
-      raise IndexMismatch(f"cannot load the weights the index was made with: {e}") from None
-    digest = info.params_sha256 or checkpoint.params_sha256(params)
-    if info.preprocessing != prep:
-      raise IndexMismatch(f"the weights in {recorded.get('dir')} use preprocessing "
-                          f"{info.preprocessing.name!r} but the index records {prep.name!r}")
-  if digest != recorded["params_sha256"]:
-    want = recorded["params_sha256"][:12]
-    raise IndexMismatch(f"the weights found for {backbone.name} (params_sha256 {digest[:12]}) "
-                        f"are not the ones the index was made with ({want}); restore them or "
-                        "extract the collection again")
-  images, errors = input_pipeline.load_images(list(paths), image_size,
-                                              draft=bool(settings.get("draft", False)))
+  m = manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest)
+  s = m.settings
+  backbone = backbones.get(s.backbone)
+  prep = pp.Preprocessing.from_dict(s.preprocessing)
+  try:
+    loaded = weights_lib.load_recorded(backbone.name, m.weights, image_size=s.image_size)
+  except weights_lib.WeightsNotFound as e:
+    if e.found:
+      raise IndexMismatch(
+          f"the weights found for {backbone.name} (params_sha256 {e.found[0][:12]}) are not the "
+          f"ones the index was made with ({m.weights.params_sha256[:12]}); restore them or "
+          "extract the collection again") from None
+    raise IndexMismatch(f"cannot load the weights the index was made with: {e}") from None
+  except checkpoint.WeightsError as e:
+    raise IndexMismatch(f"cannot load the weights the index was made with: {e}; restore them "
+                        "or extract the collection again") from None
+  if loaded.preprocessing != prep:
+    raise IndexMismatch(f"the weights found for the index use preprocessing "
+                        f"{loaded.preprocessing.name!r} but the index records {prep.name!r}")
+  images, errors = input_pipeline.load_images(list(paths), s.image_size, draft=s.draft)
   bad = [f"{p}: {e}" for p, e in zip(paths, errors) if e]
   if bad:
     raise ValueError("cannot decode query images: " + "; ".join(bad))
   fn = inference.jit_describe(backbone, preprocessing=prep, kinds=(kind,),
-                              config=desc.DescriptorConfig(**manifest["descriptor"]),
-                              dtype=inference.compute_dtype(settings.get("dtype", "float32")))
-  out = np.asarray(fn(params, images)[kind], np.float32)
-  if settings.get("output_dtype") == "float16":
+                              config=desc.DescriptorConfig(**s.descriptor),
+                              dtype=inference.compute_dtype(s.dtype))
+  out = np.asarray(fn(loaded.params, images)[kind], np.float32)
+  if s.output_dtype == "float16":
     out = out.astype(np.float16).astype(np.float32)
   return out
 
@@ -561,8 +556,7 @@ def search_index(index_dir: str, *, kind: str = "fc_conv", k: int = 5,
   ids = [int(v) for v in _split(query_ids)]
   if not paths and not ids:
     raise ValueError("no queries: give image files (--query) or index rows (--query_ids)")
-  manifest = store.read_manifest(index_dir)
-  database, meta = store.load_descriptors(index_dir, kind)
+  manifest, database, meta = store.open_index(index_dir, kind)
   n = database.shape[0]
   bad = [i for i in ids if not 0 <= i < n]
   if bad:

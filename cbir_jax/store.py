@@ -1,26 +1,31 @@
-"""Descriptor output on disk: shards written atomically, a manifest, and a validated loader.
+"""Descriptor output on disk: shards written atomically, a manifest, and a checked loader.
 
-Layout of an output directory:
-  manifest.json              settings (model, weights digest, preprocessing, descriptor
-                             config, ...), shard list with row counts and SHA-256, failures
-  shards/000007/             one shard = the decoded images of records [7*S, 8*S)
+Layout of an output directory (a "generation" is one complete set of rows; the first lives at
+the top, each `--update` builds the next one in `gen-NNNNNN/` and switches the manifest to it):
+  manifest.json              the current generation: settings, weights record, input record,
+                             shard list with row counts and SHA-256, checks done (manifest.py)
+  records.npz                per-record input identities (key, stamp) of that generation
+  shards/000007/             one shard = the rows of records [7*S, 8*S)
       <kind>.npy             descriptor rows [n, D] (float32 or float16)
       meta.npz               row, path, label, label_name, width, height (+ extra columns)
-      failures.json          [[path, reason], ...] for records of this shard not decoded
+      failures.json          [[path, reason, record], ...] for records not decoded
       shard.json             rows, record range, SHA-256 of every file above (written last)
-  descriptors/<kind>.npy     all shards concatenated (written once the job completes), so
+  shards/000007.part-1200/   a shard's first 1200 records, written when a job was stopped
+                             mid-shard; the rerun continues from record 1200 of the shard
+  descriptors/<kind>.npy     all shards concatenated once the job completes, so
                              `load_descriptors` can hand out one memory-mapped array
+  gen-000001/                the next generation (after --update): records.npz, delta/
+                             (the records it extracted), shards/, descriptors/
   failures-<process>.tsv     path <TAB> reason, the failures of that process' shards
   .lock-<process>            flock'ed while a job process writes here
 
-A shard directory is built under a temporary name and renamed when complete,
-so a shard either exists whole or not at all: a killed job loses at most the
-shard in flight and a rerun recomputes exactly that. Rows hold decoded images
-only; a failed image has no row (its record index is simply absent from
-"row") and is listed in the failures file instead.
+A shard directory is built under a temporary name and renamed when complete, so
+it exists whole or not at all. Rows hold decoded images only; a failed image has
+no row (its record index is absent from "row") and is listed in failures.json.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -33,12 +38,15 @@ from typing import IO, Any, Mapping, Sequence
 
 import numpy as np
 
+from cbir_jax.manifest import FORMAT, FORMAT_VERSION, Manifest
+
 MANIFEST = "manifest.json"
 SHARDS = "shards"
 CONSOLIDATED = "descriptors"
-FORMAT = "cbir_jax.descriptors"
-FORMAT_VERSION = 1
+RECORDS = "records.npz"
+DELTA = "delta"
 META_COLUMNS = ("row", "path", "label", "label_name", "width", "height")
+_PART = ".part-"
 
 
 class StoreError(ValueError):
@@ -49,7 +57,17 @@ def shard_name(k: int) -> str:
   return f"{k:06d}"
 
 
-def _sha256(path: pathlib.Path, chunk: int = 1 << 22) -> str:
+def piece_name(k: int, covered: int) -> str:
+  """A stopped shard's finished part: its first `covered` records."""
+  return f"{shard_name(k)}{_PART}{covered}"
+
+
+def generation_base(generation: int) -> str:
+  """The folder of a generation, relative to the output directory ("" for the first)."""
+  return "" if generation == 0 else f"gen-{generation:06d}"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
   h = hashlib.sha256()
   with open(path, "rb") as f:
     while block := f.read(chunk):
@@ -57,7 +75,15 @@ def _sha256(path: pathlib.Path, chunk: int = 1 << 22) -> str:
   return h.hexdigest()
 
 
-def _fsync_dir(path: pathlib.Path) -> None:
+_sha256 = sha256_file  # the name tests and format-1 tools use
+
+
+def positions_sha256(positions: np.ndarray) -> str:
+  """Digest of the record positions a shard covers (a rerun checks it plans the same ones)."""
+  return hashlib.sha256(np.ascontiguousarray(positions, np.int64).tobytes()).hexdigest()
+
+
+def fsync_dir(path: pathlib.Path) -> None:
   fd = os.open(path, os.O_RDONLY)
   try:
     os.fsync(fd)
@@ -80,8 +106,12 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     raise
 
 
-def read_manifest(output_dir: str | os.PathLike) -> dict[str, Any]:
-  path = pathlib.Path(output_dir) / MANIFEST
+# --- the manifest --------------------------------------------------------------------------
+
+
+def read_manifest(output_dir: str | os.PathLike, name: str = MANIFEST) -> dict[str, Any]:
+  """manifest.json as a dict (see `load_manifest` for the typed record)."""
+  path = pathlib.Path(output_dir) / name
   if not path.is_file():
     raise StoreError(f"{output_dir}: no {MANIFEST}; not a cbir_jax descriptor directory "
                      "(write one with launch/extract.py)")
@@ -89,9 +119,27 @@ def read_manifest(output_dir: str | os.PathLike) -> dict[str, Any]:
     m = json.loads(path.read_text())
   except ValueError as e:
     raise StoreError(f"{path}: unreadable manifest ({e})") from e
-  if m.get("format") != FORMAT:
+  if not isinstance(m, dict) or m.get("format") != FORMAT:
     raise StoreError(f"{path}: not a cbir_jax descriptor manifest")
+  if int(m.get("format_version", 1)) > FORMAT_VERSION:
+    raise StoreError(f"{path}: written by a newer cbir_jax (format {m['format_version']}); "
+                     "upgrade cbir_jax to read it")
   return m
+
+
+def load_manifest(output_dir: str | os.PathLike, name: str = MANIFEST) -> Manifest:
+  """The typed manifest of an output directory (format 1 or 2)."""
+  d = read_manifest(output_dir, name)
+  try:
+    return Manifest.from_dict(d)
+  except (KeyError, TypeError, ValueError) as e:
+    raise StoreError(f"{pathlib.Path(output_dir) / name}: damaged manifest ({e!r})") from e
+
+
+def write_manifest(output_dir: str | os.PathLike, manifest: Manifest, name: str = MANIFEST
+                   ) -> None:
+  """Writes the manifest atomically: readers see the old one or the new one, never a mix."""
+  write_json_atomic(pathlib.Path(output_dir) / name, manifest.to_dict())
 
 
 # --- writing -------------------------------------------------------------------------------
@@ -126,46 +174,35 @@ def lock(output_dir: str | os.PathLike, process_index: int = 0) -> IO[str]:
 
 def diff_settings(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = ""
                   ) -> list[str]:
-  """Names of settings (dotted) that differ between two manifests."""
-  out = []
-  for k in sorted(set(old) | set(new)):
-    a, b = old.get(k), new.get(k)
-    if isinstance(a, dict) and isinstance(b, dict):
-      out += diff_settings(a, b, f"{prefix}{k}.")
-    elif a != b:
-      out.append(f"{prefix}{k}: {a!r} in the directory, {b!r} now")
-  return out
+  """Names of settings (dotted) that differ between two manifests' settings dicts."""
+  from cbir_jax.manifest import diff_dicts
+  return diff_dicts(old, new, prefix)
 
 
-def prepare(output_dir: str | os.PathLike, manifest: dict[str, Any]) -> dict[str, Any]:
-  """Creates the output directory and its manifest, or checks a rerun matches it.
+def prepare(output_dir: str | os.PathLike, manifest: Manifest | Mapping[str, Any]) -> Manifest:
+  """Creates the output directory and its manifest (format-1 style dicts are accepted too).
 
-  Args:
-    output_dir: the job's output directory.
-    manifest: the new job's manifest head; "settings" must identify everything
-      that changes the output (model, weights, preprocessing, input, ...).
-
-  Returns:
-    The manifest now on disk.
+  A directory that already has a manifest is returned as is when its settings
+  equal the new ones, refused otherwise (the job checks the input separately).
 
   Raises:
-    StoreError: the directory holds output made with other settings.
+    StoreError: other settings, or complete shards without a manifest.
   """
-  manifest = json.loads(json.dumps(manifest))  # compare as stored (tuples become lists)
+  new = manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest)
   out = pathlib.Path(output_dir)
   out.mkdir(parents=True, exist_ok=True)
   (out / SHARDS).mkdir(exist_ok=True)
-  path = out / MANIFEST
-  if path.exists():
-    old = read_manifest(out)
-    diffs = diff_settings(old.get("settings", {}), manifest["settings"])
-    if diffs:
-      raise StoreError(
-          f"{out} already holds descriptors made with other settings; refusing to mix them. "
-          "Differences: " + "; ".join(diffs[:8]) +
-          (f" (+{len(diffs) - 8} more)" if len(diffs) > 8 else "") +
-          ". Use another --output, or delete the directory to start over.")
+  if (out / MANIFEST).exists():
+    old = load_manifest(out)
+    check_settings(out, old, new)
     return old
+  refuse_orphan_shards(out)
+  write_manifest(out, new)
+  return new
+
+
+def refuse_orphan_shards(out: pathlib.Path) -> None:
+  """Raises StoreError if `out` holds complete shards but no manifest."""
   leftover = complete_shards(out)
   if leftover:
     # Shards record no settings of their own: without the manifest nobody can tell
@@ -174,58 +211,39 @@ def prepare(output_dir: str | os.PathLike, manifest: dict[str, Any]) -> dict[str
         f"{out} holds {len(leftover)} complete shard(s) but no {MANIFEST}, so the settings "
         "that made them are unknown; refusing to reuse them. Restore the manifest, or "
         "delete the directory to start over.")
-  m = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION, status="running",
-           shards=[])
-  write_json_atomic(path, m)
-  return m
 
 
-def complete_shards(output_dir: str | os.PathLike) -> dict[int, dict[str, Any]]:
-  """Shards already written whole: index -> their shard.json."""
-  root = pathlib.Path(output_dir) / SHARDS
-  done = {}
-  if not root.is_dir():
-    return done
-  for d in root.iterdir():
-    if d.name.isdigit() and (d / "shard.json").is_file():
-      try:
-        info = json.loads((d / "shard.json").read_text())
-      except ValueError:
-        continue  # damaged: treated as missing, and rewritten by the job
-      if not _sizes_match(d, info):
-        continue  # a file truncated or lost after the shard was written: rewritten too
-      done[int(d.name)] = info
-  return done
+def check_settings(out: pathlib.Path, old: Manifest, new: Manifest) -> None:
+  """Refuses to mix rows of other settings into a directory."""
+  diffs = old.settings.diff(new.settings)
+  if diffs:
+    raise StoreError(
+        f"{out} already holds descriptors made with other settings; refusing to mix them. "
+        "Differences: " + "; ".join(diffs[:8]) +
+        (f" (+{len(diffs) - 8} more)" if len(diffs) > 8 else "") +
+        ". Use another --output, or delete the directory to start over.")
 
 
-def _sizes_match(d: pathlib.Path, info: dict[str, Any]) -> bool:
-  """Every file shard.json lists exists with its recorded size (a cheap check: stat only)."""
-  for name, f in info.get("files", {}).items():
-    try:
-      if (d / name).stat().st_size != f.get("bytes"):
-        return False
-    except OSError:
-      return False
-  return True
-
-
-def remove_partial(output_dir: str | os.PathLike, shards: Sequence[int]) -> None:
-  """Deletes leftovers of a killed job for `shards` (temporary or incomplete directories)."""
-  root = pathlib.Path(output_dir) / SHARDS
-  want = {shard_name(k) for k in shards}
-  for d in root.iterdir():
-    name = d.name
-    if name.startswith(".tmp-") and name.split("-")[1] in want:
-      shutil.rmtree(d, ignore_errors=True)
-    elif name in want:  # not in complete_shards: missing shard.json, or damaged
-      shutil.rmtree(d, ignore_errors=True)
+@dataclasses.dataclass
+class ShardData:
+  """A shard's contents in memory."""
+  arrays: dict[str, np.ndarray]
+  meta: dict[str, np.ndarray]
+  failures: list[tuple[str, str, int]]  # (path, reason, record position)
 
 
 def write_shard(output_dir: str | os.PathLike, k: int, *, start: int, stop: int,
                 arrays: Mapping[str, np.ndarray], meta: Mapping[str, np.ndarray],
-                failures: Sequence[tuple[str, str]], process_index: int = 0
-                ) -> dict[str, Any]:
-  """Writes shard k (records [start, stop)) under a temporary name, then renames it.
+                failures: Sequence[Sequence[Any]], process_index: int = 0,
+                where: str = SHARDS, name: str | None = None, records: int | None = None,
+                positions_digest: str = "") -> dict[str, Any]:
+  """Writes shard k under a temporary name in `output_dir/where`, then renames it `name`.
+
+  Args:
+    start, stop: the record range the shard covers (first and one past the last record).
+    arrays, meta, failures: its rows ({kind: [n, D]}, {column: [n]}) and failed records.
+    where, name: its folder (default shards/) and name (default `shard_name(k)`).
+    records, positions_digest: how many records it covers and their `positions_sha256`.
 
   Returns:
     The shard's info (as in shard.json).
@@ -234,36 +252,25 @@ def write_shard(output_dir: str | os.PathLike, k: int, *, start: int, stop: int,
     StoreError: the shard could not be written (disk full, permissions); nothing of
       it is left behind and complete shards are untouched.
   """
-  root = pathlib.Path(output_dir) / SHARDS
-  tmp = root / f".tmp-{shard_name(k)}-{uuid.uuid4().hex[:8]}"
-  final = root / shard_name(k)
+  root = pathlib.Path(output_dir) / where
+  root.mkdir(parents=True, exist_ok=True)
+  name = name or shard_name(k)
+  tmp = root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
   rows = len(meta["row"])
   try:
     tmp.mkdir()
-    files = {}
-
-    def finish(name: str) -> None:
-      p = tmp / name
-      with open(p, "rb+") as f:
-        os.fsync(f.fileno())
-      files[name] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
-
-    for kind, a in arrays.items():
-      if len(a) != rows:
-        raise ValueError(f"shard {k}: {kind} has {len(a)} rows, metadata {rows}")
-      np.save(tmp / f"{kind}.npy", a)
-      finish(f"{kind}.npy")
-    np.savez(tmp / "meta.npz", **{c: np.asarray(v) for c, v in meta.items()})
-    finish("meta.npz")
-    (tmp / "failures.json").write_text(json.dumps([list(f) for f in failures]))
-    finish("failures.json")
+    files = _write_shard_files(tmp, k, rows, arrays, meta, failures)
     info = {"index": k, "start": start, "stop": stop, "rows": rows,
             "failures": len(failures), "process": process_index, "files": files,
-            "shapes": {kind: list(a.shape) for kind, a in arrays.items()}}
+            "shapes": {kind: list(a.shape) for kind, a in arrays.items()},
+            "records": stop - start if records is None else records,
+            "positions_sha256": positions_digest}
     write_json_atomic(tmp / "shard.json", info)
-    _fsync_dir(tmp)
-    os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(tmp)
+    if (root / name).exists():  # a damaged leftover of the same name (not complete)
+      shutil.rmtree(root / name)
+    os.rename(tmp, root / name)
+    fsync_dir(root)
     return info
   except OSError as e:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -272,16 +279,121 @@ def write_shard(output_dir: str | os.PathLike, k: int, *, start: int, stop: int,
                      "are kept, rerun the same command to continue") from e
 
 
-def write_failures(output_dir: str | os.PathLike, shards: Sequence[int], process_index: int
+def _write_shard_files(tmp: pathlib.Path, k: int, rows: int, arrays: Mapping[str, np.ndarray],
+                       meta: Mapping[str, np.ndarray], failures: Sequence[Sequence[Any]]
+                       ) -> dict[str, dict[str, Any]]:
+  files = {}
+
+  def finish(name: str) -> None:
+    p = tmp / name
+    with open(p, "rb+") as f:
+      os.fsync(f.fileno())
+    files[name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+
+  for kind, a in arrays.items():
+    if len(a) != rows:
+      raise ValueError(f"shard {k}: {kind} has {len(a)} rows, metadata {rows}")
+    np.save(tmp / f"{kind}.npy", a)
+    finish(f"{kind}.npy")
+  np.savez(tmp / "meta.npz", **{c: np.asarray(v) for c, v in meta.items()})
+  finish("meta.npz")
+  # surrogateescape: file names that are not valid UTF-8 come back as their own bytes.
+  (tmp / "failures.json").write_text(json.dumps([list(f) for f in failures]),
+                                     encoding="utf-8", errors="surrogateescape")
+  finish("failures.json")
+  return files
+
+
+def _shard_info(d: pathlib.Path) -> dict[str, Any] | None:
+  """A shard's shard.json when every file it lists is there with its size (stat only)."""
+  try:
+    info = json.loads((d / "shard.json").read_text())
+  except (OSError, ValueError):
+    return None  # missing or damaged: treated as missing, and rewritten by the job
+  for name, f in info.get("files", {}).items():
+    try:
+      if (d / name).stat().st_size != f.get("bytes"):
+        return None  # a file truncated or lost after the shard was written
+    except OSError:
+      return None
+  return info
+
+
+def complete_shards(output_dir: str | os.PathLike, where: str = SHARDS
+                    ) -> dict[int, dict[str, Any]]:
+  """Shards already written whole in `output_dir/where`: index -> their shard.json."""
+  root = pathlib.Path(output_dir) / where
+  done = {}
+  if not root.is_dir():
+    return done
+  for d in root.iterdir():
+    if d.name.isdigit():
+      info = _shard_info(d)
+      if info is not None:
+        done[int(d.name)] = info
+  return done
+
+
+def shard_pieces(output_dir: str | os.PathLike, where: str = SHARDS
+                 ) -> dict[int, list[tuple[int, pathlib.Path, dict[str, Any]]]]:
+  """Finished parts of stopped shards: index -> [(records covered, folder, shard.json)]."""
+  root = pathlib.Path(output_dir) / where
+  out: dict[int, list] = {}
+  if not root.is_dir():
+    return out
+  for d in root.iterdir():
+    k, sep, n = d.name.partition(_PART)
+    if sep and k.isdigit() and n.isdigit():
+      info = _shard_info(d)
+      if info is not None:
+        out.setdefault(int(k), []).append((int(n), d, info))
+  return {k: sorted(v, key=lambda t: t[0]) for k, v in out.items()}
+
+
+def remove_partial(output_dir: str | os.PathLike, shards: Sequence[int], where: str = SHARDS,
+                   keep: Sequence[pathlib.Path] = ()) -> None:
+  """Deletes leftovers of a killed job for `shards` (temporary, incomplete, or pieces not kept)."""
+  root = pathlib.Path(output_dir) / where
+  if not root.is_dir():
+    return
+  want = {shard_name(k) for k in shards}
+  keep = {pathlib.Path(p).name for p in keep}
+  for d in root.iterdir():
+    name = d.name
+    if name.startswith(".tmp-") and name.split("-")[1].split(".")[0] in want:
+      shutil.rmtree(d, ignore_errors=True)
+    elif name.split(".")[0] in want and name not in keep and (
+        _PART in name or _shard_info(d) is None):
+      shutil.rmtree(d, ignore_errors=True)
+
+
+def read_shard(d: str | os.PathLike, kinds: Sequence[str]) -> ShardData:
+  """A complete shard's rows, metadata and failures, read into memory."""
+  d = pathlib.Path(d)
+  try:
+    arrays = {k: np.load(d / f"{k}.npy", allow_pickle=False) for k in kinds}
+    with np.load(d / "meta.npz", allow_pickle=False) as z:
+      meta = {c: z[c] for c in z.files}
+  except (OSError, ValueError) as e:
+    raise StoreError(f"cannot read shard {d}: {e}; delete it and rerun to recompute it") from e
+  return ShardData(arrays, meta, read_failures_json(d / "failures.json"))
+
+
+def read_failures_json(path: pathlib.Path) -> list[tuple[str, str, int]]:
+  if not path.is_file():
+    return []
+  items = json.loads(path.read_text(encoding="utf-8", errors="surrogateescape"))
+  return [(f[0], f[1], int(f[2]) if len(f) > 2 else -1) for f in items]
+
+
+def write_failures(output_dir: str | os.PathLike, shard_dirs: Sequence[str], process_index: int
                    ) -> int:
-  """Writes failures-<process>.tsv from the failures of `shards`; returns their count."""
+  """Writes failures-<process>.tsv from the failures of `shard_dirs`; returns their count."""
   root = pathlib.Path(output_dir)
   lines = []
-  for k in sorted(shards):
-    p = root / SHARDS / shard_name(k) / "failures.json"
-    if p.is_file():
-      for key, reason in json.loads(p.read_text()):
-        lines.append(f"{_tsv(key)}\t{_tsv(reason)}\n")
+  for d in shard_dirs:
+    for key, reason, _ in read_failures_json(root / d / "failures.json"):
+      lines.append(f"{_tsv(key)}\t{_tsv(reason)}\n")
   path = root / f"failures-{process_index}.tsv"
   tmp = path.with_name(f".{path.name}.tmp")
   # surrogateescape: a file name that is not valid UTF-8 is written back as its own bytes
@@ -299,113 +411,50 @@ def _tsv(s: str) -> str:
 
 def finalize(output_dir: str | os.PathLike, *, num_shards: int, process_count: int,
              consolidate: bool = True) -> dict[str, Any]:
-  """Completes the manifest once every shard exists (process 0, after all processes finish).
-
-  Consolidation concatenates each kind's shards into descriptors/<kind>.npy so
-  the result can be memory-mapped as one array.
-
-  Raises:
-    StoreError: shards are missing (for instance processes that do not share
-      the output filesystem) or a file cannot be written.
-  """
+  """Completes a generation whose shards are all written (see `consolidate.seal`)."""
+  from cbir_jax import consolidate as cons
   out = pathlib.Path(output_dir)
-  m = read_manifest(out)
-  done = complete_shards(out)
-  missing = [k for k in range(num_shards) if k not in done]
-  if missing:
-    raise StoreError(f"{out}: {len(missing)} of {num_shards} shards missing (first: "
-                     f"{shard_name(missing[0])}); were all processes writing to one shared "
-                     "directory? Rerun the same command to complete them.")
-  shards = [done[k] for k in range(num_shards)]
-  total = sum(s["rows"] for s in shards)
-  m.update(shards=[{"index": s["index"], "dir": f"{SHARDS}/{shard_name(s['index'])}",
-                    "start": s["start"], "stop": s["stop"], "rows": s["rows"],
-                    "failures": s["failures"], "process": s["process"], "files": s["files"]}
-                   for s in shards],
-           rows=total, failures=sum(s["failures"] for s in shards),
-           process_count=process_count, status="complete", consolidated={})
-  if consolidate:
-    try:
-      m["consolidated"] = _consolidate(out, m, shards, total)
-    except StoreError:
-      raise
-    except OSError as e:
-      raise StoreError(f"{out}: cannot write the consolidated arrays: {e}; the shards are "
-                       "complete, rerun the same command to retry") from e
-    except ValueError as e:  # np.load of a shard file damaged after it was written
-      raise StoreError(f"{out}: cannot read a shard while consolidating ({e}); delete the "
-                       "damaged shard directory and rerun the same command") from e
-  write_json_atomic(out / MANIFEST, m)
-  return m
-
-
-def _consolidate(out: pathlib.Path, m: dict[str, Any], shards: list[dict[str, Any]],
-                 total: int) -> dict[str, Any]:
-  # Plain writes, not a memory map: on a full disk a write into a mapped file is
-  # SIGBUS (the process dies), while write() raises ENOSPC that we can report.
-  # Every shard file is hashed as it is copied, so a shard damaged after it was
-  # written is caught here instead of being sealed under a fresh checksum.
-  (out / CONSOLIDATED).mkdir(exist_ok=True)
-  result = {}
-  if not shards:
-    return result
-  for kind in m["settings"]["kinds"]:
-    path = out / CONSOLIDATED / f"{kind}.npy"
-    tmp = path.with_name(f".{kind}.npy.tmp")
-    try:
-      with open(tmp, "wb") as f:
-        header_at = None
-        for s in shards:
-          rel = f"{SHARDS}/{shard_name(s['index'])}/{kind}.npy"
-          with open(out / rel, "rb") as src:
-            try:
-              version = np.lib.format.read_magic(src)
-              read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                             else np.lib.format.read_array_header_2_0)
-              shape, fortran, dtype = read_header(src)
-            except ValueError as e:
-              raise StoreError(f"{out}: {rel} is not a valid .npy ({e}); delete "
-                               f"{SHARDS}/{shard_name(s['index'])} and rerun to recompute it"
-                               ) from e
-            if header_at is None:
-              header_at = (dtype, shape[1:])
-              np.lib.format.write_array_header_1_0(
-                  f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-                      "shape": (total, *shape[1:])})
-            if (dtype, shape[1:]) != header_at or fortran or shape[0] != s["rows"]:
-              raise StoreError(f"{out}: {rel} holds {shape} {dtype}, expected "
-                               f"({s['rows']}, {header_at[1]}) {header_at[0]}")
-            h = hashlib.sha256()
-            data_at = src.tell()
-            src.seek(0)
-            h.update(src.read(data_at))
-            while block := src.read(1 << 22):
-              h.update(block)
-              f.write(block)
-            want = s.get("files", {}).get(f"{kind}.npy", {}).get("sha256")
-            if want and h.hexdigest() != want:
-              raise StoreError(f"{out}: {rel} does not match its SHA-256 in shard.json "
-                               f"(damaged after it was written); delete "
-                               f"{SHARDS}/{shard_name(s['index'])} and rerun to recompute it")
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, path)
-    except BaseException:
-      tmp.unlink(missing_ok=True)
-      raise
-    result[kind] = {"file": f"{CONSOLIDATED}/{kind}.npy", "rows": total,
-                    "sha256": _sha256(path)}
-  return result
+  m = load_manifest(out)
+  m = cons.seal(out, m.replace(num_shards=num_shards), process_count=process_count,
+                consolidate=consolidate)
+  write_manifest(out, m)
+  return m.to_dict()
 
 
 # --- reading -------------------------------------------------------------------------------
 
 
-def _check_file(out: pathlib.Path, rel: str, sha256: str | None, verify: bool) -> pathlib.Path:
+def _npy_rows(path: pathlib.Path) -> int | None:
+  """Rows an .npy header declares (None if it has no readable header)."""
+  try:
+    with open(path, "rb") as f:
+      version = np.lib.format.read_magic(f)
+      read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+              else np.lib.format.read_array_header_2_0)
+      shape = read(f)[0]
+    return int(shape[0]) if shape else None
+  except (OSError, ValueError):
+    return None
+
+
+def _file(out: pathlib.Path, rel: str, want: Mapping[str, Any] | None, verify: bool,
+          rows: int | None = None) -> pathlib.Path:
+  """A file the manifest lists: present, of its recorded size (and, for an .npy, `rows`
+  rows), and with `verify`, of its recorded digest."""
   p = out / rel
-  if not p.is_file():
-    raise StoreError(f"{out}: {rel} is listed in the manifest but missing")
-  if verify and sha256 and _sha256(p) != sha256:
+  try:
+    size = p.stat().st_size
+  except OSError:
+    raise StoreError(f"{out}: {rel} is listed in the manifest but missing") from None
+  want = want or {}
+  has = _npy_rows(p) if rows is not None else None
+  if rows is not None and has != rows:
+    raise StoreError(f"{out}: {rel} has {size} bytes ({has} rows), the manifest says {rows} "
+                     "rows (damaged or modified file)")
+  if want.get("bytes", -1) >= 0 and size != want["bytes"]:
+    raise StoreError(f"{out}: {rel} has {size} bytes, the manifest says {want['bytes']} "
+                     "(damaged or modified file)")
+  if verify and want.get("sha256") and sha256_file(p) != want["sha256"]:
     raise StoreError(f"{out}: {rel} does not match its SHA-256 in the manifest "
                      "(damaged or modified file)")
   return p
@@ -419,15 +468,91 @@ def _check_finite(a: np.ndarray, what: str, chunk: int = 65536) -> None:
       raise StoreError(f"{what}: row {bad} holds NaN or infinity")
 
 
+def _load_npy(path: pathlib.Path) -> np.ndarray:
+  try:
+    a = np.load(path, mmap_mode="r", allow_pickle=False)
+  except Exception as e:  # truncated or not an .npy
+    raise StoreError(f"cannot read {path}: {e}") from e
+  if a.ndim != 2:
+    raise StoreError(f"{path}: expected a 2-D array, found shape {a.shape}")
+  return a
+
+
+def _read_meta(out: pathlib.Path, m: Manifest, verify: bool) -> list[dict[str, np.ndarray]]:
+  metas = []
+  for s in m.shards:
+    if not (out / s.dir).is_dir():
+      raise StoreError(f"{out}: shard {s.dir} is listed in the manifest but missing")
+    p = _file(out, f"{s.dir}/meta.npz", s.files.get("meta.npz"), verify)
+    try:
+      with np.load(p, allow_pickle=False) as z:
+        meta = {c: z[c] for c in z.files}
+    except Exception as e:  # zip/format errors of a damaged file
+      raise StoreError(f"{out}: cannot read {s.dir}/meta.npz ({e})") from e
+    if len(meta.get("row", ())) != s.rows:
+      raise StoreError(f"{out}: {s.dir}/meta.npz has {len(meta.get('row', ()))} rows, the "
+                       f"manifest says {s.rows}")
+    metas.append(meta)
+  return metas
+
+
+def _read_array(out: pathlib.Path, m: Manifest, kind: str, verify: bool) -> np.ndarray:
+  dim = m.dimensions.get(kind)
+  c = m.consolidated.get(kind)
+  if c is not None:
+    want = {"sha256": c.sha256, "bytes": c.bytes}
+    array = _load_npy(_file(out, c.file, want, verify, rows=m.rows))
+    if len(array) != m.rows or c.rows != m.rows:
+      raise StoreError(f"{out}: {c.file} has {len(array)} rows, the shards in the manifest "
+                       f"{m.rows}")
+  else:
+    parts = []
+    for s in m.shards:
+      rel = f"{s.dir}/{kind}.npy"
+      parts.append(_load_npy(_file(out, rel, s.files.get(f"{kind}.npy"), verify, rows=s.rows)))
+    if not parts:
+      raise StoreError(f"{out}: the manifest lists no shards")
+    array = np.concatenate(parts) if len(parts) > 1 else parts[0]
+  if dim is not None and array.shape[1] != dim:
+    raise StoreError(f"{out}: {kind} rows have {array.shape[1]} values, the manifest says {dim}")
+  return array
+
+
+def open_index(output_dir: str | os.PathLike, kind: str = "fc_conv", *, verify: bool = False
+               ) -> tuple[Manifest, np.ndarray, dict[str, np.ndarray]]:
+  """(manifest, descriptors, metadata) of a finished extraction; see `load_descriptors`."""
+  out = pathlib.Path(output_dir)
+  m = load_manifest(out)
+  if not m.complete:
+    done = len(complete_shards(out, m.path(SHARDS)))
+    raise StoreError(f"{out}: extraction not finished ({done} of {m.num_shards} shards "
+                     "written); rerun the extraction command to complete it")
+  if kind not in m.settings.kinds:
+    raise StoreError(f"{out}: kind {kind!r} was not extracted; available: "
+                     f"{list(m.settings.kinds)}")
+  metas = _read_meta(out, m, verify)
+  array = _read_array(out, m, kind, verify)
+  if verify:
+    _check_finite(array, f"{out} ({kind})")
+  cols = metas[0].keys() if metas else META_COLUMNS
+  meta = {c: np.concatenate([mt[c] for mt in metas]) if metas else np.zeros(0)
+          for c in cols}
+  return m, array, meta
+
+
 def load_descriptors(output_dir: str | os.PathLike, kind: str = "fc_conv", *,
-                     verify: bool = True) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                     verify: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """Descriptors and metadata of a finished extraction, rows in input order.
+
+  The job verifies every checksum once, when it finishes (recorded in the
+  manifest's "verified"); loading checks what is cheap: every listed file
+  exists with its recorded size, row counts and shapes agree.
 
   Args:
     output_dir: a directory written by the extraction job.
     kind: descriptor kind (fc, conv, fc_conv, mac, spoc; those the job extracted).
-    verify: check SHA-256 checksums and that every value is finite (reads the
-      data once); row counts and shapes are always checked.
+    verify: also recompute SHA-256 checksums and check every value is finite
+      (reads the data once more; for copies of uncertain provenance).
 
   Returns:
     (array [N, D], read-only memory-mapped when the job consolidated its shards
@@ -439,78 +564,24 @@ def load_descriptors(output_dir: str | os.PathLike, kind: str = "fc_conv", *,
   Raises:
     StoreError: unfinished job, unknown kind, or files that do not match the manifest.
   """
-  out = pathlib.Path(output_dir)
-  m = read_manifest(out)
-  if m.get("status") != "complete":
-    done = len(complete_shards(out))
-    raise StoreError(f"{out}: extraction not finished ({done} of {m.get('num_shards', '?')} "
-                     "shards written); rerun the extraction command to complete it")
-  kinds = m["settings"]["kinds"]
-  if kind not in kinds:
-    raise StoreError(f"{out}: kind {kind!r} was not extracted; available: {kinds}")
-  metas, parts = [], []
-  consolidated = m.get("consolidated", {}).get(kind)
-  for s in m["shards"]:
-    d = s["dir"]
-    files = s.get("files", {})
-    if not (out / d).is_dir():
-      raise StoreError(f"{out}: shard {d} is listed in the manifest but missing")
-    mp = _check_file(out, f"{d}/meta.npz", files.get("meta.npz", {}).get("sha256"), verify)
-    try:
-      with np.load(mp, allow_pickle=False) as z:
-        meta = {c: z[c] for c in z.files}
-    except Exception as e:  # zip/format errors of a damaged file
-      raise StoreError(f"{out}: cannot read {d}/meta.npz ({e})") from e
-    if len(meta.get("row", ())) != s["rows"]:
-      raise StoreError(f"{out}: {d}/meta.npz has {len(meta.get('row', ()))} rows, the "
-                       f"manifest says {s['rows']}")
-    metas.append(meta)
-    if consolidated is None:
-      ap = _check_file(out, f"{d}/{kind}.npy", files.get(f"{kind}.npy", {}).get("sha256"),
-                       verify)
-      a = _load_npy(ap)
-      if len(a) != s["rows"]:
-        raise StoreError(f"{out}: {d}/{kind}.npy has {len(a)} rows, the manifest says "
-                         f"{s['rows']}")
-      parts.append(a)
-  total = sum(s["rows"] for s in m["shards"])
-  if consolidated is not None:
-    p = _check_file(out, consolidated["file"], consolidated.get("sha256"), verify)
-    array = _load_npy(p)
-    if len(array) != total or consolidated.get("rows") != total:
-      raise StoreError(f"{out}: {consolidated['file']} has {len(array)} rows, the shards "
-                       f"in the manifest {total}")
-  elif parts:
-    array = np.concatenate(parts) if len(parts) > 1 else parts[0]
-  else:
-    raise StoreError(f"{out}: the manifest lists no shards")
-  if verify:
-    _check_finite(array, f"{out} ({kind})")
-  cols = metas[0].keys() if metas else META_COLUMNS
-  meta = {c: np.concatenate([mt[c] for mt in metas]) for c in cols}
+  _, array, meta = open_index(output_dir, kind, verify=verify)
   return array, meta
 
 
-def _load_npy(path: pathlib.Path) -> np.ndarray:
-  try:
-    a = np.load(path, mmap_mode="r", allow_pickle=False)
-  except Exception as e:  # truncated or not an .npy
-    raise StoreError(f"cannot read {path}: {e}") from e
-  if a.ndim != 2:
-    raise StoreError(f"{path}: expected a 2-D array, found shape {a.shape}")
-  return a
-
-
 def read_failures(output_dir: str | os.PathLike) -> list[tuple[str, str]]:
-  """All (path, reason) failures of a finished or partial job, in input order."""
+  """All (path, reason) failures of the current generation (finished or partial), in input order."""
   out = pathlib.Path(output_dir)
+  base = ""
+  if (out / MANIFEST).is_file():
+    base = load_manifest(out).base
+  where = "/".join(p for p in (base, SHARDS) if p)
   result = []
-  for k, _ in sorted(complete_shards(out).items()):
-    p = out / SHARDS / shard_name(k) / "failures.json"
-    if p.is_file():
-      result += [tuple(f) for f in json.loads(p.read_text())]
+  for k, _ in sorted(complete_shards(out, where).items()):
+    result += [(key, reason) for key, reason, _ in
+               read_failures_json(out / where / shard_name(k) / "failures.json")]
   return result
 
 
-__all__ = ["StoreError", "load_descriptors", "read_failures", "read_manifest", "lock",
-           "prepare", "write_shard", "finalize", "complete_shards"]
+__all__ = ["StoreError", "ShardData", "load_descriptors", "open_index", "read_failures",
+           "read_manifest", "load_manifest", "write_manifest", "lock", "prepare", "write_shard",
+           "finalize", "complete_shards", "shard_pieces", "read_shard"]

@@ -2,9 +2,11 @@
 
   python launch/benchmark.py                       # CPU or GPU preset, by the host
   python launch/benchmark.py --sections=model --backbones=vgg16 --batch_sizes=8
+  python launch/benchmark.py --sections=input --json=/tmp/input.json   # decoding only
   python launch/benchmark.py --preset=gpu --json=/tmp/bench.json   # VGG16, f32+bf16, b64..512
 Every figure, the environment and the settings go to --json. Defaults on a
-2-core CPU take under 10 minutes; see docs/benchmarks.md for recorded runs.
+2-core CPU take under 10 minutes; see docs/benchmarks.md for recorded runs. The
+bounded check of an accelerator host is launch/gpu_check.py.
 """
 from __future__ import annotations
 
@@ -40,13 +42,19 @@ _LAYOUT = flags.DEFINE_enum("peer_layout", "auto", ["auto", "channels_last", "nc
                             "PyTorch peer's memory layout (auto: the faster per backbone).")
 _DATA = flags.DEFINE_string("data_dir", str(_REPO.parent / "shared" / "data"),
                             "Folder with food7/ and imagenet-sample/.")
-_PIPE_DIR = flags.DEFINE_string("pipeline_folder", "imagenet-sample/images", "JPEG folder under "
-                                 "--data_dir for section pipeline (food7's photos are 224x224 "
-                                 "already; ImageNet's are ~500x375).")
+_IN_DIR = flags.DEFINE_string("input_folder", "imagenet-sample/images", "JPEG folder under "
+                              "--data_dir for section input (food7's photos are 224x224 "
+                              "already; ImageNet's are ~500x375).")
 _E2E_DIR = flags.DEFINE_string("e2e_folder", "food7", "Image folder under --data_dir for section "
                                "end_to_end.")
-_PIPE_N = flags.DEFINE_integer("pipeline_images", None, "Images decoded in section pipeline.")
-_PIPE_T = flags.DEFINE_list("pipeline_threads", None, "tf.data thread counts to try.")
+_IN_N = flags.DEFINE_integer("input_images", None, "Photos of --input_folder decoded in section "
+                             "input.")
+_IN_PHONE = flags.DEFINE_integer("input_phone_images", None, "Phone-size (4032x3024) JPEGs made "
+                                 "from the first photos of --input_folder, cached in the temp "
+                                 "dir (0: none).")
+_IN_T = flags.DEFINE_list("input_threads", None, "Decode thread counts of the product's pipeline "
+                          "(default: 1 and every core).")
+_IN_ROUNDS = flags.DEFINE_integer("input_rounds", None, "Alternating rounds in section input.")
 _E2E_MODEL = flags.DEFINE_string("e2e_backbone", None, "Backbone of the extraction job.")
 _E2E_BATCH = flags.DEFINE_integer("e2e_batch", None, "Batch of the extraction job.")
 _E2E_LIMIT = flags.DEFINE_integer("e2e_limit", None, "Images of food7 to extract (0: all).")
@@ -78,9 +86,9 @@ def main(argv: list[str]) -> None:
       batch_sizes=_ints(_BATCHES.value), dtypes=_DTYPES.value, repeats=_REPEATS.value,
       image_size=_SIZE.value, xla_variants=_VARIANTS.value, peer=_PEER.value,
       peer_layout=_LAYOUT.value,
-      data_dir=_DATA.value, pipeline_folder=_PIPE_DIR.value, pipeline_images=_PIPE_N.value,
-      e2e_folder=_E2E_DIR.value,
-      pipeline_threads=_ints(_PIPE_T.value), e2e_backbone=_E2E_MODEL.value,
+      data_dir=_DATA.value, input_folder=_IN_DIR.value, input_images=_IN_N.value,
+      input_phone_images=_IN_PHONE.value, input_threads=_ints(_IN_T.value),
+      input_rounds=_IN_ROUNDS.value, e2e_folder=_E2E_DIR.value, e2e_backbone=_E2E_MODEL.value,
       e2e_batch=_E2E_BATCH.value, e2e_limit=_E2E_LIMIT.value,
       search_sizes=_ints(_S_SIZES.value), search_dims=_ints(_S_DIMS.value),
       search_queries=_S_Q.value, search_k=_S_K.value, search_repeats=_S_REP.value,

@@ -3,13 +3,18 @@ r"""Extracts descriptors of a folder or a TFDS split into a directory of shards.
   python launch/extract.py --images=PHOTOS --output=/tmp/photos.desc
   python launch/extract.py --tfds=oxford_flowers102:train --data_dir=~/tensorflow_datasets \
       --output=/data/flowers.desc --batch_size=64 --dtype=bfloat16
-Rerunning the same command continues an interrupted job. Load the result with
+Rerunning the same command continues an interrupted job; after the input changed,
+`--update` keeps the rows of unchanged files and extracts the rest. Load the result with
 `cbir_jax.load_descriptors(output_dir, kind)`. Exit status: 0 done (bad images
-are listed in failures-*.tsv), 1 error, 130 interrupted (complete shards kept).
+are listed in failures-*.tsv), 1 error, 130 interrupted (finished rows kept).
 """
 from __future__ import annotations
 
-import sys
+import time
+
+_STARTED = time.perf_counter()  # before the heavy imports, so the summary counts them
+
+import sys  # noqa: E402
 
 from absl import app, flags, logging
 
@@ -50,11 +55,16 @@ _RELATIVE = flags.DEFINE_bool("relative", _d.relative, "tau = threshold x the im
 _MASKS = flags.DEFINE_enum("masks", _d.masks, ["channel", "spatial"], "channel: the paper's "
                            "per-channel masks; spatial: the authors' notebook variant.")
 _SHARD = flags.DEFINE_integer("shard_size", _d.shard_size, "Input records per shard (the unit "
-                              "of resumption).")
+                              "of consolidation and resumption).")
 _THREADS = flags.DEFINE_integer("num_threads", None, "Parallel image decodes per process "
                                 "(default: tf.data autotune).")
 _DRAFT = flags.DEFINE_bool("draft", False, "Decode JPEGs at reduced scale when larger than "
                            "needed (faster; pixels differ slightly).")
+_UPDATE = flags.DEFINE_bool("update", False, "The input changed since the output was made: keep "
+                            "the rows of unchanged records, extract new and changed ones, drop "
+                            "removed ones (also after the folder moved).")
+_DIGEST = flags.DEFINE_bool("content_digest", False, "Identify input files by a SHA-256 of their "
+                            "bytes too, not only size and modification time (reads them twice).")
 _CONSOLIDATE = flags.DEFINE_bool("consolidate", True, "At the end, concatenate the shards into "
                                  "one array per kind (memory-mappable as a whole).")
 _PROGRESS = flags.DEFINE_enum("progress", "auto", ["auto", "bar", "log", "none"],
@@ -83,11 +93,12 @@ def main(argv: list[str]) -> None:
       kinds=kinds, batch_size=_BATCH.value, dtype=_DTYPE.value, output_dtype=_OUT_DTYPE.value,
       image_size=_SIZE.value, threshold=_THRESHOLD.value, relative=_RELATIVE.value,
       masks=_MASKS.value, shard_size=_SHARD.value, num_threads=_THREADS.value,
-      draft=_DRAFT.value, consolidate=_CONSOLIDATE.value, progress=_PROGRESS.value,
+      draft=_DRAFT.value, consolidate=_CONSOLIDATE.value, update=_UPDATE.value,
+      content_digest=_DIGEST.value, progress=_PROGRESS.value,
       log_every_s=_LOG_EVERY.value, distributed=_DIST.value,
       coordinator_address=_COORD.value, num_processes=_NPROC.value, process_id=_PID.value)
   try:
-    summary = extract.run(config)
+    summary = extract.run(config, started=_STARTED)
   except extract.Interrupted as e:
     print(f"extract: {e}", file=sys.stderr)
     sys.exit(130)

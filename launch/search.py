@@ -2,6 +2,8 @@
 
   python launch/search.py --index=/tmp/food7_index --query_ids=0 --k=5 --report=/tmp/report
   python launch/search.py --index=/tmp/food7_index --query=a.jpg,b.jpg --kind=fc_conv
+  python launch/search.py --index=/tmp/food7_index --query_ids=0 --report=/tmp/report \
+      --image_root=/new/place/of/food7     # the images moved since the extraction
 Query images go through the backbone, weights and preprocessing recorded in the
 index's manifest; weights other than those recorded are refused.
 """
@@ -11,7 +13,7 @@ import sys
 
 from absl import app, flags, logging
 
-from cbir_jax import descriptors, report, runtime, search
+from cbir_jax import descriptors, index_images, report, runtime, search
 
 _INDEX = flags.DEFINE_string("index", None, "Extraction output directory.", required=True)
 _QUERY = flags.DEFINE_multi_string("query", [], "Query image file(s); repeat the flag or "
@@ -23,6 +25,8 @@ _K = flags.DEFINE_integer("k", 5, "Results per query.")
 _EXCLUDE_SELF = flags.DEFINE_bool("exclude_self", False,
                                   "Drop a --query_ids row from its own results.")
 _REPORT = flags.DEFINE_string("report", None, "Folder for results.png and results.html.")
+_IMAGE_ROOT = flags.DEFINE_string("image_root", None, "For --report: where the index's image "
+                                  "folder (or TFDS data_dir) is now, if it moved.")
 
 
 def main(argv: list[str]) -> None:
@@ -32,13 +36,19 @@ def main(argv: list[str]) -> None:
   if not flags.FLAGS["verbosity"].present:  # keep library INFO logs (orbax) off the table
     logging.set_verbosity(logging.WARNING)
   try:
+    images = (index_images.IndexImages.of_index(_INDEX.value, image_root=_IMAGE_ROOT.value)
+              if _REPORT.value else None)  # a bad --image_root fails before the search
     results = search.search_index(_INDEX.value, kind=_KIND.value, k=_K.value,
                                   query_paths=_QUERY.value, query_ids=_QUERY_IDS.value,
                                   exclude_self=_EXCLUDE_SELF.value)
     print(search.format_results(results))
     if _REPORT.value:
-      out = report.write_report(_REPORT.value, results, title=f"{_INDEX.value} ({_KIND.value})")
+      out = report.write_index_report(_REPORT.value, _INDEX.value, results, k=_K.value,
+                                      images=images)
       print(f"report: {out['png']} {out['html']}")
+      if out["missing"]:
+        print(f"report: {len(out['missing'])} images not readable, drawn as grey boxes "
+              f"(first: {out['missing'][0]})")
   except (ValueError, OSError) as e:  # StoreError, IndexMismatch, WeightsError are ValueErrors
     sys.exit(f"search: error: {e}")
 

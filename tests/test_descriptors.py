@@ -234,10 +234,100 @@ def test_describe_kinds_and_baselines():
   np.testing.assert_array_equal(out["fc_conv"], np.concatenate([out["fc"], out["conv"]], 1))
   np.testing.assert_allclose(out["mac"], pools[-1].max((1, 2)))
   np.testing.assert_allclose(out["spoc"], pools[-1].mean((1, 2)), rtol=1e-6)
+  np.testing.assert_allclose(out["gem"], literal_gem(pools[-1], 3.0, 1e-6), rtol=1e-5)
   assert desc.dimensions((64, 128, 256, 512, 512), 8192) == {
-      "fc": 8192, "conv": 1472, "fc_conv": 9664, "mac": 512, "spoc": 512}
+      "fc": 8192, "conv": 1472, "fc_conv": 9664, "mac": 512, "spoc": 512, "gem": 512}
   with pytest.raises(ValueError, match="unknown descriptor kinds"):
-    desc.describe(pools, fc, kinds=("fc", "gem"))
+    desc.describe(pools, fc, kinds=("fc", "rmac"))
+
+
+def test_describe_without_fc_part():
+  """A network run without its FC layers (no-top weights) gives fc=None: FC kinds refused."""
+  rng = np.random.default_rng(8)
+  pools = random_pools(rng, 2, 64, 64, SMALL_CHANNELS)
+  out = desc.describe(pools, None, kinds=("conv", "mac", "spoc", "gem"))
+  assert list(out) == ["conv", "mac", "spoc", "gem"]
+  with_fc = desc.describe(pools, np.ones((2, 3), np.float32), kinds=("conv", "gem"))
+  np.testing.assert_array_equal(out["conv"], with_fc["conv"])
+  for kinds in (("fc",), ("conv", "fc_conv")):
+    with pytest.raises(ValueError, match=r"need the network's FC layers"):
+      desc.describe(pools, None, kinds=kinds)
+  assert set(desc.FC_KINDS) < set(desc.KINDS)
+
+
+# --- GeM (Radenovic, Tolias, Chum, TPAMI 2019) ---------------------------------------------
+
+
+def literal_gem(last, p, eps):
+  """f_c = (mean_ij max(x_ijc, eps)^p)^(1/p), one number at a time, float64."""
+  last = np.asarray(last, np.float64)
+  n, h, w, c = last.shape
+  out = np.zeros((n, c))
+  for k in range(n):
+    for ch in range(c):
+      total = 0.0
+      for i in range(h):
+        for j in range(w):
+          total += max(last[k, i, j, ch], eps) ** p
+      out[k, ch] = (total / (h * w)) ** (1.0 / p)
+  return out
+
+
+@pytest.mark.parametrize("p", [1.0, 3.0, 7.5])
+@pytest.mark.parametrize("hw", [(7, 7), (3, 2), (1, 1)])
+def test_gem_matches_literal_loop(p, hw):
+  rng = np.random.default_rng(int(p * 10) + hw[0])
+  # Post-ReLU-like maps with exact zeros, plus a few negatives (clamped to eps).
+  x = np.maximum(rng.standard_normal((3, *hw, 6)), -0.1).astype(np.float32) * 4
+  got = np.asarray(desc.gem(x, p=p))
+  assert got.dtype == np.float32 and got.shape == (3, 6)
+  np.testing.assert_allclose(got, literal_gem(x, p, desc.GEM_EPS), rtol=2e-6, atol=0)
+
+
+def test_gem_closed_forms():
+  eps, p = desc.GEM_EPS, desc.GEM_P
+  assert p == 3.0  # the issue's baseline
+  # Constant maps: the generalised mean of a constant is the constant; zeros clamp to eps.
+  const = np.full((2, 5, 4, 3), 2.5, np.float32)
+  np.testing.assert_allclose(desc.gem(const), 2.5, rtol=1e-6)
+  np.testing.assert_allclose(desc.gem(np.zeros((1, 4, 4, 2), np.float32)), eps, rtol=1e-5)
+  np.testing.assert_allclose(desc.gem(np.full((1, 3, 3, 2), -7.0, np.float32)), eps, rtol=1e-5)
+  # One non-zero position v among H*W: ((v^p + (HW - 1) eps^p) / HW)^(1/p).
+  x = np.zeros((1, 7, 7, 1), np.float32)
+  x[0, 3, 5, 0] = 6.0
+  want = ((6.0 ** p + 48 * eps ** p) / 49) ** (1 / p)
+  np.testing.assert_allclose(desc.gem(x)[0, 0], want, rtol=1e-6)
+  assert abs(want - 6.0 / 49 ** (1 / 3)) < 1e-9  # eps^3 is negligible here
+
+
+def test_gem_between_mean_and_max():
+  rng = np.random.default_rng(11)
+  x = (rng.random((4, 6, 5, 8)) * 10 + 0.01).astype(np.float32)  # all > eps: no clamping
+  spoc, mac = np.asarray(desc.spoc(x)), np.asarray(desc.mac(x))
+  np.testing.assert_allclose(desc.gem(x, p=1.0), spoc, rtol=1e-6)  # p = 1 is the mean
+  g3 = np.asarray(desc.gem(x))
+  assert np.all(spoc <= g3 * (1 + 1e-6)) and np.all(g3 <= mac * (1 + 1e-6))  # power means
+  # Large p tends to the max: max * (1/HW)^(1/p) <= GeM_p <= max (30 positions here).
+  g = np.asarray(desc.gem(x, p=200.0))
+  assert np.all(g <= mac * (1 + 1e-6)) and np.all(g >= mac * 30 ** (-1 / 200) * (1 - 1e-6))
+  assert np.max(np.abs(g - mac) / mac) < 0.02
+
+
+def test_gem_large_values_do_not_overflow():
+  """x^p overflows float32 past ~3.4e38: 1e3^50 would; the scaled form does not."""
+  x = np.zeros((1, 2, 2, 1), np.float32)
+  x[0, 0, 0, 0], x[0, 1, 1, 0] = 1000.0, 500.0
+  got = float(desc.gem(x, p=50.0)[0, 0])
+  want = ((1000.0 ** 50 + 500.0 ** 50 + 2 * 1e-6 ** 50) / 4) ** (1 / 50)  # float64: fine
+  assert np.isfinite(got) and got == pytest.approx(want, rel=1e-5)
+
+
+def test_gem_bfloat16_input_computed_in_float32():
+  rng = np.random.default_rng(12)
+  x = jnp.asarray(np.maximum(rng.standard_normal((2, 7, 7, 16)), 0), jnp.bfloat16)
+  got = jax.jit(desc.gem)(x)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, literal_gem(np.asarray(x, np.float64), 3.0, 1e-6), rtol=1e-5)
 
 
 def test_l1_distance_is_mean_absolute_difference():

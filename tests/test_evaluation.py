@@ -4,6 +4,7 @@ import pytest
 from PIL import Image
 
 from cbir_jax import evaluation as ev
+from cbir_jax.index_images import ImageUnavailable, IndexImages, IndexInput
 
 
 def solid(rgb, h=4, w=5):
@@ -57,8 +58,16 @@ def test_histograms_of_files_are_full_size_and_cached(tmp_path):
   assert set(cache) == {str(tmp_path / "a.png"), str(tmp_path / "b.png")}
   cache[str(tmp_path / "a.png")] = np.full(75, 7.0, np.float32)  # a cached value is reused
   assert ev.image_histograms([str(tmp_path / "a.png")], cache=cache)[0, 0] == 7.0
-  with pytest.raises(ValueError, match="cannot read image"):
+  with pytest.raises(ImageUnavailable, match="cannot read image .*missing.jpg"):
     ev.image_histograms([str(tmp_path / "missing.jpg")])
+  # Several unreadable: one line that counts them and gives the first reason; the readable
+  # one is still cached.
+  (tmp_path / "bad.png").write_bytes(b"not a png")
+  cache = {}
+  with pytest.raises(ImageUnavailable, match=r"^2 of 3 images cannot be read \(first: "):
+    ev.image_histograms([str(tmp_path / n) for n in ("a.png", "bad.png", "missing.jpg")],
+                        cache=cache)
+  assert list(cache) == [str(tmp_path / "a.png")]
 
 
 def test_precision_and_average_precision_by_hand():
@@ -86,6 +95,7 @@ def test_select_queries_is_seeded_and_skips_unlabelled():
   assert np.array_equal(a, ev.select_queries(labels, 3, seed=5))
   assert len(set(a)) == 3 and all(labels[a] >= 0)
   np.testing.assert_array_equal(ev.select_queries(labels, None, 0), [0, 2, 3, 5, 6, 7])
+  np.testing.assert_array_equal(ev.select_queries(labels, 0, 0), [0, 2, 3, 5, 6, 7])
   with pytest.raises(ValueError, match="only 6 labelled rows"):
     ev.select_queries(labels, 7, 0)
 
@@ -116,20 +126,23 @@ def test_evaluate_arrays_on_a_constructed_collection(tmp_path):
       bad.append([float(j), 0.0])
   out = ev.evaluate_arrays({"good": np.array(good, np.float32), "bad": np.array(bad, np.float32)},
                            np.array(labels), paths, queries=np.array([0, 4]), k=2)
-  by = {r.kind: r for r in out}
+  assert out.cutoffs == (1, 2, 5) and out.histogram_error == ""  # 5 = N - 1: 10 is dropped
+  by = {r.kind: r for r in out.results}
   assert list(by) == ["good", "bad", ev.RANDOM]
   # good: query 0 -> rows 1, 2 (class 0); query 4 (11, 0) -> rows 3, 5 tied at 0.5, then
   # the rest; the relevant rows come first in both full rankings.
   assert by["good"].top_k == [[1, 2], [3, 5]]
-  assert by["good"].precision_at_k == 1.0 and by["good"].mean_ap == 1.0
+  assert by["good"].precision == {1: 1.0, 2: 1.0, 5: 0.4} and by["good"].mean_ap == 1.0
   # bad, by hand (distances L1 / 2, ties to the lower row):
   #   query 0 (0,0): row3 0, row1 .5, row4 .5, row2 1, row5 1 -> relevance 0 1 0 1 0
   #     P@2 = 1/2, AP = (1/2 + 2/4) / 2 = 0.5
   #   query 4 (1,0): row1 0, row0 .5, row2 .5, row3 .5, row5 .5 -> relevance 0 0 0 1 1
   #     P@2 = 0, AP = (1/4 + 2/5) / 2 = 0.325
   assert by["bad"].top_k == [[3, 1], [1, 0]]
-  assert by["bad"].per_query_precision == [0.5, 0.0]
-  assert by["bad"].precision_at_k == pytest.approx(0.25)
+  assert by["bad"].per_query_precision[2] == [0.5, 0.0]
+  assert by["bad"].per_query_precision[1] == [0.0, 0.0]
+  assert by["bad"].precision[2] == pytest.approx(0.25)
+  assert by["bad"].per_query_ap == pytest.approx([0.5, 0.325])
   assert by["bad"].mean_ap == pytest.approx((0.5 + 0.325) / 2)
   # Table I column: mean over queries of the mean histogram distance of the top-k.
   h = ev.image_histograms(paths)
@@ -140,7 +153,7 @@ def test_evaluate_arrays_on_a_constructed_collection(tmp_path):
   # of each, query 4 two of the other class.
   assert by["bad"].hist_distance == pytest.approx(((0 + 4 / 75) / 2 + 4 / 75) / 2)
   assert by["good"].hist_distance == 0
-  assert by[ev.RANDOM].dim == 0 and 0 <= by[ev.RANDOM].precision_at_k <= 1
+  assert by[ev.RANDOM].dim == 0 and 0 <= by[ev.RANDOM].precision[2] <= 1
 
 
 def test_integer_labels_are_named_by_label_name():
@@ -153,3 +166,95 @@ def test_integer_labels_are_named_by_label_name():
       {"group": np.array(["dog", "", "bird", "dog"])}, "group")
   np.testing.assert_array_equal(text_labels, [1, -1, 0, 1])
   assert text_names == ["bird", "dog"]
+
+
+class _SolidImages(IndexImages):
+  """Row key "r<i>" is a solid image of colour COLOURS[i]; "r<broken>" cannot be read."""
+
+  def __init__(self, colours, broken=()):
+    super().__init__(IndexInput())
+    self.colours, self.broken = colours, set(broken)
+
+  def read_rgb(self, stored, *, upright=False):
+    i = int(stored[1:])
+    if i in self.broken:
+      raise ImageUnavailable(f"cannot read image {stored}: gone")
+    return solid(self.colours[i])
+
+
+def _literal(x, labels, q, cutoffs):
+  """P@c and AP of query q by plain loops (float64 distances; no ties in random data)."""
+  others = sorted((float(np.abs(x[q].astype(np.float64) - x[j]).mean()), j)
+                  for j in range(len(x)) if j != q)
+  rel = [labels[j] >= 0 and labels[j] == labels[q] for _, j in others]
+  if not any(rel):
+    return None, None, [j for _, j in others]
+  p = {c: sum(rel[:c]) / c for c in cutoffs}
+  hits, total = 0, 0.0
+  for r, is_rel in enumerate(rel, 1):
+    if is_rel:
+      hits += 1
+      total += hits / r
+  return p, total / sum(rel), [j for _, j in others]
+
+
+def test_precision_ap_and_hist_distance_against_literal_loops():
+  rng = np.random.default_rng(1)
+  n = 30
+  labels = rng.integers(0, 4, n)
+  labels[3] = 9  # a label no other row has: its query's P@c and AP are undefined
+  labels[[5, 9]] = -1  # unknown: never relevant
+  x = rng.normal(size=(n, 6)).astype(np.float32)
+  colours = rng.integers(0, 256, (n, 3))
+  queries = np.array([0, 3, 4, 10, 22, 29])
+  out = ev.evaluate_arrays({"x": x}, labels, [f"r{i}" for i in range(n)], queries=queries, k=3,
+                           images=_SolidImages(colours), random_baseline=False)
+  assert out.cutoffs == (1, 3, 5, 10)
+  assert out.has_relevant == [q != 3 for q in queries]
+  [r] = out.results
+  refs = [_literal(x, labels, q, out.cutoffs) for q in queries]
+  for c in out.cutoffs:
+    per = [ref[0][c] if ref[0] else None for ref in refs]
+    assert r.per_query_precision[c] == pytest.approx(per)
+    assert r.precision[c] == pytest.approx(np.mean([v for v in per if v is not None]))
+  assert r.per_query_ap == pytest.approx([ref[1] for ref in refs])
+  assert r.mean_ap == pytest.approx(np.mean([ref[1] for ref in refs if ref[1] is not None]))
+  assert r.top_k == [ref[2][:3] for ref in refs]
+  # Histogram column: solid colours, so each distance is (bins that differ) * 2 / 75.
+  h = [ev.color_histogram(solid(c)) for c in colours]
+  expect = [np.mean([ev.histogram_distance(h[q], h[j]) for j in ref[2][:3]])
+            for q, ref in zip(queries, refs)]
+  assert r.per_query_hist_distance == pytest.approx(expect)
+  assert r.hist_distance == pytest.approx(np.mean(expect))
+
+
+def test_unreadable_images_leave_class_figures_and_say_why():
+  rng = np.random.default_rng(2)
+  labels = np.array([0, 0, 1, 1, 2, 2])
+  x = rng.normal(size=(6, 4)).astype(np.float32)
+  keys = [f"r{i}" for i in range(6)]
+  colours = rng.integers(0, 256, (6, 3))
+  whole = ev.evaluate_arrays({"x": x}, labels, keys, queries=np.arange(6), k=2,
+                             images=_SolidImages(colours))
+  part = ev.evaluate_arrays({"x": x}, labels, keys, queries=np.arange(6), k=2,
+                            images=_SolidImages(colours, broken=[4]))
+  assert part.histogram_error == "cannot read image r4: gone"
+  for a, b in zip(whole.results, part.results):
+    assert b.hist_distance is None and b.per_query_hist_distance is None
+    assert a.hist_distance is not None
+    assert (a.precision, a.mean_ap, a.top_k) == (b.precision, b.mean_ap, b.top_k)
+
+
+def test_every_label_unique_gives_undefined_not_zero():
+  x = np.random.default_rng(3).normal(size=(5, 3)).astype(np.float32)
+  out = ev.evaluate_arrays({"x": x}, np.arange(5), [f"r{i}" for i in range(5)],
+                           queries=np.arange(5), k=2, images=_SolidImages([(0, 0, 0)] * 5))
+  assert out.has_relevant == [False] * 5
+  for r in out.results:
+    assert r.mean_ap is None and set(r.precision.values()) == {None}
+    assert r.hist_distance == 0.0  # colour needs no labels
+  meta = {"label": np.arange(5), "group": np.array(["a", "a", "b", "b", "c"]),
+          "wnid": np.array(["n1", "n2", "n3", "n4", "n5"]), "path": np.array(list("abcde"))}
+  assert ev.coarser_label_columns(meta, "label") == ["group"]
+  assert ev.coarser_label_columns(meta, "group") == []  # label and wnid are unique
+  assert ev.coarser_label_columns(meta, "wnid") == ["group"]

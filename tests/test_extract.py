@@ -22,6 +22,7 @@ from PIL import Image
 
 from cbir_jax import backbones, extract, inference, input_pipeline, sharding, store
 from cbir_jax import descriptors as desc
+from cbir_jax.descriptors import KINDS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -126,10 +127,13 @@ def test_bad_files_reported_and_manifest(folder, reference_run):
   assert m["rows"] == len(paths) and m["failures"] == len(bad) and m["status"] == "complete"
   assert m["num_records"] == len(paths) + len(bad) and len(m["shards"]) == 5
   assert sum(s["rows"] for s in m["shards"]) == len(paths)
-  assert m["backbone"] == "vgg_tiny" and m["weights"]["source"] == "random"
-  assert m["descriptor"] == {"threshold": 0.5, "relative": True, "masks": "channel"}
-  assert m["image_size"] == SIZE and m["output_dtype"] == "float32"
-  assert m["package_version"] and len(m["weights"]["params_sha256"]) == 64
+  s = m["settings"]
+  assert s["backbone"] == "vgg_tiny" and m["weights"]["source"] == "random"
+  assert s["descriptor"] == {"threshold": 0.5, "relative": True, "masks": "channel"}
+  assert s["image_size"] == SIZE and s["output_dtype"] == "float32"
+  assert s["package_version"] and len(m["weights"]["params_sha256"]) == 64
+  assert m["weights"]["kind"] == "random" and "dir" not in m["weights"] or not m["weights"]["dir"]
+  assert m["verified"]["shards"] == 5 and sorted(m["verified"]["consolidated"]) == sorted(KINDS)
 
 
 def test_rerun_skips_complete_and_refuses_other_settings(folder, reference_run):
@@ -200,7 +204,7 @@ def test_load_validates_the_manifest(folder, reference_run, tmp_path):
     shutil.copytree(src, o)
     damage(o)
     with pytest.raises(store.StoreError) as e:
-      store.load_descriptors(o, "fc_conv")
+      store.load_descriptors(o, "fc_conv", verify=True)
     assert str(e.value), name
   with pytest.raises(store.StoreError, match="not extracted"):
     store.load_descriptors(src, "nope")
@@ -466,14 +470,15 @@ def test_non_finite_descriptors_become_failures(tmp_path, monkeypatch):
   """float16 output of activations beyond 65504: reported as failures, never stored as inf."""
   root = tmp_path / "imgs"
   paths = _photos(root, 3)
-  real = extract.random_params
+  from cbir_jax import weights
+  real = weights.random_params
 
   def huge(backbone, size, seed=0):  # a ReLU net without biases scales with its first kernel
     p = real(backbone, size, seed)
     p["conv1_1"]["kernel"] = p["conv1_1"]["kernel"] * 1e7
     return p
 
-  monkeypatch.setattr(extract, "random_params", huge)
+  monkeypatch.setattr(weights, "random_params", huge)
   out = tmp_path / "out"
   summary = extract.run(extract.ExtractConfig(output=str(out), images=str(root),
                                               output_dtype="float16", kinds=("fc", "mac"),
@@ -483,3 +488,41 @@ def test_non_finite_descriptors_become_failures(tmp_path, monkeypatch):
   assert len(reasons) == 3 and all("not finite" in r for r in reasons)
   x, meta = store.load_descriptors(out, "fc")
   assert x.shape == (0, 64) and len(meta["path"]) == 0
+
+
+def test_checksums_verified_once_when_the_job_finishes(reference_run, tmp_path, monkeypatch):
+  """The job verifies and records; loading checks sizes and shapes, and hashes only when asked."""
+  import shutil
+  out, _, _ = reference_run
+  m = store.read_manifest(out)
+  assert m["verified"]["shards"] == len(m["shards"]) and m["verified"]["finite"]
+  for kind, c in m["consolidated"].items():  # recorded digests are the files' own
+    assert c["sha256"] == store.sha256_file(out / c["file"]), kind
+    assert c["bytes"] == (out / c["file"]).stat().st_size
+  hashed = []
+  real = store.sha256_file
+  monkeypatch.setattr(store, "sha256_file", lambda p, *a: hashed.append(p) or real(p, *a))
+  store.load_descriptors(out, "fc_conv")
+  assert hashed == []
+  store.load_descriptors(out, "fc_conv", verify=True)
+  assert {pathlib.Path(p).name for p in hashed} == {"fc_conv.npy", "meta.npz"}
+  # A file cut short is caught without hashing (its size), named with its row count.
+  cut = tmp_path / "cut"
+  shutil.copytree(out, cut)
+  p = cut / "descriptors" / "fc_conv.npy"
+  p.write_bytes(p.read_bytes()[:-4])
+  with pytest.raises(store.StoreError, match=r"fc_conv\.npy has \d+ bytes, the manifest says"):
+    store.load_descriptors(cut, "fc_conv")
+
+
+def test_fc_kinds_refused_on_weights_without_fc_layers():
+  """The planner's one kinds-vs-weights check: a no-top port cannot give fc / fc_conv."""
+  from cbir_jax.job import plan
+  from cbir_jax.manifest import WeightsRecord
+
+  bb = backbones.get("vgg_tiny")
+  notop = WeightsRecord(kind="directory", name="vgg16-notop", has_fc_head=False)
+  with pytest.raises(extract.ExtractError, match=r"fc, fc_conv need the network's FC layers.*no FC layers"):
+    plan.check_kinds(("fc", "conv", "fc_conv"), bb, notop)
+  plan.check_kinds(("conv", "mac", "spoc"), bb, notop)  # no error
+  plan.check_kinds(desc.KINDS, bb, WeightsRecord(kind="random", name="random"))

@@ -11,6 +11,7 @@ agreement to 1e-4 leaves room only for summation-order rounding.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -28,6 +29,7 @@ import jax  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from cbir_jax import backbones, checkpoint, porting  # noqa: E402
+from cbir_jax import weights as weights_lib  # noqa: E402
 from cbir_jax import preprocessing as pp  # noqa: E402
 from cbir_jax.checkpoint import WeightsError  # noqa: E402
 from cbir_jax.porting import vgg as vgg_porting  # noqa: E402
@@ -277,6 +279,124 @@ def test_keras_port_matches_numpy_reference(tmp_path, photos, torchvision_sd, ca
   for name in POOLS + ("fc6", "fc7", "logits"):
     err = rel_err(got[name], ref[name])
     assert err <= RTOL, f"{name}: relative error {err:.2e}"
+
+
+# ------------------------------------------------------------------- no-top (conv layers only)
+
+def test_keras_notop_port_through_launcher(tmp_path, torchvision_sd):
+  """A Keras no-top file: ported by the launcher with a checksum warning; loads as conv-only."""
+  layers = {k: v for k, v in keras_layers_from(torchvision_sd).items() if k in KERAS_CONVS}
+  src = tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+  write_keras_h5(src, layers)
+  out = tmp_path / "weights"
+  proc = run_port("--model=vgg16", "--source=keras", f"--input={src}", f"--output={out}")
+  assert proc.returncode == 0, proc.stderr
+  md5 = hashlib.md5(src.read_bytes()).hexdigest()
+  assert (f"unknown checksum (md5 {md5}; official vgg16_weights_tf_dim_ordering_tf_kernels_"
+          "notop.h5 has md5 6d6bbae143d832006294945121d1f1fc); porting anyway") in proc.stderr
+  assert "no FC layers" in proc.stdout
+
+  info = checkpoint.read_info(out)
+  assert info.has_fc is False and info.source == "keras" and info.preprocessing == pp.CAFFE
+  params, loaded = weights_lib.load("vgg16", out)
+  assert loaded == info and len(params) == 13 and not any(k.startswith("fc") for k in params)
+  for flax_name, layer in zip(sorted(params, key=_conv_order), KERAS_CONVS):
+    np.testing.assert_array_equal(params[flax_name]["kernel"], layers[layer][0])  # HWIO as is
+    np.testing.assert_array_equal(params[flax_name]["bias"], layers[layer][1])
+
+
+def _conv_order(name: str) -> tuple[int, int]:
+  b, i = name.removeprefix("conv").split("_")
+  return int(b), int(i)
+
+
+def test_keras_notop_official_checksum_is_not_warned_about(tmp_path, monkeypatch, caplog):
+  layers = {k: v for k, v in _cheap_keras().items() if k in KERAS_CONVS}
+  src = tmp_path / "notop.h5"
+  write_keras_h5(src, layers)
+  md5 = hashlib.md5(src.read_bytes()).hexdigest()
+  # The full file's checksum does not make a no-top file official...
+  monkeypatch.setattr(vgg_porting, "KERAS_MD5", md5)
+  with caplog.at_level(logging.WARNING):
+    _, info = porting.port("vgg16", "keras", src)
+  assert info.has_fc is False and "unknown checksum" in caplog.text
+  # ... its own does.
+  caplog.clear()
+  monkeypatch.setattr(vgg_porting, "KERAS_NOTOP_MD5", md5)
+  with caplog.at_level(logging.WARNING):
+    porting.port("vgg16", "keras", src)
+  assert "unknown checksum" not in caplog.text
+
+
+def test_torchvision_features_only_port(tmp_path, torchvision_sd, caplog):
+  sd = {k: v for k, v in torchvision_sd.items() if k.startswith("features.")}
+  src = tmp_path / "vgg16_features.pth"
+  torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, src)
+  with caplog.at_level(logging.WARNING):
+    info = porting.port_and_save("vgg16", "torchvision", src, tmp_path / "w")
+  assert "a features-only state dict" in caplog.text and "vgg16-397923af.pth" in caplog.text
+  assert info.has_fc is False and info.preprocessing == pp.TORCHVISION
+  params, _ = weights_lib.load("vgg16", tmp_path / "w")
+  assert not any(k.startswith("fc") for k in params) and len(params) == 13
+  for flax_name, idx in zip(sorted(params, key=_conv_order), TORCH_CONV_IDX):
+    np.testing.assert_array_equal(params[flax_name]["kernel"],
+                                  sd[f"features.{idx}.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(params[flax_name]["bias"], sd[f"features.{idx}.bias"])
+
+
+@pytest.mark.parametrize("source, keep, message", [
+    ("keras", ("fc1",), "missing layer fc2"),
+    ("keras", ("fc1", "fc2"), "missing layer predictions"),
+    ("torchvision", ("classifier.0.weight", "classifier.0.bias"),
+     "missing tensor classifier.3.weight"),
+    ("torchvision", ("classifier.6.bias",), "missing tensor classifier.0.weight"),
+], ids=["keras_fc1_only", "keras_no_predictions", "torch_fc6_only", "torch_one_bias"])
+def test_some_fc_layers_but_not_all_are_refused(tmp_path, source, keep, message):
+  """A file with any FC layer is a full file and must have all of them (no silent no-top)."""
+  path = tmp_path / "partial"
+  if source == "keras":
+    layers = {k: v for k, v in _cheap_keras().items() if k in KERAS_CONVS or k in keep}
+    write_keras_h5(path, layers)
+  else:
+    sd = {k: v for k, v in _cheap_sd().items() if k.startswith("features.") or k in keep}
+    torch.save(sd, path)
+  with pytest.raises(WeightsError, match=message):
+    porting.port("vgg16", source, path)
+
+
+def test_weights_info_has_fc_field():
+  info = checkpoint.WeightsInfo(model="vgg16", preprocessing=pp.CAFFE, source="keras",
+                                has_fc=False)
+  assert checkpoint.WeightsInfo.from_dict(info.to_dict()) == info
+  old = info.to_dict()
+  del old["has_fc"]  # weights.json written before the field: those weights had FC layers
+  assert checkpoint.WeightsInfo.from_dict(old).has_fc is True
+  with pytest.raises(ValueError, match="has_fc must be true or false"):
+    checkpoint.WeightsInfo.from_dict({**info.to_dict(), "has_fc": "false"})
+
+
+def test_check_kinds():
+  full = checkpoint.WeightsInfo(model="vgg16", preprocessing=pp.CAFFE, source="keras")
+  notop = dataclasses.replace(full, has_fc=False,
+                              source_file="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5")
+  weights_lib.check_kinds(full, ["fc", "conv", "fc_conv", "mac", "spoc", "gem"])
+  weights_lib.check_kinds(notop, ["conv", "mac", "spoc", "gem"])
+  for kinds, named in ((["conv", "fc"], "fc"), (["fc_conv"], "fc_conv"),
+                       (["fc", "fc_conv"], "fc, fc_conv")):
+    with pytest.raises(ValueError) as e:
+      weights_lib.check_kinds(notop, kinds)
+    msg = str(e.value)
+    assert isinstance(e.value, WeightsError)
+    assert f"descriptor kind(s) {named} need" in msg and "have no FC layers" in msg
+    assert "_notop.h5" in msg  # where these weights came from
+    # Which files would do, the weights' own source first; what works with these weights.
+    assert ("vgg16_weights_tf_dim_ordering_tf_kernels.h5 (keras) or vgg16-397923af.pth "
+            "(torchvision)") in msg
+    assert msg.endswith("ask for conv, mac, spoc, gem")
+  tv = dataclasses.replace(notop, source="torchvision")
+  with pytest.raises(ValueError, match=r"vgg16-397923af\.pth \(torchvision\) or "
+                                       r"vgg16_weights_tf_dim_ordering_tf_kernels\.h5 \(keras\)"):
+    weights_lib.check_kinds(tv, ["fc"])
 
 
 # ----------------------------------------------------------------------------- refusals

@@ -4,9 +4,12 @@ The index is written with the store API exactly as the extraction job lays it
 out, from descriptors computed here with the test-only "vgg_tiny" backbone and
 random weights (no weight files needed).
 """
+import dataclasses
 import json
 import os
 import pathlib
+import re
+import shutil
 import subprocess
 import sys
 
@@ -70,7 +73,8 @@ def index(tmp_path_factory):
   n = len(paths)
   meta = {"row": np.arange(n), "path": np.array(paths), "label": np.repeat([0, 1], 4),
           "label_name": np.repeat(["blue", "red"], 4), "width": np.full(n, 44),
-          "height": np.full(n, 40), "group": np.array(["sea", "sea", "sky", ""] * 2)}
+          "height": np.full(n, 40), "group": np.array(["sea", "sea", "sky", ""] * 2),
+          "uid": np.array([f"u{i}" for i in range(n)])}
   store.write_shard(out, 0, start=0, stop=n, arrays={k: np.asarray(v) for k, v in rows.items()},
                     meta=meta, failures=[])
   store.finalize(out, num_shards=1, process_count=1)
@@ -98,7 +102,7 @@ def test_query_with_other_weights_is_refused(index):
   other = dict(manifest, weights=dict(manifest["weights"], params_sha256="0" * 64))
   with pytest.raises(search.IndexMismatch, match="not the ones the index was made with"):
     search.describe_images(other, paths[:1], "conv")
-  other = dict(manifest, preprocessing=pp.CAFFE.to_dict())
+  other = dict(manifest, settings=dict(manifest["settings"], preprocessing=pp.CAFFE.to_dict()))
   with pytest.raises(search.IndexMismatch, match="use preprocessing 'torchvision' but the "
                      "index records 'caffe'"):
     search.describe_images(other, paths[:1], "conv")
@@ -111,28 +115,67 @@ def test_query_with_other_weights_is_refused(index):
     search.search_index(out, kind="conv", query_paths=[str(pathlib.Path(out) / "nope.png")])
 
 
-def test_launch_search_report_references_every_result_image(index, tmp_path):
+def _links(page: str) -> list[str]:
+  return re.findall(r'(?:src|href)="([^"]*)"', page)
+
+
+def test_launch_search_report_is_self_contained_and_marks_classes(index, tmp_path):
   out, paths = index
   rep = tmp_path / "report"
   proc = subprocess.run(
       [sys.executable, str(REPO / "launch" / "search.py"), f"--index={out}",
-       "--query_ids=0,4", "--kind=conv", "--k=3", f"--report={rep}"],
+       "--query_ids=0,5", "--kind=conv", "--k=4", "--exclude_self", f"--report={rep}"],
       capture_output=True, text=True, timeout=300,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.count("query (row") == 2
   page = (rep / "results.html").read_text()
-  with Image.open(rep / "results.png") as png:
-    width, height = png.size
-  res = search.search_index(out, kind="conv", k=3, query_ids=[0, 4])
-  for r in res:
-    for h in (r.query, *r.hits):
-      assert pathlib.Path(h.path).absolute().as_uri() in page
-  shown = [src for src in page.split('src="')[1:]]
-  assert len(shown) == 2 * 2 * 4  # per cell: thumbnail and histogram; 2 rows x (1 + 3)
-  for src in shown:
-    assert (rep / src.split('"')[0]).is_file()
-  assert width > 4 * 160 and height > 2 * 160  # 4 columns, 2 rows of cells
+  # Header: the index's model, kind, k and threshold (as the manifest records them).
+  assert "model vgg_tiny | kind conv | k = 4 | threshold tau = 0.5 x max per image, " \
+      "channel masks" in page
+  # Every link and image is relative and inside the folder, also after moving it.
+  moved = tmp_path / "elsewhere" / "moved_report"
+  moved.parent.mkdir()
+  shutil.move(str(rep), str(moved))
+  links = _links(page)
+  assert len(links) == 2 * 5 * 3 + 1  # per cell: link, thumbnail, histogram; the PNG
+  for link in links:
+    assert not re.match(r"^(/|[a-z]+:)", link), link
+    target = (moved / link).resolve()
+    assert target.is_file() and moved.resolve() in target.parents, link
+  # Class marks: same / other class as the query, from the index's labels.
+  _, meta = store.load_descriptors(out, "conv")
+  res = search.search_index(out, kind="conv", k=4, query_ids=[0, 5], exclude_self=True)
+  expect = [["same" if meta["label"][h.row] == meta["label"][r.query.row] else "other"
+             for h in r.hits] for r in res]
+  assert {m for row in expect for m in row} == {"same", "other"}  # both kinds are shown
+  assert re.findall(r'class="hit (\w+)"', page) == [m for row in expect for m in row]
+  with Image.open(moved / "results.png") as png:
+    sheet = np.asarray(png.convert("RGB"))
+  written = report.write_index_report(tmp_path / "again", out, res, k=4)  # as the launcher
+  for row, cells in zip(expect, written["cells"]):
+    assert [c["mark"] for c in cells] == ["query", *row]
+    for m, c in zip(row, cells[1:]):
+      x0, y0, x1, y1 = c["box"]
+      for x, y in ((x0 + 1, (y0 + y1) // 2), ((x0 + x1) // 2, y1 - 1)):  # left and bottom
+        assert tuple(sheet[y, x]) == report.MARKS[m], (m, x, y)
+
+
+def test_report_header_and_unreadable_images(index, tmp_path):
+  out, paths = index
+  res = search.search_index(out, kind="fc_conv", k=2, query_ids=[1])
+  gone = tmp_path / "gone.png"
+  shutil.copy(res[0].hits[1].path, gone)
+  hits = (res[0].hits[0], dataclasses.replace(res[0].hits[1], path=str(gone)))
+  gone.unlink()
+  broken = [dataclasses.replace(res[0], hits=hits)]
+  header = report.header_of(out, store.read_manifest(out), kind="fc_conv", k=2)
+  written = report.write_report(tmp_path / "rep", broken, header=header)
+  assert len(written["missing"]) == 1 and "gone.png" in written["missing"][0]
+  page = pathlib.Path(written["html"]).read_text()
+  assert page.count("image not readable") == 1 and "model vgg_tiny" in page
+  with Image.open(written["png"]) as png:
+    assert png.size[0] > 3 * 160
 
 
 def test_draw_histogram_puts_each_channel_where_its_bins_are():
@@ -146,6 +189,46 @@ def test_draw_histogram_puts_each_channel_where_its_bins_are():
   assert red.max() < 100 / 25 + 1 and green.min() > 100 * 24 / 25 - 2
 
 
+def test_greyscale_histogram_is_one_visible_grey_line():
+  rng = np.random.default_rng(0)
+  grey = np.repeat(rng.integers(0, 256, (20, 30, 1), dtype=np.uint8), 3, axis=2)
+  img = np.asarray(report.draw_histogram(evaluation.color_histogram(grey), (100, 40)), int)
+  chroma = img.max(-1) - img.min(-1)
+  assert chroma.max() < 10  # no colour: not three lines hiding behind the blue one
+  drawn = (img.max(-1) < 120)[:-1]  # dark pixels above the axis line
+  assert drawn.any(axis=0).mean() > 0.95  # the line runs across the whole width
+  colour = grey.copy()
+  colour[..., 0] //= 2
+  colour[..., 2] = 255 - colour[..., 2]
+  img = np.asarray(report.draw_histogram(evaluation.color_histogram(colour), (100, 40)), int)
+  for c in range(3):  # each channel's own colour is there
+    other = [o for o in range(3) if o != c]
+    assert ((img[..., c] > 150) & (img[..., other].max(-1) < 120)).any()
+  # Two equal channels (G = B) share one line in their mixed colour, not blue over green.
+  colour[..., 2] = colour[..., 1]
+  img = np.asarray(report.draw_histogram(evaluation.color_histogram(colour), (100, 40)), int)
+  red = (img[..., 0] > 150) & (img[..., 1:].max(-1) < 120)
+  teal = (img[..., 0] < 80) & (np.abs(img[..., 1] - img[..., 2]) < 30) & (img[..., 1] < 160)
+  pure_blue = (img[..., 2] > 180) & (img[..., :2].max(-1) < 120)
+  assert red.any() and teal.any() and not pure_blue.any()
+
+
+def test_evaluate_explains_undefined_precision(index):
+  out, _ = index
+  result = evaluation.evaluate(out, k=2, label_column="uid")
+  assert result["num_queries"] == 8 and result["queries_without_relevant"] == 8
+  note = result["notes"]["undefined"]
+  assert "8 distinct labels among 8" in note
+  assert "--label_column=group" in note and "--label_column=label" in note
+  for r in result["results"].values():
+    assert r["map"] is None and set(r["precision"].values()) == {None}
+    assert r["hist_distance"] is not None
+  table = evaluation.format_table(result)
+  assert "nan" not in table.lower() and note in table
+  assert "each left out of its own ranking" in table and "lower = closer in colour" in table
+  json.dumps(result, allow_nan=False)  # strict JSON: undefined is null, not NaN
+
+
 def test_evaluate_an_index_with_a_text_label_column(index, tmp_path):
   out, _ = index
   result = evaluation.evaluate(out, num_queries=None, k=2, label_column="group")
@@ -153,6 +236,13 @@ def test_evaluate_an_index_with_a_text_label_column(index, tmp_path):
   assert set(result["results"]) == {"conv", "fc_conv", evaluation.RANDOM}
   for r in result["results"].values():
     assert 0 <= r["precision_at_k"] <= 1 and 0 <= r["hist_distance"] <= 1
+    assert r["precision_at_k"] == r["precision"]["2"]
+  assert result["cutoffs"] == [1, 2, 5]  # 10 > N - 1 = 7
   table = evaluation.format_table(result)
-  assert "fc_conv" in table and "hist dist@2" in table
-  json.dumps(result)  # JSON-ready
+  header = table.splitlines()[2].split()
+  assert header == ["descriptor", "dim", "P@1", "P@2", "P@5", "mAP", "hist", "dist@2"]
+  fc_conv = next(ln for ln in table.splitlines() if ln.startswith("fc_conv")).split()
+  r = result["results"]["fc_conv"]
+  assert fc_conv[2:] == [f"{r['precision'][c]:.3f}" for c in ("1", "2", "5")] + [
+      f"{r['map']:.3f}", f"{r['hist_distance']:.4f}"]
+  json.dumps(result, allow_nan=False)  # JSON-ready

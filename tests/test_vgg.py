@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cbir_jax import backbones, inference, sharding
+from cbir_jax import descriptors as desc
 from cbir_jax import preprocessing as pp
 from cbir_jax.backbones import vgg
 
@@ -141,3 +142,89 @@ def test_jit_describe_compiles_once_per_shape(tiny, use_mesh):
   assert traces[0] == 2 and step._cache_size() == 2
   step(params, batch(64, 64))
   assert traces[0] == 2 and step._cache_size() == 2
+
+
+# --- without the FC layers (no-top weights) ---------------------------------------------------
+
+
+def test_vgg16_without_fc_has_conv_params_only():
+  full = backbones.get("vgg16")
+  bare = full.without_fc()
+  shapes = bare.param_shapes()
+  assert set(shapes) == set(full.param_shapes()) - {"fc6", "fc7", "fc8"}
+  assert len(shapes) == 13
+  for name in shapes:  # the same conv layers as the full network
+    assert (jax.tree.map(lambda s: s.shape, shapes[name])
+            == jax.tree.map(lambda s: s.shape, full.param_shapes()[name]))
+  assert bare.fc_names == () and bare.fc_dim == 0 and bare.name == "vgg16"
+  x = jax.ShapeDtypeStruct((2, 101, 75, 3), jnp.float32)
+  logits, inter = jax.eval_shape(lambda p, x: bare.module().apply({"params": p}, x), shapes, x)
+  assert logits is None and set(inter) == set(POOLS)
+  assert inter["pool5"].shape == (2, 3, 2, 512)  # 101x75 floors to 3x2
+  with pytest.raises(ValueError, match="cannot run without FC layers"):
+    backbones.get("efficientnet_lite0").without_fc()
+
+
+def test_features_pick_the_network_the_params_hold(tiny):
+  """Conv-only params run the conv layers only: same blocks as with the head, no fc/logits."""
+  b, params = tiny
+  conv_only = {k: v for k, v in params.items() if not k.startswith("fc")}
+  assert b.for_params(params) is b
+  assert b.for_params(conv_only).fc_names == ()
+  with pytest.raises(ValueError, match=r"have FC layers \['fc6'\] but not \['fc7', 'fc8'\]"):
+    b.for_params({**conv_only, "fc6": params["fc6"]})
+  x = np.random.default_rng(3).standard_normal((2, 64, 48, 3)).astype(np.float32)
+  features = jax.jit(b.features)
+  full, bare = features(params, x), features(conv_only, x)
+  assert bare.fc is None and bare.logits is None and full.fc.shape == (2, 64)
+  for got, want in zip(bare.blocks, full.blocks):  # same convs; compiled apart, hence rtol
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_describe_step_on_conv_only_params(tiny):
+  b, params = tiny
+  conv_only = {k: v for k, v in params.items() if not k.startswith("fc")}
+  kinds = ("conv", "mac", "spoc", "gem")
+  images = np.random.default_rng(4).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+  step = inference.jit_describe(b, preprocessing=pp.TORCHVISION, kinds=kinds)
+  bare, full = step(conv_only, images), step(params, images)
+  for k in kinds:
+    assert bare[k].shape == full[k].shape
+    np.testing.assert_allclose(bare[k], full[k], rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="need the network's FC layers"):
+    inference.jit_describe(b, preprocessing=pp.TORCHVISION, kinds=("conv", "fc"))(
+        conv_only, images)
+
+
+def test_extraction_job_with_conv_only_weights(tmp_path):
+  """The job loads conv-only weights (has_fc False) and writes conv, mac, spoc, gem: the same
+  rows as full weights with the same conv layers."""
+  from PIL import Image
+
+  from cbir_jax import checkpoint, extract, store
+
+  b = backbones.get("vgg_tiny")
+  full = b.random_params(0, 32)
+  conv_only = {k: v for k, v in full.items() if not k.startswith("fc")}
+  dirs = {"full": tmp_path / "full", "conv_only": tmp_path / "conv_only"}
+  checkpoint.save(dirs["full"], full, checkpoint.WeightsInfo("vgg_tiny", pp.TORCHVISION))
+  checkpoint.save(dirs["conv_only"], conv_only,
+                  checkpoint.WeightsInfo("vgg_tiny", pp.TORCHVISION, has_fc=False))
+  images = tmp_path / "imgs"
+  images.mkdir()
+  rng = np.random.default_rng(5)
+  for i in range(5):
+    Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(
+        images / f"img{i}.png")
+  kinds = ("conv", "mac", "spoc", "gem")
+  got = {}
+  for name, wdir in dirs.items():
+    out = tmp_path / f"out_{name}"
+    extract.run(extract.ExtractConfig(output=str(out), images=str(images), model="vgg_tiny",
+                                      weights=str(wdir), kinds=kinds, image_size=32,
+                                      progress="none"), log=lambda m: None)
+    got[name] = {k: store.load_descriptors(out, k)[0] for k in kinds}
+  dims = desc.dimensions(b.block_channels, b.fc_dim)
+  for k in kinds:
+    assert got["conv_only"][k].shape == (5, dims[k])
+    np.testing.assert_allclose(got["conv_only"][k], got["full"][k], rtol=1e-6, atol=1e-6)

@@ -15,13 +15,17 @@ def register(backbone: Backbone) -> Backbone:
   return backbone
 
 
+_VGG_FC_PARAMS = ("fc6", "fc7", "fc8")  # absent from no-top weights: see Backbone.without_fc
+
 register(Backbone(
     name="vgg16", make_module=vgg.VGG16, block_names=_VGG_BLOCKS, fc_names=("fc6", "fc7"),
-    block_channels=(64, 128, 256, 512, 512), fc_dim=8192, preprocessing=pp.TORCHVISION))
+    block_channels=(64, 128, 256, 512, 512), fc_dim=8192, preprocessing=pp.TORCHVISION,
+    fc_params=_VGG_FC_PARAMS))
 # Test-only: same structure as VGG16 at a fraction of the cost.
 register(Backbone(
     name="vgg_tiny", make_module=vgg._VGGTiny, block_names=_VGG_BLOCKS, fc_names=("fc6", "fc7"),
-    block_channels=(4, 8, 8, 16, 16), fc_dim=64, preprocessing=pp.TORCHVISION))
+    block_channels=(4, 8, 8, 16, 16), fc_dim=64, preprocessing=pp.TORCHVISION,
+    fc_params=_VGG_FC_PARAMS))
 
 _LITE_BLOCKS = ("block1", "block2", "block3", "block4", "block5")
 # EfficientNet-Lite0: blocks 1-4 are the last MBConv output at strides 2-16,

@@ -7,6 +7,7 @@ which intermediates are the method's "blocks" (shallowest first, strides
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
@@ -20,8 +21,8 @@ from cbir_jax import preprocessing as pp
 class Features(NamedTuple):
   """What one forward pass gives the descriptor code."""
   blocks: tuple[jax.Array, ...]  # O_1..O_B, NHWC, shallowest first
-  fc: jax.Array  # [N, D_fc]
-  logits: jax.Array  # [N, num_classes]
+  fc: jax.Array | None  # [N, D_fc]; None when the network ran without its FC layers
+  logits: jax.Array | None  # [N, num_classes]; None likewise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,10 @@ class Backbone:
     preprocessing: the preprocessing of the weights this backbone ships or
       usually comes with; a checkpoint's recorded one always wins.
     image_size: default square input size.
+    fc_params: top-level parameter groups of the FC head that weights may
+      lack (VGG16's fc6, fc7, fc8 in a no-top file); when set,
+      `make_module(with_fc=False, ...)` builds the network without them.
+      Empty: the FC part cannot be dropped.
   """
   name: str
   make_module: Callable[..., nn.Module]
@@ -47,6 +52,33 @@ class Backbone:
   fc_dim: int
   preprocessing: pp.Preprocessing
   image_size: int = 224
+  fc_params: tuple[str, ...] = ()
+
+  def without_fc(self) -> "Backbone":
+    """The same network without its FC layers: blocks only, no FC part, no logits.
+
+    Raises:
+      ValueError: the backbone has no FC head to drop (`fc_params` empty).
+    """
+    if not self.fc_params:
+      raise ValueError(f"backbone {self.name!r} cannot run without FC layers")
+    return dataclasses.replace(
+        self, make_module=functools.partial(self.make_module, with_fc=False), fc_names=(),
+        fc_dim=0, fc_params=())
+
+  def for_params(self, params: Any) -> "Backbone":
+    """The variant `params` run: `without_fc()` when they hold none of the FC layers.
+
+    Raises:
+      ValueError: params hold some of the FC layers but not all.
+    """
+    present = [n for n in self.fc_params if n in params]
+    if not self.fc_params or len(present) == len(self.fc_params):
+      return self
+    if present:
+      missing = [n for n in self.fc_params if n not in params]
+      raise ValueError(f"{self.name} parameters have FC layers {present} but not {missing}")
+    return self.without_fc()
 
   def module(self, dtype: Any = jnp.float32) -> nn.Module:
     return self.make_module(dtype=dtype)
@@ -86,8 +118,15 @@ class Backbone:
                           jax.random.key(0), x)
 
   def features(self, params: Any, x: jax.Array, *, dtype: Any = jnp.float32) -> Features:
-    """Runs the network on preprocessed float input [N, H, W, 3]."""
-    logits, inter = self.module(dtype).apply({"params": params}, x)
-    blocks = tuple(inter[n] for n in self.block_names)
-    fc = jnp.concatenate([inter[n].astype(jnp.float32) for n in self.fc_names], axis=-1)
-    return Features(blocks=blocks, fc=fc, logits=logits.astype(jnp.float32))
+    """Runs the network on preprocessed float input [N, H, W, 3].
+
+    Params without the FC layers (no-top weights, see `for_params`) run the
+    conv layers only; `fc` and `logits` are then None.
+    """
+    net = self.for_params(params)
+    logits, inter = net.module(dtype).apply({"params": params}, x)
+    blocks = tuple(inter[n] for n in net.block_names)
+    fc = (jnp.concatenate([inter[n].astype(jnp.float32) for n in net.fc_names], axis=-1)
+          if net.fc_names else None)
+    return Features(blocks=blocks, fc=fc,
+                    logits=None if logits is None else logits.astype(jnp.float32))

@@ -43,17 +43,23 @@ class VGG(nn.Module):
   adaptive-average-pooled to 7x7 before FC6 when it is not 7x7 already (the
   224x224 case is untouched). Dropout is absent: this is inference only.
 
+  `with_fc=False` is the network without its head (Keras' include_top=False):
+  only the conv layers have parameters, for weights files that hold nothing
+  else ("no-top" files).
+
   Returns:
     (logits, intermediates) with intermediates "pool1".."pool5" (post-ReLU,
-    after the pool), "fc6", "fc7" (post-ReLU) and "logits".
+    after the pool), "fc6", "fc7" (post-ReLU) and "logits"; without the head,
+    (None, {"pool1".."pool5"}).
   """
   blocks: Sequence[tuple[int, int]] = VGG16_BLOCKS
   num_classes: int = 1000
   fc_dim: int = 4096
+  with_fc: bool = True
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+  def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray | None, dict[str, jnp.ndarray]]:
     if x.shape[1] < 32 or x.shape[2] < 32:
       raise ValueError(f"VGG needs inputs of at least 32x32, got {x.shape[1:3]}")
     out: dict[str, jnp.ndarray] = {}
@@ -65,6 +71,8 @@ class VGG(nn.Module):
         x = nn.relu(x)
       x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
       out[f"pool{b}"] = x
+    if not self.with_fc:
+      return None, out
     x = adaptive_avg_pool(x, (7, 7))
     x = x.reshape(x.shape[0], -1)  # H, W, C flatten order (torch's C, H, W is permuted at porting)
     x = nn.relu(nn.Dense(self.fc_dim, dtype=self.dtype, param_dtype=jnp.float32, name="fc6")(x))

@@ -1,8 +1,8 @@
 """Throughput benchmarks of cbir_jax, side by side with what users would use instead.
 
-Sections (issue 6): model + descriptors vs PyTorch eager (and the same under
-other XLA flags, each in a fresh process), the descriptor stage alone, the
-input pipeline, the extraction job end to end, exact L1 search vs faiss, and
+Sections: model + descriptors vs PyTorch eager (and the same under other XLA
+flags, each in a fresh process), the descriptor stage alone, input decoding
+vs bare Pillow, the extraction job end to end, exact L1 search vs faiss, and
 device scaling. `run(BenchmarkConfig())` returns every
 figure as a JSON-ready dict; launch/benchmark.py prints its tables.
 Defaults depend on the host: a CPU preset that fits in minutes on two cores,
@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 from cbir_jax.benchmark import report, timing
 
-SECTIONS: tuple[str, ...] = ("model", "xla_flags", "descriptors", "pipeline", "end_to_end",
+SECTIONS: tuple[str, ...] = ("model", "xla_flags", "descriptors", "input", "end_to_end",
                              "search", "scaling")
 
 
@@ -38,7 +38,10 @@ class BenchmarkConfig:
       (the faster one for the backbone, see torch_peer.FASTER_LAYOUT).
     descriptor_batch: section 2 batch (VGG16 pools at 224).
     data_dir: the folder holding food7/ and imagenet-sample/.
-    pipeline_folder, pipeline_images, pipeline_threads: section 3.
+    input_folder, input_images, input_phone_images, input_threads, input_rounds:
+      section input: the first input_images photos of input_folder, and
+      input_phone_images phone-size JPEGs made from its first photos (0: none);
+      the product at each of input_threads (default: 1 and every core).
     e2e_folder, e2e_backbone, e2e_batch, e2e_limit: section 4 (limit 0: all images).
     search_sizes, search_dims, search_queries, search_k, search_repeats,
       search_max_gb: section 5; databases above search_max_gb are skipped.
@@ -56,9 +59,11 @@ class BenchmarkConfig:
   peer_layout: str = "auto"
   descriptor_batch: int | None = None
   data_dir: str = "../shared/data"
-  pipeline_folder: str = "imagenet-sample/images"
-  pipeline_images: int | None = None
-  pipeline_threads: Sequence[int] | None = None
+  input_folder: str = "imagenet-sample/images"
+  input_images: int | None = None
+  input_phone_images: int | None = None
+  input_threads: Sequence[int] | None = None
+  input_rounds: int | None = None
   e2e_folder: str = "food7"
   e2e_backbone: str | None = None
   e2e_batch: int | None = None
@@ -86,8 +91,8 @@ def _presets(cores: int) -> dict[str, dict[str, Any]]:
   cpu = dict(
       sections=SECTIONS, backbones=("vgg16", "efficientnet_lite0"), batch_sizes=(8,),
       dtypes=("float32",), repeats=5, xla_variants=(YNN_DEFAULT, YNN_OFF), descriptor_batch=8,
-      pipeline_images=256,
-      pipeline_threads=tuple(sorted({1, max(1, cores // 2), cores})),
+      input_images=256, input_phone_images=100, input_threads=tuple(sorted({1, cores})),
+      input_rounds=3,
       e2e_backbone="efficientnet_lite0", e2e_batch=16, e2e_limit=0,
       search_sizes=(10_000, 100_000), search_dims=(1472, 9664), search_queries=32,
       search_repeats=2, search_max_gb=4.0, scaling_devices=(1, 2, 4, 8),
@@ -96,7 +101,8 @@ def _presets(cores: int) -> dict[str, dict[str, Any]]:
       sections=("model", "descriptors", "search", "scaling"), backbones=("vgg16",),
       batch_sizes=(64, 128, 256, 512), dtypes=("float32", "bfloat16"), repeats=5,
       xla_variants=(),
-      descriptor_batch=64, pipeline_images=1024, pipeline_threads=(1, cores // 2, cores),
+      descriptor_batch=64, input_images=1024, input_phone_images=100,
+      input_threads=tuple(sorted({1, max(1, cores // 2), cores})), input_rounds=3,
       e2e_backbone="vgg16", e2e_batch=128, e2e_limit=0,
       search_sizes=(100_000, 1_000_000), search_dims=(1472, 9664), search_queries=256,
       search_repeats=2, search_max_gb=8.0, scaling_devices=(1, 2, 4, 8),
@@ -132,8 +138,8 @@ def resolve(config: BenchmarkConfig) -> BenchmarkConfig:
     inference.compute_dtype(d)
   if out.peer_layout not in ("auto", "channels_last", "nchw"):
     raise ValueError(f"peer_layout must be auto, channels_last or nchw, got {out.peer_layout!r}")
-  if min(out.batch_sizes) < 1 or out.repeats < 1:
-    raise ValueError("batch sizes and repeats must be >= 1")
+  if min(out.batch_sizes) < 1 or out.repeats < 1 or out.input_rounds < 1:
+    raise ValueError("batch sizes, repeats and input rounds must be >= 1")
   return out
 
 
@@ -162,11 +168,13 @@ def _summary(result: dict[str, Any]) -> list[dict[str, Any]]:
     add("descriptor stage jax/python loop", d["jax_over_loop"])
     if "share_of_model_step" in d:
       add("descriptor share of model step", d["share_of_model_step"], d["share_reference"])
-  if "pipeline" in s:
-    p = s["pipeline"]
-    add("input tf.data (best threads)/Pillow", p["best_tfdata_over_pillow_full"],
-        f"{p['best_tfdata_threads_full']} threads, no draft")
-    add("input draft speed-up (tf.data)", p["draft_speedup_tf.data"])
+  for p in s.get("input", {}).get("sets", []):
+    add(f"input per CPU-s, product/Pillow full, {p['set']}",
+        p["product_over_pillow_full_per_cpu_s"], "product: 1 thread, draft")
+    add(f"input per CPU-s, product/Pillow draft, {p['set']}",
+        p["product_over_pillow_draft_per_cpu_s"], "wrapper cost: 1 = none")
+    add(f"input wall images/s, product {s['input']['threads'][-1]}/1 threads, {p['set']}",
+        p["product_threads_speedup_wall"])
   if "end_to_end" in s:
     e = s["end_to_end"]
     add(f"extraction images/s ({e['backbone']})", e["images_per_s"],
@@ -220,11 +228,12 @@ def run(config: BenchmarkConfig, *, log: Callable[[str], None] = print) -> dict[
         sections[name] = descriptors_stage.run(
             batch=cfg.descriptor_batch, repeats=cfg.repeats,
             model_rows=sections.get("model", []), log=log)
-      elif name == "pipeline":
+      elif name == "input":
         from cbir_jax.benchmark import pipeline
         sections[name] = pipeline.run(
-            data_dir=data_dir, folder=cfg.pipeline_folder, num_images=cfg.pipeline_images,
-            image_size=cfg.image_size or 224, batch=16, threads=cfg.pipeline_threads, log=log)
+            data_dir=data_dir, folder=cfg.input_folder, num_images=cfg.input_images,
+            phone_images=cfg.input_phone_images, image_size=cfg.image_size or 224, batch=16,
+            threads=cfg.input_threads, rounds=cfg.input_rounds, log=log)
       elif name == "end_to_end":
         from cbir_jax.benchmark import end_to_end
         sections[name] = end_to_end.run(

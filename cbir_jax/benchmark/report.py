@@ -76,18 +76,28 @@ def section_tables(result: dict[str, Any]) -> list[str]:
                      f" (share of model step: {_fmt(d.get('share_of_model_step'))})",
                      rows, [("impl", "implementation"), ("ips", "images/s"),
                             ("ratio", "vs jax")]))
-  if "pipeline" in s:
-    p = s["pipeline"]
-    out.append(table(f"3. Input pipeline: {p['num_images']} JPEGs of {p['folder']} -> "
-                     f"{p['image_size']}px uint8", p["rows"], [
-                         ("reader", "reader"), ("threads", "threads"), ("draft", "draft"),
-                         ("images_per_s", "images/s")]))
+  if "input" in s:
+    p = s["input"]
+    out.append(table(f"3. Input: JPEG -> {p['image_size']}px uint8, medians of {p['rounds']} "
+                     "alternating rounds", p["rows"], [
+                         ("set", "photos"), ("variant", "reader"), ("threads", "threads"),
+                         ("draft", "draft"), ("images_per_s", "images/s"),
+                         ("images_per_cpu_s", "images/CPU-s"), ("cores_busy", "cores busy")]))
+    out.append(table("3b. Input ratios (per CPU-second; product at 1 thread with draft)",
+                     p["sets"], [
+                         ("set", "photos"), ("images", "images"),
+                         ("mean_megapixels", "Mpx"), ("mean_file_mb", "MB"),
+                         ("product_over_pillow_full_per_cpu_s", "product/Pillow full"),
+                         ("product_over_pillow_draft_per_cpu_s", "product/Pillow draft"),
+                         ("pillow_draft_over_full_per_cpu_s", "Pillow draft/full"),
+                         ("product_threads_speedup_wall", f"wall {p['threads'][-1]}/1 threads")]))
   if "end_to_end" in s:
     e = s["end_to_end"]
     out.append(table("4. End to end: extraction job", [e], [
         ("folder", "folder"), ("backbone", "backbone"), ("batch", "batch"),
         ("images", "images"), ("seconds", "seconds"), ("images_per_s", "images/s"),
-        ("input_wait_share", "input wait share"), ("compiles", "compiles")]))
+        ("input_wait_share", "input wait share"), ("images_per_cpu_s", "images/CPU-s"),
+        ("compiles", "compiles")]))
   if "search" in s:
     out.append(table("5. Exact L1 top-k: queries/s", s["search"], [
         ("n", "N"), ("dim", "D"), ("queries", "Q"), ("k", "k"),
@@ -118,3 +128,41 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n\n".join(section_tables(result) + [summary_table(result)]) + "\n"
   finally:
     _MARKDOWN = False
+
+
+def gpu_check_tables(result: dict[str, Any]) -> list[str]:
+  """The GPU check's tables: accuracy, the step sweep, the job end to end, what was skipped."""
+  out = []
+  acc = [dict(r, kinds=", ".join(f"{k} {_fmt(v)}" for k, v in r.get("rel_l1_by_kind", {}).items()))
+         for r in result["accuracy"]]
+  if acc:
+    out.append(table("Descriptors vs the CPU float32 run (row-wise relative L1)", acc, [
+        ("backbone", "backbone"), ("weights", "weights"), ("dtype", "dtype"),
+        ("precision", "precision"), ("images", "images"), ("max_rel_l1", "max rel L1"),
+        ("tolerance_rel_l1", "tolerance"), ("passed", "passed"), ("kinds", "by kind"),
+        ("error", "error")]))
+  if result["model"]:
+    rows = [dict(r, tflops=(r["flops_per_s"] / 1e12 if r.get("flops_per_s") else None),
+                 gflop=_gflops(r.get("flops_per_image"))) for r in result["model"]]
+    out.append(table("Step (preprocessing + backbone + every descriptor kind), inputs on device",
+                     rows, [
+                         ("backbone", "backbone"), ("dtype", "dtype"), ("batch", "batch"),
+                         ("images_per_s", "images/s"), ("gflop", "GFLOP/img"),
+                         ("tflops", "TFLOP/s"), ("fraction_of_peak", "of dtype peak"),
+                         ("fraction_of_bf16_peak", "of bf16 peak"), ("compile_s", "compile s"),
+                         ("error", "error")]))
+  if result["end_to_end"]:
+    out.append(table("Extraction job end to end on made JPEGs", result["end_to_end"], [
+        ("set", "photos"), ("images", "images"), ("mean_megapixels", "Mpx"),
+        ("mean_file_mb", "MB"), ("decode_threads", "threads"),
+        ("decode_images_per_s", "input alone images/s"),
+        ("decode_images_per_cpu_s", "input images/CPU-s"),
+        ("job_images_per_s", "job images/s"),
+        ("job_steady_images_per_s", "after compile"), ("job_input_wait_share", "job input wait"),
+        ("job_compiles", "compiles"), ("error", "error")]))
+  if result["skipped"]:
+    out.append(table("Skipped", result["skipped"], [
+        ("backbone", "backbone"), ("dtype", "dtype"), ("batch", "batch"), ("why", "why")]))
+  for name, err in result.get("errors", {}).items():
+    out.append(f"{name}: FAILED: {err}")
+  return out

@@ -6,6 +6,7 @@ synchronised (`jax.block_until_ready`) before the clock is read.
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import os
 import platform
 import re
@@ -122,15 +123,27 @@ def cpu_peak_flops(info: dict[str, Any], dtype: str = "float32") -> tuple[float 
                 f"{per_cycle} FLOP/cycle ({how})")
 
 
+# Distribution names to look up; several may provide one library (first found wins).
+_VERSIONED = {"jax": ("jax",), "jaxlib": ("jaxlib",), "jax_cuda_plugin": (
+    "jax-cuda13-plugin", "jax-cuda12-plugin"), "flax": ("flax",), "numpy": ("numpy",),
+    "PIL": ("pillow",), "grain": ("grain",), "torch": ("torch",),
+    "faiss": ("faiss-cpu", "faiss-gpu", "faiss"), "tensorflow": ("tensorflow-cpu", "tensorflow")}
+
+
 def versions() -> dict[str, str]:
-  """Versions of the libraries the figures depend on (absent ones are omitted)."""
+  """Versions of the libraries the figures depend on (absent ones are omitted).
+
+  Read from package metadata, never by importing: the peers (TensorFlow, torch,
+  faiss) take seconds to import and may be absent, e.g. on a GPU host.
+  """
   out = {"python": platform.python_version()}
-  for name in ("jax", "jaxlib", "flax", "numpy", "torch", "faiss", "tensorflow", "PIL"):
-    try:
-      mod = __import__(name)
-      out[name] = str(getattr(mod, "__version__", "?"))
-    except Exception:  # optional peers: a missing one is simply not listed
-      continue
+  for name, dists in _VERSIONED.items():
+    for dist in dists:
+      try:
+        out[name] = importlib.metadata.version(dist)
+        break
+      except importlib.metadata.PackageNotFoundError:
+        continue
   return out
 
 
@@ -138,8 +151,11 @@ def environment() -> dict[str, Any]:
   """Machine, libraries, devices and date, recorded with every run."""
   import jax
 
+  from cbir_jax import runtime
+
   devs = jax.devices()
   return {
+      "platform_info": runtime.platform_info(),
       "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "hostname": platform.node(),
       "platform": platform.platform(),

@@ -15,6 +15,8 @@ from cbir_jax.checkpoint import WeightsInfo
 # (model, source) -> porter(path) -> (params, WeightsInfo). Filled by the porter modules.
 Porter = Callable[[str | os.PathLike], tuple[Any, WeightsInfo]]
 PORTERS: dict[tuple[str, str], Porter] = {}
+# model -> {source: the official file with the FC head}, for messages about no-top weights.
+FULL_FILES: dict[str, dict[str, str]] = {}
 
 
 def register(model: str, source: str) -> Callable[[Porter], Porter]:
@@ -46,6 +48,14 @@ def _load_porters() -> None:
       if e.name and e.name.startswith("cbir_jax"):
         continue  # porter module not written (yet)
       raise
+
+
+def full_files(model: str, source: str = "") -> list[str]:
+  """Official files of `model` with its FC layers, as "file (source)", `source`'s first."""
+  _load_porters()
+  files = FULL_FILES.get(model, {})
+  order = sorted(files, key=lambda s: (s != source, s))
+  return [f"{files[s]} ({s})" for s in order]
 
 
 def sources(model: str) -> list[str]:
@@ -88,5 +98,7 @@ def port_and_save(model: str, source: str | None, input_path: str | os.PathLike,
   if info.model != model:
     raise checkpoint.WeightsError(f"{input_path}: porter gave weights for {info.model!r}, "
                                   f"not {model!r}")
+  if not info.has_fc:
+    backbone = backbone.without_fc()  # a no-top file: conv layers only
   checkpoint.check_tree(params, backbone.param_shapes(), what=str(input_path))
   return checkpoint.save(out, params, info)

@@ -3,6 +3,9 @@
 Both porters check every tensor name and shape against the source layout
 before converting anything, so a wrong file fails fast with the first mismatch.
 SPEC.md section 6 lists what each source needs (layout, FC6 order, preprocessing).
+A file with the 13 conv layers and none of the FC layers (Keras' `..._notop.h5`,
+a torchvision state dict of `features.*` only) ports as weights without FC
+layers (`WeightsInfo.has_fc` False); one with some FC layers must have all.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from absl import logging
 from cbir_jax import preprocessing as pp
 from cbir_jax.backbones.vgg import VGG16_BLOCKS
 from cbir_jax.checkpoint import WeightsError, WeightsInfo, file_digest, file_sha256
-from cbir_jax.porting import register
+from cbir_jax.porting import FULL_FILES, register
 
 MODEL = "vgg16"
 NUM_CLASSES = 1000
@@ -29,6 +32,9 @@ TORCHVISION_FILE = "vgg16-397923af.pth"
 # keras.applications checks this md5 ("file_hash") when it downloads the file.
 KERAS_MD5 = "64373286793e3c8b2b4e3219cbf3544b"
 KERAS_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels.h5"
+KERAS_NOTOP_MD5 = "6d6bbae143d832006294945121d1f1fc"
+KERAS_NOTOP_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+FULL_FILES[MODEL] = {"keras": KERAS_FILE, "torchvision": TORCHVISION_FILE}
 
 
 def _conv_layers() -> tuple[tuple[str, str, int, int], ...]:
@@ -76,13 +82,13 @@ def _check_shapes(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, t
 
 # ---------------------------------------------------------------------------- torchvision
 
-def torchvision_shapes() -> dict[str, tuple[int, ...]]:
-  """State-dict names and shapes of torchvision's VGG16, in network order."""
+def torchvision_shapes(*, with_fc: bool = True) -> dict[str, tuple[int, ...]]:
+  """State-dict names and shapes of torchvision's VGG16 (`features.*` only without FC)."""
   shapes: dict[str, tuple[int, ...]] = {}
   for idx, (_, _, cin, cout) in zip(_TORCH_CONV_INDEX, _CONVS):
     shapes[f"features.{idx}.weight"] = (cout, cin, 3, 3)
     shapes[f"features.{idx}.bias"] = (cout,)
-  for _, idx, _, fin, fout in _FCS:
+  for _, idx, _, fin, fout in _FCS if with_fc else ():
     shapes[f"classifier.{idx}.weight"] = (fout, fin)
     shapes[f"classifier.{idx}.bias"] = (fout,)
   return shapes
@@ -120,16 +126,21 @@ def _torch_load(path: pathlib.Path) -> Mapping[str, Any]:
   return sd
 
 
-def _warn_unknown_torchvision(path: pathlib.Path, sha256: str) -> None:
-  if sha256.startswith(TORCHVISION_SHA256_PREFIX):
+def _warn_unknown_torchvision(path: pathlib.Path, sha256: str, *, has_fc: bool) -> None:
+  if has_fc and sha256.startswith(TORCHVISION_SHA256_PREFIX):
     return
   stem = path.stem.rsplit("-", 1)
   if len(stem) == 2 and len(stem[1]) == 8 and not sha256.startswith(stem[1].lower()):
     # torch.hub names files <name>-<sha256 prefix>: a mismatch means a damaged download.
     logging.warning("%s: SHA-256 %s does not start with %s from its file name: the file may be "
                     "damaged or renamed", path, sha256, stem[1])
-  logging.warning("%s: unknown checksum (SHA-256 %s; official %s starts with %s); porting "
-                  "anyway", path, sha256, TORCHVISION_FILE, TORCHVISION_SHA256_PREFIX)
+  if has_fc:
+    logging.warning("%s: unknown checksum (SHA-256 %s; official %s starts with %s); porting "
+                    "anyway", path, sha256, TORCHVISION_FILE, TORCHVISION_SHA256_PREFIX)
+  else:  # torchvision publishes no conv-only file, so there is nothing to compare with
+    logging.warning("%s: unknown checksum (SHA-256 %s): a features-only state dict, not an "
+                    "official torchvision file (that is %s, with FC layers); porting anyway",
+                    path, sha256, TORCHVISION_FILE)
 
 
 def params_from_torchvision(sd: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
@@ -137,13 +148,13 @@ def params_from_torchvision(sd: Mapping[str, np.ndarray]) -> dict[str, dict[str,
 
   Conv OIHW -> HWIO; Linear [out, in] -> Dense [in, out]. torchvision flattens
   pool5 as C,H,W while the Flax model flattens NHWC as H,W,C, so FC6's input
-  rows are permuted.
+  rows are permuted. A state dict without `classifier.*` gives conv params only.
   """
   params: dict[str, dict[str, np.ndarray]] = {}
   for idx, (name, _, _, _) in zip(_TORCH_CONV_INDEX, _CONVS):
     params[name] = {"kernel": np.transpose(sd[f"features.{idx}.weight"], (2, 3, 1, 0)),
                     "bias": sd[f"features.{idx}.bias"]}
-  for name, idx, _, fin, fout in _FCS:
+  for name, idx, _, fin, fout in _FCS if _has_classifier(sd) else ():
     w = sd[f"classifier.{idx}.weight"]
     if name == "fc6":
       c = VGG16_BLOCKS[-1][1]
@@ -156,40 +167,48 @@ def params_from_torchvision(sd: Mapping[str, np.ndarray]) -> dict[str, dict[str,
           for k, v in params.items()}
 
 
+def _has_classifier(sd: Mapping[str, Any]) -> bool:
+  # Any classifier tensor means a full file, which must then have all of them.
+  return any(k.startswith("classifier.") for k in sd)
+
+
 @register(MODEL, "torchvision")
 def port_torchvision(path: str | os.PathLike) -> tuple[dict[str, Any], WeightsInfo]:
   """Reads torchvision's `vgg16-397923af.pth` (or a state dict of the same layout).
 
   Args:
     path: a PyTorch state dict with keys `features.N.weight/bias` and
-      `classifier.{0,3,6}.weight/bias`.
+      `classifier.{0,3,6}.weight/bias`, or `features.*` only (no FC layers).
 
   Returns:
-    (float32 Flax params for `backbones.get("vgg16")`, WeightsInfo with the
-    torchvision preprocessing and the file's SHA-256).
+    (float32 Flax params for `backbones.get("vgg16")`, or its `without_fc()`
+    variant; WeightsInfo with the torchvision preprocessing, the file's
+    SHA-256 and `has_fc`).
   """
   path = _check_file(path)
   sd = _torch_load(path)
-  _check_shapes({k: tuple(v.shape) for k, v in sd.items()}, torchvision_shapes(), what=str(path))
+  has_fc = _has_classifier(sd)
+  _check_shapes({k: tuple(v.shape) for k, v in sd.items()}, torchvision_shapes(with_fc=has_fc),
+                what=str(path))
   for k, v in sd.items():
     if not v.is_floating_point():
       raise WeightsError(f"{path}: tensor {k} has dtype {v.dtype}, expected floating point")
   params = params_from_torchvision(
       {k: v.detach().float().numpy() for k, v in sd.items()})
   sha = file_sha256(path)
-  _warn_unknown_torchvision(path, sha)
+  _warn_unknown_torchvision(path, sha, has_fc=has_fc)
   return params, WeightsInfo(model=MODEL, preprocessing=pp.TORCHVISION, source="torchvision",
-                             source_file=path.name, source_sha256=sha)
+                             source_file=path.name, source_sha256=sha, has_fc=has_fc)
 
 
 # ---------------------------------------------------------------------------------- Keras
 
-def keras_shapes() -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
-  """Keras layer names -> (kernel shape, bias shape), in network order."""
+def keras_shapes(*, with_fc: bool = True) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+  """Keras layer names -> (kernel shape, bias shape), in network order (convs only without FC)."""
   shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
   for _, layer, cin, cout in _CONVS:
     shapes[layer] = ((3, 3, cin, cout), (cout,))
-  for _, _, layer, fin, fout in _FCS:
+  for _, _, layer, fin, fout in _FCS if with_fc else ():
     shapes[layer] = ((fin, fout), (fout,))
   return shapes
 
@@ -225,9 +244,14 @@ def _keras_layers(root: Any, what: str) -> dict[str, list[Any]]:
   return out
 
 
+def _keras_has_fc(layers: Mapping[str, list[Any]]) -> bool:
+  # A no-top file has none of the FC layers; one that has any must have all.
+  return any(layer in layers for _, _, layer, _, _ in _FCS)
+
+
 def _check_keras(layers: Mapping[str, list[Any]], what: str) -> None:
   """Names and shapes only, so a wrong file fails before anything large is read."""
-  expected = keras_shapes()
+  expected = keras_shapes(with_fc=_keras_has_fc(layers))
   for layer, (kshape, bshape) in expected.items():
     if layer not in layers:
       raise WeightsError(f"{what}: missing layer {layer} (expected kernel {kshape}, bias {bshape})")
@@ -274,30 +298,36 @@ def _read_keras(path: pathlib.Path) -> dict[str, list[np.ndarray]]:
 
 @register(MODEL, "keras")
 def port_keras(path: str | os.PathLike) -> tuple[dict[str, Any], WeightsInfo]:
-  """Reads Keras' `vgg16_weights_tf_dim_ordering_tf_kernels.h5` (classic Keras 1/2 layout).
+  """Reads Keras' `vgg16_weights_tf_dim_ordering_tf_kernels.h5` or its `..._notop.h5`.
 
-  Layers `block{b}_conv{i}`, `fc1`, `fc2`, `predictions`, each with
-  [kernel, bias] listed in its `weight_names` attribute. Kernels are HWIO and
-  FC1 expects pool5 flattened as H,W,C: exactly the Flax model's layout, so
-  only names change. These are caffe weights: BGR input, mean removed.
+  Classic Keras 1/2 layout: layers `block{b}_conv{i}`, then `fc1`, `fc2`,
+  `predictions` (absent from the no-top file), each with [kernel, bias]
+  listed in its `weight_names` attribute. Kernels are HWIO and FC1 expects
+  pool5 flattened as H,W,C: exactly the Flax model's layout, so only names
+  change. These are caffe weights: BGR input, mean removed.
 
   Args:
     path: the .h5 file.
 
   Returns:
-    (float32 Flax params for `backbones.get("vgg16")`, WeightsInfo with the
-    caffe preprocessing and the file's SHA-256).
+    (float32 Flax params for `backbones.get("vgg16")`, or its `without_fc()`
+    variant for a no-top file; WeightsInfo with the caffe preprocessing, the
+    file's SHA-256 and `has_fc`).
   """
   path = _check_file(path)
   layers = _read_keras(path)
+  has_fc = _keras_has_fc(layers)
   flax_name = {layer: name for name, layer, _, _ in _CONVS}
   flax_name.update({layer: name for name, _, layer, _, _ in _FCS})
   params = {flax_name[layer]: {"kernel": np.ascontiguousarray(k, np.float32),
                                "bias": np.ascontiguousarray(b, np.float32)}
             for layer, (k, b) in layers.items()}
   md5 = file_digest(path, "md5")
-  if md5 != KERAS_MD5:
+  official, official_md5 = (KERAS_FILE, KERAS_MD5) if has_fc else (KERAS_NOTOP_FILE,
+                                                                    KERAS_NOTOP_MD5)
+  if md5 != official_md5:
     logging.warning("%s: unknown checksum (md5 %s; official %s has md5 %s); porting anyway",
-                    path, md5, KERAS_FILE, KERAS_MD5)
+                    path, md5, official, official_md5)
   return params, WeightsInfo(model=MODEL, preprocessing=pp.CAFFE, source="keras",
-                             source_file=path.name, source_sha256=file_sha256(path))
+                             source_file=path.name, source_sha256=file_sha256(path),
+                             has_fc=has_fc)

@@ -136,10 +136,12 @@ DAMAGES = [
            r"000001.*rows.*manifest says"),
     Damage("index: shard metadata does not match its checksum", "consolidated", meta_changed,
            r"000001/meta\.npz.*SHA-256"),
+    # Checksums are verified when the job finishes; loading checks them again only when
+    # asked (verify=True), so the launchers (which do not ask yet) are not run on this one.
     Damage("index: descriptor file does not match its checksum", "consolidated",
-           consolidated_changed, r"fc_conv\.npy.*SHA-256", search=True),
+           consolidated_changed, r"fc_conv\.npy.*SHA-256"),
     Damage("index: NaN in a descriptor file (checksum forged to match)", "consolidated",
-           nan_consolidated, r"row 5.*NaN", search=True, evaluate=True),
+           nan_consolidated, r"row 5.*NaN|NaN.*row 5", search=True, evaluate=True),
     Damage("index: NaN in a shard's descriptor file (unconsolidated)", "shards", nan_shard,
            r"row 41.*NaN"),
     Damage("index: shard descriptor file one row short (checksum forged)", "shards", short_shard,
@@ -175,7 +177,7 @@ def test_damaged_indexes(indexes, tmp_path, hostile):
     shutil.copytree(indexes[dmg.index], d)
     dmg.apply(d)
     try:
-      store.load_descriptors(d, "fc_conv")
+      store.load_descriptors(d, "fc_conv", verify=True)
       lib[dmg.name] = (False, "loaded without error")
     except store.StoreError as e:
       lib[dmg.name] = (bool(re.search(dmg.pattern, str(e), re.S)), str(e))
@@ -315,3 +317,63 @@ def test_bad_queries_through_launchers(indexes, tmp_path, hostile):
 def _any_image(index: pathlib.Path) -> pathlib.Path:
   _, meta = store.load_descriptors(index, "fc")
   return pathlib.Path(str(meta["path"][0]))
+
+
+def _finished(proc: subprocess.Popen) -> tuple[int, str, str]:
+  out, err = proc.communicate(timeout=300)
+  return proc.returncode, out, err
+
+
+def test_images_gone_or_moved_after_extraction(many_images, tiny_weights, tmp_path, hostile):
+  """The index's image folder deleted, moved, partly emptied, or a wrong --image_root:
+  evaluation keeps P@k and mAP and says why the histogram column is missing; the report
+  draws what it cannot read as grey boxes; a bad --image_root is a one-line error."""
+  from cbir_jax import extract
+
+  from robust_common import job_config
+
+  cases = {"gone": "images deleted after extraction (evaluate, search --report)",
+           "partial": "one image of the index deleted after extraction (evaluate)",
+           "root": "--image_root that is not a folder (evaluate, search --report)"}
+  hostile.declare(*cases.values())
+  src = tmp_path / "imgs"
+  shutil.copytree(many_images[0], src)
+  for folder in src.iterdir():  # keep 12 images: 6 per class
+    for p in sorted(folder.glob("*.png"))[6:]:
+      p.unlink()
+  out = tmp_path / "out"
+  extract.run(job_config(src, out, tiny_weights), log=lambda m: None)
+  moved = tmp_path / "moved"
+  shutil.move(str(src), str(moved))
+  first = sorted(moved.rglob("*.png"))[0]
+  partial = tmp_path / "partial"
+  shutil.copytree(moved, partial)
+  (partial / first.relative_to(moved)).unlink()
+  nowhere = tmp_path / "nowhere"
+  ev = ("--kinds=fc_conv", "--k=3")
+  runs = {
+      "gone": [_launch("evaluate.py", out, *ev),
+               _launch("search.py", out, "--query_ids=0", "--k=3", "--exclude_self",
+                       f"--report={tmp_path / 'r'}")],
+      "partial": [_launch("evaluate.py", out, *ev, f"--image_root={partial}")],
+      "root": [_launch("evaluate.py", out, *ev, f"--image_root={nowhere}"),
+               _launch("search.py", out, "--query_ids=0", f"--report={tmp_path / 'r2'}",
+                       f"--image_root={nowhere}")]}
+  checks = {}
+  (rc_e, table, _), (rc_s, searched, _) = map(_finished, runs["gone"])
+  # P@1, P@3, P@5, P@10 and mAP still there; the histogram column "-".
+  p_at_k = re.search(r"^fc_conv\s+\d+(\s+[\d.]+){5}\s+-$", table, re.M)
+  checks["gone"] = (rc_e == 0 and rc_s == 0 and bool(p_at_k) and bool(re.search(
+      r"hist dist@3: not computed: 12 of 12 images cannot be read.*--image_root", table))
+      and "report: 4 images not readable, drawn as grey boxes" in searched,
+      (table.splitlines()[-2] if table else "") + " | " + searched[-120:])
+  rc, table, err = _finished(runs["partial"][0])
+  checks["partial"] = (rc == 0 and bool(re.search(
+      rf"not computed: cannot read image .*{re.escape(first.name)}", table)),
+      table.splitlines()[-2] if table else err[-200:])
+  lines = [_one_line_error(p, name, rf"--image_root {re.escape(str(nowhere))} is not a folder")
+           for p, name in zip(runs["root"], ("evaluate", "search"))]
+  checks["root"] = (all(ok for ok, _ in lines), " | ".join(last for _, last in lines))
+  for key, (ok, how) in checks.items():
+    hostile.check(cases[key], ok, how[:240])
+  assert all(ok for ok, _ in checks.values()), checks

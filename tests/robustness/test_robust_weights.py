@@ -6,6 +6,7 @@ whose message names the problem; none may run code from the file.
 from __future__ import annotations
 
 import builtins
+import json
 import pathlib
 import re
 import shutil
@@ -299,3 +300,109 @@ def test_orbax_data_file_damaged(tiny_weights, tmp_path, hostile):
                      r"cannot restore|digest|damaged")
   hostile.check("orbax weights directory with a damaged data file", ok, f"refused: {msg[:200]}")
   assert ok, msg
+
+
+# --- weights without FC layers (no-top files) ---------------------------------------------------
+
+
+def _unallocated_h5(path: pathlib.Path, layers: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
+                    ) -> None:
+  """Keras layout with unwritten datasets: the right shapes at a few KiB (names are checked
+  before any weight is read)."""
+  with h5py.File(path, "w") as f:
+    f.attrs["layer_names"] = [n.encode() for n in layers]
+    for n, shapes in layers.items():
+      g = f.create_group(n)
+      names = [f"{n}/kernel:0", f"{n}/bias:0"]
+      g.attrs["weight_names"] = [s.encode() for s in names]
+      for name, shape in zip(names, shapes):
+        g.create_dataset(name, shape=shape, dtype=np.float32)
+
+
+def test_notop_file_with_a_conv_layer_missing(tmp_path, hostile):
+  """A no-top file (no FC layers) lacking one conv layer: refused naming it, in both formats."""
+  from cbir_jax.porting import vgg as vgg_porting
+
+  layers = vgg_porting.keras_shapes(with_fc=False)
+  del layers["block4_conv2"]
+  h5 = tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+  _unallocated_h5(h5, layers)
+  ok1, msg1 = _refused(lambda: porting.port("vgg16", "keras", h5), r"missing layer block4_conv2")
+  sd = {k: torch.zeros(()).expand(s) for k, s in vgg_porting.torchvision_shapes(with_fc=False)
+        .items() if k != "features.19.weight"}
+  pth = tmp_path / "vgg16_features.pth"
+  torch.save(sd, pth)
+  ok2, msg2 = _refused(lambda: porting.port("vgg16", "torchvision", pth),
+                       r"missing tensor features\.19\.weight")
+  hostile.check("no-top weights file with a conv layer missing", ok1 and ok2, f"refused: {msg1}")
+  assert ok1 and ok2, (msg1, msg2)
+
+
+def _conv_only_tiny(directory: pathlib.Path, *, has_fc: bool) -> pathlib.Path:
+  from cbir_jax import backbones
+  from cbir_jax import preprocessing as pp
+
+  params = backbones.get(TINY_MODEL).without_fc().random_params(0, 32)
+  checkpoint.save(directory, params, checkpoint.WeightsInfo(
+      model=TINY_MODEL, preprocessing=pp.TORCHVISION, has_fc=has_fc))
+  return directory
+
+
+def test_weights_json_has_fc_disagrees_with_tensors(tiny_weights, tmp_path, hostile):
+  """has_fc edited either way: the tensors present give it away, naming one."""
+  d = tmp_path / "full_says_no_fc"
+  shutil.copytree(tiny_weights, d)
+  info = json.loads((d / checkpoint.INFO_FILE).read_text())
+  (d / checkpoint.INFO_FILE).write_text(json.dumps({**info, "has_fc": False}))
+  ok1, msg1 = _refused(lambda: weights_lib.load(TINY_MODEL, d), r"unexpected tensor \['fc")
+  conv_only = _conv_only_tiny(tmp_path / "conv_only_says_fc", has_fc=True)
+  ok2, msg2 = _refused(lambda: weights_lib.load(TINY_MODEL, conv_only),
+                       r"missing tensor \['fc6'\]")
+  hostile.check("weights.json whose has_fc disagrees with the tensors", ok1 and ok2,
+                f"refused: {msg1} / {msg2}")
+  assert ok1 and ok2, (msg1, msg2)
+
+
+def test_weights_json_has_fc_not_a_boolean(tmp_path, hostile):
+  d = _conv_only_tiny(tmp_path / "w", has_fc=False)
+  info = json.loads((d / checkpoint.INFO_FILE).read_text())
+  (d / checkpoint.INFO_FILE).write_text(json.dumps({**info, "has_fc": "false"}))
+  ok, msg = _refused(lambda: weights_lib.load(TINY_MODEL, d),
+                     r"unreadable weights info.*has_fc must be true or false")
+  hostile.check("weights.json with has_fc not a boolean", ok, f"refused: {msg}")
+  assert ok, msg
+
+
+def test_no_fc_claimed_for_a_network_without_fc_head(tmp_path, hostile):
+  """has_fc false for EfficientNet-Lite (whose FC part is a pooled conv map): refused."""
+  from cbir_jax import backbones
+  from cbir_jax import preprocessing as pp
+
+  model = "efficientnet_lite_tiny"
+  d = tmp_path / "w"
+  checkpoint.save(d, backbones.get(model).random_params(0, 32), checkpoint.WeightsInfo(
+      model=model, preprocessing=pp.EFFICIENTNET_LITE, has_fc=False))
+  ok, msg = _refused(lambda: weights_lib.load(model, d),
+                     r"no FC layers.*cannot run without FC layers")
+  hostile.check("weights.json claiming no FC layers for a network that has no FC head", ok,
+                f"refused: {msg}")
+  assert ok, msg
+
+
+def test_fc_kinds_asked_of_no_top_weights(tmp_path, hostile):
+  """fc / fc_conv of conv-only weights: refused by the planner's check, naming the files that
+  would do; and the step itself refuses rather than inventing an FC part."""
+  from cbir_jax import backbones, inference
+
+  d = _conv_only_tiny(tmp_path / "w", has_fc=False)
+  params, info = weights_lib.load(TINY_MODEL, d)
+  ok1, msg1 = _refused(lambda: weights_lib.check_kinds(info, ["conv", "fc_conv"]),
+                       r"fc_conv need the network's FC layers.*have no FC layers.*"
+                       r"use vgg_tiny weights that have them")  # vgg16's message names files
+  step = inference.jit_describe(backbones.get(TINY_MODEL), preprocessing=info.preprocessing,
+                                kinds=("fc",))
+  images = np.zeros((2, 32, 32, 3), np.uint8)
+  ok2, msg2 = _refused(lambda: step(params, images), r"need the network's FC layers")
+  hostile.check("fc / fc_conv asked of weights without FC layers", ok1 and ok2,
+                f"refused: {msg1}")
+  assert ok1 and ok2, (msg1, msg2)

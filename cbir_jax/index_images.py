@@ -1,0 +1,248 @@
+"""The images behind an index's rows, read from where they are now: files or TFDS records.
+
+Evaluation's colour histograms and the picture report read images only through here, so a
+TFDS index, or a folder index whose folder moved (`image_root`), works like files left in place.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import pathlib
+import threading
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+from PIL import Image, ImageOps
+
+FOLDER, TFDS = "folder", "tfds"
+
+
+class ImageUnavailable(ValueError):
+  """An index's image cannot be read; the message is one line that says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexInput:
+  """Where an index's images came from, as its manifest records it.
+
+  Attributes:
+    type: "folder", "tfds", or "" when the manifest does not say (paths are then read as
+      they are stored).
+    root: the folder the stored paths are under, or the TFDS data_dir.
+    spec: "name:split" of a TFDS input.
+  """
+  type: str = ""
+  root: str = ""
+  spec: str = ""
+
+
+def input_of(manifest: Any) -> IndexInput:
+  """The manifest's input record: the one place evaluation and reports read it.
+
+  Reads the dict `store.read_manifest` returns (extract.py writes "input": {"type",
+  "where", "name", "split"}) and the typed form ({"type", "root", "spec"}, an object with
+  an `input` attribute).
+  """
+  inp = getattr(manifest, "input", None)
+  if inp is not None and not isinstance(inp, Mapping):
+    return IndexInput(type=inp.type, root=inp.root, spec=inp.spec)
+  inp = (manifest.get("input") or manifest.get("settings", {}).get("input") or {}) \
+      if isinstance(manifest, Mapping) else {}
+  spec = f"{inp['name']}:{inp['split']}" if inp.get("name") else inp.get("spec", "")
+  return IndexInput(type=inp.get("type", ""), root=inp.get("root") or inp.get("where", ""),
+                    spec=spec)
+
+
+def decode_rgb(data: bytes, *, upright: bool = False) -> np.ndarray:
+  """Encoded image bytes to uint8 RGB [H, W, 3] at full size (colour modes as extraction).
+
+  `upright` applies the EXIF orientation (for display; histograms do not depend on it).
+  """
+  from cbir_jax.input_pipeline import _to_rgb  # the same mode handling as extraction
+
+  if not data:
+    raise ValueError("empty file (0 bytes)")
+  try:
+    with Image.open(io.BytesIO(data)) as img:
+      img.seek(0)  # animated images: the first frame
+      img = ImageOps.exif_transpose(img) if upright else img
+      return np.asarray(_to_rgb(img), dtype=np.uint8)
+  except Image.UnidentifiedImageError:
+    raise ValueError("not an image Pillow can identify") from None
+  except Exception as e:  # Pillow raises many types for broken files and bombs
+    raise ValueError(f"cannot decode image: {type(e).__name__}: {e}") from None
+
+
+class IndexImages:
+  """Reads the image of an index row from the row's stored path (a file path or a TFDS id).
+
+  Thread-safe: histograms are computed on a thread pool.
+  """
+
+  def __init__(self, source: IndexInput = IndexInput(), *, image_root: str | None = None):
+    """Args:
+      source: the index's input (`input_of(manifest)`).
+      image_root: where the folder (or the TFDS data_dir) is now, if it moved.
+    """
+    if image_root is not None:
+      if source.type not in (FOLDER, TFDS) or not source.root:
+        raise ValueError("the index does not record the folder it was made from, so "
+                         "--image_root cannot place its paths")
+      if not os.path.isdir(image_root):
+        raise ValueError(f"--image_root {image_root} is not a folder")
+      image_root = os.path.abspath(image_root)
+    self.source = source
+    self.image_root = image_root
+    self._lock = threading.Lock()
+    self._tfds: Any = None
+    self._tfds_error = ""
+    self._scanned: dict[str, bytes] = {}
+    self._not_found: set[str] = set()  # ids a scan looked for in vain
+    self._scan_lock = threading.Lock()
+
+  @classmethod
+  def of_index(cls, index_dir: str | os.PathLike, *, image_root: str | None = None
+               ) -> "IndexImages":
+    from cbir_jax import store
+
+    return cls(input_of(store.read_manifest(index_dir)), image_root=image_root)
+
+  @property
+  def root(self) -> str:
+    """The folder (or TFDS data_dir) read now."""
+    return self.image_root or self.source.root
+
+  def describe(self) -> str:
+    """One line: where the images are read from."""
+    what = (f"TFDS {self.source.spec} in {self.root}" if self.source.type == TFDS
+            else f"files under {self.root}" if self.root else "files at their stored paths")
+    moved = f" (recorded: {self.source.root})" if self.image_root else ""
+    return what + moved
+
+  def locate(self, stored: str) -> str:
+    """The file a stored path names now (`image_root` applied); a TFDS id as it is."""
+    if self.source.type == TFDS or self.image_root is None:
+      return stored
+    try:
+      rel = pathlib.PurePath(stored).relative_to(self.source.root)
+    except ValueError:
+      raise ImageUnavailable(f"{stored} is not under the folder the index records "
+                             f"({self.source.root}), so --image_root cannot place it") from None
+    return os.path.join(self.image_root, rel)
+
+  def read_bytes(self, stored: str) -> bytes:
+    """The encoded image of a row. Raises ImageUnavailable (one line) if it cannot be read."""
+    if self.source.type == TFDS:
+      return self._read_tfds(stored)
+    from cbir_jax.input_pipeline import read_file
+
+    path = self.locate(stored)
+    try:
+      return read_file(path)
+    except OSError as e:
+      raise ImageUnavailable(f"cannot read image {path}: {e.strerror or e}{self._hint(path)}"
+                             ) from None
+
+  def read_rgb(self, stored: str, *, upright: bool = False) -> np.ndarray:
+    """The row's image decoded at full size to uint8 RGB [H, W, 3]."""
+    data = self.read_bytes(stored)
+    try:
+      return decode_rgb(data, upright=upright)
+    except ValueError as e:
+      raise ImageUnavailable(f"cannot decode image {self.locate(stored)}: {e}") from None
+
+  def prefetch(self, stored: Iterable[str]) -> None:
+    """Reads ahead what `read_bytes` would read one by one too slowly.
+
+    Only TFDS datasets without random access (TFRecord) need it: one pass over the split
+    keeps the wanted records. A no-op otherwise.
+    """
+    if self.source.type != TFDS:
+      return
+    src = self._open_tfds()
+    if _random_access(src):
+      return
+    with self._scan_lock:
+      wanted = set(stored) - set(self._scanned) - self._not_found
+      if wanted:
+        found = _scan_tfrecord(src, wanted)
+        self._scanned.update(found)
+        self._not_found |= wanted - set(found)
+
+  def _hint(self, path: str) -> str:
+    root = self.root
+    if not root or os.path.isdir(root):
+      return ""
+    if self.image_root:
+      return f" (--image_root {root} is gone)"
+    return (f" (the index was made from {root}, which is not there any more: if it moved, "
+            "pass --image_root=<its new place>)")
+
+  def _open_tfds(self) -> Any:
+    from cbir_jax import tfds_input
+
+    with self._lock:
+      if self._tfds is None and not self._tfds_error:
+        try:
+          self._tfds = tfds_input.open_tfds(self.source.spec, self.root)
+        except (tfds_input.TfdsError, OSError) as e:
+          self._tfds_error = f"cannot open TFDS {self.source.spec} in {self.root}: {e}"
+      if self._tfds_error:
+        raise ImageUnavailable(self._tfds_error.splitlines()[0])
+      return self._tfds
+
+  def _read_tfds(self, key: str) -> bytes:
+    src = self._open_tfds()
+    if not _random_access(src):
+      if key not in self._scanned:
+        self.prefetch([key])
+      if key not in self._scanned:
+        raise ImageUnavailable(f"{key} is not a record of TFDS {self.source.spec} in "
+                               f"{self.root}")
+      return self._scanned[key]
+    try:
+      return src.read_key(key)
+    except KeyError:
+      raise ImageUnavailable(f"{key} is not a record of TFDS {self.source.spec} in "
+                             f"{self.root}") from None
+    except (OSError, ValueError) as e:
+      raise ImageUnavailable(f"cannot read {key} from TFDS {self.source.spec}: {e}") from None
+
+
+def _random_access(src: Any) -> bool:
+  """Whether the opened TFDS source reads a record by id (`read_key` on an ArrayRecord data
+  source); TFRecord datasets (and tfds_input before its data-source reader) do not."""
+  return hasattr(src, "read_key") and getattr(src, "data", None) is not None
+
+
+def _scan_tfrecord(src: Any, wanted: set[str]) -> dict[str, bytes]:
+  """The encoded images of the `wanted` TFDS ids, in one pass over the split (tf.data)."""
+  try:
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+  except ImportError:
+    raise ImageUnavailable(f"TFDS {src.name} is prepared as TFRecord, which needs TensorFlow "
+                           "to read (the `tfrecord` extra)") from None
+  tf.config.set_visible_devices([], "GPU")  # keep TensorFlow off the accelerators
+  found: dict[str, bytes] = {}
+  try:
+    ds = src.builder.as_dataset(
+        split=src.split, shuffle_files=False,
+        decoders={src.image_key: tfds.decode.SkipDecoding()},
+        read_config=tfds.ReadConfig(add_tfds_id=True, try_autocache=False))
+    for ex in ds.as_numpy_iterator():
+      key = ex["tfds_id"].decode("utf-8", "replace")
+      if key in wanted:
+        found[key] = bytes(ex[src.image_key])
+        if len(found) == len(wanted):
+          break
+  except Exception as e:  # tf.data and TFDS raise many types (damaged or unreadable files)
+    first = (str(e).strip().splitlines() or [""])[0]
+    raise ImageUnavailable(f"cannot read TFDS {src.name}:{src.split}: {type(e).__name__}: "
+                           f"{first}") from None
+  return found
+
+
+__all__ = ["FOLDER", "TFDS", "ImageUnavailable", "IndexInput", "IndexImages", "decode_rgb",
+           "input_of"]

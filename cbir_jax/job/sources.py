@@ -1,0 +1,199 @@
+"""The job's input: a folder or a TFDS split, listed with per-record identities and labels.
+
+A `Source` hands out fixed-size batches for any list of record positions (-1 = padding),
+so a job can read whole shards, the rest of a stopped shard, or only an update's records.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Iterator
+
+import numpy as np
+
+from cbir_jax import input_pipeline
+from cbir_jax.job import identity as ident
+from cbir_jax.job.errors import ExtractError
+from cbir_jax.job.labels import LabelsReport, labels_from_csv
+from cbir_jax.manifest import InputRecord, digest_of
+
+
+@dataclasses.dataclass
+class Source:
+  """Records of one input, in order.
+
+  Attributes:
+    type: "folder" or "tfds".
+    root: the folder (absolute) or TFDS data_dir; identity keys are relative to it.
+    keys: what each row's "path" holds: the file's path, or the TFDS id.
+    identities: per-record keys and stamps (compared on reruns).
+    labels, label_names, extra: metadata known from the listing (folders); None for
+      TFDS, whose labels come with the data.
+    real_keys: whether `keys` name records exactly (a batch's own keys are checked
+      against them); False for TFDS datasets whose ids cannot be listed ahead.
+  """
+  type: str
+  root: str
+  keys: list[str]
+  identities: ident.RecordIdentities
+  spec: str = ""
+  labels: np.ndarray | None = None
+  label_names: list[str] | None = None
+  extra: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  labels_sha256: str = ""
+  labels_report: LabelsReport | None = None
+  content_digest: bool = False
+  real_keys: bool = True
+  tfds: Any = None
+
+  @property
+  def num_records(self) -> int:
+    return len(self.keys)
+
+  def identity_digest(self) -> str:
+    return digest_of([self.identities.digest(), self.labels_sha256, self.type, self.spec
+                      if not self.real_keys else ""])
+
+  def input_record(self, records_file: str) -> InputRecord:
+    return InputRecord(type=self.type, root=self.root, num_records=self.num_records,
+                       identity_sha256=self.identity_digest(), records_file=records_file,
+                       spec=self.spec, content_digest=self.content_digest,
+                       labels_sha256=self.labels_sha256)
+
+  def label_name(self, label: int) -> str:
+    names = self.tfds.label_names if self.tfds is not None else ()
+    return names[label] if 0 <= label < len(names) else ""
+
+  def rows_meta(self, positions: np.ndarray, keys: list[str] | None,
+                labels: np.ndarray | None) -> dict[str, Any]:
+    """Metadata of the records at `positions` (rows.RowSource); checks TFDS ids against the plan.
+
+    Raises:
+      ExtractError: a TFDS record read back under another id than listed.
+    """
+    listed = [self.keys[p] for p in positions.tolist()]
+    if keys is not None and self.real_keys and list(keys) != listed:
+      bad = next(i for i, (a, b) in enumerate(zip(keys, listed)) if a != b)
+      raise ExtractError(f"record {int(positions[bad])} of {self.spec} was read as {keys[bad]!r}"
+                         f" but listed as {listed[bad]!r}: the dataset changed while the job "
+                         "ran; nothing of it was written, rerun the command")
+    meta: dict[str, Any] = {"path": list(keys) if keys is not None else listed}
+    if self.labels is not None:
+      meta["label"] = self.labels[positions]
+      meta["label_name"] = [self.label_names[p] for p in positions.tolist()]
+    else:
+      lab = np.full(len(positions), -1, np.int64) if labels is None else np.asarray(labels)
+      meta["label"] = lab
+      meta["label_name"] = [self.label_name(int(v)) for v in lab.tolist()]
+    for c, col in self.extra.items():
+      meta[c] = col[positions]
+    return meta
+
+  @property
+  def columns(self) -> tuple[str, ...]:
+    """Metadata columns of every row."""
+    return ("row", "path", "label", "label_name", "width", "height", *self.extra)
+
+  def batches(self, positions: np.ndarray, *, batch_size: int, image_size: int,
+              num_threads: int | None, draft: bool) -> Iterator[input_pipeline.Batch]:
+    """Fixed-size batches of the records at `positions` (-1: a padding row)."""
+    if not len(positions):
+      return iter(())
+    if self.tfds is not None:
+      return input_pipeline.encoded_batches(
+          _tfds_dataset(self.tfds, positions), image_size=image_size, batch_size=batch_size,
+          num_threads=num_threads, draft=draft)
+    return input_pipeline.positions_batches(self.keys, positions, image_size=image_size,
+                                            batch_size=batch_size, num_threads=num_threads,
+                                            draft=draft)
+
+
+def folder_source(root: str, labels_csv: str | None, *, content_digest: bool = False) -> Source:
+  """Every image under `root`, sorted, with identities and (folder or CSV) labels."""
+  root = os.path.abspath(root)  # stored paths stay valid from any working directory
+  try:
+    records = input_pipeline.folder_records(root)
+  except FileNotFoundError as e:
+    raise ExtractError(str(e)) from None
+  if not records:
+    raise ExtractError(f"no images found under {root} (extensions: "
+                       f"{', '.join(sorted(input_pipeline.IMAGE_EXTENSIONS))})")
+  keys = [r.key for r in records]
+  src = Source(type="folder", root=root, keys=keys,
+               identities=ident.folder_identities(root, keys, content_digest=content_digest),
+               labels=np.array([r.label for r in records], np.int64),
+               label_names=[r.label_name for r in records], content_digest=content_digest)
+  if labels_csv:
+    lab = labels_from_csv(labels_csv, keys, root)
+    src.labels, src.label_names, src.extra = lab.labels, lab.names, lab.extra
+    src.labels_sha256, src.labels_report = lab.sha256, lab.report
+  return src
+
+
+def tfds_source(spec: str, data_dir: str | None) -> Source:
+  """A prepared TFDS split; records keyed by TFDS id and stamped by their record file."""
+  from cbir_jax import tfds_input
+  try:
+    src = tfds_input.open_tfds(spec, data_dir)
+  except tfds_input.TfdsError as e:
+    raise ExtractError(str(e)) from None
+  keys, stamps, real = _tfds_identities(src)
+  return Source(type="tfds", root=os.path.abspath(src.data_dir), spec=spec, keys=keys,
+                identities=ident.RecordIdentities(keys, stamps),
+                real_keys=real, tfds=src)
+
+
+def _tfds_identities(src: Any) -> tuple[list[str], list[str], bool]:
+  """(keys, stamps, whether the keys are the records' own TFDS ids)."""
+  if hasattr(src, "keys") and hasattr(src, "record_stamps"):  # the data_source reader
+    return list(src.keys()), list(src.record_stamps()), True
+  try:
+    instructions = src.builder.info.splits[src.split].file_instructions
+    keys, stamps = [], []
+    for fi in instructions:
+      stamp = ident.file_stamp(fi.filename)
+      name = os.path.basename(fi.filename)
+      keys += [f"{name}__{i}" for i in range(fi.skip, fi.skip + fi.take)]
+      stamps += [stamp] * fi.take
+    if len(keys) == src.num_records:
+      return keys, stamps, True
+  except Exception:  # mocked builders (tfds.testing) have no files to list
+    pass
+  whole = f"{src.name}:{src.split}@{src.version}/{src.num_records}"
+  return [f"{src.name}:{src.split}#{i}" for i in range(src.num_records)], \
+      [whole] * src.num_records, False
+
+
+def _runs(positions: np.ndarray) -> list[tuple[int, int]]:
+  """Maximal runs: (start, stop) of consecutive records, or (-n, 0) for n padding rows."""
+  runs: list[list[int]] = []
+  for p in positions.tolist():
+    if p < 0:
+      if runs and runs[-1][1] == 0 and runs[-1][0] < 0:
+        runs[-1][0] -= 1
+      else:
+        runs.append([-1, 0])
+    elif runs and runs[-1][0] >= 0 and runs[-1][1] == p:
+      runs[-1][1] += 1
+    else:
+      runs.append([p, p + 1])
+  return [(a, b) for a, b in runs]
+
+
+def _tfds_dataset(src: Any, positions: np.ndarray):
+  """tf.data of {"index", "data", "key", "label"} for `positions` (padding: index -1)."""
+  import tensorflow as tf
+
+  ds = None
+  for a, b in _runs(np.asarray(positions)):
+    if a >= 0:
+      part = src.dataset(a, b)
+    else:
+      part = tf.data.Dataset.from_tensors(
+          {"index": tf.constant(-1, tf.int64), "data": tf.constant(b""),
+           "key": tf.constant(b""), "label": tf.constant(-1, tf.int64)}).repeat(-a)
+    ds = part if ds is None else ds.concatenate(part)
+  return ds
+
+
+__all__ = ["Source", "folder_source", "tfds_source"]

@@ -1,0 +1,153 @@
+"""Running the steps: one jitted step per fixed-size batch, rows assembled and written as they come.
+
+Every process runs the same number of equally shaped steps (padding with empty batches), so
+nothing recompiles and no process waits forever. A stop request ends the loop after the step
+in flight; the finished part of the shard in progress is written so a rerun continues there.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from cbir_jax import input_pipeline, store
+from cbir_jax.job import rows as rows_lib
+from cbir_jax.job.control import Clock, Coordinator, Progress, StopFlag
+from cbir_jax.job.plan import Plan
+
+# Test-only: seconds to sleep per step, so kill/interrupt tests can land mid-job.
+STEP_DELAY_ENV = "CBIR_JAX_TEST_STEP_DELAY_S"
+
+
+def padding_batch(batch_size: int, image_size: int) -> input_pipeline.Batch:
+  """A batch of padding rows only (valid=False), for steps past this process' records."""
+  z = np.zeros(batch_size, np.int32)
+  return input_pipeline.Batch(images=np.zeros((batch_size, image_size, image_size, 3), np.uint8),
+                              index=np.full(batch_size, -1, np.int64), width=z, height=z,
+                              ok=np.zeros(batch_size, bool), valid=np.zeros(batch_size, bool),
+                              error=[""] * batch_size)
+
+
+def write_finished(out: Any, f: rows_lib.Finished, kinds: tuple[str, ...], pid: int) -> None:
+  """Writes a finished shard, or the finished part of a stopped one, joined to its earlier part."""
+  arrays, meta, failures = f.arrays, f.meta, f.failures
+  if f.unit.piece is not None:
+    prev = store.read_shard(f.unit.piece, kinds)
+    arrays, meta = rows_lib.concat([(prev.arrays, prev.meta), (arrays, meta)])
+    failures = prev.failures + failures
+  pos = f.unit.positions[:f.covered]
+  store.write_shard(out, f.unit.index, start=int(pos[0]), stop=int(pos[-1]) + 1, arrays=arrays,
+                    meta=meta, failures=failures, process_index=pid, where=f.unit.where,
+                    name=None if f.complete else store.piece_name(f.unit.index, f.covered),
+                    records=f.covered, positions_digest=store.positions_sha256(pos))
+  if f.unit.piece is not None:  # joined into the new folder: the old part goes
+    shutil.rmtree(f.unit.piece, ignore_errors=True)
+
+
+class StepRunner:
+  """The step loop of one process; counts go to `summary`, times to `clock`."""
+
+  def __init__(self, plan: Plan, config: Any, coord: Coordinator, clock: Clock, summary: Any,
+               log: Callable[[str], None]):
+    from cbir_jax import inference, sharding
+
+    self.plan, self.config, self.coord = plan, config, coord
+    self.clock, self.summary, self.log = clock, summary, log
+    self.mesh = sharding.data_mesh()
+    self.fn = inference.jit_describe(
+        plan.backbone, mesh=self.mesh, preprocessing=plan.loaded.preprocessing,
+        kinds=plan.kinds, config=plan.descriptor, dtype=inference.compute_dtype(config.dtype))
+    self.params = sharding.replicate(plan.loaded.params, self.mesh)
+    self.assembler = rows_lib.ShardAssembler(
+        plan.units, kinds=plan.kinds, dims=plan.manifest.dimensions,
+        out_dtype=config.output_dtype, source=plan.source, columns=plan.source.columns,
+        nonfinite_reason=(f"descriptor not finite (NaN or overflow; compute dtype "
+                          f"{config.dtype}, output dtype {config.output_dtype})"))
+
+  def _consume(self, batch: input_pipeline.Batch, result: Any, progress: Progress) -> None:
+    from cbir_jax import sharding
+
+    rows = {k: sharding.host_local(result[k]) for k in self.plan.kinds}
+    self.clock.charge("device")
+    finished = self.assembler.add(rows_lib.StepRows(
+        descriptors=rows, positions=batch.index, valid=batch.valid, ok=batch.ok,
+        error=batch.error, width=batch.width, height=batch.height, keys=batch.key,
+        labels=batch.label))
+    self.summary.images, self.summary.failed = self.assembler.images, self.assembler.failed
+    progress.update(int(np.count_nonzero(batch.valid)))
+    self.clock.charge("host")
+    for f in finished:
+      write_finished(self.plan.out, f, self.plan.kinds, self.coord.process_index)
+      self.summary.shards_written += 1
+    if finished:
+      self.clock.charge("write")
+
+  def run(self) -> bool:
+    """Runs every step; returns True when stopped early by a request (rows written so far kept)."""
+    from cbir_jax import sharding
+
+    plan, config = self.plan, self.config
+    positions = plan.positions()
+    batches = plan.source.batches(positions, batch_size=plan.batch_rows,
+                                  image_size=plan.image_size, num_threads=config.num_threads,
+                                  draft=config.draft)
+    progress = Progress(int(np.count_nonzero(positions >= 0)), config.progress,
+                        config.log_every_s, self.log)
+    delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
+    self.clock.charge("startup")
+    stopped, prev = False, None
+    with StopFlag(self.log) as stop:
+      for step in range(plan.global_steps):
+        batch = (next(batches) if step < plan.local_steps
+                 else padding_batch(plan.batch_rows, plan.image_size))
+        self.clock.charge("input")
+        if delay:
+          time.sleep(delay)
+          self.clock.charge("test delay")
+        result = self.fn(self.params, sharding.shard_batch(batch.images, self.mesh))
+        self.clock.charge("compile" if step == 0 else "device")
+        if prev is not None:  # the previous step's rows are read while this one runs
+          self._consume(*prev, progress)
+        prev = (batch, result)
+        if self.coord.should_stop(stop.requested):
+          stopped = True
+          break
+      if prev is not None:
+        self._consume(*prev, progress)
+      left = self.assembler.remaining  # units not complete (the stopped one included)
+      if stopped:
+        self._write_stopped_part(stop.at)
+    progress.close()
+    _close(batches)
+    self.clock.charge("input")
+    self._count_compiles()
+    return stopped and self.coord.max(left) > 0
+
+  def _write_stopped_part(self, asked_at: float) -> None:
+    part = self.assembler.stop()
+    if part is not None:
+      write_finished(self.plan.out, part, self.plan.kinds, self.coord.process_index)
+      self.summary.parts_written += 1
+      self.clock.charge("write")
+    if asked_at:
+      self.summary.stop_s = time.perf_counter() - asked_at
+
+  def _count_compiles(self) -> None:
+    try:
+      self.summary.compiles = int(self.fn._cache_size())  # pylint: disable=protected-access
+    except Exception:  # private API: absent in some jax versions
+      pass
+
+
+def _close(batches: Any) -> None:
+  """Ends the input early and at once (a suspended tf.data generator is otherwise torn down
+  whenever garbage collection reaches it, which was seen to take tens of seconds)."""
+  close = getattr(batches, "close", None)
+  if close is not None:
+    close()
+
+
+__all__ = ["StepRunner", "padding_batch", "write_finished"]
