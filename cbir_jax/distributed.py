@@ -96,7 +96,16 @@ class JobMismatch(DistributedError):
 
 
 class Disagreement(DistributedError):
-  """The processes of one job were started with different settings or inputs."""
+  """The processes of one job were started with different settings or inputs.
+
+  Attributes:
+    fields: the names of the fields that differ, sorted.
+    detail: which processes have which value ("processes disagree on ..."), without advice.
+  """
+
+  def __init__(self, message: str, fields: Sequence[str] = (), detail: str = ""):
+    super().__init__(message)
+    self.fields, self.detail = list(fields), detail or message
 
 
 class PeerLost(DistributedError):
@@ -124,19 +133,24 @@ def step_has_collectives(hlo_text: str) -> bool:
 # --- agreement -----------------------------------------------------------------------------
 
 
-def summarize(value: str | bytes) -> tuple[str, str]:
-  """(digest, what a message may show) of one agreed field."""
+def summarize(value: str | bytes, shown: str | None = None) -> tuple[str, str]:
+  """(digest, what a message may show) of one agreed field.
+
+  `shown` replaces the default (the value itself when short and printable, else a
+  digest prefix), e.g. "120 files" for a list of files.
+  """
   if isinstance(value, str):
     digest = hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()
-    shown = value if len(value) <= 64 and value.isprintable() else f"sha256 {digest[:12]}"
-    return digest, shown
-  if isinstance(value, (bytes, bytearray, memoryview)):
+    default = value if len(value) <= 64 and value.isprintable() else f"sha256 {digest[:12]}"
+  elif isinstance(value, (bytes, bytearray, memoryview)):
     digest = hashlib.sha256(bytes(value)).hexdigest()
-    return digest, f"sha256 {digest[:12]}"
-  raise TypeError(f"agreed fields are str or bytes, got {type(value).__name__}")
+    default = f"sha256 {digest[:12]}"
+  else:
+    raise TypeError(f"agreed fields are str or bytes, got {type(value).__name__}")
+  return digest, default if shown is None else shown[:200]
 
 
-def _ranges(indices: Sequence[int]) -> str:
+def name_processes(indices: Sequence[int]) -> str:
   """[0, 1, 2, 5] -> 'processes 0-2, 5'; [3] -> 'process 3'."""
   parts, start = [], None
   for i, k in enumerate(indices):
@@ -149,15 +163,15 @@ def _ranges(indices: Sequence[int]) -> str:
   return f"{word} {', '.join(parts)}"
 
 
-def disagreements(summaries: Sequence[Mapping[str, Sequence[str]]]) -> str:
-  """'' when every process has the same digest for every field, else one line naming
-  each differing field and which processes have which value.
+def differing(summaries: Sequence[Mapping[str, Sequence[str]]]
+              ) -> dict[str, list[tuple[list[int], str]]]:
+  """{field: [(processes, shown value), ...]} of the fields whose digests differ, sorted.
 
   Args:
     summaries: per process, {field: (digest, shown)} from `summarize`.
   """
   fields = sorted(set().union(*summaries)) if summaries else []
-  parts = []
+  out = {}
   for f in fields:
     groups: dict[str, list[int]] = {}
     shown: dict[str, str] = {}
@@ -166,8 +180,15 @@ def disagreements(summaries: Sequence[Mapping[str, Sequence[str]]]) -> str:
       groups.setdefault(digest, []).append(k)
       shown[digest] = text
     if len(groups) > 1:
-      parts.append(f"{f} (" + "; ".join(f"{_ranges(ks)}: {shown[d]}"
-                                        for d, ks in groups.items()) + ")")
+      out[f] = [(ks, shown[d]) for d, ks in groups.items()]
+  return out
+
+
+def disagreements(summaries: Sequence[Mapping[str, Sequence[str]]]) -> str:
+  """'' when every process has the same digest for every field, else one line naming
+  each differing field and which processes have which value (see `differing`)."""
+  parts = [f"{f} (" + "; ".join(f"{name_processes(ks)}: {text}" for ks, text in groups) + ")"
+           for f, groups in differing(summaries).items()]
   return f"processes disagree on {', '.join(parts)}" if parts else ""
 
 
@@ -210,16 +231,20 @@ class _Base:
     reasons = [r for r in self.gather("decide stop", mine) if r]
     return reasons[0] if reasons else None
 
-  def agree(self, fields: Mapping[str, str | bytes]) -> None:
+  def agree(self, fields: Mapping[str, str | bytes], *,
+            shown: Mapping[str, str] | None = None) -> None:
     """Raises Disagreement, on every process, unless all processes passed equal fields.
 
     Every process must call it, with the same field names, before writing anything.
+    `shown` gives how some fields appear in the message (default: see `summarize`).
     """
-    mine = {k: summarize(v) for k, v in fields.items()}
+    shown = shown or {}
+    mine = {k: summarize(v, shown.get(k)) for k, v in fields.items()}
     everyone = [json.loads(v) for v in self.gather("agree", json.dumps(mine, sort_keys=True))]
     message = disagreements(everyone)
     if message:
-      raise Disagreement(f"{message}; start every process with the same settings and input")
+      raise Disagreement(f"{message}; start every process with the same settings and input",
+                         fields=list(differing(everyone)), detail=message)
 
 
 class LocalCluster(_Base):
@@ -431,7 +456,7 @@ class Cluster(_Base):
 def _missing(address: str, n: int) -> str:
   st = _coordinator.status(address)
   missing = [k for k in range(n) if st is None or k not in st[2]]
-  return _ranges(missing) if missing else "some processes"
+  return name_processes(missing) if missing else "some processes"
 
 
 def _connect(address: str, n: int, pid: int, timeouts: Timeouts, deadline: float,
@@ -576,5 +601,5 @@ def _detect(address: str | None, n: int | None, pid: int | None, timeouts: Timeo
 
 
 __all__ = ["Cluster", "Disagreement", "DistributedError", "EXIT_ERROR", "EXIT_INTERRUPTED",
-           "JobMismatch", "LocalCluster", "PeerLost", "Timeouts", "disagreements", "initialize",
-           "job_id", "step_has_collectives", "summarize"]
+           "JobMismatch", "LocalCluster", "PeerLost", "Timeouts", "differing", "disagreements",
+           "initialize", "job_id", "name_processes", "step_has_collectives", "summarize"]

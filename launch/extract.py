@@ -70,12 +70,16 @@ _CONSOLIDATE = flags.DEFINE_bool("consolidate", True, "At the end, concatenate t
 _PROGRESS = flags.DEFINE_enum("progress", "auto", ["auto", "bar", "log", "none"],
                               "auto: a bar on a terminal, log lines otherwise.")
 _LOG_EVERY = flags.DEFINE_float("log_every_s", _d.log_every_s, "Seconds between log lines.")
-_DIST = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with the "
-                          "cluster's auto-detection (Cloud TPU, SLURM, ...).")
+_DIST = flags.DEFINE_bool("distributed", False, "Multi-process job with settings from the "
+                          "cluster environment (SLURM, Open MPI, Cloud TPU).")
 _COORD = flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of "
-                             "process 0 (implies --distributed).")
+                             "process 0 (uses port and port+1; implies --distributed).")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 _PID = flags.DEFINE_integer("process_id", None, "Multi-process: this process' index.")
+_STARTUP = flags.DEFINE_float("startup_timeout_s", _d.startup_timeout_s, "Multi-process: "
+                              "seconds to wait for every process to start.")
+_PEER = flags.DEFINE_float("peer_timeout_s", _d.peer_timeout_s, "Multi-process: a process "
+                           "silent this long is taken for dead and the others end.")
 
 
 def main(argv: list[str]) -> None:
@@ -96,19 +100,9 @@ def main(argv: list[str]) -> None:
       draft=_DRAFT.value, consolidate=_CONSOLIDATE.value, update=_UPDATE.value,
       content_digest=_DIGEST.value, progress=_PROGRESS.value,
       log_every_s=_LOG_EVERY.value, distributed=_DIST.value,
-      coordinator_address=_COORD.value, num_processes=_NPROC.value, process_id=_PID.value)
-  try:
-    summary = extract.run(config, started=_STARTED)
-  except extract.Interrupted as e:
-    print(f"extract: {e}", file=sys.stderr)
-    sys.exit(130)
-  except KeyboardInterrupt:  # a second Ctrl-C: stopped at once
-    print("extract: stopped at once; complete shards are kept, rerun the same command to "
-          "continue", file=sys.stderr)
-    sys.exit(130)
-  except extract.ExtractError as e:
-    sys.exit(f"extract: error: {e}")
-  print(summary.line())
+      coordinator_address=_COORD.value, num_processes=_NPROC.value, process_id=_PID.value,
+      startup_timeout_s=_STARTUP.value, peer_timeout_s=_PEER.value)
+  sys.exit(extract.main(config, started=_STARTED))
 
 
 if __name__ == "__main__":
