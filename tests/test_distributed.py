@@ -290,6 +290,12 @@ def test_gather_and_agree_across_processes():
       assert isinstance(e, distributed.Disagreement)
       assert str(e).startswith("processes disagree on threshold (processes 0, 2: 0.5; "
                                "process 1: 0.3)")
+      assert e.fields == ["threshold"] and str(e).startswith(e.detail + "; ")
+    shown = [{"input": "3 files"}, {"input": "4 files"}, {"input": "3 files"}]
+    _, err = _in_threads([lambda c=c: c.agree({"input": f"digest{c.process_index % 2}"},
+                                              shown=shown[c.process_index]) for c in cs])
+    assert all(e.detail == "processes disagree on input (processes 0, 2: 3 files; process 1: "
+               "4 files)" for e in err)
     assert codes == {}
   finally:
     _close(cs)
@@ -400,3 +406,194 @@ def test_the_private_jax_apis_relied_on_still_exist():
   assert callable(state.initialize_preemption_sync_manager)
   assert callable(clusters.ClusterEnv.auto_detect_unset_distributed_params)
   assert callable(xla_bridge.backends_are_initialized)
+
+
+# --- the extraction job's use of it (cbir_jax/job/control.py, agreement.py) -----------------
+
+
+def _coordinators(kv, n=2):
+  from cbir_jax.job import control
+
+  cs, codes = _clusters(kv, n)
+  return [control.Coordinator(c, log=lambda m: None) for c in cs], cs, codes
+
+
+def _identities(keys, changed=()):
+  from cbir_jax.job import identity
+
+  return identity.RecordIdentities(
+      keys=keys, stamps=[f"{100 + i}:{1_700_000_000_000_000_000 + i}" if k not in changed
+                         else f"{999}:{1_800_000_000_000_000_000}" for i, k in enumerate(keys)])
+
+
+def _first_differing_index(a, b):
+  """A literal loop: the first position where two (key, stamp) lists differ."""
+  for i in range(max(len(a), len(b))):
+    if (a[i] if i < len(a) else None) != (b[i] if i < len(b) else None):
+      return i
+  return None
+
+
+@pytest.mark.parametrize("case", ["missing", "extra", "changed"])
+def test_processes_name_the_first_input_file_that_differs(case):
+  from cbir_jax.job import agreement
+  from cbir_jax.job.errors import ExtractError
+
+  keys = [f"c{i % 3}/img_{i:05d}.jpg" for i in range(2 * agreement.BLOCK + 300)]
+  keys.sort()
+  mine = _identities(keys)
+  other = {"missing": _identities(keys[:1500] + keys[1501:]),
+           "extra": _identities(keys[:1700] + ["c1/new.jpg"] + keys[1700:]),
+           "changed": _identities(keys, changed={keys[1800]})}[case]
+  i = _first_differing_index(list(zip(mine.keys, mine.stamps)),
+                             list(zip(other.keys, other.stamps)))
+  assert i == {"missing": 1500, "extra": 1700, "changed": 1800}[case]
+  kv = FakeKV()
+  coords, cs, codes = _coordinators(kv)
+  records = [mine, other]
+  try:
+    _, err = _in_threads([lambda k=k: coords[k].agree(
+        {"threshold": "0.5", "input": records[k].digest()},
+        {"input": f"{len(records[k])} files"}, records=records[k], noun="files")
+        for k in range(2)])
+    assert all(isinstance(e, ExtractError) for e in err), err
+    assert str(err[0]) == str(err[1])  # the same line on every process
+    n0, n1 = len(mine), len(other)
+    expected = {
+        "missing": f"file {i + 1} (in sorted order) is {mine.keys[i]} on process 0; "
+                   f"{other.keys[i]} on process 1",
+        "extra": f"file {i + 1} (in sorted order) is {mine.keys[i]} on process 0; "
+                 f"c1/new.jpg on process 1",
+        "changed": f"{keys[i]} differs: {100 + i} bytes, modified "
+                   f"{agreement.describe_stamp(mine.stamps[i]).split('modified ')[1]} on "
+                   "process 0; 999 bytes, modified 2027-01-15 08:00:00.000 UTC on process 1"}
+    assert str(err[0]).startswith(
+        f"processes disagree on input (process 0: {n0} files; process 1: {n1} files); "
+        f"{expected[case]}. Start every process with the same flags"), str(err[0])
+    assert codes == {}
+  finally:
+    _close(cs)
+
+
+def test_describe_stamp_reads_size_and_time():
+  from cbir_jax.job import agreement
+
+  # 1_700_000_000 s after the epoch is 2023-11-14 22:13:20 UTC.
+  assert agreement.describe_stamp("1234:1700000000123456789") == (
+      "1234 bytes, modified 2023-11-14 22:13:20.123 UTC")
+  assert agreement.describe_stamp("5:1700000000000000000:" + "ab" * 32) == (
+      "5 bytes, modified 2023-11-14 22:13:20.000 UTC, sha256 abababababab")
+  assert agreement.describe_stamp("missing") == "missing"
+
+
+def test_one_process_failing_at_start_up_stops_every_process_naming_it():
+  from cbir_jax.job.errors import ExtractError
+
+  kv = FakeKV()
+  coords, cs, codes = _coordinators(kv)
+  try:
+    errors = ["", "no images found under /data/photos"]
+    _, err = _in_threads([lambda k=k: coords[k].all_started(errors[k]) for k in range(2)])
+    assert str(err[1]) == "no images found under /data/photos"
+    assert str(err[0]) == "process 1 could not start: no images found under /data/photos"
+    _, err = _in_threads([lambda k=k: coords[k].all_started("") for k in range(2)])
+    assert err == [None, None]
+    out, err = _in_threads([lambda k=k: coords[k].max(7 + 3 * k) for k in range(2)])
+    assert out == [10, 10] and err == [None, None]
+    assert codes == {}
+  finally:
+    _close(cs)
+
+
+def test_agreement_fields_are_named_after_the_flags(tmp_path):
+  import dataclasses
+  import types
+
+  from PIL import Image
+
+  from cbir_jax import backbones, extract, manifest
+  from cbir_jax import preprocessing as pp
+  from cbir_jax.job import agreement, plan, sources
+
+  for i in range(3):
+    Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / f"{i}.png")
+  source = sources.folder_source(str(tmp_path), None)
+  loaded = types.SimpleNamespace(record=manifest.WeightsRecord(kind="random", name="random",
+                                                               params_sha256="ab" * 32, seed=0),
+                                 preprocessing=pp.TORCHVISION)
+  bb = backbones.get("vgg_tiny")
+
+  def fields(**kw):
+    config = dataclasses.replace(extract.ExtractConfig(output="/o", images=str(tmp_path),
+                                                       model="vgg_tiny"), **kw)
+    return agreement.fields(config, plan.new_manifest(config, source, loaded, bb, 32), source)
+
+  base, shown = fields()
+  assert shown["input"] == "3 files" and shown["weights"] == "parameters sha256 abababababab"
+  assert base["images"] == str(tmp_path) and base["threshold"] == "0.5"
+  for kw, name in (({"threshold": 0.3}, "threshold"), ({"masks": "spatial"}, "masks"),
+                   ({"relative": False}, "relative"), ({"batch_size": 3}, "batch_size"),
+                   ({"shard_size": 7}, "shard_size"), ({"kinds": ("mac",)}, "kinds"),
+                   ({"output_dtype": "float16"}, "output_dtype"), ({"update": True}, "update")):
+    other, _ = fields(**kw)
+    assert [k for k in base if base[k] != other[k]] == [name], kw
+
+
+@pytest.mark.parametrize("model,overrides", [
+    ("vgg_tiny", {}), ("efficientnet_lite_tiny", {}),
+    ("vgg_tiny", {"masks": "spatial", "relative": False, "dtype": "bfloat16"})])
+def test_the_job_step_has_no_cross_process_collectives(tmp_path, monkeypatch, model, overrides):
+  """Processes stop at different steps and leave a lost peer behind without hanging only
+  because the step talks to no other device: checked on the step the job really compiles,
+  on 8 devices (a mesh over several processes compiles to the same per-device program)."""
+  from PIL import Image
+
+  from cbir_jax import extract
+  from cbir_jax.job import steps
+
+  for i in range(3):
+    Image.new("RGB", (40, 40), (50 * i, 20, 0)).save(tmp_path / f"{i}.png")
+  seen = []
+  make = steps.StepRunner.__init__
+
+  def capture(self, *a, **kw):
+    make(self, *a, **kw)
+    seen.append(self)
+
+  monkeypatch.setattr(steps.StepRunner, "__init__", capture)
+  extract.run(extract.ExtractConfig(output=str(tmp_path / "out"), images=str(tmp_path),
+                                    model=model, weights="random", image_size=32,
+                                    progress="none", **overrides), log=lambda m: None)
+  (runner,) = seen
+  assert len(runner.mesh.devices.flat) == len(jax.devices()) > 1
+  images = sharding.shard_batch(np.zeros((runner.plan.batch_rows, 32, 32, 3), np.uint8),
+                                runner.mesh)
+  hlo = runner.fn.lower(runner.params, images).compile().as_text()
+  assert not distributed.step_has_collectives(hlo)
+
+
+def test_signals_stop_after_the_step_inside_the_loop_and_at_once_elsewhere():
+  import os
+  import signal
+
+  from cbir_jax.job import control
+
+  lines = []
+  coord = control.Coordinator(distributed.LocalCluster("extract"), log=lines.append)
+  before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+  with coord:
+    with pytest.raises(KeyboardInterrupt):  # outside the steps: nothing to finish
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(1)
+    assert coord.at_once == "SIGTERM" and not coord.stop_requested()
+    with coord.stepping():
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.1)
+      assert coord.stop_requested() and coord.cluster.stop_reason == "SIGINT to process 0"
+      assert lines == ["stopping after the step in flight (SIGINT to process 0); finished "
+                       "rows are kept (send SIGINT/SIGTERM again to stop at once)"]
+      assert coord.decide_stop(False) == "SIGINT to process 0"
+      with pytest.raises(KeyboardInterrupt):  # a second signal: at once
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+  assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
