@@ -289,6 +289,10 @@ def main(config: ExtractConfig, *, started: float | None = None) -> int:
   except ExtractError as e:
     print(f"extract: error: {e}", file=sys.stderr, flush=True)
     return e.exit_code
+  except KeyboardInterrupt:
+    print("extract: stopped at once, while the processes were starting; nothing was written",
+          file=sys.stderr, flush=True)
+    return distributed.EXIT_INTERRUPTED
   with coord:
     try:
       try:
@@ -300,9 +304,8 @@ def main(config: ExtractConfig, *, started: float | None = None) -> int:
       coord.shutdown()  # the others wait here for process 0 to seal the output
     except KeyboardInterrupt:  # a second signal, or one outside the steps: nothing is lost
       where = f" to process {coord.process_index}" if coord.process_count > 1 else ""
-      return coord.leave(f"stopped at once ({coord.at_once or 'interrupted'}{where}); complete "
-                         "shards are kept, rerun the same command to continue",
-                         distributed.EXIT_INTERRUPTED)
+      return coord.leave(f"stopped at once ({coord.at_once or 'interrupted'}{where}); "
+                         f"{coord.hint}", distributed.EXIT_INTERRUPTED)
     except ExtractError as e:
       return coord.leave(str(e), e.exit_code)
   print(summary.line(), flush=True)

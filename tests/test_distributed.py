@@ -81,7 +81,9 @@ def test_summarize_digests_text_and_bytes():
   d, shown = distributed.summarize(b"\x00\x01")
   assert d == hashlib.sha256(b"\x00\x01").hexdigest() and shown == f"sha256 {d[:12]}"
   long = "x" * 65
-  assert distributed.summarize(long)[1] == f"sha256 {hashlib.sha256(long.encode()).hexdigest()[:12]}"
+  digest = hashlib.sha256(long.encode()).hexdigest()
+  assert distributed.summarize(long)[1] == f"sha256 {digest[:12]}"
+  assert distributed.summarize(long, "65 x")[1] == "65 x"
   with pytest.raises(TypeError):
     distributed.summarize(0.5)
 

@@ -2,7 +2,7 @@
 
 `Coordinator` is the one place where processes meet (on `cbir_jax.distributed`): start-up
 errors and agreement before anything is written, stop requests, leaving together or with one
-line. Its steps have no cross-process collectives, so no process can hang in one.
+line. The job's steps have no cross-process collectives, so no process can hang in one.
 """
 from __future__ import annotations
 
@@ -39,13 +39,30 @@ def _as_extract_error() -> Iterator[None]:
     raise ExtractError(str(e), exit_code=e.exit_code) from None
 
 
+@contextlib.contextmanager
+def _at_once() -> Iterator[None]:
+  """SIGTERM as SIGINT (KeyboardInterrupt) while processes wait for each other to start."""
+  def handle(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  old = signal.signal(signal.SIGTERM, handle)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, old)
+
+
 class Coordinator:
   """This process' part in a job of one process or several; see the module docstring.
 
   A context manager: inside it, SIGINT/SIGTERM belong to the job. During the steps
   (`stepping`) the first one asks every process to stop after its step in flight, writing
   the rows it finished; anywhere else, and on a second signal, the process stops at once
-  (KeyboardInterrupt), which loses nothing: only the steps write rows, atomically.
+  (KeyboardInterrupt), which loses nothing: shards are written atomically, the manifest
+  last.
   """
 
   def __init__(self, cluster: distributed.Cluster | distributed.LocalCluster,
@@ -63,7 +80,7 @@ class Coordinator:
     The job's identity is the absolute output directory: a process of another job that
     reaches the same coordinator is refused without harming this one.
     """
-    with _as_extract_error():
+    with _as_extract_error(), _at_once():
       cluster = distributed.initialize(
           str(pathlib.Path(config.output).resolve()),
           coordinator_address=config.coordinator_address, num_processes=config.num_processes,
@@ -128,6 +145,11 @@ class Coordinator:
     """The end of a job done or stopped together: waits for every process, then leaves."""
     with _as_extract_error():
       self.cluster.shutdown()
+
+  @property
+  def hint(self) -> str:
+    """What to do after this process stopped early."""
+    return HINT if self.process_count > 1 else HINT.replace(" on every process", "")
 
   # -- this process alone
 
