@@ -100,7 +100,10 @@ class Admission:
 
   def serve_forever(self, sock: socket.socket) -> None:
     while True:
-      conn, _ = sock.accept()
+      try:
+        conn, _ = sock.accept()
+      except OSError:  # the socket was closed: the coordinator is stopping
+        return
       with conn:
         try:
           conn.settimeout(5.0)

@@ -333,7 +333,8 @@ def test_two_process_run_killed_then_one_process_finishes_it(tiny_weights, tmp_p
   reference = tmp_path / "clean"
   extract.run(job_config(images, reference, tiny_weights), log=lambda m: None)
   out, port = tmp_path / "out", _free_port_pair()
-  procs = _job(tmp_path, images, out, tiny_weights, port, name="k")
+  procs = _job(tmp_path, images, out, tiny_weights, port, name="k",
+               extra=["--peer_timeout_s=3"])  # the survivor ends sooner (default 10 s)
   _wait_shards(procs, out, 1)
   procs[1].popen.kill()
   _wait_all(procs)
