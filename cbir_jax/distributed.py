@@ -593,6 +593,10 @@ def _detect(address: str | None, n: int | None, pid: int | None, timeouts: Timeo
   if None in (address, n, pid):
     raise DistributedError("no cluster environment found: give --coordinator_address, "
                            "--num_processes and --process_id")
+  if address.rpartition(":")[2] == "65535":  # e.g. SLURM's choice for some job ids
+    raise DistributedError(f"the cluster's coordinator address {address} leaves no port+1 "
+                           "for the coordinator: set JAX_COORDINATOR_PORT to a port P with "
+                           "P and P+1 free")
   if local_ids is not None:  # as jax.distributed.initialize does for GPUs
     ids = ",".join(str(i) for i in ([local_ids] if isinstance(local_ids, int) else local_ids))
     jax.config.update("jax_cuda_visible_devices", ids)
