@@ -1,28 +1,24 @@
-"""Host input: list images, decode and resize them in parallel with tf.data.
+"""Host input: list image folders, and decode images into fixed-size batches on every core.
 
-Decoding goes through Pillow inside tf.data's parallel map because Pillow
-handles what photo collections contain (EXIF rotation, CMYK, palette, 16-bit,
-animated GIF) and refuses decompression bombs; tf.data supplies the thread
-pool, ordering and prefetch. A file that cannot be decoded becomes a row with
-`ok=False` and a reason, never an exception, so one bad file cannot stop a job.
+Rows keep their input order; a file that cannot be read or decoded becomes a row with a
+reason, never an exception. No TensorFlow: `tfds_input` feeds TFDS records through here too.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
-import io
 import os
 import pathlib
-import stat
-import warnings
-from typing import Callable, Iterator, Sequence
+import pickle
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from absl import logging
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
-# Pillow's default limit (~89 Mpx) warns, and raises only at twice that; we
-# raise at the limit itself so a bomb is always a reported failure.
-MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+from cbir_jax import decode, decode_workers
+from cbir_jax.decode import (IMAGE_EXTENSIONS, MAX_PIXELS, _to_rgb, decode_image,  # noqa: F401
+                             read_file)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,267 +31,459 @@ class Record:
 
 @dataclasses.dataclass
 class Batch:
-  """A fixed-size batch; rows past the input's end are padding (valid=False, index=-1)."""
-  images: np.ndarray  # uint8 [B, S, S, 3]
-  index: np.ndarray  # int64 [B]: position of the record in the input list
-  width: np.ndarray  # int32 [B]: original size, before resizing
+  """A fixed-size batch of decoded rows.
+
+  Padding rows (past the input's end, or laid out by a job) have `valid=False`, and that
+  alone marks them; they also carry index -1, a black image and `ok=False`. `ok` implies
+  `valid`: a failure row is valid, not ok, and says why in `error`.
+  """
+  images: np.ndarray  # uint8 [B, H, W, 3]
+  index: np.ndarray  # int64 [B]: position of the record in the input list (-1: padding)
+  width: np.ndarray  # int32 [B]: original size, before resizing (0: failure or padding)
   height: np.ndarray
-  ok: np.ndarray  # bool [B]: decoded (False for failures and padding)
+  ok: np.ndarray  # bool [B]: decoded
   valid: np.ndarray  # bool [B]: a real input row (False only for padding)
   error: list[str]  # per row, "" when ok
   # Filled only by sources that carry them with the bytes (TFDS): per-row key and label.
   key: list[str] | None = None
   label: np.ndarray | None = None
 
+  @classmethod
+  def padding(cls, batch_size: int, image_size: int | tuple[int, int], *,
+              keyed: bool = False) -> Batch:
+    """An all-padding batch (a step where this process has no records left)."""
+    h, w = decode._size(image_size)
+    return cls(images=np.zeros((batch_size, h, w, 3), np.uint8),
+               index=np.full(batch_size, -1, np.int64), width=np.zeros(batch_size, np.int32),
+               height=np.zeros(batch_size, np.int32), ok=np.zeros(batch_size, bool),
+               valid=np.zeros(batch_size, bool), error=[""] * batch_size,
+               key=[""] * batch_size if keyed else None,
+               label=np.full(batch_size, -1, np.int64) if keyed else None)
 
-def folder_records(root: str | os.PathLike) -> list[Record]:
-  """Every image under `root` (recursive), in sorted path order.
 
-  A file's label is its first-level subfolder (classes numbered in sorted
-  name order); files directly in `root` get label -1. Directory symlinks are
-  not followed, so a symlink loop cannot trap the walk.
+# --- listing folders ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Listing:
+  """What a folder holds: the images to read, and the other files counted by extension."""
+  records: list[Record]
+  skipped: collections.Counter  # lower-case extension ("" for none) -> files not read
+
+
+def list_folder(root: str | os.PathLike) -> Listing:
+  """Every image under `root` (recursive, sorted path order), and what was left out.
+
+  A file's label is its first-level subfolder (classes numbered in sorted name order);
+  files directly in `root` get label -1. Images are the extensions Pillow can decode here
+  (`IMAGE_EXTENSIONS`, case-insensitive); other files are counted in `skipped`. Directory
+  symlinks are not followed, so a symlink loop cannot trap the walk.
   """
   root = pathlib.Path(root)
   if not root.is_dir():
     raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
   paths: list[str] = []
+  skipped: collections.Counter = collections.Counter()
   for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
     dirnames.sort()
     for name in filenames:
-      if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+      ext = os.path.splitext(name)[1].lower()
+      if ext in IMAGE_EXTENSIONS:
         paths.append(os.path.join(dirpath, name))
+      else:
+        skipped[ext] += 1
   paths.sort()
   rel_first = [pathlib.PurePath(os.path.relpath(p, root)).parts for p in paths]
   classes = sorted({parts[0] for parts in rel_first if len(parts) > 1})
   class_index = {c: i for i, c in enumerate(classes)}
-  return [Record(key=p, label=class_index[parts[0]] if len(parts) > 1 else -1,
-                 label_name=parts[0] if len(parts) > 1 else "")
-          for p, parts in zip(paths, rel_first)]
+  records = [Record(key=p, label=class_index[parts[0]] if len(parts) > 1 else -1,
+                    label_name=parts[0] if len(parts) > 1 else "")
+             for p, parts in zip(paths, rel_first)]
+  return Listing(records=records, skipped=skipped)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-  """Any Pillow mode -> 8-bit RGB, keeping 16-bit images' full range."""
-  if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-    a = np.asarray(img, dtype=np.float64)
-    peak = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-    a = np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    return Image.fromarray(a, "L").convert("RGB")
-  if img.mode == "F":
-    a = np.clip(np.asarray(img, dtype=np.float64), 0, 255).astype(np.uint8)
-    return Image.fromarray(a, "L").convert("RGB")
-  if img.mode in ("P", "PA"):
-    img = img.convert("RGBA")  # palette transparency becomes alpha first
-  return img.convert("RGB")  # L, LA, RGBA, CMYK, YCbCr, 1, ...
+def folder_records(root: str | os.PathLike) -> list[Record]:
+  """`list_folder(root).records`."""
+  return list_folder(root).records
 
 
-def decode_image(data: bytes, image_size: int | tuple[int, int], *,
-                 draft: bool = False) -> tuple[np.ndarray, tuple[int, int]]:
-  """Decodes encoded image bytes to uint8 RGB [H, W, 3] resized bilinearly (no crop).
+def format_skipped(skipped: collections.Counter) -> str:
+  """"skipped 3 files: .txt 2, .heic 1" (most frequent first); "" when nothing was skipped."""
+  total = sum(skipped.values())
+  if not total:
+    return ""
+  parts = ", ".join(f"{ext or '(no extension)'} {n}"
+                    for ext, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+  return f"skipped {total} file{'s' if total != 1 else ''}: {parts}"
+
+
+# --- the decoding engine -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One input row: its `Batch.index`, its key (keyed streams) and what its stream reads.
+
+  The stream's `read(arg)` returns (encoded image, label); an OSError or ValueError from it
+  makes the row a failure with the reason. `arg` is small and picklable (a path, a record
+  position, or the bytes themselves), so rows can go to worker processes.
+  """
+  index: int
+  arg: Any
+  key: str = ""
+
+
+def carried(arg: tuple[bytes, int]) -> tuple[bytes, int]:
+  """The reader of rows whose `arg` is already (encoded image, label)."""
+  return arg
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unlabelled:
+  """key -> bytes as a reader: (bytes, -1). Picklable when `read` is."""
+  read: Callable[[str], bytes]
+
+  def __call__(self, key: str) -> tuple[bytes, int]:
+    return self.read(key), -1
+
+
+def default_threads() -> int:
+  """The cores this process may use (its CPU affinity), the default decode parallelism."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# Decode parallelism when it is not given, from images decoded and resized to 224 per
+# wall-second (draft on):
+# - 16-core H200 host, 500x375 JPEGs (docs/gpu/2026-11-27_h200_input_scaling.log):
+#     1, 2, 4, 8, 16 threads in one process:         278, 555, 1045, 1367, 1208
+#     1, 2, 4, 8, 16 processes (one decode at a time): 299, 617, 1234, 2032, 3660
+#   Threads scale linearly to 4 (94%) and stall past 8: per CPU-second they stay at
+#   ~260-290 images, the GIL (the Python part of each decode) caps a process at ~5 busy
+#   cores. 4032x3024 JPEGs spend their time in Pillow with the GIL released; threads
+#   scale there (42, 78, 135, 286, 456).
+# - 2-core development machine, these worker processes against 2 threads, side by side
+#   (docs/benchmarks.md, "Worker processes"; shared, load 6-10): past start-up equal
+#   within the noise (0.93-1.15x on imagenet-sample and phone-size JPEGs), whole runs
+#   of 256-1000 photos 0.60-0.91x and per CPU-second 0.60-0.90x: every stream pays
+#   0.5-1.6 s and the CPU of starting its workers, and 2 cores have no GIL limit to lift.
+# So: threads in this process up to 4 cores, where they scale linearly; above that,
+# ceil(cores / 4) processes of ceil(cores / processes) threads (16 cores: 4 x 4), each in
+# the range where its threads scale, and the main process left to the accelerator.
+THREADS_ALONE_UP_TO = 4
+THREADS_PER_WORKER = 4
+
+
+def decode_parallelism(num_workers: int | None = None, num_threads: int | None = None, *,
+                       cores: int | None = None) -> tuple[int, int]:
+  """(worker processes, decode threads per process); 0 processes: threads in this process.
 
   Args:
-    data: the file's bytes.
-    image_size: output size, square int or (height, width).
-    draft: let JPEG decode at a reduced scale (1/2..1/8) when the output is
-      smaller; much faster, slightly different pixels.
-
-  Returns:
-    (image, (original width, original height)) with EXIF orientation applied.
-
-  Raises:
-    ValueError: with the reason, for anything that is not a decodable image.
+    num_workers: processes (0: threads in this process). None: by the rule above, for
+      `num_threads` decodes at once if given (a job's `--num_threads=8` keeps meaning
+      eight decodes, as 2 processes x 4 threads), else for `cores`.
+    num_threads: with `num_workers` given, decode threads per process (None: the cores
+      over the processes); with it None, the decodes at once, split by the rule.
+    cores: the cores to plan for (default: those this process may use).
   """
-  h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-  if not data:
-    raise ValueError("empty file (0 bytes)")
+  cores = cores or default_threads()
+  if num_workers is None:
+    wanted = num_threads or cores
+    num_workers = 0 if wanted <= THREADS_ALONE_UP_TO else -(-wanted // THREADS_PER_WORKER)
+    num_threads = wanted if num_workers == 0 else -(-wanted // num_workers)
+  elif num_threads is None:
+    num_threads = cores if num_workers == 0 else -(-cores // num_workers)
+  if num_workers < 0 or num_threads < 1:
+    raise ValueError(f"num_workers must be >= 0 and num_threads >= 1, got {num_workers}, "
+                     f"{num_threads}")
+  return num_workers, num_threads
+
+
+def _picklable(obj: Any) -> bool:
   try:
-    with warnings.catch_warnings():
-      warnings.simplefilter("error", Image.DecompressionBombWarning)
-      img = Image.open(io.BytesIO(data))
-      if img.width * img.height > MAX_PIXELS:
-        raise ValueError(f"image of {img.width}x{img.height} pixels exceeds the "
-                         f"decompression-bomb limit of {MAX_PIXELS} pixels")
-      if draft and img.format == "JPEG":
-        img.draft("RGB", (w, h))
-      img.seek(0)  # animated images: the first frame
-      img = ImageOps.exif_transpose(img)
-      size = (img.width, img.height)
-      img = _to_rgb(img).resize((w, h), Image.BILINEAR)
-      return np.asarray(img, dtype=np.uint8), size
-  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-    raise ValueError(f"decompression bomb refused: {e}") from e
-  except ValueError:
-    raise
-  except Image.UnidentifiedImageError:
-    raise ValueError("not an image Pillow can identify (unknown format or not an image)") from None
-  except Exception as e:  # Pillow raises many types for broken files
-    raise ValueError(f"cannot decode image: {type(e).__name__}: {e}") from e
+    pickle.dumps(obj)
+    return True
+  except Exception:  # pickle raises several types (PicklingError, TypeError, AttributeError)
+    return False
 
 
-def read_file(path: str) -> bytes:
-  """The bytes of a regular file; anything else (FIFO, device, socket) is an OSError.
+def _choose_parallelism(read: decode_workers.Reader, num_workers: int | None,
+                        num_threads: int | None, batch_size: int, size: tuple[int, int],
+                        ahead: int) -> tuple[int, int]:
+  """`decode_parallelism`, with threads here where processes cannot run.
 
-  O_NONBLOCK because a plain open() of a FIFO waits for a writer forever and
-  would hang the job on one odd directory entry (no effect on regular files).
+  Chosen automatically, processes give way to threads for a reader that does not pickle
+  (a closure). Asked for or not, they give way when shared memory lacks room for their
+  batch buffers, with one warning line. Threads instead keep the decodes at once.
   """
-  fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-  with os.fdopen(fd, "rb") as f:
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-      raise OSError(f"not a regular file (FIFO, device or socket): {path}")
-    return f.read()
+  workers, threads = decode_parallelism(num_workers, num_threads)
+  if workers and num_workers is None and not _picklable(read):
+    return 0, workers * threads
+  need = decode_workers.shm_bytes(workers, batch_size, size, ahead) if workers else 0
+  room = decode_workers.shm_room() if workers else None
+  if room is not None and room < need:
+    logging.warning("input: %d decode processes need %.0f MB of shared memory, %s has %.0f MB "
+                    "free; decoding with threads in this process instead (a container may "
+                    "need a larger /dev/shm, e.g. docker --shm-size)", workers, need / 2**20,
+                    decode_workers.SHM_DIR, room / 2**20)
+    return 0, workers * threads
+  return workers, threads
 
 
-def _safe_decode(read: Callable[[str], bytes], key: str, image_size: tuple[int, int],
-                 draft: bool) -> tuple[np.ndarray, int, int, bool, str]:
-  try:
-    img, (w, h) = decode_image(read(key), image_size, draft=draft)
-    return img, w, h, True, ""
-  except (OSError, ValueError) as e:
-    reason = str(e) if isinstance(e, ValueError) else f"cannot read file: {e}"
-    return np.zeros((*image_size, 3), np.uint8), 0, 0, False, reason
+@dataclasses.dataclass
+class _Pending:
+  """A batch being decoded; `wait()` returns per row (slot j, width, height, error, label)."""
+  batch: Batch
+  wait: Callable[[], list[tuple[int, int, int, str, int]]]
+
+  def result(self) -> Batch:
+    b = self.batch
+    for j, w, h, err, label in self.wait():
+      b.width[j], b.height[j], b.ok[j], b.error[j] = w, h, not err, err
+      if b.label is not None:
+        b.label[j] = label
+    return b
 
 
-def _tf():
-  import tensorflow as tf  # heavy; only the jobs need it
+class _Threads:
+  """Rows decoded on a thread pool in this process, `ahead` batches at a time."""
 
-  tf.config.set_visible_devices([], "GPU")  # keep TensorFlow off the accelerators
-  return tf
+  def __init__(self, read: decode_workers.Reader, threads: int, ahead: int,
+               opts: dict[str, Any]):
+    self._ahead = ahead
+    self._read, self._opts = read, opts
+    self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="cbir-decode")
 
+  def can_submit(self, in_flight: int) -> bool:
+    return in_flight < self._ahead
 
-def _size(image_size: int | tuple[int, int]) -> tuple[int, int]:
-  return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+  def submit(self, batch: Batch, rows: list[tuple[int, Any]]) -> _Pending:
+    futures = [(j, self._pool.submit(decode_workers.decode_row, batch.images, j, self._read,
+                                     arg, **self._opts)) for j, arg in rows]
 
+    def wait() -> list[tuple[int, int, int, str, int]]:
+      # One wake-up per batch, not one per row: the decoding threads keep the cores.
+      concurrent.futures.wait([f for _, f in futures])
+      return [(j, *f.result()) for j, f in futures]
 
-def _finish(ds, *, batch_size: int, num_threads: int | None, prefetch: int, start_index: int
-            ) -> Iterator[Batch]:
-  """Batches decoded rows (index, img, w, h, ok, err[, key, label]) and pads the last batch."""
-  tf = _tf()
-  ds = ds.batch(batch_size).prefetch(prefetch)
-  opts = tf.data.Options()
-  if num_threads:
-    opts.threading.private_threadpool_size = num_threads
-  ds = ds.with_options(opts)
-  for row in ds.as_numpy_iterator():
-    i, img, w, h, ok, err = row[:6]
-    key, label = (row[6], row[7]) if len(row) > 6 else (None, None)
-    n = len(i)
-    pad = batch_size - n
-    if pad:
-      img = np.concatenate([img, np.zeros((pad, *img.shape[1:]), img.dtype)])
-      i = np.concatenate([i, np.full(pad, -1, i.dtype)])
-      w, h = (np.concatenate([a, np.zeros(pad, a.dtype)]) for a in (w, h))
-      ok = np.concatenate([ok, np.zeros(pad, bool)])
-      err = np.concatenate([err, np.full(pad, b"", object)])
-      if key is not None:
-        key = np.concatenate([key, np.full(pad, b"", object)])
-        label = np.concatenate([label, np.full(pad, -1, label.dtype)])
-    valid = i >= 0  # sources mark padding rows with a negative index
-    index = np.where(valid, i.astype(np.int64) + start_index, -1)
-    yield Batch(images=img, index=index, width=w, height=h, ok=ok & valid, valid=valid,
-                error=[_text(e) for e in err],
-                key=None if key is None else [_text(k) for k in key],
-                label=None if label is None else label.astype(np.int64))
+    return _Pending(batch, wait)
+
+  def close(self, wait: bool = True) -> None:
+    self._pool.shutdown(wait=wait, cancel_futures=True)
 
 
-def _text(b: bytes | str) -> str:
-  return b.decode("utf-8", "replace") if isinstance(b, bytes) else str(b)
+class _Processes:
+  """Batches decoded by worker processes (`decode_workers`), each split among them."""
+
+  def __init__(self, read: decode_workers.Reader, workers: int, threads: int, ahead: int,
+               batch_size: int, opts: dict[str, Any]):
+    self._workers = decode_workers.DecodeWorkers(
+        read, workers=workers, threads=threads, batch_size=batch_size, size=opts["size"],
+        batches_ahead=ahead, draft=opts["draft"], max_pixels=opts["max_pixels"])
+
+  def can_submit(self, in_flight: int) -> bool:
+    return self._workers.can_submit()
+
+  def submit(self, batch: Batch, rows: list[tuple[int, Any]]) -> _Pending:
+    tickets = self._workers.submit(rows)
+
+    def wait() -> list[tuple[int, int, int, str, int]]:
+      batch.images, results = self._workers.result(tickets)
+      return results
+
+    return _Pending(batch, wait)
+
+  def close(self, wait: bool = True) -> None:
+    self._workers.close()
+
+
+class BatchStream(Iterator[Batch]):
+  """Fixed-size batches of `rows`, decoded ahead in input order by threads or processes.
+
+  A `None` row is padding: never read, `valid=False`. The last batch is padded to
+  `batch_size`. Every row is decoded on its own by the same function, so neither the
+  process nor the thread count changes a pixel or the order: they are run info, not
+  settings. With `num_workers` > 0, worker processes of `num_threads` threads each
+  decode a share of every batch and this process only receives the pixels
+  (`decode_workers`); with 0, threads here decode row by row. Use it as a context
+  manager (or call `close()`): closing drops the rows not started, waits for the thread
+  decodes in flight (at most one per thread) or ends the worker processes, so a consumer
+  that stops early leaves no thread or process behind. Exhausting the stream or an error
+  in it closes it too.
+
+  Args:
+    rows: the rows in output order (`None`: padding).
+    read: `Row.arg` -> (encoded image, label); runs on the decode threads, so it must be
+      thread-safe, and in the worker processes, so it must pickle there.
+    image_size, batch_size: output size and rows per batch.
+    num_threads, num_workers: as in `image_batches` (with None for both, the measured
+      rule of `decode_parallelism`; threads when `read` does not pickle).
+    draft, max_pixels: as in `decode.decode_image`.
+    prefetch: batches decoded ahead of the one the consumer waits for (processes keep at
+      least one, so no worker waits while this process collects a batch).
+    keyed: fill `Batch.key` and `Batch.label` from the rows.
+  """
+
+  def __init__(self, rows: Iterable[Row | None], *, read: decode_workers.Reader,
+               image_size: int | tuple[int, int], batch_size: int,
+               num_threads: int | None = None, num_workers: int | None = None,
+               draft: bool = True, max_pixels: int = MAX_PIXELS, prefetch: int = 2,
+               keyed: bool = False):
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    self._closed = True  # until an engine runs
+    self._rows = iter(rows)
+    self._size = decode._size(image_size)
+    self._batch_size = batch_size
+    self._keyed = keyed
+    self._pending: collections.deque[_Pending] = collections.deque()
+    # Batches in flight: the one waited for and `prefetch` more; processes keep two, so a
+    # worker decodes the next while this process collects the last.
+    ahead = max(0, prefetch) + 1
+    self.num_workers, self.num_threads = _choose_parallelism(
+        read, num_workers, num_threads, batch_size, self._size, max(2, ahead))
+    opts = dict(size=self._size, draft=draft, max_pixels=max_pixels)
+    if self.num_workers:
+      self._engine: _Threads | _Processes = _Processes(
+          read, self.num_workers, self.num_threads, max(2, ahead), batch_size, opts)
+    else:
+      self._engine = _Threads(read, self.num_threads, ahead, opts)
+    self._closed = False
+
+  def _fill(self) -> None:
+    """Starts batches while the engine has room or until the input ends."""
+    while self._engine.can_submit(len(self._pending)):
+      rows = [r for _, r in zip(range(self._batch_size), self._rows)]
+      if not rows:
+        return
+      b = Batch.padding(self._batch_size, self._size, keyed=self._keyed)
+      todo = []
+      for j, row in enumerate(rows):
+        if row is None:
+          continue
+        b.index[j], b.valid[j] = row.index, True
+        if b.key is not None:
+          b.key[j] = row.key
+        todo.append((j, row.arg))
+      self._pending.append(self._engine.submit(b, todo))
+
+  def __next__(self) -> Batch:
+    if self._closed:
+      raise StopIteration
+    try:
+      self._fill()
+      if not self._pending:
+        self.close()
+        raise StopIteration
+      batch = self._pending.popleft().result()
+      self._fill()  # its buffer is free again: decoding goes on while the consumer works
+    except BaseException:
+      self.close()
+      raise
+    return batch
+
+  def close(self) -> None:
+    """Drops the rows not started; waits for thread decodes or ends the workers. Idempotent."""
+    if self._closed:
+      return
+    self._closed = True
+    self._pending.clear()
+    self._engine.close()
+
+  def __enter__(self) -> BatchStream:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def __del__(self) -> None:
+    if not getattr(self, "_closed", True):  # never waits for a thread decode
+      self._closed = True
+      self._engine.close(wait=False)
+
+
+def _file_rows(keys: Sequence[str], positions: Iterable[int], offset: int = 0
+               ) -> Iterator[Row | None]:
+  for p in positions:
+    yield None if p < 0 else Row(p + offset, keys[p])
 
 
 def positions_batches(keys: Sequence[str], positions: np.ndarray, *,
                       image_size: int | tuple[int, int], batch_size: int,
                       read: Callable[[str], bytes] = read_file, num_threads: int | None = None,
-                      draft: bool = False, prefetch: int = 2) -> Iterator[Batch]:
+                      num_workers: int | None = None, draft: bool = True,
+                      max_pixels: int = MAX_PIXELS, prefetch: int = 2) -> BatchStream:
   """Like `image_batches`, over `keys[positions]`; a negative position is a padding row.
 
-  Jobs use it to lay out their own fixed-size steps (shard-aligned, padded)
-  while tf.data still decodes ahead across step and shard boundaries.
-  `Batch.index` is the position itself (-1 for padding).
+  Jobs use it to lay out their own fixed-size steps (shard-aligned, padded) while the
+  decoders still work ahead across step and shard boundaries. `Batch.index` is the
+  position itself (-1 for padding).
   """
-  tf = _tf()
-  size = _size(image_size)
-  positions = np.asarray(positions, np.int64)
-
-  def load(i: np.ndarray):
-    i = int(i)
-    if i < 0:  # padding: no read, no failure
-      return np.zeros((*size, 3), np.uint8), np.int32(0), np.int32(0), np.bool_(False), b""
-    img, w, h, ok, err = _safe_decode(read, keys[i], size, draft)
-    return img, np.int32(w), np.int32(h), np.bool_(ok), err.encode("utf-8", "replace")
-
-  def tf_load(i):
-    img, w, h, ok, err = tf.numpy_function(load, [i], [tf.uint8, tf.int32, tf.int32,
-                                                      tf.bool, tf.string], stateful=False)
-    img.set_shape((*size, 3))
-    return i, img, w, h, ok, err
-
-  parallel = num_threads if num_threads else tf.data.AUTOTUNE
-  ds = tf.data.Dataset.from_tensor_slices(positions).map(
-      tf_load, num_parallel_calls=parallel, deterministic=True)
-  return _finish(ds, batch_size=batch_size, num_threads=num_threads, prefetch=prefetch,
-                 start_index=0)
-
-
-def encoded_batches(ds, *, image_size: int | tuple[int, int], batch_size: int,
-                    num_threads: int | None = None, draft: bool = False, prefetch: int = 2
-                    ) -> Iterator[Batch]:
-  """Batches from a tf.data dataset of encoded images (TFDS with SkipDecoding).
-
-  Args:
-    ds: elements {"index": int64 (negative = padding), "data": encoded bytes,
-      "key": string, "label": int64}.
-    image_size, batch_size, num_threads, draft, prefetch: as in `image_batches`.
-  """
-  tf = _tf()
-  size = _size(image_size)
-
-  def load(i: np.ndarray, data: bytes):
-    if int(i) < 0:
-      return np.zeros((*size, 3), np.uint8), np.int32(0), np.int32(0), np.bool_(False), b""
-    img, w, h, ok, err = _safe_decode(lambda d: d, data, size, draft)
-    return img, np.int32(w), np.int32(h), np.bool_(ok), err.encode("utf-8", "replace")
-
-  def tf_load(ex):
-    img, w, h, ok, err = tf.numpy_function(load, [ex["index"], ex["data"]],
-                                           [tf.uint8, tf.int32, tf.int32, tf.bool, tf.string],
-                                           stateful=False)
-    img.set_shape((*size, 3))
-    return ex["index"], img, w, h, ok, err, ex["key"], ex["label"]
-
-  parallel = num_threads if num_threads else tf.data.AUTOTUNE
-  ds = ds.map(tf_load, num_parallel_calls=parallel, deterministic=True)
-  return _finish(ds, batch_size=batch_size, num_threads=num_threads, prefetch=prefetch,
-                 start_index=0)
+  positions = np.asarray(positions, np.int64).tolist()
+  return BatchStream(_file_rows(keys, positions), read=_Unlabelled(read),
+                     image_size=image_size, batch_size=batch_size, num_threads=num_threads,
+                     num_workers=num_workers, draft=draft, max_pixels=max_pixels,
+                     prefetch=prefetch)
 
 
 def image_batches(keys: Sequence[str], *, image_size: int | tuple[int, int], batch_size: int,
                   read: Callable[[str], bytes] = read_file, num_threads: int | None = None,
-                  draft: bool = False, prefetch: int = 2, start_index: int = 0
-                  ) -> Iterator[Batch]:
-  """Decoded, resized, fixed-size batches of `keys` in order, prepared in parallel by tf.data.
+                  num_workers: int | None = None, draft: bool = True,
+                  max_pixels: int = MAX_PIXELS, prefetch: int = 2, start_index: int = 0
+                  ) -> BatchStream:
+  """Decoded, resized, fixed-size batches of `keys` in order, prepared on every core.
 
   Args:
     keys: file paths (or ids that `read` understands), in output order.
     image_size: output size (square int or (height, width)).
     batch_size: rows per batch; the last batch is padded to this size.
-    read: key -> encoded bytes (files by default; TFDS readers pass their own).
-    num_threads: parallel decodes (default: tf.data autotune).
-    draft: JPEG reduced-scale decoding, see `decode_image`.
-    prefetch: batches prepared ahead of the consumer.
+    read: key -> encoded bytes (files by default); with worker processes it must pickle
+      (a module-level function), and runs there.
+    num_threads: decode threads per process when `num_workers` is given; else the decodes
+      at once, split into processes by the rule (None: every core), `decode_parallelism`.
+    num_workers: decode processes (0: threads in this process; None: by the rule).
+    draft: JPEG DCT-scaled decoding, see `decode.decode_image` (False: full resolution).
+    max_pixels: larger images are refused (decompression bombs).
+    prefetch: batches decoded ahead of the one the consumer waits for.
     start_index: `Batch.index` of keys[0] (a process' or a resumed job's offset).
   """
-  for b in positions_batches(keys, np.arange(len(keys)), image_size=image_size,
-                             batch_size=batch_size, read=read, num_threads=num_threads,
-                             draft=draft, prefetch=prefetch):
-    b.index = np.where(b.valid, b.index + start_index, -1)
-    yield b
+  return BatchStream(_file_rows(keys, range(len(keys)), start_index), read=_Unlabelled(read),
+                     image_size=image_size, batch_size=batch_size, num_threads=num_threads,
+                     num_workers=num_workers, draft=draft, max_pixels=max_pixels,
+                     prefetch=prefetch)
+
+
+def encoded_batches(examples: decode_workers.Reader, keys: Sequence[str],
+                    positions: np.ndarray, *, image_size: int | tuple[int, int],
+                    batch_size: int, num_threads: int | None = None,
+                    num_workers: int | None = None, draft: bool = True,
+                    max_pixels: int = MAX_PIXELS, prefetch: int = 2) -> BatchStream:
+  """Batches of records read by position (TFDS): `Batch.key` and `Batch.label` are filled.
+
+  Args:
+    examples: position -> (encoded image bytes, label); runs on the decode threads, so
+      it must be thread-safe, and in worker processes, so it must pickle.
+      OSError/ValueError make the row a failure.
+    keys: position -> record id (`Batch.key`).
+    positions: the rows in output order; a negative position is a padding row.
+    image_size, batch_size, num_threads, num_workers, draft, max_pixels, prefetch: as in
+      `image_batches`.
+  """
+  rows = (None if p < 0 else Row(p, p, keys[p])
+          for p in np.asarray(positions, np.int64).tolist())
+  return BatchStream(rows, read=examples, image_size=image_size, batch_size=batch_size,
+                     num_threads=num_threads, num_workers=num_workers, draft=draft,
+                     max_pixels=max_pixels, prefetch=prefetch, keyed=True)
 
 
 def load_images(paths: Sequence[str], image_size: int | tuple[int, int], *,
-                draft: bool = False) -> tuple[np.ndarray, list[str]]:
-  """Small-scale helper (queries, tests): decodes `paths` -> (uint8 [N, S, S, 3], errors)."""
-  size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+                draft: bool = True, max_pixels: int = MAX_PIXELS
+                ) -> tuple[np.ndarray, list[str]]:
+  """Small-scale helper (queries, tests): decodes `paths` -> (uint8 [N, H, W, 3], errors)."""
+  size = decode._size(image_size)
   out, errors = [], []
   for p in paths:
-    img, _, _, ok, err = _safe_decode(read_file, p, size, draft)
+    img, _, _, err = decode.safe_decode(lambda p=p: read_file(p), size, draft=draft,
+                                        max_pixels=max_pixels)
     out.append(img)
-    errors.append("" if ok else err)
+    errors.append(err)
   return np.stack(out) if out else np.zeros((0, *size, 3), np.uint8), errors

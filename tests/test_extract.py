@@ -367,51 +367,6 @@ def test_interrupt_and_kill_then_resume_equals_uninterrupted(tmp_path, reference
     np.testing.assert_array_equal(meta[c], ref_meta[c])
 
 
-def test_tfds_mock_data(tmp_path):
-  import tensorflow_datasets as tfds
-
-  n = 10
-  data_dir = tmp_path / "tfds"
-  with tfds.testing.mock_data(num_examples=n, data_dir=str(data_dir)):
-    builder = tfds.builder("mnist")
-    # Prepared metadata (what `tfds build` leaves); examples come from the mock.
-    pathlib.Path(builder.data_dir).mkdir(parents=True)
-    builder.info.write_to_directory(builder.data_dir)
-    ds = builder.as_dataset(split="train", decoders={"image": tfds.decode.SkipDecoding()},
-                            shuffle_files=False)
-    examples = [(ex["image"], int(ex["label"])) for ex in tfds.as_numpy(ds)]
-    out = tmp_path / "out"
-    summary = extract.run(extract.ExtractConfig(
-        output=str(out), tfds="mnist:train", data_dir=str(data_dir), batch_size=1,
-        shard_size=16, kinds=("fc", "conv"), **COMMON))
-  assert summary.images == n and summary.failed == 0
-  got, meta = store.load_descriptors(out, "conv")
-  assert got.shape[0] == n
-  np.testing.assert_array_equal(meta["label"], [lbl for _, lbl in examples])
-  np.testing.assert_array_equal(meta["label_name"], [str(lbl) for _, lbl in examples])
-  assert all("mnist-train" in k and k.endswith(f"__{i}") for i, k in enumerate(meta["path"]))
-  np.testing.assert_array_equal(meta["width"], 28)
-  # Reference: the same bytes decoded and described outside the job, on one device.
-  bb = backbones.get("vgg_tiny")
-  params = extract.random_params(bb, SIZE, 0)
-  fn = inference.jit_describe(bb, mesh=sharding.data_mesh(jax.devices()[:1]),
-                              preprocessing=bb.preprocessing, kinds=("conv",),
-                              config=desc.DescriptorConfig())
-  images = np.stack([input_pipeline.decode_image(b, SIZE)[0] for b, _ in examples])
-  np.testing.assert_allclose(got, np.asarray(fn(params, images)["conv"]), rtol=1e-5,
-                             atol=1e-5)
-
-
-def test_tfds_not_prepared_says_so(tmp_path):
-  from cbir_jax import tfds_input
-  with pytest.raises(tfds_input.TfdsError, match="not prepared.*never downloads"):
-    tfds_input.open_tfds("mnist:train", str(tmp_path))
-  assert not any(tmp_path.rglob("*.tfrecord*"))
-  with pytest.raises(extract.ExtractError, match="not prepared"):
-    extract.run(extract.ExtractConfig(output=str(tmp_path / "o"), tfds="mnist:train",
-                                      data_dir=str(tmp_path), **COMMON))
-
-
 def test_labels_csv(folder, tmp_path):
   root, paths, _ = folder
   rows = ["file,class_index,class_name,group"]
@@ -437,64 +392,6 @@ def test_config_errors(tmp_path):
                    (dict(images=str(tmp_path / "none")), "does not exist")):
     with pytest.raises(extract.ExtractError, match=msg):
       extract.run(extract.ExtractConfig(output=str(tmp_path / "o"), **{**COMMON, **bad}))
-
-
-def _prepared_tfds(data_dir: pathlib.Path, n: int):
-  """A real (not mocked) TFDS dataset prepared in data_dir: example i is (20 + i) px wide."""
-  import tensorflow_datasets as tfds
-
-  class CbirTestShapes(tfds.core.GeneratorBasedBuilder):
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=(None, None, 3)),
-          "label": tfds.features.ClassLabel(names=["red", "green", "blue"])}))
-
-    def _split_generators(self, dl_manager):
-      return {"train": self._generate_examples()}
-
-    def _generate_examples(self):
-      for i in range(n):
-        img = np.zeros((24, 20 + i, 3), np.uint8)
-        img[..., i % 3] = 40 + 5 * i
-        yield i, {"image": img, "label": i % 3}
-
-  builder = CbirTestShapes(data_dir=str(data_dir))
-  builder.download_and_prepare()
-  return builder.name
-
-
-def test_tfds_prepared_dataset_in_shards(tmp_path):
-  """Real TFDS reading: shards become split slices, and every record lands once, in order."""
-  n = 23
-  name = _prepared_tfds(tmp_path / "tfds", n)
-  out = tmp_path / "out"
-  cfg = extract.ExtractConfig(output=str(out), tfds=f"{name}:train",
-                              data_dir=str(tmp_path / "tfds"), batch_size=1, shard_size=5,
-                              kinds=("mac",), **COMMON)
-  summary = extract.run(cfg)
-  assert summary.images == n and summary.shards_written == 5
-  # The split's own order (TFDS shuffles examples once, when it prepares them), read whole.
-  import tensorflow_datasets as tfds
-  whole = tfds.builder(name, data_dir=str(tmp_path / "tfds")).as_dataset(
-      split="train", shuffle_files=False, read_config=tfds.ReadConfig(add_tfds_id=True))
-  order = [(int(ex["image"].shape[1]), int(ex["label"]), ex["tfds_id"].decode())
-           for ex in tfds.as_numpy(whole)]
-  widths = np.array([w for w, _, _ in order])
-  assert sorted(widths.tolist()) == list(range(20, 20 + n))
-  _, meta = store.load_descriptors(out, "mac")
-  np.testing.assert_array_equal(meta["row"], np.arange(n))
-  np.testing.assert_array_equal(meta["width"], widths)  # every record once, in split order
-  np.testing.assert_array_equal(meta["label"], (widths - 20) % 3)
-  np.testing.assert_array_equal(meta["label_name"],
-                                [["red", "green", "blue"][i] for i in (widths - 20) % 3])
-  np.testing.assert_array_equal(meta["path"], [k for _, _, k in order])
-  # A sliced split composes with the shard slices.
-  out2 = tmp_path / "out2"
-  extract.run(dataclasses.replace(cfg, output=str(out2), tfds=f"{name}:train[7:19]"))
-  _, meta2 = store.load_descriptors(out2, "mac")
-  np.testing.assert_array_equal(meta2["width"], widths[7:19])
 
 
 def test_non_finite_descriptors_become_failures(tmp_path, monkeypatch):

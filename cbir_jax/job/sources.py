@@ -100,9 +100,10 @@ class Source:
     if not len(positions):
       return iter(())
     if self.tfds is not None:
-      return input_pipeline.encoded_batches(
-          _tfds_dataset(self.tfds, positions), image_size=image_size, batch_size=batch_size,
-          num_threads=num_threads, draft=draft)
+      from cbir_jax import tfds_input
+      return tfds_input.position_batches(self.tfds, positions, image_size=image_size,
+                                         batch_size=batch_size, num_threads=num_threads,
+                                         draft=draft)
     return input_pipeline.positions_batches(self.keys, positions, image_size=image_size,
                                             batch_size=batch_size, num_threads=num_threads,
                                             draft=draft)
@@ -137,63 +138,9 @@ def tfds_source(spec: str, data_dir: str | None) -> Source:
     src = tfds_input.open_tfds(spec, data_dir)
   except tfds_input.TfdsError as e:
     raise ExtractError(str(e)) from None
-  keys, stamps, real = _tfds_identities(src)
+  keys = list(src.keys())
   return Source(type="tfds", root=os.path.abspath(src.data_dir), spec=spec, keys=keys,
-                identities=ident.RecordIdentities(keys, stamps),
-                real_keys=real, tfds=src)
-
-
-def _tfds_identities(src: Any) -> tuple[list[str], list[str], bool]:
-  """(keys, stamps, whether the keys are the records' own TFDS ids)."""
-  if hasattr(src, "keys") and hasattr(src, "record_stamps"):  # the data_source reader
-    return list(src.keys()), list(src.record_stamps()), True
-  try:
-    instructions = src.builder.info.splits[src.split].file_instructions
-    keys, stamps = [], []
-    for fi in instructions:
-      stamp = ident.file_stamp(fi.filename)
-      name = os.path.basename(fi.filename)
-      keys += [f"{name}__{i}" for i in range(fi.skip, fi.skip + fi.take)]
-      stamps += [stamp] * fi.take
-    if len(keys) == src.num_records:
-      return keys, stamps, True
-  except Exception:  # mocked builders (tfds.testing) have no files to list
-    pass
-  whole = f"{src.name}:{src.split}@{src.version}/{src.num_records}"
-  return [f"{src.name}:{src.split}#{i}" for i in range(src.num_records)], \
-      [whole] * src.num_records, False
-
-
-def _runs(positions: np.ndarray) -> list[tuple[int, int]]:
-  """Maximal runs: (start, stop) of consecutive records, or (-n, 0) for n padding rows."""
-  runs: list[list[int]] = []
-  for p in positions.tolist():
-    if p < 0:
-      if runs and runs[-1][1] == 0 and runs[-1][0] < 0:
-        runs[-1][0] -= 1
-      else:
-        runs.append([-1, 0])
-    elif runs and runs[-1][0] >= 0 and runs[-1][1] == p:
-      runs[-1][1] += 1
-    else:
-      runs.append([p, p + 1])
-  return [(a, b) for a, b in runs]
-
-
-def _tfds_dataset(src: Any, positions: np.ndarray):
-  """tf.data of {"index", "data", "key", "label"} for `positions` (padding: index -1)."""
-  import tensorflow as tf
-
-  ds = None
-  for a, b in _runs(np.asarray(positions)):
-    if a >= 0:
-      part = src.dataset(a, b)
-    else:
-      part = tf.data.Dataset.from_tensors(
-          {"index": tf.constant(-1, tf.int64), "data": tf.constant(b""),
-           "key": tf.constant(b""), "label": tf.constant(-1, tf.int64)}).repeat(-a)
-    ds = part if ds is None else ds.concatenate(part)
-  return ds
+                identities=ident.RecordIdentities(keys, list(src.record_stamps())), tfds=src)
 
 
 __all__ = ["Source", "folder_source", "tfds_source"]

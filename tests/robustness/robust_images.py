@@ -8,6 +8,7 @@ pixel values the file was made from, or with NumPy.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import os
 import pathlib
@@ -62,6 +63,12 @@ def png_header_only(width: int, height: int) -> bytes:
   ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
   return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
           + chunk(b"IEND", b""))
+
+
+@functools.cache
+def real_bomb() -> bytes:
+  """A genuine 16385x16385 greyscale PNG of zeros: every pixel is there, compressed."""
+  return png_bytes(16385, 16385, 8, 0, lambda y: bytes(16385))
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -146,14 +153,13 @@ def image_cases() -> list[ImageCase]:
   cases.append(ImageCase("decompression bomb: PNG header claims 100000x100000",
                          "bomb_header.png", _writer(png_header_only(100_000, 100_000)),
                          reason=r"bomb|exceed|limit"))
-  # 12000 x 12000 = 144 Mpx: above Pillow's 89 Mpx warning level but below the 179 Mpx
-  # where Pillow itself raises, so only the product's own check stands between it and
-  # a 432 MB RGB decode. Real, well-compressed data (~150 KB on disk).
-  cases.append(ImageCase("decompression bomb: real 12000x12000 PNG of zeros (144 Mpx)",
-                         "bomb_real.png",
-                         lambda p: p.write_bytes(png_bytes(12000, 12000, 8, 0,
-                                                           lambda y: bytes(12000))),
-                         reason=r"bomb|exceed|limit"))
+  # 16385 x 16385 = 268.47 Mpx: one row over the product's 2**28-pixel limit (which lets a
+  # 100-150 Mpx camera photo through) and below the 2 x limit where Pillow itself would
+  # raise, so only the product's own check stands between it and an 805 MB RGB decode.
+  # Real, well-compressed data (~270 KB on disk).
+  cases.append(ImageCase("decompression bomb: real 16385x16385 PNG of zeros (just over the "
+                         "268 Mpx limit)", "bomb_real.png",
+                         lambda p: p.write_bytes(real_bomb()), reason=r"bomb|exceed|limit"))
 
   # ---- unusual but valid
   one = np.array([[[200, 30, 90]]], np.uint8)

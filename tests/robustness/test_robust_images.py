@@ -1,8 +1,9 @@
 """Hostile images at the decoder: good files decode to their references, bad ones give reasons.
 
-Layers checked here: `decode_image`/`load_images` (one file at a time) and
-`image_batches` (the tf.data pipeline the job runs), without a network. The
-job-level run over the same folder is in test_robust_jobs.py.
+Layers checked here: `decode_image`/`load_images` (one file at a time),
+`image_batches` (the threaded pipeline the job runs) and `tfds_batches` (a real
+ArrayRecord TFDS dataset of the same bytes), without a network or TensorFlow.
+The job-level run over the same folder is in test_robust_jobs.py.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import threading
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from cbir_jax import input_pipeline as ip
 
@@ -26,9 +28,10 @@ import robust_images as ri
 
 CASES = ri.image_cases()
 NOBODY = 65534
-# Pillow warns about the corrupt-EXIF case; the warning is the expected reaction, not noise
-# to report.
-pytestmark = pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")
+# Pillow warns about the corrupt-EXIF case and the bomb; the warnings are the expected
+# reaction, not noise to report.
+pytestmark = [pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning"),
+              pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")]
 
 
 def _write(folder: pathlib.Path, case: ri.ImageCase) -> pathlib.Path:
@@ -92,10 +95,10 @@ def test_sixteen_bit_is_scaled_not_clipped(tmp_path):
 
 
 def test_bomb_costs_no_memory(tmp_path, hostile):
-  """The real 144 Mpx bomb is refused before any pixel is decoded (peak RSS grows < 40 MB).
+  """The real 268 Mpx bomb is refused before any pixel is decoded (peak RSS grows < 40 MB).
 
   Run in a fresh process so its peak resident size measures this decode alone;
-  a full decode would need 144 MB (grey) + 432 MB (RGB).
+  a full decode would need 268 MB (grey) + 805 MB (RGB).
   """
   case = next(c for c in CASES if c.filename == "bomb_real.png")
   path = _write(tmp_path, case)
@@ -242,8 +245,8 @@ def test_unreadable_file(hostile, monkeypatch):
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_tf_pipeline_over_hostile_folder(tmp_path, hostile):
-  """image_batches (the job's tf.data path) over every case at once, plus a file deleted
+def test_pipeline_over_hostile_folder(tmp_path, hostile):
+  """image_batches (the job's threaded path) over every case at once, plus a file deleted
   between listing and reading: rows stay in order, good rows match, bad rows carry reasons."""
   folder = tmp_path / "imgs"
   folder.mkdir()
@@ -284,42 +287,87 @@ def test_tf_pipeline_over_hostile_folder(tmp_path, hostile):
       problem = f"ok flag {ok}"
     if not problem and case.good and case.size and size != case.size:
       problem = f"size {size} != {case.size}"
-    hostile.check(case.name, not problem, problem or "tf.data pipeline: as decoded alone")
+    hostile.check(case.name, not problem, problem or "threaded pipeline: as decoded alone")
     if problem:
       problems.append((name, problem))
   assert not problems, problems
 
 
-def test_tfds_style_stream_of_hostile_bytes(tmp_path, hostile):
-  """The TFDS path (encoded bytes in a tf.data stream, `encoded_batches`) gets the same
-  files' bytes: good rows match their references, bad rows carry reasons, order is kept."""
-  import tensorflow as tf
+class CbirHostileBytes(tfds.core.GeneratorBasedBuilder):
+  """A TFDS dataset whose images are the hostile files' bytes (TFDS stores bytes as given);
+  the label is the case's number, so each record can be matched to its case."""
+  VERSION = tfds.core.Version("1.0.0")
+  CASES: list[ri.ImageCase] = []
+  FOLDER = pathlib.Path()
 
-  cases = [c for c in CASES if c.filename.isascii() and "\n" not in c.filename]
-  data = []
-  for c in cases:
-    path = _write(tmp_path, c)
-    data.append(path.read_bytes())
-  n = len(cases)
-  pad = -n % 8
-  ds = tf.data.Dataset.from_tensor_slices({
-      "index": np.r_[np.arange(n), -np.ones(pad, np.int64)].astype(np.int64),
-      "data": data + [b""] * pad,
-      "key": [f"tfds:{i}" for i in range(n)] + [""] * pad,
-      "label": np.zeros(n + pad, np.int64)})
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3)),
+        "label": tfds.features.ClassLabel(num_classes=len(self.CASES))}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    for i, c in enumerate(self.CASES):
+      yield i, {"image": (self.FOLDER / c.filename).read_bytes(), "label": i}
+
+
+def test_tfds_style_stream_of_hostile_bytes(tmp_path, hostile):
+  """The TFDS path (`tfds_batches` over an ArrayRecord dataset, read without TensorFlow)
+  gets the same files' bytes: good rows match their references, bad rows carry reasons,
+  every record comes once with its TFDS id and label."""
+  from cbir_jax import tfds_input
+
+  folder = tmp_path / "files"
+  folder.mkdir()
+  for c in CASES:
+    _write(folder, c)
+  CbirHostileBytes.CASES, CbirHostileBytes.FOLDER = CASES, folder
+  data_dir = str(tmp_path / "tfds")
+  CbirHostileBytes(data_dir=data_dir, file_format="array_record").download_and_prepare(
+      download_config=tfds.download.DownloadConfig(num_shards=2))
+  src = tfds_input.open_tfds("cbir_hostile_bytes:train", data_dir)
+  n = len(CASES)
+  assert src.num_records == n
   rows = {}
-  for batch in ip.encoded_batches(ds, image_size=ri.SIZE, batch_size=8, num_threads=2):
+  for batch in tfds_input.tfds_batches(src, [(0, n)], image_size=ri.SIZE, batch_size=8,
+                                       num_threads=2):
     for j in np.flatnonzero(batch.valid):
+      assert int(batch.index[j]) not in rows
       rows[int(batch.index[j])] = (batch.images[j], batch.error[j], bool(batch.ok[j]),
-                                   batch.key[j])
+                                   batch.key[j], int(batch.label[j]))
   assert sorted(rows) == list(range(n))
+  # Which case each record holds, read by TFDS itself (the split's order is TFDS's own).
+  by_tfds = [int(ex["label"]) for ex in tfds.data_source(
+      "cbir_hostile_bytes", split="train", data_dir=data_dir, download=False,
+      decoders={"image": tfds.decode.SkipDecoding()})]
+  assert sorted(by_tfds) == list(range(n))
   problems = []
-  for i, c in enumerate(cases):
-    img, err, ok, key = rows[i]
+  for i in range(n):
+    img, err, ok, key, label = rows[i]
+    c = CASES[by_tfds[i]]
     problem = _check_decoded(c, img, err)
-    if not problem and (ok != c.good or key != f"tfds:{i}"):
-      problem = f"ok flag {ok} / key {key!r}"
-    hostile.check(c.name, not problem, problem or "TFDS-style stream: as decoded alone")
+    if not problem and (ok != c.good or key != src.keys()[i] or label != by_tfds[i]):
+      problem = f"ok flag {ok} / key {key!r} / label {label}"
+    hostile.check(c.name, not problem, problem or "TFDS ArrayRecord path: as decoded alone")
     if problem:
       problems.append((c.name, problem))
   assert not problems, problems
+
+
+def test_96_megapixel_camera_jpeg_is_not_a_bomb(tmp_path, hostile):
+  """A legitimate 12000x8000 camera JPEG is decoded with the defaults, not refused."""
+  a = np.full((8000, 12000, 3), 70, np.uint8)
+  a[:4000, 6000:] = (30, 200, 60)  # top-right quadrant green
+  path = tmp_path / "camera_96mpx.jpg"
+  path.write_bytes(ri.encode(ri.Image.fromarray(a), "JPEG", quality=30))
+  imgs, errors = ip.load_images([str(path)], ri.SIZE)
+  _, size = ip.decode_image(path.read_bytes(), ri.SIZE)
+  q = ri.SIZE // 4
+  ok = (errors == [""] and size == (12000, 8000)
+        and np.abs(imgs[0, q, 3 * q].astype(int) - (30, 200, 60)).max() < 12
+        and np.abs(imgs[0, 3 * q, q].astype(int) - 70).max() < 12)
+  hostile.check("legitimate 96-megapixel camera JPEG (12000x8000)", ok,
+                "decoded with the default limit" if ok else f"errors {errors}, size {size}")
+  assert ok, (errors, size)
