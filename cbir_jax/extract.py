@@ -9,9 +9,10 @@ a rerun continues.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Callable
 
-from cbir_jax import backbones, choices, decode, store
+from cbir_jax import backbones, choices, decode, distributed, store
 from cbir_jax import descriptors as desc
 from cbir_jax.choices import COMPUTE_DTYPES, OUTPUT_DTYPES, PROGRESS_MODES  # noqa: F401 (kept here)
 from cbir_jax.choices import ComputeDtype, Kind, Masks, Model, OutputDtype, Progress
@@ -54,6 +55,9 @@ class ExtractConfig:
       a stopped job also keeps the finished part of the shard in progress).
     num_threads: parallel decodes per process (None = every core this process may use);
       changes no row (recorded with the run, not compared on reruns).
+    num_workers: decode worker processes (None: threads in this process up to 4 cores,
+      else one process per 4 cores, measured in docs/benchmarks.md; 0: threads only); with
+      it set, num_threads is threads per process. Changes no row (recorded with the run).
     draft: decode JPEGs at the smallest DCT scale (1/2..1/8) still at least the input
       size, then resize as always (several times less CPU on large photos, pixels within
       about half a grey level); --nodraft decodes at full resolution. Recorded as a setting.
@@ -69,10 +73,16 @@ class ExtractConfig:
       and modification time (reads every file once more when listing).
     progress: "auto" (bar on a terminal, log lines otherwise), "bar", "log", "none".
     log_every_s: seconds between progress log lines.
-    distributed: call jax.distributed.initialize() (auto-detects on managed clusters).
-    coordinator_address: multi-process: host:port of process 0 (implies `distributed`).
+    distributed: multi-process, with the coordinator address, the number of processes and
+      this process' index from the cluster environment (SLURM, Open MPI, Cloud TPU), as
+      jax.distributed.initialize() finds them.
+    coordinator_address: multi-process: host:port of process 0, whose coordinator uses
+      this port and the next one (implies `distributed`).
     num_processes: multi-process: number of processes.
     process_id: multi-process: this process' index.
+    startup_timeout_s: multi-process: seconds to wait for every process to start.
+    peer_timeout_s: multi-process: a process silent this many seconds is taken for dead,
+      and the others end (complete shards are kept).
   """
   output: str
   images: str | None = None
@@ -92,6 +102,7 @@ class ExtractConfig:
   masks: Masks = "channel"
   shard_size: int = 4096
   num_threads: int | None = None
+  num_workers: int | None = None
   draft: bool = True
   max_pixels: int = decode.MAX_PIXELS
   consolidate: bool = True
@@ -104,6 +115,8 @@ class ExtractConfig:
   coordinator_address: str | None = None
   num_processes: int | None = None
   process_id: int | None = None
+  startup_timeout_s: float = 45.0
+  peer_timeout_s: float = 10.0
 
   def check(self) -> None:
     """Raises ExtractError for settings that cannot work, before anything is touched."""
@@ -118,6 +131,9 @@ class ExtractConfig:
     for name in ("batch_size", "shard_size", "max_pixels"):
       if getattr(self, name) < 1:
         raise ExtractError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.num_workers is not None and self.num_workers < 0:
+      raise ExtractError(f"num_workers must be >= 0 (or unset: chosen by the cores), got "
+                         f"{self.num_workers}")
     if self.num_threads is not None and self.num_threads < 1:
       raise ExtractError(f"num_threads must be >= 1 (or unset: every core), got "
                          f"{self.num_threads}")
@@ -129,6 +145,7 @@ class ExtractConfig:
       desc.DescriptorConfig(self.threshold, self.relative, self.masks)
     except ValueError as e:
       raise ExtractError(str(e)) from None
+    control.timeouts(self)
 
 
 # Phases of the summary's time breakdown, in the order they happen.
@@ -207,12 +224,11 @@ class Summary:
 
 
 def _log(msg: str) -> None:
-  import sys
   print(f"[extract] {msg}", file=sys.stderr, flush=True)
 
 
 def run(config: ExtractConfig, *, log: Callable[[str], None] = _log,
-        started: float | None = None) -> Summary:
+        started: float | None = None, coord: control.Coordinator | None = None) -> Summary:
   """Runs (or continues, or with `config.update` updates) an extraction.
 
   Args:
@@ -220,23 +236,38 @@ def run(config: ExtractConfig, *, log: Callable[[str], None] = _log,
     log: where progress and messages go (stderr by default).
     started: `time.perf_counter()` when the program started (launchers pass it so the
       summary's time breakdown covers imports too).
+    coord: this process' part in a multi-process job, from `control.Coordinator.start`
+      (entered); None starts one from `config` and leaves it at the end (`main` does this
+      for launchers, with the exit status of every outcome).
 
   Returns:
     This process' summary.
 
   Raises:
     ExtractError: bad settings, unreadable input, a directory of other settings or of
-      another input, a locked directory, a write error (disk full), or `Interrupted`.
+      another input, a locked directory, a write error (disk full), processes that
+      disagree or were lost, or `Interrupted`.
   """
-  from cbir_jax.job import finish, plan as planning, steps
-
   config.check()
   clock = control.Clock(started)
   if started is not None:
     clock.charge("imports")
-  coord = control.init_distributed(
-      distributed=config.distributed, coordinator_address=config.coordinator_address,
-      num_processes=config.num_processes, process_id=config.process_id)
+  if coord is not None:
+    return _run(config, coord, clock, log)
+  with control.Coordinator.start(config, log) as coord:
+    try:
+      summary = _run(config, coord, clock, log)
+    except Interrupted:
+      coord.shutdown()  # stopped together: every process leaves together
+      raise
+    coord.shutdown()
+  return summary
+
+
+def _run(config: ExtractConfig, coord: control.Coordinator, clock: control.Clock,
+         log: Callable[[str], None]) -> Summary:
+  from cbir_jax.job import finish, plan as planning, steps
+
   summary = Summary(output=str(config.output), process_index=coord.process_index)
   plan = planning.plan_job(config, coord, log)
   clock.charge("startup")
@@ -247,12 +278,13 @@ def run(config: ExtractConfig, *, log: Callable[[str], None] = _log,
     if plan.done:
       summary.complete = True
       return summary
-    stopped = steps.StepRunner(plan, config, coord, clock, summary, log).run()
-    if stopped:
+    reason = steps.StepRunner(plan, config, coord, clock, summary, log).run()
+    if reason:
+      every = " on every process" if coord.process_count > 1 else ""
       raise Interrupted(
-          f"interrupted: process {coord.process_index} stopped after writing "
+          f"interrupted ({reason}): process {coord.process_index} stopped after writing "
           f"{summary.shards_written} shard(s) and the finished part of the shard in progress; "
-          f"they are kept in {plan.out}. Rerun the same command to continue.")
+          f"they are kept in {plan.out}. Rerun the same command{every} to continue.")
     finish.finish(plan, config, coord, clock, summary, log)
     summary.complete = True
   except store.StoreError as e:
@@ -270,6 +302,45 @@ def run(config: ExtractConfig, *, log: Callable[[str], None] = _log,
   return summary
 
 
+def main(config: ExtractConfig, *, started: float | None = None) -> int:
+  """Runs the job as launch/extract.py does and returns its exit status.
+
+  0: done, the summary line on stdout. 1: an error, one line "extract: error: ..." on
+  stderr. 130: stopped by SIGINT/SIGTERM (finished rows kept; rerun to continue). In a
+  job of several processes every process ends with the same status: a signal to any
+  process stops them all, and a process that fails, dies or never starts ends the others
+  with one line naming it (within `peer_timeout_s` + a few seconds, or
+  `startup_timeout_s`).
+  """
+  try:
+    config.check()
+    coord = control.Coordinator.start(config, _log)
+  except ExtractError as e:
+    print(f"extract: error: {e}", file=sys.stderr, flush=True)
+    return e.exit_code
+  except KeyboardInterrupt:
+    print("extract: stopped at once, while the processes were starting; nothing was written",
+          file=sys.stderr, flush=True)
+    return distributed.EXIT_INTERRUPTED
+  with coord:
+    try:
+      try:
+        summary = run(config, started=started, coord=coord)
+      except Interrupted as e:
+        coord.shutdown()  # every process stopped together, and leaves together
+        print(f"extract: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+      coord.shutdown()  # the others wait here for process 0 to seal the output
+    except KeyboardInterrupt:  # a second signal, or one outside the steps: nothing is lost
+      where = f" to process {coord.process_index}" if coord.process_count > 1 else ""
+      return coord.leave(f"stopped at once ({coord.at_once or 'interrupted'}{where}); "
+                         f"{coord.hint}", distributed.EXIT_INTERRUPTED)
+    except ExtractError as e:
+      return coord.leave(str(e), e.exit_code)
+  print(summary.line(), flush=True)
+  return 0
+
+
 def _report_plan(plan, coord: control.Coordinator, log: Callable[[str], None]) -> None:
   if coord.process_index == 0 and plan.source.labels_report is not None:
     for line in plan.source.labels_report.lines():
@@ -281,4 +352,5 @@ def _report_plan(plan, coord: control.Coordinator, log: Callable[[str], None]) -
         f"{len(plan.units)} to go")
 
 
-__all__ = ["ExtractConfig", "ExtractError", "Interrupted", "Summary", "random_params", "run"]
+__all__ = ["ExtractConfig", "ExtractError", "Interrupted", "Summary", "main", "random_params",
+           "run"]

@@ -15,7 +15,6 @@ import time
 
 _STARTED = time.perf_counter()  # before the heavy imports, so the summary counts them
 
-import sys  # noqa: E402
 
 from cbir_jax import cli, extract  # noqa: E402
 from cbir_jax.descriptors import KINDS  # noqa: E402
@@ -23,25 +22,14 @@ from cbir_jax.descriptors import KINDS  # noqa: E402
 FLAGS = cli.define(extract.ExtractConfig)
 
 
-def main() -> None:
+def main() -> int:
   kinds = FLAGS.values()["kinds"]
   # Canonical order, no repeats (the settings a rerun is compared with); unknown names are
   # refused by the flag itself.
   config = FLAGS.config(kinds=tuple(k for k in KINDS if k in kinds))
   if not (config.distributed or config.coordinator_address or config.num_processes):
     cli.warn_if_gpu_unused("extract")  # multi-process jobs start JAX in the job, not here
-  try:
-    summary = extract.run(config, started=_STARTED)
-  except extract.Interrupted as e:
-    print(f"extract: {e}", file=sys.stderr)
-    sys.exit(130)
-  except KeyboardInterrupt:  # a second Ctrl-C: stopped at once
-    print("extract: stopped at once; complete shards are kept, rerun the same command to "
-          "continue", file=sys.stderr)
-    sys.exit(130)
-  except extract.ExtractError as e:
-    sys.exit(f"extract: error: {e}")
-  print(summary.line())
+  return extract.main(config, started=_STARTED)  # the exit status of every outcome
 
 
 if __name__ == "__main__":

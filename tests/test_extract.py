@@ -233,9 +233,19 @@ def _nan(o):
 
 
 def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+  """A port P with P+1 free too (a job's coordinator uses both)."""
+  for _ in range(50):
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      port = s.getsockname()[1]
+    try:
+      with socket.socket() as a, socket.socket() as b:
+        a.bind(("127.0.0.1", port))
+        b.bind(("127.0.0.1", port + 1))
+      return port
+    except OSError:
+      continue
+  raise RuntimeError("no free port pair")
 
 
 def _env(devices: int, **extra) -> dict:
@@ -275,6 +285,27 @@ def test_two_processes_write_every_image_once(folder, reference_run, tmp_path):
   assert failures == sorted(bad)
   per_process = [(out / f"failures-{i}.tsv").read_text().count("\n") - 1 for i in range(2)]
   assert sum(per_process) == len(bad)
+
+
+def test_distributed_flag_reads_the_cluster_environment(folder, reference_run, tmp_path):
+  """--distributed: coordinator, process count and index from SLURM's variables (as
+  jax.distributed.initialize() finds them; JAX_COORDINATOR_PORT picks the port)."""
+  root, paths, _ = folder
+  out = tmp_path / "slurm"
+  slurm = dict(SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
+               JAX_COORDINATOR_PORT=str(_free_port()))
+  procs = [subprocess.Popen(
+      _cmd(root, out, "--shard_size=6", "--distributed"),
+      env=_env(2, **slurm, SLURM_PROCID=i, SLURM_LOCALID=i), stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = [p.communicate(timeout=240)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)[-4000:]
+  m = json.loads((out / "manifest.json").read_text())
+  assert m["process_count"] == 2 and {s["process"] for s in m["shards"]} == {0, 1}
+  got, meta = store.load_descriptors(out, "fc_conv")
+  np.testing.assert_array_equal(meta["path"], paths)
+  np.testing.assert_allclose(got, store.load_descriptors(reference_run[0], "fc_conv")[0],
+                             rtol=1e-5, atol=1e-5)
 
 
 def _wait_for_shards(out, n, proc, timeout=120):
@@ -476,13 +507,23 @@ def test_decoding_options_settings_and_run_info(folder, tmp_path):
   one = extract.run(extract.ExtractConfig(num_threads=1, **base), log=lambda m: None)
   m = store.load_manifest(base["output"])
   assert m.settings.draft is True and m.settings.max_pixels == extract.decode.MAX_PIXELS
-  assert m.run["num_threads"] == 1 and one.images == len(paths)
+  assert m.run["decode"] == {"num_workers": 0, "num_threads": 1} and one.images == len(paths)
   again = extract.run(extract.ExtractConfig(num_threads=2, **base), log=lambda m: None)
   assert again.complete and again.images == 0  # another thread count: nothing to redo
   two = dict(base, output=str(tmp_path / "t2"))
   extract.run(extract.ExtractConfig(num_threads=2, **two), log=lambda m: None)
   np.testing.assert_array_equal(store.load_descriptors(base["output"], "mac")[0],
                                 store.load_descriptors(two["output"], "mac")[0])
+  # Decoding in 2 worker processes (1 thread each) instead of threads: the same rows.
+  procs = dict(base, output=str(tmp_path / "t3"))
+  extract.run(extract.ExtractConfig(num_workers=2, num_threads=1, **procs), log=lambda m: None)
+  assert store.load_manifest(procs["output"]).run["decode"] == {"num_workers": 2,
+                                                               "num_threads": 1}
+  for k in ("mac",):
+    a, meta_a = store.load_descriptors(base["output"], k)
+    b, meta_b = store.load_descriptors(procs["output"], k)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(meta_a["path"], meta_b["path"])
   for change, what in ((dict(draft=False), "draft"), (dict(max_pixels=10_000), "max_pixels")):
     with pytest.raises(extract.ExtractError, match=f"other settings.*{what}"):
       extract.run(extract.ExtractConfig(**{**base, **change}), log=lambda m: None)

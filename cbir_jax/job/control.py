@@ -1,136 +1,212 @@
 """Running a job: what its processes tell each other, stop requests, progress, phase times.
 
-`Coordinator` is the one place where processes meet: agreement on settings before anything
-is written, the per-step stop decision, and the handling of a peer that fails mid-collective.
+`Coordinator` is the one place where processes meet (on `cbir_jax.distributed`): start-up
+errors and agreement before anything is written, stop requests, leaving together or with one
+line. The job's steps have no cross-process collectives, so no process can hang in one.
 """
 from __future__ import annotations
 
+import contextlib
+import pathlib
 import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
-import numpy as np
-
+from cbir_jax import distributed
+from cbir_jax.job import agreement
 from cbir_jax.job.errors import ExtractError
+
+# What a process that ends because of another says the user should do.
+HINT = "complete shards are kept; rerun the same command on every process to continue"
+
+
+def timeouts(config: Any) -> distributed.Timeouts:
+  """The job's multi-process time limits; raises ExtractError for impossible ones."""
+  try:
+    return distributed.Timeouts(startup_s=config.startup_timeout_s, peer_s=config.peer_timeout_s)
+  except ValueError as e:
+    raise ExtractError(str(e).replace("Timeouts.startup_s", "startup_timeout_s")
+                       .replace("Timeouts.peer_s", "peer_timeout_s")) from None
+
+
+@contextlib.contextmanager
+def _as_extract_error() -> Iterator[None]:
+  try:
+    yield
+  except distributed.DistributedError as e:  # PeerLost, JobMismatch, ...: one line each
+    raise ExtractError(str(e), exit_code=e.exit_code) from None
+
+
+@contextlib.contextmanager
+def _at_once() -> Iterator[None]:
+  """SIGTERM as SIGINT (KeyboardInterrupt) while processes wait for each other to start."""
+  def handle(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  old = signal.signal(signal.SIGTERM, handle)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, old)
 
 
 class Coordinator:
-  """One process alone: every question is answered locally."""
-  process_index = 0
-  process_count = 1
+  """This process' part in a job of one process or several; see the module docstring.
 
-  def agree(self, *, settings: str, weights: str, input: str) -> None:
-    """Checks every process has the same settings, weights and input digests.
+  A context manager: inside it, SIGINT/SIGTERM belong to the job. During the steps
+  (`stepping`) the first one asks every process to stop after its step in flight, writing
+  the rows it finished; anywhere else, and on a second signal, the process stops at once
+  (KeyboardInterrupt), which loses nothing: shards are written atomically, the manifest
+  last.
+  """
 
-    Called before any directory is prepared. Raises ExtractError naming what differs.
+  def __init__(self, cluster: distributed.Cluster | distributed.LocalCluster,
+               log: Callable[[str], None]):
+    self.cluster, self.log = cluster, log
+    self.process_index, self.process_count = cluster.process_index, cluster.process_count
+    self.stop_noticed_at = 0.0  # perf_counter when this process learnt of a stop request
+    self.at_once = ""  # the signal that stopped this process at once, if any
+    self._graceful, self._signalled, self._logged, self._old = False, False, False, {}
+
+  @classmethod
+  def start(cls, config: Any, log: Callable[[str], None]) -> "Coordinator":
+    """Joins the job's other processes (or stands alone); call before any JAX computation.
+
+    The job's identity is the absolute output directory: a process of another job that
+    reaches the same coordinator is refused without harming this one.
     """
-    del settings, weights, input
+    with _as_extract_error(), _at_once():
+      cluster = distributed.initialize(
+          str(pathlib.Path(config.output).resolve()),
+          coordinator_address=config.coordinator_address, num_processes=config.num_processes,
+          process_id=config.process_id, auto_detect=config.distributed,
+          timeouts=timeouts(config), program="extract", hint=HINT)
+    return cls(cluster, log)
 
-  def all_started(self, error: str) -> None:
-    """Raises ExtractError if this or any process could not start (`error` non-empty)."""
+  # -- meeting points: every process calls them, in the same order
+
+  def all_started(self, error: str, stage: str = "start-up") -> None:
+    """Raises ExtractError on every process if this one (`error` non-empty) or another failed."""
+    with _as_extract_error():
+      errors = self.cluster.gather(stage, error)
     if error:
       raise ExtractError(error)
+    bad = [(k, e) for k, e in enumerate(errors) if e]
+    if bad:
+      more = f" (and {len(bad) - 1} more processes)" if len(bad) > 1 else ""
+      raise ExtractError(f"process {bad[0][0]} could not start{more}: {bad[0][1]}")
+
+  def agree(self, fields: Mapping[str, str], shown: Mapping[str, str], records: Any,
+            noun: str) -> None:
+    """Raises ExtractError on every process, naming what differs, unless all are equal.
+
+    Args:
+      fields, shown: from `agreement.fields`.
+      records: this process' input identities (searched for the first differing record
+        when the input differs).
+      noun: "files" or "records".
+    """
+    try:
+      self.cluster.agree(fields, shown=shown)
+      return
+    except distributed.Disagreement as e:
+      detail, differ = e.detail, e.fields
+    except distributed.DistributedError as e:
+      raise ExtractError(str(e), exit_code=e.exit_code) from None
+    if "input" in differ:
+      with _as_extract_error():
+        where = agreement.first_difference(self.cluster.gather, records, noun)
+      detail += f"; {where}" if where else ""
+    raise ExtractError(f"{detail}. Start every process with the same flags and the same input "
+                       "(file names, sizes and modification times); nothing was written")
 
   def max(self, value: int) -> int:
     """The largest `value` over processes (e.g. steps: every process runs that many)."""
-    return value
-
-  def should_stop(self, requested: bool) -> bool:
-    """Per step: whether the job stops now. True on every process, or on none."""
-    return requested
+    with _as_extract_error():
+      return max(int(v) for v in self.cluster.gather("max", str(int(value))))
 
   def barrier(self, name: str) -> None:
     """Waits until every process reaches `name`."""
-    del name
+    with _as_extract_error():
+      self.cluster.barrier(name)
 
+  def decide_stop(self, finished: bool) -> str | None:
+    """After the steps: None when every process finished its work, else why the job stops
+    (the same answer on every process)."""
+    with _as_extract_error():
+      return self.cluster.decide_stop(finished)
 
-class MultiProcessCoordinator(Coordinator):
-  """Processes of one `jax.distributed` job; every method is a collective all must call."""
+  def shutdown(self) -> None:
+    """The end of a job done or stopped together: waits for every process, then leaves."""
+    with _as_extract_error():
+      self.cluster.shutdown()
 
-  def __init__(self) -> None:
-    import jax
-    self.process_index, self.process_count = jax.process_index(), jax.process_count()
+  @property
+  def hint(self) -> str:
+    """What to do after this process stopped early."""
+    return HINT if self.process_count > 1 else HINT.replace(" on every process", "")
 
-  def _gather(self, what: str, values: list[int]) -> np.ndarray:
-    """[process, len(values)] of every process' values."""
-    from jax.experimental import multihost_utils
+  # -- this process alone
+
+  def stop_requested(self) -> bool:
+    """Per step, without talking to the others: whether a stop was asked of any process.
+
+    Raises:
+      ExtractError: another process died, hung, failed or was stopped at once.
+    """
+    with _as_extract_error():
+      self.cluster.check()
+    reason = self.cluster.stop_reason
+    if reason and not self.stop_noticed_at:
+      self.stop_noticed_at = time.perf_counter()
+    if reason and not self._logged:
+      self._logged = True  # logged here, not in the signal handler (reentrant I/O)
+      self.log(f"stopping after the step in flight ({reason}); finished rows are kept (send "
+               "SIGINT/SIGTERM again to stop at once)")
+    return reason is not None
+
+  def leave(self, message: str, code: int) -> int:
+    """Ends this process' part with one line on stderr. With other processes it tells them
+    why and exits at once (they end too); alone it returns `code`."""
+    if isinstance(self.cluster, distributed.Cluster):
+      self.cluster.abort(message, code)
+    kind = "" if code == distributed.EXIT_INTERRUPTED else "error: "
+    print(f"extract: {kind}{message}", file=sys.stderr, flush=True)
+    return code
+
+  @contextlib.contextmanager
+  def stepping(self) -> Iterator[None]:
+    """The step loop and the stop decision after it: a first signal stops after the step."""
+    self._graceful = True
     try:
-      return np.asarray(multihost_utils.process_allgather(np.asarray(values, np.int64)))
-    except Exception as e:  # a peer died or left: XlaRuntimeError and friends
-      raise ExtractError(f"process {self.process_index}: lost the other processes during "
-                         f"{what} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                         "complete shards are kept, rerun every process") from None
+      yield
+    finally:
+      self._graceful = False
 
-  def agree(self, *, settings: str, weights: str, input: str) -> None:
-    named = {"settings": settings, "weights": weights, "input": input}
-    got = self._gather("the settings check", [int(v[:15], 16) for v in named.values()])
-    differ = [n for i, n in enumerate(named) if len(set(got[:, i].tolist())) > 1]
-    if differ:
-      raise ExtractError(
-          f"the processes of this job do not agree on their {', '.join(differ)} (each process "
-          "must be started with the same flags and see the same input); nothing was written")
-
-  def all_started(self, error: str) -> None:
-    ok = self._gather("start-up", [0 if error else 1])[:, 0]
-    if error:
-      raise ExtractError(error)
-    if not ok.all():
-      bad = [int(i) for i in np.flatnonzero(ok == 0)]
-      raise ExtractError(f"process(es) {bad} could not start; see their messages")
-
-  def max(self, value: int) -> int:
-    return int(self._gather("planning", [value]).max())
-
-  def should_stop(self, requested: bool) -> bool:
-    return bool(self._gather("a step", [int(requested)]).any())
-
-  def barrier(self, name: str) -> None:
-    self._gather(name, [0])
-
-
-def init_distributed(*, distributed: bool, coordinator_address: str | None,
-                     num_processes: int | None, process_id: int | None) -> Coordinator:
-  """Starts jax.distributed when asked (or when explicit settings imply it)."""
-  import jax
-
-  explicit = (coordinator_address, num_processes, process_id)
-  if distributed or any(v is not None for v in explicit):
-    try:
-      jax.distributed.initialize(coordinator_address=coordinator_address,
-                                 num_processes=num_processes, process_id=process_id)
-    except RuntimeError as e:
-      if "already initialized" not in str(e).lower():
-        raise ExtractError(f"jax.distributed.initialize failed: {e}") from e
-  return MultiProcessCoordinator() if jax.process_count() > 1 else Coordinator()
-
-
-class StopFlag:
-  """SIGINT/SIGTERM: the first asks the job to stop after the step in flight; a second, at once."""
-
-  def __init__(self, log: Callable[[str], None]):
-    self.requested = False
-    self.at = 0.0  # perf_counter of the first request
-    self._log = log
-    self._old: dict[int, Any] = {}
-
-  def _handle(self, signum, frame):
-    if self.requested:  # a second Ctrl-C: stop now (complete shards are still safe)
+  def _handle(self, signum: int, frame: Any) -> None:
+    name = signal.Signals(signum).name
+    if not self._graceful or self._signalled:
+      self.at_once = name
       raise KeyboardInterrupt
-    self.requested, self.at = True, time.perf_counter()
-    self._log(f"{signal.Signals(signum).name} received: stopping after the step in flight; "
-              "finished rows are kept (send it again to stop at once)")
+    self._signalled = True
+    self.stop_noticed_at = time.perf_counter()
+    self.cluster.request_stop(f"{name} to process {self.process_index}")
 
-  def __enter__(self) -> "StopFlag":
+  def __enter__(self) -> "Coordinator":
     if threading.current_thread() is threading.main_thread():
       for s in (signal.SIGINT, signal.SIGTERM):
         self._old[s] = signal.signal(s, self._handle)
     return self
 
-  def __exit__(self, *exc) -> None:
+  def __exit__(self, *exc: Any) -> None:
     for s, h in self._old.items():
       signal.signal(s, h)
+    self._old = {}
 
 
 class Progress:
@@ -146,7 +222,7 @@ class Progress:
         self.bar = tqdm(total=total, unit="img", dynamic_ncols=True, smoothing=0.1)
       except ImportError:
         pass
-    self.quiet = mode == "none"
+    self.quiet = mode == "none" or total == 0  # e.g. a process whose shards are all done
 
   def update(self, n: int) -> None:
     self.done += n
@@ -194,5 +270,4 @@ class Clock:
     return dict(self.seconds)
 
 
-__all__ = ["Clock", "Coordinator", "MultiProcessCoordinator", "Progress", "StopFlag",
-           "init_distributed"]
+__all__ = ["Clock", "Coordinator", "HINT", "Progress", "timeouts"]

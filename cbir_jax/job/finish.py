@@ -30,7 +30,8 @@ def run_info(config: Any, coord: Coordinator) -> dict[str, Any]:
           "device_kinds": sorted({d.device_kind for d in devices}),
           "devices": len(devices), "process_count": coord.process_count,
           "batch_size": config.batch_size,
-          "num_threads": config.num_threads or input_pipeline.default_threads(),
+          "decode": dict(zip(("num_workers", "num_threads"), input_pipeline.decode_parallelism(
+              config.num_workers, config.num_threads))),
           "host": os.uname().nodename,
           "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
   info.update(runtime.platform_info())

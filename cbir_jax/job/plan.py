@@ -17,7 +17,7 @@ from cbir_jax import backbones, checkpoint, store
 from cbir_jax import descriptors as desc
 from cbir_jax import weights as weights_lib
 from cbir_jax.job import identity as ident
-from cbir_jax.job import sources, update as upd
+from cbir_jax.job import agreement, sources, update as upd
 from cbir_jax.job.control import Coordinator
 from cbir_jax.job.errors import ExtractError
 from cbir_jax.job.rows import Unit
@@ -139,42 +139,63 @@ def plan_job(config: Any, coord: Coordinator, log: Callable[[str], None]) -> Pla
   """Opens everything and decides what this process does; nothing is written before all agree.
 
   Raises:
-    ExtractError: any refusal (this process' or another's).
+    ExtractError: any refusal (this process' or another's), on every process.
   """
   report_platform(log, warn=coord.process_count > 1)
-  backbone = backbones.get(config.model)
-  image_size = config.image_size or backbone.image_size
-  source = open_source(config)
-  loaded = load_weights(config, backbone, image_size)
-  kinds = resolve_kinds(config.kinds, backbone, loaded.record)
-  target = new_manifest(config, source, loaded, backbone, image_size, kinds)
-  coord.agree(settings=target.settings.digest(), weights=loaded.record.params_sha256,
-              input=target.input.identity_sha256)
-  out = pathlib.Path(config.output)
-  error, lock, state = "", None, None
+  error = ""
   try:
-    lock = _lock(out, coord.process_index)
-    if coord.process_index == 0:  # process 0 alone writes manifests
-      state = prepare(out, target, source, update=config.update, write=True, log=log)
-  except (ExtractError, store.StoreError) as e:
+    backbone = backbones.get(config.model)
+    image_size = config.image_size or backbone.image_size
+    source = open_source(config)
+    loaded = load_weights(config, backbone, image_size)
+    kinds = resolve_kinds(config.kinds, backbone, loaded.record)
+    target = new_manifest(config, source, loaded, backbone, image_size, kinds)
+  except ExtractError as e:
     error = str(e)
-  except (OSError, ValueError) as e:  # e.g. an unreadable output directory
-    error = f"cannot prepare output directory {out}: {type(e).__name__}: {e}"
-  try:
-    coord.all_started(error)
-    if state is None:  # the others read what process 0 decided
-      state = prepare(out, target, source, update=config.update, write=False, log=log)
-  except BaseException:
-    if lock:
-      lock.close()
-    raise
-  manifest, update, done = state
+  coord.all_started(error, "opening the input and the weights")
+  coord.agree(*agreement.fields(config, target, source), records=source.identities,
+              noun="files" if source.type == "folder" else "records")
+  out = pathlib.Path(config.output)
+  lock, (manifest, update, done) = _prepare_all(out, target, source, config, coord, log)
   plan = Plan(out=out, source=source, loaded=loaded, backbone=backbone, image_size=image_size,
               descriptor=desc.DescriptorConfig(config.threshold, config.relative, config.masks),
               manifest=manifest, update=update, units=[], skipped=0, lock=lock, done=done)
   plan.units, plan.skipped = my_units(plan, config.shard_size, coord)
   _lay_out_steps(plan, config, coord, log)
   return plan
+
+
+def _refusal(out: pathlib.Path, fn: Callable[[], Any]) -> tuple[Any, str]:
+  """(fn(), '') or (None, why it failed) for the errors preparing a directory can meet."""
+  try:
+    return fn(), ""
+  except (ExtractError, store.StoreError) as e:
+    return None, str(e)
+  except (OSError, ValueError) as e:  # e.g. an unreadable output directory
+    return None, f"cannot prepare output directory {out}: {type(e).__name__}: {e}"
+
+
+def _prepare_all(out: pathlib.Path, target: Manifest, source: sources.Source, config: Any,
+                 coord: Coordinator, log: Callable[[str], None]) -> tuple[IO[str] | None, Any]:
+  """(this process' lock, `prepare`'s answer). Process 0 prepares the directory (it alone
+  writes manifests), then the others read what it decided; an error stops every process."""
+  first = coord.process_index == 0
+  lock, error = _refusal(out, lambda: _lock(out, coord.process_index))
+  state = None
+  try:
+    if first and not error:
+      state, error = _refusal(out, lambda: prepare(out, target, source, update=config.update,
+                                                   write=True, log=log))
+    coord.all_started(error, "preparing the output directory")
+    if not first:
+      state, error = _refusal(out, lambda: prepare(out, target, source, update=config.update,
+                                                   write=False, log=log))
+    coord.all_started(error, "reading the prepared output directory")
+  except BaseException:
+    if lock:
+      lock.close()
+    raise
+  return lock, state
 
 
 def _lay_out_steps(plan: Plan, config: Any, coord: Coordinator, log: Callable[[str], None]

@@ -103,13 +103,13 @@ class Source:
     return ("row", "path", "label", "label_name", "width", "height", *self.extra)
 
   def batches(self, positions: np.ndarray, *, batch_size: int, image_size: int,
-              num_threads: int | None, draft: bool, max_pixels: int = input_pipeline.MAX_PIXELS
-              ) -> Iterator[input_pipeline.Batch]:
+              num_threads: int | None, draft: bool, max_pixels: int = input_pipeline.MAX_PIXELS,
+              num_workers: int | None = None) -> Iterator[input_pipeline.Batch]:
     """Fixed-size batches of the records at `positions` (-1: a padding row)."""
     if not len(positions):
       return iter(())
     opts = dict(image_size=image_size, batch_size=batch_size, num_threads=num_threads,
-                draft=draft, max_pixels=max_pixels)
+                num_workers=num_workers, draft=draft, max_pixels=max_pixels)
     if self.tfds is not None:
       from cbir_jax import tfds_input
       return tfds_input.position_batches(self.tfds, positions, **opts)

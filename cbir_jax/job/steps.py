@@ -1,8 +1,9 @@
 """Running the steps: one jitted step per fixed-size batch, rows assembled and written as they come.
 
 Every process runs the same number of equally shaped steps (padding with empty batches), so
-nothing recompiles and no process waits forever. A stop request ends the loop after the step
-in flight; the finished part of the shard in progress is written so a rerun continues there.
+nothing recompiles; a step has no cross-process collectives, so no process waits on another.
+A stop request ends the loop before the next step; the finished part of the shard in progress
+is written so a rerun continues there.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import numpy as np
 
 from cbir_jax import input_pipeline, store
 from cbir_jax.job import rows as rows_lib
-from cbir_jax.job.control import Clock, Coordinator, Progress, StopFlag
+from cbir_jax.job.control import Clock, Coordinator, Progress
+from cbir_jax.job.errors import ExtractError
 from cbir_jax.job.plan import Plan
 
 # Test-only: seconds to sleep per step, so kill/interrupt tests can land mid-job.
@@ -76,22 +78,42 @@ class StepRunner:
     if finished:
       self.clock.charge("write")
 
-  def run(self) -> bool:
-    """Runs every step; returns True when stopped early by a request (rows written so far kept)."""
-    from cbir_jax import sharding
+  def run(self) -> str | None:
+    """Runs every step; returns None when the whole job finished its steps, else why it
+    stopped early (a stop request to some process; the rows written so far are kept).
 
+    The step loop talks to no other process: a stop request reaches this one through the
+    coordinator's watchdog, and processes may stop a step or two apart.
+    """
     plan, config = self.plan, self.config
     positions = plan.positions()
     batches = plan.source.batches(positions, batch_size=plan.batch_rows,
                                   image_size=plan.image_size, num_threads=config.num_threads,
-                                  draft=config.draft, max_pixels=config.max_pixels)
+                                  num_workers=config.num_workers, draft=config.draft,
+                                  max_pixels=config.max_pixels)
+    try:
+      return self._steps(batches, positions)
+    finally:  # decode threads or worker processes never outlive the steps, whatever happens
+      _close(batches)
+
+  def _steps(self, batches: Any, positions: np.ndarray) -> str | None:
+    from cbir_jax import sharding
+
+    plan, config = self.plan, self.config
     progress = Progress(int(np.count_nonzero(positions >= 0)), config.progress,
                         config.log_every_s, self.log)
     delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
     self.clock.charge("startup")
-    stopped, prev = False, None
-    with StopFlag(self.log) as stop:
+    stopped, lost, prev = False, None, None
+    with self.coord.stepping():
       for step in range(plan.global_steps):
+        try:
+          if self.coord.stop_requested():
+            stopped = True
+            break
+        except ExtractError as e:  # a process was lost: keep what this one finished, then go
+          lost = e
+          break
         batch = (next(batches) if step < plan.local_steps
                  else input_pipeline.Batch.padding(plan.batch_rows, plan.image_size))
         self.clock.charge("input")
@@ -103,28 +125,28 @@ class StepRunner:
         if prev is not None:  # the previous step's rows are read while this one runs
           self._consume(*prev, progress)
         prev = (batch, result)
-        if self.coord.should_stop(stop.requested):
-          stopped = True
-          break
       if prev is not None:
         self._consume(*prev, progress)
       left = self.assembler.remaining  # units not complete (the stopped one included)
-      if stopped:
-        self._write_stopped_part(stop.at)
-    progress.close()
-    _close(batches)
-    self.clock.charge("input")
-    self._count_compiles()
-    return stopped and self.coord.max(left) > 0
+      if stopped or lost:
+        self._write_stopped_part()
+      progress.close()
+      _close(batches)
+      self.clock.charge("input")
+      if lost is not None:
+        raise lost
+      self._count_compiles()
+      # Every process gets here: the same answer everywhere (None: all finished their work).
+      return self.coord.decide_stop(finished=not stopped or left == 0)
 
-  def _write_stopped_part(self, asked_at: float) -> None:
+  def _write_stopped_part(self) -> None:
     part = self.assembler.stop()
     if part is not None:
       write_finished(self.plan.out, part, self.plan.kinds, self.coord.process_index)
       self.summary.parts_written += 1
       self.clock.charge("write")
-    if asked_at:
-      self.summary.stop_s = time.perf_counter() - asked_at
+    if self.coord.stop_noticed_at:
+      self.summary.stop_s = time.perf_counter() - self.coord.stop_noticed_at
 
   def _count_compiles(self) -> None:
     try:
