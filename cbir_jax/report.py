@@ -27,7 +27,7 @@ _MARK_TEXT = {"same": "same class as the query", "other": "another class",
               "unknown": "class unknown"}
 _QUERY_FRAME = (0, 0, 0)
 _COPY_SIZE = 1024  # longest side of the copy a thumbnail links to
-_TEXT_LINES = 4
+_TEXT_LINES = 5  # caption lines under a cell (a result has 4, the query 5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,10 +172,10 @@ def _picture(hit: Hit, images: IndexImages, out: pathlib.Path, *, bins: int, thu
 def _captions(hit: Hit, rank: int, hist_distance: float | None, row_title: str = ""
               ) -> list[str]:
   hd = "-" if hist_distance is None else f"{hist_distance:.4f}"
-  if rank == 0:
+  if rank == 0:  # hist_distance: the mean over the row's results (the Table I figure)
     where = f"row {hit.row}" if hit.row >= 0 else "outside the index"
     return [f"{row_title}: query" if row_title else "query", _name(hit),
-            hit.label or "(no label)", where]
+            hit.label or "(no label)", where, f"mean hist d={hd}"]
   return [f"#{rank}  d={hit.distance:.4f}", f"hist d={hd}", hit.label or "(no label)",
           _name(hit)]
 
@@ -186,7 +186,7 @@ class _Cell:
   rank: int  # 0 = the query
   picture: _Picture
   mark: str  # "query", or a key of MARKS
-  hist_distance: float | None
+  hist_distance: float | None  # to the query; on the query's cell, the mean over its row
   row_title: str = ""  # what the row shows (e.g. its descriptor kind), on the query's cell
 
 
@@ -206,10 +206,11 @@ def _cells(results: Sequence[QueryResult], images: IndexImages, out: pathlib.Pat
               out / "images" / f"{pictures[key].stem}_hist.png")
       row.append((rank, hit, pictures[key]))
     q_hist = row[0][2].hist
+    dists = [None if q_hist is None or pic.hist is None else
+             float(evaluation.histogram_distance(q_hist, pic.hist)) for _, _, pic in row[1:]]
+    mean = float(np.mean(dists)) if dists and None not in dists else None
     rows.append([_Cell(hit, rank, pic, "query" if rank == 0 else mark(r.query, hit),
-                       None if rank == 0 or q_hist is None or pic.hist is None else
-                       float(evaluation.histogram_distance(q_hist, pic.hist)),
-                       row_title if rank == 0 else "")
+                       mean if rank == 0 else dists[rank - 1], row_title if rank == 0 else "")
                  for rank, hit, pic in row])
   return rows
 
