@@ -1,4 +1,4 @@
-"""Top-5 ImageNet classes for a folder of images, and accuracy against a labels CSV.
+"""Top-5 ImageNet classes (names and probabilities) for a folder of images, and accuracy.
 
 The check that a checkpoint is right: same weights, recorded preprocessing and
 input pipeline as the descriptor jobs, judged by a number anyone can compare.
@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import logging
+import functools
 import os
 import pathlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +19,41 @@ import numpy as np
 from cbir_jax import backbones, input_pipeline, sharding
 from cbir_jax import preprocessing as pp
 from cbir_jax import weights as weights_lib
+from cbir_jax.choices import ComputeDtype, Model
 from cbir_jax.inference import compute_dtype
 
 TOP_K = 5
+# The 1000 ImageNet (ILSVRC 2012) classes in the standard order (sorted WordNet ids), as
+# "wnid<TAB>name" lines; the names of imagenet-sample's labels.csv, "_" read as " ".
+CLASS_NAMES_FILE = pathlib.Path(__file__).with_name("imagenet_classes.txt")
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_class_names() -> tuple[str, ...]:
+  """Name of each ImageNet class index 0..999 ("tench", ..., "tabby", "tiger cat", ...)."""
+  lines = CLASS_NAMES_FILE.read_text(encoding="utf-8").splitlines()
+  return tuple(line.split("\t", 1)[1] for line in lines if line.strip())
+
+
+@dataclasses.dataclass
+class ClassifyConfig:
+  """One run of launch/classify.py.
+
+  Attributes:
+    images: folder of images (recursive).
+    model: backbone.
+    weights: weights directory (default: the shipped weights of `model`).
+    labels_csv: CSV with columns file, class_index (optional class_name): adds top-1 and
+      top-5 accuracy over the images it lists.
+    batch_size: images per step.
+    dtype: compute dtype.
+  """
+  images: str
+  model: Model = backbones.DEFAULT_BACKBONE
+  weights: str | None = None
+  labels_csv: str | None = None
+  batch_size: int = 32
+  dtype: ComputeDtype = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +69,7 @@ class Prediction:
   top: tuple[int, ...]  # TOP_K class indices, best first; empty when not decoded
   label: int = -1  # -1: no label
   error: str = ""  # why the image could not be decoded
+  scores: tuple[float, ...] = ()  # softmax probability of each class in `top`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,12 +113,14 @@ def read_labels_csv(path: str | os.PathLike) -> Labels:
 
 
 def top_k_fn(backbone: backbones.Backbone, preprocessing: pp.Preprocessing, *,
-             dtype: Any = jnp.float32, k: int = TOP_K) -> Callable[[Any, jax.Array], jax.Array]:
-  """The pure step `(params, uint8 images [N, H, W, 3]) -> int32 [N, k]` class indices."""
+             dtype: Any = jnp.float32, k: int = TOP_K
+             ) -> Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]:
+  """The pure step `(params, uint8 images [N, H, W, 3]) -> (probabilities, class indices)`,
+  both [N, k], best first (softmax over the logits, in float32)."""
 
-  def step(params: Any, images: jax.Array) -> jax.Array:
+  def step(params: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     logits = backbone.features(params, preprocessing(images), dtype=dtype).logits
-    return jax.lax.top_k(logits, k)[1]
+    return jax.lax.top_k(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), k)
 
   return step
 
@@ -101,7 +136,8 @@ def _label_of(rel: str, labels: Labels | None) -> int:
 def classify_folder(images: str | os.PathLike, *, model: str = backbones.DEFAULT_BACKBONE,
                     weights: str | os.PathLike | None = None,
                     labels: Labels | None = None, batch_size: int = 32,
-                    image_size: int | None = None, dtype: str = "float32") -> Result:
+                    image_size: int | None = None, dtype: str = "float32",
+                    log: Callable[[str], None] | None = None) -> Result:
   """Classifies every image under `images` (resized bilinearly to a square, no crop).
 
   Args:
@@ -112,7 +148,8 @@ def classify_folder(images: str | os.PathLike, *, model: str = backbones.DEFAULT
       but not scored.
     batch_size: images per step (rounded up to a multiple of the local devices).
     image_size: input side; None means the backbone's (224).
-    dtype: compute dtype name ("float32", "bfloat16").
+    dtype: compute dtype name ("float32", "bfloat16", "float16").
+    log: receives a warning line (labels CSV rows without an image).
 
   Returns:
     Per-image predictions in path order, and top-1/top-5 over labelled images.
@@ -125,7 +162,8 @@ def classify_folder(images: str | os.PathLike, *, model: str = backbones.DEFAULT
   root = pathlib.Path(images)
   records = input_pipeline.folder_records(root)
   if not records:
-    raise ValueError(f"{root}: no images found (extensions {sorted(input_pipeline.IMAGE_EXTENSIONS)})")
+    raise ValueError(f"{root}: no images found (extensions "
+                     f"{sorted(input_pipeline.IMAGE_EXTENSIONS)})")
   rel = [pathlib.Path(r.key).relative_to(root).as_posix() for r in records]
   label = [_label_of(r, labels) for r in rel]
   if labels is not None:
@@ -133,9 +171,9 @@ def classify_folder(images: str | os.PathLike, *, model: str = backbones.DEFAULT
     if not matched:
       raise ValueError(f"none of the {len(rel)} images under {root} is listed in the labels CSV "
                        f"(e.g. {rel[0]!r}); its 'file' column must be paths relative to {root}")
-    if matched < len(labels.by_file):
-      logging.warning("%d files of the labels CSV are not under %s; scoring the %d found",
-                      len(labels.by_file) - matched, root, matched)
+    if matched < len(labels.by_file) and log is not None:
+      log(f"warning: {len(labels.by_file) - matched} files of the labels CSV are not under "
+          f"{root}; scoring the {matched} found")
 
   # One process, its local devices: parameters replicated, the batch split.
   mesh = sharding.data_mesh(jax.local_devices())
@@ -147,14 +185,17 @@ def classify_folder(images: str | os.PathLike, *, model: str = backbones.DEFAULT
   size = image_size or backbone.image_size
 
   predictions: list[Prediction] = []
+  # Full decode, then the bilinear resize: the pipeline the reference accuracy was measured
+  # with (weights/README.md); reduced-scale JPEG decoding would shift it slightly.
   for batch in input_pipeline.image_batches([r.key for r in records], image_size=size,
-                                            batch_size=batch_size):
-    top = np.asarray(step(params, batch.images))
+                                            batch_size=batch_size, draft=False):
+    probs, top = (np.asarray(a) for a in step(params, batch.images))
     for row in np.flatnonzero(batch.valid):
       i = int(batch.index[row])
       ok = bool(batch.ok[row])
-      predictions.append(Prediction(file=rel[i], top=tuple(int(c) for c in top[row]) if ok else (),
-                                    label=label[i], error=batch.error[row]))
+      predictions.append(Prediction(
+          file=rel[i], top=tuple(int(c) for c in top[row]) if ok else (), label=label[i],
+          error=batch.error[row], scores=tuple(float(p) for p in probs[row]) if ok else ()))
   scored = [p for p in predictions if p.label >= 0]
   n = len(scored)
   hit1 = sum(bool(p.top) and p.top[0] == p.label for p in scored)
@@ -168,15 +209,37 @@ def accuracy_line(result: Result) -> str:
   return f"top1={result.top1:.3f} top5={result.top5:.3f} n={result.n}"
 
 
-def report_lines(result: Result, names: dict[int, str] | None = None) -> Iterator[str]:
-  """One line per image (file, then top-5 as `index:name` or `index`); accuracy last if labelled."""
-  names = names or {}
+def class_name(index: int, names: Sequence[str] | None = None) -> str:
+  """The name of a class index (`names`, default the ImageNet list), or the index itself."""
+  names = imagenet_class_names() if names is None else names
+  return names[index] if 0 <= index < len(names) else str(index)
+
+
+def report_lines(result: Result, names: Sequence[str] | None = None) -> Iterator[str]:
+  """One line per image, then the accuracy line when images were labelled.
+
+  `chelsea.jpg<TAB>tabby 0.62, tiger cat 0.21, ...`: the top classes by name (`names`,
+  default the ImageNet list) with their probabilities, then `label=<index> <name>` when the
+  labels CSV has the image.
+  """
   for p in result.predictions:
     if p.error:
       yield f"{p.file}\tERROR {p.error}"
       continue
-    classes = " ".join(f"{c}:{names[c]}" if c in names else str(c) for c in p.top)
-    truth = f"\tlabel={p.label}" if p.label >= 0 else ""
+    classes = ", ".join(f"{class_name(c, names)} {s:.2f}" for c, s in zip(p.top, p.scores))
+    truth = f"\tlabel={p.label} {class_name(p.label, names)}" if p.label >= 0 else ""
     yield f"{p.file}\t{classes}{truth}"
   if result.n:
     yield accuracy_line(result)
+
+
+def run(config: ClassifyConfig, *, log: Callable[[str], None], out: Callable[[str], None] = print
+        ) -> Result:
+  """launch/classify.py: classifies the folder and prints `report_lines`."""
+  labels = read_labels_csv(config.labels_csv) if config.labels_csv else None
+  result = classify_folder(config.images, model=config.model, weights=config.weights,
+                           labels=labels, batch_size=config.batch_size, dtype=config.dtype,
+                           log=log)
+  for line in report_lines(result):
+    out(line)
+  return result

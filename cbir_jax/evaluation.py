@@ -13,6 +13,7 @@ from typing import Any, Mapping, MutableMapping, NamedTuple, Sequence
 import numpy as np
 
 from cbir_jax import search
+from cbir_jax.choices import Kind
 from cbir_jax.index_images import ImageUnavailable, IndexImages, input_of
 
 DEFAULT_BINS = 25
@@ -486,6 +487,35 @@ def evaluate(index_dir: str, *, kinds: Sequence[str] | None = None,
       "notes": {"undefined": undefined, "histograms": ev.histogram_error},
       "queries": [{"row": int(r), "path": keys[r], "label": names[labels[r]]} for r in queries],
       "results": {r.kind: _result_dict(r, k) for r in ev.results}}
+
+
+@dataclasses.dataclass
+class EvaluateConfig:
+  """One run of launch/evaluate.py: the arguments of `evaluate`, and where the JSON goes.
+
+  Attributes:
+    index: extraction output directory.
+    kinds: descriptor kinds (default: every extracted kind).
+    num_queries: queries drawn (seeded) from the labelled rows (0: every labelled row).
+    k: results per query for the histogram distance (P@1, P@5 and P@10 are always shown,
+      with P@k).
+    seed: seed of the query draw and of the random baseline.
+    label_column: metadata column giving the class (e.g. group, an extra column of a
+      labels CSV).
+    bins: histogram bins per channel.
+    image_root: where the index's image folder (or TFDS data_dir) is now, if it moved
+      since the extraction.
+    json: write the numbers (and per-query results) to this file.
+  """
+  index: str
+  kinds: tuple[Kind, ...] | None = None
+  num_queries: int = 0
+  k: int = 5
+  seed: int = 0
+  label_column: str = "label"
+  bins: int = DEFAULT_BINS
+  image_root: str | None = None
+  json: str | None = None
 
 
 def _result_dict(r: KindResult, k: int) -> dict[str, Any]:

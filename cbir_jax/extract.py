@@ -10,15 +10,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from cbir_jax import backbones, store
+from cbir_jax import backbones, choices, store
 from cbir_jax import descriptors as desc
+from cbir_jax.choices import COMPUTE_DTYPES, OUTPUT_DTYPES, PROGRESS_MODES  # noqa: F401 (kept here)
+from cbir_jax.choices import ComputeDtype, Kind, Masks, Model, OutputDtype, Progress
 from cbir_jax.job import control
 from cbir_jax.job.errors import ExtractError, Interrupted
 from cbir_jax.weights import random_params
-
-OUTPUT_DTYPES = ("float32", "float16")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-PROGRESS_MODES = ("auto", "bar", "log", "none")
 
 
 @dataclasses.dataclass
@@ -27,9 +25,11 @@ class ExtractConfig:
 
   Attributes:
     output: output directory (created; a rerun continues it).
-    images: folder of images (recursive), or None with `tfds`.
-    tfds: "name:split" of a prepared TFDS dataset, read from `data_dir`.
-    data_dir: TFDS data_dir.
+    images: folder of images (recursive; jpg, jpeg, png, bmp, gif, webp, tif, tiff); the
+      first-level subfolder, if any, is the label. None with `tfds`.
+    tfds: "name:split" of a prepared TFDS dataset, read from `data_dir`; never downloads.
+    data_dir: TFDS data_dir where the dataset is prepared (default $TFDS_DATA_DIR or
+      ~/tensorflow_datasets).
     labels_csv: optional CSV (columns file, class_index[, class_name, ...]) giving labels
       by path relative to `images` (or by file name where names are unique); other
       columns become metadata columns.
@@ -42,10 +42,13 @@ class ExtractConfig:
     dtype: compute dtype (float32, bfloat16, float16).
     output_dtype: dtype of the stored descriptors (float32 or float16).
     image_size: square network input size; None = the backbone's default.
-    threshold, relative, masks: DescriptorConfig (SPEC.md section 4).
+    threshold: significance threshold tau (a fraction of the image's maximum last-block
+      activation with `relative`; SPEC.md section 4).
+    relative: tau = threshold x the image's maximum; false: tau = threshold.
+    masks: "channel": the paper's per-channel masks; "spatial": the authors' notebook variant.
     shard_size: input records per shard (the unit of consolidation and of resumption;
       a stopped job also keeps the finished part of the shard in progress).
-    num_threads: parallel decodes per process (None = tf.data autotune).
+    num_threads: parallel decodes per process (None = every core this process may use).
     draft: JPEG reduced-scale decoding (faster, slightly different pixels).
     consolidate: concatenate the shards into one array per kind at the end.
     update: bring an existing output up to date with a changed input: rows of
@@ -55,32 +58,33 @@ class ExtractConfig:
     progress: "auto" (bar on a terminal, log lines otherwise), "bar", "log", "none".
     log_every_s: seconds between progress log lines.
     distributed: call jax.distributed.initialize() (auto-detects on managed clusters).
-    coordinator_address, num_processes, process_id: explicit multi-process settings
-      (any of them implies `distributed`).
+    coordinator_address: multi-process: host:port of process 0 (implies `distributed`).
+    num_processes: multi-process: number of processes.
+    process_id: multi-process: this process' index.
   """
   output: str
   images: str | None = None
   tfds: str | None = None
   data_dir: str | None = None
   labels_csv: str | None = None
-  model: str = backbones.DEFAULT_BACKBONE
+  model: Model = backbones.DEFAULT_BACKBONE
   weights: str | None = None
   seed: int = 0
-  kinds: tuple[str, ...] = desc.KINDS
+  kinds: tuple[Kind, ...] = desc.KINDS
   batch_size: int = 16
-  dtype: str = "float32"
-  output_dtype: str = "float32"
+  dtype: ComputeDtype = "float32"
+  output_dtype: OutputDtype = "float32"
   image_size: int | None = None
   threshold: float = 0.5
   relative: bool = True
-  masks: str = "channel"
+  masks: Masks = "channel"
   shard_size: int = 4096
   num_threads: int | None = None
   draft: bool = False
   consolidate: bool = True
   update: bool = False
   content_digest: bool = False
-  progress: str = "auto"
+  progress: Progress = "auto"
   log_every_s: float = 30.0
   distributed: bool = False
   coordinator_address: str | None = None
@@ -93,14 +97,12 @@ class ExtractConfig:
       raise ExtractError("give exactly one input: --images=FOLDER or --tfds=NAME:SPLIT")
     if self.labels_csv and not self.images:
       raise ExtractError("--labels_csv applies to --images folders only")
-    bad = [k for k in self.kinds if k not in desc.KINDS]
-    if bad or not self.kinds:
-      raise ExtractError(f"unknown descriptor kinds {bad}; known: {list(desc.KINDS)}")
-    for name, allowed in (("output_dtype", OUTPUT_DTYPES), ("dtype", COMPUTE_DTYPES),
-                          ("progress", PROGRESS_MODES)):
-      if getattr(self, name) not in allowed:
-        what = {"output_dtype": "output dtype", "dtype": "compute dtype"}.get(name, name)
-        raise ExtractError(f"{what} must be one of {allowed}, got {getattr(self, name)!r}")
+    if not self.kinds:
+      raise ExtractError(f"no descriptor kinds; known: {list(desc.KINDS)}")
+    try:
+      choices.check(self)  # kinds, dtypes, masks, progress, model: the flags' own lists
+    except ValueError as e:
+      raise ExtractError(str(e)) from None
     for name in ("batch_size", "shard_size"):
       if getattr(self, name) < 1:
         raise ExtractError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -10,11 +10,13 @@ import concurrent.futures
 import dataclasses
 import os
 import pathlib
-from typing import Callable, Iterable, Iterator, Sequence
+import pickle
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+from absl import logging
 
-from cbir_jax import decode
+from cbir_jax import decode, decode_workers
 from cbir_jax.decode import (IMAGE_EXTENSIONS, MAX_PIXELS, _to_rgb, decode_image,  # noqa: F401
                              read_file)
 
@@ -120,14 +122,29 @@ def format_skipped(skipped: collections.Counter) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-  """One input row: its `Batch.index`, its key (keyed streams) and how to get its bytes.
+  """One input row: its `Batch.index`, its key (keyed streams) and what its stream reads.
 
-  `fetch()` returns (encoded image, label); an OSError or ValueError from it makes the row a
-  failure with the reason.
+  The stream's `read(arg)` returns (encoded image, label); an OSError or ValueError from it
+  makes the row a failure with the reason. `arg` is small and picklable (a path, a record
+  position, or the bytes themselves), so rows can go to worker processes.
   """
   index: int
-  fetch: Callable[[], tuple[bytes, int]]
+  arg: Any
   key: str = ""
+
+
+def carried(arg: tuple[bytes, int]) -> tuple[bytes, int]:
+  """The reader of rows whose `arg` is already (encoded image, label)."""
+  return arg
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unlabelled:
+  """key -> bytes as a reader: (bytes, -1). Picklable when `read` is."""
+  read: Callable[[str], bytes]
+
+  def __call__(self, key: str) -> tuple[bytes, int]:
+    return self.read(key), -1
 
 
 def default_threads() -> int:
@@ -135,113 +152,242 @@ def default_threads() -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+# Decode parallelism when it is not given, from images decoded and resized to 224 per
+# wall-second (draft on):
+# - 16-core H200 host, 500x375 JPEGs (docs/gpu/2026-11-27_h200_input_scaling.log):
+#     1, 2, 4, 8, 16 threads in one process:         278, 555, 1045, 1367, 1208
+#     1, 2, 4, 8, 16 processes (one decode at a time): 299, 617, 1234, 2032, 3660
+#   Threads scale linearly to 4 (94%) and stall past 8: per CPU-second they stay at
+#   ~260-290 images, the GIL (the Python part of each decode) caps a process at ~5 busy
+#   cores. 4032x3024 JPEGs spend their time in Pillow with the GIL released; threads
+#   scale there (42, 78, 135, 286, 456).
+# - 2-core development machine, these worker processes against 2 threads, side by side
+#   (docs/benchmarks.md, "Worker processes"; shared, load 6-10): past start-up equal
+#   within the noise (0.93-1.15x on imagenet-sample and phone-size JPEGs), whole runs
+#   of 256-1000 photos 0.60-0.91x and per CPU-second 0.60-0.90x: every stream pays
+#   0.5-1.6 s and the CPU of starting its workers, and 2 cores have no GIL limit to lift.
+# So: threads in this process up to 4 cores, where they scale linearly; above that,
+# ceil(cores / 4) processes of ceil(cores / processes) threads (16 cores: 4 x 4), each in
+# the range where its threads scale, and the main process left to the accelerator.
+THREADS_ALONE_UP_TO = 4
+THREADS_PER_WORKER = 4
+
+
+def decode_parallelism(num_workers: int | None = None, num_threads: int | None = None, *,
+                       cores: int | None = None) -> tuple[int, int]:
+  """(worker processes, decode threads per process); 0 processes: threads in this process.
+
+  Args:
+    num_workers: processes (0: threads in this process). None: by the rule above, for
+      `num_threads` decodes at once if given (a job's `--num_threads=8` keeps meaning
+      eight decodes, as 2 processes x 4 threads), else for `cores`.
+    num_threads: with `num_workers` given, decode threads per process (None: the cores
+      over the processes); with it None, the decodes at once, split by the rule.
+    cores: the cores to plan for (default: those this process may use).
+  """
+  cores = cores or default_threads()
+  if num_workers is None:
+    wanted = num_threads or cores
+    num_workers = 0 if wanted <= THREADS_ALONE_UP_TO else -(-wanted // THREADS_PER_WORKER)
+    num_threads = wanted if num_workers == 0 else -(-wanted // num_workers)
+  elif num_threads is None:
+    num_threads = cores if num_workers == 0 else -(-cores // num_workers)
+  if num_workers < 0 or num_threads < 1:
+    raise ValueError(f"num_workers must be >= 0 and num_threads >= 1, got {num_workers}, "
+                     f"{num_threads}")
+  return num_workers, num_threads
+
+
+def _picklable(obj: Any) -> bool:
+  try:
+    pickle.dumps(obj)
+    return True
+  except Exception:  # pickle raises several types (PicklingError, TypeError, AttributeError)
+    return False
+
+
+def _choose_parallelism(read: decode_workers.Reader, num_workers: int | None,
+                        num_threads: int | None, batch_size: int, size: tuple[int, int],
+                        ahead: int) -> tuple[int, int]:
+  """`decode_parallelism`, with threads here where processes cannot run.
+
+  Chosen automatically, processes give way to threads for a reader that does not pickle
+  (a closure). Asked for or not, they give way when shared memory lacks room for their
+  batch buffers, with one warning line. Threads instead keep the decodes at once.
+  """
+  workers, threads = decode_parallelism(num_workers, num_threads)
+  if workers and num_workers is None and not _picklable(read):
+    return 0, workers * threads
+  need = decode_workers.shm_bytes(workers, batch_size, size, ahead) if workers else 0
+  room = decode_workers.shm_room() if workers else None
+  if room is not None and room < need:
+    logging.warning("input: %d decode processes need %.0f MB of shared memory, %s has %.0f MB "
+                    "free; decoding with threads in this process instead (a container may "
+                    "need a larger /dev/shm, e.g. docker --shm-size)", workers, need / 2**20,
+                    decode_workers.SHM_DIR, room / 2**20)
+    return 0, workers * threads
+  return workers, threads
+
+
 @dataclasses.dataclass
 class _Pending:
-  """A batch whose rows are being decoded: row slot -> future of (width, height, error, label)."""
+  """A batch being decoded; `wait()` returns per row (slot j, width, height, error, label)."""
   batch: Batch
-  futures: list[tuple[int, concurrent.futures.Future]]
+  wait: Callable[[], list[tuple[int, int, int, str, int]]]
 
   def result(self) -> Batch:
-    # One wake-up per batch, not one per row: the decoding threads keep the cores.
-    concurrent.futures.wait([f for _, f in self.futures])
     b = self.batch
-    for j, fut in self.futures:
-      w, h, err, label = fut.result()
+    for j, w, h, err, label in self.wait():
       b.width[j], b.height[j], b.ok[j], b.error[j] = w, h, not err, err
       if b.label is not None:
         b.label[j] = label
     return b
 
 
-def _decode_into(images: np.ndarray, j: int, row: Row, size: tuple[int, int], draft: bool,
-                 max_pixels: int) -> tuple[int, int, str, int]:
-  """Worker: decodes `row` into images[j]; returns (width, height, error, label)."""
-  label = -1
+class _Threads:
+  """Rows decoded on a thread pool in this process, `ahead` batches at a time."""
 
-  def data() -> bytes:
-    nonlocal label
-    data, label = row.fetch()
-    return data
+  def __init__(self, read: decode_workers.Reader, threads: int, ahead: int,
+               opts: dict[str, Any]):
+    self._ahead = ahead
+    self._read, self._opts = read, opts
+    self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="cbir-decode")
 
-  img, w, h, err = decode.safe_decode(data, size, draft=draft, max_pixels=max_pixels)
-  if not err:
-    images[j] = img
-  return w, h, err, label
+  def can_submit(self, in_flight: int) -> bool:
+    return in_flight < self._ahead
+
+  def submit(self, batch: Batch, rows: list[tuple[int, Any]]) -> _Pending:
+    futures = [(j, self._pool.submit(decode_workers.decode_row, batch.images, j, self._read,
+                                     arg, **self._opts)) for j, arg in rows]
+
+    def wait() -> list[tuple[int, int, int, str, int]]:
+      # One wake-up per batch, not one per row: the decoding threads keep the cores.
+      concurrent.futures.wait([f for _, f in futures])
+      return [(j, *f.result()) for j, f in futures]
+
+    return _Pending(batch, wait)
+
+  def close(self, wait: bool = True) -> None:
+    self._pool.shutdown(wait=wait, cancel_futures=True)
 
 
-# A plain thread pool rather than Grain (PyPI `grain`): Pillow releases the GIL while
-# decoding and resizing, so threads scale, and per element the pool costs 8-9 us of CPU
-# against 45-55 us for Grain's `MapDataset.map(...).to_iter_dataset(ReadOptions(num_threads=2))`
-# (20000 trivial elements on the 2-core development machine; wall time = CPU time, so that
-# cost is serialised). At a 16-core host's ~6000 ImageNet-size images/s, Grain's share is a
-# third of a core ahead of the accelerator, for features (sampling, shuffling, checkpointed
-# iterators) an in-order inference pass does not use.
+class _Processes:
+  """Batches decoded by worker processes (`decode_workers`), each split among them."""
+
+  def __init__(self, read: decode_workers.Reader, workers: int, threads: int, ahead: int,
+               batch_size: int, opts: dict[str, Any]):
+    self._workers = decode_workers.DecodeWorkers(
+        read, workers=workers, threads=threads, batch_size=batch_size, size=opts["size"],
+        batches_ahead=ahead, draft=opts["draft"], max_pixels=opts["max_pixels"])
+
+  def can_submit(self, in_flight: int) -> bool:
+    return self._workers.can_submit()
+
+  def submit(self, batch: Batch, rows: list[tuple[int, Any]]) -> _Pending:
+    tickets = self._workers.submit(rows)
+
+    def wait() -> list[tuple[int, int, int, str, int]]:
+      batch.images, results = self._workers.result(tickets)
+      return results
+
+    return _Pending(batch, wait)
+
+  def close(self, wait: bool = True) -> None:
+    self._workers.close()
+
+
 class BatchStream(Iterator[Batch]):
-  """Fixed-size batches of `rows`, decoded ahead on a thread pool, in input order.
+  """Fixed-size batches of `rows`, decoded ahead in input order by threads or processes.
 
   A `None` row is padding: never read, `valid=False`. The last batch is padded to
-  `batch_size`. Every row is decoded on its own, so the thread count changes no pixel and
-  no order. Use it as a context manager (or call `close()`): closing cancels the rows not
-  started and waits for the decodes in flight (at most one per thread), so a consumer that
-  stops early leaves no thread behind. Exhausting the stream closes it too.
+  `batch_size`. Every row is decoded on its own by the same function, so neither the
+  process nor the thread count changes a pixel or the order: they are run info, not
+  settings. With `num_workers` > 0, worker processes of `num_threads` threads each
+  decode a share of every batch and this process only receives the pixels
+  (`decode_workers`); with 0, threads here decode row by row. Use it as a context
+  manager (or call `close()`): closing drops the rows not started, waits for the thread
+  decodes in flight (at most one per thread) or ends the worker processes, so a consumer
+  that stops early leaves no thread or process behind. Exhausting the stream or an error
+  in it closes it too.
+
+  Args:
+    rows: the rows in output order (`None`: padding).
+    read: `Row.arg` -> (encoded image, label); runs on the decode threads, so it must be
+      thread-safe, and in the worker processes, so it must pickle there.
+    image_size, batch_size: output size and rows per batch.
+    num_threads, num_workers: as in `image_batches` (with None for both, the measured
+      rule of `decode_parallelism`; threads when `read` does not pickle).
+    draft, max_pixels: as in `decode.decode_image`.
+    prefetch: batches decoded ahead of the one the consumer waits for (processes keep at
+      least one, so no worker waits while this process collects a batch).
+    keyed: fill `Batch.key` and `Batch.label` from the rows.
   """
 
-  def __init__(self, rows: Iterable[Row | None], *, image_size: int | tuple[int, int],
-               batch_size: int, num_threads: int | None = None, draft: bool = True,
-               max_pixels: int = MAX_PIXELS, prefetch: int = 2, keyed: bool = False):
+  def __init__(self, rows: Iterable[Row | None], *, read: decode_workers.Reader,
+               image_size: int | tuple[int, int], batch_size: int,
+               num_threads: int | None = None, num_workers: int | None = None,
+               draft: bool = True, max_pixels: int = MAX_PIXELS, prefetch: int = 2,
+               keyed: bool = False):
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    self._closed = True  # until an engine runs
     self._rows = iter(rows)
     self._size = decode._size(image_size)
     self._batch_size = batch_size
-    self._decode = dict(size=self._size, draft=draft, max_pixels=max_pixels)
     self._keyed = keyed
-    self._prefetch = max(0, prefetch)
     self._pending: collections.deque[_Pending] = collections.deque()
-    self.num_threads = num_threads or default_threads()
-    self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads,
-                                                       thread_name_prefix="cbir-decode")
+    # Batches in flight: the one waited for and `prefetch` more; processes keep two, so a
+    # worker decodes the next while this process collects the last.
+    ahead = max(0, prefetch) + 1
+    self.num_workers, self.num_threads = _choose_parallelism(
+        read, num_workers, num_threads, batch_size, self._size, max(2, ahead))
+    opts = dict(size=self._size, draft=draft, max_pixels=max_pixels)
+    if self.num_workers:
+      self._engine: _Threads | _Processes = _Processes(
+          read, self.num_workers, self.num_threads, max(2, ahead), batch_size, opts)
+    else:
+      self._engine = _Threads(read, self.num_threads, ahead, opts)
     self._closed = False
 
-  def _submit_batch(self) -> bool:
-    """Starts decoding the next batch's rows; False when the input is exhausted."""
-    rows = [r for _, r in zip(range(self._batch_size), self._rows)]
-    if not rows:
-      return False
-    b = Batch.padding(self._batch_size, self._size, keyed=self._keyed)
-    futures = []
-    for j, row in enumerate(rows):
-      if row is None:
-        continue
-      b.index[j], b.valid[j] = row.index, True
-      if b.key is not None:
-        b.key[j] = row.key
-      futures.append((j, self._pool.submit(_decode_into, b.images, j, row, **self._decode)))
-    self._pending.append(_Pending(b, futures))
-    return True
-
-  def _fill(self, depth: int) -> None:
-    while len(self._pending) < depth and self._submit_batch():
-      pass
+  def _fill(self) -> None:
+    """Starts batches while the engine has room or until the input ends."""
+    while self._engine.can_submit(len(self._pending)):
+      rows = [r for _, r in zip(range(self._batch_size), self._rows)]
+      if not rows:
+        return
+      b = Batch.padding(self._batch_size, self._size, keyed=self._keyed)
+      todo = []
+      for j, row in enumerate(rows):
+        if row is None:
+          continue
+        b.index[j], b.valid[j] = row.index, True
+        if b.key is not None:
+          b.key[j] = row.key
+        todo.append((j, row.arg))
+      self._pending.append(self._engine.submit(b, todo))
 
   def __next__(self) -> Batch:
     if self._closed:
       raise StopIteration
-    self._fill(1)
-    if not self._pending:
+    try:
+      self._fill()
+      if not self._pending:
+        self.close()
+        raise StopIteration
+      batch = self._pending.popleft().result()
+      self._fill()  # its buffer is free again: decoding goes on while the consumer works
+    except BaseException:
       self.close()
-      raise StopIteration
-    head = self._pending.popleft()
-    self._fill(self._prefetch)  # the threads decode ahead while we wait for the head
-    return head.result()
+      raise
+    return batch
 
   def close(self) -> None:
-    """Cancels the rows not started; waits for the decodes in flight. Idempotent."""
+    """Drops the rows not started; waits for thread decodes or ends the workers. Idempotent."""
     if self._closed:
       return
     self._closed = True
     self._pending.clear()
-    self._pool.shutdown(wait=True, cancel_futures=True)
+    self._engine.close()
 
   def __enter__(self) -> BatchStream:
     return self
@@ -250,80 +396,83 @@ class BatchStream(Iterator[Batch]):
     self.close()
 
   def __del__(self) -> None:
-    if not getattr(self, "_closed", True):  # never blocks a garbage collector
+    if not getattr(self, "_closed", True):  # never waits for a thread decode
       self._closed = True
-      self._pool.shutdown(wait=False, cancel_futures=True)
+      self._engine.close(wait=False)
 
 
-def _file_rows(keys: Sequence[str], positions: Iterable[int], read: Callable[[str], bytes],
-               offset: int = 0) -> Iterator[Row | None]:
+def _file_rows(keys: Sequence[str], positions: Iterable[int], offset: int = 0
+               ) -> Iterator[Row | None]:
   for p in positions:
-    yield None if p < 0 else Row(p + offset, _unlabelled(read, keys[p]))
-
-
-def _unlabelled(read: Callable[[str], bytes], key: str) -> Callable[[], tuple[bytes, int]]:
-  return lambda: (read(key), -1)
+    yield None if p < 0 else Row(p + offset, keys[p])
 
 
 def positions_batches(keys: Sequence[str], positions: np.ndarray, *,
                       image_size: int | tuple[int, int], batch_size: int,
                       read: Callable[[str], bytes] = read_file, num_threads: int | None = None,
-                      draft: bool = True, max_pixels: int = MAX_PIXELS, prefetch: int = 2
-                      ) -> BatchStream:
+                      num_workers: int | None = None, draft: bool = True,
+                      max_pixels: int = MAX_PIXELS, prefetch: int = 2) -> BatchStream:
   """Like `image_batches`, over `keys[positions]`; a negative position is a padding row.
 
   Jobs use it to lay out their own fixed-size steps (shard-aligned, padded) while the
-  threads still decode ahead across step and shard boundaries. `Batch.index` is the
+  decoders still work ahead across step and shard boundaries. `Batch.index` is the
   position itself (-1 for padding).
   """
   positions = np.asarray(positions, np.int64).tolist()
-  return BatchStream(_file_rows(keys, positions, read), image_size=image_size,
-                     batch_size=batch_size, num_threads=num_threads, draft=draft,
-                     max_pixels=max_pixels, prefetch=prefetch)
+  return BatchStream(_file_rows(keys, positions), read=_Unlabelled(read),
+                     image_size=image_size, batch_size=batch_size, num_threads=num_threads,
+                     num_workers=num_workers, draft=draft, max_pixels=max_pixels,
+                     prefetch=prefetch)
 
 
 def image_batches(keys: Sequence[str], *, image_size: int | tuple[int, int], batch_size: int,
                   read: Callable[[str], bytes] = read_file, num_threads: int | None = None,
-                  draft: bool = True, max_pixels: int = MAX_PIXELS, prefetch: int = 2,
-                  start_index: int = 0) -> BatchStream:
-  """Decoded, resized, fixed-size batches of `keys` in order, prepared on a thread pool.
+                  num_workers: int | None = None, draft: bool = True,
+                  max_pixels: int = MAX_PIXELS, prefetch: int = 2, start_index: int = 0
+                  ) -> BatchStream:
+  """Decoded, resized, fixed-size batches of `keys` in order, prepared on every core.
 
   Args:
     keys: file paths (or ids that `read` understands), in output order.
     image_size: output size (square int or (height, width)).
     batch_size: rows per batch; the last batch is padded to this size.
-    read: key -> encoded bytes (files by default).
-    num_threads: parallel decodes (default: the cores this process may use).
+    read: key -> encoded bytes (files by default); with worker processes it must pickle
+      (a module-level function), and runs there.
+    num_threads: decode threads per process when `num_workers` is given; else the decodes
+      at once, split into processes by the rule (None: every core), `decode_parallelism`.
+    num_workers: decode processes (0: threads in this process; None: by the rule).
     draft: JPEG DCT-scaled decoding, see `decode.decode_image` (False: full resolution).
     max_pixels: larger images are refused (decompression bombs).
     prefetch: batches decoded ahead of the one the consumer waits for.
     start_index: `Batch.index` of keys[0] (a process' or a resumed job's offset).
   """
-  return BatchStream(_file_rows(keys, range(len(keys)), read, start_index),
+  return BatchStream(_file_rows(keys, range(len(keys)), start_index), read=_Unlabelled(read),
                      image_size=image_size, batch_size=batch_size, num_threads=num_threads,
-                     draft=draft, max_pixels=max_pixels, prefetch=prefetch)
+                     num_workers=num_workers, draft=draft, max_pixels=max_pixels,
+                     prefetch=prefetch)
 
 
-def encoded_batches(examples: Callable[[int], tuple[bytes, int]], keys: Sequence[str],
+def encoded_batches(examples: decode_workers.Reader, keys: Sequence[str],
                     positions: np.ndarray, *, image_size: int | tuple[int, int],
-                    batch_size: int, num_threads: int | None = None, draft: bool = True,
+                    batch_size: int, num_threads: int | None = None,
+                    num_workers: int | None = None, draft: bool = True,
                     max_pixels: int = MAX_PIXELS, prefetch: int = 2) -> BatchStream:
   """Batches of records read by position (TFDS): `Batch.key` and `Batch.label` are filled.
 
   Args:
     examples: position -> (encoded image bytes, label); runs on the decode threads, so
-      it must be thread-safe. OSError/ValueError make the row a failure.
+      it must be thread-safe, and in worker processes, so it must pickle.
+      OSError/ValueError make the row a failure.
     keys: position -> record id (`Batch.key`).
     positions: the rows in output order; a negative position is a padding row.
-    image_size, batch_size, num_threads, draft, max_pixels, prefetch: as in `image_batches`.
+    image_size, batch_size, num_threads, num_workers, draft, max_pixels, prefetch: as in
+      `image_batches`.
   """
-  def rows() -> Iterator[Row | None]:
-    for p in np.asarray(positions, np.int64).tolist():
-      yield None if p < 0 else Row(p, lambda p=p: examples(p), keys[p])
-
-  return BatchStream(rows(), image_size=image_size, batch_size=batch_size,
-                     num_threads=num_threads, draft=draft, max_pixels=max_pixels,
-                     prefetch=prefetch, keyed=True)
+  rows = (None if p < 0 else Row(p, p, keys[p])
+          for p in np.asarray(positions, np.int64).tolist())
+  return BatchStream(rows, read=examples, image_size=image_size, batch_size=batch_size,
+                     num_threads=num_threads, num_workers=num_workers, draft=draft,
+                     max_pixels=max_pixels, prefetch=prefetch, keyed=True)
 
 
 def load_images(paths: Sequence[str], image_size: int | tuple[int, int], *,

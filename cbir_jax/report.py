@@ -17,14 +17,16 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from cbir_jax import evaluation
 from cbir_jax.index_images import ImageUnavailable, IndexImages
-from cbir_jax.search import Hit, QueryResult
+from cbir_jax.query import Hit, QueryResult
 
 _CHANNEL_COLOURS = ((220, 40, 40), (40, 170, 40), (40, 80, 230))
 _GREY = (70, 70, 70)  # the one histogram of a greyscale image (R = G = B)
-# Result frames: same class as the query, another class, unknown (no label on either side).
-MARKS = {"same": (20, 150, 60), "other": (215, 35, 35), "unknown": (175, 175, 175)}
-_MARK_TEXT = {"same": "same class as the query", "other": "another class",
-              "unknown": "class unknown"}
+# Result frames: the query itself (its own row in the index), same class as the query,
+# another class, unknown (no label on either side).
+MARKS = {"self": (30, 90, 220), "same": (20, 150, 60), "other": (215, 35, 35),
+         "unknown": (175, 175, 175)}
+_MARK_TEXT = {"self": "the query itself", "same": "same class as the query",
+              "other": "another class", "unknown": "class unknown"}
 _QUERY_FRAME = (0, 0, 0)
 _COPY_SIZE = 1024  # longest side of the copy a thumbnail links to
 _TEXT_LINES = 5  # caption lines under a cell (a result has 4, the query 5)
@@ -65,8 +67,12 @@ def header_of(index_dir: str, manifest: Any, *, kind: str, k: int,
                       images=images.describe() if images else "")
 
 
-def mark(query: Hit, hit: Hit) -> str:
-  """"same" / "other" class as the query, or "unknown" when either has no label."""
+def mark(query: Hit, hit: Hit, *, self_row: int | None = None) -> str:
+  """"self" for the query's own row (`self_row`, default the query's row), else "same" /
+  "other" class as the query, or "unknown" when either has no label."""
+  own = query.row if self_row is None else self_row
+  if own >= 0 and hit.row == own:
+    return "self"
   if not query.label or not hit.label:
     return "unknown"
   return "same" if hit.label == query.label else "other"
@@ -169,11 +175,12 @@ def _picture(hit: Hit, images: IndexImages, out: pathlib.Path, *, bins: int, thu
   return _Picture(stem, small, hist)
 
 
-def _captions(hit: Hit, rank: int, hist_distance: float | None, row_title: str = ""
-              ) -> list[str]:
+def _captions(hit: Hit, rank: int, hist_distance: float | None, *, self_row: int = -1,
+              row_title: str = "") -> list[str]:
   hd = "-" if hist_distance is None else f"{hist_distance:.4f}"
   if rank == 0:  # hist_distance: the mean over the row's results (the Table I figure)
-    where = f"row {hit.row}" if hit.row >= 0 else "outside the index"
+    where = (f"row {hit.row}" if hit.row >= 0 else f"in the index: row {self_row}"
+             if self_row >= 0 else "outside the index")
     return [f"{row_title}: query" if row_title else "query", _name(hit),
             hit.label or "(no label)", where, f"mean hist d={hd}"]
   return [f"#{rank}  d={hit.distance:.4f}", f"hist d={hd}", hit.label or "(no label)",
@@ -187,6 +194,7 @@ class _Cell:
   picture: _Picture
   mark: str  # "query", or a key of MARKS
   hist_distance: float | None  # to the query; on the query's cell, the mean over its row
+  self_row: int = -1  # the query's own row in the index (QueryResult.self_row)
   row_title: str = ""  # what the row shows (e.g. its descriptor kind), on the query's cell
 
 
@@ -209,8 +217,10 @@ def _cells(results: Sequence[QueryResult], images: IndexImages, out: pathlib.Pat
     dists = [None if q_hist is None or pic.hist is None else
              float(evaluation.histogram_distance(q_hist, pic.hist)) for _, _, pic in row[1:]]
     mean = float(np.mean(dists)) if dists and None not in dists else None
-    rows.append([_Cell(hit, rank, pic, "query" if rank == 0 else mark(r.query, hit),
-                       mean if rank == 0 else dists[rank - 1], row_title if rank == 0 else "")
+    rows.append([_Cell(hit, rank, pic,
+                       "query" if rank == 0 else mark(r.query, hit, self_row=r.self_row),
+                       mean if rank == 0 else dists[rank - 1], r.self_row,
+                       row_title if rank == 0 else "")
                  for rank, hit, pic in row])
   return rows
 
@@ -220,7 +230,7 @@ def _hist_height(thumb: int) -> int:
 
 
 def _legend(draw: ImageDraw.ImageDraw, x: int, y: int, font: Any) -> None:
-  for name in ("same", "other", "unknown"):
+  for name in MARKS:
     draw.rectangle([x, y + 2, x + 11, y + 13], outline=MARKS[name], width=3)
     draw.text((x + 16, y), _MARK_TEXT[name], fill=(0, 0, 0), font=font)
     x += 24 + int(draw.textlength(_MARK_TEXT[name], font=font))
@@ -266,7 +276,8 @@ def _sheet(cells: list[list[_Cell]], header: ReportHeader | None, title: str, *,
                   font=font)
       colour = _QUERY_FRAME if c.mark == "query" else MARKS[c.mark]
       draw.rectangle(box, outline=colour, width=frame)
-      for li, text in enumerate(_captions(c.hit, c.rank, c.hist_distance, c.row_title)):
+      for li, text in enumerate(_captions(c.hit, c.rank, c.hist_distance, self_row=c.self_row,
+                                          row_title=c.row_title)):
         draw.text((x, y + thumb + hist_h + frame + 2 + li * line_h), _fit(draw, text, font, thumb),
                   fill=(0, 0, 0), font=font)
       boxes[-1].append({"path": c.hit.path, "mark": c.mark, "box": box})
@@ -275,7 +286,8 @@ def _sheet(cells: list[list[_Cell]], header: ReportHeader | None, title: str, *,
 
 def _figure(c: _Cell) -> str:
   captions = "<br>".join(html.escape(t) for t in _captions(c.hit, c.rank, c.hist_distance,
-                                                            c.row_title))
+                                                            self_row=c.self_row,
+                                                            row_title=c.row_title))
   where = html.escape(c.hit.path)
   if c.picture.thumb is None:
     image = f'<div class="missing">image not readable: {html.escape(c.picture.error)}</div>'
@@ -364,7 +376,7 @@ def write_report(out_dir: str | os.PathLike, results: Sequence[QueryResult], *,
 def write_index_report(out_dir: str | os.PathLike, index_dir: str,
                        results: Sequence[QueryResult], *, k: int,
                        images: IndexImages | None = None, **kwargs: Any) -> dict[str, Any]:
-  """`write_report` for results of `search.search_index`, with the index's header.
+  """`write_report` for results of `query.search_index`, with the index's header.
 
   Args:
     images: where the index's images are (default: as its manifest records them).
@@ -398,11 +410,11 @@ def write_kinds_report(out_dir: str | os.PathLike, index_dir: str, query_row: in
   Returns:
     What `write_report` returns; its "cells" are in the order of `kinds`.
   """
-  from cbir_jax import search
+  from cbir_jax.query import search_index
 
   if not kinds:
     raise ValueError("no descriptor kinds to show")
-  results = [search.search_index(index_dir, kind=kind, k=k, query_ids=[query_row],
-                                 exclude_self=exclude_self)[0] for kind in kinds]
+  results = [search_index(index_dir, kind=kind, k=k, query_ids=[query_row],
+                          exclude_self=exclude_self)[0] for kind in kinds]
   return write_index_report(out_dir, index_dir, results, k=k, images=images,
                             row_titles=list(kinds), **kwargs)

@@ -31,6 +31,34 @@ class FileSpan:
 
 
 @dataclasses.dataclass(frozen=True)
+class Records:
+  """Random access to a split's records: position -> (encoded image bytes, label or -1).
+
+  Thread-safe, and picklable, so decode worker processes read records themselves: the
+  TFDS data source pickles as its file list and reopens its ArrayRecord files in the worker
+  (a few kB; the worker imports tensorflow_datasets, never TensorFlow).
+  """
+  name: str
+  split: str
+  num_records: int
+  image_key: str
+  has_label: bool
+  data: Any = dataclasses.field(repr=False, compare=False)  # tfds ArrayRecord data source
+
+  def __call__(self, i: int) -> tuple[bytes, int]:
+    """Raises IndexError (out of range) or OSError (the record cannot be read)."""
+    if not 0 <= i < self.num_records:
+      raise IndexError(f"record {i} out of range (0..{self.num_records - 1})")
+    try:
+      ex = self.data[i]
+      label = int(ex["label"]) if self.has_label else -1
+      return bytes(ex[self.image_key]), label
+    except Exception as e:  # the reader raises several types for a damaged shard
+      raise OSError(f"cannot read record {i} of {self.name}:{self.split}: "
+                    f"{type(e).__name__}: {e}") from e
+
+
+@dataclasses.dataclass(frozen=True)
 class TfdsSource:
   """A prepared TFDS split, opened for reading.
 
@@ -104,6 +132,15 @@ class TfdsSource:
         return at + int(k) - f.skip
     raise KeyError(f"{key!r} is not a record of {self.name}:{self.split}")
 
+  @functools.cached_property
+  def records(self) -> Records:
+    """The split's records as a picklable reader (position -> (image bytes, label))."""
+    if self.data is None:
+      raise TfdsError(f"{self.name} is prepared as {self.file_format}, which has no random "
+                      f"access; {_rebuild_hint(self.name, self.data_dir, extra=False)}")
+    return Records(self.name, self.split, self.num_records, self.image_key,
+                   bool(self.label_names), self.data)
+
   def example(self, i: int) -> tuple[bytes, int]:
     """(encoded image bytes, label or -1) of record i; thread-safe.
 
@@ -112,18 +149,7 @@ class TfdsSource:
       TfdsError: a TFRecord dataset (no random access).
       OSError: the record cannot be read (damaged shard).
     """
-    if not 0 <= i < self.num_records:
-      raise IndexError(f"record {i} out of range (0..{self.num_records - 1})")
-    if self.data is None:
-      raise TfdsError(f"{self.name} is prepared as {self.file_format}, which has no random "
-                      f"access; {_rebuild_hint(self.name, self.data_dir, extra=False)}")
-    try:
-      ex = self.data[i]
-      label = int(ex["label"]) if self.label_names else -1
-      return bytes(ex[self.image_key]), label
-    except Exception as e:  # the reader raises several types for a damaged shard
-      raise OSError(f"cannot read record {i} of {self.name}:{self.split}: "
-                    f"{type(e).__name__}: {e}") from e
+    return self.records(i)
 
   def read(self, i: int) -> bytes:
     """The encoded image bytes of record i."""
@@ -255,8 +281,8 @@ def _positions(ranges: list[tuple[int, int]], batch_size: int) -> np.ndarray:
 
 def tfds_batches(source: TfdsSource, ranges: list[tuple[int, int]], *,
                  image_size: int | tuple[int, int], batch_size: int,
-                 num_threads: int | None = None, draft: bool = True,
-                 max_pixels: int = MAX_PIXELS, prefetch: int = 2
+                 num_threads: int | None = None, num_workers: int | None = None,
+                 draft: bool = True, max_pixels: int = MAX_PIXELS, prefetch: int = 2
                  ) -> input_pipeline.BatchStream:
   """Decoded fixed-size batches over `ranges` of the split (each range padded separately).
 
@@ -265,28 +291,33 @@ def tfds_batches(source: TfdsSource, ranges: list[tuple[int, int]], *,
   `input_pipeline.image_batches`.
   """
   return position_batches(source, _positions(ranges, batch_size), image_size=image_size,
-                          batch_size=batch_size, num_threads=num_threads, draft=draft,
-                          max_pixels=max_pixels, prefetch=prefetch)
+                          batch_size=batch_size, num_threads=num_threads,
+                          num_workers=num_workers, draft=draft, max_pixels=max_pixels,
+                          prefetch=prefetch)
 
 
 def position_batches(source: TfdsSource, positions: np.ndarray, *,
                      image_size: int | tuple[int, int], batch_size: int,
-                     num_threads: int | None = None, draft: bool = True,
-                     max_pixels: int = MAX_PIXELS, prefetch: int = 2
+                     num_threads: int | None = None, num_workers: int | None = None,
+                     draft: bool = True, max_pixels: int = MAX_PIXELS, prefetch: int = 2
                      ) -> input_pipeline.BatchStream:
-  """Decoded fixed-size batches of the records at `positions` (negative: a padding row)."""
+  """Decoded fixed-size batches of the records at `positions` (negative: a padding row).
+
+  ArrayRecord records are read where they are decoded (worker processes reopen the
+  split); TFRecord ones stream from tf.data in this process and travel with their rows.
+  """
   opts = dict(image_size=image_size, batch_size=batch_size, num_threads=num_threads,
-              draft=draft, max_pixels=max_pixels, prefetch=prefetch)
+              num_workers=num_workers, draft=draft, max_pixels=max_pixels, prefetch=prefetch)
   if source.data is None:
     from cbir_jax import tfds_tfrecord
-    return input_pipeline.BatchStream(tfds_tfrecord.rows_at(source, positions), keyed=True,
-                                      **opts)
-  return input_pipeline.encoded_batches(source.example, source.keys(), positions, **opts)
+    return input_pipeline.BatchStream(tfds_tfrecord.rows_at(source, positions),
+                                      read=input_pipeline.carried, keyed=True, **opts)
+  return input_pipeline.encoded_batches(source.records, source.keys(), positions, **opts)
 
 
 def label_name(source: TfdsSource, label: int) -> str:
   return source.label_names[label] if 0 <= label < len(source.label_names) else ""
 
 
-__all__ = ["TfdsError", "TfdsSource", "FileSpan", "open_tfds", "tfds_batches", "position_batches", "label_name",
-           "has_tensorflow"]
+__all__ = ["TfdsError", "TfdsSource", "Records", "FileSpan", "open_tfds", "tfds_batches",
+           "position_batches", "label_name", "has_tensorflow"]

@@ -72,7 +72,7 @@ def rows_at(source: TfdsSource, positions: Sequence[int]
     n = 0
     for ex in ds.as_numpy_iterator():
       data, label = bytes(ex[source.image_key]), int(ex["label"]) if has_label else -1
-      yield input_pipeline.Row(start + n, lambda d=data, lb=label: (d, lb),
+      yield input_pipeline.Row(start + n, (data, label),
                                ex["tfds_id"].decode("utf-8", "replace"))
       n += 1
     if n != stop - start:  # never pass rows on under the wrong positions

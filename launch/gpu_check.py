@@ -12,51 +12,34 @@ import dataclasses
 import json
 import os
 import pathlib
-import typing
 
-from absl import app, flags
-
-from cbir_jax import runtime
+from cbir_jax import cli
 from cbir_jax.benchmark import gpu_check, report
 
-_JSON = flags.DEFINE_string("json", None, "Write every figure here as JSON (after each one).")
+
+@dataclasses.dataclass
+class Output:
+  """Where the figures go.
+
+  Attributes:
+    json: write every figure here as JSON (after each one).
+  """
+  json: str | None = None
 
 
-def _define(field: dataclasses.Field, hint: typing.Any) -> None:
-  """An absl flag for one config field: lists for tuples, None defaults allowed."""
-  args = typing.get_args(hint)
-  base = next((a for a in args if a is not type(None)), hint) if args else hint
-  doc = f"GpuCheckConfig.{field.name}"
-  if typing.get_origin(hint) is tuple:
-    flags.DEFINE_list(field.name, list(field.default), doc)
-  elif base is bool:
-    flags.DEFINE_bool(field.name, field.default, doc)
-  elif base is int:
-    flags.DEFINE_integer(field.name, field.default, doc)
-  elif base is float:
-    flags.DEFINE_float(field.name, field.default, doc)
-  else:
-    flags.DEFINE_string(field.name, field.default, doc)
+FLAGS = cli.define(gpu_check.GpuCheckConfig)
+OUTPUT = cli.define(Output)
 
 
-_HINTS = typing.get_type_hints(gpu_check.GpuCheckConfig)
-_FIELDS = dataclasses.fields(gpu_check.GpuCheckConfig)
-for _f in _FIELDS:
-  _define(_f, _HINTS[_f.name])
-
-
-def _config() -> gpu_check.GpuCheckConfig:
-  values = {f.name: flags.FLAGS[f.name].value for f in _FIELDS}
-  # "--sweep=vgg16:32,64" arrives split at commas: regroup the batches with their backbone.
-  sweep: list[str] = []
-  for item in values["sweep"]:
-    if ":" in item or not sweep:
-      sweep.append(item)
+def _regroup(sweep: tuple[str, ...]) -> tuple[str, ...]:
+  """"--sweep=vgg16:32,64" arrives split at commas: the batches go back to their backbone."""
+  out: list[str] = []
+  for item in sweep:
+    if ":" in item or not out:
+      out.append(item)
     else:
-      sweep[-1] += f",{item}"
-  values["sweep"] = tuple(sweep)
-  values["dtypes"] = tuple(values["dtypes"])
-  return gpu_check.GpuCheckConfig(**values)
+      out[-1] += f",{item}"
+  return tuple(out)
 
 
 def _save(path: str, result: dict) -> None:
@@ -65,21 +48,18 @@ def _save(path: str, result: dict) -> None:
   os.replace(tmp, path)  # a reader (or a kill) never sees half a file
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  runtime.tune_xla_cpu()  # CPU-only flag, applied on measured jaxlib versions only
-  cfg = _config()
+def main() -> int:
+  cfg = FLAGS.config(sweep=_regroup(FLAGS.values()["sweep"]))
+  path = OUTPUT.config().json
   gpu_check.parse_sweep(cfg.sweep)  # bad flags fail before anything heavy starts
-  save = (lambda r: _save(_JSON.value, r)) if _JSON.value else (lambda r: None)
+  save = (lambda r: _save(path, r)) if path else (lambda r: None)
   result = gpu_check.run(cfg, log=lambda msg: print(msg, flush=True), on_update=save)
   for t in report.gpu_check_tables(result):
     print("\n" + t)
   print(f"\n{'PASSED' if result['passed'] else 'FAILED'} in {result['seconds']:.0f} s"
-        + (f"; JSON: {_JSON.value}" if _JSON.value else ""))
-  if not result["passed"]:
-    raise SystemExit(1)
+        + (f"; JSON: {path}" if path else ""))
+  return 0 if result["passed"] else 1
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run("gpu_check", main, gpu_warning=False)  # gpu_check.run warns itself

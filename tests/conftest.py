@@ -11,6 +11,9 @@ from cbir_jax import runtime  # noqa: E402  (imports no JAX backend)
 runtime.tune_xla_cpu()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # only affects TensorFlow/torch here
+# The test-only backbones (vgg_tiny, efficientnet_lite_tiny) as --model values of the
+# launchers the tests start; users' launchers offer only the real ones.
+os.environ.setdefault("CBIR_JAX_TEST_BACKBONES", "1")
 
 import pytest  # noqa: E402
 

@@ -11,10 +11,11 @@ import tempfile
 import numpy as np
 import pytest
 
-from cbir_jax import benchmark, samples
+from cbir_jax import benchmark, input_pipeline, samples
 from cbir_jax import descriptors as desc
 from cbir_jax.backbones import vgg
-from cbir_jax.benchmark import descriptors_stage, flops, gpu_check, photos, report, torch_peer
+from cbir_jax.benchmark import (descriptors_stage, flops, gpu_check, photos, pipeline, report,
+                                torch_peer)
 
 
 def _positive(x, where):
@@ -26,7 +27,7 @@ def test_every_section_gives_finite_positive_figures(shared_data, tmp_path, monk
   config = benchmark.BenchmarkConfig(
       preset="cpu", backbones=("vgg_tiny",), batch_sizes=(2,), dtypes=("float32",), repeats=1,
       xla_variants=("ynn_off=--xla_cpu_experimental_ynn_fusion_type=",),
-      image_size=64, descriptor_batch=1, data_dir=str(shared_data), input_images=3,
+      image_size=64, descriptor_batch=1, images=str(shared_data), input_images=3,
       input_phone_images=1, input_threads=(1, 2), input_rounds=2,
       e2e_backbone="vgg_tiny", e2e_batch=2, e2e_limit=3,
       search_sizes=(300,), search_dims=(24,), search_queries=5, search_k=4, search_repeats=1,
@@ -65,17 +66,22 @@ def test_every_section_gives_finite_positive_figures(shared_data, tmp_path, monk
   assert [x["set"] for x in p["sets"]] == list(sets)
   assert [x["images"] for x in p["sets"]] == [3, 1]
   assert p["sets"][1]["mean_megapixels"] == pytest.approx(4032 * 3024 / 1e6)
-  assert sorted((r["set"], r["variant"], r["threads"], r["draft"]) for r in p["rows"]) == sorted(
-      (name, variant, t, draft) for name in sets
-      for variant, t, draft in (("pillow", 1, False), ("pillow", 1, True), ("product", 1, True),
-                                ("product", 2, True)))
+  processes = pipeline.default_processes(pipeline.cores())  # worker processes x threads
+  assert p["processes"] == [list(x) for x in processes]
+  assert sorted((r["set"], r["variant"], r["workers"], r["threads"], r["draft"])
+                for r in p["rows"]) == sorted(
+      (name, variant, w, t, draft) for name in sets
+      for variant, w, t, draft in (("pillow", 0, 1, False), ("pillow", 0, 1, True),
+                                   ("product", 0, 1, True), ("product", 0, 2, True),
+                                   *(("product", w, t, True) for w, t in processes)))
   for r in p["rows"]:
     assert len(r["wall_s"]) == len(r["cpu_s"]) == 2  # one figure per round
-    for key in ("images_per_s", "images_per_cpu_s"):
+    for key in ("images_per_s", "images_per_cpu_s", "steady_images_per_s"):
       _positive(r[key], f"input {key} {r}")
   for x in p["sets"]:
     for key in ("product_over_pillow_full_per_cpu_s", "product_over_pillow_draft_per_cpu_s",
-                "pillow_draft_over_full_per_cpu_s", "product_threads_speedup_wall"):
+                "pillow_draft_over_full_per_cpu_s", "product_threads_speedup_wall",
+                "processes_over_threads_steady", "processes_over_threads_wall"):
       _positive(x[key], f"input {key}")
 
   e = s["end_to_end"]
@@ -154,7 +160,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 _TINY = ["--allow_cpu", "--sweep=vgg_tiny:2,4,efficientnet_lite_tiny:2", "--image_size=64",
          "--accuracy_images=3", "--repeats=2", "--e2e_backbone=efficientnet_lite_tiny",
          "--e2e_batch=4", "--photo_count=5", "--photo_width=120", "--photo_height=90",
-         "--phone_count=2", "--phone_width=400", "--phone_height=300"]
+         "--phone_count=2", "--phone_width=400", "--phone_height=300", "--scaling_cores=1"]
 
 
 def test_gpu_check_launcher_runs_every_part_and_writes_complete_rows(tmp_path):
@@ -200,6 +206,23 @@ def test_gpu_check_launcher_runs_every_part_and_writes_complete_rows(tmp_path):
     assert 0 <= e["job_input_wait_share"] <= 1
     for key in ("decode_images_per_s", "decode_images_per_cpu_s", "job_images_per_s"):
       _positive(e[key], f"end_to_end {key}")
+    assert e["decode_draft"] is True
+    assert (e["decode_workers"], e["decode_threads"]) == input_pipeline.decode_parallelism()
+
+  # The input sweep (up to --scaling_cores=1 here): a thread, a process, the product's choice.
+  assert [(x["set"], x["engine"], x["workers"], x["threads"], x["images"])
+          for x in r["input_scaling"]] == [
+      (name, *setting, n) for name, n in (("photo-size", 5), ("phone-size", 2))
+      for setting in (("threads", 0, 1), ("processes", 1, 1),
+                      ("auto", *input_pipeline.decode_parallelism()))]
+  for x in r["input_scaling"]:
+    for key in ("images_per_s", "images_per_cpu_s", "first_batch_s"):
+      _positive(x[key], f"input_scaling {key}")
+
+
+def test_the_input_sweep_counts_powers_of_two_then_every_core():
+  assert [pipeline.core_counts(c) for c in (1, 2, 3, 16, 24)] == [
+      [1], [1, 2], [1, 2, 3], [1, 2, 4, 8, 16], [1, 2, 4, 8, 16, 24]]
 
 
 def test_descriptor_check_fails_when_the_reference_parameters_are_perturbed(monkeypatch):

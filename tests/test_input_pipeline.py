@@ -5,6 +5,7 @@ import io
 import os
 import pathlib
 import struct
+import sys
 import threading
 import zlib
 
@@ -457,3 +458,211 @@ def test_launchers_never_import_tensorflow(tmp_path):
       print("ROWS", len(store.load_descriptors({str(tmp_path / 'o2')!r}, "mac")[0]))
   """, block_tensorflow=True)
   assert r.returncode == 0 and "ROWS 6" in r.stdout, r.stderr[-3000:]
+
+
+# --- worker processes ----------------------------------------------------------------------
+# Each stream with processes starts fresh interpreters (~0.5 s each, in parallel), so the
+# tests below share one folder and compare several settings per stream.
+
+
+@pytest.fixture(scope="module")
+def hard_folder(tmp_path_factory, shared_data) -> list[str]:
+  """Real photos (imagenet-sample), the robustness suite's hostile files and a broken one."""
+  import robustness.robust_images as ri
+
+  photos = sorted((shared_data / "imagenet-sample" / "images").glob("*.JPEG"))[:24]
+  assert len(photos) == 24
+  root = tmp_path_factory.mktemp("hard")
+  for c in ri.image_cases():
+    c.make(root / c.filename)
+  (root / "zz_broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+  return [str(p) for p in photos] + [r.key for r in ip.folder_records(root)]
+
+
+def _rows(batches) -> list[tuple]:
+  return [(int(b.index[j]), bool(b.valid[j]), bool(b.ok[j]), int(b.width[j]),
+           int(b.height[j]), b.error[j], b.images[j]) for b in batches for j in range(len(b.index))]
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning",
+                            "ignore::PIL.Image.DecompressionBombWarning")
+def test_processes_and_threads_give_identical_batches(hard_folder):
+  keys = hard_folder
+  n = len(keys)
+  positions = np.r_[np.arange(10), [-1, -1], np.arange(10, n), [-1]]
+  size, batch = 20, 7
+  runs = {}
+  for workers, threads in ((0, 1), (0, 3), (1, 2), (2, 1), (3, 2)):
+    with ip.positions_batches(keys, positions, image_size=size, batch_size=batch,
+                              num_workers=workers, num_threads=threads) as s:
+      assert (s.num_workers, s.num_threads) == (workers, threads)
+      runs[workers, threads] = list(s)
+  # The reference: each file decoded alone, by a literal loop.
+  want = []
+  for p in np.r_[positions, np.full(-len(positions) % batch, -1)]:
+    if p < 0:
+      want.append((-1, False, False, 0, 0, "", np.zeros((size, size, 3), np.uint8)))
+      continue
+    try:
+      img, (w, h) = ip.decode_image(ip.read_file(keys[p]), size)
+      want.append((int(p), True, True, w, h, "", img))
+    except (OSError, ValueError) as e:
+      reason = str(e) if isinstance(e, ValueError) else f"cannot read file: {e}"
+      want.append((int(p), True, False, 0, 0, reason, np.zeros((size, size, 3), np.uint8)))
+  assert sum(not w[2] for w in want if w[1]) >= 10  # hostile files that fail are in there
+  for setting, batches in runs.items():
+    assert all(b.images.shape == (batch, size, size, 3) for b in batches), setting
+    got = _rows(batches)
+    assert len(got) == len(want), setting
+    for g, w in zip(got, want):
+      assert g[:6] == w[:6], (setting, g[:6], w[:6])
+      np.testing.assert_array_equal(g[6], w[6], err_msg=str((setting, g[0])))
+
+
+def _workers_alive(pids) -> list[int]:
+  import multiprocessing
+  multiprocessing.active_children()  # reaps the finished ones
+  alive = []
+  for pid in pids:
+    try:
+      os.kill(pid, 0)
+      alive.append(pid)
+    except ProcessLookupError:
+      pass
+  return alive
+
+
+def _shm_names(s) -> list[str]:
+  return [m.name for m in s._engine._workers._shms]
+
+
+def test_workers_import_no_jax_and_run_elsewhere(hard_folder):
+  import jax
+
+  import worker_probe
+
+  assert jax.devices()  # JAX has started in this process, threads and all
+  data = [(pathlib.Path(k).read_bytes(), -1) for k in hard_folder[:6]]
+  rows = [ip.Row(i, d) for i, d in enumerate(data)]
+  with ip.BatchStream(rows, read=worker_probe.ModulesAfter(worker_probe.carried), image_size=8,
+                      batch_size=3, num_workers=2, num_threads=1, keyed=True) as s:
+    labels = np.concatenate([b.label for b in s])
+  pids, masks = labels // 16, labels % 16
+  assert len(set(pids.tolist())) == 2 and os.getpid() not in pids  # two other processes
+  assert not any(masks), [worker_probe.imported_heavy(m) for m in masks]
+
+
+def test_stopping_early_or_failing_leaves_no_worker(hard_folder, tmp_path):
+  import worker_probe
+
+  photos = hard_folder[:24]
+  marks = tmp_path / "marks"
+  marks.mkdir()
+  s = ip.image_batches(photos, image_size=16, batch_size=4, num_workers=2, num_threads=1,
+                       read=worker_probe.Marking(str(marks)), prefetch=2)
+  with s:
+    pids, names = s._engine._workers.pids(), _shm_names(s)
+    first = next(s)
+    assert first.valid.all() and len(_workers_alive(pids)) == 2
+  assert not _workers_alive(pids)  # closed: processes ended, shared memory gone
+  assert not any(os.path.exists(f"/dev/shm/{n}") for n in names)
+  # Bounded read-ahead: the batch returned and at most three more (prefetch 2 + 1).
+  assert 4 <= len(list(marks.iterdir())) <= 4 * 4
+  with pytest.raises(StopIteration):
+    next(s)
+  # An exception in the consumer closes the stream.
+  with pytest.raises(KeyError):
+    with ip.image_batches(photos, image_size=16, batch_size=4, num_workers=2) as s:
+      pids = s._engine._workers.pids()
+      next(s)
+      raise KeyError("job interrupted")
+  assert not _workers_alive(pids)
+  # A stream left to the garbage collector ends its workers too.
+  s = ip.image_batches(photos, image_size=16, batch_size=4, num_workers=1)
+  pids, names = s._engine._workers.pids(), _shm_names(s)
+  next(s)
+  del s
+  import gc
+  gc.collect()
+  assert not _workers_alive(pids) and not any(os.path.exists(f"/dev/shm/{n}") for n in names)
+
+
+def test_a_failing_or_killed_worker_raises_and_leaves_none(hard_folder, tmp_path):
+  import signal
+
+  import worker_probe
+
+  boom = tmp_path / "boom.jpg"
+  boom.write_bytes(pathlib.Path(hard_folder[0]).read_bytes())
+  keys = hard_folder[:12] + [str(boom)] + hard_folder[12:20]
+  s = ip.image_batches(keys, image_size=16, batch_size=4, num_workers=2, num_threads=2,
+                       read=worker_probe.failing)
+  pids = s._engine._workers.pids()
+  with pytest.raises(RuntimeError, match=r"(?s)decode worker \d .*failed.*reader bug on .*boom"):
+    for _ in s:
+      pass
+  assert not _workers_alive(pids)
+  with pytest.raises(StopIteration):
+    next(s)
+  # A worker killed from outside (the OOM killer): the next batch raises, the rest end.
+  s = ip.image_batches(hard_folder * 4, image_size=16, batch_size=4, num_workers=2)
+  pids = s._engine._workers.pids()
+  next(s)
+  os.kill(pids[1], signal.SIGKILL)
+  with pytest.raises(RuntimeError, match=r"decode worker 1 .*gone \(exit code -9"):
+    for _ in s:
+      pass
+  assert not _workers_alive(pids)
+
+
+def test_decode_parallelism_rule():
+  # Threads alone up to 4 cores; above, ceil(cores / 4) processes sharing the cores.
+  for cores, want in ((1, (0, 1)), (2, (0, 2)), (4, (0, 4)), (5, (2, 3)), (8, (2, 4)),
+                      (16, (4, 4)), (18, (5, 4)), (64, (16, 4))):
+    assert ip.decode_parallelism(cores=cores) == want, cores
+  assert ip.decode_parallelism(0, cores=16) == (0, 16)
+  assert ip.decode_parallelism(3, cores=16) == (3, 6)
+  assert ip.decode_parallelism(3, 2, cores=16) == (3, 2)  # threads per process
+  # num_threads alone is the decodes at once, split by the same rule.
+  assert ip.decode_parallelism(None, 2, cores=16) == (0, 2)
+  assert ip.decode_parallelism(None, 16, cores=2) == (4, 4)
+  with pytest.raises(ValueError):
+    ip.decode_parallelism(-1, cores=4)
+
+
+def test_processes_give_way_to_threads_where_they_cannot_run(tmp_path, monkeypatch, caplog):
+  paths = _mixed_folder(tmp_path, 5)
+  monkeypatch.setattr(ip, "default_threads", lambda: 16)  # a host where the rule picks 4 x 4
+  closure = lambda k: ip.read_file(k)  # noqa: E731  (does not pickle)
+  with ip.image_batches(paths, image_size=8, batch_size=2, read=closure) as s:
+    assert (s.num_workers, s.num_threads) == (0, 16)
+    assert sum(int(b.valid.sum()) for b in s) == 5
+  with pytest.raises(TypeError, match="cannot be sent to decode worker processes"):
+    ip.image_batches(paths, image_size=8, batch_size=2, read=closure, num_workers=1)
+  monkeypatch.setattr(ip.decode_workers, "shm_room", lambda: 1 << 20)  # a 1 MB /dev/shm
+  with caplog.at_level("WARNING"):
+    s = ip.image_batches(paths, image_size=224, batch_size=8, num_workers=2, num_threads=1)
+  assert (s.num_workers, s.num_threads) == (0, 2)  # as many decodes at once, as threads
+  assert "decode processes need" in caplog.text and "--shm-size" in caplog.text
+  s.close()
+
+
+def test_a_script_without_a_main_guard_is_told_what_to_do(tmp_path, hard_folder):
+  """Spawned workers re-run the main script; without the guard each would start the job
+  again, so Python stops them, and the job says why."""
+  import subprocess
+  import textwrap
+
+  script = tmp_path / "unguarded.py"
+  script.write_text(textwrap.dedent(f"""
+      from cbir_jax import input_pipeline as ip
+      for b in ip.image_batches({hard_folder[:4]!r}, image_size=8, batch_size=2,
+                                num_workers=1):
+        pass
+      print("DONE")
+  """))
+  env = dict(os.environ, PYTHONPATH=str(tf_free.REPO), JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                     timeout=300, cwd=str(tmp_path))
+  assert r.returncode != 0 and "DONE" not in r.stdout
+  assert 'outside `if __name__ == "__main__":`' in r.stderr, r.stderr[-3000:]

@@ -21,6 +21,7 @@ from PIL import Image
 from cbir_jax import backbones, checkpoint, evaluation, inference, input_pipeline, report, \
     search, store
 from cbir_jax import preprocessing as pp
+from cbir_jax import query as query_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -83,36 +84,42 @@ def index(tmp_path_factory):
 
 def test_query_image_finds_itself_and_rows_search_like_l1_topk(index):
   out, paths = index
-  res = search.search_index(out, kind="fc_conv", k=3, query_paths=[paths[5]],
-                            query_ids="2,6", exclude_self=True)
+  res = query_lib.search_index(out, kind="fc_conv", k=3, query_paths=[paths[5]],
+                               query_ids="2,6", exclude_self=True)
   assert [r.query.row for r in res] == [-1, 2, 6]
-  # The image, described again through the recorded model, is row 5 at distance ~0.
-  assert res[0].hits[0].row == 5 and res[0].hits[0].distance < 1e-6
-  assert res[0].hits[0].label == "red"
+  # The image is row 5 of the index (same file): recognised, and left out of its results.
+  assert res[0].self_row == 5 and 5 not in [h.row for h in res[0].hits]
+  # Without exclude_self, the image described again through the recorded model is row 5
+  # at distance ~0.
+  [alone] = query_lib.search_index(out, kind="fc_conv", k=3, query_paths=[paths[5]])
+  assert alone.hits[0].row == 5 and alone.hits[0].distance < 1e-6
+  assert alone.hits[0].label == "red" and alone.self_row == 5
   db, _ = store.load_descriptors(out, "fc_conv")
   ref = search.l1_topk(np.asarray(db[[2, 6]]), db, 3, exclude=[2, 6])
   assert [[h.row for h in r.hits] for r in res[1:]] == ref.indices.tolist()
   np.testing.assert_allclose([[h.distance for h in r.hits] for r in res[1:]], ref.distances)
-  assert "rank" in search.format_results(res) and paths[5] in search.format_results(res)
+  table = query_lib.format_results(res)
+  assert "rank" in table and paths[5] in table
 
 
 def test_query_with_other_weights_is_refused(index):
   out, paths = index
   manifest = store.read_manifest(out)
   other = dict(manifest, weights=dict(manifest["weights"], params_sha256="0" * 64))
-  with pytest.raises(search.IndexMismatch, match="not the ones the index was made with"):
-    search.describe_images(other, paths[:1], "conv")
+  with pytest.raises(query_lib.IndexMismatch, match="not the ones the index was made with"):
+    query_lib.describe_images(other, paths[:1], "conv")
   other = dict(manifest, settings=dict(manifest["settings"], preprocessing=pp.CAFFE.to_dict()))
-  with pytest.raises(search.IndexMismatch, match="use preprocessing 'torchvision' but the "
+  with pytest.raises(query_lib.IndexMismatch, match="use preprocessing 'torchvision' but the "
                      "index records 'caffe'"):
-    search.describe_images(other, paths[:1], "conv")
+    query_lib.describe_images(other, paths[:1], "conv")
   other = dict(manifest, weights=dict(manifest["weights"], dir=str(pathlib.Path(out) / "x")))
-  with pytest.raises(search.IndexMismatch, match="cannot load the weights"):
-    search.describe_images(other, paths[:1], "conv")
+  with pytest.raises(query_lib.IndexMismatch, match="cannot load the weights"):
+    query_lib.describe_images(other, paths[:1], "conv")
   with pytest.raises(ValueError, match="not rows of the index"):
-    search.search_index(out, kind="conv", query_ids=[8])
+    query_lib.search_index(out, kind="conv", query_ids=[8])
   with pytest.raises(ValueError, match="cannot decode query images: .*nope.png"):
-    search.search_index(out, kind="conv", query_paths=[str(pathlib.Path(out) / "nope.png")])
+    query_lib.search_index(out, kind="conv",
+                           query_paths=[str(pathlib.Path(out) / "nope.png")])
 
 
 def _links(page: str) -> list[str]:
@@ -145,7 +152,7 @@ def test_launch_search_report_is_self_contained_and_marks_classes(index, tmp_pat
     assert target.is_file() and moved.resolve() in target.parents, link
   # Class marks: same / other class as the query, from the index's labels.
   _, meta = store.load_descriptors(out, "conv")
-  res = search.search_index(out, kind="conv", k=4, query_ids=[0, 5], exclude_self=True)
+  res = query_lib.search_index(out, kind="conv", k=4, query_ids=[0, 5], exclude_self=True)
   expect = [["same" if meta["label"][h.row] == meta["label"][r.query.row] else "other"
              for h in r.hits] for r in res]
   assert {m for row in expect for m in row} == {"same", "other"}  # both kinds are shown
@@ -163,7 +170,7 @@ def test_launch_search_report_is_self_contained_and_marks_classes(index, tmp_pat
 
 def test_report_header_and_unreadable_images(index, tmp_path):
   out, paths = index
-  res = search.search_index(out, kind="fc_conv", k=2, query_ids=[1])
+  res = query_lib.search_index(out, kind="fc_conv", k=2, query_ids=[1])
   gone = tmp_path / "gone.png"
   shutil.copy(res[0].hits[1].path, gone)
   hits = (res[0].hits[0], dataclasses.replace(res[0].hits[1], path=str(gone)))
@@ -275,6 +282,6 @@ def test_kinds_report_has_one_row_per_kind_for_the_same_query(index, tmp_path):
     assert f"<figcaption>{captions}<br><small>" in page
   assert "kind fc_conv, conv | k = 3" in page  # the header names every kind shown
   with pytest.raises(ValueError, match="1 row titles for 2 result rows"):
-    report.write_report(tmp_path / "bad", search.search_index(out, kind="conv", k=2,
-                                                              query_ids=[1, 2]),
+    report.write_report(tmp_path / "bad", query_lib.search_index(out, kind="conv", k=2,
+                                                                 query_ids=[1, 2]),
                         row_titles=["x"])

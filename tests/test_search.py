@@ -1,11 +1,16 @@
 """Exact search against a brute-force NumPy reference (ties, edge sizes, devices, streaming)."""
+import os
+import pathlib
 import re
+import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from cbir_jax import search, sharding
+from cbir_jax import query, search, sharding
 
 
 def brute_force(q, db, k, exclude=None):
@@ -174,3 +179,139 @@ def test_faiss_export_agrees_after_dividing_by_d():
   r = search.l1_topk(q, db, 5, mesh=one_device())
   np.testing.assert_array_equal(fi, r.indices)
   np.testing.assert_allclose(fd / 24, r.distances, rtol=1e-5)
+
+
+# --- the query layer (cbir_jax.query): an index searched with images and rows ----------------
+
+
+def test_clamp_k_notes_what_it_does():
+  notes = []
+  assert query.clamp_k(50, 12, exclude_self=False, note=notes.append) == 12
+  assert query.clamp_k(50, 12, exclude_self=True, note=notes.append) == 11
+  assert query.clamp_k(3, 12, exclude_self=True, note=notes.append) == 3
+  assert notes == ["k=50 is more than the index has (12 rows): showing all 12",
+                   "k=50 is more than the index has (12 rows, minus the query itself): "
+                   "showing all 11"]
+  for k in (0, -1, 2.5, True):
+    with pytest.raises(ValueError, match="positive integer"):
+      query.clamp_k(k, 12, exclude_self=False)
+  with pytest.raises(ValueError, match="nothing is left"):
+    query.clamp_k(1, 1, exclude_self=True)
+
+
+def _png_folder(folder, n):
+  """n random 40x30 PNGs in two class folders, plus dup.png: a byte copy of the fourth."""
+  from PIL import Image
+
+  rng = np.random.default_rng(7)
+  paths = []
+  for i in range(n):
+    p = folder / f"class{i % 2}" / f"img{i:02d}.png"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(p)
+    paths.append(p)
+  shutil.copy(paths[3], folder / "class1" / "dup.png")
+  return paths
+
+
+@pytest.fixture(scope="module")
+def small_index(tmp_path_factory):
+  from cbir_jax import extract
+
+  root = tmp_path_factory.mktemp("query")
+  paths = _png_folder(root / "imgs", 10)
+  out = root / "index"
+  extract.run(extract.ExtractConfig(output=str(out), images=str(root / "imgs"),
+                                    model="vgg_tiny", weights="random", image_size=32,
+                                    batch_size=4, kinds=("conv", "mac"), progress="none"),
+              log=lambda m: None)
+  return out, root, paths
+
+
+def _reference(index_dir, path, k, exclude=-1, kind="conv"):
+  """Literal ranking of the index for one query image: L1 / D in float64, ties to the lower row."""
+  from cbir_jax import store
+
+  manifest, db, meta = store.open_index(index_dir, kind)
+  q = query.describe_images(manifest, [str(path)], kind)
+  _, order = brute_force(q, np.asarray(db), len(db), [exclude])
+  rows = {str(p): i for i, p in enumerate(meta["path"])}
+  return [int(i) for i in order[0] if i != exclude][:k], rows
+
+
+def test_query_image_in_the_index_is_found_by_its_file_or_its_pixels(small_index, tmp_path):
+  from PIL import Image
+
+  out, root, paths = small_index
+  _, rows = _reference(out, paths[0], 1)
+  dup = str(root / "imgs" / "class1" / "dup.png")
+  copy = tmp_path / "elsewhere" / "copy.png"
+  copy.parent.mkdir()
+  shutil.copy(paths[5], copy)
+  bmp = tmp_path / "same_pixels.bmp"  # other bytes, same pixels
+  Image.open(paths[6]).save(bmp)
+  changed = np.asarray(Image.open(paths[7])).copy()
+  changed[0, 0] ^= 1  # one pixel differs: not the same image
+  Image.fromarray(changed).save(tmp_path / "changed.png")
+  cases = [  # query, expected self row, how
+      (str(paths[2]), rows[str(paths[2])], "same file"),
+      (dup, rows[dup], "same file"),  # a byte copy of img03 in the index: its own row wins
+      (str(copy), rows[str(paths[5])], "same pixels"),
+      (str(bmp), rows[str(paths[6])], "same pixels"),
+      (str(tmp_path / "changed.png"), -1, ""),
+  ]
+  k = 4
+  for exclude in (False, True):
+    results = query.search_index(str(out), kind="conv", k=k, query_paths=[c[0] for c in cases],
+                                 exclude_self=exclude)
+    for (path, own, how), r in zip(cases, results):
+      assert (r.self_row, r.self_match, r.self_excluded) == (own, how, exclude and own >= 0)
+      expect, _ = _reference(out, path, k, own if exclude else -1)
+      assert [h.row for h in r.hits] == expect, (path, exclude)
+      if own >= 0 and not exclude:
+        assert r.hits[0].row == own and r.hits[0].distance < 1e-5
+  # img03 and dup.png are the same image at two rows: excluding one keeps the other at d=0.
+  [r] = query.search_index(str(out), kind="conv", k=2, query_paths=[dup], exclude_self=True)
+  assert r.hits[0].row == rows[str(paths[3])] and r.hits[0].distance < 1e-5
+
+
+def test_moved_folder_query_is_found_through_image_root(small_index, tmp_path):
+  out, root, paths = small_index
+  moved = tmp_path / "moved"
+  shutil.copytree(root / "imgs", moved)  # the index still records root / "imgs"
+  _, rows = _reference(out, paths[4], 1)
+  query_file = str(moved / paths[4].relative_to(root / "imgs"))
+  [r] = query.search_index(str(out), kind="mac", k=3, query_paths=[query_file],
+                           exclude_self=True, image_root=str(moved))
+  assert (r.self_row, r.self_match) == (rows[str(paths[4])], "same file")
+  assert r.self_row not in [h.row for h in r.hits] and len(r.hits) == 3
+
+
+def test_table_json_and_report_mark_the_query_itself(small_index, tmp_path):
+  from cbir_jax import report
+
+  out, root, paths = small_index
+  _, rows = _reference(out, paths[1], 1)
+  results = query.search_index(str(out), kind="conv", k=3, query_paths=[str(paths[1])],
+                               query_ids=[8])
+  table = query.format_results(results).splitlines()
+  assert table[0].endswith(f"[in the index: row {rows[str(paths[1])]}, same file]")
+  assert table[2].endswith("(the query itself)") and table[7].endswith("(the query itself)")
+  assert sum(line.endswith("(the query itself)") for line in table) == 2
+  got = query.results_json(results, index=str(out))
+  assert [(r["rank"], r["row"], r["self"]) for r in got["results"]] == [
+      (i + 1, h.row, h.row == res.self_row) for res in results for i, h in enumerate(res.hits)]
+  written = report.write_report(tmp_path / "rep", results)
+  assert [[c["mark"] for c in row][:2] for row in written["cells"]] == [["query", "self"]] * 2
+  assert "the query itself" in pathlib.Path(written["html"]).read_text()
+
+
+def test_the_query_layer_does_not_import_the_job():
+  code = ("import sys; import cbir_jax.query, cbir_jax.report; "
+          "print(sorted(m for m in sys.modules if m == 'cbir_jax.extract' "
+          "or m.startswith('cbir_jax.job')))")
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "[]"

@@ -124,13 +124,16 @@ def test_sliced_split_reads_the_slice(array_record):
     tfds_input.open_tfds("cbir_test_shapes:trian", array_record)
 
 
-@pytest.mark.parametrize("threads", [1, 3])
-def test_tfds_batches_pad_each_range(array_record, threads):
+@pytest.mark.parametrize("workers,threads", [(0, 1), (0, 3), (2, 1)])
+def test_tfds_batches_pad_each_range(array_record, workers, threads):
+  """In this process' threads and in worker processes, which reopen the split themselves."""
   src = tfds_input.open_tfds("cbir_test_shapes:train", array_record)
   ref = _reference(array_record)
   ranges = [(0, 5), (5, 12), (20, 23)]
-  batches = list(tfds_input.tfds_batches(src, ranges, image_size=8, batch_size=4,
-                                         num_threads=threads))
+  with tfds_input.tfds_batches(src, ranges, image_size=8, batch_size=4, num_threads=threads,
+                               num_workers=workers) as stream:
+    assert (stream.num_workers, stream.num_threads) == (workers, threads)
+    batches = list(stream)
   assert len(batches) == 2 + 2 + 1  # each range padded to whole batches on its own
   valid = np.concatenate([b.valid for b in batches])
   np.testing.assert_array_equal(valid, [1] * 5 + [0] * 3 + [1] * 7 + [0] + [1] * 3 + [0])
@@ -205,10 +208,19 @@ def test_array_record_runs_without_tensorflow(array_record, tmp_path):
   r = tf_free.run_python(f"""
       import sys
       import numpy as np
-      from cbir_jax import extract, store, tfds_input
+      from cbir_jax import extract, input_pipeline, store, tfds_input
       src = tfds_input.open_tfds("cbir_test_shapes:train[2:9]", {array_record!r})
       rows = sum(int(b.ok.sum()) for b in tfds_input.tfds_batches(
           src, [(0, src.num_records)], image_size=16, batch_size=4))
+      # Worker processes read the records themselves; they import no TensorFlow either
+      # (they run without this process' blocker, so they would find it).
+      sys.path.insert(0, "tests")
+      import worker_probe
+      with input_pipeline.encoded_batches(
+          worker_probe.ModulesAfter(src.records), src.keys(), np.arange(src.num_records),
+          image_size=16, batch_size=4, num_workers=2, num_threads=1) as s:
+        found = [worker_probe.imported_heavy(v % 16) for b in s for v in b.label[b.valid]]
+      assert len(found) == 7 and not any(found), found
       s = extract.run(extract.ExtractConfig(
           output={str(tmp_path / 'out')!r}, tfds="cbir_test_shapes:train",
           data_dir={array_record!r}, model="vgg_tiny", weights="random", image_size=32,
@@ -231,10 +243,16 @@ def test_tfrecord_dataset_reads_through_tf_data(tfrecord, array_record):
   with pytest.raises(tfds_input.TfdsError, match="no random access.*array_record"):
     tfr.read(0)
   ranges = [(0, 6), (6, 17)]
-  got = list(tfds_input.tfds_batches(tfr, ranges, image_size=8, batch_size=4, num_threads=2))
   want = list(tfds_input.tfds_batches(ar, ranges, image_size=8, batch_size=4, num_threads=2))
-  assert len(got) == len(want) == 2 + 3
-  for g, w in zip(got, want):
+  got = list(tfds_input.tfds_batches(tfr, ranges, image_size=8, batch_size=4, num_threads=2))
+  # tf.data reads in this process; the records' bytes travel to worker processes with their rows.
+  got_p = list(tfds_input.tfds_batches(tfr, ranges, image_size=8, batch_size=4, num_threads=1,
+                                       num_workers=2))
+  assert len(got) == len(got_p) == len(want) == 2 + 3
+  for g, gp, w in zip(got, got_p, want):
+    for f in ("images", "index", "valid", "label", "width", "ok"):
+      np.testing.assert_array_equal(getattr(gp, f), getattr(g, f))
+    assert gp.key == g.key and gp.error == g.error
     np.testing.assert_array_equal(g.images, w.images)
     np.testing.assert_array_equal(g.index, w.index)
     np.testing.assert_array_equal(g.valid, w.valid)

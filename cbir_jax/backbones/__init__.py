@@ -1,5 +1,11 @@
-"""Backbone registry: name -> `Backbone`. A new network registers here only."""
+"""Backbone registry: name -> `Backbone`. A new network registers here only.
+
+Test-only variants are registered hidden: `get` finds them, but `names()` (what launchers
+offer as `--model`) lists them only when $CBIR_JAX_TEST_BACKBONES=1 (tests/conftest.py sets it).
+"""
 from __future__ import annotations
+
+import os
 
 from cbir_jax import preprocessing as pp
 from cbir_jax.backbones import efficientnet_lite, vgg
@@ -8,11 +14,22 @@ from cbir_jax.backbones.base import Backbone, Features
 _VGG_BLOCKS = ("pool1", "pool2", "pool3", "pool4", "pool5")
 
 BACKBONES: dict[str, Backbone] = {}
+HIDDEN: set[str] = set()  # test-only: left out of names() unless TEST_BACKBONES_ENV is "1"
+TEST_BACKBONES_ENV = "CBIR_JAX_TEST_BACKBONES"
 
 
-def register(backbone: Backbone) -> Backbone:
+def register(backbone: Backbone, *, hidden: bool = False) -> Backbone:
   BACKBONES[backbone.name] = backbone
+  if hidden:
+    HIDDEN.add(backbone.name)
   return backbone
+
+
+def names(*, include_hidden: bool | None = None) -> tuple[str, ...]:
+  """Registered names, sorted; test-only ones only with $CBIR_JAX_TEST_BACKBONES=1 (or if asked)."""
+  if include_hidden is None:
+    include_hidden = os.environ.get(TEST_BACKBONES_ENV) == "1"
+  return tuple(sorted(n for n in BACKBONES if include_hidden or n not in HIDDEN))
 
 
 _VGG_FC_PARAMS = ("fc6", "fc7", "fc8")  # absent from no-top weights: see Backbone.without_fc
@@ -25,7 +42,7 @@ register(Backbone(
 register(Backbone(
     name="vgg_tiny", make_module=vgg._VGGTiny, block_names=_VGG_BLOCKS, fc_names=("fc6", "fc7"),
     block_channels=(4, 8, 8, 16, 16), fc_dim=64, preprocessing=pp.TORCHVISION,
-    fc_params=_VGG_FC_PARAMS))
+    fc_params=_VGG_FC_PARAMS), hidden=True)
 
 _LITE_BLOCKS = ("block1", "block2", "block3", "block4", "block5")
 # EfficientNet-Lite0: blocks 1-4 are the last MBConv output at strides 2-16,
@@ -38,7 +55,7 @@ register(Backbone(
 register(Backbone(
     name="efficientnet_lite_tiny", make_module=efficientnet_lite._EfficientNetLiteTiny,
     block_names=_LITE_BLOCKS, fc_names=("pooled",), block_channels=(8, 8, 16, 16, 32),
-    fc_dim=32, preprocessing=pp.EFFICIENTNET_LITE))
+    fc_dim=32, preprocessing=pp.EFFICIENTNET_LITE), hidden=True)
 
 # The one whose real ImageNet weights ship in weights/; VGG16 is one flag away.
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -49,7 +66,8 @@ def get(name: str) -> Backbone:
   try:
     return BACKBONES[name]
   except KeyError:
-    raise ValueError(f"unknown backbone {name!r}; known: {sorted(BACKBONES)}") from None
+    raise ValueError(f"unknown backbone {name!r}; known: {list(names())}") from None
 
 
-__all__ = ["Backbone", "Features", "BACKBONES", "DEFAULT_BACKBONE", "get", "register"]
+__all__ = ["Backbone", "Features", "BACKBONES", "DEFAULT_BACKBONE", "HIDDEN", "get", "names",
+           "register"]

@@ -14,12 +14,17 @@ import dataclasses
 import os
 import time
 import traceback
-from typing import Any, Callable, Sequence
+from typing import Annotated, Any, Callable, Sequence
 
+from cbir_jax import choices
 from cbir_jax.benchmark import report, timing
+from cbir_jax.choices import ComputeDtype, Model, OneOf
 
 SECTIONS: tuple[str, ...] = ("model", "xla_flags", "descriptors", "input", "end_to_end",
                              "search", "scaling")
+PRESETS: tuple[str, ...] = ("auto", "cpu", "gpu")
+PEER_LAYOUTS: tuple[str, ...] = ("auto", "channels_last", "nchw")
+Section = Annotated[str, OneOf(SECTIONS, "section")]
 
 
 @dataclasses.dataclass
@@ -27,9 +32,13 @@ class BenchmarkConfig:
   """What to measure. Fields left None take the preset's value (see `resolve`).
 
   Attributes:
-    preset: "auto" (by JAX's default backend), "cpu" or "gpu".
-    sections: subset of SECTIONS, run in that order.
-    backbones, batch_sizes, dtypes, repeats, image_size: section 1.
+    preset: default settings: "auto" picks "gpu" when JAX's backend is not the CPU.
+    sections: sections to run, in this order (default: the preset's).
+    backbones: section model: backbones.
+    batch_sizes: section model: batch sizes.
+    dtypes: section model: compute dtypes.
+    repeats: timed repeats per figure (median reported).
+    image_size: input size (default: the backbone's, 224).
     xla_variants: section xla_flags: "name=XLA flags" sets under which each
       backbone's float32 figure at the first batch size is re-measured, each
       in its own process, against the same peer.
@@ -37,35 +46,49 @@ class BenchmarkConfig:
     peer_layout: the peer's memory layout, "channels_last", "nchw" or "auto"
       (the faster one for the backbone, see torch_peer.FASTER_LAYOUT).
     descriptor_batch: section 2 batch (VGG16 pools at 224).
-    data_dir: the folder holding food7/ and imagenet-sample/.
-    input_folder, input_images, input_phone_images, input_threads, input_rounds:
-      section input: the first input_images photos of input_folder, and
-      input_phone_images phone-size JPEGs made from its first photos (0: none);
-      the product at each of input_threads (default: 1 and every core).
-    e2e_folder, e2e_backbone, e2e_batch, e2e_limit: section 4 (limit 0: all images).
-    search_sizes, search_dims, search_queries, search_k, search_repeats,
-      search_max_gb: section 5; databases above search_max_gb are skipped.
-    scaling_devices, scaling_backbone, scaling_batch, scaling_image_size: section 6.
+    images: the folder that holds the photo folders `input_folder` and `e2e_folder`
+      (food7/ and imagenet-sample/ of the project's shared data).
+    input_folder: section input: photo folder under `images` (ImageNet-size photos).
+    input_images: section input: photos of `input_folder` decoded.
+    input_phone_images: section input: phone-size (4032x3024) JPEGs made from the first
+      photos of `input_folder`, cached in the temp dir (0: none).
+    input_threads: section input: decode thread counts of the product (default: 1 and
+      every core).
+    input_rounds: section input: alternating rounds.
+    e2e_folder: section end_to_end: photo folder under `images`.
+    e2e_backbone: section end_to_end: backbone of the extraction job.
+    e2e_batch: section end_to_end: batch of the extraction job.
+    e2e_limit: section end_to_end: photos extracted (0: all).
+    search_sizes: section search: database sizes N.
+    search_dims: section search: descriptor dimensions D.
+    search_queries: section search: queries per search.
+    search_k: section search: k of the top-k.
+    search_repeats: section search: timed repeats per figure.
+    search_max_gb: section search: databases larger than this (GB) are skipped.
+    scaling_devices: section scaling: device counts.
+    scaling_backbone: section scaling: backbone.
+    scaling_batch: section scaling: global batch.
+    scaling_image_size: section scaling: input size.
   """
-  preset: str = "auto"
-  sections: Sequence[str] | None = None
-  backbones: Sequence[str] | None = None
+  preset: Annotated[str, OneOf(PRESETS, "preset")] = "auto"
+  sections: Sequence[Section] | None = None
+  backbones: Sequence[Model] | None = None
   batch_sizes: Sequence[int] | None = None
-  dtypes: Sequence[str] | None = None
+  dtypes: Sequence[ComputeDtype] | None = None
   repeats: int | None = None
   image_size: int | None = None
   xla_variants: Sequence[str] | None = None
   peer: bool = True
-  peer_layout: str = "auto"
+  peer_layout: Annotated[str, OneOf(PEER_LAYOUTS, "peer_layout")] = "auto"
   descriptor_batch: int | None = None
-  data_dir: str = "../shared/data"
+  images: str = "../shared/data"
   input_folder: str = "imagenet-sample/images"
   input_images: int | None = None
   input_phone_images: int | None = None
   input_threads: Sequence[int] | None = None
   input_rounds: int | None = None
   e2e_folder: str = "food7"
-  e2e_backbone: str | None = None
+  e2e_backbone: Model | None = None
   e2e_batch: int | None = None
   e2e_limit: int | None = None
   search_sizes: Sequence[int] | None = None
@@ -75,7 +98,7 @@ class BenchmarkConfig:
   search_repeats: int | None = None
   search_max_gb: float | None = None
   scaling_devices: Sequence[int] | None = None
-  scaling_backbone: str | None = None
+  scaling_backbone: Model | None = None
   scaling_batch: int | None = None
   scaling_image_size: int | None = None
 
@@ -114,30 +137,19 @@ def resolve(config: BenchmarkConfig) -> BenchmarkConfig:
   """Fills the None fields from the preset; checks names early, before anything runs."""
   import jax
 
-  from cbir_jax import backbones as bb_lib
-  from cbir_jax import inference
-
   preset = config.preset
   if preset == "auto":
     preset = "cpu" if jax.default_backend() == "cpu" else "gpu"
   presets = _presets(timing.cpu_info()["cores"])
   if preset not in presets:
-    raise ValueError(f"preset must be auto, cpu or gpu, got {config.preset!r}")
+    raise ValueError(f"preset must be one of {PRESETS}, got {config.preset!r}")
   values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
   for k, v in presets[preset].items():
     if values.get(k) is None:
       values[k] = v
   values["preset"] = preset
   out = BenchmarkConfig(**values)
-  unknown = [s for s in out.sections if s not in SECTIONS]
-  if unknown:
-    raise ValueError(f"unknown sections {unknown}; known: {list(SECTIONS)}")
-  for name in (*out.backbones, out.e2e_backbone, out.scaling_backbone):
-    bb_lib.get(name)
-  for d in out.dtypes:
-    inference.compute_dtype(d)
-  if out.peer_layout not in ("auto", "channels_last", "nchw"):
-    raise ValueError(f"peer_layout must be auto, channels_last or nchw, got {out.peer_layout!r}")
+  choices.check(out)  # sections, backbones, dtypes, peer_layout: the flags' own lists
   if min(out.batch_sizes) < 1 or out.repeats < 1 or out.input_rounds < 1:
     raise ValueError("batch sizes, repeats and input rounds must be >= 1")
   return out
@@ -203,7 +215,7 @@ def run(config: BenchmarkConfig, *, log: Callable[[str], None] = print) -> dict[
   """
   t0 = time.perf_counter()
   cfg = resolve(config)
-  data_dir = os.path.abspath(cfg.data_dir)
+  data_dir = os.path.abspath(cfg.images)
   result: dict[str, Any] = {"environment": timing.environment(),
                             "config": dataclasses.asdict(cfg), "sections": {}, "errors": {}}
   sections = result["sections"]

@@ -3,7 +3,8 @@
 Three parts, in this order: descriptors of the jitted step (`inference.jit_describe`)
 against a float32 run of the same photos on the host CPU; images/s of that step for
 each backbone and dtype over a batch sweep, with the fraction of the card's peak; and
-the extraction job (`extract.run`) on JPEGs made here, every core decoding. Needs
+the extraction job (`extract.run`) on JPEGs made here, every core decoding, with the
+input pipeline alone at 1, 2, 4, ... cores as threads and as worker processes. Needs
 only jax, flax, orbax, absl, numpy and pillow. Every figure is logged and handed to
 `on_update` as it comes, so a run cut short still leaves its figures.
 """
@@ -18,6 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from cbir_jax.benchmark import timing
+from cbir_jax.choices import ComputeDtype, Model
 
 # Accepted difference from the CPU float32 reference: the largest over images and
 # kinds of the row-wise relative L1 difference sum|x - ref| / sum|ref| (L1 is what
@@ -55,7 +57,13 @@ class GpuCheckConfig:
     e2e_backbone, e2e_batch, e2e_dtype: the extraction job.
     photo_count, photo_width, photo_height: photo-size JPEGs for the job.
     phone_count, phone_width, phone_height: phone-size JPEGs for the job (0: none).
-    num_threads: the job's decode threads (None: the product's default, every core).
+    num_threads: decode threads per process for the job and the pipeline alone (None:
+      the product's rule, `input_pipeline.decode_parallelism`).
+    num_workers: decode processes for the pipeline alone (None: the product's rule; the
+      job uses its own default).
+    scaling_photo_images, scaling_phone_images: images of each set the input sweep
+      decodes at 1, 2, 4, ... cores, as threads and as processes (0: no sweep).
+    scaling_cores: the sweep's largest count (None: every core).
     budget_s: no new sweep point starts later than budget_s - e2e_reserve_s
       after the start (estimated from the points before), so the job still runs.
     e2e_reserve_s: the time kept for the extraction job.
@@ -65,13 +73,13 @@ class GpuCheckConfig:
   """
   sweep: tuple[str, ...] = ("vgg16:32,64,128,256,512",
                             "efficientnet_lite0:128,256,512,1024,2048")
-  dtypes: tuple[str, ...] = ("float32", "bfloat16")
+  dtypes: tuple[ComputeDtype, ...] = ("float32", "bfloat16")
   repeats: int = 5
   image_size: int | None = None
   accuracy_images: int = 10
-  e2e_backbone: str = "efficientnet_lite0"
+  e2e_backbone: Model = "efficientnet_lite0"
   e2e_batch: int = 256
-  e2e_dtype: str = "float32"
+  e2e_dtype: ComputeDtype = "float32"
   photo_count: int = 4000
   photo_width: int = 500
   photo_height: int = 375
@@ -79,8 +87,12 @@ class GpuCheckConfig:
   phone_width: int = 4032
   phone_height: int = 3024
   num_threads: int | None = None
-  budget_s: float = 420.0
-  e2e_reserve_s: float = 120.0
+  num_workers: int | None = None
+  scaling_photo_images: int = 2048
+  scaling_phone_images: int = 256
+  scaling_cores: int | None = None
+  budget_s: float = 480.0
+  e2e_reserve_s: float = 240.0
   photo_root: str | None = None
   allow_cpu: bool = False
 
@@ -275,23 +287,49 @@ def _pct(x: float | None) -> str:
   return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def _job_default_draft() -> bool:
-  from cbir_jax import extract
+def _pipeline_alone(paths: Sequence[str], size: int, cfg: GpuCheckConfig) -> dict[str, Any]:
+  """The input pipeline over `paths` as the product runs it by default (draft on)."""
+  from cbir_jax.benchmark import pipeline
 
-  return bool(getattr(extract.ExtractConfig(output="-", images="-"), "draft", False))
+  pipeline.product(paths[:2], size, batch=2, threads=1, draft=True)  # imports
+  t, c = time.perf_counter(), pipeline.cpu_seconds()
+  out = pipeline.product(paths, size, batch=cfg.e2e_batch, threads=cfg.num_threads,
+                         workers=cfg.num_workers, draft=True)
+  wall, cpu = time.perf_counter() - t, pipeline.cpu_seconds() - c
+  return {"decode_workers": out["workers"], "decode_threads": out["threads"],
+          "decode_draft": True, "decode_images_per_s": len(paths) / wall,
+          "decode_steady_images_per_s": out["steady_images_per_s"],
+          "decode_images_per_cpu_s": len(paths) / max(cpu, 1e-9)}
+
+
+def input_scaling(name: str, paths: Sequence[str], cfg: GpuCheckConfig,
+                  add: Callable[..., None], log) -> None:
+  """The pipeline alone at 1, 2, 4, ... cores as threads and as processes (draft on)."""
+  from cbir_jax.benchmark import pipeline
+
+  count = cfg.scaling_photo_images if name == "photo-size" else cfg.scaling_phone_images
+  paths = paths[:count]
+  if not paths:
+    return
+  # Enough batches that the second half (the steady rate) spans several per worker.
+  batch = max(1, min(64, len(paths) // 16))
+  counts = pipeline.core_counts(cfg.scaling_cores or pipeline.cores())
+  log(f"[input] {name}: {len(paths)} images, batch {batch}, threads and processes at "
+      f"{', '.join(map(str, counts))} ...")
+  for row in pipeline.scaling(paths, cfg.image_size or 224, batch=batch, counts=counts,
+                              draft=True, name=name, log=log):
+    add("input_scaling", {"set": name, **row})
 
 
 def end_to_end(cfg: GpuCheckConfig, add: Callable[..., None], log) -> None:
-  """The extraction job on each made set, and the same files through the pipeline alone."""
+  """Per made set: the pipeline alone, the extraction job, then the input scaling sweep."""
   from cbir_jax import samples
   from cbir_jax.benchmark import end_to_end as e2e
-  from cbir_jax.benchmark import photos, pipeline
+  from cbir_jax.benchmark import photos
 
   sources = tuple(str(p) for p in samples.sample_images())
   sets = [("photo-size", cfg.photo_count, cfg.photo_width, cfg.photo_height),
           ("phone-size", cfg.phone_count, cfg.phone_width, cfg.phone_height)]
-  threads = cfg.num_threads or pipeline.cores()
-  draft = _job_default_draft()
   for name, count, width, height in sets:
     if count < 1:
       continue
@@ -302,15 +340,9 @@ def end_to_end(cfg: GpuCheckConfig, add: Callable[..., None], log) -> None:
                              "make_s": time.perf_counter() - t}
       log(f"[end_to_end] {name}: {count} JPEGs of {width}x{height} ready "
           f"({row['mean_file_mb']:.2f} MB each, {row['make_s']:.0f} s)")
-      size = cfg.image_size or 224
-      pipeline.product(paths[:2], size, batch=2, threads=1, draft=draft)  # imports, start-up
-      t, c = time.perf_counter(), pipeline.cpu_seconds()
-      pipeline.product(paths, size, batch=cfg.e2e_batch, threads=threads, draft=draft)
-      wall, cpu = time.perf_counter() - t, pipeline.cpu_seconds() - c
-      row.update(decode_threads=threads, decode_draft=draft, decode_images_per_s=count / wall,
-                 decode_images_per_cpu_s=count / max(cpu, 1e-9))
-      log(f"[end_to_end] {name}: input pipeline alone, {threads} threads: "
-          f"{row['decode_images_per_s']:.0f} images/s, "
+      row.update(_pipeline_alone(paths, cfg.image_size or 224, cfg))
+      log(f"[end_to_end] {name}: input pipeline alone, {row['decode_workers']} processes x "
+          f"{row['decode_threads']} threads: {row['decode_images_per_s']:.0f} images/s, "
           f"{row['decode_images_per_cpu_s']:.0f} images per CPU-second")
       job = e2e.extract_folder(os.path.dirname(paths[0]), backbone=cfg.e2e_backbone,
                                batch=cfg.e2e_batch, dtype=cfg.e2e_dtype,
@@ -320,6 +352,12 @@ def end_to_end(cfg: GpuCheckConfig, add: Callable[..., None], log) -> None:
     except Exception as e:
       add("end_to_end", {"set": name, "error": f"{type(e).__name__}: {e}"[:2000]})
       log(f"[end_to_end] {name}: FAILED\n{traceback.format_exc()}"[:3000])
+      continue
+    try:
+      input_scaling(name, paths, cfg, add, log)
+    except Exception as e:
+      add("input_scaling", {"set": name, "error": f"{type(e).__name__}: {e}"[:2000]})
+      log(f"[input] {name}: FAILED\n{traceback.format_exc()}"[:3000])
 
 
 def run(cfg: GpuCheckConfig, *, log: Callable[[str], None] = print,
@@ -327,8 +365,8 @@ def run(cfg: GpuCheckConfig, *, log: Callable[[str], None] = print,
   """Runs the check; `on_update(result)` after every new figure (the launcher saves JSON).
 
   Returns:
-    {"environment", "config", "accuracy", "model", "end_to_end", "skipped",
-    "errors", "passed", "seconds"}; passed is False when a descriptor check failed
+    {"environment", "config", "accuracy", "model", "end_to_end", "input_scaling",
+    "skipped", "errors", "passed", "seconds"}; passed is False when a descriptor check failed
     or a part broke (a skipped sweep point is not a failure).
   """
   import jax
@@ -339,7 +377,8 @@ def run(cfg: GpuCheckConfig, *, log: Callable[[str], None] = print,
   clock = lambda: time.perf_counter() - t0  # noqa: E731
   result: dict[str, Any] = {"check": "gpu", "environment": timing.environment(),
                             "config": dataclasses.asdict(cfg), "accuracy": [], "model": [],
-                            "end_to_end": [], "skipped": [], "errors": {}, "passed": None}
+                            "end_to_end": [], "input_scaling": [], "skipped": [],
+                            "errors": {}, "passed": None}
 
   def add(part: str, row: dict[str, Any]) -> None:
     result[part].append(row)
@@ -361,7 +400,8 @@ def run(cfg: GpuCheckConfig, *, log: Callable[[str], None] = print,
       except Exception as e:  # record and go on: one broken part must not hide the others
         result["errors"][part] = f"{type(e).__name__}: {e}"[:2000]
         log(traceback.format_exc())
-  broken = [r for part in ("model", "end_to_end") for r in result[part] if "error" in r]
+  broken = [r for part in ("model", "end_to_end", "input_scaling") for r in result[part]
+            if "error" in r]
   result["passed"] = (not result["errors"] and not broken and bool(result["accuracy"])
                       and all(r["passed"] for r in result["accuracy"]))
   result["seconds"] = clock()

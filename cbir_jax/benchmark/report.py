@@ -80,8 +80,9 @@ def section_tables(result: dict[str, Any]) -> list[str]:
     p = s["input"]
     out.append(table(f"3. Input: JPEG -> {p['image_size']}px uint8, medians of {p['rounds']} "
                      "alternating rounds", p["rows"], [
-                         ("set", "photos"), ("variant", "reader"), ("threads", "threads"),
-                         ("draft", "draft"), ("images_per_s", "images/s"),
+                         ("set", "photos"), ("variant", "reader"), ("workers", "processes"),
+                         ("threads", "threads"), ("draft", "draft"), ("images_per_s", "images/s"),
+                         ("steady_images_per_s", "past start-up"),
                          ("images_per_cpu_s", "images/CPU-s"), ("cores_busy", "cores busy")]))
     out.append(table("3b. Input ratios (per CPU-second; product at 1 thread with draft)",
                      p["sets"], [
@@ -90,7 +91,10 @@ def section_tables(result: dict[str, Any]) -> list[str]:
                          ("product_over_pillow_full_per_cpu_s", "product/Pillow full"),
                          ("product_over_pillow_draft_per_cpu_s", "product/Pillow draft"),
                          ("pillow_draft_over_full_per_cpu_s", "Pillow draft/full"),
-                         ("product_threads_speedup_wall", f"wall {p['threads'][-1]}/1 threads")]))
+                         ("product_threads_speedup_wall", f"wall {p['threads'][-1]}/1 threads"),
+                         ("best_processes", "processes x threads"),
+                         ("processes_over_threads_steady",
+                          f"those / {p['threads'][-1]} threads past start-up")]))
   if "end_to_end" in s:
     e = s["end_to_end"]
     out.append(table("4. End to end: extraction job", [e], [
@@ -154,12 +158,21 @@ def gpu_check_tables(result: dict[str, Any]) -> list[str]:
   if result["end_to_end"]:
     out.append(table("Extraction job end to end on made JPEGs", result["end_to_end"], [
         ("set", "photos"), ("images", "images"), ("mean_megapixels", "Mpx"),
-        ("mean_file_mb", "MB"), ("decode_threads", "threads"),
+        ("mean_file_mb", "MB"), ("decode_workers", "processes"), ("decode_threads", "threads"),
         ("decode_images_per_s", "input alone images/s"),
         ("decode_images_per_cpu_s", "input images/CPU-s"),
         ("job_images_per_s", "job images/s"),
         ("job_steady_images_per_s", "after compile"), ("job_input_wait_share", "job input wait"),
         ("job_compiles", "compiles"), ("error", "error")]))
+  if result.get("input_scaling"):
+    out.append(table("Input pipeline alone (draft): threads in the main process vs worker "
+                     "processes", result["input_scaling"], [
+                         ("set", "photos"), ("engine", "engine"), ("workers", "processes"),
+                         ("threads", "threads"), ("images", "images"), ("batch", "batch"),
+                         ("images_per_s", "images/s"),
+                         ("steady_images_per_s", "past start-up"),
+                         ("images_per_cpu_s", "images/CPU-s"),
+                         ("first_batch_s", "first batch s"), ("error", "error")]))
   if result["skipped"]:
     out.append(table("Skipped", result["skipped"], [
         ("backbone", "backbone"), ("dtype", "dtype"), ("batch", "batch"), ("why", "why")]))

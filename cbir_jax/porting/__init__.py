@@ -7,16 +7,37 @@ were trained with.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable
 
 from cbir_jax.checkpoint import WeightsInfo
+from cbir_jax.choices import Model
 
 # (model, source) -> porter(path) -> (params, WeightsInfo). Filled by the porter modules.
 Porter = Callable[[str | os.PathLike], tuple[Any, WeightsInfo]]
 PORTERS: dict[tuple[str, str], Porter] = {}
 # model -> {source: the official file with the FC head}, for messages about no-top weights.
 FULL_FILES: dict[str, dict[str, str]] = {}
+
+
+@dataclasses.dataclass
+class PortConfig:
+  """One run of launch/port_weights.py (the arguments of `port_and_save`).
+
+  Attributes:
+    model: backbone the weights are for.
+    input: weights file to port (a torchvision or EfficientNet-Lite .pth, a Keras .h5).
+    output: weights directory to write.
+    source: format of `input`: torchvision, keras or efficientnet_lite_pytorch (default:
+      the model's only one).
+    overwrite: replace a non-empty `output` directory.
+  """
+  model: Model
+  input: str
+  output: str
+  source: str | None = None
+  overwrite: bool = False
 
 
 def register(model: str, source: str) -> Callable[[Porter], Porter]:

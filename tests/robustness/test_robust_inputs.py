@@ -20,7 +20,8 @@ import time
 import numpy as np
 import pytest
 
-from cbir_jax import extract, search, store
+from cbir_jax import extract, store
+from cbir_jax import query as query_lib
 from cbir_jax.descriptors import KINDS
 
 from robust_common import job_command, job_config, write_small_images
@@ -182,7 +183,7 @@ def test_folder_renamed(small, tiny_weights, tmp_path, hostile):
             "rows, rewrote their paths, extracted only the 20 of the missing shard"))
   assert ok, (msg, s)
   # The report's image links point at files that exist (search --report read them).
-  [r] = search.search_index(str(out), query_ids=[0], k=2)
+  [r] = query_lib.search_index(str(out), query_ids=[0], k=2)
   assert all(pathlib.Path(h.path).is_file() for h in (r.query, *r.hits))
 
 
@@ -345,14 +346,14 @@ def test_weights_folder_moved(small, tiny_weights, tmp_path, hostile, monkeypatc
   shutil.move(env_root, tmp_path / "moved_away")
   monkeypatch.delenv(weights_lib.ENV_VAR)
   try:
-    search.search_index(str(out), query_paths=[query], k=1)
+    query_lib.search_index(str(out), query_paths=[query], k=1)
     gone_refused, msg = False, "accepted without weights"
-  except search.IndexMismatch as e:
+  except query_lib.IndexMismatch as e:
     gone_refused, msg = recorded["params_sha256"][:12] in str(e), str(e)
   repo = tmp_path / "repo_weights"  # the repository's weights/, holding the same weights
   shutil.copytree(tiny_weights, repo / "vgg_tiny")
   monkeypatch.setattr(weights_lib, "_REPO_WEIGHTS", repo)
-  [r] = search.search_index(str(out), query_paths=[query], k=1)
+  [r] = query_lib.search_index(str(out), query_paths=[query], k=1)
   ok = (recorded["kind"] == "shipped" and "dir" in recorded and not recorded["dir"]
         and gone_refused and r.hits[0].path == query and r.hits[0].distance < 1e-5)
   # A --weights folder that is gone: the same weights shipped elsewhere are found by digest.
@@ -361,7 +362,7 @@ def test_weights_folder_moved(small, tiny_weights, tmp_path, hostile, monkeypatc
   out2 = tmp_path / "out2"
   _run(small[0], out2, own)
   shutil.rmtree(own)
-  [r2] = search.search_index(str(out2), query_paths=[query], k=1)
+  [r2] = query_lib.search_index(str(out2), query_paths=[query], k=1)
   ok = ok and r2.hits[0].path == query and r2.hits[0].distance < 1e-5
   hostile.check(name, ok, f"recorded as {recorded['kind']} {recorded['name']!r} + digest; "
                 f"found again in the repository's weights (also for a --weights folder that "

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from cbir_jax import search, store
+from cbir_jax import query as query_lib
 
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -210,9 +211,15 @@ def test_k_larger_than_n(indexes, hostile):
       checks.append((False, f"k={k} accepted"))
     except ValueError as e:
       checks.append((bool(re.search(rf"k must .*\b{n}\b", str(e))), str(e)))
-  searching = _launch("search.py", d, "--query_ids=0", f"--k={n + 1}")
+  # The search launcher shows the whole index instead, and says so in one line.
+  searching = _launch("search.py", d, "--query_ids=0", f"--k={n + 1}", "--exclude_self")
   evaluating = _launch("evaluate.py", d, "--kinds=fc_conv", "--num_queries=4", f"--k={n}")
-  checks.append(_one_line_error(searching, "search", rf"k must .*\b{n}\b"))
+  rc, out, err = _finished(searching)
+  ranks = re.findall(r"^ +(\d+) +\d+\.\d{6}  ", out, re.M)
+  checks.append((rc == 0 and err.splitlines() == [
+      f"search: k={n + 1} is more than the index has ({n} rows, minus the query itself): "
+      f"showing all {n - 1}"] and ranks == [str(i) for i in range(1, n)],
+      err.strip() or f"exit {rc}"))
   checks.append(_one_line_error(evaluating, "evaluate", rf"k must .*\b{n - 1}\b"))
   ok = all(c[0] for c in checks)
   hostile.check("k larger than N", ok, " | ".join(c[1][:120] for c in checks))
@@ -278,7 +285,7 @@ def test_query_image_on_random_weights_index(many_images, tmp_path):
     shutil.copy(p, sub / pathlib.Path(p).name)
   extract.run(job_config(sub, out, "random"), log=lambda m: None)
   query = str(sub / pathlib.Path(paths[3]).name)
-  [result] = search.search_index(str(out), query_paths=[query], k=2)
+  [result] = query_lib.search_index(str(out), query_paths=[query], k=2)
   assert result.hits[0].path == query
   assert result.hits[0].distance < 1e-5
 
@@ -377,3 +384,32 @@ def test_images_gone_or_moved_after_extraction(many_images, tiny_weights, tmp_pa
   for key, (ok, how) in checks.items():
     hostile.check(cases[key], ok, how[:240])
   assert all(ok for ok, _ in checks.values()), checks
+
+
+def test_query_image_that_is_in_the_index(indexes, tmp_path, hostile):
+  """--exclude_self with query images that are rows of the index: the stored file itself, a
+  byte copy elsewhere, and the same pixels in another format; each finds its row and leaves
+  it out (the JSON says which), and the others still get k results."""
+  from PIL import Image
+
+  d = indexes["consolidated"]
+  _, meta = store.load_descriptors(d, "fc")
+  stored = [str(p) for p in meta["path"][[3, 40, 77]]]
+  copy = tmp_path / "copy.png"
+  shutil.copy(stored[1], copy)
+  other = tmp_path / "other_format.bmp"
+  Image.open(stored[2]).save(other)
+  proc = _launch("search.py", d, f"--query={stored[0]},{copy},{other}", "--k=5",
+                 "--exclude_self", "--json")
+  rc, out, err = _finished(proc)
+  try:
+    rows = json.loads(out)["results"]
+  except ValueError:
+    rows = []
+  by_query = [[r for r in rows if r["query"] == q] for q in (stored[0], str(copy), str(other))]
+  ok = (rc == 0 and all(len(r) == 5 for r in by_query)
+        and [r[0]["self_row"] for r in by_query] == [3, 40, 77]
+        and not any(r["row"] == r["self_row"] for r in rows))
+  hostile.check("query image that is itself in the index (same file, a copy, other format), "
+                "with --exclude_self", ok, err[-200:] or out[:200])
+  assert ok, (rc, err[-2000:], [[(r["self_row"], r["row"]) for r in q] for q in by_query])

@@ -1,0 +1,398 @@
+"""Searching an extraction output: query images described as the index was, ranked results, JSON.
+
+The index and query layer over the L1 kernel of search.py: it opens an index, runs query
+images through the weights the index was made with, finds a query image that is itself in
+the index (same file, or same pixels), and formats results as a table or as JSON.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from cbir_jax import index_images, search, store
+from cbir_jax.choices import Kind
+from cbir_jax.index_images import ImageUnavailable, IndexImages
+
+# A hit this close to the query (relative to the query's mean value) may be the query image
+# itself; its pixels decide. The same image described alone or in a batch differs by float
+# rounding only, far below this.
+_SAME_IMAGE_RTOL = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class Hit:
+  """One image of a result row."""
+  path: str
+  distance: float = float("nan")  # descriptor distance to the query (L1 / D)
+  label: str = ""
+  row: int = -1  # database row; -1 for a query image given as a file
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryResult:
+  """A query and its ranked results, nearest first.
+
+  Attributes:
+    self_row: the index row that is the query itself (a row query's own row, or the row of
+      a query image found in the index), -1 if none.
+    self_match: how it was found: "row", "same file" or "same pixels" ("" if not).
+    self_excluded: the self row was left out of `hits` (exclude_self).
+  """
+  query: Hit
+  hits: tuple[Hit, ...]
+  kind: str = ""
+  self_row: int = -1
+  self_match: str = ""
+  self_excluded: bool = False
+
+
+class IndexMismatch(ValueError):
+  """A query cannot be described the way the index was (other weights, preprocessing, ...)."""
+
+
+@dataclasses.dataclass
+class SearchConfig:
+  """One search of an extraction output (launch/search.py).
+
+  Attributes:
+    index: extraction output directory (launch/extract.py --output).
+    query: query image files, comma-separated; described with the backbone, weights and
+      preprocessing the index records (other weights are refused).
+    query_ids: rows of the index used as queries, comma-separated.
+    kind: descriptor kind to search with.
+    k: results per query; more than the index holds gives all of it, with a note.
+    exclude_self: leave the query itself out of its results: a row query's own row, or the
+      row of a query image that is in the index (same file, or same pixels).
+    image_root: where the index's image folder (or TFDS data_dir) is now, if it moved since
+      the extraction: query images are matched against it, and --report reads from it.
+    report: folder for a picture report (results.png, results.html and the images shown).
+    json: print the results as JSON (query, rank, row, distance, path, label) instead of a
+      table.
+  """
+  index: str
+  query: tuple[str, ...] = ()
+  query_ids: tuple[int, ...] = ()
+  kind: Kind = "fc_conv"
+  k: int = 5
+  exclude_self: bool = False
+  image_root: str | None = None
+  report: str | None = None
+  json: bool = False
+
+
+def describe_images(manifest: Any, paths: Any, kind: str) -> np.ndarray:
+  """Descriptors of image files made exactly as the index's were.
+
+  Uses the backbone, weights, preprocessing, input size, decoding, descriptor
+  settings and compute dtype recorded in the manifest (a `manifest.Manifest` or
+  its dict), and rounds like the stored rows (float16 output), so an image of
+  the index finds itself at distance ~0.
+
+  Raises:
+    IndexMismatch: the recorded weights are missing or are not the ones the
+      index was made with, or their preprocessing differs from the recorded one.
+    ValueError: an image cannot be decoded (names the file).
+  """
+  from cbir_jax import backbones, checkpoint, inference, input_pipeline
+  from cbir_jax import descriptors as desc
+  from cbir_jax import preprocessing as pp
+  from cbir_jax import weights as weights_lib
+  from cbir_jax.manifest import Manifest
+
+  m = manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest)
+  s = m.settings
+  backbone = backbones.get(s.backbone)
+  prep = pp.Preprocessing.from_dict(s.preprocessing)
+  try:
+    loaded = weights_lib.load_recorded(backbone.name, m.weights, image_size=s.image_size)
+  except weights_lib.WeightsNotFound as e:
+    if e.found:
+      raise IndexMismatch(
+          f"the weights found for {backbone.name} (params_sha256 {e.found[0][:12]}) are not the "
+          f"ones the index was made with ({m.weights.params_sha256[:12]}); restore them or "
+          "extract the collection again") from None
+    raise IndexMismatch(f"cannot load the weights the index was made with: {e}") from None
+  except checkpoint.WeightsError as e:
+    raise IndexMismatch(f"cannot load the weights the index was made with: {e}; restore them "
+                        "or extract the collection again") from None
+  if loaded.preprocessing != prep:
+    raise IndexMismatch(f"the weights found for the index use preprocessing "
+                        f"{loaded.preprocessing.name!r} but the index records {prep.name!r}")
+  images, errors = input_pipeline.load_images(list(paths), s.image_size, draft=s.draft)
+  bad = [f"{p}: {e}" for p, e in zip(paths, errors) if e]
+  if bad:
+    raise ValueError("cannot decode query images: " + "; ".join(bad))
+  fn = inference.jit_describe(backbone, preprocessing=prep, kinds=(kind,),
+                              config=desc.DescriptorConfig(**s.descriptor),
+                              dtype=inference.compute_dtype(s.dtype))
+  out = np.asarray(fn(loaded.params, images)[kind], np.float32)
+  if s.output_dtype == "float16":
+    out = out.astype(np.float16).astype(np.float32)
+  return out
+
+
+# --- an open index --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Index:
+  """An index opened for searching: manifest, descriptors, metadata, and its images."""
+  manifest: Any
+  database: np.ndarray
+  meta: dict[str, np.ndarray]
+  images: IndexImages
+
+  def label_of(self, row: int) -> str:
+    names, labels = self.meta.get("label_name"), self.meta.get("label")
+    if names is not None and str(names[row]):
+      return str(names[row])
+    return str(labels[row]) if labels is not None and labels[row] >= 0 else ""
+
+  def hit(self, row: int, distance: float = float("nan")) -> Hit:
+    return Hit(path=str(self.meta["path"][row]), distance=distance, label=self.label_of(row),
+               row=row)
+
+
+def _query_keys(path: str, index: _Index) -> list[str]:
+  """Where a query file may be stored in the index: as given, with links resolved, and
+  placed back under the recorded folder when it is under --image_root (the folder moved)."""
+  forms = [os.path.abspath(path), os.path.realpath(path)]
+  root, now = index.images.source.root, index.images.image_root
+  if root and now:
+    for f in forms[:2]:
+      rel = os.path.relpath(f, now)
+      if rel != os.pardir and not rel.startswith(os.pardir + os.sep):
+        forms.append(os.path.join(root, rel))
+  return [os.path.normpath(f) for f in forms]
+
+
+def _rows_by_path(index: _Index, paths: Sequence[str]) -> list[int]:
+  """The row whose stored file is each query file (-1: none). TFDS rows are ids, not files."""
+  if index.images.source.type == index_images.TFDS:
+    return [-1] * len(paths)
+  keys = [_query_keys(p, index) for p in paths]
+  wanted = {k for ks in keys for k in ks}
+  found: dict[str, int] = {}
+  for row, stored in enumerate(index.meta["path"]):  # the job stores absolute, normal paths
+    stored = str(stored)
+    if stored in wanted:
+      found.setdefault(stored, row)
+  return [next((found[k] for k in ks if k in found), -1) for ks in keys]
+
+
+def _same_pixels(path: str, row: int, index: _Index) -> bool:
+  """Whether a query file and an index row are the same image: equal bytes or equal pixels."""
+  from cbir_jax.decode import read_file
+
+  try:
+    mine = read_file(path)
+    theirs = index.images.read_bytes(str(index.meta["path"][row]))
+  except (OSError, ImageUnavailable):
+    return False
+  if mine == theirs:
+    return True
+  try:
+    a, b = index_images.decode_rgb(mine), index_images.decode_rgb(theirs)
+  except ValueError:
+    return False
+  return a.shape == b.shape and np.array_equal(a, b)
+
+
+def _self_by_pixels(path: str, q: np.ndarray, distances: np.ndarray, rows: np.ndarray,
+                    index: _Index) -> int:
+  """The first result at (nearly) distance 0 that is the query image itself, or -1."""
+  tol = max(_SAME_IMAGE_RTOL * float(np.mean(np.abs(q))), 1e-6)
+  for d, row in zip(distances, rows):
+    if d > tol:
+      break
+    if _same_pixels(path, int(row), index):
+      return int(row)
+  return -1
+
+
+def _split(values: Any) -> list[str]:
+  out = []
+  for v in values or ():
+    out += [s.strip() for s in str(v).split(",") if s.strip()]
+  return out
+
+
+def clamp_k(k: int, num_rows: int, *, exclude_self: bool,
+            note: Callable[[str], None] | None = None) -> int:
+  """k, or all the index offers (its rows, minus the query itself when excluded), with a note.
+
+  Raises:
+    ValueError: k < 1, or nothing is left to return.
+  """
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    raise ValueError(f"k must be a positive integer, got {k!r}")
+  limit = num_rows - (1 if exclude_self else 0)
+  if limit < 1:
+    raise ValueError(f"the index has {num_rows} row(s): nothing is left once the query itself "
+                     "is excluded")
+  if k > limit and note is not None:
+    note(f"k={k} is more than the index has ({num_rows} rows"
+         f"{', minus the query itself' if exclude_self else ''}): showing all {limit}")
+  return min(int(k), limit)
+
+
+def _open(index_dir: str, kind: str, image_root: str | None) -> _Index:
+  manifest, database, meta = store.open_index(index_dir, kind)
+  # A bad image_root is an error before anything is computed.
+  images = IndexImages(index_images.input_of(manifest), image_root=image_root)
+  return _Index(manifest, database, meta, images)
+
+
+def search_index(index_dir: str, *, kind: str = "fc_conv", k: int = 5,
+                 query_paths: Any = (), query_ids: Any = (), exclude_self: bool = False,
+                 image_root: str | None = None, note: Callable[[str], None] | None = None,
+                 **search_kwargs: Any) -> list[QueryResult]:
+  """Searches an extraction output with image files and/or rows of the index.
+
+  A query image that is itself in the index (its stored file, also under `image_root`, or
+  an image with the same pixels) is recognised: `QueryResult.self_row` names its row.
+
+  Args:
+    index_dir: output directory of launch/extract.py.
+    kind: descriptor kind to search with.
+    k: results per query; clamped to what the index holds (see `clamp_k`, which calls
+      `note`).
+    query_paths: image files (comma-separated strings allowed); described with the
+      index's recorded model (see `describe_images`).
+    query_ids: rows of the index used as queries.
+    exclude_self: leave each query's own row out of its results (row queries, and query
+      images found in the index).
+    image_root: where the index's image folder (or TFDS data_dir) is now, if it moved.
+    note: receives one line when k was clamped.
+    **search_kwargs: passed to `search.l1_topk` (tiling, mesh).
+
+  Returns:
+    One QueryResult per query: image files first, then rows, in the order given.
+  """
+  paths = _split(query_paths)
+  ids = [int(v) for v in _split(query_ids)]
+  if not paths and not ids:
+    raise ValueError("no queries: give image files (--query) or index rows (--query_ids)")
+  index = _open(index_dir, kind, image_root)
+  n = index.database.shape[0]
+  bad = [i for i in ids if not 0 <= i < n]
+  if bad:
+    raise ValueError(f"query ids {bad} are not rows of the index (0..{n - 1})")
+  k = clamp_k(k, n, exclude_self=exclude_self, note=note)
+  path_rows = _rows_by_path(index, paths)
+  own = path_rows + ids  # the self row known before searching, per query
+  exclude = np.asarray([r if exclude_self else -1 for r in own], np.int64)
+  queries = np.concatenate(
+      ([describe_images(index.manifest, paths, kind)] if paths else [])
+      + ([np.asarray(index.database[np.asarray(ids)], np.float32)] if ids else []))
+  # Room for a query image found by its pixels only, dropped afterwards.
+  extra = int(exclude_self and any(r < 0 for r in path_rows))
+  top = search.l1_topk(queries, index.database,
+                       min(k + extra, n - int((exclude >= 0).any())), exclude=exclude,
+                       **search_kwargs)
+  results = []
+  for a, q in enumerate(queries):
+    d, rows = top.distances[a], top.indices[a]
+    row, how = own[a], ("row" if a >= len(paths) else "same file") if own[a] >= 0 else ""
+    if row < 0:
+      row = _self_by_pixels(paths[a], q, d, rows, index)
+      how = "same pixels" if row >= 0 else ""
+    hits = [index.hit(int(i), float(x)) for x, i in zip(d, rows)
+            if not (exclude_self and int(i) == row)][:k]
+    query = (index.hit(ids[a - len(paths)]) if a >= len(paths) else
+             Hit(path=paths[a], label=index.label_of(row) if row >= 0 else ""))
+    results.append(QueryResult(query=query, hits=tuple(hits), kind=kind, self_row=row,
+                               self_match=how, self_excluded=exclude_self and row >= 0))
+  return results
+
+
+# --- output ---------------------------------------------------------------------------------
+
+
+def _header(r: QueryResult) -> str:
+  where = f"row {r.query.row}" if r.query.row >= 0 else "image"
+  line = f"query ({where}, {r.kind}): {r.query.path}"
+  if r.query.row < 0 and r.self_row >= 0:
+    line += f"  [in the index: row {r.self_row}, {r.self_match}"
+    return line + ("; left out]" if r.self_excluded else "]")
+  return line + ("  [own row left out]" if r.self_excluded else "")
+
+
+def format_results(results: Sequence[QueryResult]) -> str:
+  """Ranked table per query: rank, distance, path, label; the query's own row is marked."""
+  lines = []
+  for r in results:
+    lines.append(_header(r))
+    lines.append(f"{'rank':>4}  {'distance':>10}  path  [label]")
+    for rank, h in enumerate(r.hits, 1):
+      own = "  (the query itself)" if h.row == r.self_row >= 0 else ""
+      lines.append(f"{rank:>4}  {h.distance:>10.6f}  {h.path}  [{h.label}]{own}")
+  return "\n".join(lines)
+
+
+def results_json(results: Sequence[QueryResult], *, index: str, notes: Sequence[str] = ()
+                 ) -> dict[str, Any]:
+  """The results as one JSON-ready dict: a flat list of result rows under "results".
+
+  Each row: query (file or stored path), query_row (a row query's row, else null), self_row
+  (the query's own row in the index, else null), rank (1 = nearest), row, distance (L1 / D),
+  path, label ("" if none) and self (the row is the query itself).
+  """
+  rows = []
+  for r in results:
+    for rank, h in enumerate(r.hits, 1):
+      rows.append({"query": r.query.path, "query_row": r.query.row if r.query.row >= 0 else None,
+                   "self_row": r.self_row if r.self_row >= 0 else None, "rank": rank,
+                   "row": h.row, "distance": h.distance, "path": h.path, "label": h.label,
+                   "self": h.row == r.self_row >= 0})
+  kinds = sorted({r.kind for r in results})
+  return {"index": index, "kind": kinds[0] if len(kinds) == 1 else kinds,
+          "k": max((len(r.hits) for r in results), default=0), "notes": list(notes),
+          "results": rows}
+
+
+def run(config: SearchConfig, *, log: Callable[[str], None], out: Callable[[str], None] = print
+        ) -> list[QueryResult]:
+  """launch/search.py: the search, its table (or JSON) on `out`, and the report if asked.
+
+  Notes (k clamped) go to `log`; the report's lines follow the table on `out`, or go to
+  `log` and the JSON's "notes" with --json (so `out` holds nothing but the JSON).
+  """
+  notes: list[str] = []
+
+  def note(msg: str) -> None:
+    notes.append(msg)
+    log(msg)
+
+  results = search_index(config.index, kind=config.kind, k=config.k, query_paths=config.query,
+                         query_ids=config.query_ids, exclude_self=config.exclude_self,
+                         image_root=config.image_root, note=note)
+  if not config.json:
+    out(format_results(results))
+  if config.report:
+    for line in _write_report(config, results):
+      (note if config.json else out)(line)
+  if config.json:
+    out(json.dumps(results_json(results, index=config.index, notes=notes), indent=1))
+  return results
+
+
+def _write_report(config: SearchConfig, results: list[QueryResult]) -> list[str]:
+  from cbir_jax import report  # Pillow drawing: only when a report is asked for
+
+  images = IndexImages.of_index(config.index, image_root=config.image_root)
+  written = report.write_index_report(config.report, config.index, results,
+                                      k=max(len(r.hits) for r in results), images=images)
+  lines = [f"report: {written['png']} {written['html']}"]
+  if written["missing"]:
+    lines.append(f"report: {len(written['missing'])} images not readable, drawn as grey boxes "
+                 f"(first: {written['missing'][0]})")
+  return lines
+
+
+__all__ = ["Hit", "IndexMismatch", "QueryResult", "SearchConfig", "clamp_k", "describe_images",
+           "format_results", "results_json", "run", "search_index"]
