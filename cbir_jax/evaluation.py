@@ -8,7 +8,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
-from typing import Any, Mapping, MutableMapping, Sequence
+from typing import Any, Mapping, MutableMapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -155,6 +155,72 @@ def rank_database(distances: np.ndarray, exclude: np.ndarray | None = None) -> n
     return order
   keep = order != np.asarray(exclude)[:, None]
   return order[keep].reshape(order.shape[0], order.shape[1] - 1)
+
+
+# --- comparing two runs on the same queries -------------------------------------------------
+
+
+def _same_shape_rankings(a_indices: Any, b_indices: Any) -> tuple[np.ndarray, np.ndarray]:
+  a, b = np.asarray(a_indices), np.asarray(b_indices)
+  if a.ndim != 2 or a.shape != b.shape:
+    raise ValueError(f"expected two top-k index arrays [Q, k] of one shape, got {a.shape} "
+                     f"and {b.shape}")
+  return a, b
+
+
+def topk_overlap(a_indices: Any, b_indices: Any) -> np.ndarray:
+  """Per query, the share of one top-k that is also in the other (order ignored).
+
+  Args:
+    a_indices, b_indices: int [Q, k], the rows retrieved for the same Q queries by two
+      runs (e.g. float32 and bfloat16 extractions), each row without repeats.
+
+  Returns:
+    float64 [Q] in [0, 1]; 1 where the two top-k sets are equal.
+  """
+  a, b = _same_shape_rankings(a_indices, b_indices)
+  if a.shape[1] == 0:
+    return np.ones(a.shape[0])
+  return (a[:, :, None] == b[:, None, :]).any(axis=2).sum(axis=1) / a.shape[1]
+
+
+def topk_agreement(a_indices: Any, b_indices: Any) -> np.ndarray:
+  """Per query, whether the two top-k sets are the same (order inside the top-k ignored).
+
+  Args:
+    a_indices, b_indices: int [Q, k] as in `topk_overlap`.
+
+  Returns:
+    bool [Q].
+  """
+  a, b = _same_shape_rankings(a_indices, b_indices)
+  return np.all(np.sort(a, axis=1) == np.sort(b, axis=1), axis=1)
+
+
+class PairedDifference(NamedTuple):
+  """Mean of per-query differences and its standard error (queries taken as independent)."""
+  mean: float
+  se: float
+  n: int  # queries where both values are defined
+
+
+def paired_difference(a: Sequence[float | None], b: Sequence[float | None]
+                      ) -> PairedDifference:
+  """b - a per query, over the queries where both are defined (not None, not NaN).
+
+  The standard error is std(b - a, ddof=1) / sqrt(n): how far the mean difference would
+  move with another draw of queries, if queries were independent (neighbouring queries
+  share results, so it is a rough figure).
+  """
+  if len(a) != len(b):
+    raise ValueError(f"{len(a)} and {len(b)} per-query values: not the same queries")
+  pairs = np.array([(x, y) for x, y in zip(a, b) if x is not None and y is not None],
+                   np.float64).reshape(-1, 2)
+  pairs = pairs[~np.isnan(pairs).any(axis=1)]
+  d = pairs[:, 1] - pairs[:, 0]
+  if len(d) < 2:
+    raise ValueError(f"need at least 2 queries with both values, got {len(d)}")
+  return PairedDifference(float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))), len(d))
 
 
 # --- the protocol ----------------------------------------------------------------------------

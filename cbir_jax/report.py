@@ -29,7 +29,7 @@ _MARK_TEXT = {"self": "the query itself", "same": "same class as the query",
               "other": "another class", "unknown": "class unknown"}
 _QUERY_FRAME = (0, 0, 0)
 _COPY_SIZE = 1024  # longest side of the copy a thumbnail links to
-_TEXT_LINES = 4
+_TEXT_LINES = 5  # caption lines under a cell (a result has 4, the query 5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,13 +175,14 @@ def _picture(hit: Hit, images: IndexImages, out: pathlib.Path, *, bins: int, thu
   return _Picture(stem, small, hist)
 
 
-def _captions(hit: Hit, rank: int, hist_distance: float | None, self_row: int = -1
-              ) -> list[str]:
+def _captions(hit: Hit, rank: int, hist_distance: float | None, *, self_row: int = -1,
+              row_title: str = "") -> list[str]:
   hd = "-" if hist_distance is None else f"{hist_distance:.4f}"
-  if rank == 0:
+  if rank == 0:  # hist_distance: the mean over the row's results (the Table I figure)
     where = (f"row {hit.row}" if hit.row >= 0 else f"in the index: row {self_row}"
              if self_row >= 0 else "outside the index")
-    return ["query", _name(hit), hit.label or "(no label)", where]
+    return [f"{row_title}: query" if row_title else "query", _name(hit),
+            hit.label or "(no label)", where, f"mean hist d={hd}"]
   return [f"#{rank}  d={hit.distance:.4f}", f"hist d={hd}", hit.label or "(no label)",
           _name(hit)]
 
@@ -192,16 +193,17 @@ class _Cell:
   rank: int  # 0 = the query
   picture: _Picture
   mark: str  # "query", or a key of MARKS
-  hist_distance: float | None
+  hist_distance: float | None  # to the query; on the query's cell, the mean over its row
   self_row: int = -1  # the query's own row in the index (QueryResult.self_row)
+  row_title: str = ""  # what the row shows (e.g. its descriptor kind), on the query's cell
 
 
 def _cells(results: Sequence[QueryResult], images: IndexImages, out: pathlib.Path, *,
-           bins: int, thumb: int) -> list[list[_Cell]]:
+           bins: int, thumb: int, row_titles: Sequence[str]) -> list[list[_Cell]]:
   """Every image read once (a result shown twice is one file), with its caption figures."""
   pictures: dict[tuple[bool, str], _Picture] = {}
   rows = []
-  for r in results:
+  for r, row_title in zip(results, row_titles):
     row = []
     for rank, hit in enumerate((r.query, *r.hits)):
       key = (hit.row < 0, hit.path)
@@ -212,10 +214,13 @@ def _cells(results: Sequence[QueryResult], images: IndexImages, out: pathlib.Pat
               out / "images" / f"{pictures[key].stem}_hist.png")
       row.append((rank, hit, pictures[key]))
     q_hist = row[0][2].hist
+    dists = [None if q_hist is None or pic.hist is None else
+             float(evaluation.histogram_distance(q_hist, pic.hist)) for _, _, pic in row[1:]]
+    mean = float(np.mean(dists)) if dists and None not in dists else None
     rows.append([_Cell(hit, rank, pic,
                        "query" if rank == 0 else mark(r.query, hit, self_row=r.self_row),
-                       None if rank == 0 or q_hist is None or pic.hist is None else
-                       float(evaluation.histogram_distance(q_hist, pic.hist)), r.self_row)
+                       mean if rank == 0 else dists[rank - 1], r.self_row,
+                       row_title if rank == 0 else "")
                  for rank, hit, pic in row])
   return rows
 
@@ -271,7 +276,8 @@ def _sheet(cells: list[list[_Cell]], header: ReportHeader | None, title: str, *,
                   font=font)
       colour = _QUERY_FRAME if c.mark == "query" else MARKS[c.mark]
       draw.rectangle(box, outline=colour, width=frame)
-      for li, text in enumerate(_captions(c.hit, c.rank, c.hist_distance, c.self_row)):
+      for li, text in enumerate(_captions(c.hit, c.rank, c.hist_distance, self_row=c.self_row,
+                                          row_title=c.row_title)):
         draw.text((x, y + thumb + hist_h + frame + 2 + li * line_h), _fit(draw, text, font, thumb),
                   fill=(0, 0, 0), font=font)
       boxes[-1].append({"path": c.hit.path, "mark": c.mark, "box": box})
@@ -280,7 +286,8 @@ def _sheet(cells: list[list[_Cell]], header: ReportHeader | None, title: str, *,
 
 def _figure(c: _Cell) -> str:
   captions = "<br>".join(html.escape(t) for t in _captions(c.hit, c.rank, c.hist_distance,
-                                                            c.self_row))
+                                                            self_row=c.self_row,
+                                                            row_title=c.row_title))
   where = html.escape(c.hit.path)
   if c.picture.thumb is None:
     image = f'<div class="missing">image not readable: {html.escape(c.picture.error)}</div>'
@@ -298,7 +305,8 @@ def _page(cells: list[list[_Cell]], results: Sequence[QueryResult], header: Repo
   """The HTML page; every link and image in it is relative to the report folder."""
   sections = []
   for qi, (r, row) in enumerate(zip(results, cells)):
-    sections.append(f"<section><h2>Query {qi + 1}: {html.escape(r.query.path)}</h2>"
+    name = row[0].row_title or f"Query {qi + 1}"
+    sections.append(f"<section><h2>{html.escape(name)}: {html.escape(r.query.path)}</h2>"
                     f'<div class="row">{"".join(_figure(c) for c in row)}</div></section>')
   meta = "" if header is None else (
       f'<p class="meta">{html.escape(header.line())}'
@@ -326,7 +334,8 @@ def _page(cells: list[list[_Cell]], results: Sequence[QueryResult], header: Repo
 def write_report(out_dir: str | os.PathLike, results: Sequence[QueryResult], *,
                  images: IndexImages | None = None, header: ReportHeader | None = None,
                  bins: int = evaluation.DEFAULT_BINS, thumb: int = 160,
-                 title: str | None = None) -> dict[str, Any]:
+                 title: str | None = None, row_titles: Sequence[str] | None = None
+                 ) -> dict[str, Any]:
   """Writes results.png, results.html and images/ (thumbnails, copies, histograms) to out_dir.
 
   Args:
@@ -337,6 +346,8 @@ def write_report(out_dir: str | os.PathLike, results: Sequence[QueryResult], *,
     bins: K of the colour histograms.
     thumb: size of the square thumbnail box, in pixels.
     title: page title (default: from the header).
+    row_titles: one per result row, shown on its query's cell (e.g. the descriptor kind when
+      the rows are one query searched with several kinds); default "query".
 
   Returns:
     {"png": path, "html": path, "missing": why each image that could not be read is missing,
@@ -344,10 +355,14 @@ def write_report(out_dir: str | os.PathLike, results: Sequence[QueryResult], *,
   """
   if not results:
     raise ValueError("no query results to report")
+  row_titles = [""] * len(results) if row_titles is None else list(row_titles)
+  if len(row_titles) != len(results):
+    raise ValueError(f"{len(row_titles)} row titles for {len(results)} result rows")
   out = pathlib.Path(out_dir)
   (out / "images").mkdir(parents=True, exist_ok=True)
   title = title or (header.title() if header else "cbir_jax search")
-  cells = _cells(results, images or IndexImages(), out, bins=bins, thumb=thumb)
+  cells = _cells(results, images or IndexImages(), out, bins=bins, thumb=thumb,
+                 row_titles=row_titles)
   sheet, boxes = _sheet(cells, header, title, thumb=thumb)
   png, page = out / "results.png", out / "results.html"
   sheet.save(png)
@@ -365,12 +380,41 @@ def write_index_report(out_dir: str | os.PathLike, index_dir: str,
 
   Args:
     images: where the index's images are (default: as its manifest records them).
-    **kwargs: passed to `write_report` (bins, thumb, title).
+    **kwargs: passed to `write_report` (bins, thumb, title, row_titles).
   """
   from cbir_jax import store
 
   manifest = store.read_manifest(index_dir)
   images = images or IndexImages.of_index(index_dir)
-  kind = results[0].kind if results else ""
+  kind = ", ".join(dict.fromkeys(r.kind for r in results))  # the header names every kind shown
   return write_report(out_dir, results, images=images, header=header_of(
       index_dir, manifest, kind=kind, k=k, images=images), **kwargs)
+
+
+def write_kinds_report(out_dir: str | os.PathLike, index_dir: str, query_row: int, *,
+                       kinds: Sequence[str], k: int, exclude_self: bool = True,
+                       images: IndexImages | None = None, **kwargs: Any) -> dict[str, Any]:
+  """One row of the index searched with each descriptor kind: one report row per kind, the
+  layout of the paper's Figures 3-10 (the same query, its top-k under each descriptor).
+
+  Args:
+    out_dir: output folder (created).
+    index_dir: output directory of launch/extract.py holding every kind in `kinds`.
+    query_row: the index row used as the query.
+    kinds: descriptor kinds, one report row each, in this order.
+    k: results per row.
+    exclude_self: leave the query's own row out of its results (as the evaluation does).
+    images: where the index's images are (default: as its manifest records them).
+    **kwargs: passed to `write_report` (bins, thumb, title).
+
+  Returns:
+    What `write_report` returns; its "cells" are in the order of `kinds`.
+  """
+  from cbir_jax.query import search_index
+
+  if not kinds:
+    raise ValueError("no descriptor kinds to show")
+  results = [search_index(index_dir, kind=kind, k=k, query_ids=[query_row],
+                          exclude_self=exclude_self)[0] for kind in kinds]
+  return write_index_report(out_dir, index_dir, results, k=k, images=images,
+                            row_titles=list(kinds), **kwargs)

@@ -258,3 +258,39 @@ def test_every_label_unique_gives_undefined_not_zero():
   assert ev.coarser_label_columns(meta, "label") == ["group"]
   assert ev.coarser_label_columns(meta, "group") == []  # label and wnid are unique
   assert ev.coarser_label_columns(meta, "wnid") == ["group"]
+
+
+def test_topk_overlap_and_agreement_against_a_literal_loop():
+  rng = np.random.default_rng(4)
+  q, k, n = 40, 5, 12
+  a = np.stack([rng.choice(n, k, replace=False) for _ in range(q)])
+  b = a.copy()
+  for i in range(q):  # keep, reorder, or swap in 1-3 other rows
+    change = i % 4
+    if change == 1:
+      b[i] = rng.permutation(b[i])
+    elif change >= 2:
+      spare = [r for r in range(n) if r not in a[i]]
+      pos = rng.choice(k, change - 1, replace=False)
+      b[i, pos] = rng.choice(spare, len(pos), replace=False)
+  overlap = ev.topk_overlap(a, b)
+  same = ev.topk_agreement(a, b)
+  for i in range(q):
+    shared = sum(1 for r in a[i] if r in set(b[i].tolist()))
+    assert overlap[i] == pytest.approx(shared / k)
+    assert same[i] == (set(a[i].tolist()) == set(b[i].tolist()))
+  assert same.sum() == q // 2 and overlap[same].min() == 1.0 and overlap[~same].max() < 1.0
+  with pytest.raises(ValueError, match="of one shape"):
+    ev.topk_agreement(a, b[:, :4])
+
+
+def test_paired_difference_against_a_closed_form():
+  a = [0.2, 0.4, None, 0.1, 0.5, float("nan")]
+  b = [0.1, 0.5, 0.3, 0.1, 0.2, 0.7]
+  d = np.array([-0.1, 0.1, 0.0, -0.3])  # queries 0, 1, 3, 4: both defined
+  mean, se, n = ev.paired_difference(a, b)
+  assert n == 4
+  assert mean == pytest.approx(d.sum() / 4)
+  assert se == pytest.approx(np.sqrt(np.sum((d - d.mean()) ** 2) / 3) / 2)
+  with pytest.raises(ValueError, match="not the same queries"):
+    ev.paired_difference(a, b[:5])

@@ -253,3 +253,35 @@ def test_evaluate_an_index_with_a_text_label_column(index, tmp_path):
   assert fc_conv[2:] == [f"{r['precision'][c]:.3f}" for c in ("1", "2", "5")] + [
       f"{r['map']:.3f}", f"{r['hist_distance']:.4f}"]
   json.dumps(result, allow_nan=False)  # JSON-ready
+
+
+def test_kinds_report_has_one_row_per_kind_for_the_same_query(index, tmp_path):
+  out, paths = index
+  kinds = ["fc_conv", "conv"]
+  written = report.write_kinds_report(tmp_path / "kinds", out, 5, kinds=kinds, k=3)
+  expected_captions = []
+  _, meta = store.load_descriptors(out, "conv")
+  assert len(written["cells"]) == len(kinds)
+  for kind, cells in zip(kinds, written["cells"]):
+    # Each row is the query followed by that kind's own ranking (its row left out).
+    db, _ = store.load_descriptors(out, kind)
+    ref = search.l1_topk(np.asarray(db[[5]]), db, 3, exclude=[5]).indices[0]
+    assert [c["path"] for c in cells] == [paths[5], *(paths[r] for r in ref)]
+    assert [c["mark"] for c in cells] == ["query", *(
+        "same" if meta["label"][r] == meta["label"][5] else "other" for r in ref)]
+    # The query's cell gives the row's Table I figure: its mean histogram distance.
+    hist = [evaluation.color_histogram(np.asarray(Image.open(paths[r]).convert("RGB")))
+            for r in (5, *ref)]
+    mean = np.mean([evaluation.histogram_distance(hist[0], h) for h in hist[1:]])
+    name = "/".join(pathlib.PurePath(paths[5]).parts[-2:])
+    expected_captions.append(f"{kind}: query<br>{name}<br>red<br>row 5<br>"
+                             f"mean hist d={mean:.4f}")
+  page = pathlib.Path(written["html"]).read_text()
+  assert [h for h in re.findall(r"<h2>([^:<]+):", page)] == kinds
+  for captions in expected_captions:
+    assert f"<figcaption>{captions}<br><small>" in page
+  assert "kind fc_conv, conv | k = 3" in page  # the header names every kind shown
+  with pytest.raises(ValueError, match="1 row titles for 2 result rows"):
+    report.write_report(tmp_path / "bad", query_lib.search_index(out, kind="conv", k=2,
+                                                                 query_ids=[1, 2]),
+                        row_titles=["x"])

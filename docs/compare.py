@@ -1,0 +1,92 @@
+r"""Tables of docs/results.md made from `launch/evaluate.py --json` files of the same queries.
+
+  python docs/compare.py paired food7_vgg.json spoc:conv gem:conv      # conv - spoc, ...
+  python docs/compare.py dtype food7_vgg.json food7_vgg_bf16.json       # float32 vs bfloat16
+Differences are per query (paired), with their standard error over the queries.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import numpy as np
+
+from cbir_jax import evaluation
+
+
+_PER_QUERY = ("per_query_hist_distance", "per_query_precision", "per_query_ap")
+
+
+def _load(path: str) -> dict[str, Any]:
+  with open(path) as f:
+    return json.load(f)
+
+
+def _pm(d: evaluation.PairedDifference, digits: int) -> str:
+  return f"{d.mean:+.{digits}f} +- {d.se:.{digits}f}"
+
+
+def paired(report: dict[str, Any], pairs: list[str], without_label: str = "") -> str:
+  """Markdown rows: per pair a:b, b - a in hist dist@k, P@k and AP (over the queries whose
+  label is not `without_label`, when given)."""
+  k = report["k"]
+  keep = np.array([q["label"] != without_label for q in report["queries"]])
+  lines = [f"| b - a | hist dist@{k} | P@{k} | AP | queries where b is closer / farther in "
+           "colour |", "|---|---:|---:|---:|---:|"]
+  for pair in pairs:
+    a, b = (report["results"][name] for name in pair.split(":"))
+    a, b = ({f: np.array(r[f], dtype=object)[keep].tolist() for f in _PER_QUERY} for r in (a, b))
+    cols = [_pm(evaluation.paired_difference(a[f], b[f]), digits)
+            for f, digits in zip(_PER_QUERY, (4, 3, 3))]
+    hist = np.array(b["per_query_hist_distance"]) - np.array(a["per_query_hist_distance"])
+    cols.append(f"{np.mean(hist < 0):.0%} / {np.mean(hist > 0):.0%}")
+    first, second = pair.split(":")
+    lines.append(f"| {second} - {first} | " + " | ".join(cols) + " |")
+  return "\n".join(lines)
+
+
+def dtype(a: dict[str, Any], b: dict[str, Any]) -> str:
+  """Markdown rows: per kind, P@k / mAP / hist dist@k in each run and the top-k agreement."""
+  if [q["path"] for q in a["queries"]] != [q["path"] for q in b["queries"]]:
+    raise SystemExit("the two evaluations have different queries (or rows in another order)")
+  k = a["k"]
+  lines = [f"| kind | P@{k} a / b | mAP a / b | hist dist@{k} a / b | top-{k} set unchanged "
+           f"| top-{k} overlap | first result unchanged | hist dist@{k} b - a |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+  for kind, ra in a["results"].items():
+    if kind == evaluation.RANDOM or kind not in b["results"]:
+      continue
+    rb = b["results"][kind]
+    same = evaluation.topk_agreement(ra["top_k"], rb["top_k"])
+    overlap = evaluation.topk_overlap(ra["top_k"], rb["top_k"])
+    first = evaluation.topk_agreement(np.array(ra["top_k"])[:, :1], np.array(rb["top_k"])[:, :1])
+    hist = evaluation.paired_difference(ra["per_query_hist_distance"],
+                                        rb["per_query_hist_distance"])
+    lines.append(
+        f"| {kind} | {ra['precision_at_k']:.3f} / {rb['precision_at_k']:.3f} | "
+        f"{ra['map']:.3f} / {rb['map']:.3f} | {ra['hist_distance']:.4f} / "
+        f"{rb['hist_distance']:.4f} | {same.mean():.1%} ({same.sum()}/{len(same)}) | "
+        f"{overlap.mean():.3f} | {first.mean():.1%} | {_pm(hist, 4)} |")
+  return "\n".join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="what", required=True)
+  p = sub.add_parser("paired", help="b - a per query for kinds a:b of one evaluation")
+  p.add_argument("json")
+  p.add_argument("pairs", nargs="+", help="a:b, e.g. conv:spoc")
+  p.add_argument("--without_label", default="", help="leave out queries of this label")
+  d = sub.add_parser("dtype", help="the same kinds in two evaluations (e.g. two dtypes)")
+  d.add_argument("a")
+  d.add_argument("b")
+  args = parser.parse_args()
+  if args.what == "paired":
+    print(paired(_load(args.json), args.pairs, args.without_label))
+  else:
+    print(dtype(_load(args.a), _load(args.b)))
+
+
+if __name__ == "__main__":
+  main()
