@@ -47,6 +47,8 @@ class ClassifyConfig:
       top-5 accuracy over the images it lists.
     batch_size: images per step.
     dtype: compute dtype.
+    draft: JPEGs decoded at a reduced DCT scale, as the extraction job does by default
+      (--nodraft: full decode, the pipeline the reference accuracy was measured with).
   """
   images: str
   model: Model = backbones.DEFAULT_BACKBONE
@@ -54,6 +56,7 @@ class ClassifyConfig:
   labels_csv: str | None = None
   batch_size: int = 32
   dtype: ComputeDtype = "float32"
+  draft: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +140,7 @@ def classify_folder(images: str | os.PathLike, *, model: str = backbones.DEFAULT
                     weights: str | os.PathLike | None = None,
                     labels: Labels | None = None, batch_size: int = 32,
                     image_size: int | None = None, dtype: str = "float32",
-                    log: Callable[[str], None] | None = None) -> Result:
+                    draft: bool = True, log: Callable[[str], None] | None = None) -> Result:
   """Classifies every image under `images` (resized bilinearly to a square, no crop).
 
   Args:
@@ -149,6 +152,8 @@ def classify_folder(images: str | os.PathLike, *, model: str = backbones.DEFAULT
     batch_size: images per step (rounded up to a multiple of the local devices).
     image_size: input side; None means the backbone's (224).
     dtype: compute dtype name ("float32", "bfloat16", "float16").
+    draft: reduced-scale JPEG decoding (the extraction job's default); False decodes in
+      full, as the reference accuracy was measured (weights/README.md).
     log: receives a warning line (labels CSV rows without an image).
 
   Returns:
@@ -185,10 +190,8 @@ def classify_folder(images: str | os.PathLike, *, model: str = backbones.DEFAULT
   size = image_size or backbone.image_size
 
   predictions: list[Prediction] = []
-  # Full decode, then the bilinear resize: the pipeline the reference accuracy was measured
-  # with (weights/README.md); reduced-scale JPEG decoding would shift it slightly.
   for batch in input_pipeline.image_batches([r.key for r in records], image_size=size,
-                                            batch_size=batch_size, draft=False):
+                                            batch_size=batch_size, draft=draft):
     probs, top = (np.asarray(a) for a in step(params, batch.images))
     for row in np.flatnonzero(batch.valid):
       i = int(batch.index[row])
@@ -239,7 +242,7 @@ def run(config: ClassifyConfig, *, log: Callable[[str], None], out: Callable[[st
   labels = read_labels_csv(config.labels_csv) if config.labels_csv else None
   result = classify_folder(config.images, model=config.model, weights=config.weights,
                            labels=labels, batch_size=config.batch_size, dtype=config.dtype,
-                           log=log)
+                           draft=config.draft, log=log)
   for line in report_lines(result):
     out(line)
   return result

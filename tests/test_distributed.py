@@ -528,7 +528,9 @@ def test_agreement_fields_are_named_after_the_flags(tmp_path):
   def fields(**kw):
     config = dataclasses.replace(extract.ExtractConfig(output="/o", images=str(tmp_path),
                                                        model="vgg_tiny"), **kw)
-    return agreement.fields(config, plan.new_manifest(config, source, loaded, bb, 32), source)
+    kinds = plan.resolve_kinds(config.kinds, bb, loaded.record)
+    return agreement.fields(config, plan.new_manifest(config, source, loaded, bb, 32, kinds),
+                            source)
 
   base, shown = fields()
   assert shown["input"] == "3 files" and shown["weights"] == "parameters sha256 abababababab"
