@@ -10,7 +10,6 @@ import datetime
 import hashlib
 import io
 import json
-import os
 import pathlib
 import sys
 import time
@@ -213,29 +212,14 @@ def _gather_meta(out: pathlib.Path, folder: str, shards: Sequence[ShardEntry],
   meta = {c: np.concatenate([p[c] for p in parts]) if parts else np.zeros(0) for c in columns}
   rows = len(meta["row"])
   # Compressed: fixed-width path strings are mostly padding.
-  mpath = _write_atomic(out / folder / META,
-                        lambda f: np.savez_compressed(f, **meta))
+  (out / folder).mkdir(parents=True, exist_ok=True)
+  mpath = store.write_atomic(out / folder / META, lambda f: np.savez_compressed(f, **meta))
   text = json.dumps(failures).encode("utf-8", "surrogateescape")
-  fpath = _write_atomic(out / folder / FAILURES, lambda f: f.write(text))
+  fpath = store.write_atomic(out / folder / FAILURES, lambda f: f.write(text))
   return (ConsolidatedEntry(f"{folder}/{META}", rows, store.sha256_file(mpath),
                             mpath.stat().st_size),
           ConsolidatedEntry(f"{folder}/{FAILURES}", len(failures), store.sha256_file(fpath),
                             fpath.stat().st_size))
-
-
-def _write_atomic(path: pathlib.Path, write: Callable[[Any], Any]) -> pathlib.Path:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp")
-  try:
-    with open(tmp, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    tmp.unlink(missing_ok=True)
-    raise
-  return path
 
 
 def _read_header(src, rel: str, out: pathlib.Path) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -255,35 +239,29 @@ def _consolidate(out: pathlib.Path, folder: str, kind: str, shards: Sequence[Sha
   # Each shard file is hashed and scanned for non-finite values as it is copied, and
   # the output is hashed as it is written, so every byte is read once.
   (out / folder).mkdir(parents=True, exist_ok=True)
-  path = out / folder / f"{kind}.npy"
-  tmp = path.with_name(f".{kind}.npy.tmp")
   total = sum(s.rows for s in shards)
   digest = hashlib.sha256()
-  try:
-    with open(tmp, "wb") as f:
-      header_at = None
-      for s in shards:
-        rel = f"{s.dir}/{kind}.npy"
-        with open(out / rel, "rb") as src:
-          shape, fortran, dtype = _read_header(src, rel, out)
-          if header_at is None:
-            header_at = (dtype, shape[1:])
-            header = _header_bytes(dtype, (total, *shape[1:]))
-            digest.update(header)
-            f.write(header)
-          if (dtype, shape[1:]) != header_at or fortran or shape[0] != s.rows:
-            raise store.StoreError(f"{out}: {rel} holds {shape} {dtype}, expected "
-                                   f"({s.rows}, {header_at[1]}) {header_at[0]}")
-          row_bytes = dtype.itemsize * int(np.prod(shape[1:]))
-          _copy_checked(src, f, digest, out, rel, s, dtype, row_bytes)
-        progress.step(int(s.files.get(f"{kind}.npy", {}).get("bytes", 0)),
-                      f"{kind} consolidated")
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    tmp.unlink(missing_ok=True)
-    raise
+
+  def copy(f) -> None:
+    header_at = None
+    for s in shards:
+      rel = f"{s.dir}/{kind}.npy"
+      with open(out / rel, "rb") as src:
+        shape, fortran, dtype = _read_header(src, rel, out)
+        if header_at is None:
+          header_at = (dtype, shape[1:])
+          header = _header_bytes(dtype, (total, *shape[1:]))
+          digest.update(header)
+          f.write(header)
+        if (dtype, shape[1:]) != header_at or fortran or shape[0] != s.rows:
+          raise store.StoreError(f"{out}: {rel} holds {shape} {dtype}, expected "
+                                 f"({s.rows}, {header_at[1]}) {header_at[0]}")
+        row_bytes = dtype.itemsize * int(np.prod(shape[1:]))
+        _copy_checked(src, f, digest, out, rel, s, dtype, row_bytes)
+      progress.step(int(s.files.get(f"{kind}.npy", {}).get("bytes", 0)),
+                    f"{kind} consolidated")
+
+  path = store.write_atomic(out / folder / f"{kind}.npy", copy)
   return ConsolidatedEntry(file=f"{folder}/{kind}.npy", rows=total, sha256=digest.hexdigest(),
                            bytes=path.stat().st_size)
 

@@ -48,7 +48,7 @@ import os
 import pathlib
 import shutil
 import uuid
-from typing import IO, Any, Mapping, Sequence
+from typing import IO, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -105,19 +105,34 @@ def fsync_dir(path: pathlib.Path) -> None:
     os.close(fd)
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-  """Writes JSON to a temporary file, fsyncs and renames it over `path`."""
+def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], *,
+                 unique_tmp: bool = False) -> pathlib.Path:
+  """Writes a file whole or not at all; returns its path.
+
+  `write(f)` fills a temporary binary file beside `path`, which is fsynced and renamed
+  over `path`; on any error the temporary file is removed and `path` is untouched. The
+  temporary name is fixed (`.name.tmp`), so a rerun after a kill overwrites what the
+  killed run left, unless `unique_tmp` (for files that several writers may race on).
+  """
   path = pathlib.Path(path)
-  tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+  tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp" if unique_tmp
+                       else f".{path.name}.tmp")
   try:
-    with open(tmp, "w") as f:
-      f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    with open(tmp, "wb") as f:
+      write(f)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
     tmp.unlink(missing_ok=True)
     raise
+  return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+  """Writes JSON to a temporary file, fsyncs and renames it over `path`."""
+  text = json.dumps(obj, indent=1, sort_keys=True) + "\n"
+  write_atomic(path, lambda f: f.write(text.encode("utf-8")), unique_tmp=True)
 
 
 # --- the manifest --------------------------------------------------------------------------
@@ -454,14 +469,10 @@ def write_failures(output_dir: str | os.PathLike, shard_dirs: Sequence[str], pro
   for d in shard_dirs:
     for key, reason, _ in read_failures_json(root / d / "failures.json"):
       lines.append(f"{_tsv(key)}\t{_tsv(reason)}\n")
-  path = root / f"failures-{process_index}.tsv"
-  tmp = path.with_name(f".{path.name}.tmp")
   # surrogateescape: a file name that is not valid UTF-8 is written back as its own bytes
   # (strict UTF-8 would crash the job at its very end).
-  with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
-    f.write("path\treason\n")
-    f.writelines(lines)
-  os.replace(tmp, path)
+  data = "".join(["path\treason\n", *lines]).encode("utf-8", "surrogateescape")
+  write_atomic(root / f"failures-{process_index}.tsv", lambda f: f.write(data))
   return len(lines)
 
 

@@ -13,27 +13,9 @@ import numpy as np
 import pytest
 
 from cbir_jax import _coordinator, distributed, sharding
+from free_ports import free_port_pair
 
 FAST = distributed.Timeouts(startup_s=5.0, peer_s=0.8, poll_s=0.1, grace_s=0.4)
-
-
-def _free_port_pair() -> int:
-  """A port P with P and P+1 free (the coordinator uses both)."""
-  for _ in range(50):
-    with socket.socket() as s:
-      s.bind(("127.0.0.1", 0))
-      port = s.getsockname()[1]
-    if port >= 65534:
-      continue
-    try:
-      with socket.socket() as a, socket.socket() as b:
-        a.bind(("127.0.0.1", port))
-        b.bind(("127.0.0.1", port + 1))
-      return port
-    except OSError:
-      continue
-  raise RuntimeError("no free port pair")
-
 
 # --- identities and addresses --------------------------------------------------------------
 
@@ -132,7 +114,7 @@ def test_step_has_collectives_tells_per_row_steps_from_reductions():
 @pytest.fixture
 def admission():
   """An admission server of job 'J1' with 2 processes on P+1 (no JAX service): P."""
-  port = _free_port_pair()
+  port = free_port_pair()
   sock = _coordinator.listen(port + 1)
   server = _coordinator.Admission("J1", 2)
   threading.Thread(target=server.serve_forever, args=(sock,), daemon=True).start()
@@ -166,7 +148,7 @@ def test_join_refusals_are_one_line_and_say_what_to_do(admission):
 
 
 def test_join_without_coordinator_gives_up_at_the_deadline():
-  port = _free_port_pair()
+  port = free_port_pair()
   t = time.monotonic()
   with pytest.raises(_coordinator.NoAnswer,
                      match=f"no coordinator answered at port {port + 1} of 127.0.0.1:{port} "
@@ -181,7 +163,7 @@ def _link(address, n, job):
 
 
 def test_coordinator_refuses_a_taken_port_and_names_the_holder():
-  port = _free_port_pair()
+  port = free_port_pair()
   address = f"127.0.0.1:{port}"
   with socket.socket() as s:  # another program on P
     s.bind(("127.0.0.1", port))
@@ -201,7 +183,7 @@ def test_coordinator_refuses_a_taken_port_and_names_the_holder():
 
 
 def test_coordinator_outlives_process_0_until_the_others_left():
-  port = _free_port_pair()
+  port = free_port_pair()
   address = f"127.0.0.1:{port}"
   link = _link(address, 2, "J1")
   assert _coordinator.ask(address, "join J1 2 0").endswith("ok")

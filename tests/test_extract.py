@@ -10,7 +10,6 @@ import os
 import re
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from PIL import Image
 from cbir_jax import backbones, extract, inference, input_pipeline, sharding, store
 from cbir_jax import descriptors as desc
 from cbir_jax.descriptors import KINDS
+from free_ports import free_port_pair
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -232,22 +232,6 @@ def _nan(o):
       sha256=store._sha256(p)))
 
 
-def _free_port() -> int:
-  """A port P with P+1 free too (a job's coordinator uses both)."""
-  for _ in range(50):
-    with socket.socket() as s:
-      s.bind(("127.0.0.1", 0))
-      port = s.getsockname()[1]
-    try:
-      with socket.socket() as a, socket.socket() as b:
-        a.bind(("127.0.0.1", port))
-        b.bind(("127.0.0.1", port + 1))
-      return port
-    except OSError:
-      continue
-  raise RuntimeError("no free port pair")
-
-
 def _env(devices: int, **extra) -> dict:
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
@@ -265,7 +249,7 @@ def test_two_processes_write_every_image_once(folder, reference_run, tmp_path):
   root, paths, bad = folder
   ref_out, _, _ = reference_run
   out = tmp_path / "two"
-  port = _free_port()
+  port = free_port_pair()
   procs = [subprocess.Popen(
       _cmd(root, out, "--shard_size=6", f"--coordinator_address=127.0.0.1:{port}",
            "--num_processes=2", f"--process_id={i}"),
@@ -293,7 +277,7 @@ def test_distributed_flag_reads_the_cluster_environment(folder, reference_run, t
   root, paths, _ = folder
   out = tmp_path / "slurm"
   slurm = dict(SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
-               JAX_COORDINATOR_PORT=str(_free_port()))
+               JAX_COORDINATOR_PORT=str(free_port_pair()))
   procs = [subprocess.Popen(
       _cmd(root, out, "--shard_size=6", "--distributed"),
       env=_env(2, **slurm, SLURM_PROCID=i, SLURM_LOCALID=i), stdout=subprocess.PIPE,

@@ -13,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
+from cbir_jax import store
+
 
 @dataclasses.dataclass(frozen=True)
 class RecordIdentities:
@@ -37,14 +39,8 @@ class RecordIdentities:
 
   def save(self, path: str | os.PathLike) -> None:
     """Writes a compressed .npz of two NUL-separated UTF-8 blobs (no pickle), atomically."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-      np.savez_compressed(f, count=np.int64(len(self)), keys=_blob(self.keys),
-                          stamps=_blob(self.stamps))
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
+    store.write_atomic(path, lambda f: np.savez_compressed(
+        f, count=np.int64(len(self)), keys=_blob(self.keys), stamps=_blob(self.stamps)))
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "RecordIdentities":

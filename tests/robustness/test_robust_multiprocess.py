@@ -14,7 +14,6 @@ import os
 import pathlib
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from cbir_jax import extract, store
 from cbir_jax.descriptors import KINDS
 
 from robust_common import NUM_IMAGES, job_command, job_config, write_small_images
+from free_ports import free_port_pair
 
 HERE = pathlib.Path(__file__).resolve().parent
 TOY, OTHER_VIEW = HERE / "toy_job.py", HERE / "other_view.py"
@@ -33,23 +33,6 @@ REPO = HERE.parents[1]
 NOISE = ("Traceback", "Check failure", "Terminating process", "Fatal Python", "Aborted",
          "core dumped")
 STEP_DELAY_S = 0.1  # per step, so that signals and kills land mid-job (about 40 steps a run)
-
-
-def _free_port_pair() -> int:
-  for _ in range(50):
-    with socket.socket() as s:
-      s.bind(("127.0.0.1", 0))
-      port = s.getsockname()[1]
-    if port >= 65534:
-      continue
-    try:
-      with socket.socket() as a, socket.socket() as b:
-        a.bind(("127.0.0.1", port))
-        b.bind(("127.0.0.1", port + 1))
-      return port
-    except OSError:
-      continue
-  raise RuntimeError("no free port pair")
 
 
 @dataclasses.dataclass
@@ -184,7 +167,7 @@ def test_processes_with_different_threshold_refuse_before_writing(many_images, t
   case = "2-process job: process 1 started with --threshold=0.3, process 0 with 0.5"
   hostile.declare(case)
   out = tmp_path / "out"
-  procs = _job(tmp_path, many_images[0], out, tiny_weights, _free_port_pair(), name="p",
+  procs = _job(tmp_path, many_images[0], out, tiny_weights, free_port_pair(), name="p",
                delay=None, per_process={1: ["--threshold=0.3"]})
   _wait_all(procs)
   checks = [_one_line(p, "extract: error: processes disagree on threshold (process 0: 0.5; "
@@ -213,7 +196,7 @@ def test_processes_that_see_different_files_at_the_same_path_refuse(
     flags, must = [f"--restamp={rel[7]}"], [
         f"processes disagree on input (process 0: {len(rel)} files; process 1: {len(rel)} "
         "files)", f"{rel[7]} differs: ", " bytes, modified ", "on process 0; ", "on process 1"]
-  procs = _job(tmp_path, folder, out, tiny_weights, _free_port_pair(), name="v", delay=None,
+  procs = _job(tmp_path, folder, out, tiny_weights, free_port_pair(), name="v", delay=None,
                views={1: flags})
   _wait_all(procs)
   checks = [_one_line(p, "extract: error: ", *must) for p in procs]
@@ -233,7 +216,7 @@ def test_one_process_stopped_or_killed_then_rerun_equals_a_clean_run(
           f"{how} of one process of a 2-process job")
   hostile.declare(case)
   folder, _ = many_images
-  out, port = tmp_path / "out", _free_port_pair()
+  out, port = tmp_path / "out", free_port_pair()
   hows, problems = [], []
   for victim in (1, 0):
     done = len(store.complete_shards(out)) if out.exists() else 0
@@ -280,7 +263,7 @@ def test_second_process_never_started(many_images, tiny_weights, tmp_path, hosti
   hostile.declare(case)
   out = tmp_path / "out"
   t = time.monotonic()
-  p0 = _job(tmp_path, many_images[0], out, tiny_weights, _free_port_pair(), name="alone",
+  p0 = _job(tmp_path, many_images[0], out, tiny_weights, free_port_pair(), name="alone",
             n=2, delay=None, extra=["--startup_timeout_s=5"], only=0)[0]
   _wait_all([p0])
   ok, line = _one_line(p0, "extract: error: process 1 of 2 did not join the coordinator",
@@ -299,7 +282,7 @@ def test_another_job_on_the_coordinator_port_is_refused_and_harms_nothing(
   case = "a second job reusing a running job's coordinator port"
   hostile.declare(case)
   folder, _ = many_images
-  port = _free_port_pair()
+  port = free_port_pair()
   a_out, b_out = tmp_path / "a", tmp_path / "b"
   a = _job(tmp_path, folder, a_out, tiny_weights, port, name="a")
   _wait_shards(a, a_out, 1)
@@ -332,7 +315,7 @@ def test_two_process_run_killed_then_one_process_finishes_it(tiny_weights, tmp_p
     (images / rel).write_bytes(data)
   reference = tmp_path / "clean"
   extract.run(job_config(images, reference, tiny_weights), log=lambda m: None)
-  out, port = tmp_path / "out", _free_port_pair()
+  out, port = tmp_path / "out", free_port_pair()
   procs = _job(tmp_path, images, out, tiny_weights, port, name="k",
                extra=["--peer_timeout_s=3"])  # the survivor ends sooner (default 10 s)
   _wait_shards(procs, out, 1)
@@ -369,7 +352,7 @@ def _toy(tmp: pathlib.Path, port: int, pid: int, *extra: str, name: str = "") ->
 
 
 def _toy_job(tmp, *extra, n=2, name="", per_process=None) -> list[Proc]:
-  port = _free_port_pair()
+  port = free_port_pair()
   return [_toy(tmp, port, i, f"--num_processes={n}", *extra,
                *(per_process or {}).get(i, ()), name=name) for i in range(n)]
 
@@ -450,7 +433,7 @@ def test_a_hung_process_is_named_by_the_other(tmp_path, hostile):
 def test_process_0_never_started(tmp_path, hostile):
   case = "2-process job: process 0 never started"
   hostile.declare(case)
-  port = _free_port_pair()
+  port = free_port_pair()
   p1 = _toy(tmp_path, port, 1, "--num_processes=2", *LONG)
   _wait_all([p1])
   ok_line, line = _one_line(p1, "toy: error: no coordinator answered", f"{port + 1}")
@@ -461,7 +444,7 @@ def test_process_0_never_started(tmp_path, hostile):
 def test_the_same_job_started_twice_on_one_port_is_refused(tmp_path, hostile):
   case = "the same 2-process command started twice on one coordinator port"
   hostile.declare(case)
-  port = _free_port_pair()
+  port = free_port_pair()
   a = [_toy(tmp_path, port, i, "--num_processes=2", "--job=/out/a", *LONG, name="a")
        for i in range(2)]
   _wait_steps(a)
