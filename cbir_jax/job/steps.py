@@ -3,10 +3,14 @@
 Every process runs the same number of equally shaped steps (padding with empty batches), so
 nothing recompiles; a step has no cross-process collectives, so no process waits on another.
 A stop request ends the loop before the next step; the finished part of the shard in progress
-is written so a rerun continues there.
+is written so a rerun continues there. Finished shards are written by one background thread, in
+order and one at a time, while the steps go on (hashing and fsyncing a shard took as long as
+the GPU steps of a whole Lite0 job on an H100); the loop waits for it before it ends, stops or
+writes a stopped part, and its errors surface in the loop.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import shutil
 import time
@@ -40,6 +44,39 @@ def write_finished(out: Any, f: rows_lib.Finished, kinds: tuple[str, ...], pid: 
     shutil.rmtree(f.unit.piece, ignore_errors=True)
 
 
+class ShardWriter:
+  """Writes finished shards on one background thread, in the order given, one at a time.
+
+  `submit` first waits for the write before it (so at most one finished shard waits in
+  memory) and raises that write's error; `wait` does the same for the last one. `close`
+  waits too, so no write goes on after the step loop, but drops the error: the loop calls
+  `wait` on its normal path, so `close` only meets an error while another one (a stop at
+  once, a lost process) is already on its way up.
+  """
+
+  def __init__(self, write: Callable[[rows_lib.Finished], None]):
+    self._write = write
+    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+    self._pending: concurrent.futures.Future | None = None
+
+  def submit(self, f: rows_lib.Finished) -> None:
+    self.wait()
+    self._pending = self._pool.submit(self._write, f)
+
+  def wait(self) -> None:
+    pending, self._pending = self._pending, None
+    if pending is not None:
+      pending.result()
+
+  def close(self) -> None:
+    pending, self._pending = self._pending, None
+    try:
+      if pending is not None:
+        concurrent.futures.wait([pending])
+    finally:
+      self._pool.shutdown(wait=True)
+
+
 class StepRunner:
   """The step loop of one process; counts go to `summary`, times to `clock`."""
 
@@ -59,6 +96,7 @@ class StepRunner:
         out_dtype=config.output_dtype, source=plan.source, columns=plan.source.columns,
         nonfinite_reason=(f"descriptor not finite (NaN or overflow; compute dtype "
                           f"{config.dtype}, output dtype {config.output_dtype})"))
+    self.writer = ShardWriter(self._write)  # its thread starts with the first shard
 
   def _consume(self, batch: input_pipeline.Batch, result: Any, progress: Progress) -> None:
     from cbir_jax import sharding
@@ -73,10 +111,14 @@ class StepRunner:
     progress.update(int(np.count_nonzero(batch.valid)))
     self.clock.charge("host")
     for f in finished:
-      write_finished(self.plan.out, f, self.plan.kinds, self.coord.process_index)
-      self.summary.shards_written += 1
+      self.writer.submit(f)  # waits only while the shard before is still being written
     if finished:
       self.clock.charge("write")
+
+  def _write(self, f: rows_lib.Finished) -> None:
+    """On the writer thread."""
+    write_finished(self.plan.out, f, self.plan.kinds, self.coord.process_index)
+    self.summary.shards_written += 1
 
   def run(self) -> str | None:
     """Runs every step; returns None when the whole job finished its steps, else why it
@@ -93,8 +135,9 @@ class StepRunner:
                                   max_pixels=config.max_pixels)
     try:
       return self._steps(batches, positions)
-    finally:  # decode threads or worker processes never outlive the steps, whatever happens
+    finally:  # decode threads, worker processes and writes never outlive the steps
       _close(batches)
+      self.writer.close()
 
   def _steps(self, batches: Any, positions: np.ndarray) -> str | None:
     from cbir_jax import sharding
@@ -127,6 +170,8 @@ class StepRunner:
         prev = (batch, result)
       if prev is not None:
         self._consume(*prev, progress)
+      self.writer.wait()
+      self.clock.charge("write")
       left = self.assembler.remaining  # units not complete (the stopped one included)
       if stopped or lost:
         self._write_stopped_part()
@@ -163,4 +208,4 @@ def _close(batches: Any) -> None:
     close()
 
 
-__all__ = ["StepRunner", "write_finished"]
+__all__ = ["ShardWriter", "StepRunner", "write_finished"]
