@@ -114,6 +114,24 @@ def _start(cmd: list[str], log: pathlib.Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
 
 
+def _wait_stopped(pid: int, timeout_s: float = 10.0) -> None:
+  """Returns once every thread of `pid` is stopped: SIGSTOP takes effect asynchronously, and
+  a thread still running for a moment after the signal could write (state T in
+  /proc/<pid>/task/<tid>/stat)."""
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    states = []
+    for stat in pathlib.Path(f"/proc/{pid}/task").glob("*/stat"):
+      try:
+        states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+      except (OSError, IndexError):
+        continue
+    if states and all(s in ("T", "t") for s in states):
+      return
+    time.sleep(0.01)
+  raise AssertionError(f"process {pid} did not stop within {timeout_s} s")
+
+
 def test_kill_and_resume(many_images, tiny_weights, baseline, tmp_path, hostile):
   """SIGKILL at seeded random points, a second job meanwhile, SIGINT, then a rerun to the end.
 
@@ -147,6 +165,7 @@ def test_kill_and_resume(many_images, tiny_weights, baseline, tmp_path, hostile)
       if i == 0:
         # Freeze the job (it keeps its lock) and start a second one on the same directory.
         proc.send_signal(signal.SIGSTOP)
+        _wait_stopped(proc.pid)  # every thread (the shard writer too) has stopped
         before = sorted(p.name for p in (out / store.SHARDS).iterdir())
         try:
           with pytest.raises(extract.ExtractError) as e:
