@@ -1,0 +1,143 @@
+"""Decoder comparison for gpu_check: Pillow on the host against nvImageCodec (GPU or CPU backend).
+
+Per decoder: images/s, host CPU-seconds per image (every thread of this process, the decoder's
+own included) and the pixel differences to Pillow's decode. Runs anywhere: on a machine without
+a GPU nvImageCodec runs its CPU backend and the figures say so.
+
+  PYTHONPATH=. python3 -m cbir_jax.benchmark.decoder_compare [FOLDER_OR_FILES ...] --count 200
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from cbir_jax import decode, gpu_decode
+
+
+def pillow_full(data: bytes) -> np.ndarray:
+  """Pillow's full-resolution RGB decode with EXIF orientation: the reference pixels."""
+  with Image.open(io.BytesIO(data)) as img:
+    return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+
+
+def _clocked(fn: Callable[[], Any]) -> tuple[float, float]:
+  """(wall seconds, process CPU seconds) of one call."""
+  t, c = time.perf_counter(), time.process_time()
+  fn()
+  return time.perf_counter() - t, time.process_time() - c
+
+
+def _sync(images: Sequence[Any]) -> None:
+  """Waits for device images (nvImageCodec decodes asynchronously on its CUDA stream)."""
+  for im in images:
+    if hasattr(im, "block_until_ready"):
+      im.block_until_ready()
+
+
+def pixel_difference(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> dict[str, Any]:
+  """Mean, 99.9th percentile and max absolute difference over all pixels and channels."""
+  if any(g.shape != r.shape for g, r in zip(got, ref)):
+    return {"shape_mismatches": sum(g.shape != r.shape for g, r in zip(got, ref))}
+  d = np.concatenate([np.abs(g.astype(np.int16) - r).ravel() for g, r in zip(got, ref)])
+  return {"mean_abs": float(d.mean()), "p99_9_abs": float(np.percentile(d, 99.9)),
+          "max_abs": int(d.max()), "shape_mismatches": 0}
+
+
+def _rate(name: str, count: int, wall: float, cpu: float, **extra: Any) -> dict[str, Any]:
+  return {"decoder": name, "images": count, "images_per_s": count / max(wall, 1e-9),
+          "host_cpu_s_per_image": cpu / max(count, 1), **extra}
+
+
+def compare(datas: Sequence[bytes], *, kind: str = "auto", image_size: int = 224,
+            batch: int = 64, diff_images: int = 100) -> dict[str, Any]:
+  """Times Pillow (full decode; and the product's rows, draft on) and nvImageCodec on `datas`.
+
+  Args:
+    datas: encoded images (JPEGs mostly; others show the routing).
+    kind: `gpu_decode.select_decoder` kind; on a machine without a GPU "auto" falls back to
+      the CPU backend so that nvImageCodec still has figures.
+    image_size: rows' size for the row comparison.
+    batch: images per nvImageCodec call.
+    diff_images: how many images the pixel comparison covers (full resolution is large).
+  """
+  sel = gpu_decode.select_decoder(kind)
+  if sel.decoder is None:
+    sel = gpu_decode.select_decoder("nvimgcodec-cpu")
+  nv = sel.decoder
+  out: dict[str, Any] = {"decoder": sel.description, "images": len(datas),
+                         "image_size": image_size, "rows": []}
+  pillow_full(datas[0])  # imports and first-call costs outside the clock
+  nv.decode([datas[0]])
+  wall, cpu = _clocked(lambda: [pillow_full(d) for d in datas])
+  out["rows"].append(_rate("pillow full decode (1 thread)", len(datas), wall, cpu))
+  wall, cpu = _clocked(lambda: [decode.decode_image(d, image_size) for d in datas])
+  out["rows"].append(_rate(f"pillow rows {image_size}px, draft (product today)", len(datas),
+                           wall, cpu))
+  routes: dict[str, int] = {}
+
+  def run_nv() -> None:
+    for i in range(0, len(datas), batch):
+      got = gpu_decode.decode_batch(datas[i:i + batch], decoder=nv)
+      _sync(got.images)
+      for name in got.decoders:
+        routes[name] = routes.get(name, 0) + 1
+  wall, cpu = _clocked(run_nv)
+  out["rows"].append(_rate(f"{nv.description} (batch {batch})", len(datas), wall, cpu,
+                           routed=dict(routes)))
+  sub = list(datas[:diff_images])
+  got = gpu_decode.decode_batch(sub, decoder=nv)
+  ok = [i for i, e in enumerate(got.errors) if not e]
+  out["full_resolution_difference"] = pixel_difference(
+      [np.asarray(got.images[i]) for i in ok], [pillow_full(sub[i]) for i in ok])
+  rows = gpu_decode.decode_rows(sub, image_size, decoder=nv)
+  ref = [decode.decode_image(d, image_size, draft=False)[0] for d in sub]
+  out["rows_difference_vs_pillow_no_draft"] = pixel_difference(
+      [rows.images[i] for i in ok], [ref[i] for i in ok])
+  return out
+
+
+def report(result: dict[str, Any], log: Callable[[str], None] = print) -> None:
+  log(f"decoder: {result['decoder']}; {result['images']} images")
+  for r in result["rows"]:
+    extra = f"  routed {r['routed']}" if "routed" in r else ""
+    log(f"  {r['decoder']:<60} {r['images_per_s']:9.1f} images/s  "
+        f"{1e3 * r['host_cpu_s_per_image']:7.2f} ms host CPU/image{extra}")
+  log(f"  full-resolution pixels vs Pillow: {result['full_resolution_difference']}")
+  log(f"  {result['image_size']}px rows vs Pillow (draft off): "
+      f"{result['rows_difference_vs_pillow_no_draft']}")
+
+
+def _paths(args: Sequence[str], count: int) -> list[str]:
+  import pathlib  # pylint: disable=import-outside-toplevel
+  from cbir_jax import samples  # pylint: disable=import-outside-toplevel
+
+  found: list[str] = []
+  for a in args or [str(p) for p in samples.sample_images()]:
+    p = pathlib.Path(a)
+    found += sorted(str(q) for q in p.rglob("*") if q.suffix.lower() in (".jpg", ".jpeg")) \
+        if p.is_dir() else [str(p)]
+  return (found * (count // max(len(found), 1) + 1))[:count] if found else []
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("inputs", nargs="*", help="JPEG files or folders (default: the sample images)")
+  ap.add_argument("--count", type=int, default=100)
+  ap.add_argument("--kind", default="auto", choices=gpu_decode.KINDS)
+  ap.add_argument("--batch", type=int, default=64)
+  a = ap.parse_args(argv)
+  datas = [decode.read_file(p) for p in _paths(a.inputs, a.count)]
+  if not datas:
+    raise SystemExit("no JPEG files found")
+  result = compare(datas, kind=a.kind, batch=a.batch)
+  report(result)
+  return result
+
+
+if __name__ == "__main__":
+  main()
