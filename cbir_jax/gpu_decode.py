@@ -141,7 +141,7 @@ class NvDecoder:
     nv = _import_nvimgcodec()
     if nv is None:
       raise ImportError("nvImageCodec is not installed: pip install 'cbir-jax[gpu-decode]'")
-    self._nv, self.device = nv, device
+    self._nv, self.device, self.host_copies = nv, device, 0
     kinds = (["HW_GPU_ONLY", "GPU_ONLY", "HYBRID_CPU_GPU", "CPU_ONLY"] if device is not None
              else ["CPU_ONLY"])
     device_id = (nv.NVIMGCODEC_DEVICE_CPU_ONLY if device is None
@@ -172,8 +172,18 @@ class NvDecoder:
     out = self._decoder.decode([nv.CodeStream(d) for d in datas], params=self._params)
     if not self.on_device:
       return [None if im is None else np.asarray(im) for im in out]
+    return [None if im is None else self._to_jax(im) for im in out]
+
+  def _to_jax(self, im: Any) -> Any:
+    """The decoded GPU image as a jax.Array sharing its buffer (DLPack; JAX waits on the
+    decoder's stream). A layout JAX cannot take without a copy (padded rows) is copied through
+    the host instead and counted in `host_copies`, which the comparison reports."""
     import jax  # pylint: disable=import-outside-toplevel
-    return [None if im is None else jax.dlpack.from_dlpack(im) for im in out]
+    try:
+      return jax.dlpack.from_dlpack(im, copy=False)
+    except (ValueError, RuntimeError, TypeError):
+      self.host_copies += 1
+      return jax.device_put(np.asarray(im.cpu()), self.device)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,10 @@ so pixels are expected identical; the tests allow 1 grey level (max) and 0.05 (m
 differently built libjpeg-turbo. The GPU engines differ more (their upsampling); gpu_check's
 decoder comparison measures that on a GPU host.
 """
+import importlib
 import io
+import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -191,3 +194,34 @@ def test_decoder_compare_prints_figures(capsys):
   assert result["full_resolution_difference"]["max_abs"] <= MAX_ABS
   assert result["rows_difference_vs_pillow_no_draft"]["max_abs"] <= MAX_ABS
   assert "images/s" in capsys.readouterr().out
+
+
+def test_device_images_come_as_jax_arrays_with_the_same_pixels(nv):
+  """The GPU path's conversion (DLPack, or a counted host copy where DLPack cannot share),
+  run here on a CPU device: nvImageCodec's host buffers do not export to JAX without CUDA."""
+  import jax
+  dec = gpu_decode.NvDecoder()
+  dec.device = jax.devices("cpu")[0]  # what a GPU decoder holds; takes the device branch
+  data = _with_orientation(_photo("rocket.jpg"), 6)
+  got = gpu_decode.decode_batch([data], decoder=dec)
+  assert isinstance(got.images[0], jax.Array) and dec.host_copies <= 1
+  np.testing.assert_array_equal(np.asarray(got.images[0]),
+                                gpu_decode.decode_batch([data], decoder=nv).images[0])
+
+
+def test_use_wheels_makes_a_carried_wheel_importable(tmp_path):
+  with zipfile.ZipFile(tmp_path / "cbir_fake-1.0-py3-none-any.whl", "w") as z:
+    z.writestr("nvidia/cbir_fake_codec/__init__.py", "VALUE = 42\n")
+  (tmp_path / "empty").mkdir()
+  assert decoder_compare.use_wheels(tmp_path / "empty") is None
+  import nvidia  # the namespace package, imported before the wheel arrives (as JAX's CUDA wheels do)
+  site = decoder_compare.use_wheels(tmp_path)
+  try:
+    assert importlib.import_module("nvidia.cbir_fake_codec").VALUE == 42
+    assert decoder_compare.use_wheels(tmp_path) == site  # second call: already unpacked
+  finally:
+    while site in sys.path:
+      sys.path.remove(site)
+    while str(tmp_path / "site" / "nvidia") in nvidia.__path__:
+      nvidia.__path__.remove(str(tmp_path / "site" / "nvidia"))
+    sys.modules.pop("nvidia.cbir_fake_codec", None)

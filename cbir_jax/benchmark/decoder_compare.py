@@ -10,13 +10,43 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
+import pathlib
+import sys
 import time
+import zipfile
 from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from cbir_jax import decode, gpu_decode
+
+
+def use_wheels(folder: str | os.PathLike) -> str | None:
+  """Makes wheels carried to a host without a package index importable; returns the site dir.
+
+  Each `*.whl` in `folder` (nvidia-nvimgcodec-cu13 and nvidia-nvjpeg, 29 MB together) is
+  unpacked once into `folder`/site, which goes first on sys.path. Both wheels put files under
+  the `nvidia` namespace (nvImageCodec finds libnvjpeg at ../cu13/lib beside itself), so an
+  already imported `nvidia` package (JAX's CUDA wheels) is extended to the new folder too.
+  """
+  wheels = sorted(pathlib.Path(folder).glob("*.whl"))
+  if not wheels:
+    return None
+  site = pathlib.Path(folder) / "site"
+  done = site / "unpacked.txt"
+  names = "\n".join(w.name for w in wheels)
+  if not done.is_file() or done.read_text() != names:
+    for w in wheels:
+      with zipfile.ZipFile(w) as z:
+        z.extractall(site)
+    done.write_text(names)
+  sys.path.insert(0, str(site))
+  pkg = sys.modules.get("nvidia")
+  if pkg is not None and str(site / "nvidia") not in list(pkg.__path__):
+    pkg.__path__.append(str(site / "nvidia"))
+  return str(site)
 
 
 def pillow_full(data: bytes) -> np.ndarray:
@@ -88,7 +118,7 @@ def compare(datas: Sequence[bytes], *, kind: str = "auto", image_size: int = 224
         routes[name] = routes.get(name, 0) + 1
   wall, cpu = _clocked(run_nv)
   out["rows"].append(_rate(f"{nv.description} (batch {batch})", len(datas), wall, cpu,
-                           routed=dict(routes)))
+                           routed=dict(routes), dlpack_host_copies=nv.host_copies))
   sub = list(datas[:diff_images])
   got = gpu_decode.decode_batch(sub, decoder=nv)
   ok = [i for i, e in enumerate(got.errors) if not e]
@@ -104,7 +134,8 @@ def compare(datas: Sequence[bytes], *, kind: str = "auto", image_size: int = 224
 def report(result: dict[str, Any], log: Callable[[str], None] = print) -> None:
   log(f"decoder: {result['decoder']}; {result['images']} images")
   for r in result["rows"]:
-    extra = f"  routed {r['routed']}" if "routed" in r else ""
+    extra = (f"  routed {r['routed']}, DLPack host copies {r['dlpack_host_copies']}"
+             if "routed" in r else "")
     log(f"  {r['decoder']:<60} {r['images_per_s']:9.1f} images/s  "
         f"{1e3 * r['host_cpu_s_per_image']:7.2f} ms host CPU/image{extra}")
   log(f"  full-resolution pixels vs Pillow: {result['full_resolution_difference']}")
@@ -113,7 +144,6 @@ def report(result: dict[str, Any], log: Callable[[str], None] = print) -> None:
 
 
 def _paths(args: Sequence[str], count: int) -> list[str]:
-  import pathlib  # pylint: disable=import-outside-toplevel
   from cbir_jax import samples  # pylint: disable=import-outside-toplevel
 
   found: list[str] = []
@@ -130,7 +160,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   ap.add_argument("--count", type=int, default=100)
   ap.add_argument("--kind", default="auto", choices=gpu_decode.KINDS)
   ap.add_argument("--batch", type=int, default=64)
+  ap.add_argument("--wheels", default="", help="folder of carried nvImageCodec wheels")
   a = ap.parse_args(argv)
+  if a.wheels:
+    print(f"wheels unpacked to {use_wheels(a.wheels)}")
   datas = [decode.read_file(p) for p in _paths(a.inputs, a.count)]
   if not datas:
     raise SystemExit("no JPEG files found")
