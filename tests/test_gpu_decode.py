@@ -52,11 +52,15 @@ def batch(tmp_path_factory):
   baseline = _encode(photo, quality=90)
   corrupt = bytearray(baseline)
   corrupt[len(corrupt) // 3:len(corrupt) // 3 + 400] = bytes(400)  # zeroed entropy data
+  sos = baseline.find(b"\xff\xda")
+  bad_scan = baseline[:sos + 5] + b"\x09" + baseline[sos + 6:]  # a component id with no frame
   missing = str(tmp_path_factory.mktemp("gpu_decode") / "missing.jpg")
   return [
       ("baseline", baseline, gpu_decode.NVIMGCODEC),
       ("png", _encode(coffee, "PNG"), gpu_decode.PILLOW),
-      ("truncated", baseline[:len(baseline) // 2], gpu_decode.PILLOW),  # nvImageCodec: no image
+      ("truncated", baseline[:len(baseline) // 2], gpu_decode.PILLOW),  # no end-of-image marker
+      ("bad scan", bad_scan, gpu_decode.PILLOW),  # routed to nvImageCodec, which gives no image
+      ("no scan", baseline[:sos] + b"\xff\xd9", gpu_decode.PILLOW),  # the same
       ("cmyk", _encode(photo.convert("CMYK"), quality=90), gpu_decode.PILLOW),
       ("rotated", _with_orientation(coffee, 6), gpu_decode.NVIMGCODEC),
       ("progressive", _encode(coffee, quality=85, progressive=True), gpu_decode.PILLOW),
@@ -90,10 +94,13 @@ def test_route_sends_only_baseline_jpegs_to_nvimgcodec(batch):
       continue
     r = gpu_decode.route(_data(item))
     assert r.decoder == (gpu_decode.NVIMGCODEC if expected == gpu_decode.NVIMGCODEC or
-                         name == "truncated" else gpu_decode.PILLOW), name
+                         name in ("bad scan", "no scan") else gpu_decode.PILLOW), name
     assert (r.why == "") == (r.decoder == gpu_decode.NVIMGCODEC), name
   assert gpu_decode.route(_encode(_photo()), max_pixels=1000).decoder == gpu_decode.PILLOW
   assert gpu_decode.route(_with_orientation(_photo(), 8)).orientation == 8
+  with_trailer = _encode(_photo()) + b"\x00\n"
+  assert gpu_decode.route(with_trailer).decoder == gpu_decode.NVIMGCODEC  # padding is not a cut
+  assert gpu_decode.route(with_trailer[:-4]).decoder == gpu_decode.PILLOW
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
@@ -121,7 +128,8 @@ def test_rows_match_the_pillow_path_in_one_mixed_batch(nv, batch):
     if expected is not None:
       assert got.decoders[i] == expected, name
   failed = {n for (n, _, _), e in zip(batch, got.errors) if e}
-  assert failed == {"truncated", "corrupt header", "not an image", "empty", "missing"}
+  assert failed == {"truncated", "bad scan", "no scan", "corrupt header", "not an image", "empty",
+                    "missing"}
 
 
 def test_full_resolution_batch_matches_pillow(nv, batch):
@@ -142,8 +150,9 @@ def test_full_resolution_batch_matches_pillow(nv, batch):
     assert img.shape == ref.shape and got.sizes[i] == (ref.shape[1], ref.shape[0]), name
     d = np.abs(img.astype(int) - ref)
     assert d.max() <= MAX_ABS and d.mean() <= MAX_MEAN, (name, d.max(), d.mean())
-  i = [n for n, _, _ in batch].index("truncated")
-  assert got.decoders[i] == gpu_decode.PILLOW and got.routes[i] == "nvimgcodec gave no image"
+  for name in ("bad scan", "no scan"):
+    i = [n for n, _, _ in batch].index(name)
+    assert got.decoders[i] == gpu_decode.PILLOW and got.routes[i] == "nvimgcodec gave no image"
 
 
 def test_every_orientation_through_nvimgcodec_matches_pillow(nv):
