@@ -307,14 +307,28 @@ def _nv_pass(datas: list[bytes | None], routes: list[Route], decoder: NvDecoder 
   return {i: orient(im, routes[i].orientation) for i, im in zip(todo, out) if im is not None}
 
 
-def decode_batch(items: Sequence[Item], *, decoder: NvDecoder | None,
-                 max_pixels: int = decode.MAX_PIXELS) -> DecodedBatch:
-  """Decodes a batch at full resolution: baseline JPEGs with `decoder`, the rest with Pillow.
+PillowDecode = Callable[[bytes], tuple[Any, tuple[int, int]]]
 
-  For the device-resize path: images decoded on the GPU stay there. Never raises for a bad
-  input; a JPEG nvImageCodec returns nothing for is retried with Pillow (decoders "pillow",
-  route "nvimgcodec gave no image").
+
+def decode_batch(items: Sequence[Item], *, decoder: NvDecoder | None,
+                 max_pixels: int = decode.MAX_PIXELS,
+                 pillow: PillowDecode | None = None) -> DecodedBatch:
+  """Decodes a batch: baseline JPEGs with `decoder` at full resolution, the rest with Pillow.
+
+  For the device-resize path: images decoded on the GPU stay there (`gpu_canvas.assemble`
+  makes canvases of them on the device). Never raises for a bad input; a JPEG nvImageCodec
+  returns nothing for is retried with Pillow (decoder "pillow", route "nvimgcodec gave no
+  image").
+
+  Args:
+    items: bytes, paths or callables returning bytes.
+    decoder: from `select_decoder`; None decodes everything with Pillow.
+    max_pixels: images declaring more are refused (by the Pillow path, with its reason).
+    pillow: the host decode for Pillow items, bytes -> (pixels, (width, height)), raising
+      ValueError with the reason; default: full resolution through `decode.decode_image`.
+      The job's canvas path passes its draft decode-and-place here.
   """
+  pillow = pillow or (lambda data: _pillow_full(data, max_pixels))
   datas, errors, routes = _plan(items, decoder, max_pixels)
   nv = _nv_pass(datas, routes, decoder)
   images, sizes, names, whys = [], [], [], []
@@ -328,7 +342,7 @@ def decode_batch(items: Sequence[Item], *, decoder: NvDecoder | None,
     else:
       why = why or "nvimgcodec gave no image"
       try:
-        img, size = _pillow_full(data, max_pixels)
+        img, size = pillow(data)
       except ValueError as e:
         errors[i] = str(e)
     images.append(img)

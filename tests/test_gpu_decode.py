@@ -234,3 +234,25 @@ def test_use_wheels_makes_a_carried_wheel_importable(tmp_path):
     while str(tmp_path / "site" / "nvidia") in nvidia.__path__:
       nvidia.__path__.remove(str(tmp_path / "site" / "nvidia"))
     sys.modules.pop("nvidia.cbir_fake_codec", None)
+
+
+def test_pillow_hook_and_device_canvases(nv, batch):
+  """The job's canvas path: a host decode for Pillow items, nvImageCodec's images as they are,
+  then canvases; each canvas holds its item's pixels in the top-left corner."""
+  from cbir_jax import gpu_canvas
+  items = [item for _, item, _ in batch]
+  hook = lambda data: decode.decode_image(data, SIZE, draft=True)  # noqa: E731
+  got = gpu_decode.decode_batch(items, decoder=nv, pillow=hook)
+  canvases, sizes, factors = gpu_canvas.assemble(got.images, (320, 640))
+  assert canvases.shape[0] == len(batch) and factors == [1] * len(batch)
+  for i, (name, item, _) in enumerate(batch):
+    if got.errors[i]:
+      assert tuple(sizes[i]) == (0, 0) and not np.asarray(canvases[i]).any(), name
+      continue
+    data = _data(item)
+    ref = (decoder_compare.pillow_full(data) if got.decoders[i] == gpu_decode.NVIMGCODEC
+           else decode.decode_image(data, SIZE, draft=True)[0])
+    h, w = sizes[i]
+    assert (h, w) == ref.shape[:2], name
+    d = np.abs(np.asarray(canvases[i, :h, :w]).astype(int) - ref)
+    assert d.max() <= MAX_ABS, name
