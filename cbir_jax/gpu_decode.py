@@ -178,6 +178,23 @@ class NvDecoder:
       return [None if im is None else np.asarray(im) for im in out]
     return [None if im is None else self._to_jax(im) for im in out]
 
+  def decode_padded(self, datas: Sequence[bytes], side: int) -> list[Any]:
+    """Each JPEG decoded straight into a [side, side, 3] canvas (top-left, zeros around) through
+    a region of interest larger than the image, or None where the backend cannot.
+
+    A probe for the device canvas path: canvases of one shape need no per-size compilation
+    (`gpu_canvas` compiles its placement once per image size). nvImageCodec's CPU decoders
+    refuse regions past the image; whether nvJPEG's engines take them is measured by
+    `decoder_compare` on a GPU host.
+    """
+    nv = self._nv
+    region = nv.Region(0, 0, side, side)
+    streams = [nv.CodeStream(d).get_sub_code_stream(region=region) for d in datas]
+    out = self._decoder.decode(streams, params=self._params)
+    if not self.on_device:
+      return [None if im is None else np.asarray(im) for im in out]
+    return [None if im is None else self._to_jax(im) for im in out]
+
   def _to_jax(self, im: Any) -> Any:
     """The decoded GPU image as a jax.Array sharing its buffer (DLPack; JAX waits on the
     decoder's stream). A layout JAX cannot take without a copy (padded rows) is copied through

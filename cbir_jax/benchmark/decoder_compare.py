@@ -103,7 +103,22 @@ def compare(datas: Sequence[bytes], *, kind: str = "auto", image_size: int = 224
   nv.decode([datas[0]])
   rows = _time_pillow(datas, image_size) + _time_nv(datas, nv, batch)
   return {"decoder": sel.description, "images": len(datas), "image_size": image_size,
-          "rows": rows, **_differences(list(datas[:diff_images]), nv, image_size)}
+          "rows": rows, **_differences(list(datas[:diff_images]), nv, image_size),
+          "padded_decode": padded_probe(nv, datas[0])}
+
+
+def padded_probe(nv: gpu_decode.NvDecoder, data: bytes) -> str:
+  """Whether the backend decodes into a larger canvas (region past the image), and right."""
+  ref = pillow_full(data)
+  side = max(ref.shape[:2]) + 16
+  got = nv.decode_padded([data], side)[0]
+  if got is None:
+    return "not supported (no image)"
+  got = np.asarray(got)
+  h, w = ref.shape[:2]
+  if got.shape != (side, side, 3) or got[h:].any() or got[:, w:].any():
+    return f"wrong layout {got.shape}"
+  return f"supported, max difference {int(np.abs(got[:h, :w].astype(int) - ref).max())}"
 
 
 def _time_pillow(datas: Sequence[bytes], image_size: int) -> list[dict[str, Any]]:
@@ -158,6 +173,8 @@ def report(result: dict[str, Any], log: Callable[[str], None] = print) -> None:
     log(f"  {r['decoder']:<60} {r['images_per_s']:9.1f} images/s  "
         f"{1e3 * r['host_cpu_s_per_image']:7.2f} ms host CPU/image{extra}")
   log(f"  full-resolution pixels vs Pillow: {result['full_resolution_difference']}")
+  log(f"  decode into a larger canvas (one shape, no per-size compile): "
+      f"{result['padded_decode']}")
   for key in ("no_draft", "draft"):
     log(f"  {result['image_size']}px rows vs Pillow rows ({key.replace('_', ' ')}): "
         f"{result['rows_difference_vs_pillow_' + key]}")
