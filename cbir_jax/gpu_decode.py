@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import os
 from typing import Any, Callable, Sequence, Union
 
@@ -256,8 +257,9 @@ def _read(item: Item) -> tuple[bytes | None, str]:
     if isinstance(item, (str, os.PathLike)):
       return decode.read_file(os.fspath(item)), ""
     return item(), ""
-  except OSError as e:
-    return None, f"cannot read file: {e}"
+  except (OSError, ValueError) as e:
+    reason = str(e) if isinstance(e, ValueError) else f"cannot read file: {e}"
+    return None, reason or type(e).__name__
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,7 +322,12 @@ def _nv_pass(datas: list[bytes | None], routes: list[Route], decoder: NvDecoder 
   todo = [i for i, r in enumerate(routes) if r.decoder == NVIMGCODEC]
   if decoder is None or not todo:
     return {}
-  out = decoder.decode([datas[i] for i in todo])
+  try:
+    out = decoder.decode([datas[i] for i in todo])
+  except RuntimeError as e:  # a CUDA or library failure: this batch goes to Pillow, the job goes on
+    logging.warning("nvImageCodec failed on a batch of %d, decoding it with Pillow: %s",
+                    len(todo), e)
+    return {}
   return {i: orient(im, routes[i].orientation) for i, im in zip(todo, out) if im is not None}
 
 

@@ -258,3 +258,14 @@ def test_pillow_hook_and_device_canvases(nv, batch):
     assert (h, w) == ref.shape[:2], name
     d = np.abs(np.asarray(canvases[i, :h, :w]).astype(int) - ref)
     assert d.max() <= MAX_ABS, name
+
+
+def test_a_failing_decoder_sends_the_batch_to_pillow(nv, batch, monkeypatch):
+  def broken(datas):
+    raise RuntimeError("CUDA Runtime failure (simulated)")
+  monkeypatch.setattr(nv, "decode", broken)
+  items = [item for _, item, _ in batch]
+  got = gpu_decode.decode_rows(items, SIZE, decoder=nv, draft=False)
+  want = gpu_decode.decode_rows(items, SIZE, decoder=None, draft=False)
+  assert got.errors == want.errors and set(got.decoders) <= {gpu_decode.PILLOW, ""}
+  np.testing.assert_array_equal(got.images, want.images)
