@@ -1,4 +1,4 @@
-"""JPEG decoding with NVIDIA nvImageCodec (GPU engines), Pillow (`decode.decode_image`) for the rest.
+"""JPEG decoding with nvImageCodec on NVIDIA GPUs; Pillow (`decode.decode_image`) for the rest.
 
 Baseline JPEGs go to nvImageCodec; everything else, and anything it returns no image for, goes
 through the Pillow path unchanged, so a bad file's failure reason is the one Pillow gives.

@@ -74,6 +74,11 @@ def batch(tmp_path_factory):
   ]
 
 
+def _fetch(item):
+  """What safe_decode takes for the item: reading the path, or returning the bytes."""
+  return (lambda: decode.read_file(item)) if isinstance(item, str) else (lambda: item)
+
+
 def _data(item):
   return open(item, "rb").read() if isinstance(item, str) else item
 
@@ -119,7 +124,7 @@ def test_rows_match_the_pillow_path_in_one_mixed_batch(nv, batch):
   got = gpu_decode.decode_rows([item for _, item, _ in batch], SIZE, decoder=nv, draft=False)
   assert got.images.shape == (len(batch), *SIZE, 3)
   for i, (name, item, expected) in enumerate(batch):
-    fetch = (lambda it=item: decode.read_file(it)) if isinstance(item, str) else (lambda it=item: it)
+    fetch = _fetch(item)
     ref, w, h, err = decode.safe_decode(fetch, SIZE, draft=False)
     assert got.errors[i] == err, name
     assert (got.widths[i], got.heights[i]) == (w, h), name
@@ -171,7 +176,7 @@ def test_without_a_decoder_rows_are_the_pillow_path_exactly(batch):
   got = gpu_decode.decode_rows(items, SIZE, decoder=None, draft=True)
   assert set(got.decoders) <= {gpu_decode.PILLOW, ""}
   for i, (name, item, _) in enumerate(batch):
-    fetch = (lambda it=item: decode.read_file(it)) if isinstance(item, str) else (lambda it=item: it)
+    fetch = _fetch(item)
     ref, w, h, err = decode.safe_decode(fetch, SIZE, draft=True)
     assert (got.errors[i], got.widths[i], got.heights[i]) == (err, w, h), name
     np.testing.assert_array_equal(got.images[i], ref, err_msg=name)
@@ -225,7 +230,7 @@ def test_use_wheels_makes_a_carried_wheel_importable(tmp_path):
     z.writestr("nvidia/cbir_fake_codec/__init__.py", "VALUE = 42\n")
   (tmp_path / "empty").mkdir()
   assert decoder_compare.use_wheels(tmp_path / "empty") is None
-  import nvidia  # the namespace package, imported before the wheel arrives (as JAX's CUDA wheels do)
+  import nvidia  # the namespace package, imported before the wheel arrives (as JAX does)
   site = decoder_compare.use_wheels(tmp_path)
   try:
     assert importlib.import_module("nvidia.cbir_fake_codec").VALUE == 42
