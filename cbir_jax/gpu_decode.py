@@ -203,7 +203,7 @@ class NvDecoder:
     import jax  # pylint: disable=import-outside-toplevel
     try:
       return jax.dlpack.from_dlpack(im, copy=False)
-    except (ValueError, RuntimeError, TypeError):
+    except (ValueError, RuntimeError, TypeError, BufferError):
       self.host_copies += 1
       return jax.device_put(np.asarray(im.cpu()), self.device)
 
@@ -331,6 +331,13 @@ def _nv_pass(datas: list[bytes | None], routes: list[Route], decoder: NvDecoder 
   return {i: orient(im, routes[i].orientation) for i, im in zip(todo, out) if im is not None}
 
 
+def _why(r: Route, decoded: bool, data: bytes | None) -> str:
+  """Why an item went to Pillow: its route, or nvImageCodec's missing image ("" otherwise)."""
+  if data is None or decoded:
+    return ""
+  return r.why or "nvimgcodec gave no image"
+
+
 PillowDecode = Callable[[bytes], tuple[Any, tuple[int, int]]]
 
 
@@ -357,14 +364,13 @@ def decode_batch(items: Sequence[Item], *, decoder: NvDecoder | None,
   nv = _nv_pass(datas, routes, decoder)
   images, sizes, names, whys = [], [], [], []
   for i, (data, r) in enumerate(zip(datas, routes)):
-    img, size, name, why = None, (0, 0), PILLOW, r.why
+    img, size, name, why = None, (0, 0), PILLOW, _why(r, i in nv, data)
     if data is None:
       name = ""
     elif i in nv:
       img, name = nv[i], NVIMGCODEC
       size = (int(img.shape[1]), int(img.shape[0]))
     else:
-      why = why or "nvimgcodec gave no image"
       try:
         img, size = pillow(data)
       except ValueError as e:
@@ -376,6 +382,32 @@ def decode_batch(items: Sequence[Item], *, decoder: NvDecoder | None,
   return DecodedBatch(images, sizes, errors, names, whys)
 
 
+@dataclasses.dataclass
+class DecoderTally:
+  """What the summary and the manifest say about decoding: the decoder line, items per
+  decoder, and why items went to Pillow. Typed record with its dict form for the manifest."""
+  description: str
+  counts: dict[str, int] = dataclasses.field(default_factory=dict)
+  pillow_routes: dict[str, int] = dataclasses.field(default_factory=dict)
+
+  def add(self, decoders: Sequence[str], routes: Sequence[str]) -> None:
+    """Counts one batch (`DecodedBatch` or `Rows` fields); unread files are not counted."""
+    for name, why in zip(decoders, routes):
+      if not name:
+        continue
+      self.counts[name] = self.counts.get(name, 0) + 1
+      if name == PILLOW and why:
+        self.pillow_routes[why] = self.pillow_routes.get(why, 0) + 1
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "DecoderTally":
+    return cls(str(d["description"]), {str(k): int(v) for k, v in d["counts"].items()},
+               {str(k): int(v) for k, v in d["pillow_routes"].items()})
+
+
 @dataclasses.dataclass(frozen=True)
 class Rows:
   """A batch as today's pipeline holds it: rows [N, H, W, 3] uint8 (black where failed),
@@ -385,6 +417,7 @@ class Rows:
   heights: list[int]
   errors: list[str]
   decoders: list[str]
+  routes: list[str]
 
 
 def decode_rows(items: Sequence[Item], image_size: int | tuple[int, int], *,
@@ -402,6 +435,7 @@ def decode_rows(items: Sequence[Item], image_size: int | tuple[int, int], *,
   nv = _nv_pass(datas, routes, decoder)
   rows = np.zeros((len(datas), h, w, 3), np.uint8)
   widths, heights, names = [0] * len(datas), [0] * len(datas), [""] * len(datas)
+  whys = [_why(r, i in nv, data) for i, (r, data) in enumerate(zip(routes, datas))]
   for i, data in enumerate(datas):
     if data is None:
       continue
@@ -416,4 +450,4 @@ def decode_rows(items: Sequence[Item], image_size: int | tuple[int, int], *,
                                                              max_pixels=max_pixels)
     except ValueError as e:
       errors[i] = str(e)
-  return Rows(rows, widths, heights, errors, names)
+  return Rows(rows, widths, heights, errors, names, whys)

@@ -274,3 +274,20 @@ def test_a_failing_decoder_sends_the_batch_to_pillow(nv, batch, monkeypatch):
   want = gpu_decode.decode_rows(items, SIZE, decoder=None, draft=False)
   assert got.errors == want.errors and set(got.decoders) <= {gpu_decode.PILLOW, ""}
   np.testing.assert_array_equal(got.images, want.images)
+
+
+def test_tally_counts_decoders_and_reasons_and_round_trips(nv, batch):
+  items = [item for _, item, _ in batch]
+  sel = gpu_decode.select_decoder("nvimgcodec-cpu")
+  tally = gpu_decode.DecoderTally(sel.description)
+  rows = gpu_decode.decode_rows(items, SIZE, decoder=nv)
+  full = gpu_decode.decode_batch(items, decoder=nv)
+  assert rows.decoders == full.decoders and rows.routes == full.routes
+  tally.add(rows.decoders, rows.routes)
+  expected = {gpu_decode.NVIMGCODEC: sum(e == gpu_decode.NVIMGCODEC for _, _, e in batch),
+              gpu_decode.PILLOW: sum(e == gpu_decode.PILLOW for _, _, e in batch)}
+  assert tally.counts == expected
+  assert sum(tally.pillow_routes.values()) == expected[gpu_decode.PILLOW]
+  assert tally.pillow_routes["nvimgcodec gave no image"] == 2  # bad scan, no scan
+  assert tally.pillow_routes["progressive JPEG"] == 1
+  assert gpu_decode.DecoderTally.from_dict(tally.to_dict()) == tally
