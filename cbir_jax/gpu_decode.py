@@ -245,7 +245,12 @@ def select_decoder(kind: str = "auto", *, device: Any = None, threads: int = 0) 
       raise RuntimeError("decoder nvimgcodec asks for a GPU and JAX sees none "
                          "(nvimgcodec-cpu runs its CPU backend)")
     return Selection(None, f"{PILLOW} (host): no GPU")
-  nv = NvDecoder(device=device, threads=threads)
+  try:
+    nv = NvDecoder(device=device, threads=threads)
+  except RuntimeError as e:  # e.g. a driver older than the wheel's CUDA 13
+    if kind == NVIMGCODEC:
+      raise
+    return Selection(None, f"{PILLOW} (host): nvImageCodec cannot start on {device}: {e}")
   return Selection(nv, nv.description)
 
 
