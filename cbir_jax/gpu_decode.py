@@ -93,7 +93,7 @@ def route(data: bytes, *, max_pixels: int = decode.MAX_PIXELS) -> Route:
     return Route(PILLOW, f"{h.precision}-bit JPEG")
   if h.components not in (1, 3):
     return Route(PILLOW, f"{h.components}-component JPEG (CMYK/YCCK)")
-  if not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
+  if not data[-4096:].rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):  # the tail: no copy of it all
     # Pillow refuses a truncated JPEG; a GPU engine may return the part it read. Files with
     # trailers after the image (some cameras) take the Pillow path too: slower, never wrong.
     return Route(PILLOW, "no end-of-image marker at the end (truncated or trailer)")
