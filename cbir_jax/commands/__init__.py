@@ -17,6 +17,7 @@ COMMANDS = {
     "evaluate": "evaluate",
     "classify": "classify",
     "port": "port",
+    "dedup": "dedup",
 }
 
 
