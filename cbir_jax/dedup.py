@@ -224,7 +224,7 @@ class DedupConfig:
   index: str
   kind: str = "fc_conv"
   threshold: float | None = None
-  fraction: float = 0.1
+  fraction: float = 0.2
   k: int = 8
   exact: bool = True
   report: str | None = None
