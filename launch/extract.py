@@ -1,36 +1,5 @@
-r"""Extracts descriptors of a folder or a TFDS split into a directory of shards.
-
-  python launch/extract.py --images=PHOTOS --output=/tmp/photos.desc
-  python launch/extract.py --tfds=oxford_flowers102:train --data_dir=~/tensorflow_datasets \
-      --output=/data/flowers.desc --batch_size=64 --dtype=bfloat16
-Rerunning the same command continues an interrupted job; after the input changed,
-`--update` keeps the rows of unchanged files and extracts the rest. Load the result with
-`cbir_jax.load_descriptors(output_dir, kind)`. Exit status: 0 done (bad images
-are listed in failures-*.tsv), 1 error, 130 interrupted (finished rows kept). Flags are
-the fields of cbir_jax.extract.ExtractConfig.
-"""
-from __future__ import annotations
-
-import time
-
-_STARTED = time.perf_counter()  # before the heavy imports, so the summary counts them
-
-
-from cbir_jax import cli, extract  # noqa: E402
-from cbir_jax.descriptors import KINDS  # noqa: E402
-
-FLAGS = cli.define(extract.ExtractConfig)
-
-
-def main() -> int:
-  kinds = FLAGS.values()["kinds"]
-  # Canonical order, no repeats (the settings a rerun is compared with); unknown names are
-  # refused by the flag itself.
-  config = FLAGS.config(kinds=tuple(k for k in KINDS if k in kinds))
-  if not (config.distributed or config.coordinator_address or config.num_processes):
-    cli.warn_if_gpu_unused("extract")  # multi-process jobs start JAX in the job, not here
-  return extract.main(config, started=_STARTED)  # the exit status of every outcome
-
+"""`cbir-extract` from a checkout: see cbir_jax/commands/extract.py (flags: --help)."""
+from cbir_jax.commands.extract import run
 
 if __name__ == "__main__":
-  cli.run("extract", main, gpu_warning=False)
+  run()
