@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
 import os
 import pathlib
 import tarfile
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -330,6 +331,10 @@ class WebdatasetListing:
 
   def keys(self) -> list[str]:
     """Per record, "<shard path relative to root>/<member name>": its identity key and path."""
+    return self._keys
+
+  @functools.cached_property
+  def _keys(self) -> list[str]:
     return [f"{self.shards[m.shard].rel}/{m.name}" for m in self.members]
 
   def stamps(self, content_digest: bool = False) -> list[str]:
