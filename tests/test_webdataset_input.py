@@ -63,6 +63,10 @@ def test_lists_every_photo_in_shard_then_member_order(shards, photos):
   assert lst.keys() == [f"{k // SHARD_SIZE:05d}.tar/{k:06d}.jpg" for k in range(len(photos))]
   assert lst.labels.tolist() == [ci for _, ci, _ in photos]
   assert not lst.skipped and not lst.problems and lst.report_lines() == []
+  # Listed by 2 processes: the same records, offsets and sidecars.
+  par = wds.list_webdataset(str(shards), processes=2)
+  assert par.keys() == lst.keys() and par.offsets.tolist() == lst.offsets.tolist()
+  assert par.labels.tolist() == lst.labels.tolist() and list(par.columns) == list(lst.columns)
   # A glob over the same files lists the same records (root: the glob's fixed folder).
   again = wds.list_webdataset(str(shards / "*.tar"))
   assert again.keys() == lst.keys() and again.root == lst.root
@@ -271,7 +275,8 @@ def test_content_digest_is_the_members_sha256(shards):
   stamps = lst.stamps(content_digest=True)
   for i in (0, 17):
     assert stamps[i].rsplit(":", 1)[1] == hashlib.sha256(lst.read(i)).hexdigest()
-    assert stamps[i].startswith(f"{lst.members[i].size}:{lst.shards[lst.members[i].shard].size}:")
+    shard = lst.shards[lst.shard_index[i]]
+    assert stamps[i].startswith(f"{lst.sizes[i]}:{shard.size}:{shard.mtime_ns}:")
 
 
 def test_split_name_follows_the_webdataset_convention():
