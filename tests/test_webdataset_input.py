@@ -325,3 +325,20 @@ def test_file_list_refuses_duplicates_with_line_numbers_and_empty_lists(tmp_path
     file_list.read_file_list(str(lst))
   with pytest.raises(file_list.FileListError, match="cannot read --file_list"):
     file_list.read_file_list(str(tmp_path / "absent.txt"))
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_offsets_hold_under_every_tar_format_and_long_names(tmp_path, photos, fmt):
+  """Long and non-ASCII names need extended headers (GNU longname, PAX) before the member."""
+  d = tmp_path / "fmt"
+  d.mkdir()
+  deep = "x" * 60 + "/" + "y" * 50  # > 100 characters: ustar's prefix field, or a long name
+  names = [f"{deep}/{k:03d}.jpg" for k in range(3)]
+  if fmt == tarfile.PAX_FORMAT:
+    names[1] = "ünïcödé/" + "z" * 120 + ".JPEG"
+  with tarfile.open(d / "a.tar", "w", format=fmt) as t:
+    for k, name in enumerate(names):
+      _add(t, name, pathlib.Path(photos[k][0]).read_bytes())
+  lst = wds.list_webdataset(str(d / "a.tar"))
+  assert lst.keys() == [f"a.tar/{n}" for n in names]
+  assert [lst.read(i) for i in range(3)] == [pathlib.Path(p).read_bytes() for p, _, _ in photos[:3]]
