@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import multiprocessing
+import os
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -168,6 +169,14 @@ class WebdatasetListing:
     rels = [s.rel for s in self.shards]
     return [f"{rels[s]}/{n}" for s, n in zip(self.shard_index.tolist(), self.names)]
 
+  def paths(self) -> list[str]:
+    """Per record, "<root>/<shard>/<member name>": the row's "path", readable by `read_path`.
+
+    Absolute like a folder input's paths, so an index whose shards moved is read through
+    `image_root` the same way.
+    """
+    return [os.path.join(self.root, k) for k in self.keys()]
+
   def stamps(self, content_digest: bool = False) -> list[str]:
     """Per record, "<member size>:<shard size>:<shard mtime_ns>" (":<sha256>" with digest).
 
@@ -194,9 +203,9 @@ class WebdatasetListing:
     return self.reader(self.arg(i))[0]
 
   def rows(self, positions: Iterable[int]) -> Iterator[input_pipeline.Row | None]:
-    keys = self.keys()
+    paths = self.paths()
     for p in positions:
-      yield None if p < 0 else input_pipeline.Row(p, self.arg(p), keys[p])
+      yield None if p < 0 else input_pipeline.Row(p, self.arg(p), paths[p])
 
   def report_lines(self) -> list[str]:
     """One line per reason something was skipped or is missing; [] for a clean input."""
@@ -297,6 +306,43 @@ def list_webdataset(spec: str, *, label_field: str | None = "label",
       problems=tally.problems, examples=tally.examples)
 
 
+def _split_stored(path: str) -> tuple[str, str]:
+  """(shard file, member name) of "<folders>/<shard>.tar/<member>": the first file on the way."""
+  for i, ch in enumerate(path):
+    if ch == "/" and i and os.path.isfile(path[:i]):
+      return path[:i], path[i + 1:]
+  raise OSError(f"{path} names no member of a tar shard (no shard file on its path)")
+
+
+@functools.lru_cache(maxsize=16)
+def _image_members(path: str, size: int, mtime_ns: int) -> tuple[Shard, dict[str, tuple[int, int]]]:
+  """The shard and its image members' (offset, size) by name; cached while the shard stays."""
+  shard = Shard(path=path, rel=os.path.basename(path), size=size, mtime_ns=mtime_ns)
+  table = {}
+  for sample in list_shard(shard, IMAGE_EXTENSIONS).samples:
+    table.update((name, (offset, n)) for name, offset, n in sample.images)
+  return shard, table
+
+
+def read_path(path: str) -> bytes:
+  """The image bytes of a row's stored "path" (`WebdatasetListing.paths`), for result pages.
+
+  Lists the shard's headers once (cached for the 16 shards last read), then reads by offset.
+
+  Raises:
+    OSError: no such shard or member, or a shard that is not a whole tar (one line).
+  """
+  shard_path, name = _split_stored(path)
+  st = os.stat(shard_path)
+  try:
+    shard, table = _image_members(shard_path, st.st_size, st.st_mtime_ns)
+  except WebdatasetError as e:
+    raise OSError(str(e)) from None
+  if name not in table:
+    raise OSError(f"shard {shard_path} has no image member {name!r}")
+  return read_member(shard, *table[name])
+
+
 def position_batches(listing: WebdatasetListing, positions: np.ndarray, *,
                      image_size: int | tuple[int, int], batch_size: int,
                      num_threads: int | None = None, num_workers: int | None = None,
@@ -315,4 +361,4 @@ def position_batches(listing: WebdatasetListing, positions: np.ndarray, *,
 
 
 __all__ = ["WebdatasetError", "WebdatasetListing", "MemberReader", "Shard", "find_shards",
-           "list_webdataset", "position_batches", "read_member", "split_name"]
+           "list_webdataset", "position_batches", "read_member", "read_path", "split_name"]

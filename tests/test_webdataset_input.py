@@ -114,8 +114,9 @@ def test_decodes_to_the_same_pixels_as_the_folder(shards, photos):
     np.testing.assert_array_equal(g.width, r.width)
     np.testing.assert_array_equal(g.valid, r.valid)
     assert g.ok.tolist() == g.valid.tolist()  # every real row decoded
-  keys = lst.keys()
-  assert got[0].key == [keys[0], keys[5], "", keys[13]]
+  paths = lst.paths()
+  assert got[0].key == [paths[0], paths[5], "", paths[13]]
+  assert paths[5] == os.path.join(str(shards), "00000.tar", "000005.jpg")
   assert got[0].label.tolist() == [photos[0][1], photos[5][1], -1, photos[13][1]]
   # And record by record through safe_decode, against decode_image of the file itself.
   for i in (3, 29):
@@ -342,3 +343,13 @@ def test_offsets_hold_under_every_tar_format_and_long_names(tmp_path, photos, fm
   lst = wds.list_webdataset(str(d / "a.tar"))
   assert lst.keys() == [f"a.tar/{n}" for n in names]
   assert [lst.read(i) for i in range(3)] == [pathlib.Path(p).read_bytes() for p, _, _ in photos[:3]]
+
+
+def test_a_rows_stored_path_reads_its_image_back(shards, photos, tmp_path):
+  lst = wds.list_webdataset(str(shards))
+  for i in (0, 12, 34):
+    assert wds.read_path(lst.paths()[i]) == pathlib.Path(photos[i][0]).read_bytes()
+  with pytest.raises(OSError, match="has no image member '000001.json'"):
+    wds.read_path(str(shards / "00000.tar" / "000001.json"))
+  with pytest.raises(OSError, match="no shard file on its path"):
+    wds.read_path(str(tmp_path / "nowhere.tar" / "000001.jpg"))
