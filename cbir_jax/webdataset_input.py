@@ -29,6 +29,8 @@ RESERVED_COLUMNS = frozenset({"row", "path", "label", "label_name", "width", "he
 # Listing parses tar headers in Python (~50-80 us per member on one core); from this many
 # shards on, they are listed by worker processes, which pay ~1 s to start.
 PROCESSES_FROM_SHARDS = 8
+_INT64 = range(-2**63, 2**63)
+_LABELS = range(-1, 2**31)  # -1: none; class indices fit int32 everywhere downstream
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +69,10 @@ def _parse_sidecars(sample: Sample, where: str, problem: Problem
     text = sample.sidecars["cls"].decode("utf-8", "replace").strip()
     try:
       label = int(text)
+      if label not in _LABELS:
+        raise ValueError("out of range")
     except ValueError:
+      label = None
       problem("unreadable .cls (label -1)", where, text[:20])
   txt = sample.sidecars["txt"].decode("utf-8", "replace") if "txt" in sample.sidecars else None
   return label, doc, txt
@@ -76,9 +81,10 @@ def _parse_sidecars(sample: Sample, where: str, problem: Problem
 def _json_label(doc: dict[str, Any], label_field: str | None, where: str,
                 problem: Problem) -> int | str | None:
   value = doc.get(label_field) if label_field else None
-  if value is None or (isinstance(value, (int, str)) and not isinstance(value, bool)):
+  if value is None or isinstance(value, str) or (
+      isinstance(value, int) and not isinstance(value, bool) and value in _LABELS):
     return value
-  problem(f"json {label_field!r} neither an integer nor a name (label -1)", where,
+  problem(f"json {label_field!r} neither a class index nor a name (label -1)", where,
           repr(value)[:20])
   return None
 
@@ -93,12 +99,14 @@ def _metadata(doc: dict[str, Any], txt: str | None, label_field: str | None) -> 
 
 
 def _column(values: list[Any]) -> np.ndarray:
-  """int64 when every record has an int, float64 when every one a number, else str ("": none)."""
+  """int64 when every record has an int (in range), float64 when every one a number and some a
+  float, else str ("": none)."""
   numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
   if len(numbers) == len(values):
-    if all(isinstance(v, int) for v in numbers):
+    if not all(isinstance(v, int) for v in numbers):
+      return np.array(values, np.float64)
+    if all(v in _INT64 for v in numbers):
       return np.array(values, np.int64)
-    return np.array(values, np.float64)
   as_text = ["" if v is None else v if isinstance(v, str) else json.dumps(v) for v in values]
   return np.array(as_text, dtype=str)
 

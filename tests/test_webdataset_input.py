@@ -230,6 +230,19 @@ def test_labels_from_json_names_and_a_mix_is_refused(tmp_path, photos):
   assert lst.label_names == ["satay", "rojak", "", "satay"]
   assert "label" not in lst.columns
   with tarfile.open(d / "00001.tar", "w") as t:
+    for key, cls, doc in (("f", b"99999999999999999999", {"n": 2**70, "x": 1}),
+                          ("g", b"", {"label": True, "n": 1, "x": 2.5})):
+      _add(t, f"{key}.jpg", jpg)
+      _add(t, f"{key}.cls", cls)
+      _add(t, f"{key}.json", json.dumps(doc).encode())
+  lst = wds.list_webdataset(str(d))
+  assert lst.labels.tolist() == [1, 0, -1, 1, -1, -1]
+  assert lst.problems == {"unreadable .cls (label -1)": 2,
+                          "json 'label' neither a class index nor a name (label -1)": 1}
+  # A field some records lack, or an integer too large for int64, makes its column text.
+  assert lst.columns["n"].tolist() == ["", "", "", "", str(2**70), "1"]
+  assert lst.columns["x"].tolist() == ["", "", "", "", "1", "2.5"]
+  with tarfile.open(d / "00002.tar", "w") as t:
     _add(t, "e.jpg", jpg)
     _add(t, "e.cls", b"4")
   with pytest.raises(wds.WebdatasetError, match="mix integers and class names"):
@@ -261,6 +274,10 @@ def test_identity_changes_when_a_member_is_replaced_or_added(shards, tmp_path, p
   # The old listing's reader refuses the replaced shard instead of reading other bytes.
   with pytest.raises(OSError, match="changed since it was listed"):
     before.read(13)
+  with wds.position_batches(before, np.array([0, 13]), image_size=32, batch_size=2,
+                            num_workers=0, num_threads=1) as stream:
+    (b,) = list(stream)
+  assert b.ok.tolist() == [True, False] and "changed since it was listed" in b.error[1]
   # A new shard adds records at the end; the other stamps stay.
   write_shards(tmp_path / "more", photos[:3])
   (d / "00003.tar").write_bytes((tmp_path / "more" / "00000.tar").read_bytes())
@@ -312,6 +329,15 @@ def test_file_list_rules(tmp_path, photos):
                                         num_workers=0, num_threads=1) as stream:
     (b,) = list(stream)
   assert b.ok.tolist() == [True, True, False] and "cannot read file" in b.error[2]
+
+
+def test_file_list_names_that_are_not_utf8_match_the_folder_walk(tmp_path, photos):
+  raw = b"caf\xe9.jpg"  # Latin-1, not UTF-8
+  (tmp_path / os.fsdecode(raw)).write_bytes(pathlib.Path(photos[0][0]).read_bytes())
+  (tmp_path / "list.txt").write_bytes(raw + b"\n")
+  fl = file_list.read_file_list(str(tmp_path / "list.txt"))
+  walked = input_pipeline.list_folder(tmp_path).records
+  assert fl.paths == [r.key for r in walked] and fl.missing == []
 
 
 def test_file_list_refuses_duplicates_with_line_numbers_and_empty_lists(tmp_path):
