@@ -5,13 +5,17 @@ Plain `tarfile`, uncompressed shards only: a compressed tar has no member offset
 """
 from __future__ import annotations
 
+import base64
 import collections
 import dataclasses
 import glob
+import hashlib
+import json
 import os
 import pathlib
 import tarfile
-from typing import BinaryIO
+import uuid
+from typing import Any, BinaryIO
 
 SIDECAR_MAX_BYTES = 1 << 20  # a .json/.cls/.txt larger than this is not metadata: refused
 SIDECARS = ("cls", "json", "txt")  # read while listing; other non-image members are counted
@@ -141,11 +145,25 @@ class Sample:
 class ShardListing:
   """One shard's samples in the order of their keys' first members, and what was left out.
 
-  Plain data (picklable): shards are listed in worker processes.
+  Plain data (picklable): shards are listed in worker processes. `to_dict`/`from_dict` give
+  the JSON form of the listing cache (sidecar bytes as base64).
   """
   samples: list[Sample]
   skipped: collections.Counter  # reason -> members left out
   examples: dict[str, list[str]]  # reason -> a few "<shard>/<member>" names
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"samples": [[s.key, s.images, {k: base64.b64encode(v).decode("ascii")
+                                           for k, v in s.sidecars.items()}]
+                        for s in self.samples],
+            "skipped": dict(self.skipped), "examples": self.examples}
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> ShardListing:
+    samples = [Sample(key, [(n, int(o), int(z)) for n, o, z in images],
+                      {k: base64.b64decode(v) for k, v in sidecars.items()})
+               for key, images, sidecars in d["samples"]]
+    return cls(samples, collections.Counter(d["skipped"]), d["examples"])
 
 
 def shard_error(shard: Shard, why: str) -> WebdatasetError:
@@ -234,5 +252,51 @@ def _add_member(f: BinaryIO, m: tarfile.TarInfo, shard: Shard, image_extensions:
           f"{shard.rel}/{m.name}")
 
 
+# --- the listing cache ------------------------------------------------------------------------
+
+CACHE_FORMAT = 1
+
+
+def _cache_file(cache_dir: str, shard: Shard) -> str:
+  return os.path.join(cache_dir, hashlib.sha256(shard.rel.encode("utf-8", "surrogateescape")
+                                                ).hexdigest()[:32] + ".json")
+
+
+def _cache_id(shard: Shard, image_extensions: frozenset[str]) -> dict[str, Any]:
+  """What a cached listing must match: the shard as stated now and the image extensions."""
+  return {"format": CACHE_FORMAT, "rel": shard.rel, "size": shard.size,
+          "mtime_ns": shard.mtime_ns, "image_extensions": sorted(image_extensions)}
+
+
+def cached_list_shard(shard: Shard, image_extensions: frozenset[str], cache_dir: str | None
+                      ) -> ShardListing:
+  """`list_shard`, kept in `cache_dir` per shard; reused while the shard's size and mtime stay.
+
+  A cache file that is missing, damaged or of another shard state is a miss: the shard is
+  listed again and the file replaced (atomically: a unique temporary file, then a rename).
+  """
+  if cache_dir is None:
+    return list_shard(shard, image_extensions)
+  path, want = _cache_file(cache_dir, shard), _cache_id(shard, image_extensions)
+  try:
+    with open(path, encoding="utf-8") as f:
+      doc = json.load(f)
+    if doc.get("id") == want:
+      return ShardListing.from_dict(doc["listing"])
+  except (OSError, ValueError, KeyError, TypeError):
+    pass  # a miss: listed below
+  listing = list_shard(shard, image_extensions)
+  os.makedirs(cache_dir, exist_ok=True)
+  tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump({"id": want, "listing": listing.to_dict()}, f)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+  return listing
+
+
 __all__ = ["WebdatasetError", "Shard", "Sample", "ShardListing", "find_shards", "list_shard",
-           "read_member", "split_name", "stat_shard", "shard_error"]
+           "read_member", "split_name", "stat_shard", "shard_error", "cached_list_shard"]

@@ -21,8 +21,9 @@ import numpy as np
 
 from cbir_jax import input_pipeline
 from cbir_jax.decode import IMAGE_EXTENSIONS, MAX_PIXELS
-from cbir_jax.tar_shards import (Sample, Shard, ShardListing, WebdatasetError, find_shards,
-                                 list_shard, read_member, split_name, stat_shard)
+from cbir_jax.tar_shards import (Sample, Shard, ShardListing, WebdatasetError,
+                                 cached_list_shard, find_shards, list_shard, read_member,
+                                 split_name, stat_shard)
 
 # Columns the job fills itself: a json field of that name is kept as "json_<name>".
 RESERVED_COLUMNS = frozenset({"row", "path", "label", "label_name", "width", "height", "txt"})
@@ -225,12 +226,14 @@ class WebdatasetListing:
     return out
 
 
-def _list_shards(shards: tuple[Shard, ...], processes: int | None) -> list[ShardListing]:
+def _list_shards(shards: tuple[Shard, ...], processes: int | None, cache_dir: str | None
+                 ) -> list[ShardListing]:
   """Every shard's listing, in order; by worker processes for many shards."""
   if processes is None:
     processes = (min(len(shards), input_pipeline.default_threads())
                  if len(shards) >= PROCESSES_FROM_SHARDS else 0)
-  lister = functools.partial(list_shard, image_extensions=IMAGE_EXTENSIONS)
+  lister = functools.partial(cached_list_shard, image_extensions=IMAGE_EXTENSIONS,
+                             cache_dir=cache_dir)
   if processes <= 1:
     return [lister(s) for s in shards]
   # Spawn, as the decode workers: this process may run JAX threads that fork would copy.
@@ -268,7 +271,8 @@ class _Tally:
 
 
 def list_webdataset(spec: str, *, label_field: str | None = "label",
-                    processes: int | None = None) -> WebdatasetListing:
+                    processes: int | None = None, cache_dir: str | None = None
+                    ) -> WebdatasetListing:
   """Lists the records of `--webdataset=spec` (a folder, a glob or one .tar).
 
   A record is a key with exactly one image member (an extension the folder input reads:
@@ -282,6 +286,8 @@ def list_webdataset(spec: str, *, label_field: str | None = "label",
     label_field: the json field holding a label when a sample has no `.cls` (None: none).
     processes: processes listing shards (0: this one; None: one per core from
       `PROCESSES_FROM_SHARDS` shards on).
+    cache_dir: a folder keeping each shard's listing (JSON) while the shard's size and
+      mtime stay, so a rerun or `--update` lists only new or changed shards; None: no cache.
 
   Raises:
     WebdatasetError: no shards, a truncated or damaged shard, labels of mixed kinds.
@@ -291,7 +297,7 @@ def list_webdataset(spec: str, *, label_field: str | None = "label",
   tally = _Tally()
   located: list[tuple[int, str, int, int]] = []  # (shard, member name, data offset, size)
   label_values, fields, where = [], [], []
-  for si, (shard, listing) in enumerate(zip(shards, _list_shards(shards, processes))):
+  for si, (shard, listing) in enumerate(zip(shards, _list_shards(shards, processes, cache_dir))):
     tally.merge(listing)
     for sample in listing.samples:
       if len(sample.images) != 1:

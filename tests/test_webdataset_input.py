@@ -379,3 +379,32 @@ def test_a_rows_stored_path_reads_its_image_back(shards, photos, tmp_path):
     wds.read_path(str(shards / "00000.tar" / "000001.json"))
   with pytest.raises(OSError, match="no shard file on its path"):
     wds.read_path(str(tmp_path / "nowhere.tar" / "000001.jpg"))
+
+
+def test_the_listing_cache_is_reused_only_while_a_shard_stays(shards, tmp_path, monkeypatch):
+  from cbir_jax import tar_shards
+  d = _copy_shards(shards, tmp_path / "d")
+  cache = str(tmp_path / "cache")
+  fresh = wds.list_webdataset(str(d), processes=0)
+  listed = []
+  real = tar_shards.list_shard
+  monkeypatch.setattr(tar_shards, "list_shard",
+                      lambda shard, ext: listed.append(shard.rel) or real(shard, ext))
+  first = wds.list_webdataset(str(d), processes=0, cache_dir=cache)
+  assert listed == ["00000.tar", "00001.tar", "00002.tar"]
+  again = wds.list_webdataset(str(d), processes=0, cache_dir=cache)
+  assert listed == ["00000.tar", "00001.tar", "00002.tar"]  # all three from the cache
+  for lst in (first, again):
+    assert lst.keys() == fresh.keys() and lst.stamps() == fresh.stamps()
+    assert lst.offsets.tolist() == fresh.offsets.tolist()
+    assert lst.labels.tolist() == fresh.labels.tolist()
+    assert {k: v.tolist() for k, v in lst.columns.items()} == \
+        {k: v.tolist() for k, v in fresh.columns.items()}
+  # A touched shard is listed again; a damaged cache file is a miss, not an error.
+  os.utime(d / "00001.tar", ns=(1, 2))
+  for f in pathlib.Path(cache).glob("*.json"):
+    if json.loads(f.read_text())["id"]["rel"] == "00000.tar":
+      f.write_text("{not json")
+  wds.list_webdataset(str(d), processes=0, cache_dir=cache)
+  assert listed[3:] == ["00000.tar", "00001.tar"]
+  assert sorted(p.name for p in pathlib.Path(cache).iterdir() if p.suffix != ".json") == []
