@@ -184,6 +184,10 @@ class WebdatasetListing:
     Absolute like a folder input's paths, so an index whose shards moved is read through
     `image_root` the same way.
     """
+    return self._paths
+
+  @functools.cached_property
+  def _paths(self) -> list[str]:
     return [os.path.join(self.root, k) for k in self.keys()]
 
   def stamps(self, content_digest: bool = False) -> list[str]:
@@ -193,7 +197,8 @@ class WebdatasetListing:
     appended) changes all its records, and they are read again.
     """
     shard_stamps = [s.stamp() for s in self.shards]
-    out = [f"{z}:{shard_stamps[s]}" for s, z in zip(self.shard_index.tolist(), self.sizes.tolist())]
+    out = [f"{z}:{shard_stamps[s]}"
+           for s, z in zip(self.shard_index.tolist(), self.sizes.tolist())]
     if content_digest:
       out = [f"{s}:{hashlib.sha256(self.read(i)).hexdigest()}" for i, s in enumerate(out)]
     return out
@@ -255,8 +260,8 @@ class _Tally:
     if len(ex) < 3:
       ex.append(text)
 
-  def skip(self, reason: str, where: str, n: int = 1) -> None:
-    self.skipped[reason] += n
+  def skip(self, reason: str, where: str) -> None:
+    self.skipped[reason] += 1
     self._example(reason, where)
 
   def problem(self, reason: str, where: str, detail: Any) -> None:
