@@ -201,7 +201,9 @@ def test_odd_keys_and_members_are_skipped_and_counted(tmp_path, photos):
     _add(t, "sub/e.seg.npy", b"\0" * 8)
     _add(t, "sub/e.json", b"{broken")
     _add(t, "f.jpg", b"this is not a jpeg")  # a corrupt member: kept, fails at decode
+    _add(t, "a.jpg", jpg[2])  # appended again (tar -r): this copy is the one extracted
   lst = wds.list_webdataset(str(d))
+  assert lst.read(0) == jpg[2]
   assert lst.keys() == ["00000.tar/a.jpg", "00000.tar/sub/e.jpeg", "00000.tar/f.jpg"]
   assert lst.labels.tolist() == [3, -1, -1]
   assert dict(lst.skipped) == {"key without an image": 1, "key with several images": 1,
