@@ -360,9 +360,10 @@ def _flag(value: str | None, name: str) -> bool:
   raise RequestError(400, f"{name} must be true or false, got {value!r}")
 
 
-def _limited(receive: Callable, limit: int) -> Callable:
+def _limited(receive: Callable, limit: int, shown: int) -> Callable:
   """`receive` that refuses a request body past `limit` bytes (413) as it arrives, so a huge
-  upload without Content-Length is not read into memory either."""
+  upload without Content-Length is not read into memory either; `shown` is the limit the
+  reason names (the image's, without the multipart framing)."""
   seen = 0
 
   async def wrapped() -> dict[str, Any]:
@@ -371,7 +372,7 @@ def _limited(receive: Callable, limit: int) -> Callable:
     if message.get("type") == "http.request":
       seen += len(message.get("body", b""))
       if seen > limit:
-        raise RequestError(413, f"request body exceeds the limit of {limit} bytes")
+        raise RequestError(413, f"request body exceeds the limit of {shown} bytes")
     return message
 
   return wrapped
@@ -385,7 +386,7 @@ async def _upload(request: Any, limit: int) -> tuple[bytes, str]:
   length = request.headers.get("content-length")
   if length is not None and length.isdigit() and int(length) > limit + _MULTIPART_SLACK:
     raise RequestError(413, f"request body of {length} bytes exceeds the limit of {limit} bytes")
-  request = Request(request.scope, _limited(request.receive, limit + _MULTIPART_SLACK))
+  request = Request(request.scope, _limited(request.receive, limit + _MULTIPART_SLACK, limit))
   if request.headers.get("content-type", "").startswith("multipart/form-data"):
     async with request.form(max_files=1, max_fields=8) as form:
       part = form.get("image")
