@@ -10,7 +10,10 @@ import dataclasses
 import functools
 import io
 import os
+import queue
 import socket
+import threading
+from concurrent.futures import Future
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -24,6 +27,7 @@ _STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_static
 _SAME_IMAGE_RTOL = 1e-3  # as query.py: a hit this close may be the query image itself
 _THUMB = 192  # longest side of a result thumbnail, in pixels
 _CACHED_ROWS = 2048  # rows whose thumbnail and histogram are kept
+_MAX_BATCH = 64  # searches that arrived together, run as one l1_topk call
 
 
 @dataclasses.dataclass
@@ -106,6 +110,57 @@ class Describer:
     return out.astype(np.float16).astype(np.float32) if self._round16 else out
 
 
+# --- batching searches that arrive together -------------------------------------------------------
+
+
+class Batcher:
+  """Runs the searches waiting at one time as one `search.l1_topk` call, on one thread.
+
+  A call reads the whole database and pads the queries to a tile, so its cost hardly grows
+  with the number of queries: requests that arrive while one runs share the next. Each query's
+  results do not depend on the others in its call (per-row L1 sums; larger k extends the same
+  order, ties to the lower row), so they equal a call of its own.
+  """
+
+  def __init__(self, database: Any, max_batch: int = _MAX_BATCH):
+    self._database, self._max = database, max_batch
+    self._rows = int(database.shape[0])
+    self._queue: queue.Queue = queue.Queue()
+    threading.Thread(target=self._loop, name="cbir-serve-search", daemon=True).start()
+
+  def topk(self, vector: np.ndarray, exclude: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, rows) of the `count` nearest rows to `vector` [D], `exclude` left out."""
+    done: Future = Future()
+    self._queue.put((np.asarray(vector, np.float32), int(exclude), int(count), done))
+    return done.result()
+
+  def _loop(self) -> None:
+    while True:
+      items = [self._queue.get()]
+      while len(items) < self._max:
+        try:
+          items.append(self._queue.get_nowait())
+        except queue.Empty:
+          break
+      # l1_topk takes one k, at most N - 1 once any query excludes a row: a search of the
+      # whole index (no row excluded) goes with its like.
+      whole = [i for i in items if i[2] >= self._rows]
+      for group in ([i for i in items if i[2] < self._rows], whole):
+        if group:
+          self._run(group)
+
+  def _run(self, group: list[tuple[np.ndarray, int, int, Future]]) -> None:
+    try:
+      top = search.l1_topk(np.stack([g[0] for g in group]), self._database,
+                           max(g[2] for g in group), exclude=np.asarray([g[1] for g in group]))
+    except Exception as e:  # reaches the requests, never ends the thread
+      for g in group:
+        g[3].set_exception(e)
+      return
+    for a, (_, _, count, done) in enumerate(group):
+      done.set_result((top.distances[a, :count], top.indices[a, :count]))
+
+
 # --- the service ---------------------------------------------------------------------------------
 
 
@@ -144,6 +199,7 @@ class Service:
     max_pixels = config.max_pixels or manifest.settings.max_pixels
     self.describe = Describer(manifest, config.kind, max_pixels=max_pixels)
     self.rows = int(database.shape[0])
+    self._batcher = Batcher(database)
     self._by_path: dict[str, int] = {}
     for row, stored in enumerate(meta["path"]):  # the job stores absolute, normal paths
       self._by_path.setdefault(str(stored), row)
@@ -211,7 +267,7 @@ class Service:
       raise RequestError(404, f"no file {path} in the index's image folder") from None
     except OSError as e:
       raise RequestError(400, f"cannot read {path}: {e.strerror or e}") from None
-    self._check_size(len(data))
+    self.check_size(len(data))
     given = os.path.join(folder, path)
     return Query(k, exclude_self, data=data, name=path, path_row=self._row_of(given, real))
 
@@ -228,7 +284,7 @@ class Service:
     return next((self._by_path[os.path.normpath(f)] for f in forms
                  if os.path.normpath(f) in self._by_path), -1)
 
-  def _check_size(self, size: int) -> None:
+  def check_size(self, size: int) -> None:
     if size > self.config.max_upload_bytes:
       raise RequestError(413, f"image of {size} bytes exceeds the limit of "
                          f"{self.config.max_upload_bytes} bytes")
@@ -251,11 +307,10 @@ class Service:
       except ValueError as e:
         raise RequestError(415, f"not a usable image: {e}") from None
       vector, own = self.describe(pixels[None]), q.path_row
-    exclude = np.asarray([own if q.exclude_self else -1], np.int64)
+    exclude = own if q.exclude_self else -1
     extra = int(q.exclude_self and own < 0)  # room for a self found by its pixels only
-    top = search.l1_topk(vector, self.database,
-                         min(k + extra, self.rows - int(exclude[0] >= 0)), exclude=exclude)
-    d, rows = top.distances[0], top.indices[0]
+    d, rows = self._batcher.topk(vector[0], exclude,
+                                 min(k + extra, self.rows - int(exclude >= 0)))
     how = ("row" if q.row >= 0 else "same file") if own >= 0 else ""
     if own < 0:
       own = self._self_by_pixels(q.data, vector[0], d, rows)
@@ -423,7 +478,7 @@ def app(service: Service) -> Any:
       if "row" in params or "path" in params:
         raise RequestError(400, "give one query: an uploaded image, row= or path=")
       data, name = await _upload(request, service.config.max_upload_bytes)
-      service._check_size(len(data))
+      service.check_size(len(data))
       if not data:
         raise RequestError(400, "the upload is empty")
       q = Query(k, exclude_self, data=data, name=name)

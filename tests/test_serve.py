@@ -117,6 +117,33 @@ def test_uploads_equal_search_json_and_a_literal_ranking(served):
                              rtol=1e-5, atol=1e-7)  # float32 sums against float64
 
 
+def test_concurrent_searches_equal_searches_one_at_a_time(served):
+  """Searches arriving together share one l1_topk call: each gets what it gets alone."""
+  server, _, images, outside, _ = served
+  asks = [{"row": r, "k": k, "exclude_self": ex} for r, k, ex in
+          [(0, 1, 0), (1, 9, 1), (2, 10, 0), (3, 4, 1), (4, 50, 0), (5, 3, 1), (6, 7, 0),
+           (7, 2, 1), (8, 10, 1), (9, 5, 0)]]
+  uploads = [(outside, 6, 1), (images / "textures" / "grass.jpg", 4, 1)]
+
+  def ask(c, a):
+    if isinstance(a, dict):
+      return c.get("/api/search", params=a).json()
+    path, k, ex = a
+    return c.post("/api/search", params={"k": k, "exclude_self": ex},
+                  files={"image": (path.name, path.read_bytes())}).json()
+
+  work = asks + uploads
+  with _client(server) as c:
+    alone = [ask(c, a) for a in work]
+  with ThreadPoolExecutor(len(work)) as pool:
+    clients = [_client(server) for _ in work * 3]
+    together = list(pool.map(ask, clients, work * 3))
+    for c in clients:
+      c.close()
+  assert together == alone * 3
+  assert [len(r["results"]) for r in alone[:10]] == [1, 9, 10, 4, 10, 3, 7, 2, 9, 5]
+
+
 def test_path_queries_inside_the_folder(served):
   server, _, images, outside, expected = served
   inside = images / "things" / "coffee.jpg"
@@ -270,3 +297,29 @@ def test_inside_resolves_links_and_parents(tmp_path):
   (tmp_path / "root2").mkdir()
   with pytest.raises(RequestError):
     inside(str(tmp_path / "root2"), str(root))
+
+
+def test_a_batch_of_searches_equals_each_search_alone():
+  """Batcher._run: one l1_topk call for queries with different k and excluded rows gives each
+  exactly its own call's results (and a literal float64 ranking's rows)."""
+  from concurrent.futures import Future
+
+  from cbir_jax import search
+  from cbir_jax.serve import Batcher
+  rng = np.random.default_rng(3)
+  db = rng.random((300, 24), dtype=np.float32)
+  db[7] = db[5]  # a tie: the lower row first
+  asks = [(rng.random(24, dtype=np.float32), ex, k) for ex, k in
+          [(-1, 1), (5, 299), (-1, 17), (42, 3), (-1, 60), (0, 8)]]
+  asks.append((db[5].copy(), -1, 4))
+  group = [(v, ex, k, Future()) for v, ex, k in asks]
+  Batcher(db)._run(group)
+  for v, ex, k, done in group:
+    d, rows = done.result(timeout=0)
+    alone = search.l1_topk(v[None], db, k, exclude=[ex])
+    np.testing.assert_array_equal(d, alone.distances[0])
+    np.testing.assert_array_equal(rows, alone.indices[0])
+    ref = np.abs(db.astype(np.float64) - v).sum(1) / 24
+    if ex >= 0:
+      ref[ex] = np.inf
+    assert rows.tolist() == np.lexsort((np.arange(300), ref))[:k].tolist()
