@@ -150,9 +150,17 @@ class Batcher:
           self._run(group)
 
   def _run(self, group: list[tuple[np.ndarray, int, int, Future]]) -> None:
+    # l1_topk compiles per number of queries and per k: both are rounded up to a power of
+    # two (more queries: copies of the first; a longer top-k list: the same order, cut), so
+    # a handful of compiled shapes serve every mix of requests.
+    size = 1 << (len(group) - 1).bit_length()
+    want = max(g[2] for g in group)
+    limit = self._rows if want >= self._rows else self._rows - 1
+    k = min(1 << (want - 1).bit_length(), limit)
+    vectors = np.stack([g[0] for g in group] + [group[0][0]] * (size - len(group)))
+    exclude = np.asarray([g[1] for g in group] + [-1] * (size - len(group)))
     try:
-      top = search.l1_topk(np.stack([g[0] for g in group]), self._database,
-                           max(g[2] for g in group), exclude=np.asarray([g[1] for g in group]))
+      top = search.l1_topk(vectors, self._database, k, exclude=exclude)
     except Exception as e:  # reaches the requests, never ends the thread
       for g in group:
         g[3].set_exception(e)
@@ -205,7 +213,9 @@ class Service:
       self._by_path.setdefault(str(stored), row)
     # Thread-safe; two requests for a row not yet cached may both read it (same result).
     self._picture = functools.lru_cache(maxsize=_CACHED_ROWS)(self._read_picture)
-    self.describe(np.zeros((1, *decode._size(manifest.settings.image_size), 3), np.uint8))
+    # Compiled before the first request: the query step, and a search with the default k.
+    warm = self.describe(np.zeros((1, *decode._size(manifest.settings.image_size), 3), np.uint8))
+    self._batcher.topk(warm[0], -1, min(config.k, self.rows))
 
   # -- what the index says about a row --
 
