@@ -6,6 +6,11 @@ scale. Prints the figures and the machine's load average (other work slows it).
 
   python launch/serve.py --index=/tmp/food7_index --port=8765 &
   python docs/serve_bench.py --url=http://127.0.0.1:8765 [--n=300] [--k=10] [--clients=4]
+  python docs/serve_bench.py --index=/tmp/food7_index     # the Service alone, no HTTP
+
+With --index, the same loops call `cbir_jax.serve.Service` in this process from threads
+(what the HTTP layer adds is the difference), and print the mean batch of searches that ran
+as one l1_topk call.
 """
 from __future__ import annotations
 
@@ -32,6 +37,39 @@ def _rows(client: httpx.Client, rows: list[int], k: int) -> None:
     assert len(r.json()["results"]) == k
 
 
+def in_process(index: str, n: int, k: int, clients: int) -> None:
+  import sys
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from cbir_jax import serve
+
+  service = serve.Service(serve.ServeConfig(index=index, k=k))
+  sizes: list[int] = []
+  run = service._batcher._run  # counted, to report the batches
+
+  def counted(group: list) -> None:
+    sizes.append(len(group))
+    run(group)
+
+  service._batcher._run = counted
+  queries = [serve.Query(k, row=(i * 7919) % service.rows) for i in range(n)]
+  for q in queries[:10]:
+    service.results(q)
+  t = time.perf_counter()
+  for q in queries:
+    service.results(q)
+  one = n / (time.perf_counter() - t)
+  with ThreadPoolExecutor(clients) as pool:
+    list(pool.map(service.results, queries[:clients]))  # this batch shape compiled
+    sizes.clear()
+    t = time.perf_counter()
+    list(pool.map(service.results, queries))
+    many = n / (time.perf_counter() - t)
+  print(f"in process, {index}: {service.rows} rows, k={k}, {n} searches by row")
+  print(f"one thread: {one:.1f} queries/s; {clients} threads: {many:.1f} queries/s "
+        f"(mean batch {sum(sizes) / len(sizes):.1f})")
+  print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--url", default="http://127.0.0.1:8000")
@@ -39,7 +77,10 @@ def main() -> None:
   ap.add_argument("--k", type=int, default=10)
   ap.add_argument("--clients", type=int, default=4)
   ap.add_argument("--image", help="an image file to time uploads with (optional)")
+  ap.add_argument("--index", help="measure cbir_jax.serve.Service on this index in-process")
   args = ap.parse_args()
+  if args.index:
+    return in_process(args.index, args.n, args.k, args.clients)
   url = _loopback(args.url)
   with httpx.Client(base_url=url, timeout=120) as c:
     info = c.get("/api/info").json()
