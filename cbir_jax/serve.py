@@ -65,6 +65,12 @@ class RequestError(ValueError):
     self.status = status
 
 
+def _shown(value: Any, limit: int = 80) -> str:
+  """A request's value as a refusal quotes it: repr, shortened in the middle."""
+  text = repr(value)
+  return text if len(text) <= limit else text[:limit // 2 - 2] + "..." + text[-(limit // 2 - 2):]
+
+
 # --- describing query images with weights loaded once -------------------------------------------
 
 
@@ -175,10 +181,12 @@ class Batcher:
 def inside(path: str, root: str) -> str:
   """The real path of `path` (relative paths are taken under `root`) if it lies inside the
   real folder `root`, links resolved; RequestError 403 otherwise (traversal, links out)."""
+  if "\0" in path:
+    raise RequestError(400, "a path cannot contain a NUL byte")
   real_root = os.path.realpath(root)
   real = os.path.realpath(os.path.join(real_root, path))
   if os.path.commonpath([real, real_root]) != real_root:
-    raise RequestError(403, f"{path} is outside the index's image folder")
+    raise RequestError(403, f"{_shown(path)} is outside the index's image folder")
   return real
 
 
@@ -242,18 +250,18 @@ class Service:
     try:
       value = int(k) if k is not None else self.config.k
     except (TypeError, ValueError):
-      raise RequestError(400, f"k must be a positive integer, got {k!r}") from None
+      raise RequestError(400, f"k must be a positive integer, got {_shown(k)}") from None
     if value < 1 or value > self.config.max_k:
-      raise RequestError(400, f"k must be between 1 and {self.config.max_k}, got {value}")
+      raise RequestError(400, f"k must be between 1 and {self.config.max_k}, got {_shown(value)}")
     return value
 
   def check_row(self, row: Any) -> int:
     try:
       value = int(row)
     except (TypeError, ValueError):
-      raise RequestError(400, f"row must be an integer, got {row!r}") from None
+      raise RequestError(400, f"row must be an integer, got {_shown(row)}") from None
     if not 0 <= value < self.rows:
-      raise RequestError(404, f"row {value} is not a row of the index (0..{self.rows - 1})")
+      raise RequestError(404, f"row {_shown(value)} is not a row of the index (0..{self.rows - 1})")
     return value
 
   def _folder(self) -> str | None:
@@ -274,9 +282,10 @@ class Service:
     try:
       data = decode.read_file(real)
     except FileNotFoundError:
-      raise RequestError(404, f"no file {path} in the index's image folder") from None
+      raise RequestError(404, f"no file {_shown(path)} in the index's image folder") from None
     except OSError as e:
-      raise RequestError(400, f"cannot read {path}: {e.strerror or e}") from None
+      raise RequestError(400, f"cannot read {_shown(path)}: {e.strerror or type(e).__name__}"
+                         ) from None
     self.check_size(len(data))
     given = os.path.join(folder, path)
     return Query(k, exclude_self, data=data, name=path, path_row=self._row_of(given, real))
@@ -422,7 +431,7 @@ def _flag(value: str | None, name: str) -> bool:
   v = (value or "").strip().lower()
   if v in _TRUE or v in _FALSE:
     return v in _TRUE
-  raise RequestError(400, f"{name} must be true or false, got {value!r}")
+  raise RequestError(400, f"{name} must be true or false, got {_shown(value)}")
 
 
 def _limited(receive: Callable, limit: int, shown: int) -> Callable:
@@ -511,10 +520,14 @@ def app(service: Service) -> Any:
   async def page(request: Any) -> Any:
     return FileResponse(os.path.join(_STATIC, "index.html"), media_type="text/html")
 
+  async def failed(request: Any, exc: Exception) -> Any:  # a bug: still one line (logged too)
+    return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
+
   return Starlette(routes=[Route("/", page), Route("/api/info", info),
                            Route("/api/search", search_endpoint, methods=["GET", "POST"]),
                            Route("/thumb/{row}", thumb)],
-                   exception_handlers={RequestError: refused, HTTPException: refused})
+                   exception_handlers={RequestError: refused, HTTPException: refused,
+                                       Exception: failed})
 
 
 def bind(host: str, port: int) -> socket.socket:
