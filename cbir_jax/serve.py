@@ -14,7 +14,7 @@ import queue
 import socket
 import threading
 from concurrent.futures import Future
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
