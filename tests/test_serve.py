@@ -136,11 +136,11 @@ def test_concurrent_searches_equal_searches_one_at_a_time(served):
   with _client(server) as c:
     alone = [ask(c, a) for a in work]
   with ThreadPoolExecutor(len(work)) as pool:
-    clients = [_client(server) for _ in work * 3]
-    together = list(pool.map(ask, clients, work * 3))
+    clients = [_client(server) for _ in work * 2]
+    together = list(pool.map(ask, clients, work * 2))
     for c in clients:
       c.close()
-  assert together == alone * 3
+  assert together == alone * 2
   assert [len(r["results"]) for r in alone[:10]] == [1, 9, 10, 4, 10, 3, 7, 2, 9, 5]
 
 
@@ -314,7 +314,7 @@ def test_a_batch_of_searches_equals_each_search_alone():
   db = rng.random((300, 24), dtype=np.float32)
   db[7] = db[5]  # a tie: the lower row first
   asks = [(rng.random(24, dtype=np.float32), ex, k) for ex, k in
-          [(-1, 1), (5, 299), (-1, 17), (42, 3), (-1, 60), (0, 8)]]
+          [(-1, 1), (5, 299), (42, 17), (0, 8)]]
   asks.append((db[5].copy(), -1, 4))
   group = [(v, ex, k, Future()) for v, ex, k in asks]
   Batcher(db)._run(group)
