@@ -280,13 +280,14 @@ class Service:
       raise RequestError(400, "only files inside the index's image folder are read, not URLs")
     real = inside(path, folder)
     try:
+      self.check_size(os.stat(real).st_size)  # before reading: a huge file is not read
       data = decode.read_file(real)
     except FileNotFoundError:
       raise RequestError(404, f"no file {_shown(path)} in the index's image folder") from None
     except OSError as e:
       raise RequestError(400, f"cannot read {_shown(path)}: {e.strerror or type(e).__name__}"
                          ) from None
-    self.check_size(len(data))
+    self.check_size(len(data))  # it may have grown since
     given = os.path.join(folder, path)
     return Query(k, exclude_self, data=data, name=path, path_row=self._row_of(given, real))
 

@@ -203,6 +203,7 @@ def test_hostile_requests_get_4xx_with_one_line_and_the_service_keeps_serving(se
   dir_link = images / "elsewhere"
   os.symlink(outside.parent, dir_link, target_is_directory=True)
   huge = os.urandom(MAX_UPLOAD + 70_000)
+  (images / "things" / "huge.jpg").write_bytes(huge)  # a file of the folder over the limit
 
   def chunks():
     for i in range(0, len(huge), 16384):
@@ -226,6 +227,8 @@ def test_hostile_requests_get_4xx_with_one_line_and_the_service_keeps_serving(se
       (("GET", "/api/search", {"path": f"file://{outside}"}), 403, "outside"),
       (("GET", "/api/search", {"path": "http://127.0.0.1/x.jpg"}), 400, "not URLs"),
       (("GET", "/api/search", {"path": "things/none.jpg"}), 404, "no file"),
+      (("GET", "/api/search", {"path": "things/huge.jpg"}), 413, "exceeds"),
+      (("GET", "/api/search", {"path": "things"}), 400, "Is a directory"),
       (("GET", "/api/search", {"path": "things/a\0b.jpg"}), 400, "NUL"),
       (("GET", "/api/search", {"path": "x" * 5000}), 400, "cannot read 'xxx"),
       (("GET", "/api/search", {"row": 0, "k": "9" * 4000}), 400, "k must be between"),
