@@ -18,6 +18,7 @@ COMMANDS = {
     "classify": "classify",
     "port": "port",
     "dedup": "dedup",
+    "serve": "serve",
 }
 
 
