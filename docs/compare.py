@@ -2,6 +2,7 @@ r"""Tables of docs/results.md made from `launch/evaluate.py --json` files of the
 
   python docs/compare.py paired food7_vgg.json spoc:conv gem:conv      # conv - spoc, ...
   python docs/compare.py dtype food7_vgg.json food7_vgg_bf16.json       # float32 vs bfloat16
+  python docs/compare.py shares out/vgg_food7_f32 [--balance_from=out/vgg_imnet_f32]
 Differences are per query (paired), with their standard error over the queries.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from cbir_jax import evaluation
+from cbir_jax import balance, evaluation
 
 
 _PER_QUERY = ("per_query_hist_distance", "per_query_precision", "per_query_ap")
@@ -71,6 +72,36 @@ def dtype(a: dict[str, Any], b: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def shares(index: str, balance_from: str = "", seed: int = 1) -> str:
+  """Markdown rows: each block's share of Conv's mean L1 before and after balancing.
+
+  The scales are learned (balance.block_scales: seed 0) from `balance_from` or `index`; the
+  shares are measured on another sample of `index`'s pairs (`seed`), so "after" shows how
+  equal they are on pairs the scales were not fitted to.
+  """
+  import cbir_jax
+  from cbir_jax import backbones, store
+
+  name = store.read_manifest(index)["backbone"]
+  dims = backbones.get(name).block_channels
+  x, _ = cbir_jax.load_descriptors(index, "conv")
+  source = balance_from or index
+  scales = balance.block_scales(cbir_jax.load_descriptors(source, "conv")[0] if balance_from
+                                else x, dims, source=source)
+  pairs = balance.sample_pairs(len(x), balance.DEFAULT_NUM_PAIRS, seed)
+  before = balance.block_l1(x, dims, pairs)
+  after = balance.block_l1(balance.apply(x, scales), dims, pairs)
+
+  def pct(m: np.ndarray) -> str:
+    return " / ".join(f"{v / m.sum():.0%}" for v in m)
+
+  return "\n".join([
+      "| index | scales from | blocks | mean L1 before | shares before | scales | shares after "
+      "| mean L1 after |", "|---|---|---|---:|---|---|---|---:|",
+      f"| {index} | {source} | {'+'.join(map(str, dims))} | {before.sum():.4g} | {pct(before)} "
+      f"| {' / '.join(f'{v:.3g}' for v in scales.scales)} | {pct(after)} | {after.sum():.4g} |"])
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="what", required=True)
@@ -81,9 +112,14 @@ def main() -> None:
   d = sub.add_parser("dtype", help="the same kinds in two evaluations (e.g. two dtypes)")
   d.add_argument("a")
   d.add_argument("b")
+  sh = sub.add_parser("shares", help="blocks' shares of Conv's L1, before and after balancing")
+  sh.add_argument("index")
+  sh.add_argument("--balance_from", default="", help="learn the scales from this index")
   args = parser.parse_args()
   if args.what == "paired":
     print(paired(_load(args.json), args.pairs, args.without_label))
+  elif args.what == "shares":
+    print(shares(args.index, args.balance_from))
   else:
     print(dtype(_load(args.a), _load(args.b)))
 
