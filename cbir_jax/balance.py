@@ -10,6 +10,7 @@ weighs FC against Conv as the paper's unweighted L1 does.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -147,6 +148,31 @@ def apply(x: Any, scales: BlockScales) -> np.ndarray:
   return (x.astype(np.float32) * per_column).astype(np.float32)
 
 
+def index_scales(index_dir: str, balance_from: str | None = None, *,
+                 conv: Any = None) -> BlockScales:
+  """The block scales for an extraction output: learned (defaults) from its own conv rows,
+  or from `balance_from`'s, an index of the same backbone.
+
+  Args:
+    index_dir: the index whose rows will be balanced.
+    balance_from: learn from this index instead (scales carry over within one backbone).
+    conv: `index_dir`'s conv rows when the caller has them loaded already.
+  """
+  from cbir_jax import backbones, store  # I/O and the registry only here: the maths stay light
+
+  name = store.read_manifest(index_dir).get("backbone")
+  if balance_from:
+    other = store.read_manifest(balance_from).get("backbone")
+    if other != name:
+      raise ValueError(f"balance_from {balance_from} was extracted with {other!r}, the index "
+                       f"with {name!r}: block scales only carry over within one backbone")
+  source = balance_from or index_dir
+  if conv is None or balance_from:
+    conv, _ = store.load_descriptors(source, "conv")
+  return block_scales(conv, backbones.get(name).block_channels,
+                      source=os.path.abspath(source))
+
+
 def derive(kind: str, stored: dict[str, Any], scales: BlockScales) -> np.ndarray:
   """A derived kind from the stored arrays it needs (see DERIVED_KINDS)."""
   if kind == "conv_balanced":
@@ -158,4 +184,4 @@ def derive(kind: str, stored: dict[str, Any], scales: BlockScales) -> np.ndarray
 
 
 __all__ = ["BlockScales", "DERIVED_KINDS", "apply", "block_edges", "block_l1", "block_scales",
-           "derive", "sample_pairs", "scales_from_l1"]
+           "derive", "index_scales", "sample_pairs", "scales_from_l1"]

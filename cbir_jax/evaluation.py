@@ -443,24 +443,7 @@ def _undefined_reason(labels: np.ndarray, column: str, others: Sequence[str]) ->
           f"rows){hint}")
 
 
-def _balance_scales(index_dir: str, manifest: Mapping[str, Any], conv: Any,
-                    balance_from: str | None) -> balance.BlockScales:
-  """Block scales of the balanced kinds: learned from this index's conv rows, or from
-  `balance_from`'s (an index of the same backbone)."""
-  from cbir_jax import backbones, store
-
-  name = manifest.get("backbone")
-  if balance_from:
-    other = store.read_manifest(balance_from).get("backbone")
-    if other != name:
-      raise ValueError(f"balance_from {balance_from} was extracted with {other!r}, this index "
-                       f"with {name!r}: block scales only carry over within one backbone")
-    conv, _ = store.load_descriptors(balance_from, "conv")
-  dims = backbones.get(name).block_channels
-  return balance.block_scales(conv, dims, source=os.path.abspath(balance_from or index_dir))
-
-
-def _load_kinds(index_dir: str, manifest: Mapping[str, Any], kinds: Sequence[str],
+def _load_kinds(index_dir: str, kinds: Sequence[str],
                 balance_from: str | None
                 ) -> tuple[dict[str, Any], dict[str, np.ndarray], balance.BlockScales | None]:
   """(kind -> rows, metadata, the block scales when a derived kind is asked for)."""
@@ -481,7 +464,8 @@ def _load_kinds(index_dir: str, manifest: Mapping[str, Any], kinds: Sequence[str
         load(need)
       except store.StoreError as e:
         raise ValueError(f"{kind} is made from the stored kind {need}: {e}") from None
-  scales = _balance_scales(index_dir, manifest, stored["conv"], balance_from) if derived else None
+  scales = (balance.index_scales(index_dir, balance_from, conv=stored["conv"]) if derived
+            else None)
   arrays = {k: balance.derive(k, stored, scales) if k in balance.DERIVED_KINDS else load(k)
             for k in kinds}
   return arrays, metas[0], scales
@@ -518,7 +502,7 @@ def evaluate(index_dir: str, *, kinds: Sequence[str] | None = None,
   manifest = store.read_manifest(index_dir)
   images = IndexImages(input_of(manifest), image_root=image_root)
   kinds = list(kinds or manifest["settings"]["kinds"])
-  arrays, meta, scales = _load_kinds(index_dir, manifest, kinds, balance_from)
+  arrays, meta, scales = _load_kinds(index_dir, kinds, balance_from)
   labels, names = labels_from_metadata(meta, label_column)
   keys = [str(p) for p in meta["path"]]
   queries = select_queries(labels, num_queries, seed)

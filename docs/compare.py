@@ -86,8 +86,7 @@ def shares(index: str, balance_from: str = "", seed: int = 1) -> str:
   dims = backbones.get(name).block_channels
   x, _ = cbir_jax.load_descriptors(index, "conv")
   source = balance_from or index
-  scales = balance.block_scales(cbir_jax.load_descriptors(source, "conv")[0] if balance_from
-                                else x, dims, source=source)
+  scales = balance.index_scales(index, balance_from or None, conv=x)
   pairs = balance.sample_pairs(len(x), balance.DEFAULT_NUM_PAIRS, seed)
   before = balance.block_l1(x, dims, pairs)
   after = balance.block_l1(balance.apply(x, scales), dims, pairs)
