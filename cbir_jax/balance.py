@@ -98,21 +98,32 @@ def block_l1(x: Any, block_dims: Sequence[int], pairs: tuple[np.ndarray, np.ndar
   return total / len(i)
 
 
-def scales_from_l1(m: np.ndarray) -> np.ndarray:
-  """s_b = T / (B * m_b), T = sum m_b: equal shares T / B, same total T.
+def scales_from_l1(m: np.ndarray, shares: Sequence[float] | None = None) -> np.ndarray:
+  """s_b = w_b * T / m_b, T = sum m_b: block b gets the share w_b of the same total T.
 
-  A block that never differs (m_b = 0) cannot be balanced; it keeps s_b = 1 (it adds 0
-  either way). All blocks zero gives all ones.
+  Args:
+    m: m_b, each block's mean L1 distance.
+    shares: w_b, the target shares (default: equal, w_b = 1 / B, i.e. s_b = T / (B m_b)).
+
+  A block that never differs (m_b = 0) cannot be scaled to any share; it keeps s_b = 1 (it
+  adds 0 either way) and the other blocks' shares are renormalised to sum to 1. All blocks
+  zero gives all ones.
   """
   m = np.asarray(m, np.float64)
+  w = np.ones_like(m) if shares is None else np.asarray(shares, np.float64)
+  if w.shape != m.shape or (w < 0).any() or not w.sum() > 0:
+    raise ValueError(f"shares must be {len(m)} non-negative numbers, not all 0, got "
+                     f"{w.ravel().tolist()}")
   live = m > 0
-  if not live.any():
+  if not (live & (w > 0)).any():
     return np.ones_like(m)
-  return np.where(live, m.sum() / (live.sum() * np.where(live, m, 1.0)), 1.0)
+  w = np.where(live, w, 0.0) / np.where(live, w, 0.0).sum()
+  return np.where(live, w * m.sum() / np.where(live, m, 1.0), 1.0)
 
 
 def block_scales(x: Any, block_dims: Sequence[int], *, num_pairs: int = DEFAULT_NUM_PAIRS,
-                 seed: int = DEFAULT_SEED, source: str = "") -> BlockScales:
+                 seed: int = DEFAULT_SEED, source: str = "",
+                 shares: Sequence[float] | None = None) -> BlockScales:
   """Learns the per-block scales of balanced Conv from Conv rows.
 
   Args:
@@ -121,6 +132,8 @@ def block_scales(x: Any, block_dims: Sequence[int], *, num_pairs: int = DEFAULT_
     num_pairs: distinct-row pairs sampled (seeded; the same rows give the same scales).
     seed: seed of the pair sample.
     source: recorded with the scales (e.g. the index directory).
+    shares: target share of each block in the mean L1 (default: equal); e.g. more weight
+      on the last block trades colour closeness for class agreement (docs/results.md).
 
   Returns:
     BlockScales; `apply(x, scales)` gives the balanced rows.
@@ -128,7 +141,7 @@ def block_scales(x: Any, block_dims: Sequence[int], *, num_pairs: int = DEFAULT_
   pairs = sample_pairs(x.shape[0], num_pairs, seed)
   m = block_l1(x, block_dims, pairs)
   return BlockScales(block_dims=tuple(int(d) for d in block_dims),
-                     scales=tuple(float(s) for s in scales_from_l1(m)),
+                     scales=tuple(float(s) for s in scales_from_l1(m, shares)),
                      block_l1=tuple(float(v) for v in m), num_pairs=int(num_pairs),
                      seed=int(seed), source=source)
 

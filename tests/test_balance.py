@@ -118,3 +118,21 @@ def test_record_round_trips_and_derived_kinds():
     balance.derive("mac_balanced", {"conv": x}, s)
   with pytest.raises(ValueError, match="the blocks .* make 14"):
     balance.block_scales(x[:, :12], DIMS)
+
+
+def test_target_shares_are_met_on_the_sample_and_zero_drops_a_block():
+  x = unequal_rows()
+  pairs = balance.sample_pairs(len(x), 3000, 0)
+  before = balance.block_l1(x, DIMS, pairs)
+  for shares in ([0.1, 0.2, 0.3, 0.4], [1, 1, 1, 5], [0, 0, 0, 1]):
+    s = balance.block_scales(x, DIMS, num_pairs=3000, seed=0, shares=shares)
+    after = balance.block_l1(balance.apply(x, s), DIMS, pairs)
+    w = np.asarray(shares, float) / sum(shares)
+    np.testing.assert_allclose(after, w * before.sum(), rtol=1e-5, atol=1e-9 * before.sum())
+  # Equal shares given explicitly are the default.
+  assert balance.block_scales(x, DIMS, shares=[2, 2, 2, 2]).scales == \
+      balance.block_scales(x, DIMS).scales
+  with pytest.raises(ValueError, match="shares must be 4 non-negative numbers"):
+    balance.block_scales(x, DIMS, shares=[1, -1, 1, 1])
+  with pytest.raises(ValueError, match="shares must be 4 non-negative numbers"):
+    balance.block_scales(x, DIMS, shares=[1, 1, 1])
