@@ -570,12 +570,12 @@ def format_table(report: Mapping[str, Any]) -> str:
   drawn = ("every labelled row" if report["all_queries"] else
            f"drawn with seed {report['seed']} from {report['num_labelled']} labelled rows")
   hist_head = f"hist dist@{k}"
-  name_width = max(12, *(len(kind) + 1 for kind in report["results"]))  # fc_conv_balanced
+  name_width = max([12, *(len(kind) + 1 for kind in report["results"])])  # fc_conv_balanced
   lines = [f"{report['index']}: {report['backbone']}, {report['num_rows']} rows; labels from "
            f"{report['label_column']!r} ({report['num_labels']} classes)",
            f"{report['num_queries']} queries ({drawn}), each left out of its own ranking",
-           f"{'descriptor':<{name_width}}{'dim':>6}" + "".join(f"{'P@' + str(c):>8}" for c in cutoffs)
-           + f"{'mAP':>8}{hist_head:>14}"]
+           f"{'descriptor':<{name_width}}{'dim':>6}"
+           + "".join(f"{'P@' + str(c):>8}" for c in cutoffs) + f"{'mAP':>8}{hist_head:>14}"]
 
   def num(v: float | None, width: int, digits: int) -> str:
     return f"{'-' if v is None else format(v, f'.{digits}f'):>{width}}"
