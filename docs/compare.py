@@ -120,11 +120,13 @@ def sweep(index: str, last_shares: list[float], label_column: str = "label", k: 
   ev = evaluation.evaluate_arrays(
       arrays, labels, [str(p) for p in meta["path"]], k=k, random_baseline=False,
       queries=evaluation.select_queries(labels, None, 0), images=IndexImages(input_of(manifest)))
-  lines = [f"| last block's share of Conv's L1 | hist dist@{k} | P@1 | P@5 | P@10 | mAP |",
-           "|---:|---:|---:|---:|---:|---:|"]
+  cutoffs = [c for c in evaluation.PRECISION_CUTOFFS if c in ev.cutoffs]  # 10 < N only
+  lines = [f"| last block's share of Conv's L1 | hist dist@{k} | "
+           + " | ".join(f"P@{c}" for c in cutoffs) + " | mAP |",
+           "|---:|---:|" + "---:|" * (len(cutoffs) + 1)]
   for r in ev.results:
     lines.append(f"| {r.kind} | {r.hist_distance:.4f} | " + " | ".join(
-        f"{r.precision[c]:.3f}" for c in (1, 5, 10)) + f" | {r.mean_ap:.3f} |")
+        f"{r.precision[c]:.3f}" for c in cutoffs) + f" | {r.mean_ap:.3f} |")
   return "\n".join(lines)
 
 

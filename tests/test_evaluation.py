@@ -365,3 +365,20 @@ def test_balanced_kind_errors(tiny_index, tmp_path):
     ev.evaluate(str(other), kinds=["fc_conv_balanced"], k=2)
   with pytest.raises(ValueError, match="only carry over within one backbone"):
     ev.evaluate(tiny_index, kinds=["conv_balanced"], k=2, balance_from=str(other))
+
+
+def test_docs_sweep_at_equal_shares_is_conv_balanced(tiny_index):
+  """docs/compare.py's sweep (results.md part 8): w = 1 / B gives conv_balanced's row."""
+  import importlib.util
+  import pathlib
+
+  path = pathlib.Path(__file__).resolve().parents[1] / "docs" / "compare.py"
+  spec = importlib.util.spec_from_file_location("docs_compare", path)
+  compare = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(compare)
+  rows = compare.sweep(tiny_index, [0.2, 1.0], k=2).splitlines()
+  r = ev.evaluate(tiny_index, kinds=["conv_balanced"], k=2)["results"]["conv_balanced"]
+  expect = [f"{r['hist_distance']:.4f}"] + [f"{r['precision'][c]:.3f}" for c in ("1", "5")]
+  cells = [c.strip() for c in rows[2].strip("|").split("|")]
+  assert cells[0] == "20%" and cells[1:4] == expect and cells[-1] == f"{r['map']:.3f}"
+  assert rows[3].startswith("| 100% |")
