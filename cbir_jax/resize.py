@@ -1,0 +1,81 @@
+"""Pillow's BILINEAR resize as pure jnp: images in fixed-size canvases -> network input size.
+
+The host decodes each image into the top-left corner of a uint8 canvas and sends its height
+and width with it; the step builds per-image separable weight matrices from those sizes
+(traced as data, so no size recompiles) and resizes on the device.
+
+Reference: Pillow's `src/libImaging/Resample.c` (`precompute_coeffs`, `normalize_coeffs_8bpc`,
+`ImagingResampleHorizontal_8bpc` / `Vertical_8bpc`), which `Image.resize(size, BILINEAR)` runs
+with reducing_gap None: a horizontal pass, rounding to uint8, then a vertical pass.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Pillow applies its float coefficients as 22-bit fixed point (32 bits minus 8 for the pixel
+# and 2 for overflow); quantising ours the same way removes most one-level rounding differences.
+PRECISION_BITS = 22
+
+
+def bilinear_weights(in_size: jax.Array, out_size: int, extent: int) -> jax.Array:
+  """Pillow's BILINEAR taps for one axis, as a dense matrix [out_size, extent] (float32).
+
+  Output pixel i takes input pixels x < `in_size` with weight
+  `max(0, 1 - |x + 0.5 - c_i| / s)`, where `c_i = (i + 0.5) * scale`, `scale = in_size /
+  out_size` and `s = max(scale, 1)` (the triangle widens when shrinking: antialiasing), each
+  row renormalised to sum 1. Pillow's tap window [round(c - s), round(c + s)) clipped to
+  [0, in_size) is exactly where this triangle is non-zero, so the dense form has the same
+  taps; columns from `in_size` to `extent` (canvas padding) get weight 0.
+
+  Args:
+    in_size: the image's length on this axis (traced int scalar, >= 1; 0 gives a zero row).
+    out_size: output length (static).
+    extent: the canvas length on this axis (static, >= in_size).
+  """
+  # The distance from tap x to centre i, over the support, in integers until one division:
+  # |(x + 0.5) - (i + 0.5) * n / out| / max(n / out, 1) = |(2x + 1) out - (2i + 1) n| /
+  # (2 max(n, out)). float32 arithmetic on the centre itself is off by ~n * 6e-8 pixels,
+  # which moves Pillow's 22-bit coefficients by up to ~80 units.
+  n = jnp.asarray(in_size, jnp.int32)
+  i = jnp.arange(out_size, dtype=jnp.int32)
+  x = jnp.arange(extent, dtype=jnp.int32)
+  num = jnp.abs((2 * x[None, :] + 1) * out_size - (2 * i[:, None] + 1) * n)
+  den = 2 * jnp.maximum(n, out_size)
+  w = jnp.maximum(0.0, 1.0 - num.astype(jnp.float32) / den.astype(jnp.float32))
+  w = jnp.where(x[None, :] < n, w, 0.0)
+  total = jnp.sum(w, axis=1, keepdims=True)
+  w = jnp.where(total > 0, w / jnp.where(total > 0, total, 1.0), 0.0)
+  one = float(1 << PRECISION_BITS)
+  return jnp.round(w * one) / one  # w >= 0: Pillow's (int)(0.5 + w * 2^22)
+
+
+def _to_uint8(x: jax.Array) -> jax.Array:
+  """Pillow's clip8 after its + 2^21 rounding term: floor(x + 0.5) clipped to 0..255."""
+  return jnp.clip(jnp.floor(x + 0.5), 0, 255)
+
+
+def resize_canvases(canvases: jax.Array, sizes: jax.Array, out_size: tuple[int, int]
+                    ) -> jax.Array:
+  """Resizes each image in its canvas to `out_size` as Pillow's BILINEAR does.
+
+  Args:
+    canvases: uint8 [N, CH, CW, C]; image n occupies [:sizes[n, 0], :sizes[n, 1]].
+    sizes: int32 [N, 2], (height, width) of each image; a zero size (padding, failure) gives
+      a black image.
+    out_size: (height, width) of the output (static).
+
+  Returns:
+    uint8 [N, out_h, out_w, C].
+  """
+  out_h, out_w = out_size
+  _, ch, cw, _ = canvases.shape
+  wy = jax.vmap(lambda n: bilinear_weights(n, out_h, ch))(sizes[:, 0])  # [N, out_h, CH]
+  wx = jax.vmap(lambda n: bilinear_weights(n, out_w, cw))(sizes[:, 1])  # [N, out_w, CW]
+  x = canvases.astype(jnp.float32)
+  # HIGHEST: on GPUs the default float32 matmul may run in TF32 (10-bit mantissa), far too
+  # coarse for results that must round to the same uint8 as Pillow's.
+  hi = jax.lax.Precision.HIGHEST
+  x = _to_uint8(jnp.einsum("nyxc,njx->nyjc", x, wx, precision=hi))  # horizontal pass first
+  x = _to_uint8(jnp.einsum("nyjc,niy->nijc", x, wy, precision=hi))
+  return x.astype(jnp.uint8)
