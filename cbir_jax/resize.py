@@ -13,9 +13,21 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from cbir_jax.choices import RESIZE_MODES
+
 # Pillow applies its float coefficients as 22-bit fixed point (32 bits minus 8 for the pixel
 # and 2 for overflow); quantising ours the same way removes most one-level rounding differences.
 PRECISION_BITS = 22
+# "auto" per platform (`jax.default_backend()`), from docs/resize.md: on the CPU backend the
+# dense resize costs more CPU than Pillow's on the host; accelerators take the work off the host.
+AUTO: dict[str, str] = {"cpu": "host"}
+
+
+def resolve(mode: str, platform: str) -> str:
+  """"device" or "host" for a resize setting ("auto", "device", "host") on `platform`."""
+  if mode not in RESIZE_MODES:
+    raise ValueError(f"resize must be one of {RESIZE_MODES}, got {mode!r}")
+  return AUTO.get(platform, "device") if mode == "auto" else mode
 
 
 def bilinear_weights(in_size: jax.Array, out_size: int, extent: int) -> jax.Array:
