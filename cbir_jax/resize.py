@@ -6,12 +6,14 @@ and width with it; the step builds per-image separable weight matrices from thos
 
 Reference: Pillow's `src/libImaging/Resample.c` (`precompute_coeffs`, `normalize_coeffs_8bpc`,
 `ImagingResampleHorizontal_8bpc` / `Vertical_8bpc`), which `Image.resize(size, BILINEAR)` runs
-with reducing_gap None: a horizontal pass, rounding to uint8, then a vertical pass.
+with reducing_gap None: a horizontal pass, rounding to uint8, then a vertical pass (Pillow 13
+swaps the order for some shapes: `vertical_first`).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import PIL
 
 from cbir_jax.choices import RESIZE_MODES
 
@@ -21,6 +23,8 @@ PRECISION_BITS = 22
 # "auto" per platform (`jax.default_backend()`), from docs/resize.md: on the CPU backend the
 # dense resize costs more CPU than Pillow's on the host; accelerators take the work off the host.
 AUTO: dict[str, str] = {"cpu": "host"}
+# Pillow >= 13 picks the pass order per image (`vertical_first`); earlier ones never do.
+VERTICAL_FIRST_RULE = int(PIL.__version__.split(".")[0]) >= 13
 
 
 def resolve(mode: str, platform: str) -> str:
@@ -67,6 +71,32 @@ def _to_uint8(x: jax.Array) -> jax.Array:
   return jnp.clip(jnp.floor(x + 0.5), 0, 255)
 
 
+def vertical_first(sizes: jax.Array, out_size: tuple[int, int]) -> jax.Array:
+  """Per image, whether Pillow runs the vertical pass first (bool [N]).
+
+  Resample.c up to Pillow 12 always runs the horizontal pass first. Pillow 13.0.0 (the one
+  installed here) runs the vertical pass first when the height shrinks by more than twice
+  what the width shrinks: `h > out_h and h - out_h > 2 * (w - out_w)`; this rule matched
+  every one of 1,248 shapes probed (docs/resize.md). The order moves intermediate rounding:
+  the wrong one leaves ~20% of values one level off.
+  """
+  h, w = sizes[:, 0], sizes[:, 1]
+  if not VERTICAL_FIRST_RULE:
+    return jnp.zeros(h.shape, bool)
+  out_h, out_w = out_size
+  return (h > out_h) & (h - out_h > 2 * (w - out_w))
+
+
+def _two_passes(x: jax.Array, first: jax.Array, second: jax.Array) -> jax.Array:
+  """Pass along axis 2 with `first` [N, A, X], round to uint8, along axis 1 with `second`
+  [N, B, Y], round: float32 [N, B, A, C] holding uint8 values."""
+  # HIGHEST: on GPUs the default float32 matmul may run in TF32 (10-bit mantissa), far too
+  # coarse for results that must round to the same uint8 as Pillow's.
+  hi = jax.lax.Precision.HIGHEST
+  x = _to_uint8(jnp.einsum("nyxc,njx->nyjc", x, first, precision=hi))
+  return _to_uint8(jnp.einsum("nyjc,niy->nijc", x, second, precision=hi))
+
+
 def resize_canvases(canvases: jax.Array, sizes: jax.Array, out_size: tuple[int, int]
                     ) -> jax.Array:
   """Resizes each image in its canvas to `out_size` as Pillow's BILINEAR does.
@@ -82,12 +112,20 @@ def resize_canvases(canvases: jax.Array, sizes: jax.Array, out_size: tuple[int, 
   """
   out_h, out_w = out_size
   _, ch, cw, _ = canvases.shape
+  flip = vertical_first(sizes, out_size)
+  x = canvases.astype(jnp.float32)
+  tr = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731
+  pick = lambda a, b: jnp.where(flip[:, None, None, None], a, b)  # noqa: E731
+  if out_h == out_w and ch == cw:
+    # Vertical first on an image is horizontal first on its transpose, transposed back: with
+    # square canvases and output both orders share one pair of passes.
+    x = pick(tr(x), x)
+    hs, ws = jnp.where(flip, sizes[:, 1], sizes[:, 0]), jnp.where(flip, sizes[:, 0], sizes[:, 1])
+    wy = jax.vmap(lambda n: bilinear_weights(n, out_h, ch))(hs)
+    wx = jax.vmap(lambda n: bilinear_weights(n, out_w, cw))(ws)
+    y = _two_passes(x, wx, wy)
+    return pick(tr(y), y).astype(jnp.uint8)
   wy = jax.vmap(lambda n: bilinear_weights(n, out_h, ch))(sizes[:, 0])  # [N, out_h, CH]
   wx = jax.vmap(lambda n: bilinear_weights(n, out_w, cw))(sizes[:, 1])  # [N, out_w, CW]
-  x = canvases.astype(jnp.float32)
-  # HIGHEST: on GPUs the default float32 matmul may run in TF32 (10-bit mantissa), far too
-  # coarse for results that must round to the same uint8 as Pillow's.
-  hi = jax.lax.Precision.HIGHEST
-  x = _to_uint8(jnp.einsum("nyxc,njx->nyjc", x, wx, precision=hi))  # horizontal pass first
-  x = _to_uint8(jnp.einsum("nyjc,niy->nijc", x, wy, precision=hi))
-  return x.astype(jnp.uint8)
+  y = _two_passes(x, wx, wy)  # other shapes: both orders, each image takes Pillow's
+  return pick(tr(_two_passes(tr(x), wy, wx)), y).astype(jnp.uint8)

@@ -81,12 +81,16 @@ def test_identity_size_is_exact_and_zero_size_is_black():
   assert not got[1].any()  # size 0 x 0 (padding, failure): black, not NaN garbage
 
 
-@pytest.mark.parametrize("h,w", [(375, 500), (500, 333), (100, 80), (31, 600), (640, 640)])
-def test_random_images_against_pillow(h, w):
+@pytest.mark.parametrize("h,w,out", [
+    (375, 500, (224, 224)), (500, 333, (224, 224)), (100, 80, (224, 224)), (31, 600, (224, 224)),
+    (640, 640, (224, 224)), (600, 200, (224, 224)), (500, 333, (160, 300)), (300, 500, (300, 160)),
+    (500, 600, (160, 300))])
+def test_random_images_against_pillow(h, w, out):
   a = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), dtype=np.uint8)
-  d = np.abs(_device([a], (224, 224), 640)[0].astype(int) - _pillow(a, (224, 224)))
-  # Pillow 13 runs some shapes vertical pass first (docs/resize.md): off by one at most.
-  assert d.max() <= 1 and d.mean() <= MEAN_TOL
+  d = np.abs(_device([a], out, 640)[0].astype(int) - _pillow(a, out))
+  # Float32 sums against Pillow's 32-bit integer ones: at most one level, rarely (ties). The
+  # other pass order than Pillow's would put ~20% of values one level off.
+  assert d.max() <= 1 and (d > 0).mean() < 0.03
 
 
 def test_photos_against_pillow_within_tolerance():
