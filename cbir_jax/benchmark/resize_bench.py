@@ -2,12 +2,13 @@ r"""Device resize figures (issue 17 item 1): pixels against Pillow, the host's b
 against Pillow direct, the step's CPU cost with each resize, and food7 retrieval with each.
 
   PYTHONPATH=. python -m cbir_jax.benchmark.resize_bench --data=../shared/data \
-      --parts=pixels,reduce,step,food7
+      --parts=pixels,reduce,step,food7,host
 Prints one line per figure and the whole result as JSON on the last line.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import time
@@ -17,7 +18,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from cbir_jax import backbones, canvas, evaluation, inference, input_pipeline, resize
+from cbir_jax import backbones, canvas, decode, evaluation, inference, input_pipeline, resize
 from cbir_jax import weights as weights_lib
 from cbir_jax.benchmark import photos
 from cbir_jax.benchmark.pipeline import cpu_seconds
@@ -67,6 +68,34 @@ def reduce_vs_direct(sources: Sequence[str], *, side: int = 4000) -> dict[str, A
     hist += np.bincount(np.abs(got.astype(np.int16) - ref).ravel(), minlength=256)
   return {**_summary(hist), "images": len(sources), "size": f"{side}x{side * 3 // 4}",
           "box_factors": sorted(set(factors))}
+
+
+def host_costs(paths: Sequence[str], *, rounds: int = 3) -> dict[str, Any]:
+  """Single-thread CPU ms per image of the host's share, alternated, medians over rounds: the
+  JPEG decode alone (draft, `load`), the product's host path (decode + resize) and its
+  canvas path (decode + placement). The decode alone is the floor of the canvas path."""
+  datas = [input_pipeline.read_file(p) for p in paths]
+
+  def load(d: bytes) -> None:
+    with Image.open(io.BytesIO(d)) as img:
+      img.draft("RGB", (SIZE, SIZE))
+      img.load()
+
+  fns = {"decode_only": load, "host_resize": lambda d: decode.decode_image(d, SIZE),
+         "canvas": lambda d: canvas.decode_placed(d, SIZE)}
+  ms: dict[str, list[float]] = {k: [] for k in fns}
+  names = list(fns)
+  for r in range(rounds):
+    for j in range(len(names)):
+      name = names[(j + r) % len(names)]
+      c = time.process_time()
+      for d in datas:
+        fns[name](d)
+      ms[name].append(1e3 * (time.process_time() - c) / len(datas))
+  out: dict[str, Any] = {f"{k}_cpu_ms": float(np.median(v)) for k, v in ms.items()}
+  out["canvas_over_host"] = out["canvas_cpu_ms"] / out["host_resize_cpu_ms"]
+  out["decode_only_over_host"] = out["decode_only_cpu_ms"] / out["host_resize_cpu_ms"]
+  return {"images": len(paths), **out}
 
 
 def _cpu_per_call(fn: Callable[[], Any]) -> tuple[float, float]:
@@ -146,7 +175,7 @@ def food7(folder: str, *, batch: int = 32, model: str = "efficientnet_lite0") ->
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--data", default="../shared/data")
-  ap.add_argument("--parts", default="pixels,reduce,step,food7")
+  ap.add_argument("--parts", default="pixels,reduce,step,food7,host")
   ap.add_argument("--phone_images", type=int, default=100)
   ap.add_argument("--photo_root", default=None)
   args = ap.parse_args(argv)
@@ -164,6 +193,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                           args.phone_images), args.photo_root)
       out["pixels_phone"] = pixels(phone)
       print("pixels phone-size:", out["pixels_phone"], flush=True)
+  if "host" in parts:
+    out["host_imagenet"] = host_costs(imagenet[:256])
+    print("host CPU per image, imagenet-sample:", out["host_imagenet"], flush=True)
+    if args.phone_images:
+      phone = photos.make(photos.PhotoSet(tuple(imagenet[:args.phone_images]),
+                                          args.phone_images), args.photo_root)
+      out["host_phone"] = host_costs(phone)
+      print("host CPU per image, phone-size:", out["host_phone"], flush=True)
   if "reduce" in parts:
     out["reduce"] = reduce_vs_direct(imagenet[:8])
     print("host box reduction vs Pillow direct:", out["reduce"], flush=True)
