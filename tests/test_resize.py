@@ -193,3 +193,45 @@ def test_resolve_per_platform():
   assert resize.resolve("device", "cpu") == "device"
   with pytest.raises(ValueError, match="resize must be one of"):
     resize.resolve("gpu", "cpu")
+
+
+def _encoded(img: Image.Image, fmt: str, **kw) -> bytes:
+  buf = io.BytesIO()
+  img.save(buf, format=fmt, **kw)
+  return buf.getvalue()
+
+
+def test_every_colour_mode_and_exif_rotation_match_the_host_path(tmp_path):
+  """The canvas path converts modes and turns EXIF-rotated photos exactly as the host path:
+  same rows, sizes and reasons, and device-resized pixels within one level of Pillow's."""
+  rng = np.random.default_rng(5)
+  rgb = Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8))
+  exif = Image.Exif()
+  exif[0x0112] = 6  # shown rotated by 90 degrees: 50 wide, 70 high
+  i16 = Image.fromarray(rng.integers(0, 65535, (40, 30), dtype=np.uint16))
+  files = {
+      "grey.jpg": _encoded(rgb.convert("L"), "JPEG"),
+      "palette.png": _encoded(rgb.convert("P"), "PNG"),
+      "rgba.png": _encoded(rgb.convert("RGBA"), "PNG"),
+      "la.png": _encoded(rgb.convert("LA"), "PNG"),
+      "cmyk.jpg": _encoded(rgb.convert("CMYK"), "JPEG"),
+      "i16.png": _encoded(i16, "PNG"),
+      "rotated.jpg": _encoded(rgb, "JPEG", exif=exif),
+      "empty.jpg": b"",
+      "truncated.jpg": _encoded(rgb, "JPEG")[:300],
+  }
+  for name, data in files.items():
+    (tmp_path / name).write_bytes(data)
+  keys = [str(tmp_path / n) for n in sorted(files)]
+  kw = dict(image_size=24, batch_size=len(keys), num_workers=0)
+  (host,) = ip.image_batches(keys, **kw)
+  (dev,) = ip.image_batches(keys, buckets=(80,), **kw)
+  assert host.error == dev.error and sum(bool(e) for e in dev.error) == 2
+  for f in ("width", "height", "ok"):
+    np.testing.assert_array_equal(getattr(host, f), getattr(dev, f))
+  rot = sorted(files).index("rotated.jpg")
+  # Stored 70x50, drafted to 35x25 (1/2 is still >= 24), shown turned: 25 wide, 35 high.
+  assert dev.sizes[rot].tolist() == [35, 25] and (dev.width[rot], dev.height[rot]) == (50, 70)
+  got = np.asarray(_resize(dev.images, dev.sizes, (24, 24)))
+  diff = np.abs(got.astype(int) - host.images)
+  assert diff[dev.ok].max() <= 1 and not got[~dev.ok].any()
