@@ -172,7 +172,8 @@ def classify_folder(images: str | os.PathLike, *, model: str = backbones.DEFAULT
     draft: reduced-scale JPEG decoding (the extraction job's default); False decodes in
       full, as the reference accuracy was measured (weights/README.md).
     resize_on: "host", "device" or "auto" (`ClassifyConfig.resize`).
-    log: receives a warning line (labels CSV rows without an image).
+    log: receives a warning line (labels CSV rows without an image) and, with the device
+      resize, the canvas sides that ran.
 
   Returns:
     Per-image predictions in path order, and top-1/top-5 over labelled images.
@@ -215,10 +216,12 @@ def classify_folder(images: str | os.PathLike, *, model: str = backbones.DEFAULT
   params = sharding.replicate(params, mesh)
 
   predictions: list[Prediction] = []
+  buckets_ran: dict[int, int] = {}  # canvas side -> batches (which compiled step ran)
   for batch in input_pipeline.image_batches([r.key for r in records], image_size=size,
                                             batch_size=batch_size, draft=draft,
                                             buckets=canvas.BUCKETS if on_device else None):
     inputs = (batch.images, batch.sizes) if on_device else (batch.images,)
+    buckets_ran[batch.bucket] = buckets_ran.get(batch.bucket, 0) + 1
     probs, top = (np.asarray(a) for a in step(params, *inputs))
     for row in np.flatnonzero(batch.valid):
       i = int(batch.index[row])
@@ -226,6 +229,8 @@ def classify_folder(images: str | os.PathLike, *, model: str = backbones.DEFAULT
       predictions.append(Prediction(
           file=rel[i], top=tuple(int(c) for c in top[row]) if ok else (), label=label[i],
           error=batch.error[row], scores=tuple(float(p) for p in probs[row]) if ok else ()))
+  if on_device and log is not None:
+    log(f"resized on the device; batches per canvas side: {dict(sorted(buckets_ran.items()))}")
   scored = [p for p in predictions if p.label >= 0]
   n = len(scored)
   hit1 = sum(bool(p.top) and p.top[0] == p.label for p in scored)
