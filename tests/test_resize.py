@@ -235,3 +235,19 @@ def test_every_colour_mode_and_exif_rotation_match_the_host_path(tmp_path):
   got = np.asarray(_resize(dev.images, dev.sizes, (24, 24)))
   diff = np.abs(got.astype(int) - host.images)
   assert diff[dev.ok].max() <= 1 and not got[~dev.ok].any()
+
+
+def test_sizes_are_data_one_compile_per_bucket():
+  traces = []
+
+  def fn(canvases, sizes):
+    traces.append(canvases.shape)  # runs once per trace, i.e. per compile
+    return resize.resize_canvases(canvases, sizes, (16, 16))
+
+  step = jax.jit(fn)
+  rng = np.random.default_rng(0)
+  for side, sizes in [(32, [[32, 20], [7, 9]]), (32, [[1, 1], [0, 0]]), (64, [[50, 64], [3, 60]]),
+                      (32, [[16, 16], [31, 2]])]:
+    c = rng.integers(0, 256, (2, side, side, 3), dtype=np.uint8)
+    step(c, np.array(sizes, np.int32))
+  assert traces == [(2, 32, 32, 3), (2, 64, 64, 3)]
