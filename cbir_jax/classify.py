@@ -134,7 +134,8 @@ def top_k_fn(backbone: backbones.Backbone, preprocessing: pp.Preprocessing, *,
 def top_k_canvas_fn(backbone: backbones.Backbone, preprocessing: pp.Preprocessing, *,
                     image_size: int, dtype: Any = jnp.float32, k: int = TOP_K
                     ) -> Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
-  """`top_k_fn` behind the device resize: `(params, canvases, sizes) -> (probabilities, classes)`."""
+  """`top_k_fn` behind the device resize: `(params, canvases, sizes) -> (probabilities,
+  classes)`, each image resized from its canvas as Pillow's BILINEAR does."""
   step = top_k_fn(backbone, preprocessing, dtype=dtype, k=k)
 
   def canvas_step(params: Any, canvases: jax.Array, sizes: jax.Array
