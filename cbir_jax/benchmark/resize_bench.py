@@ -2,7 +2,7 @@ r"""Device resize figures (issue 17 item 1): pixels against Pillow, the host's b
 against Pillow direct, the step's CPU cost with each resize, and food7 retrieval with each.
 
   PYTHONPATH=. python -m cbir_jax.benchmark.resize_bench --data=../shared/data \
-      --parts=pixels,reduce,step,food7,host
+      --parts=pixels,reduce,step,food7,host   # also: order (Pillow's pass order)
 Prints one line per figure and the whole result as JSON on the last line.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+import PIL
 from PIL import Image
 
 from cbir_jax import backbones, canvas, decode, evaluation, inference, input_pipeline, resize
@@ -96,6 +97,26 @@ def host_costs(paths: Sequence[str], *, rounds: int = 3) -> dict[str, Any]:
   out["canvas_over_host"] = out["canvas_cpu_ms"] / out["host_resize_cpu_ms"]
   out["decode_only_over_host"] = out["decode_only_cpu_ms"] / out["host_resize_cpu_ms"]
   return {"images": len(paths), **out}
+
+
+def pass_order(*, step: int = 37, outs: Sequence[tuple[int, int]] = ((224, 224), (160, 300))
+               ) -> dict[str, Any]:
+  """Which pass Pillow runs first, probed on a grid of input shapes, against
+  `resize.vertical_first`: an image resized in one call equals exactly one of the two
+  orders done as two single-axis resizes (each rounds to uint8 in between)."""
+  rng = np.random.default_rng(0)
+  shapes = agree = 0
+  for oh, ow in outs:
+    for h in range(40, 1000, step):
+      for w in range(40, 1000, step + 4):
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        ref = np.asarray(img.resize((ow, oh), Image.BILINEAR))
+        h_first = np.asarray(img.resize((ow, h), Image.BILINEAR).resize((ow, oh), Image.BILINEAR))
+        v_first = bool(np.any(h_first != ref))
+        rule = bool(resize.vertical_first(np.array([[h, w]]), (oh, ow))[0])
+        shapes += 1
+        agree += v_first == rule
+  return {"shapes": shapes, "rule_agrees": agree, "pillow": PIL.__version__}
 
 
 def _cpu_per_call(fn: Callable[[], Any]) -> tuple[float, float]:
@@ -193,6 +214,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                           args.phone_images), args.photo_root)
       out["pixels_phone"] = pixels(phone)
       print("pixels phone-size:", out["pixels_phone"], flush=True)
+  if "order" in parts:
+    out["order"] = pass_order()
+    print("Pillow pass order vs resize.vertical_first:", out["order"], flush=True)
   if "host" in parts:
     out["host_imagenet"] = host_costs(imagenet[:256])
     print("host CPU per image, imagenet-sample:", out["host_imagenet"], flush=True)
