@@ -251,3 +251,14 @@ def test_sizes_are_data_one_compile_per_bucket():
     c = rng.integers(0, 256, (2, side, side, 3), dtype=np.uint8)
     step(c, np.array(sizes, np.int32))
   assert traces == [(2, 32, 32, 3), (2, 64, 64, 3)]
+
+
+def test_resize_bench_pixels_and_pass_order_on_a_small_grid():
+  from cbir_jax.benchmark import resize_bench
+
+  paths = [str(p) for p in sorted(SAMPLES.glob("*.jpg"))[:4]]
+  px = resize_bench.pixels(paths, batch=2)
+  assert px["values"] == 4 * 224 * 224 * 3 and sum(px["batches_per_bucket"].values()) == 2
+  assert px["mean_abs"] <= MEAN_TOL and px["p99_9"] <= P999_TOL
+  order = resize_bench.pass_order(step=230, outs=((224, 224),))
+  assert order["shapes"] == 25 and order["rule_agrees"] == 25
