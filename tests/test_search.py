@@ -315,3 +315,90 @@ def test_the_query_layer_does_not_import_the_job():
                        timeout=120, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip() == "[]"
+
+
+# --- an index in memory-mapped parts, float32 and float16, over 8 devices ---------------------
+
+
+class LazyParts:
+  """A lazy concatenation of memory-mapped .npy parts, as the index format may hand out:
+  numpy-like row slicing reads only the parts a slice covers. Records every slice asked."""
+
+  def __init__(self, paths):
+    self.parts = [np.load(p, mmap_mode="r") for p in paths]
+    self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+    self.shape = (int(self.starts[-1]), self.parts[0].shape[1])
+    self.dtype = self.parts[0].dtype
+    self.slices = []
+
+  def __getitem__(self, key):
+    assert isinstance(key, slice) and key.step is None, f"only row slices, got {key!r}"
+    start, stop, _ = key.indices(self.shape[0])
+    self.slices.append((start, stop))
+    pieces = []
+    for part, first in zip(self.parts, self.starts[:-1]):
+      a, b = max(start, first), min(stop, first + len(part))
+      if a < b:
+        pieces.append(part[a - first:b - first])
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+def _parts(tmp_path, db, sizes):
+  paths, start = [], 0
+  for j, size in enumerate(sizes):
+    paths.append(tmp_path / f"part-{j}.npy")
+    np.save(paths[-1], db[start:start + size])
+    start += size
+  assert start == len(db)
+  return LazyParts(paths)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_index_in_parts_on_eight_devices_equals_the_numpy_reference(tmp_path, dtype):
+  assert len(jax.local_devices()) == 8
+  rng = np.random.default_rng(7)
+  exact = rng.random((701, 33), dtype=np.float32) * 4  # non-negative, like descriptors
+  stored = exact.astype(dtype)
+  db = _parts(tmp_path, stored, [250, 13, 438])  # blocks straddle the parts
+  q = rng.random((9, 33), dtype=np.float32) * 4
+  r = search.l1_topk(q, db, 7, tile=8, block_rows=128)
+  assert all(b - a <= 128 for a, b in db.slices) and len(db.slices) >= 6
+  # Against the stored values read as float32: the device sums the same float32 values
+  # in another order, so distances agree to float32 summation rounding (D = 33 terms);
+  # random floats have gaps far above that, so the ranking is the same.
+  d_ref, i_ref = brute_force(q, stored.astype(np.float32), 7)
+  np.testing.assert_array_equal(r.indices, i_ref)
+  np.testing.assert_allclose(r.distances, d_ref, rtol=1e-5)
+  # Against the float32 values before storage: float16 rounds each value by at most
+  # 2^-11 of itself (its unit roundoff; all values are normal here), so | |q-x16| - |q-x| |
+  # <= 2^-11 |x| and a distance (L1 / D) moves by at most 2^-11 mean|x| of its row.
+  u = 2.0 ** -11 if dtype == np.float16 else 0.0
+  move = u * np.abs(exact).mean(axis=1) + 1e-6
+  d_exact, i_exact = brute_force(q, exact, 7)
+  true_d = np.abs(q[:, None, :].astype(np.float64) - exact[r.indices]).sum(-1) / 33
+  assert np.all(np.abs(r.distances - true_d) <= move[r.indices])
+  # Every returned row is a true top-7 row unless it lies within the rounding of the 7th.
+  assert np.all(true_d <= d_exact[:, -1:] + 2 * move.max())
+  if dtype == np.float32:
+    np.testing.assert_array_equal(r.indices, i_exact)
+
+
+def test_float16_parts_are_not_copied_to_float32_on_the_host(tmp_path):
+  import tracemalloc
+
+  rng = np.random.default_rng(8)
+  db16 = (rng.random((4096, 64), dtype=np.float32)).astype(np.float16)
+  db = _parts(tmp_path, db16, [4096])
+  q = rng.random((3, 64), dtype=np.float32)
+  search.l1_topk(q, db, 5, tile=64, block_rows=2048)  # compile outside the measurement
+  tracemalloc.start()
+  try:
+    r = search.l1_topk(q, db, 5, tile=64, block_rows=2048)
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  # NumPy reports its buffers to tracemalloc: a float32 copy of one 2048-row block is
+  # 512 KiB (of all 4096 rows 1 MiB); a float16 memory-mapped slice allocates nothing.
+  assert peak < 2048 * 64 * 4 // 2, peak
+  d_ref, i_ref = brute_force(q, db16.astype(np.float32), 5)
+  np.testing.assert_array_equal(r.indices, i_ref)
