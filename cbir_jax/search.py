@@ -327,9 +327,11 @@ def l1_topk(queries: Any, database: Any, k: int, *, tile: int = 512, query_tile:
 
   Exact search: distances ascending, ties to the lower database index. The
   database may be a NumPy array, a memory-mapped array (`np.load(...,
-  mmap_mode="r")`, `store.load_descriptors`) or anything sliceable with a
-  shape; it is read in blocks of `block_rows` rows, so it never has to fit on
-  the device (or in host memory).
+  mmap_mode="r")`, `store.load_descriptors`, a lazy concatenation of parts) or
+  anything with a shape that gives rows by slicing `x[a:b]`; it is read in blocks
+  of `block_rows` rows, each block split over the mesh's devices, so it never has
+  to fit on one device (or in host memory). float16 and bfloat16 databases are
+  read and sent as they are stored, and cast to float32 on the device.
 
   Args:
     queries: [Q, D] query descriptors.
