@@ -402,3 +402,68 @@ def test_float16_parts_are_not_copied_to_float32_on_the_host(tmp_path):
   assert peak < 2048 * 64 * 4 // 2, peak
   d_ref, i_ref = brute_force(q, db16.astype(np.float32), 5)
   np.testing.assert_array_equal(r.indices, i_ref)
+
+
+# --- names: commas in --query, control characters in what is shown (issue 18 item 4) ----------
+
+
+def test_query_names_split_only_unambiguous_comma_lists(tmp_path):
+  a, b, ab = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "a.png,b.png"
+  for p in (a, b, ab):
+    p.write_bytes(b"x")
+  c = tmp_path / "c,d.png"
+  c.write_bytes(b"x")
+  # A file named with a comma is one name even where its pieces are files too.
+  assert query.query_names([str(ab)]) == [str(ab)]
+  assert query.query_names([str(c), str(a)]) == [str(c), str(a)]
+  assert query.query_names(f"{a},{b}") == [str(a), str(b)]  # a list: every piece is a file
+  ab.unlink()
+  assert query.query_names([f"{a},{b}"]) == [str(a), str(b)]
+  # Not every piece is a file: kept whole, so the error names what was given.
+  assert query.query_names([f"{a},{tmp_path}/nope.png"]) == [f"{a},{tmp_path}/nope.png"]
+
+
+def test_query_flag_is_repeatable_and_keeps_a_name_with_a_comma(small_index, tmp_path):
+  import json
+
+  out, root, paths = small_index
+  comma = tmp_path / "one,two.png"
+  shutil.copy(paths[2], comma)
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  proc = subprocess.run(
+      [sys.executable, str(repo / "launch" / "search.py"), f"--index={out}", "--kind=conv",
+       "--k=2", "--json", f"--query={comma}", f"--query={paths[0]},{paths[1]}"],
+      capture_output=True, text=True, timeout=300, cwd=repo,
+      env={**os.environ, "PYTHONPATH": str(repo)})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  got = json.loads(proc.stdout)["results"]
+  assert [r["query"] for r in got if r["rank"] == 1] == [str(comma), str(paths[0]),
+                                                       str(paths[1])]
+  # The comma-named copy of img02 has its pixels: found as the index's img02 row.
+  expect, rows = _reference(out, paths[2], 2)
+  assert [r["row"] for r in got[:2]] == expect and got[0]["self_row"] == rows[str(paths[2])]
+
+
+def test_control_characters_in_names_are_shown_escaped(tmp_path):
+  from PIL import Image
+
+  from cbir_jax import report
+
+  names = ["line\nbreak.png", "tab\there.png", "plain é.png"]
+  for i, name in enumerate(names):
+    Image.new("RGB", (20, 16), (40 * i, 90, 200)).save(tmp_path / name)
+  hits = tuple(query.Hit(path=str(tmp_path / n), distance=0.1 * i, label=f"class\n{i}")
+               for i, n in enumerate(names))
+  r = query.QueryResult(query=query.Hit(path=str(tmp_path / names[0])), hits=hits, kind="conv")
+  table = query.format_results([r]).splitlines()
+  assert len(table) == 2 + len(hits)  # a header, a column line, one line per result
+  assert table[2].endswith(f"{tmp_path}/line\\nbreak.png  [class\\n0]")
+  assert f"{tmp_path}/tab\\there.png" in table[3] and "plain é.png" in table[4]
+  written = report.write_report(tmp_path / "rep", [r])
+  page = pathlib.Path(written["html"]).read_text()
+  assert "line\\nbreak.png" in page and "tab\\there.png" in page and "class\\n1" in page
+  assert "\n" not in "".join(re.findall(r"<figcaption>(.*?)</figcaption>", page, re.S))
+  # The PNG's captions, line by line: none holds a line break.
+  captions = [t for i, h in enumerate(hits) for t in report._captions(h, i + 1, None)]
+  assert all("\n" not in t and "\t" not in t for t in captions)
+  assert query.results_json([r], index="x")["results"][0]["path"].endswith("line\nbreak.png")

@@ -327,7 +327,7 @@ def test_bad_queries_through_launchers(indexes, tmp_path, hostile):
   good_query = str(_any_image(d))
   runs = [
       ("query image that cannot be decoded, or does not exist", "search",
-       _launch("search.py", d, f"--query={bad},{missing}"),
+       _launch("search.py", d, f"--query={bad}", f"--query={missing}"),
        r"bad\.jpg: not an image.*missing\.png: cannot read file"),
       ("query id outside the index", "search", _launch("search.py", d, "--query_ids=100000"),
        r"100000.*not rows"),
