@@ -75,6 +75,9 @@ class SearchConfig:
     report: folder for a picture report (results.png, results.html and the images shown).
     json: print the results as JSON (query, rank, row, distance, path, label) instead of a
       table.
+    ann: search through the approximate index built by launch/index.py (INDEX/ann/KIND/):
+      candidates from faiss, re-ranked by exact L1 on the device; refused if the index
+      changed since it was built. Off: exact search of every row.
   """
   index: str
   query: tuple[str, ...] = ()
@@ -85,6 +88,7 @@ class SearchConfig:
   image_root: str | None = None
   report: str | None = None
   json: bool = False
+  ann: bool = False
 
 
 def describe_images(manifest: Any, paths: Any, kind: str) -> np.ndarray:
@@ -277,7 +281,7 @@ def _open(index_dir: str, kind: str, image_root: str | None) -> _Index:
 def search_index(index_dir: str, *, kind: str = "fc_conv", k: int = 5,
                  query_paths: Any = (), query_ids: Any = (), exclude_self: bool = False,
                  image_root: str | None = None, note: Callable[[str], None] | None = None,
-                 **search_kwargs: Any) -> list[QueryResult]:
+                 ann: bool = False, **search_kwargs: Any) -> list[QueryResult]:
   """Searches an extraction output with image files and/or rows of the index.
 
   A query image that is itself in the index (its stored file, also under `image_root`, or
@@ -294,7 +298,9 @@ def search_index(index_dir: str, *, kind: str = "fc_conv", k: int = 5,
     exclude_self: leave each query's own row out of its results (row queries, and query
       images found in the index).
     image_root: where the index's image folder (or TFDS data_dir) is now, if it moved.
-    note: receives one line when k was clamped.
+    note: receives one line when k was clamped, and one naming the approximate index used.
+    ann: candidates from the approximate index of `kind` (launch/index.py), re-ranked
+      exactly (`ann.ann_topk`); an index built before the output changed is refused.
     **search_kwargs: passed to `search.l1_topk` (tiling, mesh).
 
   Returns:
@@ -305,6 +311,15 @@ def search_index(index_dir: str, *, kind: str = "fc_conv", k: int = 5,
   if not paths and not ids:
     raise ValueError("no queries: give image files (--query) or index rows (--query_ids)")
   index = _open(index_dir, kind, image_root)
+  approx = None
+  if ann:
+    from cbir_jax import ann as ann_lib  # faiss: only when asked for
+
+    approx = ann_lib.load(index_dir, kind)
+    if note is not None:
+      r = approx.record
+      note(f"approximate search: {r.type} index of {r.rows} rows ({approx.where}), "
+           f"{r.candidates} candidates re-ranked exactly")
   n = index.database.shape[0]
   bad = [i for i in ids if not 0 <= i < n]
   if bad:
@@ -318,9 +333,12 @@ def search_index(index_dir: str, *, kind: str = "fc_conv", k: int = 5,
       + ([_rows_of(index.database, ids)] if ids else []))
   # Room for a query image found by its pixels only, dropped afterwards.
   extra = int(exclude_self and any(r < 0 for r in path_rows))
-  top = search.l1_topk(queries, index.database,
-                       min(k + extra, n - int((exclude >= 0).any())), exclude=exclude,
-                       **search_kwargs)
+  want = min(k + extra, n - int((exclude >= 0).any()))
+  if approx is not None:
+    top = ann_lib.ann_topk(queries, index.database, approx, want, exclude=exclude,
+                           **search_kwargs)
+  else:
+    top = search.l1_topk(queries, index.database, want, exclude=exclude, **search_kwargs)
   results = []
   for a, q in enumerate(queries):
     d, rows = top.distances[a], top.indices[a]
@@ -400,7 +418,7 @@ def run(config: SearchConfig, *, log: Callable[[str], None], out: Callable[[str]
 
   results = search_index(config.index, kind=config.kind, k=config.k, query_paths=config.query,
                          query_ids=config.query_ids, exclude_self=config.exclude_self,
-                         image_root=config.image_root, note=note)
+                         image_root=config.image_root, note=note, ann=config.ann)
   if not config.json:
     out(format_results(results))
   if config.report:

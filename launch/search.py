@@ -28,4 +28,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  cli.run("search", main)
+  cli.run("search", main, errors=(ValueError, OSError, ImportError))  # no faiss: --ann
