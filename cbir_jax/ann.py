@@ -152,6 +152,23 @@ def default_nlist(rows: int) -> int:
   return max(1, min(int(4 * math.sqrt(rows)), rows // 39))
 
 
+def _ivf(faiss: Any, sample: np.ndarray, nlist: int, log: Callable[[str], None]) -> Any:
+  """An IVF-flat METRIC_L1 index whose lists are trained already.
+
+  The list centres come from faiss's L2 k-means (matrix products: on 2 cores about 20x
+  quicker than k-means whose every assignment is an L1 scan); rows are then assigned to
+  lists, and lists searched, under L1, and the candidates re-ranked exactly anyway.
+  """
+  nlist = max(1, min(nlist, len(sample)))
+  log(f"k-means: {nlist} lists from {len(sample)} rows ...")
+  km = faiss.Kmeans(sample.shape[1], nlist, niter=20, seed=1234)
+  km.train(np.ascontiguousarray(sample, np.float32))
+  quantizer = faiss.IndexFlat(sample.shape[1], faiss.METRIC_L1)
+  quantizer.add(km.centroids)
+  # A quantizer that holds its nlist centres is not trained again by IndexIVF.train.
+  return faiss.IndexIVFFlat(quantizer, sample.shape[1], nlist, faiss.METRIC_L1)
+
+
 def build_faiss(database: Any, config: IndexConfig, *, block_rows: int = 65536,
                 log: Callable[[str], None] = lambda m: None) -> Any:
   """A trained faiss index holding every row of `database` ([N, D], any float dtype)."""
@@ -168,10 +185,8 @@ def build_faiss(database: Any, config: IndexConfig, *, block_rows: int = 65536,
     inner = faiss.IndexHNSWFlat(d_in, config.hnsw_m, faiss.METRIC_L1)
     inner.hnsw.efSearch = config.ef_search
   else:
-    nlist = config.nlist or default_nlist(n)
-    # The quantizer is an L1 flat index: k-means assigns points to lists under L1 too.
-    inner = faiss.IndexIVFFlat(faiss.IndexFlat(d_in, faiss.METRIC_L1), d_in, nlist,
-                               faiss.METRIC_L1)
+    inner = _ivf(faiss, pca.apply(sample) if pca is not None else sample,
+                 config.nlist or default_nlist(n), log)
     inner.nprobe = config.nprobe
   index = faiss.IndexPreTransform(pca, inner) if pca is not None else inner
   if not index.is_trained:
