@@ -146,10 +146,10 @@ def _sample(database: Any, rows: int) -> np.ndarray:
   return np.concatenate([np.asarray(database[i:i + 1], np.float32) for i in picks])
 
 
-def default_nlist(rows: int) -> int:
-  """About 4 sqrt(rows) lists (faiss's guideline), at most rows / 39 so that k-means gets
-  the 39 training points per list faiss asks for."""
-  return max(1, min(int(4 * math.sqrt(rows)), rows // 39))
+def default_nlist(rows: int, train_rows: int = 65536) -> int:
+  """About 4 sqrt(rows) lists (faiss's guideline), at most (training rows) / 39 so that
+  k-means gets the 39 training points per list faiss asks for."""
+  return max(1, min(int(4 * math.sqrt(rows)), min(rows, train_rows) // 39))
 
 
 def _ivf(faiss: Any, sample: np.ndarray, nlist: int, log: Callable[[str], None]) -> Any:
@@ -186,7 +186,7 @@ def build_faiss(database: Any, config: IndexConfig, *, block_rows: int = 65536,
     inner.hnsw.efSearch = config.ef_search
   else:
     inner = _ivf(faiss, pca.apply(sample) if pca is not None else sample,
-                 config.nlist or default_nlist(n), log)
+                 config.nlist or default_nlist(n, config.train_rows), log)
     inner.nprobe = config.nprobe
   index = faiss.IndexPreTransform(pca, inner) if pca is not None else inner
   if not index.is_trained:
@@ -210,7 +210,7 @@ def build(config: IndexConfig, *, log: Callable[[str], None] = print) -> AnnReco
   ivf = config.type == "ivf"
   record = AnnRecord(kind=config.kind, type=config.type, identity=identity, rows=n, dim=dim,
                      pca=config.pca if 0 < config.pca < dim else 0,
-                     nlist=(config.nlist or default_nlist(n)) if ivf else 0,
+                     nlist=(config.nlist or default_nlist(n, config.train_rows)) if ivf else 0,
                      hnsw_m=0 if ivf else config.hnsw_m, nprobe=config.nprobe,
                      ef_search=config.ef_search, candidates=config.candidates,
                      build_seconds=round(seconds, 3), faiss_version=faiss.__version__)
