@@ -66,8 +66,8 @@ class IndexConfig:
     nlist: IVF lists; 0 = about 4 sqrt(rows).
     hnsw_m: HNSW neighbours per node.
     train_rows: rows sampled (evenly spaced) to learn the PCA and the IVF lists.
-    nprobe: IVF lists searched per query (recorded; search may override).
-    ef_search: HNSW search depth (recorded; search may override).
+    nprobe: IVF lists searched per query (recorded; search --ann uses it).
+    ef_search: HNSW search depth (recorded; search --ann uses it).
     candidates: candidates re-ranked exactly per query (at least 4k are taken).
   """
   index: str

@@ -158,3 +158,20 @@ def test_without_faiss_one_line_names_the_extra(index, tmp_path):
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   assert last == "index: error: the approximate index needs faiss: pip install " \
                  "'cbir-jax[faiss]' (or faiss-cpu)"
+
+
+def test_damaged_ann_files_are_refused_with_a_rebuild_line(index, tmp_path):
+  out = tmp_path / "index"
+  shutil.copytree(index / "index", out, ignore=shutil.ignore_patterns(ann.ANN_DIR))
+  ann.build(ann.IndexConfig(index=str(out), kind="mac", type="hnsw", pca=0, hnsw_m=8),
+            log=lambda m: None)
+  where = ann.ann_dir(out, "mac")
+  assert ann.load(out, "mac").index.ntotal == 60
+  good = (where / ann.INDEX_FILE).read_bytes()
+  (where / ann.INDEX_FILE).write_bytes(good[:len(good) // 2])  # truncated
+  with pytest.raises(ann.AnnError, match=r"index\.faiss: .*rebuild it with"):
+    ann.load(out, "mac")
+  (where / ann.INDEX_FILE).write_bytes(good)
+  (where / ann.RECORD_FILE).write_text("{not json")
+  with pytest.raises(ann.AnnError, match=r"ann\.json: unreadable.*rebuild it with"):
+    ann.load(out, "mac")
