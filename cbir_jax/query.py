@@ -438,7 +438,7 @@ def _write_report(config: SearchConfig, results: list[QueryResult]) -> list[str]
   lines = [f"report: {written['png']} {written['html']}"]
   if written["missing"]:
     lines.append(f"report: {len(written['missing'])} images not readable, drawn as grey boxes "
-                 f"(first: {written['missing'][0]})")
+                 f"(first: {shown(str(written['missing'][0]))})")
   return lines
 
 
