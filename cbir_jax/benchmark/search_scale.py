@@ -10,8 +10,9 @@ call by call (benchmark/search.py).
 Part 2, approximate, on a 1M-row float16 index: the real rows of an extraction (`--real`,
 kind `--kind`) and synthetic rows made from them (`mixed_rows`); half the queries are real
 rows (their own row excluded), half new synthetic rows that are not in the index. Recall@10 against exact L1, queries/s of both (alternated), build
-time; IVF-flat settings at 1M rows, and IVF vs HNSW at 100k rows (an HNSW build of 1M rows
-takes far longer than this run may on 2 cores). Flags are the fields of ScaleConfig.
+time; IVF-flat settings at 1M rows, and at 100k rows HNSW vs IVF, and IVF with and without
+PCA (an HNSW build, or an IVF build without PCA, of 1M rows takes longer than this run may
+on 2 cores). Flags are the fields of ScaleConfig.
 """
 from __future__ import annotations
 
@@ -175,7 +176,8 @@ def approximate(config: ScaleConfig, work: pathlib.Path, log: Callable[[str], No
                   f"{config.rows - len(real)} synthetic (mixed_rows)",
          "at_1m": _settings_rows(db, q, own, ivf, probes, k=k, repeats=r, log=log)}
   small = db[:100_000]
-  hnsw = [dict(type="hnsw", pca=128, hnsw_m=32), dict(type="ivf", pca=128, nlist=256)]
+  hnsw = [dict(type="hnsw", pca=128, hnsw_m=32), dict(type="ivf", pca=128, nlist=256),
+          dict(type="ivf", pca=0, nlist=256)]
   out["at_100k"] = _settings_rows(
       small, q, own, hnsw, [dict(ef_search=128, candidates=200), dict(nprobe=16, candidates=200)],
       k=k, repeats=r, log=log)
