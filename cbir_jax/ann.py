@@ -77,9 +77,9 @@ class IndexConfig:
   nlist: int = 0
   hnsw_m: int = 32
   train_rows: int = 65536
-  nprobe: int = 32
+  nprobe: int = 16
   ef_search: int = 128
-  candidates: int = 100
+  candidates: int = 200
 
 
 @dataclasses.dataclass(frozen=True)
