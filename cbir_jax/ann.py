@@ -81,6 +81,14 @@ class IndexConfig:
   ef_search: int = 128
   candidates: int = 200
 
+  def __post_init__(self):
+    low = {"pca": 0, "nlist": 0, "hnsw_m": 2, "train_rows": 1, "nprobe": 1, "ef_search": 1,
+           "candidates": 1}
+    bad = [f"--{k}={getattr(self, k)} (at least {v})" for k, v in low.items()
+           if getattr(self, k) < v]
+    if bad:
+      raise ValueError(f"invalid index settings: {', '.join(bad)}")
+
 
 @dataclasses.dataclass(frozen=True)
 class AnnRecord:
@@ -155,8 +163,8 @@ def default_nlist(rows: int, train_rows: int = 65536) -> int:
 def _ivf(faiss: Any, sample: np.ndarray, nlist: int, log: Callable[[str], None]) -> Any:
   """An IVF-flat METRIC_L1 index whose lists are trained already.
 
-  The list centres come from faiss's L2 k-means (matrix products: on 2 cores about 20x
-  quicker than k-means whose every assignment is an L1 scan); rows are then assigned to
+  The list centres come from faiss's L2 k-means (its assignments are matrix products, which
+  a CPU runs far faster than the L1 scans of k-means under L1); rows are then assigned to
   lists, and lists searched, under L1, and the candidates re-ranked exactly anyway.
   """
   nlist = max(1, min(nlist, len(sample)))
@@ -210,7 +218,7 @@ def build(config: IndexConfig, *, log: Callable[[str], None] = print) -> AnnReco
   ivf = config.type == "ivf"
   record = AnnRecord(kind=config.kind, type=config.type, identity=identity, rows=n, dim=dim,
                      pca=config.pca if 0 < config.pca < dim else 0,
-                     nlist=(config.nlist or default_nlist(n, config.train_rows)) if ivf else 0,
+                     nlist=faiss.extract_index_ivf(index).nlist if ivf else 0,
                      hnsw_m=0 if ivf else config.hnsw_m, nprobe=config.nprobe,
                      ef_search=config.ef_search, candidates=config.candidates,
                      build_seconds=round(seconds, 3), faiss_version=faiss.__version__)

@@ -175,3 +175,10 @@ def test_damaged_ann_files_are_refused_with_a_rebuild_line(index, tmp_path):
   (where / ann.RECORD_FILE).write_text("{not json")
   with pytest.raises(ann.AnnError, match=r"ann\.json: unreadable.*rebuild it with"):
     ann.load(out, "mac")
+
+
+@pytest.mark.parametrize("field, value", [("pca", -1), ("nlist", -3), ("candidates", 0),
+                                          ("nprobe", 0), ("hnsw_m", 1)])
+def test_bad_index_settings_are_refused_in_one_line(field, value):
+  with pytest.raises(ValueError, match=rf"^invalid index settings: --{field}={value} "):
+    ann.IndexConfig(index="x", **{field: value})
