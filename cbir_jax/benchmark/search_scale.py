@@ -10,9 +10,10 @@ call by call (benchmark/search.py).
 Part 2, approximate, on a 1M-row float16 index: the real rows of an extraction (`--real`,
 kind `--kind`) and synthetic rows made from them (`mixed_rows`); half the queries are real
 rows (their own row excluded), half new synthetic rows that are not in the index.
-Recall@10 against exact L1, queries/s of both (alternated), build time; IVF-flat settings at 1M rows, and at 100k rows HNSW vs IVF, and IVF with and without
-PCA (an HNSW build, or an IVF build without PCA, of 1M rows takes longer than this run may
-on 2 cores). Flags are the fields of ScaleConfig.
+Recall@10 against exact L1, queries/s of both (alternated), build time; IVF-flat settings
+at 1M rows, and at 100k rows HNSW vs IVF, and IVF with and without PCA (an HNSW build, or
+an IVF build without PCA, of 1M rows takes longer than this run may on 2 cores). Flags are
+the fields of ScaleConfig; docs/search.md has a recorded run.
 """
 from __future__ import annotations
 
