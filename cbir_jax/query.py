@@ -16,6 +16,7 @@ import numpy as np
 from cbir_jax import index_images, search, store
 from cbir_jax.choices import Kind
 from cbir_jax.index_images import ImageUnavailable, IndexImages
+from cbir_jax.names import shown
 
 # A hit this close to the query (relative to the query's mean value) may be the query image
 # itself; its pixels decide. The same image described alone or in a batch differs by float
@@ -60,8 +61,10 @@ class SearchConfig:
 
   Attributes:
     index: extraction output directory (launch/extract.py --output).
-    query: query image files, comma-separated; described with the backbone, weights and
-      preprocessing the index records (other weights are refused).
+    query: a query image file; repeat the flag for more (--query=a.jpg --query=b,c.jpg:
+      each value is one name, commas and all; a value that is no file but whose
+      comma-separated pieces all are files is taken as that list). Described with the
+      backbone, weights and preprocessing the index records (other weights are refused).
     query_ids: rows of the index used as queries, comma-separated.
     kind: descriptor kind to search with.
     k: results per query; more than the index holds gives all of it, with a note.
@@ -72,6 +75,9 @@ class SearchConfig:
     report: folder for a picture report (results.png, results.html and the images shown).
     json: print the results as JSON (query, rank, row, distance, path, label) instead of a
       table.
+    ann: search through the approximate index built by launch/index.py (INDEX/ann/KIND/):
+      candidates from faiss, re-ranked by exact L1 on the device; refused if the index
+      changed since it was built. Off: exact search of every row.
   """
   index: str
   query: tuple[str, ...] = ()
@@ -82,6 +88,7 @@ class SearchConfig:
   image_root: str | None = None
   report: str | None = None
   json: bool = False
+  ann: bool = False
 
 
 def describe_images(manifest: Any, paths: Any, kind: str) -> np.ndarray:
@@ -216,9 +223,33 @@ def _self_by_pixels(path: str, q: np.ndarray, distances: np.ndarray, rows: np.nd
 
 def _split(values: Any) -> list[str]:
   out = []
-  for v in values or ():
+  for v in ([values] if isinstance(values, str) else values or ()):
     out += [s.strip() for s in str(v).split(",") if s.strip()]
   return out
+
+
+def query_names(values: Any) -> list[str]:
+  """Query file names from --query values: each value is one file name, commas and all.
+
+  A value that is not a file but whose comma-separated pieces all are is taken as a list
+  (`--query=a.jpg,b.jpg`, as before); anything else stays whole, so a name with a comma
+  is never split (and a missing file is reported under the name given).
+  """
+  out = []
+  for v in ([values] if isinstance(values, str) else values or ()):
+    v = str(v)
+    pieces = [p.strip() for p in v.split(",")]
+    if "," in v and not os.path.lexists(v) and all(p and os.path.lexists(p) for p in pieces):
+      out += pieces
+    elif v.strip():
+      out.append(v)
+  return out
+
+
+def _rows_of(database: Any, rows: Sequence[int]) -> np.ndarray:
+  """database[rows] as float32 [len(rows), D], asking only row slices (the database may be a
+  lazy concatenation of parts without fancy indexing)."""
+  return np.concatenate([np.asarray(database[r:r + 1], np.float32) for r in rows])
 
 
 def clamp_k(k: int, num_rows: int, *, exclude_self: bool,
@@ -250,7 +281,7 @@ def _open(index_dir: str, kind: str, image_root: str | None) -> _Index:
 def search_index(index_dir: str, *, kind: str = "fc_conv", k: int = 5,
                  query_paths: Any = (), query_ids: Any = (), exclude_self: bool = False,
                  image_root: str | None = None, note: Callable[[str], None] | None = None,
-                 **search_kwargs: Any) -> list[QueryResult]:
+                 ann: bool = False, **search_kwargs: Any) -> list[QueryResult]:
   """Searches an extraction output with image files and/or rows of the index.
 
   A query image that is itself in the index (its stored file, also under `image_root`, or
@@ -261,23 +292,34 @@ def search_index(index_dir: str, *, kind: str = "fc_conv", k: int = 5,
     kind: descriptor kind to search with.
     k: results per query; clamped to what the index holds (see `clamp_k`, which calls
       `note`).
-    query_paths: image files (comma-separated strings allowed); described with the
-      index's recorded model (see `describe_images`).
+    query_paths: image files, one name per item (see `query_names` for comma lists);
+      described with the index's recorded model (see `describe_images`).
     query_ids: rows of the index used as queries.
     exclude_self: leave each query's own row out of its results (row queries, and query
       images found in the index).
     image_root: where the index's image folder (or TFDS data_dir) is now, if it moved.
-    note: receives one line when k was clamped.
+    note: receives one line when k was clamped, and one naming the approximate index used.
+    ann: candidates from the approximate index of `kind` (launch/index.py), re-ranked
+      exactly (`ann.ann_topk`); an index built before the output changed is refused.
     **search_kwargs: passed to `search.l1_topk` (tiling, mesh).
 
   Returns:
     One QueryResult per query: image files first, then rows, in the order given.
   """
-  paths = _split(query_paths)
+  paths = query_names(query_paths)
   ids = [int(v) for v in _split(query_ids)]
   if not paths and not ids:
     raise ValueError("no queries: give image files (--query) or index rows (--query_ids)")
   index = _open(index_dir, kind, image_root)
+  approx = None
+  if ann:
+    from cbir_jax import ann as ann_lib  # faiss: only when asked for
+
+    approx = ann_lib.load(index_dir, kind)
+    if note is not None:
+      r = approx.record
+      note(f"approximate search: {r.type} index of {r.rows} rows ({approx.where}), "
+           f"{r.candidates} candidates re-ranked exactly")
   n = index.database.shape[0]
   bad = [i for i in ids if not 0 <= i < n]
   if bad:
@@ -288,12 +330,15 @@ def search_index(index_dir: str, *, kind: str = "fc_conv", k: int = 5,
   exclude = np.asarray([r if exclude_self else -1 for r in own], np.int64)
   queries = np.concatenate(
       ([describe_images(index.manifest, paths, kind)] if paths else [])
-      + ([np.asarray(index.database[np.asarray(ids)], np.float32)] if ids else []))
+      + ([_rows_of(index.database, ids)] if ids else []))
   # Room for a query image found by its pixels only, dropped afterwards.
   extra = int(exclude_self and any(r < 0 for r in path_rows))
-  top = search.l1_topk(queries, index.database,
-                       min(k + extra, n - int((exclude >= 0).any())), exclude=exclude,
-                       **search_kwargs)
+  want = min(k + extra, n - int((exclude >= 0).any()))
+  if approx is not None:
+    top = ann_lib.ann_topk(queries, index.database, approx, want, exclude=exclude,
+                           **search_kwargs)
+  else:
+    top = search.l1_topk(queries, index.database, want, exclude=exclude, **search_kwargs)
   results = []
   for a, q in enumerate(queries):
     d, rows = top.distances[a], top.indices[a]
@@ -315,7 +360,7 @@ def search_index(index_dir: str, *, kind: str = "fc_conv", k: int = 5,
 
 def _header(r: QueryResult) -> str:
   where = f"row {r.query.row}" if r.query.row >= 0 else "image"
-  line = f"query ({where}, {r.kind}): {r.query.path}"
+  line = f"query ({where}, {r.kind}): {shown(r.query.path)}"
   if r.query.row < 0 and r.self_row >= 0:
     line += f"  [in the index: row {r.self_row}, {r.self_match}"
     return line + ("; left out]" if r.self_excluded else "]")
@@ -323,14 +368,17 @@ def _header(r: QueryResult) -> str:
 
 
 def format_results(results: Sequence[QueryResult]) -> str:
-  """Ranked table per query: rank, distance, path, label; the query's own row is marked."""
+  """Ranked table per query: rank, distance, path, label; the query's own row is marked.
+
+  One line per result whatever the names hold: see `names.shown`.
+  """
   lines = []
   for r in results:
     lines.append(_header(r))
     lines.append(f"{'rank':>4}  {'distance':>10}  path  [label]")
     for rank, h in enumerate(r.hits, 1):
       own = "  (the query itself)" if h.row == r.self_row >= 0 else ""
-      lines.append(f"{rank:>4}  {h.distance:>10.6f}  {h.path}  [{h.label}]{own}")
+      lines.append(f"{rank:>4}  {h.distance:>10.6f}  {shown(h.path)}  [{shown(h.label)}]{own}")
   return "\n".join(lines)
 
 
@@ -370,7 +418,7 @@ def run(config: SearchConfig, *, log: Callable[[str], None], out: Callable[[str]
 
   results = search_index(config.index, kind=config.kind, k=config.k, query_paths=config.query,
                          query_ids=config.query_ids, exclude_self=config.exclude_self,
-                         image_root=config.image_root, note=note)
+                         image_root=config.image_root, note=note, ann=config.ann)
   if not config.json:
     out(format_results(results))
   if config.report:
@@ -390,7 +438,7 @@ def _write_report(config: SearchConfig, results: list[QueryResult]) -> list[str]
   lines = [f"report: {written['png']} {written['html']}"]
   if written["missing"]:
     lines.append(f"report: {len(written['missing'])} images not readable, drawn as grey boxes "
-                 f"(first: {written['missing'][0]})")
+                 f"(first: {shown(str(written['missing'][0]))})")
   return lines
 
 

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from cbir_jax import evaluation
 from cbir_jax.index_images import ImageUnavailable, IndexImages
+from cbir_jax.names import shown
 from cbir_jax.query import Hit, QueryResult
 
 _CHANNEL_COLOURS = ((220, 40, 40), (40, 170, 40), (40, 80, 230))
@@ -142,7 +143,7 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
 def _name(hit: Hit) -> str:
   """A short name for the caption: class folder and file name, or the TFDS id."""
   parts = pathlib.PurePath(hit.path).parts
-  return "/".join(parts[-2:]) if len(parts) > 1 else hit.path
+  return shown("/".join(parts[-2:]) if len(parts) > 1 else hit.path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,8 +183,8 @@ def _captions(hit: Hit, rank: int, hist_distance: float | None, *, self_row: int
     where = (f"row {hit.row}" if hit.row >= 0 else f"in the index: row {self_row}"
              if self_row >= 0 else "outside the index")
     return [f"{row_title}: query" if row_title else "query", _name(hit),
-            hit.label or "(no label)", where, f"mean hist d={hd}"]
-  return [f"#{rank}  d={hit.distance:.4f}", f"hist d={hd}", hit.label or "(no label)",
+            shown(hit.label) or "(no label)", where, f"mean hist d={hd}"]
+  return [f"#{rank}  d={hit.distance:.4f}", f"hist d={hd}", shown(hit.label) or "(no label)",
           _name(hit)]
 
 
@@ -288,7 +289,7 @@ def _figure(c: _Cell) -> str:
   captions = "<br>".join(html.escape(t) for t in _captions(c.hit, c.rank, c.hist_distance,
                                                             self_row=c.self_row,
                                                             row_title=c.row_title))
-  where = html.escape(c.hit.path)
+  where = html.escape(shown(c.hit.path))
   if c.picture.thumb is None:
     image = f'<div class="missing">image not readable: {html.escape(c.picture.error)}</div>'
   else:
@@ -306,7 +307,7 @@ def _page(cells: list[list[_Cell]], results: Sequence[QueryResult], header: Repo
   sections = []
   for qi, (r, row) in enumerate(zip(results, cells)):
     name = row[0].row_title or f"Query {qi + 1}"
-    sections.append(f"<section><h2>{html.escape(name)}: {html.escape(r.query.path)}</h2>"
+    sections.append(f"<section><h2>{html.escape(name)}: {html.escape(shown(r.query.path))}</h2>"
                     f'<div class="row">{"".join(_figure(c) for c in row)}</div></section>')
   meta = "" if header is None else (
       f'<p class="meta">{html.escape(header.line())}'

@@ -283,12 +283,29 @@ def _first_nonfinite_row(database: Any, block_rows: int) -> int:
   return -1
 
 
-def _host_dtype(dtype: np.dtype) -> np.dtype:
-  # Half-precision databases stay half on the device (half the memory);
-  # everything else travels as float32.
+def _host_dtype(database: Any) -> np.dtype:
+  """The dtype blocks travel in: half-precision databases stay half on the host and the
+  device (half the memory and the bytes moved; `_l1_sums` casts each tile to float32 on
+  the device), everything else travels as float32."""
+  dtype = getattr(database, "dtype", None)
+  # A lazy concatenation of parts may not carry a dtype: its first row tells.
+  dtype = np.dtype(dtype) if dtype is not None else np.asarray(database[0:1]).dtype
   if dtype in (np.dtype(np.float16), np.dtype(jnp.bfloat16)):
     return dtype
   return np.dtype(np.float32)
+
+
+def read_block(database: Any, start: int, rows: int, dtype: np.dtype) -> np.ndarray:
+  """database[start:start + rows] as a [rows, D] array of `dtype`, zero-padded at the end.
+
+  Only a row slice is asked of the database (a memory-mapped .npy, or a lazy
+  concatenation of parts reading just the parts it covers); a slice already of `dtype`
+  is not copied.
+  """
+  part = np.asarray(database[start:start + rows], dtype=dtype)
+  if part.shape[0] < rows:  # fixed block shape: pad, and mask via num_valid
+    part = np.concatenate([part, np.zeros((rows - part.shape[0],) + part.shape[1:], dtype)])
+  return part
 
 
 def _check_pair(queries: Any, database: Any) -> tuple[np.ndarray, int, int]:
@@ -310,9 +327,11 @@ def l1_topk(queries: Any, database: Any, k: int, *, tile: int = 512, query_tile:
 
   Exact search: distances ascending, ties to the lower database index. The
   database may be a NumPy array, a memory-mapped array (`np.load(...,
-  mmap_mode="r")`, `store.load_descriptors`) or anything sliceable with a
-  shape; it is read in blocks of `block_rows` rows, so it never has to fit on
-  the device (or in host memory).
+  mmap_mode="r")`, `store.load_descriptors`, a lazy concatenation of parts) or
+  anything with a shape that gives rows by slicing `x[a:b]`; it is read in blocks
+  of `block_rows` rows, each block split over the mesh's devices, so it never has
+  to fit on one device (or in host memory). float16 and bfloat16 databases are
+  read and sent as they are stored, and cast to float32 on the device.
 
   Args:
     queries: [Q, D] query descriptors.
@@ -349,7 +368,7 @@ def l1_topk(queries: Any, database: Any, k: int, *, tile: int = 512, query_tile:
   k = int(k)
 
   mesh = mesh if mesh is not None else sharding.data_mesh(jax.local_devices())
-  host_dtype = _host_dtype(np.dtype(database.dtype))
+  host_dtype = _host_dtype(database)
   method = method or default_method(mesh.devices.flat[0].platform)
   tiling = plan(num_q, n, dim, num_devices=mesh.devices.size, tile=tile, query_tile=query_tile,
                 d_chunk=d_chunk, block_rows=block_rows, itemsize=host_dtype.itemsize,
@@ -370,9 +389,7 @@ def l1_topk(queries: Any, database: Any, k: int, *, tile: int = 512, query_tile:
 
   rows = tiling.block_rows
   for start in range(0, n, rows):
-    part = np.asarray(database[start:start + rows], dtype=host_dtype)
-    if part.shape[0] < rows:  # fixed block shape: pad, and mask via num_valid
-      part = np.concatenate([part, np.zeros((rows - part.shape[0], dim), host_dtype)])
+    part = read_block(database, start, rows, host_dtype)
     # Dispatch is asynchronous: the next block is read from disk while this one runs.
     best_d, best_i, bad = fn(q_dev, ex_dev, jax.device_put(part, block_sharding),
                              np.int32(start), np.int32(min(rows, n - start)), best_d, best_i,

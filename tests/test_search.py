@@ -315,3 +315,155 @@ def test_the_query_layer_does_not_import_the_job():
                        timeout=120, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip() == "[]"
+
+
+# --- an index in memory-mapped parts, float32 and float16, over 8 devices ---------------------
+
+
+class LazyParts:
+  """A lazy concatenation of memory-mapped .npy parts, as the index format may hand out:
+  numpy-like row slicing reads only the parts a slice covers. Records every slice asked."""
+
+  def __init__(self, paths):
+    self.parts = [np.load(p, mmap_mode="r") for p in paths]
+    self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+    self.shape = (int(self.starts[-1]), self.parts[0].shape[1])
+    self.dtype = self.parts[0].dtype
+    self.slices = []
+
+  def __getitem__(self, key):
+    assert isinstance(key, slice) and key.step is None, f"only row slices, got {key!r}"
+    start, stop, _ = key.indices(self.shape[0])
+    self.slices.append((start, stop))
+    pieces = []
+    for part, first in zip(self.parts, self.starts[:-1]):
+      a, b = max(start, first), min(stop, first + len(part))
+      if a < b:
+        pieces.append(part[a - first:b - first])
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+def _parts(tmp_path, db, sizes):
+  paths, start = [], 0
+  for j, size in enumerate(sizes):
+    paths.append(tmp_path / f"part-{j}.npy")
+    np.save(paths[-1], db[start:start + size])
+    start += size
+  assert start == len(db)
+  return LazyParts(paths)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_index_in_parts_on_eight_devices_equals_the_numpy_reference(tmp_path, dtype):
+  assert len(jax.local_devices()) == 8
+  rng = np.random.default_rng(7)
+  exact = rng.random((701, 33), dtype=np.float32) * 4  # non-negative, like descriptors
+  stored = exact.astype(dtype)
+  db = _parts(tmp_path, stored, [250, 13, 438])  # blocks straddle the parts
+  q = rng.random((9, 33), dtype=np.float32) * 4
+  r = search.l1_topk(q, db, 7, tile=8, block_rows=128)
+  assert all(b - a <= 128 for a, b in db.slices) and len(db.slices) >= 6
+  # Against the stored values read as float32: the device sums the same float32 values
+  # in another order, so distances agree to float32 summation rounding (D = 33 terms);
+  # random floats have gaps far above that, so the ranking is the same.
+  d_ref, i_ref = brute_force(q, stored.astype(np.float32), 7)
+  np.testing.assert_array_equal(r.indices, i_ref)
+  np.testing.assert_allclose(r.distances, d_ref, rtol=1e-5)
+  # Against the float32 values before storage: float16 rounds each value by at most
+  # 2^-11 of itself (its unit roundoff; all values are normal here), so | |q-x16| - |q-x| |
+  # <= 2^-11 |x| and a distance (L1 / D) moves by at most 2^-11 mean|x| of its row.
+  u = 2.0 ** -11 if dtype == np.float16 else 0.0
+  move = u * np.abs(exact).mean(axis=1) + 1e-6
+  d_exact, i_exact = brute_force(q, exact, 7)
+  true_d = np.abs(q[:, None, :].astype(np.float64) - exact[r.indices]).sum(-1) / 33
+  assert np.all(np.abs(r.distances - true_d) <= move[r.indices])
+  # Every returned row is a true top-7 row unless it lies within the rounding of the 7th.
+  assert np.all(true_d <= d_exact[:, -1:] + 2 * move.max())
+  if dtype == np.float32:
+    np.testing.assert_array_equal(r.indices, i_exact)
+
+
+def test_float16_parts_are_not_copied_to_float32_on_the_host(tmp_path):
+  import tracemalloc
+
+  rng = np.random.default_rng(8)
+  db16 = (rng.random((4096, 64), dtype=np.float32)).astype(np.float16)
+  db = _parts(tmp_path, db16, [4096])
+  q = rng.random((3, 64), dtype=np.float32)
+  search.l1_topk(q, db, 5, tile=64, block_rows=2048)  # compile outside the measurement
+  tracemalloc.start()
+  try:
+    r = search.l1_topk(q, db, 5, tile=64, block_rows=2048)
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  # NumPy reports its buffers to tracemalloc: a float32 copy of one 2048-row block is
+  # 512 KiB (of all 4096 rows 1 MiB); a float16 memory-mapped slice allocates nothing.
+  assert peak < 2048 * 64 * 4 // 2, peak
+  d_ref, i_ref = brute_force(q, db16.astype(np.float32), 5)
+  np.testing.assert_array_equal(r.indices, i_ref)
+
+
+# --- names: commas in --query, control characters in what is shown (issue 18 item 4) ----------
+
+
+def test_query_names_split_only_unambiguous_comma_lists(tmp_path):
+  a, b, ab = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "a.png,b.png"
+  for p in (a, b, ab):
+    p.write_bytes(b"x")
+  c = tmp_path / "c,d.png"
+  c.write_bytes(b"x")
+  # A file named with a comma is one name even where its pieces are files too.
+  assert query.query_names([str(ab)]) == [str(ab)]
+  assert query.query_names([str(c), str(a)]) == [str(c), str(a)]
+  assert query.query_names(f"{a},{b}") == [str(a), str(b)]  # a list: every piece is a file
+  ab.unlink()
+  assert query.query_names([f"{a},{b}"]) == [str(a), str(b)]
+  # Not every piece is a file: kept whole, so the error names what was given.
+  assert query.query_names([f"{a},{tmp_path}/nope.png"]) == [f"{a},{tmp_path}/nope.png"]
+
+
+def test_query_flag_is_repeatable_and_keeps_a_name_with_a_comma(small_index, tmp_path):
+  import json
+
+  out, root, paths = small_index
+  comma = tmp_path / "one,two.png"
+  shutil.copy(paths[2], comma)
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  proc = subprocess.run(
+      [sys.executable, str(repo / "launch" / "search.py"), f"--index={out}", "--kind=conv",
+       "--k=2", "--json", f"--query={comma}", f"--query={paths[0]},{paths[1]}"],
+      capture_output=True, text=True, timeout=300, cwd=repo,
+      env={**os.environ, "PYTHONPATH": str(repo)})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  got = json.loads(proc.stdout)["results"]
+  assert [r["query"] for r in got if r["rank"] == 1] == [str(comma), str(paths[0]),
+                                                       str(paths[1])]
+  # The comma-named copy of img02 has its pixels: found as the index's img02 row.
+  expect, rows = _reference(out, paths[2], 2)
+  assert [r["row"] for r in got[:2]] == expect and got[0]["self_row"] == rows[str(paths[2])]
+
+
+def test_control_characters_in_names_are_shown_escaped(tmp_path):
+  from PIL import Image
+
+  from cbir_jax import report
+
+  names = ["line\nbreak.png", "tab\there.png", "plain é.png"]
+  for i, name in enumerate(names):
+    Image.new("RGB", (20, 16), (40 * i, 90, 200)).save(tmp_path / name)
+  hits = tuple(query.Hit(path=str(tmp_path / n), distance=0.1 * i, label=f"class\n{i}")
+               for i, n in enumerate(names))
+  r = query.QueryResult(query=query.Hit(path=str(tmp_path / names[0])), hits=hits, kind="conv")
+  table = query.format_results([r]).splitlines()
+  assert len(table) == 2 + len(hits)  # a header, a column line, one line per result
+  assert table[2].endswith(f"{tmp_path}/line\\nbreak.png  [class\\n0]")
+  assert f"{tmp_path}/tab\\there.png" in table[3] and "plain é.png" in table[4]
+  written = report.write_report(tmp_path / "rep", [r])
+  page = pathlib.Path(written["html"]).read_text()
+  assert "line\\nbreak.png" in page and "tab\\there.png" in page and "class\\n1" in page
+  assert "\n" not in "".join(re.findall(r"<figcaption>(.*?)</figcaption>", page, re.S))
+  # The PNG's captions, line by line: none holds a line break.
+  captions = [t for i, h in enumerate(hits) for t in report._captions(h, i + 1, None)]
+  assert all("\n" not in t and "\t" not in t for t in captions)
+  assert query.results_json([r], index="x")["results"][0]["path"].endswith("line\nbreak.png")

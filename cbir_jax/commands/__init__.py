@@ -14,6 +14,7 @@ import sys
 COMMANDS = {
     "extract": "extract",
     "search": "search",
+    "index": "index",
     "evaluate": "evaluate",
     "classify": "classify",
     "port": "port",

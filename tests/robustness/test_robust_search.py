@@ -327,7 +327,7 @@ def test_bad_queries_through_launchers(indexes, tmp_path, hostile):
   good_query = str(_any_image(d))
   runs = [
       ("query image that cannot be decoded, or does not exist", "search",
-       _launch("search.py", d, f"--query={bad},{missing}"),
+       _launch("search.py", d, f"--query={bad}", f"--query={missing}"),
        r"bad\.jpg: not an image.*missing\.png: cannot read file"),
       ("query id outside the index", "search", _launch("search.py", d, "--query_ids=100000"),
        r"100000.*not rows"),
@@ -438,3 +438,52 @@ def test_query_image_that_is_in_the_index(indexes, tmp_path, hostile):
   hostile.check("query image that is itself in the index (same file, a copy, other format), "
                 "with --exclude_self", ok, err[-200:] or out[:200])
   assert ok, (rc, err[-2000:], [[(r["self_row"], r["row"]) for r in q] for q in by_query])
+
+
+def test_damaged_or_stale_approximate_index(indexes, tmp_path, hostile):
+  """search --ann on an approximate index that no longer fits: one line saying to rebuild."""
+  pytest.importorskip("faiss", reason="faiss is in the test extra")
+  from cbir_jax import ann
+
+  def fresh(name):
+    d = tmp_path / name
+    shutil.copytree(indexes["consolidated"], d)
+    ann.build(ann.IndexConfig(index=str(d), kind="mac", nlist=4, pca=0), log=lambda m: None)
+    return d, ann.ann_dir(d, "mac")
+
+  def stale(d, where):  # a file of the output rewritten, as an --update does
+    def bump(node):  # the first checksum the manifest records, in whatever layout
+      if isinstance(node, dict) and isinstance(node.get("sha256"), str):
+        node["sha256"] = "0" * 64
+        return True
+      kids = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+      return any(bump(v) for v in kids)
+    _edit_manifest(d, lambda m: None if bump(m) else pytest.fail("no checksum in manifest"))
+
+  def truncated(d, where):
+    data = (where / ann.INDEX_FILE).read_bytes()
+    (where / ann.INDEX_FILE).write_bytes(data[:len(data) // 3])
+
+  def record_garbage(d, where):
+    (where / ann.RECORD_FILE).write_text("[]")
+
+  def not_built(d, where):
+    shutil.rmtree(where)
+
+  cases = [("approximate index stale (output changed since the build)", stale, "stale"),
+           ("approximate index file truncated", truncated, r"index\.faiss"),
+           ("approximate index record not an AnnRecord", record_garbage, r"ann\.json"),
+           ("--ann without an approximate index", not_built, "no approximate index")]
+  runs = []
+  for j, (name, damage, pattern) in enumerate(cases):
+    d, where = fresh(f"case{j}")
+    damage(d, where)
+    runs.append((name, _launch("search.py", d, "--kind=mac", "--query_ids=0", "--ann"),
+                 f"{pattern}.*launch/index\\.py --index="))
+  failed = []
+  for name, proc, pattern in runs:
+    ok, last = _one_line_error(proc, "search", pattern)
+    hostile.check(name, ok, last[:200])
+    if not ok:
+      failed.append((name, last))
+  assert not failed, failed
