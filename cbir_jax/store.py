@@ -215,20 +215,21 @@ def _same_file(f: IO[str], path: pathlib.Path) -> bool:
   return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def lock(output_dir: str | os.PathLike, process_index: int = 0) -> DirLock:
-  """Takes this process' write lock on `output_dir`; the OS drops it when the process dies.
+def lock(output_dir: str | os.PathLike, name: int | str = 0, *, wait: bool = False) -> DirLock:
+  """Takes the lock `.lock-<name>` on `output_dir`; the OS drops it when the process dies.
 
-  Returns the lock; keep it for the job's lifetime and `close()` it at the end (which
-  removes the lock file).
+  Each worker holds `.lock-worker-<i>` while it runs (two copies of one worker are refused);
+  `.lock-job` is held briefly, with `wait`, while a worker prepares or finishes the job.
+  Returns the lock; `close()` it at the end (which removes the lock file).
 
   Raises:
-    StoreError: another live job holds the lock.
+    StoreError: (without `wait`) another live process holds the lock.
   """
-  path = pathlib.Path(output_dir) / f".lock-{process_index}"
+  path = pathlib.Path(output_dir) / f".lock-{name}"
   for _ in range(100):  # another job removing the file as we open it: try again
     f = open(path, "a+")
     try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except OSError as e:
       f.seek(0)
       holder = f.read().strip() or "unknown"
@@ -236,6 +237,9 @@ def lock(output_dir: str | os.PathLike, process_index: int = 0) -> DirLock:
       if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
         raise StoreError(f"{output_dir} is being written by another job ({holder}); wait for "
                          "it to finish or stop it, or choose another --output") from None
+      raise
+    except BaseException:
+      f.close()
       raise
     if _same_file(f, path):
       f.seek(0)

@@ -27,8 +27,8 @@ def main() -> int:
   # Canonical order, no repeats (the settings a rerun is compared with); unknown names are
   # refused by the flag itself.
   config = FLAGS.config(kinds=tuple(k for k in KINDS if k in kinds))
-  if not (config.distributed or config.coordinator_address or config.num_processes):
-    cli.warn_if_gpu_unused("extract")  # multi-process jobs start JAX in the job, not here
+  if not config.jax_distributed:
+    cli.warn_if_gpu_unused("extract")  # jax.distributed.initialize() must come before JAX starts
   return extract.main(config, started=_STARTED)  # the exit status of every outcome
 
 

@@ -22,7 +22,6 @@ from PIL import Image
 from cbir_jax import backbones, extract, inference, input_pipeline, sharding, store
 from cbir_jax import descriptors as desc
 from cbir_jax.descriptors import KINDS
-from free_ports import free_port_pair
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -156,7 +155,7 @@ def test_lock_refuses_a_second_job(folder, tmp_path):
   root, _, _ = folder
   out = tmp_path / "locked"
   out.mkdir()
-  held = store.lock(out, 0)
+  held = store.lock(out, "worker-0")  # a live copy of worker 0 of this job
   try:
     with pytest.raises(extract.ExtractError, match="another job"):
       extract.run(extract.ExtractConfig(output=str(out), images=str(root), **COMMON))
@@ -245,51 +244,47 @@ def _cmd(root, out, *more):
           "--batch_size=1", "--progress=log", *more]
 
 
-def test_two_processes_write_every_image_once(folder, reference_run, tmp_path):
-  root, paths, bad = folder
-  ref_out, _, _ = reference_run
-  out = tmp_path / "two"
-  port = free_port_pair()
-  procs = [subprocess.Popen(
-      _cmd(root, out, "--shard_size=6", f"--coordinator_address=127.0.0.1:{port}",
-           "--num_processes=2", f"--process_id={i}"),
-      env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
-  logs = [p.communicate(timeout=240)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)[-4000:]
+def _check_two_workers(out, root, paths, bad, reference_run):
   m = json.loads((out / "manifest.json").read_text())
-  assert m["process_count"] == 2
-  assert {s["process"] for s in m["shards"]} == {0, 1}  # both processes wrote shards
+  assert m["run"]["workers"] == 2
+  assert {s["process"] for s in m["shards"]} == {0, 1}  # both workers wrote shards
   got, meta = store.load_descriptors(out, "fc_conv")
   np.testing.assert_array_equal(meta["path"], paths)  # every image exactly once, in order
   assert len(set(meta["row"].tolist())) == len(paths)
-  ref, _ = store.load_descriptors(ref_out, "fc_conv")
+  ref, _ = store.load_descriptors(reference_run[0], "fc_conv")
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
   failures = sorted(os.path.basename(p) for p, _ in store.read_failures(out))
   assert failures == sorted(bad)
-  per_process = [(out / f"failures-{i}.tsv").read_text().count("\n") - 1 for i in range(2)]
-  assert sum(per_process) == len(bad)
 
 
-def test_distributed_flag_reads_the_cluster_environment(folder, reference_run, tmp_path):
-  """--distributed: coordinator, process count and index from SLURM's variables (as
-  jax.distributed.initialize() finds them; JAX_COORDINATOR_PORT picks the port)."""
-  root, paths, _ = folder
-  out = tmp_path / "slurm"
-  slurm = dict(SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
-               JAX_COORDINATOR_PORT=str(free_port_pair()))
-  procs = [subprocess.Popen(
-      _cmd(root, out, "--shard_size=6", "--distributed"),
-      env=_env(2, **slurm, SLURM_PROCID=i, SLURM_LOCALID=i), stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+def test_two_workers_write_every_image_once(folder, reference_run, tmp_path):
+  root, paths, bad = folder
+  out = tmp_path / "two"
+  procs = [subprocess.Popen(_cmd(root, out, "--shard_size=6", f"--worker={i}", "--workers=2"),
+                            env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True) for i in range(2)]
   logs = [p.communicate(timeout=240)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)[-4000:]
-  m = json.loads((out / "manifest.json").read_text())
-  assert m["process_count"] == 2 and {s["process"] for s in m["shards"]} == {0, 1}
-  got, meta = store.load_descriptors(out, "fc_conv")
-  np.testing.assert_array_equal(meta["path"], paths)
-  np.testing.assert_allclose(got, store.load_descriptors(reference_run[0], "fc_conv")[0],
-                             rtol=1e-5, atol=1e-5)
+  _check_two_workers(out, root, paths, bad, reference_run)
+
+
+def test_slurm_array_environment_names_the_worker(folder, reference_run, tmp_path):
+  """Two workers started one after the other (as a busy scheduler may): the first writes
+  its shards and exits 0 without finishing; the second, writing the last shard, finishes."""
+  root, paths, bad = folder
+  out = tmp_path / "slurm"
+  logs = []
+  for i in (1, 0):
+    env = _env(2, SLURM_ARRAY_TASK_ID=i + 1, SLURM_ARRAY_TASK_MIN=1, SLURM_ARRAY_TASK_COUNT=2)
+    p = subprocess.run(_cmd(root, out, "--shard_size=6"), env=env, capture_output=True,
+                       text=True, timeout=240)
+    logs.append(p.stderr)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"worker {i} of 2 (SLURM array job)" in p.stderr
+    if i == 1:
+      assert "not finished yet" in p.stdout and "status" in (out / "manifest.json").read_text()
+      assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+  _check_two_workers(out, root, paths, bad, reference_run)
 
 
 def _wait_for_shards(out, n, proc, timeout=120):

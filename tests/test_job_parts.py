@@ -261,3 +261,51 @@ def test_clock_phases_add_up_to_the_total():
     c.charge(name)
   assert set(c.items()) == {"a", "b", "c"}
   assert abs(sum(c.items().values()) - c.total) < 1e-9 and min(c.items().values()) > 0
+
+
+# --- worker index and count from flags or the scheduler's environment -------------------------
+
+from cbir_jax.job import workers as wk  # noqa: E402
+
+
+@pytest.mark.parametrize("flags, env, want", [
+    ((None, None), {}, (0, 1, "single")),
+    ((2, 5), {"SLURM_PROCID": "1", "SLURM_NTASKS": "3"}, (2, 5, "--worker/--workers")),
+    ((None, None), {"CBIR_JAX_WORKER": "3", "CBIR_JAX_WORKERS": "4"},
+     (3, 4, "$CBIR_JAX_WORKER/$CBIR_JAX_WORKERS")),
+    ((None, None), {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5",
+                    "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"},
+     (2, 4, "SLURM array job")),
+    ((None, None), {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "2"},
+     (0, 2, "SLURM array job")),
+    ((None, None), {"SLURM_PROCID": "5", "SLURM_NTASKS": "8"}, (5, 8, "SLURM tasks")),
+    ((None, 6), {"JOB_COMPLETION_INDEX": "4"}, (4, 6, "Kubernetes Indexed Job")),
+    ((None, None), {"JOB_COMPLETION_INDEX": "1", "CBIR_JAX_WORKERS": "3"},
+     (1, 3, "Kubernetes Indexed Job")),
+])
+def test_worker_spec_from_flags_and_environments(flags, env, want):
+  spec = wk.resolve(*flags, env)
+  assert (spec.index, spec.count, spec.source) == want
+
+
+@pytest.mark.parametrize("flags, env, match", [
+    ((1, None), {}, "together"),
+    ((None, 3), {}, "together"),
+    ((3, 3), {}, r"in \[0, 3\)"),
+    ((None, None), {"JOB_COMPLETION_INDEX": "2"}, "--workers=COMPLETIONS"),
+    ((None, None), {"CBIR_JAX_WORKER": "1"}, r"\$CBIR_JAX_WORKERS is not"),
+    ((None, None), {"SLURM_PROCID": "x", "SLURM_NTASKS": "2"}, "not an integer"),
+    ((None, None), {"SLURM_ARRAY_TASK_ID": "9", "SLURM_ARRAY_TASK_COUNT": "2"},
+     "SLURM array job"),
+    ((0, 0), {}, ">= 1"),
+])
+def test_worker_spec_refusals_say_where_the_values_came_from(flags, env, match):
+  with pytest.raises(wk.WorkerSpecError, match=match):
+    wk.resolve(*flags, env)
+
+
+@pytest.mark.parametrize("num_shards", [0, 1, 5, 7, 12])
+@pytest.mark.parametrize("count", [1, 2, 3, 5, 8])
+def test_shard_ranges_cover_every_shard_once_in_order(num_shards, count):
+  got = [k for i in range(count) for k in wk.shard_range(num_shards, wk.WorkerSpec(i, count))]
+  assert got == list(range(num_shards))
