@@ -1,8 +1,9 @@
-"""The bulk extraction job: images (folder or TFDS) -> descriptors/ on disk (store.py).
+"""The bulk extraction job: images (folder or TFDS) -> an index of descriptor parts (index.py).
 
 `run` goes through named stages (cbir_jax/job/): plan the job (input, weights, settings,
 output directory, work left) -> run the steps -> assemble rows into shards -> finish
-(verify, consolidate into descriptors/, switch the manifest, remove the shards). A job is
+(list the shards as the index: parts per kind, one metadata table; switch the manifest;
+no descriptor array is copied). A job is
 one or several independent workers (job/workers.py), each running one jitted step on its
 local devices over its own range of shards; complete shards survive kills and a rerun
 (of a worker, or of the whole job with any worker count) continues.
@@ -53,7 +54,8 @@ class ExtractConfig:
       activation with `relative`; SPEC.md section 4).
     relative: tau = threshold x the image's maximum; false: tau = threshold.
     masks: "channel": the paper's per-channel masks; "spatial": the authors' notebook variant.
-    shard_size: input records per shard (the unit of consolidation and of resumption;
+    shard_size: input records per shard (one part of the index per kind, and the unit of
+      resumption;
       a stopped job also keeps the finished part of the shard in progress).
     num_threads: parallel decodes per process (None = every core this process may use);
       changes no row (recorded with the run, not compared on reruns).
@@ -65,10 +67,6 @@ class ExtractConfig:
       about half a grey level); --nodraft decodes at full resolution. Recorded as a setting.
     max_pixels: images with more pixels are refused as decompression bombs (a setting:
       it decides which images get rows).
-    consolidate: gather the shards into descriptors/ at the end (one array per distinct
-      kind, meta.npz, failures.json); false leaves the rows in the shards.
-    keep_shards: keep the shards after the verified consolidation (by default they are
-      removed: descriptors/ holds every row, and --update reuses rows from it).
     update: bring an existing output up to date with a changed input: rows of
       unchanged records are kept, new and changed records extracted, removed ones dropped.
     content_digest: identify each file by a SHA-256 of its bytes as well as its size
@@ -105,8 +103,6 @@ class ExtractConfig:
   num_workers: int | None = None
   draft: bool = True
   max_pixels: int = decode.MAX_PIXELS
-  consolidate: bool = True
-  keep_shards: bool = False
   update: bool = False
   content_digest: bool = False
   progress: Progress = "auto"

@@ -1,41 +1,19 @@
-"""Descriptor output on disk: shards written atomically, a manifest, and a checked loader.
+"""Descriptor output on disk: shards written atomically, locks, the manifest, a checked loader.
 
-Layout of a finished output directory (a "generation" is one complete set of rows; the first
-lives at the top, each `--update` builds the next one in `gen-NNNNNN/` and switches the
-manifest to it; `manifest.json`'s "base" names the generation's folder):
-  manifest.json              the current generation: settings, weights record, input record,
-                             shard list, consolidated files with SHA-256, kind aliases,
-                             checks done (manifest.py)
-  records.npz                per-record input identities (key, stamp) of that generation
-  descriptors/<kind>.npy     one array [rows, D] per distinct kind (float32 or float16); a
-                             kind whose rows equal another's is stored once and named in
-                             the manifest's "aliases" ({"spoc": "fc"} on EfficientNet-Lite0)
-  descriptors/meta.npz       row, path, label, label_name, width, height (+ extra columns),
-                             one entry per row of the arrays; no pickled objects
-  descriptors/failures.json  [[path, reason, record], ...] for records not decoded
-  failures-<process>.tsv     path <TAB> reason, the failures of that process' shards
-  gen-000001/                the next generation (after --update): records.npz, descriptors/
-
-While a job runs (and after it with --keep_shards or --consolidate=false):
-  shards/000007/             one shard = the rows of records [7*S, 8*S)
-      <kind>.npy, meta.npz, failures.json   as in descriptors/, for these rows
-      shard.json             rows, record range, SHA-256 of every file above (written last)
+The finished layout is described in cbir_jax/index.py (the shards are the index: one folder
+of .npy parts per kind, one metadata table, one failure list). While a job runs:
+  shards/000007/             one shard = the rows of records [7*S, 8*S): <kind>.npy,
+                             meta.npz, failures.json, shard.json (rows, record range,
+                             SHA-256 of every file above; written last)
   shards/000007.part-1200/   a shard's first 1200 records, written when a job was stopped
                              mid-shard; the rerun continues from record 1200 of the shard
   gen-000001/delta/          the records an update extracts, before it assembles its shards
-  .lock-<process>            flock'ed while a job process writes here; removed at its end
+  .lock-worker-<i>           flock'ed while worker i writes here; .lock-job while a worker
+                             prepares or finishes the job; removed when released
 
-A shard directory is built under a temporary name and renamed when complete, so
-it exists whole or not at all. Rows hold decoded images only; a failed image has
-no row (its record index is absent from "row") and is listed in failures.json.
-Shards are removed only after the manifest naming the verified descriptors/ is written.
-
-Reading descriptors/ with NumPy alone (no cbir_jax):
-  m = json.load(open(f"{out}/manifest.json"))
-  meta = np.load(f"{out}/{m['metadata']['file']}")          # descriptors/meta.npz
-  kind = m["aliases"].get("spoc", "spoc")
-  x = np.load(f"{out}/{m['consolidated'][kind]['file']}", mmap_mode="r")
-  # x[i] is the image meta["path"][i], label meta["label"][i] ("label_name" its name)
+A shard directory is built under a temporary name and renamed when complete, so it exists
+whole or not at all. Rows hold decoded images only; a failed image has no row (its record
+index is absent from "row") and is listed in failures.json.
 """
 from __future__ import annotations
 
@@ -52,11 +30,11 @@ from typing import IO, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from cbir_jax.manifest import FORMAT, FORMAT_VERSION, Manifest
+from cbir_jax import index as index_files
+from cbir_jax.manifest import FORMAT, FORMAT_VERSION, FileEntry, Manifest, OldFormat
 
 MANIFEST = "manifest.json"
 SHARDS = "shards"
-CONSOLIDATED = "descriptors"
 RECORDS = "records.npz"
 DELTA = "delta"
 META_COLUMNS = ("row", "path", "label", "label_name", "width", "height")
@@ -157,10 +135,14 @@ def read_manifest(output_dir: str | os.PathLike, name: str = MANIFEST) -> dict[s
 
 
 def load_manifest(output_dir: str | os.PathLike, name: str = MANIFEST) -> Manifest:
-  """The typed manifest of an output directory (format 1 or 2)."""
+  """The typed manifest of an output directory (format 4; earlier ones are refused)."""
   d = read_manifest(output_dir, name)
   try:
     return Manifest.from_dict(d)
+  except OldFormat as e:
+    raise StoreError(f"{output_dir} was written by an earlier cbir_jax ({e}) in a layout this "
+                     "version no longer reads; rebuild it: rerun launch/extract.py with the "
+                     "same flags and a new --output") from None
   except (KeyError, TypeError, ValueError) as e:
     raise StoreError(f"{pathlib.Path(output_dir) / name}: damaged manifest ({e!r})") from e
 
@@ -465,52 +447,6 @@ def read_failures_json(path: pathlib.Path) -> list[tuple[str, str, int]]:
   return [(f[0], f[1], int(f[2]) if len(f) > 2 else -1) for f in items]
 
 
-def write_failures(output_dir: str | os.PathLike, shard_dirs: Sequence[str], process_index: int
-                   ) -> int:
-  """Writes failures-<process>.tsv from the failures of `shard_dirs`; returns their count."""
-  root = pathlib.Path(output_dir)
-  lines = []
-  for d in shard_dirs:
-    for key, reason, _ in read_failures_json(root / d / "failures.json"):
-      lines.append(f"{_tsv(key)}\t{_tsv(reason)}\n")
-  # surrogateescape: a file name that is not valid UTF-8 is written back as its own bytes
-  # (strict UTF-8 would crash the job at its very end).
-  data = "".join(["path\treason\n", *lines]).encode("utf-8", "surrogateescape")
-  write_atomic(root / f"failures-{process_index}.tsv", lambda f: f.write(data))
-  return len(lines)
-
-
-def _tsv(s: str) -> str:
-  return str(s).replace("\t", " ").replace("\n", " ")
-
-
-def finalize(output_dir: str | os.PathLike, *, num_shards: int, process_count: int,
-             consolidate: bool = True, keep_shards: bool = False) -> dict[str, Any]:
-  """Completes a generation whose shards are all written (see `consolidate.seal`)."""
-  from cbir_jax import consolidate as cons
-  out = pathlib.Path(output_dir)
-  m = load_manifest(out)
-  m = cons.seal(out, m.replace(num_shards=num_shards), process_count=process_count,
-                consolidate=consolidate, keep_shards=keep_shards)
-  write_manifest(out, m)
-  remove_shards(out, m)
-  return m.to_dict()
-
-
-def remove_shards(output_dir: str | os.PathLike, m: Manifest) -> bool:
-  """Deletes a complete generation's shards when its manifest says they are not kept.
-
-  Only after that manifest is on disk: its descriptors/ then hold every row. Also
-  finishes a removal that a kill cut short. Returns whether shards were there and are gone
-  (a failure to remove them loses nothing: a rerun tries again).
-  """
-  root = pathlib.Path(output_dir) / m.path(SHARDS)
-  if not m.complete or m.shards_kept or m.metadata is None or not root.exists():
-    return False
-  shutil.rmtree(root, ignore_errors=True)
-  return not root.exists()
-
-
 # --- reading -------------------------------------------------------------------------------
 
 
@@ -568,82 +504,51 @@ def _load_npy(path: pathlib.Path) -> np.ndarray:
   return a
 
 
-def _read_npz(out: pathlib.Path, rel: str, want: Mapping[str, Any] | None, verify: bool
-              ) -> dict[str, np.ndarray]:
-  p = _file(out, rel, want, verify)
-  try:
-    with np.load(p, allow_pickle=False) as z:
-      return {c: z[c] for c in z.files}
-  except Exception as e:  # zip/format errors of a damaged file
-    raise StoreError(f"{out}: cannot read {rel} ({e})") from e
+def _entry(e: FileEntry) -> dict[str, Any]:
+  return {"sha256": e.sha256, "bytes": e.bytes}
 
 
 def _read_meta(out: pathlib.Path, m: Manifest, verify: bool) -> dict[str, np.ndarray]:
-  """The row metadata: descriptors/meta.npz (format 3), else every shard's, joined."""
-  if m.metadata is not None:
-    e = m.metadata
-    meta = _read_npz(out, e.file, {"sha256": e.sha256, "bytes": e.bytes}, verify)
-    have = len(meta.get("row", ()))
-    if have != m.rows or e.rows != m.rows:
-      raise StoreError(f"{out}: {e.file} has {have} rows, the manifest says {m.rows} (and "
-                       f"{e.rows} for the file)")
-    return meta
-  metas = []  # formats 1 and 2, and --consolidate=false: the shards hold the metadata
-  for s in m.shards:
-    if not (out / s.dir).is_dir():
-      raise StoreError(f"{out}: shard {s.dir} is listed in the manifest but missing")
-    meta = _read_npz(out, f"{s.dir}/meta.npz", s.files.get("meta.npz"), verify)
-    if len(meta.get("row", ())) != s.rows:
-      raise StoreError(f"{out}: {s.dir}/meta.npz has {len(meta.get('row', ()))} rows, the "
-                       f"manifest says {s.rows}")
-    metas.append(meta)
-  cols = metas[0].keys() if metas else META_COLUMNS
-  return {c: np.concatenate([mt[c] for mt in metas]) if metas else np.zeros(0) for c in cols}
+  e = m.metadata
+  if e is None:
+    raise StoreError(f"{out}: the manifest lists no metadata table")
+  p = _file(out, e.file, _entry(e), verify)
+  try:
+    meta = index_files.read_metadata(p)
+  except Exception as err:  # parquet errors of a damaged file
+    raise StoreError(f"{out}: cannot read {e.file} ({err})") from err
+  have = len(meta.get("row", ()))
+  if have != m.rows or e.rows != m.rows:
+    raise StoreError(f"{out}: {e.file} has {have} rows, the manifest says {m.rows}")
+  return meta
 
 
-def _read_array(out: pathlib.Path, m: Manifest, kind: str, verify: bool) -> np.ndarray:
+def _read_array(out: pathlib.Path, m: Manifest, kind: str, verify: bool):
+  parts = m.parts.get(kind, ())
+  if not parts and m.rows == 0:
+    return np.zeros((0, m.dimensions.get(kind, 0)), np.dtype(m.settings.output_dtype))
+  if not parts:
+    raise StoreError(f"{out}: the manifest lists no parts of {kind}")
+  arrays = [_load_npy(_file(out, e.file, _entry(e), verify, rows=e.rows)) for e in parts]
   dim = m.dimensions.get(kind)
-  c = m.consolidated.get(m.stored_kind(kind))
-  if c is not None:
-    want = {"sha256": c.sha256, "bytes": c.bytes}
-    array = _load_npy(_file(out, c.file, want, verify, rows=m.rows))
-    if len(array) != m.rows or c.rows != m.rows:
-      raise StoreError(f"{out}: {c.file} has {len(array)} rows, the shards in the manifest "
-                       f"{m.rows}")
-  else:
-    parts = []
-    for s in m.shards:
-      rel = f"{s.dir}/{kind}.npy"
-      parts.append(_load_npy(_file(out, rel, s.files.get(f"{kind}.npy"), verify, rows=s.rows)))
-    if not parts:
-      raise StoreError(f"{out}: the manifest lists no shards")
-    array = np.concatenate(parts) if len(parts) > 1 else parts[0]
-  if dim is not None and array.shape[1] != dim:
-    raise StoreError(f"{out}: {kind} rows have {array.shape[1]} values, the manifest says {dim}")
-  return array
-
-
-def verify_consolidated(output_dir: str | os.PathLike, m: Manifest) -> None:
-  """Checks every file of a generation's descriptors/ against its size and SHA-256.
-
-  Raises:
-    StoreError: naming the first file that is missing or differs.
-  """
-  out = pathlib.Path(output_dir)
-  for e in (*m.consolidated.values(), m.metadata, m.failures_file):
-    if e is not None:
-      _file(out, e.file, {"sha256": e.sha256, "bytes": e.bytes}, True)
+  for e, a in zip(parts, arrays):
+    if dim is not None and a.shape[1] != dim:
+      raise StoreError(f"{out}: {e.file} rows have {a.shape[1]} values, the manifest says {dim}")
+  if sum(len(a) for a in arrays) != m.rows:
+    raise StoreError(f"{out}: the parts of {kind} hold {sum(len(a) for a in arrays)} rows, the "
+                     f"manifest says {m.rows}")
+  return index_files.part_view(arrays)
 
 
 def open_index(output_dir: str | os.PathLike, kind: str = "fc_conv", *, verify: bool = False
-               ) -> tuple[Manifest, np.ndarray, dict[str, np.ndarray]]:
+               ) -> tuple[Manifest, Any, dict[str, np.ndarray]]:
   """(manifest, descriptors, metadata) of a finished extraction; see `load_descriptors`."""
   out = pathlib.Path(output_dir)
   m = load_manifest(out)
   if not m.complete:
     done = len(complete_shards(out, m.path(SHARDS)))
     raise StoreError(f"{out}: extraction not finished ({done} of {m.num_shards} shards "
-                     "written); rerun the extraction command to complete it")
+                     "written); rerun the extraction command (every worker) to complete it")
   if kind not in m.settings.kinds:
     raise StoreError(f"{out}: kind {kind!r} was not extracted; available: "
                      f"{list(m.settings.kinds)}")
@@ -655,30 +560,26 @@ def open_index(output_dir: str | os.PathLike, kind: str = "fc_conv", *, verify: 
 
 
 def load_descriptors(output_dir: str | os.PathLike, kind: str = "fc_conv", *,
-                     verify: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                     verify: bool = False) -> tuple[Any, dict[str, np.ndarray]]:
   """Descriptors and metadata of a finished extraction, rows in input order.
 
-  The job verifies every checksum once, when it finishes (recorded in the
-  manifest's "verified"); loading checks what is cheap: every listed file
-  exists with its recorded size, row counts and shapes agree.
-
-  Reads every format the job has written: format 3 (descriptors/ with meta.npz and
-  kind aliases), and formats 1 and 2 (row metadata in the shards, kept beside the
-  arrays): no conversion is needed.
+  The shards are the index: the rows of a kind are its parts (one memory-mapped .npy per
+  shard). Loading checks what is cheap: every listed file exists with its recorded size,
+  row counts and shapes agree.
 
   Args:
-    output_dir: a directory written by the extraction job.
-    kind: descriptor kind (fc, conv, fc_conv, mac, spoc, gem; those the job
-      extracted). A kind stored as an alias of another returns that kind's array.
-    verify: also recompute SHA-256 checksums and check every value is finite
-      (reads the data once more; for copies of uncertain provenance).
+    output_dir: a directory written by the extraction job (format 4; an older one gets
+      one line saying how to rebuild it).
+    kind: descriptor kind (fc, conv, fc_conv, mac, spoc, gem; those the job extracted).
+    verify: also recompute SHA-256 checksums and check every value is finite.
 
   Returns:
-    (array [N, D], read-only memory-mapped when the job consolidated its shards
-    (the default), else the shards concatenated in memory;
-    metadata: dict of equal-length arrays "row" (index in the input list),
-    "path" (file path or TFDS id), "label" (-1 if unknown), "label_name",
-    "width", "height", plus any extra columns). Failed images have no row.
+    (array [N, D]: the part itself (read-only memory map) when the index has one part,
+    else a `cbir_jax.index.LazyRows` view that reads only the rows asked for (numpy-like
+    indexing, `np.asarray` for the whole array);
+    metadata: dict of equal-length arrays "row" (index in the input list), "path" (file
+    path or TFDS id), "label" (-1 if unknown), "label_name", "width", "height", plus any
+    extra columns). Failed images have no row.
 
   Raises:
     StoreError: unfinished job, unknown kind, or files that do not match the manifest.
@@ -693,7 +594,7 @@ def read_failures(output_dir: str | os.PathLike) -> list[tuple[str, str]]:
   m = load_manifest(out) if (out / MANIFEST).is_file() else None
   if m is not None and m.complete and m.failures_file is not None:
     f = m.failures_file
-    p = _file(out, f.file, {"sha256": f.sha256, "bytes": f.bytes}, False)
+    p = _file(out, f.file, _entry(f), False)
     return [(key, reason) for key, reason, _ in read_failures_json(p)]
   where = m.path(SHARDS) if m is not None else SHARDS
   result = []
@@ -705,5 +606,4 @@ def read_failures(output_dir: str | os.PathLike) -> list[tuple[str, str]]:
 
 __all__ = ["StoreError", "ShardData", "load_descriptors", "open_index", "read_failures",
            "read_manifest", "load_manifest", "write_manifest", "lock", "DirLock", "prepare",
-           "write_shard", "finalize", "remove_shards", "verify_consolidated", "complete_shards",
-           "shard_pieces", "read_shard"]
+           "write_shard", "complete_shards", "shard_pieces", "read_shard"]

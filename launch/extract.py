@@ -6,7 +6,7 @@ r"""Extracts descriptors of a folder or a TFDS split into a directory of shards.
 Rerunning the same command continues an interrupted job; after the input changed,
 `--update` keeps the rows of unchanged files and extracts the rest. Load the result with
 `cbir_jax.load_descriptors(output_dir, kind)`. Exit status: 0 done (bad images
-are listed in failures-*.tsv), 1 error, 130 interrupted (finished rows kept). Flags are
+are listed in failures.json), 1 error, 130 interrupted (finished rows kept). Flags are
 the fields of cbir_jax.extract.ExtractConfig.
 """
 from __future__ import annotations

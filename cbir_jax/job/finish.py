@@ -1,4 +1,4 @@
-"""Finishing a job: assemble an update's shards, verify and consolidate, switch the manifest.
+"""Finishing a job: assemble an update's shards, list them as the index, switch the manifest.
 
 Done once, under the job lock, by the worker that finds every shard written when its own
 are (the last to finish), or by a `--finish` run. The manifest switch is the last write:
@@ -15,7 +15,7 @@ from typing import Any, Callable
 from cbir_jax import consolidate, store
 from cbir_jax.job import update as upd
 from cbir_jax.job.control import Clock, Worker
-from cbir_jax.job.plan import Plan, remove_other_generations
+from cbir_jax.job.plan import Plan, remove_replaced
 from cbir_jax.manifest import Manifest
 
 
@@ -36,18 +36,6 @@ def run_info(config: Any, worker: Worker) -> dict[str, Any]:
           "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
   info.update(runtime.platform_info())
   return info
-
-
-def write_failures(out: pathlib.Path, m: Manifest, process_count: int) -> None:
-  """failures-<p>.tsv for the shards of process p's range; files of other process counts go."""
-  per = max(1, math.ceil(len(m.shards) / process_count))
-  for p in range(process_count):
-    mine = [s.dir for s in m.shards[p * per:(p + 1) * per]]
-    store.write_failures(out, mine, p)
-  for f in out.glob("failures-*.tsv"):
-    n = f.stem.split("-", 1)[1]
-    if not (n.isdigit() and int(n) < process_count):
-      f.unlink(missing_ok=True)
 
 
 def missing_shards(out: pathlib.Path, plan: Plan, shard_size: int) -> list[int]:
@@ -92,21 +80,16 @@ def _seal(plan: Plan, config: Any, worker: Worker, clock: Clock, summary: Any,
                                            config.shard_size)
     clock.charge("assemble")
   progress = consolidate.FinishProgress(config.progress, log)
-  sealed = consolidate.seal(out, m, process_count=worker.count,
-                            consolidate=config.consolidate, keep_shards=config.keep_shards,
-                            progress=progress)
+  sealed = consolidate.seal(out, m, workers=worker.count, progress=progress)
   report = plan.source.labels_report
   sealed = sealed.replace(run=run_info(config, worker),
-                          labels=report.to_dict() if report is not None else {})
-  write_failures(out, sealed, 1)
+                          labels=report.to_dict() if report is not None else {},
+                          replaces=plan.update.old.made if plan.update is not None else ())
   store.write_manifest(out, sealed)  # the switch
-  if plan.update is not None:
-    remove_other_generations(out, sealed.base)
-  removed = store.remove_shards(out, sealed)
-  progress.close(f"verified {len(sealed.shards)} shard(s)"
-                 + (f", wrote {sealed.path(store.CONSOLIDATED)}/" if sealed.metadata else "")
-                 + ("; shards removed (--keep_shards keeps them)" if removed else ""))
+  remove_replaced(out, sealed)
+  progress.close(f"{len(sealed.shards)} shard(s) listed as the index "
+                 f"({sealed.rows} rows, {len(sealed.parts)} kind(s))")
   clock.charge("finish")
 
 
-__all__ = ["finish", "missing_shards", "run_info", "write_failures"]
+__all__ = ["finish", "missing_shards", "run_info"]

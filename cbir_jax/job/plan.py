@@ -245,8 +245,7 @@ def prepare(out: pathlib.Path, target: Manifest, source: sources.Source, *, upda
                        "updated safely; write to another --output (it still loads for search)")
   store.check_settings(out, old, target)
   if _same_input(old, target):
-    remove_other_generations(out, old.base)
-    store.remove_shards(out, old)  # a removal that a kill cut short
+    remove_replaced(out, old)  # a removal that a kill cut short
     return old, None, old.complete
   if old.input.content_digest != target.input.content_digest and not update:
     was, now = (f"--{'' if v else 'no'}content_digest" for v in
@@ -257,7 +256,7 @@ def prepare(out: pathlib.Path, target: Manifest, source: sources.Source, *, upda
   old_ids = _old_identities(out, old)
   if not update:
     raise ExtractError(changed_input_message(out, old, old_ids, source))
-  return _prepare_update(out, old, old_ids, target, source, True, log)
+  return _prepare_update(out, old, old_ids, target, source, log)
 
 
 def _same_input(old: Manifest, new: Manifest) -> bool:
@@ -293,8 +292,7 @@ def changed_input_message(out: pathlib.Path, old: Manifest, old_ids: ident.Recor
 
 
 def _prepare_update(out: pathlib.Path, old: Manifest, old_ids: ident.RecordIdentities,
-                    target: Manifest, source: sources.Source, write: bool,
-                    log: Callable[[str], None]
+                    target: Manifest, source: sources.Source, log: Callable[[str], None]
                     ) -> tuple[Manifest, upd.UpdatePlan, bool]:
   gen = old.generation + 1
   base = store.generation_base(gen)
@@ -307,32 +305,36 @@ def _prepare_update(out: pathlib.Path, old: Manifest, old_ids: ident.RecordIdent
     if (started.settings.digest() == target.settings.digest()
         and started.input.same_records(target.input)):
       target = started  # an interrupted update of this same input: continue it
-    elif write:
-      shutil.rmtree(build)  # an update of another input, never switched to: start over
-  plan = upd.plan_update(out, old, old_ids, source, verify=write)
+    else:
+      shutil.rmtree(build)  # our update of another input, never switched to: start over
+  elif build.exists():
+    raise ExtractError(f"{build} exists but was not made by cbir_jax (no {store.MANIFEST}); "
+                       "the update would build the next generation there: move it away")
+  plan = upd.plan_update(out, old, old_ids, source, verify=True)
   target = target.replace(update=plan.report)
-  if write:
-    remove_other_generations(out, old.base, keep=(base,))
-    if not (build / store.MANIFEST).exists():
-      build.mkdir(parents=True, exist_ok=True)
-      source.identities.save(build / store.RECORDS)
-      store.write_manifest(build, target)
-    log(plan.report.line())
+  if not (build / store.MANIFEST).exists():
+    build.mkdir(parents=True, exist_ok=True)
+    source.identities.save(build / store.RECORDS)
+    store.write_manifest(build, target)
+  log(plan.report.line())
   return target, plan, False
 
 
-def remove_other_generations(out: pathlib.Path, current: str, keep: tuple[str, ...] = ()
-                             ) -> None:
-  """Deletes generations the manifest no longer names (left by a switch cut short)."""
-  for d in out.glob("gen-*"):
-    if d.name != current and d.name not in keep and d.is_dir():
-      shutil.rmtree(d, ignore_errors=True)
-  if current:  # the first generation lives at the top; an update's build files are done with
-    for name in (store.SHARDS, store.CONSOLIDATED):
-      shutil.rmtree(out / name, ignore_errors=True)
-    (out / store.RECORDS).unlink(missing_ok=True)
-    shutil.rmtree(out / current / store.DELTA, ignore_errors=True)
-    (out / current / store.MANIFEST).unlink(missing_ok=True)
+def remove_replaced(out: pathlib.Path, current: Manifest) -> None:
+  """Deletes the previous generation's files once `current` replaced it: only the names
+  the manifest records the tool made (`replaces`), never anything else in the directory."""
+  if not current.complete:
+    return
+  for name in current.replaces:
+    p = out / name
+    if name in ("", ".", store.MANIFEST) or name == current.base or ".." in name.split("/"):
+      continue
+    if p.is_dir() and not p.is_symlink():
+      shutil.rmtree(p, ignore_errors=True)
+    else:
+      p.unlink(missing_ok=True)
+  if current.base:  # the build's own manifest: the top-level one is now the record
+    (out / current.base / store.MANIFEST).unlink(missing_ok=True)
 
 
 # --- this process' share of the work ---------------------------------------------------------
@@ -368,5 +370,5 @@ def my_units(plan: Plan, shard_size: int, worker: Worker) -> tuple[list[Unit], i
 
 
 __all__ = ["Plan", "changed_input_message", "check_kinds", "load_weights", "my_units",
-           "new_manifest", "open_source", "plan_job", "prepare", "remove_other_generations",
+           "new_manifest", "open_source", "plan_job", "prepare", "remove_replaced",
            "report_platform", "resolve_kinds"]
