@@ -288,3 +288,42 @@ def test_a_worker_that_sees_other_files_is_refused(photos, tiny_weights, tmp_pat
   ok = first[0].code == 0 and p.code == 1 and refused and not _finished(out)
   hostile.check(case, ok, f"{view}: the later worker exits {p.code}: {line}")
   assert ok, (first[0].stderr()[-1500:], p.stderr()[-2000:])
+
+
+def _task_pid(out: pathlib.Path, index: int) -> int | None:
+  """The process of worker task `index` of the Ray job writing `out` (its command line holds
+  the job's settings, its environment the worker index), if running."""
+  for d in pathlib.Path("/proc").iterdir():
+    try:
+      cmd = (d / "cmdline").read_bytes().split(b"\0")
+      if b"cbir_jax.ray_job" not in cmd or not any(str(out).encode() in c for c in cmd):
+        continue
+      env = (d / "environ").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+      continue
+    if f"CBIR_JAX_WORKER={index}".encode() in env:
+      return int(d.name)
+  return None
+
+
+def test_ray_job_with_a_task_killed_once_equals_a_clean_run(photos, tiny_weights, clean_run,
+                                                            tmp_path, hostile):
+  """launch/extract.py --ray on a local Ray instance: 3 worker tasks; worker 1's process is
+  killed once mid-job; Ray retries the task, which continues its shards; the job finishes
+  and equals a clean one-worker run row for row."""
+  pytest.importorskip("ray")
+  case = "Ray job of 3 worker tasks, one task killed once"
+  hostile.declare(case)
+  out = tmp_path / "out"
+  p = _start(tmp_path, photos, out, tiny_weights, "ray", "--ray", "--workers=3",
+             "--ray_cpus=0.5", "--ray_retries=2")
+  _wait_shard([p], out, 4, timeout=400)
+  pid = _task_pid(out, 1)
+  assert pid is not None, p.stderr()[-2000:]
+  os.kill(pid, signal.SIGKILL)
+  _wait_all([p], timeout=400)
+  ok = p.code == 0 and _finished(out) and "Traceback" not in p.stderr()
+  how = f"worker 1's process killed once; the job exits {p.code} after Ray's retry"
+  print(how)
+  ok, differ = _record(hostile, case, ok, how + ", equal to a clean run", out, clean_run)
+  assert ok, (p.stderr()[-3000:], differ)
