@@ -335,7 +335,8 @@ def write_shard(output_dir: str | os.PathLike, k: int, *, start: int, stop: int,
     return info
   except OSError as e:
     shutil.rmtree(tmp, ignore_errors=True)
-    reason = os.strerror(e.errno) if e.errno else str(e)
+    reason = ("the disk is full" if e.errno == errno.ENOSPC else
+              os.strerror(e.errno) if e.errno else str(e))
     raise StoreError(f"cannot write shard {k} in {root}: {reason} ({e}); complete shards "
                      "are kept, rerun the same command to continue") from e
 
@@ -393,6 +394,15 @@ def complete_shards(output_dir: str | os.PathLike, where: str = SHARDS
       if info is not None:
         done[int(d.name)] = info
   return done
+
+
+def shard_intact(d: pathlib.Path, info: Mapping[str, Any]) -> bool:
+  """Every file of a complete shard matches the SHA-256 recorded when it was written."""
+  try:
+    return all(sha256_file(d / name) == f.get("sha256")
+               for name, f in info.get("files", {}).items())
+  except OSError:
+    return False
 
 
 def shard_pieces(output_dir: str | os.PathLike, where: str = SHARDS

@@ -357,8 +357,12 @@ def my_units(plan: Plan, shard_size: int, worker: Worker) -> tuple[list[Unit], i
     pos = positions[k * shard_size:(k + 1) * shard_size]
     digest = store.positions_sha256(pos)
     if k in done and done[k].get("positions_sha256", digest) in ("", digest):
-      skipped += 1
-      continue
+      # Reused as it is (finishing does not re-read descriptor bytes): check it once here.
+      d = plan.out / where / store.shard_name(k)
+      if store.shard_intact(d, done[k]):
+        skipped += 1
+        continue
+      shutil.rmtree(d, ignore_errors=True)  # damaged since it was written: computed again
     unit = Unit(index=k, positions=pos, where=where)
     for n, d, info in reversed(pieces.get(k, [])):  # the longest piece of this plan
       if n < len(pos) and info.get("positions_sha256") == store.positions_sha256(pos[:n]):

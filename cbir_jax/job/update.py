@@ -40,23 +40,14 @@ def row_index(out: pathlib.Path, where: str, num_records: int, *, verify: bool =
   done = store.complete_shards(out, where)
   folders = [f"{where}/{store.shard_name(k)}" for k in sorted(done)]
   if verify:
-    folders = [d for k, d in zip(sorted(done), folders) if _intact(out / d, done[k])]
+    folders = [d for k, d in zip(sorted(done), folders) if store.shard_intact(out / d, done[k])]
   return _index_folders(out, folders, num_records)
-
-
-def _intact(d: pathlib.Path, info: Mapping) -> bool:
-  """Every file of a shard matches the SHA-256 recorded when it was written."""
-  try:
-    return all(store.sha256_file(d / name) == f.get("sha256")
-               for name, f in info.get("files", {}).items())
-  except OSError:
-    return False
 
 
 def _remove_damaged(out: pathlib.Path, where: str) -> None:
   """Deletes shards of `where` whose files differ from their SHA-256, and says to rerun."""
   bad = [k for k, info in sorted(store.complete_shards(out, where).items())
-         if not _intact(out / where / store.shard_name(k), info)]
+         if not store.shard_intact(out / where / store.shard_name(k), info)]
   for k in bad:
     shutil.rmtree(out / where / store.shard_name(k), ignore_errors=True)
   if bad:
