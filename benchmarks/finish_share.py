@@ -21,7 +21,7 @@ def _images(folder: pathlib.Path, rows: int) -> None:
   import numpy as np
   from PIL import Image
 
-  done = folder / f".{rows}.done"
+  done = folder.parent / f".images-{rows}.done"  # beside the folder: not an input file
   if done.exists():
     return
   shutil.rmtree(folder, ignore_errors=True)

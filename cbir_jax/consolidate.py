@@ -83,6 +83,15 @@ class FinishProgress:
       self.log(f"finishing: {what} ({time.perf_counter() - self.t0:.1f} s)")
 
 
+def finalize(output_dir: str | pathlib.Path, *, num_shards: int, workers: int = 1) -> Manifest:
+  """Finishes an index whose shards were written with `store.write_shard` (tools and tests
+  that build one by hand): seals it and writes the manifest. Returns that manifest."""
+  out = pathlib.Path(output_dir)
+  m = seal(out, store.load_manifest(out).replace(num_shards=num_shards), workers=workers)
+  store.write_manifest(out, m)
+  return m
+
+
 def part_name(kind: str, k: int) -> str:
   return f"{kind}/part-{store.shard_name(k)}.npy"
 
@@ -215,4 +224,4 @@ def _read_header(src, rel: str, out: pathlib.Path) -> tuple[tuple[int, ...], boo
     raise _damaged(out, rel, f"is not a valid .npy ({e})") from e
 
 
-__all__ = ["FinishProgress", "part_name", "seal"]
+__all__ = ["FinishProgress", "finalize", "part_name", "seal"]

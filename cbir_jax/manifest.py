@@ -313,13 +313,14 @@ class Manifest:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "Manifest":
-    version = int(d.get("format_version", 1))
+    # No version: a dict built in memory (store.prepare); files always carry theirs.
+    version = int(d.get("format_version", FORMAT_VERSION))
     if version < FORMAT_VERSION:
       raise OldFormat(f"format {version}, written by an earlier cbir_jax")
     s = dict(d["settings"])
     return cls(
         settings=Settings.from_dict(s), weights=WeightsRecord.from_dict(d.get("weights") or {}),
-        input=InputRecord.from_dict(d["input"]),
+        input=InputRecord.from_dict(d.get("input") or {}),
         num_shards=int(d.get("num_shards", 0)), dimensions=dict(d.get("dimensions", {})),
         status=d.get("status", "running"), generation=int(d.get("generation", 0)),
         base=d.get("base", ""), shards=tuple(ShardEntry.from_dict(e) for e in d.get("shards", ())),

@@ -137,6 +137,7 @@ def read_manifest(output_dir: str | os.PathLike, name: str = MANIFEST) -> dict[s
 def load_manifest(output_dir: str | os.PathLike, name: str = MANIFEST) -> Manifest:
   """The typed manifest of an output directory (format 4; earlier ones are refused)."""
   d = read_manifest(output_dir, name)
+  d.setdefault("format_version", 1)  # files of every format record theirs; none: the first
   try:
     return Manifest.from_dict(d)
   except OldFormat as e:
