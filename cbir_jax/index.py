@@ -27,7 +27,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from cbir_jax.manifest import FileEntry
 
 METADATA = "metadata.parquet"
 FAILURES = "failures.json"
@@ -160,10 +159,6 @@ def part_view(arrays: Sequence[np.ndarray]) -> np.ndarray | LazyRows:
 def read_failures_file(path: pathlib.Path) -> list[tuple[str, str, int]]:
   items = json.loads(path.read_text(encoding="utf-8", errors="surrogateescape"))
   return [(f[0], f[1], int(f[2]) if len(f) > 2 else -1) for f in items]
-
-
-def entry_dict(e: FileEntry) -> dict[str, Any]:
-  return {"sha256": e.sha256, "bytes": e.bytes}
 
 
 __all__ = ["FAILURES", "LazyRows", "METADATA", "part_view", "read_metadata",

@@ -14,12 +14,13 @@ from typing import Any, Callable
 
 from cbir_jax import consolidate, store
 from cbir_jax.job import update as upd
+from cbir_jax.job.config import ExtractConfig
 from cbir_jax.job.control import Clock, Worker
 from cbir_jax.job.plan import Plan, remove_replaced
 from cbir_jax.manifest import Manifest
 
 
-def run_info(config: Any, worker: Worker) -> dict[str, Any]:
+def run_info(config: ExtractConfig, worker: Worker) -> dict[str, Any]:
   """How the job ran (not compared on reruns): platform, devices, threads."""
   import jax
 
@@ -56,7 +57,7 @@ def _already_switched(out: pathlib.Path, m: Manifest) -> bool:
   return now.complete and now.base == m.base and now.generation == m.generation
 
 
-def finish(plan: Plan, config: Any, worker: Worker, clock: Clock, summary: Any,
+def finish(plan: Plan, config: ExtractConfig, worker: Worker, clock: Clock, summary: Any,
            log: Callable[[str], None]) -> list[int]:
   """Seals the generation if every shard is written; returns the shards still missing
   (then another worker, still running or to be rerun, finishes the job)."""
@@ -72,7 +73,7 @@ def finish(plan: Plan, config: Any, worker: Worker, clock: Clock, summary: Any,
   return []
 
 
-def _seal(plan: Plan, config: Any, worker: Worker, clock: Clock, summary: Any,
+def _seal(plan: Plan, config: ExtractConfig, worker: Worker, clock: Clock, summary: Any,
           log: Callable[[str], None]) -> None:
   out, m = plan.out, plan.manifest
   if plan.update is not None:

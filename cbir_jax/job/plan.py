@@ -18,6 +18,7 @@ from cbir_jax import descriptors as desc
 from cbir_jax import weights as weights_lib
 from cbir_jax.job import identity as ident
 from cbir_jax.job import sources, update as upd
+from cbir_jax.job.config import ExtractConfig
 from cbir_jax.job.control import Worker
 from cbir_jax.job.errors import ExtractError
 from cbir_jax.job.rows import Unit
@@ -55,14 +56,14 @@ class Plan:
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
-def open_source(config: Any) -> sources.Source:
+def open_source(config: ExtractConfig) -> sources.Source:
   if config.images:
     return sources.folder_source(config.images, config.labels_csv,
                                  content_digest=config.content_digest)
   return sources.tfds_source(config.tfds, config.data_dir)
 
 
-def load_weights(config: Any, backbone: backbones.Backbone, image_size: int
+def load_weights(config: ExtractConfig, backbone: backbones.Backbone, image_size: int
                  ) -> weights_lib.Loaded:
   record = weights_lib.record_for(config.model, config.weights, seed=config.seed)
   try:
@@ -105,7 +106,7 @@ def _version() -> str:
   return __version__
 
 
-def new_manifest(config: Any, source: sources.Source, loaded: weights_lib.Loaded,
+def new_manifest(config: ExtractConfig, source: sources.Source, loaded: weights_lib.Loaded,
                  backbone: backbones.Backbone, image_size: int, kinds: tuple[str, ...]
                  ) -> Manifest:
   """The manifest of a first generation made with these settings (`kinds` resolved)."""
@@ -135,7 +136,7 @@ def report_platform(log: Callable[[str], None], *, warn: bool) -> None:
     runtime.warn_if_gpu_unused(log, backend=info["backend"])
 
 
-def plan_job(config: Any, worker: Worker, log: Callable[[str], None]) -> Plan:
+def plan_job(config: ExtractConfig, worker: Worker, log: Callable[[str], None]) -> Plan:
   """Opens everything and decides what this worker does; nothing is written before the
   output directory agreed (see `prepare`).
 
@@ -203,7 +204,7 @@ def describe_os_error(e: BaseException) -> str:
   return f"{type(e).__name__}: {e}"
 
 
-def _lay_out_steps(plan: Plan, config: Any, log: Callable[[str], None]) -> None:
+def _lay_out_steps(plan: Plan, config: ExtractConfig, log: Callable[[str], None]) -> None:
   """Rows per step on this worker (its local devices only) and its number of steps."""
   import jax
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from cbir_jax import input_pipeline, store
 from cbir_jax.job import rows as rows_lib
+from cbir_jax.job.config import ExtractConfig
 from cbir_jax.job.control import Clock, Progress, Worker
 from cbir_jax.job.plan import Plan
 
@@ -79,7 +80,7 @@ class ShardWriter:
 class StepRunner:
   """The step loop of one worker; counts go to `summary`, times to `clock`."""
 
-  def __init__(self, plan: Plan, config: Any, worker: Worker, clock: Clock, summary: Any,
+  def __init__(self, plan: Plan, config: ExtractConfig, worker: Worker, clock: Clock, summary: Any,
                log: Callable[[str], None]):
     import jax
 
