@@ -1,8 +1,12 @@
-"""Finishing a generation: verify every shard once, then gather it into descriptors/.
+"""Finishing a generation: the shards become the index, with no copy of descriptor arrays.
 
-Runs on process 0 after every shard exists. Every byte kept is checked here, once, against
-the checksums written with the shards, so loaders afterwards only check sizes and shapes.
-descriptors/ then holds one array per distinct kind, meta.npz and failures.json.
+Runs once, under the job lock, after every shard exists. O(rows) metadata work only: each
+shard's small files (meta.npz, failures.json) are checked against their SHA-256 and gathered
+into one metadata table and one failure list; each shard's descriptor file gets a second
+name `<kind>/part-NNNNNN.npy` (a hard link: no bytes copied) and is listed in the manifest
+with the rows, size and SHA-256 recorded when the shard was written (its header and size
+are checked here; the bytes were hashed as they were written, and `--update` re-checks
+every row it reuses).
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import datetime
 import hashlib
 import io
 import json
+import os
 import pathlib
 import sys
 import time
@@ -18,7 +23,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from cbir_jax import store
-from cbir_jax.manifest import FORMAT_VERSION, ConsolidatedEntry, Manifest, ShardEntry
+from cbir_jax import index as index_files
+from cbir_jax.manifest import FORMAT_VERSION, FileEntry, Manifest, ShardEntry
 
 _BLOCK = 1 << 22
 META = "meta.npz"
@@ -77,57 +83,55 @@ class FinishProgress:
       self.log(f"finishing: {what} ({time.perf_counter() - self.t0:.1f} s)")
 
 
-def seal(out: pathlib.Path, m: Manifest, *, process_count: int, consolidate: bool = True,
-         keep_shards: bool = True, progress: FinishProgress | None = None) -> Manifest:
-  """The generation's complete manifest: shards listed and verified, descriptors/ written.
+def finalize(output_dir: str | pathlib.Path, *, num_shards: int, workers: int = 1) -> Manifest:
+  """Finishes an index whose shards were written with `store.write_shard` (tools and tests
+  that build one by hand): seals it and writes the manifest. Returns that manifest."""
+  out = pathlib.Path(output_dir)
+  m = seal(out, store.load_manifest(out).replace(num_shards=num_shards), workers=workers)
+  store.write_manifest(out, m)
+  return m
 
-  Does not write the manifest (the caller switches it atomically) nor remove shards
-  (the caller does, after the switch, unless `keep_shards`).
+
+def part_name(kind: str, k: int) -> str:
+  return f"{kind}/part-{store.shard_name(k)}.npy"
+
+
+def seal(out: pathlib.Path, m: Manifest, *, workers: int,
+         progress: FinishProgress | None = None) -> Manifest:
+  """The generation's complete manifest: shards listed, parts linked, metadata gathered.
+
+  Does not write the manifest (the caller switches it atomically).
 
   Raises:
-    StoreError: shards are missing (processes that do not share the output
-      filesystem), a shard does not match its checksums (damaged after it was
-      written: the message names it), or a file cannot be written.
+    StoreError: shards are missing (workers that do not share the output filesystem), a
+      shard's file does not match its record (damaged after it was written: the message
+      names it), or a file cannot be written.
   """
   progress = progress or FinishProgress()
   shards = _complete(out, m)
   kinds = list(m.settings.kinds)
   t = time.perf_counter()
-  consolidate = consolidate and bool(shards)
-  aliases = identical_kinds(shards, kinds) if consolidate else {}
-  stored = [k for k in kinds if k not in aliases]
-  # What is read once here: each stored kind while copied, metadata and failures while
-  # gathered; what stays in shards only (aliases' files, or all with --consolidate=false)
-  # is hashed on its own, unless the shards are about to be removed.
-  read_later = {f"{k}.npy" for k in stored} | {META, FAILURES} if consolidate else set()
-  alone = [(s, name) for s in shards for name in s.files
-           if name not in read_later and (keep_shards or not consolidate)]
-  progress.start(sum(int(s.files[n]["bytes"]) for s in shards for n in s.files
-                     if n in read_later or (s, n) in alone),
-                 f"verifying {len(shards)} shard(s)" + (
-                     f", consolidating {len(stored)} kind(s) and the row metadata"
-                     if consolidate else ""))
-  _verify_files(out, alone, progress)
-  entries: dict[str, Any] = {}
-  if consolidate:
-    folder = m.path(store.CONSOLIDATED)
-    try:
-      for kind in stored:
-        entries[kind] = _consolidate(out, folder, kind, shards, progress)
-      metadata, failures = _gather_meta(out, folder, shards, progress)
-    except OSError as e:
-      raise store.StoreError(f"{out}: cannot write the consolidated arrays: {e}; the shards "
-                             "are complete, rerun the same command to retry") from e
+  progress.start(sum(int(s.files[n]["bytes"]) for s in shards for n in (META, FAILURES)),
+                 f"listing {len(shards)} shard(s) as the index")
+  try:
+    parts = {kind: tuple(_link_part(out, m, s, kind) for s in shards) for kind in kinds}
+    metadata, failures = _gather_meta(out, m, shards, progress)
+  except OSError as e:
+    raise store.StoreError(f"{out}: cannot write the index files: {_os_text(e)}; the shards "
+                           "are complete, rerun the same command to retry") from e
   verified = {"at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "shards": len(shards), "consolidated": sorted(entries) + sorted(aliases),
-              "finite": bool(entries), "seconds": round(time.perf_counter() - t, 3)}
+              "shards": len(shards), "seconds": round(time.perf_counter() - t, 3)}
+  made = ((store.SHARDS, *kinds, index_files.METADATA, index_files.FAILURES, store.RECORDS)
+          if not m.base else (m.base,))
   return m.replace(shards=shards, rows=sum(s.rows for s in shards),
-                   failures=sum(s.failures for s in shards), process_count=process_count,
-                   status="complete", consolidated=entries, aliases=aliases,
-                   metadata=metadata if consolidate else None,
-                   failures_file=failures if consolidate else None,
-                   shards_kept=keep_shards or not consolidate, verified=verified,
-                   format_version=FORMAT_VERSION)
+                   failures=sum(s.failures for s in shards), workers=workers,
+                   status="complete", parts=parts, metadata=metadata, failures_file=failures,
+                   made=made, verified=verified, format_version=FORMAT_VERSION)
+
+
+def _os_text(e: OSError) -> str:
+  import errno
+  return f"the disk is full ({e})" if e.errno == errno.ENOSPC else str(e)
 
 
 def _complete(out: pathlib.Path, m: Manifest) -> tuple[ShardEntry, ...]:
@@ -137,30 +141,31 @@ def _complete(out: pathlib.Path, m: Manifest) -> tuple[ShardEntry, ...]:
   if missing:
     raise store.StoreError(
         f"{out}: {len(missing)} of {m.num_shards} shards missing (first: "
-        f"{store.shard_name(missing[0])}); were all processes writing to one shared "
-        "directory? Rerun the same command to complete them.")
+        f"{store.shard_name(missing[0])}); were all workers writing to one shared "
+        "directory? Rerun the workers that write them.")
   return tuple(_entry(done[k], f"{where}/{store.shard_name(k)}") for k in range(m.num_shards))
 
 
-def identical_kinds(shards: Sequence[ShardEntry], kinds: Sequence[str]) -> dict[str, str]:
-  """Kinds whose shard files are byte-identical to an earlier kind's, shard by shard.
-
-  Decided by the digests recorded when the shards were written (equal digests of equal
-  .npy files mean equal headers and rows), so it holds whatever made them equal: by
-  definition (EfficientNet-Lite0's fc is its spoc) or by the data (a 1x1 last block makes
-  mac, spoc and gem equal). Returns {kind: the earlier kind it equals}.
-  """
-  first: dict[tuple[str, ...], str] = {}
-  aliases = {}
-  for kind in kinds:
-    key = tuple(str(s.files.get(f"{kind}.npy", {}).get("sha256", "")) for s in shards)
-    if not all(key):
-      continue
-    if key in first:
-      aliases[kind] = first[key]
-    else:
-      first[key] = kind
-  return aliases
+def _link_part(out: pathlib.Path, m: Manifest, s: ShardEntry, kind: str) -> FileEntry:
+  """`<kind>/part-K.npy`: a second name of the shard's file (hard link; no bytes copied)."""
+  rel = f"{s.dir}/{kind}.npy"
+  src, dst = out / rel, out / m.path(part_name(kind, s.index))
+  with open(src, "rb") as f:
+    shape, fortran, _ = _read_header(f, rel, out)
+  if fortran or len(shape) != 2 or shape[0] != s.rows:
+    raise _damaged(out, rel, f"holds shape {shape}, the shard {s.rows} rows")
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  if not (dst.exists() and os.path.samefile(src, dst)):
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+      os.link(src, tmp)
+    except OSError:  # a file system without hard links: a relative symbolic link
+      os.symlink(os.path.relpath(src, dst.parent), tmp)
+    os.replace(tmp, dst)
+  info = s.files[f"{kind}.npy"]
+  return FileEntry(file=m.path(part_name(kind, s.index)), rows=s.rows,
+                   sha256=str(info["sha256"]), bytes=int(info["bytes"]))
 
 
 def _entry(info: dict[str, Any], rel: str) -> ShardEntry:
@@ -176,15 +181,6 @@ def _damaged(out: pathlib.Path, rel: str, why: str) -> store.StoreError:
                           "and rerun the same command to recompute it")
 
 
-def _verify_files(out: pathlib.Path, files: Sequence[tuple[ShardEntry, str]],
-                  progress: FinishProgress) -> None:
-  """Checks shard files against their SHA-256 in shard.json."""
-  for s, name in files:
-    if store.sha256_file(out / s.dir / name) != s.files[name]["sha256"]:
-      raise _damaged(out, f"{s.dir}/{name}", "does not match its SHA-256 in shard.json")
-    progress.step(int(s.files[name]["bytes"]), f"verified {s.dir}")
-
-
 def _read_verified(out: pathlib.Path, s: ShardEntry, name: str) -> bytes:
   rel = f"{s.dir}/{name}"
   data = (out / rel).read_bytes()
@@ -194,9 +190,9 @@ def _read_verified(out: pathlib.Path, s: ShardEntry, name: str) -> bytes:
   return data
 
 
-def _gather_meta(out: pathlib.Path, folder: str, shards: Sequence[ShardEntry],
-                 progress: FinishProgress) -> tuple[ConsolidatedEntry, ConsolidatedEntry]:
-  """descriptors/meta.npz (every shard's rows, in order) and descriptors/failures.json."""
+def _gather_meta(out: pathlib.Path, m: Manifest, shards: Sequence[ShardEntry],
+                 progress: FinishProgress) -> tuple[FileEntry, FileEntry]:
+  """The metadata table (every shard's rows, in order) and the failure list."""
   parts, failures = [], []
   for s in shards:
     try:
@@ -210,16 +206,12 @@ def _gather_meta(out: pathlib.Path, folder: str, shards: Sequence[ShardEntry],
                   "row metadata")
   columns = list(parts[0]) if parts else list(store.META_COLUMNS)
   meta = {c: np.concatenate([p[c] for p in parts]) if parts else np.zeros(0) for c in columns}
-  rows = len(meta["row"])
-  # Compressed: fixed-width path strings are mostly padding.
-  (out / folder).mkdir(parents=True, exist_ok=True)
-  mpath = store.write_atomic(out / folder / META, lambda f: np.savez_compressed(f, **meta))
+  mrel, frel = m.path(index_files.METADATA), m.path(index_files.FAILURES)
+  mpath = store.write_atomic(out / mrel, lambda f: index_files.write_metadata(f, meta))
   text = json.dumps(failures).encode("utf-8", "surrogateescape")
-  fpath = store.write_atomic(out / folder / FAILURES, lambda f: f.write(text))
-  return (ConsolidatedEntry(f"{folder}/{META}", rows, store.sha256_file(mpath),
-                            mpath.stat().st_size),
-          ConsolidatedEntry(f"{folder}/{FAILURES}", len(failures), store.sha256_file(fpath),
-                            fpath.stat().st_size))
+  fpath = store.write_atomic(out / frel, lambda f: f.write(text))
+  return (FileEntry(mrel, len(meta["row"]), store.sha256_file(mpath), mpath.stat().st_size),
+          FileEntry(frel, len(failures), store.sha256_file(fpath), fpath.stat().st_size))
 
 
 def _read_header(src, rel: str, out: pathlib.Path) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -232,69 +224,4 @@ def _read_header(src, rel: str, out: pathlib.Path) -> tuple[tuple[int, ...], boo
     raise _damaged(out, rel, f"is not a valid .npy ({e})") from e
 
 
-def _consolidate(out: pathlib.Path, folder: str, kind: str, shards: Sequence[ShardEntry],
-                 progress: FinishProgress) -> ConsolidatedEntry:
-  # Plain writes, not a memory map: on a full disk a write into a mapped file is
-  # SIGBUS (the process dies), while write() raises ENOSPC that we can report.
-  # Each shard file is hashed and scanned for non-finite values as it is copied, and
-  # the output is hashed as it is written, so every byte is read once.
-  (out / folder).mkdir(parents=True, exist_ok=True)
-  total = sum(s.rows for s in shards)
-  digest = hashlib.sha256()
-
-  def copy(f) -> None:
-    header_at = None
-    for s in shards:
-      rel = f"{s.dir}/{kind}.npy"
-      with open(out / rel, "rb") as src:
-        shape, fortran, dtype = _read_header(src, rel, out)
-        if header_at is None:
-          header_at = (dtype, shape[1:])
-          header = _header_bytes(dtype, (total, *shape[1:]))
-          digest.update(header)
-          f.write(header)
-        if (dtype, shape[1:]) != header_at or fortran or shape[0] != s.rows:
-          raise store.StoreError(f"{out}: {rel} holds {shape} {dtype}, expected "
-                                 f"({s.rows}, {header_at[1]}) {header_at[0]}")
-        row_bytes = dtype.itemsize * int(np.prod(shape[1:]))
-        _copy_checked(src, f, digest, out, rel, s, dtype, row_bytes)
-      progress.step(int(s.files.get(f"{kind}.npy", {}).get("bytes", 0)),
-                    f"{kind} consolidated")
-
-  path = store.write_atomic(out / folder / f"{kind}.npy", copy)
-  return ConsolidatedEntry(file=f"{folder}/{kind}.npy", rows=total, sha256=digest.hexdigest(),
-                           bytes=path.stat().st_size)
-
-
-def _header_bytes(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
-  buf = io.BytesIO()
-  np.lib.format.write_array_header_1_0(
-      buf, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-            "shape": shape})
-  return buf.getvalue()
-
-
-def _copy_checked(src, dst, out_digest, out: pathlib.Path, rel: str, s: ShardEntry,
-                  dtype: np.dtype, row: int) -> None:
-  h = hashlib.sha256()
-  data_at = src.tell()
-  src.seek(0)
-  h.update(src.read(data_at))
-  row = max(row, 1)
-  block_rows = max(1, _BLOCK // row)
-  first = 0
-  while block := src.read(block_rows * row):
-    h.update(block)
-    values = np.frombuffer(block, dtype)
-    if not np.isfinite(values).all():
-      bad = first + int(np.flatnonzero(~np.isfinite(values))[0]) * dtype.itemsize // row
-      raise _damaged(out, rel, f"holds NaN or infinity in its row {bad}")
-    first += len(block) // row
-    out_digest.update(block)
-    dst.write(block)
-  want = s.files.get(rel.rsplit("/", 1)[-1], {}).get("sha256")
-  if want and h.hexdigest() != want:
-    raise _damaged(out, rel, "does not match its SHA-256 in shard.json")
-
-
-__all__ = ["FinishProgress", "identical_kinds", "seal"]
+__all__ = ["FinishProgress", "finalize", "part_name", "seal"]

@@ -1,10 +1,12 @@
-"""The bulk extraction job: images (folder or TFDS) -> descriptors/ on disk (store.py).
+"""The bulk extraction job: images (folder or TFDS) -> an index of descriptor parts (index.py).
 
 `run` goes through named stages (cbir_jax/job/): plan the job (input, weights, settings,
 output directory, work left) -> run the steps -> assemble rows into shards -> finish
-(verify, consolidate into descriptors/, switch the manifest, remove the shards). One jitted
-step on a "data" mesh over every device of every process; complete shards survive kills and
-a rerun continues.
+(list the shards as the index: parts per kind, one metadata table; switch the manifest;
+no descriptor array is copied). A job is
+one or several independent workers (job/workers.py), each running one jitted step on its
+local devices over its own range of shards; complete shards survive kills and a rerun
+(of a worker, or of the whole job with any worker count) continues.
 """
 from __future__ import annotations
 
@@ -12,152 +14,24 @@ import dataclasses
 import sys
 from typing import Callable
 
-from cbir_jax import backbones, choices, decode, distributed, store
-from cbir_jax import descriptors as desc
+from cbir_jax import decode, store  # noqa: F401 (extract.decode: for callers)
 from cbir_jax.choices import COMPUTE_DTYPES, OUTPUT_DTYPES, PROGRESS_MODES  # noqa: F401 (kept here)
-from cbir_jax.choices import ComputeDtype, Kind, Masks, Model, OutputDtype, Progress
-from cbir_jax.job import control
+from cbir_jax.job import control, workers
+from cbir_jax.job.config import ExtractConfig
 from cbir_jax.job.errors import ExtractError, Interrupted
 from cbir_jax.weights import random_params
 
 
-@dataclasses.dataclass
-class ExtractConfig:
-  """Everything an extraction needs. Defaults reproduce the paper's settings on the default model.
-
-  Attributes:
-    output: output directory (created; a rerun continues it).
-    images: folder of images (recursive; every format this Pillow build decodes, e.g. jpg,
-      png, webp, tif; other files are counted, not read); the first-level subfolder, if
-      any, is the label. None with `tfds`.
-    tfds: "name:split" of a prepared TFDS dataset, read from `data_dir`; never downloads.
-    data_dir: TFDS data_dir where the dataset is prepared (default $TFDS_DATA_DIR or
-      ~/tensorflow_datasets).
-    labels_csv: optional CSV (columns file, class_index[, class_name, ...]) giving labels
-      by path relative to `images` (or by file name where names are unique); other
-      columns become metadata columns.
-    model: backbone name.
-    weights: weights directory; None = the shipped weights of `model`;
-      "random" = random initialisation from `seed` (tests, demos).
-    seed: seed of random weights.
-    kinds: descriptor kinds to write; empty (the default) = every kind the weights can
-      give: all of them, or all but fc and fc_conv for weights without the FC layers
-      (e.g. VGG16 ported from Keras' _notop.h5).
-    batch_size: images per device per step.
-    dtype: compute dtype (float32, bfloat16, float16).
-    output_dtype: dtype of the stored descriptors (float32 or float16).
-    image_size: square network input size; None = the backbone's default.
-    threshold: significance threshold tau (a fraction of the image's maximum last-block
-      activation with `relative`; SPEC.md section 4).
-    relative: tau = threshold x the image's maximum; false: tau = threshold.
-    masks: "channel": the paper's per-channel masks; "spatial": the authors' notebook variant.
-    shard_size: input records per shard (the unit of consolidation and of resumption;
-      a stopped job also keeps the finished part of the shard in progress).
-    num_threads: parallel decodes per process (None = every core this process may use);
-      changes no row (recorded with the run, not compared on reruns).
-    num_workers: decode worker processes (None: threads in this process up to 4 cores,
-      else one process per 4 cores, measured in docs/benchmarks.md; 0: threads only); with
-      it set, num_threads is threads per process. Changes no row (recorded with the run).
-    draft: decode JPEGs at the smallest DCT scale (1/2..1/8) still at least the input
-      size, then resize as always (several times less CPU on large photos, pixels within
-      about half a grey level); --nodraft decodes at full resolution. Recorded as a setting.
-    max_pixels: images with more pixels are refused as decompression bombs (a setting:
-      it decides which images get rows).
-    consolidate: gather the shards into descriptors/ at the end (one array per distinct
-      kind, meta.npz, failures.json); false leaves the rows in the shards.
-    keep_shards: keep the shards after the verified consolidation (by default they are
-      removed: descriptors/ holds every row, and --update reuses rows from it).
-    update: bring an existing output up to date with a changed input: rows of
-      unchanged records are kept, new and changed records extracted, removed ones dropped.
-    content_digest: identify each file by a SHA-256 of its bytes as well as its size
-      and modification time (reads every file once more when listing).
-    progress: "auto" (bar on a terminal, log lines otherwise), "bar", "log", "none".
-    log_every_s: seconds between progress log lines.
-    distributed: multi-process, with the coordinator address, the number of processes and
-      this process' index from the cluster environment (SLURM, Open MPI, Cloud TPU), as
-      jax.distributed.initialize() finds them.
-    coordinator_address: multi-process: host:port of process 0, whose coordinator uses
-      this port and the next one (implies `distributed`).
-    num_processes: multi-process: number of processes.
-    process_id: multi-process: this process' index.
-    startup_timeout_s: multi-process: seconds to wait for every process to start.
-    peer_timeout_s: multi-process: a process silent this many seconds is taken for dead,
-      and the others end (complete shards are kept).
-  """
-  output: str
-  images: str | None = None
-  tfds: str | None = None
-  data_dir: str | None = None
-  labels_csv: str | None = None
-  model: Model = backbones.DEFAULT_BACKBONE
-  weights: str | None = None
-  seed: int = 0
-  kinds: tuple[Kind, ...] = ()
-  batch_size: int = 16
-  dtype: ComputeDtype = "float32"
-  output_dtype: OutputDtype = "float32"
-  image_size: int | None = None
-  threshold: float = 0.5
-  relative: bool = True
-  masks: Masks = "channel"
-  shard_size: int = 4096
-  num_threads: int | None = None
-  num_workers: int | None = None
-  draft: bool = True
-  max_pixels: int = decode.MAX_PIXELS
-  consolidate: bool = True
-  keep_shards: bool = False
-  update: bool = False
-  content_digest: bool = False
-  progress: Progress = "auto"
-  log_every_s: float = 30.0
-  distributed: bool = False
-  coordinator_address: str | None = None
-  num_processes: int | None = None
-  process_id: int | None = None
-  startup_timeout_s: float = 45.0
-  peer_timeout_s: float = 10.0
-
-  def check(self) -> None:
-    """Raises ExtractError for settings that cannot work, before anything is touched."""
-    if (self.images is None) == (self.tfds is None):
-      raise ExtractError("give exactly one input: --images=FOLDER or --tfds=NAME:SPLIT")
-    if self.labels_csv and not self.images:
-      raise ExtractError("--labels_csv applies to --images folders only")
-    try:
-      choices.check(self)  # kinds, dtypes, masks, progress, model: the flags' own lists
-    except ValueError as e:
-      raise ExtractError(str(e)) from None
-    for name in ("batch_size", "shard_size", "max_pixels"):
-      if getattr(self, name) < 1:
-        raise ExtractError(f"{name} must be >= 1, got {getattr(self, name)}")
-    if self.num_workers is not None and self.num_workers < 0:
-      raise ExtractError(f"num_workers must be >= 0 (or unset: chosen by the cores), got "
-                         f"{self.num_workers}")
-    if self.num_threads is not None and self.num_threads < 1:
-      raise ExtractError(f"num_threads must be >= 1 (or unset: every core), got "
-                         f"{self.num_threads}")
-    if self.image_size is not None and self.image_size < 32:
-      raise ExtractError(f"image_size must be >= 32 (five stride-2 blocks), got "
-                         f"{self.image_size}")
-    try:
-      backbones.get(self.model)
-      desc.DescriptorConfig(self.threshold, self.relative, self.masks)
-    except ValueError as e:
-      raise ExtractError(str(e)) from None
-    control.timeouts(self)
-
-
 # Phases of the summary's time breakdown, in the order they happen.
 PHASES = ("imports", "startup", "input", "test delay", "compile", "device", "host", "write",
-          "waiting for other processes", "assemble", "finish", "stop")
+          "waiting for other workers", "assemble", "finish", "stop")
 
 
 @dataclasses.dataclass
 class Summary:
-  """What one process did, and where its wall time went (the phases add up to `seconds`)."""
+  """What one worker did, and where its wall time went (the phases add up to `seconds`)."""
   output: str
-  process_index: int
+  worker: int
   images: int = 0  # decoded and written
   failed: int = 0  # records that could not be decoded
   reused: int = 0  # rows (and failures) kept from the previous generation by --update
@@ -168,7 +42,8 @@ class Summary:
   phases: dict[str, float] = dataclasses.field(default_factory=dict)
   compiles: int = -1  # compilations of the step (1 expected), -1 if unknown
   stop_s: float = 0.0  # from the stop request to the rows written
-  complete: bool = False  # the whole output (all processes) is finished
+  complete: bool = False  # the whole output (all workers) is finished
+  missing: int = 0  # shards of other workers still to be written (the job is not finished)
   update_line: str = ""
   skipped_line: str = ""  # files of the input folder not read ("skipped 3 files: .txt 2, ...")
 
@@ -220,7 +95,9 @@ class Summary:
             f"({self.images_per_s:.1f} images/s; {self.steady_images_per_s:.1f} while "
             f"stepping); waiting for input {100 * share:.0f}%; seconds: {times}; shards "
             f"written {self.shards_written}, skipped (already complete) "
-            f"{self.shards_skipped}{update}; output {self.output}")
+            f"{self.shards_skipped}{update}; output {self.output}" + (
+                f" (not finished yet: {self.missing} shard(s) of other workers to go; the "
+                "worker that writes the last one finishes the job)" if self.missing else ""))
 
 
 def _log(msg: str) -> None:
@@ -228,70 +105,75 @@ def _log(msg: str) -> None:
 
 
 def run(config: ExtractConfig, *, log: Callable[[str], None] = _log,
-        started: float | None = None, coord: control.Coordinator | None = None) -> Summary:
-  """Runs (or continues, or with `config.update` updates) an extraction.
+        started: float | None = None, worker: control.Worker | None = None) -> Summary:
+  """Runs (or continues, or with `config.update` updates) this worker's part of an extraction.
 
   Args:
     config: the job.
     log: where progress and messages go (stderr by default).
     started: `time.perf_counter()` when the program started (launchers pass it so the
       summary's time breakdown covers imports too).
-    coord: this process' part in a multi-process job, from `control.Coordinator.start`
-      (entered); None starts one from `config` and leaves it at the end (`main` does this
-      for launchers, with the exit status of every outcome).
+    worker: this process' place in the job with its signal handling (`main` passes it);
+      None: from `config` and the environment, without signal handling.
 
   Returns:
-    This process' summary.
+    This worker's summary (`complete`: the whole job is finished).
 
   Raises:
     ExtractError: bad settings, unreadable input, a directory of other settings or of
-      another input, a locked directory, a write error (disk full), processes that
-      disagree or were lost, or `Interrupted`.
+      another input, a locked directory, a write error (disk full), or `Interrupted`.
   """
   config.check()
   clock = control.Clock(started)
   if started is not None:
     clock.charge("imports")
-  if coord is not None:
-    return _run(config, coord, clock, log)
-  with control.Coordinator.start(config, log) as coord:
-    try:
-      summary = _run(config, coord, clock, log)
-    except Interrupted:
-      coord.shutdown()  # stopped together: every process leaves together
-      raise
-    coord.shutdown()
-  return summary
+  if worker is None:
+    worker = control.Worker(_worker_spec(config), log)
+  return _run(config, worker, clock, log)
 
 
-def _run(config: ExtractConfig, coord: control.Coordinator, clock: control.Clock,
+def _worker_spec(config: ExtractConfig) -> workers.WorkerSpec:
+  """The worker's index and count; with --jax_distributed, JAX's process index and count."""
+  if not config.jax_distributed:
+    return config.worker_spec()
+  import jax
+
+  jax.distributed.initialize()  # public API; finds the TPU slice's processes itself
+  return workers.WorkerSpec(jax.process_index(), jax.process_count(), "jax.distributed")
+
+
+def _run(config: ExtractConfig, worker: control.Worker, clock: control.Clock,
          log: Callable[[str], None]) -> Summary:
   from cbir_jax.job import finish, plan as planning, steps
 
-  summary = Summary(output=str(config.output), process_index=coord.process_index)
-  plan = planning.plan_job(config, coord, log)
+  summary = Summary(output=str(config.output), worker=worker.index)
+  plan = planning.plan_job(config, worker, log)
   clock.charge("startup")
   summary.skipped_line = plan.source.skipped_line()
   try:
     summary.shards_skipped = plan.skipped
-    _report_plan(plan, coord, log)
+    _report_plan(plan, worker, log)
     if plan.done:
       summary.complete = True
       return summary
-    reason = steps.StepRunner(plan, config, coord, clock, summary, log).run()
-    if reason:
-      every = " on every process" if coord.process_count > 1 else ""
-      raise Interrupted(
-          f"interrupted ({reason}): process {coord.process_index} stopped after writing "
-          f"{summary.shards_written} shard(s) and the finished part of the shard in progress; "
-          f"they are kept in {plan.out}. Rerun the same command{every} to continue.")
-    finish.finish(plan, config, coord, clock, summary, log)
-    summary.complete = True
+    if not config.finish:
+      reason = steps.StepRunner(plan, config, worker, clock, summary, log).run()
+      if reason:
+        raise Interrupted(
+            f"interrupted ({reason}): {_who(worker)} stopped after writing "
+            f"{summary.shards_written} shard(s) and the finished part of the shard in "
+            f"progress; they are kept in {plan.out}. Rerun the same command to continue.")
+    missing = finish.finish(plan, config, worker, clock, summary, log)
+    if missing and config.finish:
+      raise ExtractError(f"cannot finish {plan.out} yet: {len(missing)} shard(s) not written "
+                         f"(first: {store.shard_name(missing[0])}); run (or rerun) the workers "
+                         "that write them")
+    summary.missing, summary.complete = len(missing), not missing
   except store.StoreError as e:
     raise ExtractError(str(e)) from e
   except OSError as e:
-    raise ExtractError(f"error writing {plan.out}: {e}; complete shards are kept, rerun the "
-                       "same command to continue") from e
+    raise ExtractError(f"error writing {plan.out}: {planning.describe_os_error(e)}; complete "
+                       "shards are kept, rerun the same command to continue") from e
   finally:
     clock.charge("finish" if summary.complete else "stop")
     summary.phases, summary.seconds = clock.items(), clock.total
@@ -302,53 +184,51 @@ def _run(config: ExtractConfig, coord: control.Coordinator, clock: control.Clock
   return summary
 
 
-def main(config: ExtractConfig, *, started: float | None = None) -> int:
-  """Runs the job as launch/extract.py does and returns its exit status.
+def _who(worker: control.Worker) -> str:
+  return "the job" if worker.count == 1 else f"worker {worker.index} of {worker.count}"
 
-  0: done, the summary line on stdout. 1: an error, one line "extract: error: ..." on
-  stderr. 130: stopped by SIGINT/SIGTERM (finished rows kept; rerun to continue). In a
-  job of several processes every process ends with the same status: a signal to any
-  process stops them all, and a process that fails, dies or never starts ends the others
-  with one line naming it (within `peer_timeout_s` + a few seconds, or
-  `startup_timeout_s`).
+
+def main(config: ExtractConfig, *, started: float | None = None) -> int:
+  """Runs this worker as launch/extract.py does and returns its exit status.
+
+  0: this worker's part done (the summary line on stdout; the whole job is finished when
+  every worker's is). 1: an error, one line "extract: error: ..." on stderr. 130: stopped by
+  SIGINT/SIGTERM (finished rows kept; rerun to continue). Workers never wait for each
+  other: one that fails, dies or hangs stops no other.
   """
   try:
     config.check()
-    coord = control.Coordinator.start(config, _log)
+    worker = control.Worker(_worker_spec(config), _log)
   except ExtractError as e:
     print(f"extract: error: {e}", file=sys.stderr, flush=True)
     return e.exit_code
-  except KeyboardInterrupt:
-    print("extract: stopped at once, while the processes were starting; nothing was written",
-          file=sys.stderr, flush=True)
-    return distributed.EXIT_INTERRUPTED
-  with coord:
+  with worker:
     try:
-      try:
-        summary = run(config, started=started, coord=coord)
-      except Interrupted as e:
-        coord.shutdown()  # every process stopped together, and leaves together
-        print(f"extract: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
-      coord.shutdown()  # the others wait here for process 0 to seal the output
+      summary = run(config, started=started, worker=worker)
+    except Interrupted as e:
+      print(f"extract: {e}", file=sys.stderr, flush=True)
+      return e.exit_code
     except KeyboardInterrupt:  # a second signal, or one outside the steps: nothing is lost
-      where = f" to process {coord.process_index}" if coord.process_count > 1 else ""
-      return coord.leave(f"stopped at once ({coord.at_once or 'interrupted'}{where}); "
-                         f"{coord.hint}", distributed.EXIT_INTERRUPTED)
+      print(f"extract: stopped at once ({worker.at_once or 'interrupted'}); {control.HINT}",
+            file=sys.stderr, flush=True)
+      return control.EXIT_INTERRUPTED
     except ExtractError as e:
-      return coord.leave(str(e), e.exit_code)
+      print(f"extract: error: {e}", file=sys.stderr, flush=True)
+      return e.exit_code
   print(summary.line(), flush=True)
   return 0
 
 
-def _report_plan(plan, coord: control.Coordinator, log: Callable[[str], None]) -> None:
-  if coord.process_index == 0 and plan.source.labels_report is not None:
+def _report_plan(plan, worker: control.Worker, log: Callable[[str], None]) -> None:
+  if worker.count > 1:
+    log(worker.spec.line())
+  if worker.index == 0 and plan.source.labels_report is not None:
     for line in plan.source.labels_report.lines():
       log(line)
   if plan.done:
     log(f"{plan.out} is complete and up to date with its input; nothing to do")
   elif plan.skipped:
-    log(f"process {coord.process_index}: {plan.skipped} shard(s) already complete, "
+    log(f"{_who(worker)}: {plan.skipped} shard(s) already complete, "
         f"{len(plan.units)} to go")
 
 

@@ -218,6 +218,14 @@ def _picklable(obj: Any) -> bool:
     return False
 
 
+def _size(n: float) -> str:
+  """Bytes said so that small amounts do not read as 0 ("12.0 KB", "3.5 MB")."""
+  for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+    if n >= scale:
+      return f"{n / scale:.1f} {unit}"
+  return f"{int(n)} bytes"
+
+
 def _choose_parallelism(read: decode_workers.Reader, num_workers: int | None,
                         num_threads: int | None, batch_size: int, size: tuple[int, int],
                         ahead: int) -> tuple[int, int]:
@@ -233,10 +241,10 @@ def _choose_parallelism(read: decode_workers.Reader, num_workers: int | None,
   need = decode_workers.shm_bytes(workers, batch_size, size, ahead) if workers else 0
   room = decode_workers.shm_room() if workers else None
   if room is not None and room < need:
-    logging.warning("input: %d decode processes need %.0f MB of shared memory, %s has %.0f MB "
-                    "free; decoding with threads in this process instead (a container may "
-                    "need a larger /dev/shm, e.g. docker --shm-size)", workers, need / 2**20,
-                    decode_workers.SHM_DIR, room / 2**20)
+    logging.warning("input: %d decode processes need %s of shared memory, %s has %s free; "
+                    "decoding with threads in this process instead (a container may need a "
+                    "larger /dev/shm, e.g. docker --shm-size)", workers, _size(need),
+                    decode_workers.SHM_DIR, _size(room))
     return 0, workers * threads
   return workers, threads
 

@@ -1,7 +1,7 @@
 """The records an extraction writes to disk, as typed dataclasses with to_dict / from_dict.
 
-Read by the job (extract), the store (store.py) and the query side (search, evaluation) alike;
-`Manifest.from_dict` also reads formats 1 and 2 (row metadata only in shards) so old indexes load.
+Read by the job (extract), the store (store.py) and the query side (search, evaluation) alike.
+Only format 4 is read: an index of an earlier cbir_jax gets one line saying how to rebuild it.
 """
 from __future__ import annotations
 
@@ -11,7 +11,11 @@ import json
 from typing import Any, Mapping
 
 FORMAT = "cbir_jax.descriptors"
-FORMAT_VERSION = 3  # 3: metadata and failures consolidated, aliases, shards removable
+FORMAT_VERSION = 4  # 4: the shards are the index (parts per kind), one metadata table
+
+
+class OldFormat(ValueError):
+  """A manifest of format 1-3 (descriptors/ copies, aliases): rebuilt, not read."""
 WEIGHTS_KINDS = ("shipped", "directory", "random")
 _PILLOW_MAX_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS, the limit formats 1-2 used
 
@@ -197,8 +201,8 @@ class ShardEntry:
 
 
 @dataclasses.dataclass(frozen=True)
-class ConsolidatedEntry:
-  """A consolidated file: a kind's array, the row metadata, or the failures list."""
+class FileEntry:
+  """A file of the index: a part of a kind's rows, the metadata table, or the failure list."""
   file: str  # relative to the output directory
   rows: int  # rows (array, metadata) or failures listed
   sha256: str = ""
@@ -208,7 +212,7 @@ class ConsolidatedEntry:
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "ConsolidatedEntry":
+  def from_dict(cls, d: Mapping[str, Any]) -> "FileEntry":
     return cls(file=d["file"], rows=int(d["rows"]), sha256=d.get("sha256", ""),
                bytes=int(d.get("bytes", -1)))
 
@@ -245,15 +249,15 @@ class UpdateReport:
 class Manifest:
   """manifest.json: one generation of descriptors, its settings, input, shards and checks.
 
-  `base` is the folder (relative to the output directory) that holds this
-  generation's shards and arrays: "" for a first extraction, "gen-000001" and so
-  on after `--update`s; every path listed below already includes it.
+  `base` is the folder (relative to the output directory) that holds this generation's
+  files: "" for a first extraction, "gen-000001" and so on after `--update`s; every path
+  listed below already includes it.
 
-  Format 3 consolidates everything a reader needs into `descriptors/`: one array per
-  distinct kind (`consolidated`), kinds whose rows are byte-identical to another's stored
-  once and named in `aliases` (kind -> the kind whose file holds them), the row metadata
-  (`metadata`: descriptors/meta.npz) and the failures (`failures_file`). The shards
-  (`shards` still lists them) are then removed unless `shards_kept`.
+  The shards are the index: `parts[kind]` lists, in row order, one memory-mappable .npy per
+  shard (`<base>/<kind>/part-NNNNNN.npy`, a hard link of the shard's file: no copy), with
+  rows, SHA-256 and size; `metadata` is the one metadata table (one row per descriptor row)
+  and `failures_file` the one failure list. `made` lists every top-level name this
+  generation created, so reruns and updates remove only what the tool made.
   """
   settings: Settings
   weights: WeightsRecord
@@ -266,12 +270,12 @@ class Manifest:
   shards: tuple[ShardEntry, ...] = ()
   rows: int = 0
   failures: int = 0
-  process_count: int = 1
-  consolidated: Mapping[str, ConsolidatedEntry] = dataclasses.field(default_factory=dict)
-  aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
-  metadata: ConsolidatedEntry | None = None
-  failures_file: ConsolidatedEntry | None = None
-  shards_kept: bool = True
+  workers: int = 1
+  parts: Mapping[str, tuple[FileEntry, ...]] = dataclasses.field(default_factory=dict)
+  metadata: FileEntry | None = None
+  failures_file: FileEntry | None = None
+  made: tuple[str, ...] = ()
+  replaces: tuple[str, ...] = ()  # the previous generation's `made` (removed after the switch)
   verified: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   update: UpdateReport | None = None
   labels: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -286,10 +290,6 @@ class Manifest:
   def complete(self) -> bool:
     return self.status == "complete"
 
-  def stored_kind(self, kind: str) -> str:
-    """The kind whose consolidated file holds `kind`'s rows (itself unless an alias)."""
-    return self.aliases.get(kind, kind)
-
   def path(self, *parts: str) -> str:
     """A path of this generation, relative to the output directory."""
     return "/".join(p for p in (self.base, *parts) if p)
@@ -301,43 +301,37 @@ class Manifest:
          "num_records": self.num_records, "num_shards": self.num_shards,
          "dimensions": dict(self.dimensions), "generation": self.generation, "base": self.base,
          "shards": [e.to_dict() for e in self.shards], "rows": self.rows,
-         "failures": self.failures, "process_count": self.process_count,
-         "consolidated": {k: c.to_dict() for k, c in self.consolidated.items()},
-         "aliases": dict(self.aliases),
+         "failures": self.failures, "workers": self.workers,
+         "parts": {k: [e.to_dict() for e in v] for k, v in self.parts.items()},
          "metadata": self.metadata.to_dict() if self.metadata else None,
          "failures_file": self.failures_file.to_dict() if self.failures_file else None,
-         "shards_kept": self.shards_kept, "verified": dict(self.verified),
+         "made": list(self.made), "replaces": list(self.replaces), "verified": dict(self.verified),
          "labels": dict(self.labels), "run": dict(self.run),
          "update": self.update.to_dict() if self.update else None,
-         "backbone": s["backbone"]}  # as format 1 had it (settings.backbone is the same)
+         "backbone": s["backbone"]}  # a plain key for tools that only want the model
     return json.loads(json.dumps(d))
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "Manifest":
-    version = int(d.get("format_version", 1))
-    s = dict(d.get("settings", {}))
-    for k in ("backbone", "preprocessing", "descriptor", "image_size", "kinds"):
-      s.setdefault(k, d.get(k))  # format 1 kept some of these at the top only
-    weights = WeightsRecord.from_dict(d.get("weights") or {})
-    if version < 2:
-      s["weights"] = weights.identity()
-    inp = dict(d.get("input") or s.get("input") or {})
-    inp.setdefault("num_records", d.get("num_records", 0))
+    # No version: a dict built in memory (store.prepare); files always carry theirs.
+    version = int(d.get("format_version", FORMAT_VERSION))
+    if version < FORMAT_VERSION:
+      raise OldFormat(f"format {version}, written by an earlier cbir_jax")
+    s = dict(d["settings"])
     return cls(
-        settings=Settings.from_dict(s), weights=weights, input=InputRecord.from_dict(inp),
+        settings=Settings.from_dict(s), weights=WeightsRecord.from_dict(d.get("weights") or {}),
+        input=InputRecord.from_dict(d.get("input") or {}),
         num_shards=int(d.get("num_shards", 0)), dimensions=dict(d.get("dimensions", {})),
         status=d.get("status", "running"), generation=int(d.get("generation", 0)),
         base=d.get("base", ""), shards=tuple(ShardEntry.from_dict(e) for e in d.get("shards", ())),
         rows=int(d.get("rows", 0)), failures=int(d.get("failures", 0)),
-        process_count=int(d.get("process_count", 1)),
-        consolidated={k: ConsolidatedEntry.from_dict(c)
-                      for k, c in (d.get("consolidated") or {}).items()},
-        aliases=dict(d.get("aliases") or {}),
-        metadata=ConsolidatedEntry.from_dict(d["metadata"]) if d.get("metadata") else None,
-        failures_file=(ConsolidatedEntry.from_dict(d["failures_file"])
+        workers=int(d.get("workers", 1)),
+        parts={k: tuple(FileEntry.from_dict(e) for e in v)
+               for k, v in (d.get("parts") or {}).items()},
+        metadata=FileEntry.from_dict(d["metadata"]) if d.get("metadata") else None,
+        failures_file=(FileEntry.from_dict(d["failures_file"])
                        if d.get("failures_file") else None),
-        shards_kept=bool(d.get("shards_kept", True)),
-        verified=dict(d.get("verified") or {}),
+        made=tuple(d.get("made") or ()), replaces=tuple(d.get("replaces") or ()), verified=dict(d.get("verified") or {}),
         update=UpdateReport.from_dict(d["update"]) if d.get("update") else None,
         labels=dict(d.get("labels") or {}), run=dict(d.get("run") or {}),
         format_version=version)
@@ -346,5 +340,5 @@ class Manifest:
     return dataclasses.replace(self, **changes)
 
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "ConsolidatedEntry", "InputRecord", "Manifest",
+__all__ = ["FORMAT", "FORMAT_VERSION", "FileEntry", "InputRecord", "Manifest", "OldFormat",
            "Settings", "ShardEntry", "UpdateReport", "WeightsRecord", "diff_dicts", "digest_of"]

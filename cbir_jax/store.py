@@ -1,142 +1,32 @@
-"""Descriptor output on disk: shards written atomically, a manifest, and a checked loader.
+"""An output directory: its manifest (read, written, compared) and the checked index loader.
 
-Layout of a finished output directory (a "generation" is one complete set of rows; the first
-lives at the top, each `--update` builds the next one in `gen-NNNNNN/` and switches the
-manifest to it; `manifest.json`'s "base" names the generation's folder):
-  manifest.json              the current generation: settings, weights record, input record,
-                             shard list, consolidated files with SHA-256, kind aliases,
-                             checks done (manifest.py)
-  records.npz                per-record input identities (key, stamp) of that generation
-  descriptors/<kind>.npy     one array [rows, D] per distinct kind (float32 or float16); a
-                             kind whose rows equal another's is stored once and named in
-                             the manifest's "aliases" ({"spoc": "fc"} on EfficientNet-Lite0)
-  descriptors/meta.npz       row, path, label, label_name, width, height (+ extra columns),
-                             one entry per row of the arrays; no pickled objects
-  descriptors/failures.json  [[path, reason, record], ...] for records not decoded
-  failures-<process>.tsv     path <TAB> reason, the failures of that process' shards
-  gen-000001/                the next generation (after --update): records.npz, descriptors/
-
-While a job runs (and after it with --keep_shards or --consolidate=false):
-  shards/000007/             one shard = the rows of records [7*S, 8*S)
-      <kind>.npy, meta.npz, failures.json   as in descriptors/, for these rows
-      shard.json             rows, record range, SHA-256 of every file above (written last)
-  shards/000007.part-1200/   a shard's first 1200 records, written when a job was stopped
-                             mid-shard; the rerun continues from record 1200 of the shard
+Split by concern: atomic.py (files written whole, checksums, locks), shards.py (the shards
+as written), index.py (the finished layout: parts per kind as one view, the metadata table),
+this module (manifest and reading an index). `store` re-exports the first two, so callers
+keep one name for the output directory. While a job runs, beside the shards:
   gen-000001/delta/          the records an update extracts, before it assembles its shards
-  .lock-<process>            flock'ed while a job process writes here; removed at its end
-
-A shard directory is built under a temporary name and renamed when complete, so
-it exists whole or not at all. Rows hold decoded images only; a failed image has
-no row (its record index is absent from "row") and is listed in failures.json.
-Shards are removed only after the manifest naming the verified descriptors/ is written.
-
-Reading descriptors/ with NumPy alone (no cbir_jax):
-  m = json.load(open(f"{out}/manifest.json"))
-  meta = np.load(f"{out}/{m['metadata']['file']}")          # descriptors/meta.npz
-  kind = m["aliases"].get("spoc", "spoc")
-  x = np.load(f"{out}/{m['consolidated'][kind]['file']}", mmap_mode="r")
-  # x[i] is the image meta["path"][i], label meta["label"][i] ("label_name" its name)
+  .lock-worker-<i>           flock'ed while worker i writes here; .lock-job while a worker
+                             prepares or finishes the job; removed when released
 """
 from __future__ import annotations
 
-import dataclasses
-import errno
-import fcntl
-import hashlib
 import json
 import os
 import pathlib
-import shutil
-import uuid
-from typing import IO, Any, Callable, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
-from cbir_jax.manifest import FORMAT, FORMAT_VERSION, Manifest
-
-MANIFEST = "manifest.json"
-SHARDS = "shards"
-CONSOLIDATED = "descriptors"
-RECORDS = "records.npz"
-DELTA = "delta"
-META_COLUMNS = ("row", "path", "label", "label_name", "width", "height")
-_PART = ".part-"
-
-
-class StoreError(ValueError):
-  """An output directory that cannot be written or read as asked; the message says why."""
-
-
-def shard_name(k: int) -> str:
-  return f"{k:06d}"
-
-
-def piece_name(k: int, covered: int) -> str:
-  """A stopped shard's finished part: its first `covered` records."""
-  return f"{shard_name(k)}{_PART}{covered}"
-
-
-def generation_base(generation: int) -> str:
-  """The folder of a generation, relative to the output directory ("" for the first)."""
-  return "" if generation == 0 else f"gen-{generation:06d}"
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while block := f.read(chunk):
-      h.update(block)
-  return h.hexdigest()
-
-
-_sha256 = sha256_file  # the name tests and format-1 tools use
-
-
-def positions_sha256(positions: np.ndarray) -> str:
-  """Digest of the record positions a shard covers (a rerun checks it plans the same ones)."""
-  return hashlib.sha256(np.ascontiguousarray(positions, np.int64).tobytes()).hexdigest()
-
-
-def fsync_dir(path: pathlib.Path) -> None:
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], *,
-                 unique_tmp: bool = False) -> pathlib.Path:
-  """Writes a file whole or not at all; returns its path.
-
-  `write(f)` fills a temporary binary file beside `path`, which is fsynced and renamed
-  over `path`; on any error the temporary file is removed and `path` is untouched. The
-  temporary name is fixed (`.name.tmp`), so a rerun after a kill overwrites what the
-  killed run left, unless `unique_tmp` (for files that several writers may race on).
-  """
-  path = pathlib.Path(path)
-  tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp" if unique_tmp
-                       else f".{path.name}.tmp")
-  try:
-    with open(tmp, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    tmp.unlink(missing_ok=True)
-    raise
-  return path
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-  """Writes JSON to a temporary file, fsyncs and renames it over `path`."""
-  text = json.dumps(obj, indent=1, sort_keys=True) + "\n"
-  write_atomic(path, lambda f: f.write(text.encode("utf-8")), unique_tmp=True)
-
-
-# --- the manifest --------------------------------------------------------------------------
-
+from cbir_jax import index as index_files
+# Re-exported: `store` stays the one name callers use for the output directory.
+from cbir_jax.atomic import (DirLock, StoreError, fsync_dir, lock, sha256_file,  # noqa: F401
+                             write_atomic, write_json_atomic)
+from cbir_jax.manifest import FORMAT, FORMAT_VERSION, FileEntry, Manifest, OldFormat
+from cbir_jax.shards import (DELTA, MANIFEST, META_COLUMNS, RECORDS, SHARDS,  # noqa: F401
+                             ShardData, complete_shards, generation_base, piece_name,
+                             positions_sha256, read_failures_json, read_shard,
+                             refuse_orphan_shards, remove_partial, shard_intact, shard_name,
+                             shard_pieces, write_shard)
 
 def read_manifest(output_dir: str | os.PathLike, name: str = MANIFEST) -> dict[str, Any]:
   """manifest.json as a dict (see `load_manifest` for the typed record)."""
@@ -157,10 +47,15 @@ def read_manifest(output_dir: str | os.PathLike, name: str = MANIFEST) -> dict[s
 
 
 def load_manifest(output_dir: str | os.PathLike, name: str = MANIFEST) -> Manifest:
-  """The typed manifest of an output directory (format 1 or 2)."""
+  """The typed manifest of an output directory (format 4; earlier ones are refused)."""
   d = read_manifest(output_dir, name)
+  d.setdefault("format_version", 1)  # files of every format record theirs; none: the first
   try:
     return Manifest.from_dict(d)
+  except OldFormat as e:
+    raise StoreError(f"{output_dir} was written by an earlier cbir_jax ({e}) in a layout this "
+                     "version no longer reads; rebuild it: rerun launch/extract.py with the "
+                     "same flags and a new --output") from None
   except (KeyError, TypeError, ValueError) as e:
     raise StoreError(f"{pathlib.Path(output_dir) / name}: damaged manifest ({e!r})") from e
 
@@ -169,82 +64,6 @@ def write_manifest(output_dir: str | os.PathLike, manifest: Manifest, name: str 
                    ) -> None:
   """Writes the manifest atomically: readers see the old one or the new one, never a mix."""
   write_json_atomic(pathlib.Path(output_dir) / name, manifest.to_dict())
-
-
-# --- writing -------------------------------------------------------------------------------
-
-
-class DirLock:
-  """A job process' write lock on an output directory: an flock'ed `.lock-<process>` file.
-
-  `close()` removes the file, then releases the lock, so a finished job leaves no lock
-  file. A job that opened the file just before it was removed gets the lock on a file
-  that is no longer there; `lock` sees that (another inode at the path, or none) and
-  takes the lock again on the file now at the path, so two jobs never both hold it.
-  """
-
-  def __init__(self, path: pathlib.Path, f: IO[str]):
-    self.path, self._f = path, f
-
-  @property
-  def closed(self) -> bool:
-    return self._f is None
-
-  def close(self) -> None:
-    if self._f is None:
-      return
-    try:
-      if _same_file(self._f, self.path):
-        self.path.unlink(missing_ok=True)
-    finally:
-      self._f.close()
-      self._f = None
-
-  def __enter__(self) -> "DirLock":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
-
-
-def _same_file(f: IO[str], path: pathlib.Path) -> bool:
-  try:
-    a, b = os.fstat(f.fileno()), os.stat(path)
-  except FileNotFoundError:
-    return False
-  return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
-
-
-def lock(output_dir: str | os.PathLike, process_index: int = 0) -> DirLock:
-  """Takes this process' write lock on `output_dir`; the OS drops it when the process dies.
-
-  Returns the lock; keep it for the job's lifetime and `close()` it at the end (which
-  removes the lock file).
-
-  Raises:
-    StoreError: another live job holds the lock.
-  """
-  path = pathlib.Path(output_dir) / f".lock-{process_index}"
-  for _ in range(100):  # another job removing the file as we open it: try again
-    f = open(path, "a+")
-    try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-      f.seek(0)
-      holder = f.read().strip() or "unknown"
-      f.close()
-      if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-        raise StoreError(f"{output_dir} is being written by another job ({holder}); wait for "
-                         "it to finish or stop it, or choose another --output") from None
-      raise
-    if _same_file(f, path):
-      f.seek(0)
-      f.truncate()
-      f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-      f.flush()
-      return DirLock(path, f)
-    f.close()
-  raise StoreError(f"cannot take the lock {path}: it keeps being replaced")
 
 
 def diff_settings(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = ""
@@ -276,18 +95,6 @@ def prepare(output_dir: str | os.PathLike, manifest: Manifest | Mapping[str, Any
   return new
 
 
-def refuse_orphan_shards(out: pathlib.Path) -> None:
-  """Raises StoreError if `out` holds complete shards but no manifest."""
-  leftover = complete_shards(out)
-  if leftover:
-    # Shards record no settings of their own: without the manifest nobody can tell
-    # whether they match this job, and reusing them could mix two settings silently.
-    raise StoreError(
-        f"{out} holds {len(leftover)} complete shard(s) but no {MANIFEST}, so the settings "
-        "that made them are unknown; refusing to reuse them. Restore the manifest, or "
-        "delete the directory to start over.")
-
-
 def check_settings(out: pathlib.Path, old: Manifest, new: Manifest) -> None:
   """Refuses to mix rows of other settings into a directory."""
   diffs = old.settings.diff(new.settings)
@@ -297,217 +104,6 @@ def check_settings(out: pathlib.Path, old: Manifest, new: Manifest) -> None:
         "Differences: " + "; ".join(diffs[:8]) +
         (f" (+{len(diffs) - 8} more)" if len(diffs) > 8 else "") +
         ". Use another --output, or delete the directory to start over.")
-
-
-@dataclasses.dataclass
-class ShardData:
-  """A shard's contents in memory."""
-  arrays: dict[str, np.ndarray]
-  meta: dict[str, np.ndarray]
-  failures: list[tuple[str, str, int]]  # (path, reason, record position)
-
-
-def write_shard(output_dir: str | os.PathLike, k: int, *, start: int, stop: int,
-                arrays: Mapping[str, np.ndarray], meta: Mapping[str, np.ndarray],
-                failures: Sequence[Sequence[Any]], process_index: int = 0,
-                where: str = SHARDS, name: str | None = None, records: int | None = None,
-                positions_digest: str = "") -> dict[str, Any]:
-  """Writes shard k under a temporary name in `output_dir/where`, then renames it `name`.
-
-  Args:
-    start, stop: the record range the shard covers (first and one past the last record).
-    arrays, meta, failures: its rows ({kind: [n, D]}, {column: [n]}) and failed records.
-    where, name: its folder (default shards/) and name (default `shard_name(k)`).
-    records, positions_digest: how many records it covers and their `positions_sha256`.
-
-  Returns:
-    The shard's info (as in shard.json).
-
-  Raises:
-    StoreError: the shard could not be written (disk full, permissions); nothing of
-      it is left behind and complete shards are untouched.
-  """
-  root = pathlib.Path(output_dir) / where
-  root.mkdir(parents=True, exist_ok=True)
-  name = name or shard_name(k)
-  tmp = root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-  rows = len(meta["row"])
-  try:
-    tmp.mkdir()
-    files = _write_shard_files(tmp, k, rows, arrays, meta, failures)
-    info = {"index": k, "start": start, "stop": stop, "rows": rows,
-            "failures": len(failures), "process": process_index, "files": files,
-            "shapes": {kind: list(a.shape) for kind, a in arrays.items()},
-            "records": stop - start if records is None else records,
-            "positions_sha256": positions_digest}
-    write_json_atomic(tmp / "shard.json", info)
-    fsync_dir(tmp)
-    if (root / name).exists():  # a damaged leftover of the same name (not complete)
-      shutil.rmtree(root / name)
-    os.rename(tmp, root / name)
-    fsync_dir(root)
-    return info
-  except OSError as e:
-    shutil.rmtree(tmp, ignore_errors=True)
-    reason = os.strerror(e.errno) if e.errno else str(e)
-    raise StoreError(f"cannot write shard {k} in {root}: {reason} ({e}); complete shards "
-                     "are kept, rerun the same command to continue") from e
-
-
-def _write_shard_files(tmp: pathlib.Path, k: int, rows: int, arrays: Mapping[str, np.ndarray],
-                       meta: Mapping[str, np.ndarray], failures: Sequence[Sequence[Any]]
-                       ) -> dict[str, dict[str, Any]]:
-  files = {}
-
-  def finish(name: str) -> None:
-    p = tmp / name
-    with open(p, "rb+") as f:
-      os.fsync(f.fileno())
-    files[name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-
-  for kind, a in arrays.items():
-    if len(a) != rows:
-      raise ValueError(f"shard {k}: {kind} has {len(a)} rows, metadata {rows}")
-    np.save(tmp / f"{kind}.npy", a)
-    finish(f"{kind}.npy")
-  np.savez(tmp / "meta.npz", **{c: np.asarray(v) for c, v in meta.items()})
-  finish("meta.npz")
-  # surrogateescape: file names that are not valid UTF-8 come back as their own bytes.
-  (tmp / "failures.json").write_text(json.dumps([list(f) for f in failures]),
-                                     encoding="utf-8", errors="surrogateescape")
-  finish("failures.json")
-  return files
-
-
-def _shard_info(d: pathlib.Path) -> dict[str, Any] | None:
-  """A shard's shard.json when every file it lists is there with its size (stat only)."""
-  try:
-    info = json.loads((d / "shard.json").read_text())
-  except (OSError, ValueError):
-    return None  # missing or damaged: treated as missing, and rewritten by the job
-  for name, f in info.get("files", {}).items():
-    try:
-      if (d / name).stat().st_size != f.get("bytes"):
-        return None  # a file truncated or lost after the shard was written
-    except OSError:
-      return None
-  return info
-
-
-def complete_shards(output_dir: str | os.PathLike, where: str = SHARDS
-                    ) -> dict[int, dict[str, Any]]:
-  """Shards already written whole in `output_dir/where`: index -> their shard.json."""
-  root = pathlib.Path(output_dir) / where
-  done = {}
-  if not root.is_dir():
-    return done
-  for d in root.iterdir():
-    if d.name.isdigit():
-      info = _shard_info(d)
-      if info is not None:
-        done[int(d.name)] = info
-  return done
-
-
-def shard_pieces(output_dir: str | os.PathLike, where: str = SHARDS
-                 ) -> dict[int, list[tuple[int, pathlib.Path, dict[str, Any]]]]:
-  """Finished parts of stopped shards: index -> [(records covered, folder, shard.json)]."""
-  root = pathlib.Path(output_dir) / where
-  out: dict[int, list] = {}
-  if not root.is_dir():
-    return out
-  for d in root.iterdir():
-    k, sep, n = d.name.partition(_PART)
-    if sep and k.isdigit() and n.isdigit():
-      info = _shard_info(d)
-      if info is not None:
-        out.setdefault(int(k), []).append((int(n), d, info))
-  return {k: sorted(v, key=lambda t: t[0]) for k, v in out.items()}
-
-
-def remove_partial(output_dir: str | os.PathLike, shards: Sequence[int], where: str = SHARDS,
-                   keep: Sequence[pathlib.Path] = ()) -> None:
-  """Deletes leftovers of a killed job for `shards` (temporary, incomplete, or pieces not kept)."""
-  root = pathlib.Path(output_dir) / where
-  if not root.is_dir():
-    return
-  want = {shard_name(k) for k in shards}
-  keep = {pathlib.Path(p).name for p in keep}
-  for d in root.iterdir():
-    name = d.name
-    if name.startswith(".tmp-") and name.split("-")[1].split(".")[0] in want:
-      shutil.rmtree(d, ignore_errors=True)
-    elif name.split(".")[0] in want and name not in keep and (
-        _PART in name or _shard_info(d) is None):
-      shutil.rmtree(d, ignore_errors=True)
-
-
-def read_shard(d: str | os.PathLike, kinds: Sequence[str]) -> ShardData:
-  """A complete shard's rows, metadata and failures, read into memory."""
-  d = pathlib.Path(d)
-  try:
-    arrays = {k: np.load(d / f"{k}.npy", allow_pickle=False) for k in kinds}
-    with np.load(d / "meta.npz", allow_pickle=False) as z:
-      meta = {c: z[c] for c in z.files}
-  except (OSError, ValueError) as e:
-    raise StoreError(f"cannot read shard {d}: {e}; delete it and rerun to recompute it") from e
-  return ShardData(arrays, meta, read_failures_json(d / "failures.json"))
-
-
-def read_failures_json(path: pathlib.Path) -> list[tuple[str, str, int]]:
-  if not path.is_file():
-    return []
-  items = json.loads(path.read_text(encoding="utf-8", errors="surrogateescape"))
-  return [(f[0], f[1], int(f[2]) if len(f) > 2 else -1) for f in items]
-
-
-def write_failures(output_dir: str | os.PathLike, shard_dirs: Sequence[str], process_index: int
-                   ) -> int:
-  """Writes failures-<process>.tsv from the failures of `shard_dirs`; returns their count."""
-  root = pathlib.Path(output_dir)
-  lines = []
-  for d in shard_dirs:
-    for key, reason, _ in read_failures_json(root / d / "failures.json"):
-      lines.append(f"{_tsv(key)}\t{_tsv(reason)}\n")
-  # surrogateescape: a file name that is not valid UTF-8 is written back as its own bytes
-  # (strict UTF-8 would crash the job at its very end).
-  data = "".join(["path\treason\n", *lines]).encode("utf-8", "surrogateescape")
-  write_atomic(root / f"failures-{process_index}.tsv", lambda f: f.write(data))
-  return len(lines)
-
-
-def _tsv(s: str) -> str:
-  return str(s).replace("\t", " ").replace("\n", " ")
-
-
-def finalize(output_dir: str | os.PathLike, *, num_shards: int, process_count: int,
-             consolidate: bool = True, keep_shards: bool = False) -> dict[str, Any]:
-  """Completes a generation whose shards are all written (see `consolidate.seal`)."""
-  from cbir_jax import consolidate as cons
-  out = pathlib.Path(output_dir)
-  m = load_manifest(out)
-  m = cons.seal(out, m.replace(num_shards=num_shards), process_count=process_count,
-                consolidate=consolidate, keep_shards=keep_shards)
-  write_manifest(out, m)
-  remove_shards(out, m)
-  return m.to_dict()
-
-
-def remove_shards(output_dir: str | os.PathLike, m: Manifest) -> bool:
-  """Deletes a complete generation's shards when its manifest says they are not kept.
-
-  Only after that manifest is on disk: its descriptors/ then hold every row. Also
-  finishes a removal that a kill cut short. Returns whether shards were there and are gone
-  (a failure to remove them loses nothing: a rerun tries again).
-  """
-  root = pathlib.Path(output_dir) / m.path(SHARDS)
-  if not m.complete or m.shards_kept or m.metadata is None or not root.exists():
-    return False
-  shutil.rmtree(root, ignore_errors=True)
-  return not root.exists()
-
-
-# --- reading -------------------------------------------------------------------------------
 
 
 def _npy_rows(path: pathlib.Path) -> int | None:
@@ -564,82 +160,51 @@ def _load_npy(path: pathlib.Path) -> np.ndarray:
   return a
 
 
-def _read_npz(out: pathlib.Path, rel: str, want: Mapping[str, Any] | None, verify: bool
-              ) -> dict[str, np.ndarray]:
-  p = _file(out, rel, want, verify)
-  try:
-    with np.load(p, allow_pickle=False) as z:
-      return {c: z[c] for c in z.files}
-  except Exception as e:  # zip/format errors of a damaged file
-    raise StoreError(f"{out}: cannot read {rel} ({e})") from e
+def _entry(e: FileEntry) -> dict[str, Any]:
+  return {"sha256": e.sha256, "bytes": e.bytes}
 
 
 def _read_meta(out: pathlib.Path, m: Manifest, verify: bool) -> dict[str, np.ndarray]:
-  """The row metadata: descriptors/meta.npz (format 3), else every shard's, joined."""
-  if m.metadata is not None:
-    e = m.metadata
-    meta = _read_npz(out, e.file, {"sha256": e.sha256, "bytes": e.bytes}, verify)
-    have = len(meta.get("row", ()))
-    if have != m.rows or e.rows != m.rows:
-      raise StoreError(f"{out}: {e.file} has {have} rows, the manifest says {m.rows} (and "
-                       f"{e.rows} for the file)")
-    return meta
-  metas = []  # formats 1 and 2, and --consolidate=false: the shards hold the metadata
-  for s in m.shards:
-    if not (out / s.dir).is_dir():
-      raise StoreError(f"{out}: shard {s.dir} is listed in the manifest but missing")
-    meta = _read_npz(out, f"{s.dir}/meta.npz", s.files.get("meta.npz"), verify)
-    if len(meta.get("row", ())) != s.rows:
-      raise StoreError(f"{out}: {s.dir}/meta.npz has {len(meta.get('row', ()))} rows, the "
-                       f"manifest says {s.rows}")
-    metas.append(meta)
-  cols = metas[0].keys() if metas else META_COLUMNS
-  return {c: np.concatenate([mt[c] for mt in metas]) if metas else np.zeros(0) for c in cols}
+  e = m.metadata
+  if e is None:
+    raise StoreError(f"{out}: the manifest lists no metadata table")
+  p = _file(out, e.file, _entry(e), verify)
+  try:
+    meta = index_files.read_metadata(p)
+  except Exception as err:  # parquet errors of a damaged file
+    raise StoreError(f"{out}: cannot read {e.file} ({err})") from err
+  have = len(meta.get("row", ()))
+  if have != m.rows or e.rows != m.rows:
+    raise StoreError(f"{out}: {e.file} has {have} rows, the manifest says {m.rows}")
+  return meta
 
 
-def _read_array(out: pathlib.Path, m: Manifest, kind: str, verify: bool) -> np.ndarray:
+def _read_array(out: pathlib.Path, m: Manifest, kind: str, verify: bool):
+  parts = m.parts.get(kind, ())
+  if not parts and m.rows == 0:
+    return np.zeros((0, m.dimensions.get(kind, 0)), np.dtype(m.settings.output_dtype))
+  if not parts:
+    raise StoreError(f"{out}: the manifest lists no parts of {kind}")
+  arrays = [_load_npy(_file(out, e.file, _entry(e), verify, rows=e.rows)) for e in parts]
   dim = m.dimensions.get(kind)
-  c = m.consolidated.get(m.stored_kind(kind))
-  if c is not None:
-    want = {"sha256": c.sha256, "bytes": c.bytes}
-    array = _load_npy(_file(out, c.file, want, verify, rows=m.rows))
-    if len(array) != m.rows or c.rows != m.rows:
-      raise StoreError(f"{out}: {c.file} has {len(array)} rows, the shards in the manifest "
-                       f"{m.rows}")
-  else:
-    parts = []
-    for s in m.shards:
-      rel = f"{s.dir}/{kind}.npy"
-      parts.append(_load_npy(_file(out, rel, s.files.get(f"{kind}.npy"), verify, rows=s.rows)))
-    if not parts:
-      raise StoreError(f"{out}: the manifest lists no shards")
-    array = np.concatenate(parts) if len(parts) > 1 else parts[0]
-  if dim is not None and array.shape[1] != dim:
-    raise StoreError(f"{out}: {kind} rows have {array.shape[1]} values, the manifest says {dim}")
-  return array
-
-
-def verify_consolidated(output_dir: str | os.PathLike, m: Manifest) -> None:
-  """Checks every file of a generation's descriptors/ against its size and SHA-256.
-
-  Raises:
-    StoreError: naming the first file that is missing or differs.
-  """
-  out = pathlib.Path(output_dir)
-  for e in (*m.consolidated.values(), m.metadata, m.failures_file):
-    if e is not None:
-      _file(out, e.file, {"sha256": e.sha256, "bytes": e.bytes}, True)
+  for e, a in zip(parts, arrays):
+    if dim is not None and a.shape[1] != dim:
+      raise StoreError(f"{out}: {e.file} rows have {a.shape[1]} values, the manifest says {dim}")
+  if sum(len(a) for a in arrays) != m.rows:
+    raise StoreError(f"{out}: the parts of {kind} hold {sum(len(a) for a in arrays)} rows, the "
+                     f"manifest says {m.rows}")
+  return index_files.part_view(arrays)
 
 
 def open_index(output_dir: str | os.PathLike, kind: str = "fc_conv", *, verify: bool = False
-               ) -> tuple[Manifest, np.ndarray, dict[str, np.ndarray]]:
+               ) -> tuple[Manifest, Any, dict[str, np.ndarray]]:
   """(manifest, descriptors, metadata) of a finished extraction; see `load_descriptors`."""
   out = pathlib.Path(output_dir)
   m = load_manifest(out)
   if not m.complete:
     done = len(complete_shards(out, m.path(SHARDS)))
     raise StoreError(f"{out}: extraction not finished ({done} of {m.num_shards} shards "
-                     "written); rerun the extraction command to complete it")
+                     "written); rerun the extraction command (every worker) to complete it")
   if kind not in m.settings.kinds:
     raise StoreError(f"{out}: kind {kind!r} was not extracted; available: "
                      f"{list(m.settings.kinds)}")
@@ -651,30 +216,26 @@ def open_index(output_dir: str | os.PathLike, kind: str = "fc_conv", *, verify: 
 
 
 def load_descriptors(output_dir: str | os.PathLike, kind: str = "fc_conv", *,
-                     verify: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                     verify: bool = False) -> tuple[Any, dict[str, np.ndarray]]:
   """Descriptors and metadata of a finished extraction, rows in input order.
 
-  The job verifies every checksum once, when it finishes (recorded in the
-  manifest's "verified"); loading checks what is cheap: every listed file
-  exists with its recorded size, row counts and shapes agree.
-
-  Reads every format the job has written: format 3 (descriptors/ with meta.npz and
-  kind aliases), and formats 1 and 2 (row metadata in the shards, kept beside the
-  arrays): no conversion is needed.
+  The shards are the index: the rows of a kind are its parts (one memory-mapped .npy per
+  shard). Loading checks what is cheap: every listed file exists with its recorded size,
+  row counts and shapes agree.
 
   Args:
-    output_dir: a directory written by the extraction job.
-    kind: descriptor kind (fc, conv, fc_conv, mac, spoc, gem; those the job
-      extracted). A kind stored as an alias of another returns that kind's array.
-    verify: also recompute SHA-256 checksums and check every value is finite
-      (reads the data once more; for copies of uncertain provenance).
+    output_dir: a directory written by the extraction job (format 4; an older one gets
+      one line saying how to rebuild it).
+    kind: descriptor kind (fc, conv, fc_conv, mac, spoc, gem; those the job extracted).
+    verify: also recompute SHA-256 checksums and check every value is finite.
 
   Returns:
-    (array [N, D], read-only memory-mapped when the job consolidated its shards
-    (the default), else the shards concatenated in memory;
-    metadata: dict of equal-length arrays "row" (index in the input list),
-    "path" (file path or TFDS id), "label" (-1 if unknown), "label_name",
-    "width", "height", plus any extra columns). Failed images have no row.
+    (array [N, D]: the part itself (read-only memory map) when the index has one part,
+    else a `cbir_jax.index.LazyRows` view that reads only the rows asked for (numpy-like
+    indexing, `np.asarray` for the whole array);
+    metadata: dict of equal-length arrays "row" (index in the input list), "path" (file
+    path or TFDS id), "label" (-1 if unknown), "label_name", "width", "height", plus any
+    extra columns). Failed images have no row.
 
   Raises:
     StoreError: unfinished job, unknown kind, or files that do not match the manifest.
@@ -689,7 +250,7 @@ def read_failures(output_dir: str | os.PathLike) -> list[tuple[str, str]]:
   m = load_manifest(out) if (out / MANIFEST).is_file() else None
   if m is not None and m.complete and m.failures_file is not None:
     f = m.failures_file
-    p = _file(out, f.file, {"sha256": f.sha256, "bytes": f.bytes}, False)
+    p = _file(out, f.file, _entry(f), False)
     return [(key, reason) for key, reason, _ in read_failures_json(p)]
   where = m.path(SHARDS) if m is not None else SHARDS
   result = []
@@ -701,5 +262,4 @@ def read_failures(output_dir: str | os.PathLike) -> list[tuple[str, str]]:
 
 __all__ = ["StoreError", "ShardData", "load_descriptors", "open_index", "read_failures",
            "read_manifest", "load_manifest", "write_manifest", "lock", "DirLock", "prepare",
-           "write_shard", "finalize", "remove_shards", "verify_consolidated", "complete_shards",
-           "shard_pieces", "read_shard"]
+           "write_shard", "complete_shards", "shard_pieces", "read_shard"]

@@ -22,7 +22,6 @@ from PIL import Image
 from cbir_jax import backbones, extract, inference, input_pipeline, sharding, store
 from cbir_jax import descriptors as desc
 from cbir_jax.descriptors import KINDS
-from free_ports import free_port_pair
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -101,8 +100,9 @@ def test_eight_devices_equal_one_device(folder, reference_run):
   assert not any(errors)
   for kind in desc.KINDS:
     got, meta = store.load_descriptors(out, kind)
-    assert isinstance(got, np.memmap)
-    np.testing.assert_allclose(got, ref[kind], rtol=1e-5, atol=1e-5, err_msg=kind)
+    assert got.shape == ref[kind].shape and len(got.parts) == 5  # a view over the 5 parts
+    assert all(isinstance(p, np.memmap) for p in got.parts)
+    np.testing.assert_allclose(np.asarray(got), ref[kind], rtol=1e-5, atol=1e-5, err_msg=kind)
   np.testing.assert_array_equal(meta["path"], paths)  # input order, failures left out
   all_keys = [r.key for r in input_pipeline.folder_records(root)]
   np.testing.assert_array_equal(meta["row"], [all_keys.index(p) for p in paths])
@@ -121,8 +121,8 @@ def test_bad_files_reported_and_manifest(folder, reference_run):
   assert sorted(os.path.basename(p) for p, _ in failures) == sorted(bad)
   for p, reason in failures:
     assert reason and bad[os.path.basename(p)] in reason, (p, reason)
-  tsv = (out / "failures-0.tsv").read_text().splitlines()
-  assert tsv[0] == "path\treason" and len(tsv) == 1 + len(bad)
+  listed = json.loads((out / "failures.json").read_text())
+  assert sorted(os.path.basename(f[0]) for f in listed) == sorted(bad)
   m = json.loads((out / "manifest.json").read_text())
   assert m["rows"] == len(paths) and m["failures"] == len(bad) and m["status"] == "complete"
   assert m["num_records"] == len(paths) + len(bad) and len(m["shards"]) == 5
@@ -133,13 +133,21 @@ def test_bad_files_reported_and_manifest(folder, reference_run):
   assert s["image_size"] == SIZE and s["output_dtype"] == "float32"
   assert s["package_version"] and len(m["weights"]["params_sha256"]) == 64
   assert m["weights"]["kind"] == "random" and "dir" not in m["weights"] or not m["weights"]["dir"]
-  assert m["verified"]["shards"] == 5 and sorted(m["verified"]["consolidated"]) == sorted(KINDS)
+  assert m["verified"]["shards"] == 5 and m["format_version"] == 4
+  # The shards are the index: per kind one part per shard, the shard's own file (no copy).
+  assert sorted(m["parts"]) == sorted(KINDS)
+  for kind, parts in m["parts"].items():
+    assert [p["file"] for p in parts] == [f"{kind}/part-{k:06d}.npy" for k in range(5)]
+    for p, sh in zip(parts, m["shards"]):
+      assert os.path.samefile(out / p["file"], out / sh["dir"] / f"{kind}.npy")
+      assert p["rows"] == sh["rows"] and p["sha256"] == store.sha256_file(out / p["file"])
+  assert not (out / "descriptors").exists()
 
 
 def test_rerun_skips_complete_and_refuses_other_settings(folder, reference_run):
   root, _, _ = folder
   out, _, cfg = reference_run
-  before = (out / "descriptors" / "fc_conv.npy").stat().st_mtime_ns
+  before = (out / "fc_conv" / "part-000000.npy").stat().st_mtime_ns
   again = extract.run(cfg)
   assert again.shards_written == 0 and again.shards_skipped == 5
   assert again.images == 0
@@ -156,7 +164,7 @@ def test_lock_refuses_a_second_job(folder, tmp_path):
   root, _, _ = folder
   out = tmp_path / "locked"
   out.mkdir()
-  held = store.lock(out, 0)
+  held = store.lock(out, "worker-0")  # a live copy of worker 0 of this job
   try:
     with pytest.raises(extract.ExtractError, match="another job"):
       extract.run(extract.ExtractConfig(output=str(out), images=str(root), **COMMON))
@@ -194,10 +202,11 @@ def test_load_validates_the_manifest(folder, reference_run, tmp_path):
   import shutil
   src, _, _ = reference_run
   cases = {
-      "checksum": lambda o: _flip_byte(o / "descriptors" / "fc_conv.npy"),
-      "missing metadata": lambda o: (o / "descriptors" / "meta.npz").unlink(),
+      "checksum": lambda o: _flip_byte(o / "fc_conv" / "part-000002.npy"),
+      "missing part": lambda o: (o / "fc_conv" / "part-000004.npy").unlink(),
+      "missing metadata": lambda o: (o / "metadata.parquet").unlink(),
       "metadata row count": lambda o: _edit_manifest(o, lambda m: m.update(rows=99)),
-      "metadata digest": lambda o: _flip_byte(o / "descriptors" / "meta.npz"),
+      "metadata digest": lambda o: _flip_byte(o / "metadata.parquet"),
       "NaN": lambda o: _nan(o),
   }
   for name, damage in cases.items():
@@ -224,12 +233,11 @@ def _edit_manifest(o, fn):
 
 
 def _nan(o):
-  p = o / "descriptors" / "fc_conv.npy"
+  p = o / "fc_conv" / "part-000001.npy"
   a = np.load(p)
   a[3, 5] = np.nan
   np.save(p, a)
-  _edit_manifest(o, lambda m: m["consolidated"]["fc_conv"].update(
-      sha256=store._sha256(p)))
+  _edit_manifest(o, lambda m: m["parts"]["fc_conv"][1].update(sha256=store.sha256_file(p)))
 
 
 def _env(devices: int, **extra) -> dict:
@@ -245,51 +253,47 @@ def _cmd(root, out, *more):
           "--batch_size=1", "--progress=log", *more]
 
 
-def test_two_processes_write_every_image_once(folder, reference_run, tmp_path):
-  root, paths, bad = folder
-  ref_out, _, _ = reference_run
-  out = tmp_path / "two"
-  port = free_port_pair()
-  procs = [subprocess.Popen(
-      _cmd(root, out, "--shard_size=6", f"--coordinator_address=127.0.0.1:{port}",
-           "--num_processes=2", f"--process_id={i}"),
-      env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
-  logs = [p.communicate(timeout=240)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)[-4000:]
+def _check_two_workers(out, root, paths, bad, reference_run):
   m = json.loads((out / "manifest.json").read_text())
-  assert m["process_count"] == 2
-  assert {s["process"] for s in m["shards"]} == {0, 1}  # both processes wrote shards
+  assert m["run"]["workers"] == 2
+  assert {s["process"] for s in m["shards"]} == {0, 1}  # both workers wrote shards
   got, meta = store.load_descriptors(out, "fc_conv")
   np.testing.assert_array_equal(meta["path"], paths)  # every image exactly once, in order
   assert len(set(meta["row"].tolist())) == len(paths)
-  ref, _ = store.load_descriptors(ref_out, "fc_conv")
+  ref, _ = store.load_descriptors(reference_run[0], "fc_conv")
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
   failures = sorted(os.path.basename(p) for p, _ in store.read_failures(out))
   assert failures == sorted(bad)
-  per_process = [(out / f"failures-{i}.tsv").read_text().count("\n") - 1 for i in range(2)]
-  assert sum(per_process) == len(bad)
 
 
-def test_distributed_flag_reads_the_cluster_environment(folder, reference_run, tmp_path):
-  """--distributed: coordinator, process count and index from SLURM's variables (as
-  jax.distributed.initialize() finds them; JAX_COORDINATOR_PORT picks the port)."""
-  root, paths, _ = folder
-  out = tmp_path / "slurm"
-  slurm = dict(SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
-               JAX_COORDINATOR_PORT=str(free_port_pair()))
-  procs = [subprocess.Popen(
-      _cmd(root, out, "--shard_size=6", "--distributed"),
-      env=_env(2, **slurm, SLURM_PROCID=i, SLURM_LOCALID=i), stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+def test_two_workers_write_every_image_once(folder, reference_run, tmp_path):
+  root, paths, bad = folder
+  out = tmp_path / "two"
+  procs = [subprocess.Popen(_cmd(root, out, "--shard_size=6", f"--worker={i}", "--workers=2"),
+                            env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True) for i in range(2)]
   logs = [p.communicate(timeout=240)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)[-4000:]
-  m = json.loads((out / "manifest.json").read_text())
-  assert m["process_count"] == 2 and {s["process"] for s in m["shards"]} == {0, 1}
-  got, meta = store.load_descriptors(out, "fc_conv")
-  np.testing.assert_array_equal(meta["path"], paths)
-  np.testing.assert_allclose(got, store.load_descriptors(reference_run[0], "fc_conv")[0],
-                             rtol=1e-5, atol=1e-5)
+  _check_two_workers(out, root, paths, bad, reference_run)
+
+
+def test_slurm_array_environment_names_the_worker(folder, reference_run, tmp_path):
+  """Two workers started one after the other (as a busy scheduler may): the first writes
+  its shards and exits 0 without finishing; the second, writing the last shard, finishes."""
+  root, paths, bad = folder
+  out = tmp_path / "slurm"
+  logs = []
+  for i in (1, 0):
+    env = _env(2, SLURM_ARRAY_TASK_ID=i + 1, SLURM_ARRAY_TASK_MIN=1, SLURM_ARRAY_TASK_COUNT=2)
+    p = subprocess.run(_cmd(root, out, "--shard_size=6"), env=env, capture_output=True,
+                       text=True, timeout=240)
+    logs.append(p.stderr)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"worker {i} of 2 (SLURM array job)" in p.stderr
+    if i == 1:
+      assert "not finished yet" in p.stdout and "status" in (out / "manifest.json").read_text()
+      assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+  _check_two_workers(out, root, paths, bad, reference_run)
 
 
 def _wait_for_shards(out, n, proc, timeout=120):
@@ -408,23 +412,25 @@ def test_checksums_verified_once_when_the_job_finishes(reference_run, tmp_path, 
   import shutil
   out, _, _ = reference_run
   m = store.read_manifest(out)
-  assert m["verified"]["shards"] == len(m["shards"]) and m["verified"]["finite"]
-  for kind, c in m["consolidated"].items():  # recorded digests are the files' own
-    assert c["sha256"] == store.sha256_file(out / c["file"]), kind
-    assert c["bytes"] == (out / c["file"]).stat().st_size
+  assert m["verified"]["shards"] == len(m["shards"])
+  for kind, parts in m["parts"].items():  # recorded digests are the files' own
+    for c in parts:
+      assert c["sha256"] == store.sha256_file(out / c["file"]), kind
+      assert c["bytes"] == (out / c["file"]).stat().st_size
   hashed = []
   real = store.sha256_file
   monkeypatch.setattr(store, "sha256_file", lambda p, *a: hashed.append(p) or real(p, *a))
   store.load_descriptors(out, "fc_conv")
   assert hashed == []
   store.load_descriptors(out, "fc_conv", verify=True)
-  assert {pathlib.Path(p).name for p in hashed} == {"fc_conv.npy", "meta.npz"}
+  assert sorted(pathlib.Path(p).name for p in hashed) == sorted(
+      [f"part-{k:06d}.npy" for k in range(len(m["shards"]))] + ["metadata.parquet"])
   # A file cut short is caught without hashing (its size), named with its row count.
   cut = tmp_path / "cut"
   shutil.copytree(out, cut)
-  p = cut / "descriptors" / "fc_conv.npy"
+  p = cut / "fc_conv" / "part-000003.npy"
   p.write_bytes(p.read_bytes()[:-4])
-  with pytest.raises(store.StoreError, match=r"fc_conv\.npy has \d+ bytes, the manifest says"):
+  with pytest.raises(store.StoreError, match=r"part-000003\.npy has \d+ bytes, the manifest says"):
     store.load_descriptors(cut, "fc_conv")
 
 

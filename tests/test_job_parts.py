@@ -220,7 +220,8 @@ def _manifest():
                      num_shards=2, dimensions={"fc": 64, "mac": 16},
                      shards=(mf.ShardEntry(0, "shards/000000", 0, 7, 6, 1, 0,
                                            {"fc.npy": {"sha256": "e", "bytes": 3}}),),
-                     consolidated={"fc": mf.ConsolidatedEntry("descriptors/fc.npy", 6, "f", 9)},
+                     parts={"fc": (mf.FileEntry("fc/part-000000.npy", 6, "f", 9),)},
+                     made=("shards", "fc", "records.npz"), replaces=("gen-000001",),
                      update=mf.UpdateReport(0, 5, 4, 3, 2, 1, examples={"added": ["a"]}))
 
 
@@ -234,24 +235,25 @@ def test_manifest_round_trip_through_json():
   assert other.diff(m.settings) == ["image_size: 48 in the directory, 32 now"]
 
 
-def test_manifest_reads_format_1():
-  old = {"format": "cbir_jax.descriptors", "format_version": 1, "status": "complete",
-         "settings": {"backbone": "vgg_tiny", "weights": {"source": "torchvision",
-                                                          "params_sha256": "aa"},
-                      "preprocessing": {"name": "p"}, "descriptor": {}, "image_size": 224,
-                      "kinds": ["fc"], "dtype": "float32", "output_dtype": "float32",
-                      "draft": False, "shard_size": 4096,
-                      "input": {"type": "folder", "num_records": 3, "files_sha256": "x"}},
-         "weights": {"dir": "/gone/weights/vgg16", "source": "torchvision",
-                     "params_sha256": "aa", "source_file": "f", "source_sha256": ""},
-         "input": {"type": "folder", "num_records": 3, "where": "/photos"},
-         "num_records": 3, "num_shards": 1, "rows": 3, "shards": [], "consolidated": {}}
-  m = mf.Manifest.from_dict(old)
-  assert m.format_version == 1 and m.complete and m.input.root == "/photos"
-  assert m.weights.kind == "directory" and m.weights.name == "vgg16"
-  assert m.weights.params_sha256 == "aa" and m.settings.kinds == ("fc",)
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_manifests_of_earlier_formats_are_refused_with_how_to_rebuild(tmp_path, version):
+  from cbir_jax import store
+  (tmp_path / "manifest.json").write_text(json.dumps(
+      {"format": "cbir_jax.descriptors", "format_version": version, "status": "complete"}))
+  with pytest.raises(mf.OldFormat):
+    mf.Manifest.from_dict(json.loads((tmp_path / "manifest.json").read_text()))
+  with pytest.raises(store.StoreError) as e:
+    store.load_descriptors(tmp_path, "fc")
+  msg = str(e.value)
+  assert "\n" not in msg and f"format {version}" in msg and "rebuild it" in msg
+  assert "--output" in msg
+
+
+def test_weights_record_reads_the_early_dict():
   random = mf.WeightsRecord.from_dict({"source": "random", "dir": "", "seed": 3})
   assert (random.kind, random.seed) == ("random", 3)
+  d = mf.WeightsRecord.from_dict({"dir": "/gone/weights/vgg16", "source": "torchvision"})
+  assert d.kind == "directory" and d.name == "vgg16"
 
 
 def test_clock_phases_add_up_to_the_total():
@@ -261,3 +263,51 @@ def test_clock_phases_add_up_to_the_total():
     c.charge(name)
   assert set(c.items()) == {"a", "b", "c"}
   assert abs(sum(c.items().values()) - c.total) < 1e-9 and min(c.items().values()) > 0
+
+
+# --- worker index and count from flags or the scheduler's environment -------------------------
+
+from cbir_jax.job import workers as wk  # noqa: E402
+
+
+@pytest.mark.parametrize("flags, env, want", [
+    ((None, None), {}, (0, 1, "single")),
+    ((2, 5), {"SLURM_PROCID": "1", "SLURM_NTASKS": "3"}, (2, 5, "--worker/--workers")),
+    ((None, None), {"CBIR_JAX_WORKER": "3", "CBIR_JAX_WORKERS": "4"},
+     (3, 4, "$CBIR_JAX_WORKER/$CBIR_JAX_WORKERS")),
+    ((None, None), {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5",
+                    "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"},
+     (2, 4, "SLURM array job")),
+    ((None, None), {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "2"},
+     (0, 2, "SLURM array job")),
+    ((None, None), {"SLURM_PROCID": "5", "SLURM_NTASKS": "8"}, (5, 8, "SLURM tasks")),
+    ((None, 6), {"JOB_COMPLETION_INDEX": "4"}, (4, 6, "Kubernetes Indexed Job")),
+    ((None, None), {"JOB_COMPLETION_INDEX": "1", "CBIR_JAX_WORKERS": "3"},
+     (1, 3, "Kubernetes Indexed Job")),
+])
+def test_worker_spec_from_flags_and_environments(flags, env, want):
+  spec = wk.resolve(*flags, env)
+  assert (spec.index, spec.count, spec.source) == want
+
+
+@pytest.mark.parametrize("flags, env, match", [
+    ((1, None), {}, "together"),
+    ((None, 3), {}, "together"),
+    ((3, 3), {}, r"in \[0, 3\)"),
+    ((None, None), {"JOB_COMPLETION_INDEX": "2"}, "--workers=COMPLETIONS"),
+    ((None, None), {"CBIR_JAX_WORKER": "1"}, r"\$CBIR_JAX_WORKERS is not"),
+    ((None, None), {"SLURM_PROCID": "x", "SLURM_NTASKS": "2"}, "not an integer"),
+    ((None, None), {"SLURM_ARRAY_TASK_ID": "9", "SLURM_ARRAY_TASK_COUNT": "2"},
+     "SLURM array job"),
+    ((0, 0), {}, ">= 1"),
+])
+def test_worker_spec_refusals_say_where_the_values_came_from(flags, env, match):
+  with pytest.raises(wk.WorkerSpecError, match=match):
+    wk.resolve(*flags, env)
+
+
+@pytest.mark.parametrize("num_shards", [0, 1, 5, 7, 12])
+@pytest.mark.parametrize("count", [1, 2, 3, 5, 8])
+def test_shard_ranges_cover_every_shard_once_in_order(num_shards, count):
+  got = [k for i in range(count) for k in wk.shard_range(num_shards, wk.WorkerSpec(i, count))]
+  assert got == list(range(num_shards))

@@ -20,6 +20,7 @@ from PIL import Image
 
 from cbir_jax import backbones, checkpoint, evaluation, inference, input_pipeline, report, \
     search, store
+from cbir_jax import consolidate
 from cbir_jax import preprocessing as pp
 from cbir_jax import query as query_lib
 
@@ -78,7 +79,7 @@ def index(tmp_path_factory):
           "uid": np.array([f"u{i}" for i in range(n)])}
   store.write_shard(out, 0, start=0, stop=n, arrays={k: np.asarray(v) for k, v in rows.items()},
                     meta=meta, failures=[])
-  store.finalize(out, num_shards=1, process_count=1)
+  consolidate.finalize(out, num_shards=1)
   return str(out), paths
 
 

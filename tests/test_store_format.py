@@ -1,5 +1,6 @@
-"""The output format: descriptors/ readable with NumPy alone, identical kinds stored once,
-earlier formats still loading, shards removed after a verified consolidation, no lock left.
+"""The output format: the shards are the index (parts per kind readable with NumPy alone, one
+metadata table, no copy), a lazy view over the parts, earlier formats refused with one line,
+no lock left, --update reusing only rows that match their checksums.
 
 Jobs use the test-only backbones with random weights on small inputs. References are
 independent of the code under test: image lists from the folder, arrays read from the
@@ -56,15 +57,20 @@ def finished(tmp_path_factory):
 _NUMPY_ONLY = r"""
 import glob, json, os, sys
 import numpy as np
-d = sys.argv[1]
-with np.load(os.path.join(d, "meta.npz"), allow_pickle=False) as z:
-  meta = {c: z[c] for c in z.files}
-arrays = {os.path.basename(p)[:-4]: np.load(p, mmap_mode="r", allow_pickle=False)
-          for p in sorted(glob.glob(os.path.join(d, "*.npy")))}
+d, kind = sys.argv[1], sys.argv[2]
+parts = [np.load(p, mmap_mode="r", allow_pickle=False)
+         for p in sorted(glob.glob(os.path.join(d, kind, "part-*.npy")))]
+x = np.concatenate(parts)
+metas = []
+for p in sorted(glob.glob(os.path.join(d, "shards", "*", "meta.npz"))):
+  with np.load(p, allow_pickle=False) as z:
+    metas.append({c: z[c] for c in z.files})
+meta = {c: np.concatenate([m[c] for m in metas]) for c in metas[0]}
 assert "cbir_jax" not in sys.modules
+np.save(os.path.join(sys.argv[3], "x.npy"), x)
 print(json.dumps({"columns": sorted(meta), "path": meta["path"].tolist(),
                   "label": meta["label"].tolist(), "label_name": meta["label_name"].tolist(),
-                  "rows": {k: a.shape[0] for k, a in arrays.items()}}))
+                  "parts": len(parts)}))
 """
 
 
@@ -79,50 +85,47 @@ def _reference(paths, kinds):
   return {k: np.asarray(v) for k, v in fn(extract.random_params(bb, SIZE, 0), images).items()}
 
 
-def test_descriptors_folder_alone_gives_rows_with_numpy_only(finished, tmp_path):
+@pytest.mark.parametrize("kind", ["fc", "gem"])
+def test_parts_read_with_numpy_only(finished, tmp_path, kind):
   _, paths, out, _ = finished
-  alone = tmp_path / "copied" / "descriptors"
-  shutil.copytree(out / "descriptors", alone)  # nothing else of the output
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  r = subprocess.run([sys.executable, "-c", _NUMPY_ONLY, str(alone)], capture_output=True,
-                     text=True, env=env, cwd=tmp_path, timeout=120)
+  r = subprocess.run([sys.executable, "-c", _NUMPY_ONLY, str(out), kind, str(tmp_path)],
+                     capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
   assert r.returncode == 0, r.stderr
   got = json.loads(r.stdout)
-  assert set(store.META_COLUMNS) <= set(got["columns"])
+  assert set(store.META_COLUMNS) <= set(got["columns"]) and got["parts"] == 3
   assert got["path"] == paths  # input order; the file that is not an image has no row
   want_class = [pathlib.Path(p).parent.name for p in paths]
   assert got["label_name"] == want_class
   assert got["label"] == [CLASSES.index(c) for c in want_class]
-  assert set(got["rows"].values()) == {len(paths)}
-  manifest = json.loads((out / "manifest.json").read_text())
-  stored = set(got["rows"])
-  assert stored | set(manifest["aliases"]) == set(desc.KINDS)
-  assert not stored & set(manifest["aliases"])
-  ref = _reference(paths, desc.KINDS)
-  for kind in desc.KINDS:  # an alias' rows are those of the kind it names
-    a = np.load(alone / f"{manifest['aliases'].get(kind, kind)}.npy", allow_pickle=False)
-    np.testing.assert_allclose(a, ref[kind], rtol=1e-5, atol=1e-5, err_msg=kind)
+  ref = _reference(paths, (kind,))
+  np.testing.assert_allclose(np.load(tmp_path / "x.npy"), ref[kind], rtol=1e-5, atol=1e-5)
 
 
-def test_finished_output_has_no_shards_no_lock_and_showed_finishing(finished):
+def test_finished_output_is_its_shards_with_one_table_and_no_lock(finished):
   _, paths, out, lines = finished
-  assert not (out / store.SHARDS).exists() and not list(out.glob(".lock*"))
+  assert not list(out.glob(".lock*")) and not (out / "descriptors").exists()
   m = store.load_manifest(out)
-  assert not m.shards_kept and m.complete and len(m.shards) == 3
+  assert m.complete and len(m.shards) == 3 and m.format_version == 4
   assert m.metadata.rows == len(paths) and m.failures_file.rows == 1
   assert [p for p, _ in store.read_failures(out)] == [str(pathlib.Path(paths[0]).parents[1]
                                                           / "dogs" / "broken.jpg")]
-  store.verify_consolidated(out, m)
+  # The metadata table equals the shards' own meta.npz, joined with NumPy.
+  _, meta = store.load_descriptors(out, "fc")
+  want = _shard_meta(out, m.to_dict())
+  assert sorted(meta) == sorted(want)
+  for c, v in want.items():
+    np.testing.assert_array_equal(meta[c], v)
+  for kind in desc.KINDS:  # each part is its shard's file: a second name, not a copy
+    for e, sh in zip(m.parts[kind], m.shards):
+      assert os.path.samefile(out / e.file, out / sh.dir / f"{kind}.npy")
+  assert set(m.made) >= {"shards", "records.npz", "metadata.parquet", "failures.json",
+                         *desc.KINDS}
   finishing = [ln for ln in lines if ln.startswith("finishing:")]
-  assert len(finishing) >= 2 and "shards removed" in finishing[-1], lines
+  assert len(finishing) >= 2 and "listed as the index" in finishing[-1], lines
   # The platform: one line first, and the same in the manifest's run info.
   assert lines[0].startswith(f"JAX {jax.__version__} on cpu: {jax.local_device_count()} x ")
   assert m.run["backend"] == "cpu" and m.run["local_device_count"] == jax.local_device_count()
-
-
-def _shard_arrays(out: pathlib.Path, m: dict, kind: str) -> np.ndarray:
-  return np.concatenate([np.load(out / s["dir"] / f"{kind}.npy", allow_pickle=False)
-                         for s in m["shards"]])
 
 
 def _shard_meta(out: pathlib.Path, m: dict) -> dict[str, np.ndarray]:
@@ -133,60 +136,30 @@ def _shard_meta(out: pathlib.Path, m: dict) -> dict[str, np.ndarray]:
   return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
 
 
-def _expected_aliases(arrays: dict[str, np.ndarray], kinds) -> dict[str, str]:
-  """Literal loop: each kind's first earlier kind with byte-identical rows."""
-  out = {}
-  for i, k in enumerate(kinds):
-    for j in kinds[:i]:
-      if j not in out and arrays[j].dtype == arrays[k].dtype and \
-          arrays[j].tobytes() == arrays[k].tobytes() and arrays[j].shape == arrays[k].shape:
-        out[k] = j
-        break
-  return out
-
-
-@pytest.mark.parametrize("model,size", [("efficientnet_lite_tiny", 64), ("vgg_tiny", 32)])
-def test_identical_kinds_stored_once_and_named(tmp_path, model, size):
-  """EfficientNet-Lite's fc is its spoc (by definition); vgg_tiny at 32 px has a 1x1 last
-  block, so mac equals spoc (by the data). Kept shards are the reference."""
-  root = tmp_path / "imgs"
-  paths = _folder(root, 5)
-  out = tmp_path / "out"
-  extract.run(extract.ExtractConfig(output=str(out), images=str(root), **{
-      **COMMON, "model": model, "image_size": size, "keep_shards": True}))
-  m = json.loads((out / "manifest.json").read_text())
-  assert m["shards_kept"] and (out / "shards").is_dir()
-  shards = {k: _shard_arrays(out, m, k) for k in desc.KINDS}
-  want = _expected_aliases(shards, desc.KINDS)
-  assert m["aliases"] == want
-  assert want.get("spoc") == ("fc" if model.startswith("efficientnet") else "mac")
-  for kind in desc.KINDS:
-    assert (out / "descriptors" / f"{kind}.npy").exists() == (kind not in want)
-    got, meta = store.load_descriptors(out, kind, verify=True)
-    np.testing.assert_array_equal(got, shards[kind])
-  assert meta["path"].tolist() == paths
-  for c, v in _shard_meta(out, m).items():
-    np.testing.assert_array_equal(meta[c], v)
+def test_lazy_rows_index_like_the_concatenated_array():
+  from cbir_jax.index import LazyRows, part_view
+  rng = np.random.default_rng(0)
+  parts = [rng.standard_normal((n, 3)).astype(np.float32) for n in (4, 0, 1, 5)]
+  whole = np.concatenate(parts)
+  x = LazyRows(parts)
+  assert x.shape == whole.shape and len(x) == 10 and x.dtype == np.float32 and x.ndim == 2
+  np.testing.assert_array_equal(np.asarray(x), whole)
+  for key in (0, 4, 9, -1, -10, slice(None), slice(2, 7), slice(None, None, -3), slice(8, 2),
+              [9, 0, 4, 4], np.array([[1, 5], [6, -2]]), whole[:, 0] > 0, (slice(1, 6), 2),
+              (3, slice(0, 2)), ([2, 7], [0, 2])):
+    np.testing.assert_array_equal(x[key], whole[key], err_msg=repr(key))
+  for bad in (10, -11, [10], np.ones(3, bool)):
+    with pytest.raises(IndexError):
+      x[bad]
+  assert part_view(parts[:1]) is parts[0]  # one part: the array itself
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_earlier_formats_still_load(version):
-  """Indexes written by version one (format 1) and by the job engine (format 2) load as
-  they are: rows and metadata equal their shards joined with NumPy."""
+def test_earlier_formats_get_one_line_saying_how_to_rebuild(version):
   out = FIXTURES / f"index_format{version}"
-  m = json.loads((out / "manifest.json").read_text())
-  assert m["format_version"] == version
-  want_meta = _shard_meta(out, m)
-  for kind in m["settings"]["kinds"]:
-    got, meta = store.load_descriptors(out, kind, verify=True)
-    np.testing.assert_array_equal(got, _shard_arrays(out, m, kind))
-    assert got.shape == (5, m["dimensions"][kind])
-  assert sorted(meta) == sorted(want_meta)
-  for c, v in want_meta.items():
-    np.testing.assert_array_equal(meta[c], v)
-  assert [os.path.basename(p) for p in meta["path"]] == [f"img_{i}.png" for i in (0, 2, 4, 1, 3)]
-  assert meta["group"].tolist() == ["g0", "g0", "g0", "g1", "g1"]
-  assert [os.path.basename(p) for p, _ in store.read_failures(out)] == ["broken.png"]
+  with pytest.raises(store.StoreError) as e:
+    store.load_descriptors(out, "fc")
+  assert "\n" not in str(e.value) and "rebuild it" in str(e.value)
 
 
 def test_lock_file_removed_at_the_end_and_still_exclusive(tmp_path):
@@ -251,25 +224,33 @@ def test_finish_progress_log_lines():
   assert quiet == []
 
 
-def test_update_of_an_output_left_in_shards(tmp_path):
-  """--consolidate=false keeps rows in the shards (as formats 1-2 did): --update reuses them
-  from there and its result equals a clean run."""
+def test_update_reuses_only_rows_that_match_their_checksums(tmp_path):
+  """A flipped byte in a part of the previous index: --update does not copy that shard's
+  rows into the new generation (they are extracted again); the result equals a clean run,
+  and the previous generation's files go, user folders named like ours stay."""
   root = tmp_path / "imgs"
   _folder(root, 6)
   out, clean = tmp_path / "out", tmp_path / "clean"
-  cfg = extract.ExtractConfig(output=str(out), images=str(root), consolidate=False, **COMMON)
+  cfg = extract.ExtractConfig(output=str(out), images=str(root), **COMMON)
   extract.run(cfg)
   m = store.load_manifest(out)
-  assert m.metadata is None and m.shards_kept and not (out / "descriptors").exists()
+  part = out / m.parts["mac"][0].file
+  a = np.load(part)
+  a[1, 0] += 1.0  # damage after the fact: same size, different bytes
+  np.save(part, a)
+  (out / "gen-000007").mkdir()  # a user's folder that only looks like ours
+  (out / "gen-000007" / "keep.txt").write_text("mine")
   extra = _folder(tmp_path / "more", 2)
   for i, p in enumerate(extra):
     shutil.copy(p, root / "cats" / f"new{i}.png")
   s = extract.run(extract.ExtractConfig(**{**cfg.__dict__, "update": True}))
-  assert s.images == 2 and s.reused == 7  # 6 rows and 1 failure kept
+  assert s.images == 2 + 4 and s.reused == 3  # shard 0 (4 records) read again
   extract.run(extract.ExtractConfig(**{**cfg.__dict__, "output": str(clean)}))
   for kind in desc.KINDS:
-    a, ma = store.load_descriptors(out, kind)
+    a, ma = store.load_descriptors(out, kind, verify=True)
     b, mb = store.load_descriptors(clean, kind)
-    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   for c in mb:
     np.testing.assert_array_equal(ma[c], mb[c])
+  assert not (out / "shards").exists() and not (out / "mac").exists()  # the old generation
+  assert (out / "gen-000007" / "keep.txt").read_text() == "mine"

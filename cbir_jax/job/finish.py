@@ -1,8 +1,8 @@
-"""Finishing a job: assemble an update's shards, verify and consolidate, switch the manifest.
+"""Finishing a job: assemble an update's shards, list them as the index, switch the manifest.
 
-Process 0 does it alone once every process has written its shards. The manifest switch is
-the last write: before it, readers see the previous complete generation; after it, the new
-one (whose shards are then removed unless --keep_shards).
+Done once, under the job lock, by the worker that finds every shard written when its own
+are (the last to finish), or by a `--finish` run. The manifest switch is the last write:
+before it, readers see the previous complete generation; after it, the new one.
 """
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ from typing import Any, Callable
 
 from cbir_jax import consolidate, store
 from cbir_jax.job import update as upd
-from cbir_jax.job.control import Clock, Coordinator
-from cbir_jax.job.plan import Plan, remove_other_generations
+from cbir_jax.job.config import ExtractConfig
+from cbir_jax.job.control import Clock, Worker
+from cbir_jax.job.plan import Plan, remove_replaced
 from cbir_jax.manifest import Manifest
 
 
-def run_info(config: Any, coord: Coordinator) -> dict[str, Any]:
+def run_info(config: ExtractConfig, worker: Worker) -> dict[str, Any]:
   """How the job ran (not compared on reruns): platform, devices, threads."""
   import jax
 
@@ -28,7 +29,7 @@ def run_info(config: Any, coord: Coordinator) -> dict[str, Any]:
   devices = jax.devices()
   info = {"platform": jax.default_backend(),
           "device_kinds": sorted({d.device_kind for d in devices}),
-          "devices": len(devices), "process_count": coord.process_count,
+          "devices": len(devices), "workers": worker.count,
           "batch_size": config.batch_size,
           "decode": dict(zip(("num_workers", "num_threads"), input_pipeline.decode_parallelism(
               config.num_workers, config.num_threads))),
@@ -38,46 +39,58 @@ def run_info(config: Any, coord: Coordinator) -> dict[str, Any]:
   return info
 
 
-def write_failures(out: pathlib.Path, m: Manifest, process_count: int) -> None:
-  """failures-<p>.tsv for the shards of process p's range; files of other process counts go."""
-  per = max(1, math.ceil(len(m.shards) / process_count))
-  for p in range(process_count):
-    mine = [s.dir for s in m.shards[p * per:(p + 1) * per]]
-    store.write_failures(out, mine, p)
-  for f in out.glob("failures-*.tsv"):
-    n = f.stem.split("-", 1)[1]
-    if not (n.isdigit() and int(n) < process_count):
-      f.unlink(missing_ok=True)
+def missing_shards(out: pathlib.Path, plan: Plan, shard_size: int) -> list[int]:
+  """Shards of the generation being built that no worker has written yet."""
+  if plan.update is not None:
+    where, count = plan.manifest.path(store.DELTA), len(plan.update.delta)
+  else:
+    where, count = plan.manifest.path(store.SHARDS), plan.source.num_records
+  done = store.complete_shards(out, where)
+  return [k for k in range(math.ceil(count / shard_size)) if k not in done]
 
 
-def finish(plan: Plan, config: Any, coord: Coordinator, clock: Clock, summary: Any,
-           log: Callable[[str], None]) -> None:
-  """Seals the generation (process 0) once every process is done."""
-  coord.barrier("all shards written")
-  clock.charge("waiting for other processes")
-  if coord.process_index != 0:
-    return
+def _already_switched(out: pathlib.Path, m: Manifest) -> bool:
+  try:
+    now = store.load_manifest(out)
+  except store.StoreError:
+    return False
+  return now.complete and now.base == m.base and now.generation == m.generation
+
+
+def finish(plan: Plan, config: ExtractConfig, worker: Worker, clock: Clock, summary: Any,
+           log: Callable[[str], None]) -> list[int]:
+  """Seals the generation if every shard is written; returns the shards still missing
+  (then another worker, still running or to be rerun, finishes the job)."""
+  out, m = plan.out, plan.manifest
+  with store.lock(out, "job", wait=True):
+    clock.charge("waiting for other workers")
+    if _already_switched(out, m):  # another worker finished it a moment ago
+      return []
+    missing = missing_shards(out, plan, config.shard_size)
+    if missing:
+      return missing
+    _seal(plan, config, worker, clock, summary, log)
+  return []
+
+
+def _seal(plan: Plan, config: ExtractConfig, worker: Worker, clock: Clock, summary: Any,
+          log: Callable[[str], None]) -> None:
   out, m = plan.out, plan.manifest
   if plan.update is not None:
     summary.shards_written += upd.assemble(out, plan.update, m, plan.source, log,
                                            config.shard_size)
     clock.charge("assemble")
   progress = consolidate.FinishProgress(config.progress, log)
-  sealed = consolidate.seal(out, m, process_count=coord.process_count,
-                            consolidate=config.consolidate, keep_shards=config.keep_shards,
-                            progress=progress)
+  sealed = consolidate.seal(out, m, workers=worker.count, progress=progress)
   report = plan.source.labels_report
-  sealed = sealed.replace(run=run_info(config, coord),
-                          labels=report.to_dict() if report is not None else {})
-  write_failures(out, sealed, coord.process_count)
+  sealed = sealed.replace(run=run_info(config, worker),
+                          labels=report.to_dict() if report is not None else {},
+                          replaces=plan.update.old.made if plan.update is not None else ())
   store.write_manifest(out, sealed)  # the switch
-  if plan.update is not None:
-    remove_other_generations(out, sealed.base)
-  removed = store.remove_shards(out, sealed)
-  progress.close(f"verified {len(sealed.shards)} shard(s)"
-                 + (f", wrote {sealed.path(store.CONSOLIDATED)}/" if sealed.metadata else "")
-                 + ("; shards removed (--keep_shards keeps them)" if removed else ""))
+  remove_replaced(out, sealed)
+  progress.close(f"{len(sealed.shards)} shard(s) listed as the index "
+                 f"({sealed.rows} rows, {len(sealed.parts)} kind(s))")
   clock.charge("finish")
 
 
-__all__ = ["finish", "run_info", "write_failures"]
+__all__ = ["finish", "missing_shards", "run_info"]

@@ -17,16 +17,18 @@ from cbir_jax import backbones, checkpoint, store
 from cbir_jax import descriptors as desc
 from cbir_jax import weights as weights_lib
 from cbir_jax.job import identity as ident
-from cbir_jax.job import agreement, sources, update as upd
-from cbir_jax.job.control import Coordinator
+from cbir_jax.job import sources, update as upd
+from cbir_jax.job.config import ExtractConfig
+from cbir_jax.job.control import Worker
 from cbir_jax.job.errors import ExtractError
 from cbir_jax.job.rows import Unit
+from cbir_jax.job.workers import shard_range
 from cbir_jax.manifest import Manifest, Settings
 
 
 @dataclasses.dataclass
 class Plan:
-  """What this process will do."""
+  """What this worker will do."""
   out: pathlib.Path
   source: sources.Source
   loaded: weights_lib.Loaded
@@ -35,11 +37,10 @@ class Plan:
   descriptor: desc.DescriptorConfig
   manifest: Manifest  # the generation this run builds or continues
   update: upd.UpdatePlan | None
-  units: list[Unit]  # this process' shards still to write, in order
-  skipped: int  # this process' shards already complete
-  batch_rows: int = 0  # rows per step on this process
+  units: list[Unit]  # this worker's shards still to write, in order
+  skipped: int  # this worker's shards already complete
+  batch_rows: int = 0  # rows per step on this worker
   local_steps: int = 0
-  global_steps: int = 0
   lock: store.DirLock | None = None
   done: bool = False  # the output is complete and up to date: nothing to do
 
@@ -55,14 +56,14 @@ class Plan:
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
-def open_source(config: Any) -> sources.Source:
+def open_source(config: ExtractConfig) -> sources.Source:
   if config.images:
     return sources.folder_source(config.images, config.labels_csv,
                                  content_digest=config.content_digest)
   return sources.tfds_source(config.tfds, config.data_dir)
 
 
-def load_weights(config: Any, backbone: backbones.Backbone, image_size: int
+def load_weights(config: ExtractConfig, backbone: backbones.Backbone, image_size: int
                  ) -> weights_lib.Loaded:
   record = weights_lib.record_for(config.model, config.weights, seed=config.seed)
   try:
@@ -105,7 +106,7 @@ def _version() -> str:
   return __version__
 
 
-def new_manifest(config: Any, source: sources.Source, loaded: weights_lib.Loaded,
+def new_manifest(config: ExtractConfig, source: sources.Source, loaded: weights_lib.Loaded,
                  backbone: backbones.Backbone, image_size: int, kinds: tuple[str, ...]
                  ) -> Manifest:
   """The manifest of a first generation made with these settings (`kinds` resolved)."""
@@ -135,105 +136,108 @@ def report_platform(log: Callable[[str], None], *, warn: bool) -> None:
     runtime.warn_if_gpu_unused(log, backend=info["backend"])
 
 
-def plan_job(config: Any, coord: Coordinator, log: Callable[[str], None]) -> Plan:
-  """Opens everything and decides what this process does; nothing is written before all agree.
+def plan_job(config: ExtractConfig, worker: Worker, log: Callable[[str], None]) -> Plan:
+  """Opens everything and decides what this worker does; nothing is written before the
+  output directory agreed (see `prepare`).
 
   Raises:
-    ExtractError: any refusal (this process' or another's), on every process.
+    ExtractError: any refusal, naming what differs or what is wrong.
   """
-  report_platform(log, warn=coord.process_count > 1)
-  error = ""
-  try:
-    backbone = backbones.get(config.model)
-    image_size = config.image_size or backbone.image_size
-    source = open_source(config)
-    loaded = load_weights(config, backbone, image_size)
-    kinds = resolve_kinds(config.kinds, backbone, loaded.record)
-    target = new_manifest(config, source, loaded, backbone, image_size, kinds)
-  except ExtractError as e:
-    error = str(e)
-  coord.all_started(error, "opening the input and the weights")
-  coord.agree(*agreement.fields(config, target, source), records=source.identities,
-              noun="files" if source.type == "folder" else "records")
+  report_platform(log, warn=False)
+  backbone = backbones.get(config.model)
+  image_size = config.image_size or backbone.image_size
+  source = open_source(config)
+  loaded = load_weights(config, backbone, image_size)
+  kinds = resolve_kinds(config.kinds, backbone, loaded.record)
+  target = new_manifest(config, source, loaded, backbone, image_size, kinds)
   out = pathlib.Path(config.output)
-  lock, (manifest, update, done) = _prepare_all(out, target, source, config, coord, log)
   plan = Plan(out=out, source=source, loaded=loaded, backbone=backbone, image_size=image_size,
               descriptor=desc.DescriptorConfig(config.threshold, config.relative, config.masks),
-              manifest=manifest, update=update, units=[], skipped=0, lock=lock, done=done)
-  plan.units, plan.skipped = my_units(plan, config.shard_size, coord)
-  _lay_out_steps(plan, config, coord, log)
+              manifest=target, update=None, units=[], skipped=0)
+  finished = _refusal(out, lambda: up_to_date(out, target, config.update))
+  if finished is not None:  # read only: works on a read-only copy, takes no lock
+    plan.manifest, plan.done = finished, True
+    plan.skipped = len(shard_range(finished.num_shards, worker.spec))
+    return plan
+  plan.lock = _refusal(out, lambda: _lock(out, f"worker-{worker.index}"))
+  try:
+    with _refusal(out, lambda: _lock(out, "job", wait=True)):
+      plan.manifest, plan.update, plan.done = _refusal(out, lambda: prepare(
+          out, target, source, update=config.update, log=log))
+    plan.units, plan.skipped = my_units(plan, config.shard_size, worker)
+  except BaseException:
+    plan.lock.close()
+    raise
+  _lay_out_steps(plan, config, log)
   return plan
 
 
-def _refusal(out: pathlib.Path, fn: Callable[[], Any]) -> tuple[Any, str]:
-  """(fn(), '') or (None, why it failed) for the errors preparing a directory can meet."""
+def up_to_date(out: pathlib.Path, target: Manifest, update: bool) -> Manifest | None:
+  """The current manifest when it is complete, of these settings and of this very input."""
+  if not (out / store.MANIFEST).is_file():
+    return None
+  old = store.load_manifest(out)
+  if old.complete and old.settings.digest() == target.settings.digest() and _same_input(
+      old, target):
+    return old
+  return None
+
+
+def _refusal(out: pathlib.Path, fn: Callable[[], Any]) -> Any:
+  """fn(), with the errors preparing a directory can meet as one-line ExtractErrors."""
   try:
-    return fn(), ""
-  except (ExtractError, store.StoreError) as e:
-    return None, str(e)
+    return fn()
+  except store.StoreError as e:
+    raise ExtractError(str(e)) from None
   except (OSError, ValueError) as e:  # e.g. an unreadable output directory
-    return None, f"cannot prepare output directory {out}: {type(e).__name__}: {e}"
+    raise ExtractError(f"cannot prepare output directory {out}: {describe_os_error(e)}"
+                       ) from None
 
 
-def _prepare_all(out: pathlib.Path, target: Manifest, source: sources.Source, config: Any,
-                 coord: Coordinator, log: Callable[[str], None]) -> tuple[IO[str] | None, Any]:
-  """(this process' lock, `prepare`'s answer). Process 0 prepares the directory (it alone
-  writes manifests), then the others read what it decided; an error stops every process."""
-  first = coord.process_index == 0
-  lock, error = _refusal(out, lambda: _lock(out, coord.process_index))
-  state = None
-  try:
-    if first and not error:
-      state, error = _refusal(out, lambda: prepare(out, target, source, update=config.update,
-                                                   write=True, log=log))
-    coord.all_started(error, "preparing the output directory")
-    if not first:
-      state, error = _refusal(out, lambda: prepare(out, target, source, update=config.update,
-                                                   write=False, log=log))
-    coord.all_started(error, "reading the prepared output directory")
-  except BaseException:
-    if lock:
-      lock.close()
-    raise
-  return lock, state
+def describe_os_error(e: BaseException) -> str:
+  """An OSError said plainly ("the disk is full" rather than errno 28's text alone)."""
+  import errno
+  if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+    return f"the disk is full ({e})"
+  if isinstance(e, OSError) and e.errno == errno.EROFS:
+    return f"the file system is read-only ({e})"
+  return f"{type(e).__name__}: {e}"
 
 
-def _lay_out_steps(plan: Plan, config: Any, coord: Coordinator, log: Callable[[str], None]
-                   ) -> None:
-  """Rows per step on this process, and the steps every process runs (the most any needs)."""
-  from cbir_jax import sharding
+def _lay_out_steps(plan: Plan, config: ExtractConfig, log: Callable[[str], None]) -> None:
+  """Rows per step on this worker (its local devices only) and its number of steps."""
+  import jax
 
-  plan.batch_rows = sharding.local_batch_size(config.batch_size, sharding.data_mesh())
+  plan.batch_rows = config.batch_size * len(jax.local_devices())
   plan.local_steps = len(plan.positions()) // plan.batch_rows
-  plan.global_steps = coord.max(plan.local_steps)
   if config.shard_size < plan.batch_rows and plan.units:
-    log(f"warning: --shard_size={config.shard_size} is smaller than this process' batch of "
+    log(f"warning: --shard_size={config.shard_size} is smaller than this worker's batch of "
         f"{plan.batch_rows} images (batch_size x local devices): most of every step is padding")
 
 
-def _lock(out: pathlib.Path, pid: int) -> store.DirLock:
+def _lock(out: pathlib.Path, name: str, wait: bool = False) -> store.DirLock:
   try:
     out.mkdir(parents=True, exist_ok=True)
   except OSError as e:
-    raise ExtractError(f"cannot prepare output directory {out}: {e}") from e
-  return store.lock(out, pid)
+    raise ExtractError(f"cannot prepare output directory {out}: {describe_os_error(e)}"
+                       ) from e
+  return store.lock(out, name, wait=wait)
 
 
 # --- deciding what the directory needs --------------------------------------------------------
 
 
 def prepare(out: pathlib.Path, target: Manifest, source: sources.Source, *, update: bool,
-            write: bool, log: Callable[[str], None]
-            ) -> tuple[Manifest, upd.UpdatePlan | None, bool]:
+            log: Callable[[str], None]) -> tuple[Manifest, upd.UpdatePlan | None, bool]:
   """(the generation to build or continue, the update plan if any, whether all is done).
 
-  With write=False (processes other than 0) only reads what process 0 wrote.
+  Called under the job lock: the first worker writes the manifest (settings and input
+  identity), every later one compares with it before writing anything.
   """
   if not (out / store.MANIFEST).exists():
-    if write:
-      store.refuse_orphan_shards(out)
-      source.identities.save(out / store.RECORDS)  # before the manifest that names it
-      store.prepare(out, target)
+    store.refuse_orphan_shards(out)
+    source.identities.save(out / store.RECORDS)  # before the manifest that names it
+    store.prepare(out, target)
     return target, None, False
   old = store.load_manifest(out)
   if old.format_version < 2:
@@ -242,14 +246,18 @@ def prepare(out: pathlib.Path, target: Manifest, source: sources.Source, *, upda
                        "updated safely; write to another --output (it still loads for search)")
   store.check_settings(out, old, target)
   if _same_input(old, target):
-    if write:
-      remove_other_generations(out, old.base)
-      store.remove_shards(out, old)  # a removal that a kill cut short
+    remove_replaced(out, old)  # a removal that a kill cut short
     return old, None, old.complete
+  if old.input.content_digest != target.input.content_digest and not update:
+    was, now = (f"--{'' if v else 'no'}content_digest" for v in
+                (old.input.content_digest, target.input.content_digest))
+    raise ExtractError(f"{out} was made with {was} and this run has {now}: a setting that "
+                       f"decides how files are identified, not a change of the input; rerun "
+                       f"with {was}, or use another --output")
   old_ids = _old_identities(out, old)
   if not update:
     raise ExtractError(changed_input_message(out, old, old_ids, source))
-  return _prepare_update(out, old, old_ids, target, source, write, log)
+  return _prepare_update(out, old, old_ids, target, source, log)
 
 
 def _same_input(old: Manifest, new: Manifest) -> bool:
@@ -285,8 +293,7 @@ def changed_input_message(out: pathlib.Path, old: Manifest, old_ids: ident.Recor
 
 
 def _prepare_update(out: pathlib.Path, old: Manifest, old_ids: ident.RecordIdentities,
-                    target: Manifest, source: sources.Source, write: bool,
-                    log: Callable[[str], None]
+                    target: Manifest, source: sources.Source, log: Callable[[str], None]
                     ) -> tuple[Manifest, upd.UpdatePlan, bool]:
   gen = old.generation + 1
   base = store.generation_base(gen)
@@ -299,47 +306,49 @@ def _prepare_update(out: pathlib.Path, old: Manifest, old_ids: ident.RecordIdent
     if (started.settings.digest() == target.settings.digest()
         and started.input.same_records(target.input)):
       target = started  # an interrupted update of this same input: continue it
-    elif write:
-      shutil.rmtree(build)  # an update of another input, never switched to: start over
-  plan = upd.plan_update(out, old, old_ids, source, verify=write)
+    else:
+      shutil.rmtree(build)  # our update of another input, never switched to: start over
+  elif build.exists():
+    raise ExtractError(f"{build} exists but was not made by cbir_jax (no {store.MANIFEST}); "
+                       "the update would build the next generation there: move it away")
+  plan = upd.plan_update(out, old, old_ids, source, verify=True)
   target = target.replace(update=plan.report)
-  if write:
-    remove_other_generations(out, old.base, keep=(base,))
-    if not (build / store.MANIFEST).exists():
-      build.mkdir(parents=True, exist_ok=True)
-      source.identities.save(build / store.RECORDS)
-      store.write_manifest(build, target)
-    log(plan.report.line())
+  if not (build / store.MANIFEST).exists():
+    build.mkdir(parents=True, exist_ok=True)
+    source.identities.save(build / store.RECORDS)
+    store.write_manifest(build, target)
+  log(plan.report.line())
   return target, plan, False
 
 
-def remove_other_generations(out: pathlib.Path, current: str, keep: tuple[str, ...] = ()
-                             ) -> None:
-  """Deletes generations the manifest no longer names (left by a switch cut short)."""
-  for d in out.glob("gen-*"):
-    if d.name != current and d.name not in keep and d.is_dir():
-      shutil.rmtree(d, ignore_errors=True)
-  if current:  # the first generation lives at the top; an update's build files are done with
-    for name in (store.SHARDS, store.CONSOLIDATED):
-      shutil.rmtree(out / name, ignore_errors=True)
-    (out / store.RECORDS).unlink(missing_ok=True)
-    shutil.rmtree(out / current / store.DELTA, ignore_errors=True)
-    (out / current / store.MANIFEST).unlink(missing_ok=True)
+def remove_replaced(out: pathlib.Path, current: Manifest) -> None:
+  """Deletes the previous generation's files once `current` replaced it: only the names
+  the manifest records the tool made (`replaces`), never anything else in the directory."""
+  if not current.complete:
+    return
+  for name in current.replaces:
+    p = out / name
+    if name in ("", ".", store.MANIFEST) or name == current.base or ".." in name.split("/"):
+      continue
+    if p.is_dir() and not p.is_symlink():
+      shutil.rmtree(p, ignore_errors=True)
+    else:
+      p.unlink(missing_ok=True)
+  if current.base:  # the build's own manifest: the top-level one is now the record
+    (out / current.base / store.MANIFEST).unlink(missing_ok=True)
 
 
 # --- this process' share of the work ---------------------------------------------------------
 
 
-def my_units(plan: Plan, shard_size: int, coord: Coordinator) -> tuple[list[Unit], int]:
-  """This process' shards still to write (a contiguous range), resuming stopped ones."""
+def my_units(plan: Plan, shard_size: int, worker: Worker) -> tuple[list[Unit], int]:
+  """This worker's shards still to write (a contiguous range), resuming stopped ones."""
   m = plan.manifest
   if plan.update is not None:
     positions, where = plan.update.delta, m.path(store.DELTA)
   else:
     positions, where = np.arange(plan.source.num_records, dtype=np.int64), m.path(store.SHARDS)
-  count = math.ceil(len(positions) / shard_size)
-  per = math.ceil(count / coord.process_count)
-  mine = range(coord.process_index * per, min((coord.process_index + 1) * per, count))
+  mine = shard_range(math.ceil(len(positions) / shard_size), worker.spec)
   if plan.done:  # complete (its shards may be removed): nothing to look at
     return [], len(mine)
   done = store.complete_shards(plan.out, where)
@@ -349,8 +358,12 @@ def my_units(plan: Plan, shard_size: int, coord: Coordinator) -> tuple[list[Unit
     pos = positions[k * shard_size:(k + 1) * shard_size]
     digest = store.positions_sha256(pos)
     if k in done and done[k].get("positions_sha256", digest) in ("", digest):
-      skipped += 1
-      continue
+      # Reused as it is (finishing does not re-read descriptor bytes): check it once here.
+      d = plan.out / where / store.shard_name(k)
+      if store.shard_intact(d, done[k]):
+        skipped += 1
+        continue
+      shutil.rmtree(d, ignore_errors=True)  # damaged since it was written: computed again
     unit = Unit(index=k, positions=pos, where=where)
     for n, d, info in reversed(pieces.get(k, [])):  # the longest piece of this plan
       if n < len(pos) and info.get("positions_sha256") == store.positions_sha256(pos[:n]):
@@ -362,5 +375,5 @@ def my_units(plan: Plan, shard_size: int, coord: Coordinator) -> tuple[list[Unit
 
 
 __all__ = ["Plan", "changed_input_message", "check_kinds", "load_weights", "my_units",
-           "new_manifest", "open_source", "plan_job", "prepare", "remove_other_generations",
+           "new_manifest", "open_source", "plan_job", "prepare", "remove_replaced",
            "report_platform", "resolve_kinds"]

@@ -1,8 +1,8 @@
 """Running the steps: one jitted step per fixed-size batch, rows assembled and written as they come.
 
-Every process runs the same number of equally shaped steps (padding with empty batches), so
-nothing recompiles; a step has no cross-process collectives, so no process waits on another.
-A stop request ends the loop before the next step; the finished part of the shard in progress
+A worker runs equally shaped steps on its local devices only (each shard padded to whole
+steps), so nothing recompiles and no worker ever waits on another. A stop request ends the
+loop before the next step; the finished part of the shard in progress
 is written so a rerun continues there. Finished shards are written by one background thread, in
 order and one at a time, while the steps go on (on an H100, writing a Lite0 job's shards took
 as long as all its device time, 2.2 s each, when done in the loop); the loop waits for the writer
@@ -20,8 +20,8 @@ import numpy as np
 
 from cbir_jax import input_pipeline, store
 from cbir_jax.job import rows as rows_lib
-from cbir_jax.job.control import Clock, Coordinator, Progress
-from cbir_jax.job.errors import ExtractError
+from cbir_jax.job.config import ExtractConfig
+from cbir_jax.job.control import Clock, Progress, Worker
 from cbir_jax.job.plan import Plan
 
 # Test-only: seconds to sleep per step, so kill/interrupt tests can land mid-job.
@@ -51,7 +51,7 @@ class ShardWriter:
   memory) and raises that write's error; `wait` does the same for the last one. `close`
   waits too, so no write goes on after the step loop, but drops the error: the loop calls
   `wait` on its normal path, so `close` only meets an error while another one (a stop at
-  once, a lost process) is already on its way up.
+  once) is already on its way up.
   """
 
   def __init__(self, write: Callable[[rows_lib.Finished], None]):
@@ -78,15 +78,17 @@ class ShardWriter:
 
 
 class StepRunner:
-  """The step loop of one process; counts go to `summary`, times to `clock`."""
+  """The step loop of one worker; counts go to `summary`, times to `clock`."""
 
-  def __init__(self, plan: Plan, config: Any, coord: Coordinator, clock: Clock, summary: Any,
+  def __init__(self, plan: Plan, config: ExtractConfig, worker: Worker, clock: Clock, summary: Any,
                log: Callable[[str], None]):
+    import jax
+
     from cbir_jax import inference, sharding
 
-    self.plan, self.config, self.coord = plan, config, coord
+    self.plan, self.config, self.worker = plan, config, worker
     self.clock, self.summary, self.log = clock, summary, log
-    self.mesh = sharding.data_mesh()
+    self.mesh = sharding.data_mesh(jax.local_devices())  # this worker's devices only
     self.fn = inference.jit_describe(
         plan.backbone, mesh=self.mesh, preprocessing=plan.loaded.preprocessing,
         kinds=plan.kinds, config=plan.descriptor, dtype=inference.compute_dtype(config.dtype))
@@ -99,9 +101,7 @@ class StepRunner:
     self.writer = ShardWriter(self._write)  # its thread starts with the first shard
 
   def _consume(self, batch: input_pipeline.Batch, result: Any, progress: Progress) -> None:
-    from cbir_jax import sharding
-
-    rows = {k: sharding.host_local(result[k]) for k in self.plan.kinds}
+    rows = {k: np.asarray(result[k]) for k in self.plan.kinds}  # local mesh: all addressable
     self.clock.charge("device")
     finished = self.assembler.add(rows_lib.StepRows(
         descriptors=rows, positions=batch.index, valid=batch.valid, ok=batch.ok,
@@ -117,16 +117,12 @@ class StepRunner:
 
   def _write(self, f: rows_lib.Finished) -> None:
     """On the writer thread."""
-    write_finished(self.plan.out, f, self.plan.kinds, self.coord.process_index)
+    write_finished(self.plan.out, f, self.plan.kinds, self.worker.index)
     self.summary.shards_written += 1
 
   def run(self) -> str | None:
-    """Runs every step; returns None when the whole job finished its steps, else why it
-    stopped early (a stop request to some process; the rows written so far are kept).
-
-    The step loop talks to no other process: a stop request reaches this one through the
-    coordinator's watchdog, and processes may stop a step or two apart.
-    """
+    """Runs every step of this worker; returns None when it finished its shards, else why
+    it stopped early (SIGINT/SIGTERM; the rows written so far are kept)."""
     plan, config = self.plan, self.config
     positions = plan.positions()
     batches = plan.source.batches(positions, batch_size=plan.batch_rows,
@@ -147,24 +143,19 @@ class StepRunner:
                         config.log_every_s, self.log)
     delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
     self.clock.charge("startup")
-    stopped, lost, prev = False, None, None
-    with self.coord.stepping():
-      for step in range(plan.global_steps):
-        try:
-          if self.coord.stop_requested():
-            stopped = True
-            break
-        except ExtractError as e:  # a process was lost: keep what this one finished, then go
-          lost = e
+    stopped, prev = False, None
+    with self.worker.stepping():
+      for _ in range(plan.local_steps):
+        if self.worker.stop_requested():
+          stopped = True
           break
-        batch = (next(batches) if step < plan.local_steps
-                 else input_pipeline.Batch.padding(plan.batch_rows, plan.image_size))
+        batch = next(batches)
         self.clock.charge("input")
         if delay:
           time.sleep(delay)
           self.clock.charge("test delay")
         result = self.fn(self.params, sharding.shard_batch(batch.images, self.mesh))
-        self.clock.charge("compile" if step == 0 else "device")
+        self.clock.charge("compile" if prev is None else "device")
         if prev is not None:  # the previous step's rows are read while this one runs
           self._consume(*prev, progress)
         prev = (batch, result)
@@ -173,25 +164,22 @@ class StepRunner:
       self.writer.wait()
       self.clock.charge("write")
       left = self.assembler.remaining  # units not complete (the stopped one included)
-      if stopped or lost:
+      if stopped:
         self._write_stopped_part()
       progress.close()
       _close(batches)
       self.clock.charge("input")
-      if lost is not None:
-        raise lost
       self._count_compiles()
-      # Every process gets here: the same answer everywhere (None: all finished their work).
-      return self.coord.decide_stop(finished=not stopped or left == 0)
+      return self.worker.stop_reason if stopped and left else None
 
   def _write_stopped_part(self) -> None:
     part = self.assembler.stop()
     if part is not None:
-      write_finished(self.plan.out, part, self.plan.kinds, self.coord.process_index)
+      write_finished(self.plan.out, part, self.plan.kinds, self.worker.index)
       self.summary.parts_written += 1
       self.clock.charge("write")
-    if self.coord.stop_noticed_at:
-      self.summary.stop_s = time.perf_counter() - self.coord.stop_noticed_at
+    if self.worker.stop_noticed_at:
+      self.summary.stop_s = time.perf_counter() - self.worker.stop_noticed_at
 
   def _count_compiles(self) -> None:
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import pathlib
+import shutil
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -32,37 +33,43 @@ class RowIndex:
     return self.shard_of[positions] >= 0
 
 
-def row_index(out: pathlib.Path, where: str, num_records: int) -> RowIndex:
-  """Indexes the complete shards in `out/where` (rows by record position)."""
-  return _index_folders(out, [f"{where}/{store.shard_name(k)}" for k in
-                              sorted(store.complete_shards(out, where))], num_records)
+def row_index(out: pathlib.Path, where: str, num_records: int, *, verify: bool = False
+              ) -> RowIndex:
+  """Indexes the complete shards in `out/where` (rows by record position); with `verify`
+  a shard whose files do not match the SHA-256 in its shard.json is left out."""
+  done = store.complete_shards(out, where)
+  folders = [f"{where}/{store.shard_name(k)}" for k in sorted(done)]
+  if verify:
+    folders = [d for k, d in zip(sorted(done), folders) if store.shard_intact(out / d, done[k])]
+  return _index_folders(out, folders, num_records)
+
+
+def _remove_damaged(out: pathlib.Path, where: str) -> None:
+  """Deletes shards of `where` whose files differ from their SHA-256, and says to rerun."""
+  bad = [k for k, info in sorted(store.complete_shards(out, where).items())
+         if not store.shard_intact(out / where / store.shard_name(k), info)]
+  for k in bad:
+    shutil.rmtree(out / where / store.shard_name(k), ignore_errors=True)
+  if bad:
+    raise ExtractError(f"{len(bad)} shard(s) of {out / where} did not match their SHA-256 "
+                       f"(first: {store.shard_name(bad[0])}; damaged after they were written) "
+                       "and were removed; rerun the same command to extract them again")
 
 
 def generation_rows(out: pathlib.Path, m: Manifest, num_records: int, *,
                     verify: bool = False) -> RowIndex:
-  """Where the rows of a generation are: its descriptors/ folder (format 3, complete: one
-  folder laid out like a shard, kept when the shards are removed), else its shards.
+  """Where the rows of a generation are: its complete shards (finished or not).
 
   Args:
-    verify: check descriptors/ against its digests first (reused rows are copied into the
-      next generation as they are, so an update checks them once, when it plans).
-
-  Raises:
-    ExtractError: descriptors/ cannot be read, or (verify) does not match its digests.
+    verify: check every shard file against its SHA-256 first; a shard that differs is
+      not reused (its records are extracted again). Reused rows are copied into the next
+      generation as they are, so an update checks them once, when it plans.
   """
-  if m.complete and m.metadata is not None and m.failures_file is not None:
-    try:
-      if verify:
-        store.verify_consolidated(out, m)
-      return _index_folders(out, [m.path(store.CONSOLIDATED)], num_records)
-    except (OSError, ValueError, KeyError) as e:  # StoreError included
-      raise ExtractError(f"cannot reuse the rows of the previous output: {e}; write to "
-                         "another --output, or delete the directory to start over") from None
-  return row_index(out, m.path(store.SHARDS), num_records)
+  return row_index(out, m.path(store.SHARDS), num_records, verify=verify)
 
 
 def _index_folders(out: pathlib.Path, folders: Sequence[str], num_records: int) -> RowIndex:
-  """Indexes folders holding meta.npz, failures.json and <kind>.npy (shards, descriptors/)."""
+  """Indexes shard folders holding meta.npz, failures.json and <kind>.npy."""
   dirs, failures = [], {}
   shard_of = np.full(num_records, -1, np.int32)
   row_of = np.full(num_records, -1, np.int64)
@@ -71,7 +78,7 @@ def _index_folders(out: pathlib.Path, folders: Sequence[str], num_records: int) 
       rows = z["row"].astype(np.int64)
     fails = store.read_failures_json(out / d / "failures.json")
     if any(p < 0 for _, _, p in fails) or (rows >= num_records).any():
-      continue  # format 1 (failures without record positions): not reused
+      continue  # not of this input's numbering: not reused
     shard_of[rows] = len(dirs)
     row_of[rows] = np.arange(len(rows))
     for path, reason, p in fails:
@@ -93,7 +100,7 @@ def plan_update(out: pathlib.Path, old: Manifest, old_ids: ident.RecordIdentitie
                 source: Source, *, verify: bool = False) -> UpdatePlan:
   """Compares identities; unchanged records whose rows (or failures) exist are reused.
 
-  `verify`: check the previous generation's descriptors/ (the process that writes does).
+  `verify`: check every reused shard file against its SHA-256 (damaged ones are re-extracted).
   """
   diff = ident.compare(old_ids, source.identities)
   have = generation_rows(out, old, len(old_ids), verify=verify)
@@ -113,15 +120,10 @@ def plan_update(out: pathlib.Path, old: Manifest, old_ids: ident.RecordIdentitie
 
 
 class _ShardCache:
-  """Recently used shards' metadata and memory-mapped arrays (assembly reads them in order).
+  """Recently used shards' metadata and memory-mapped arrays (assembly reads them in order)."""
 
-  `aliases` (the previous generation's) name the file of a kind a descriptors/ folder
-  stores once; shards hold a file per kind.
-  """
-
-  def __init__(self, out: pathlib.Path, aliases: Mapping[str, str] | None = None,
-               size: int = 4):
-    self.out, self.size, self.aliases = out, size, dict(aliases or {})
+  def __init__(self, out: pathlib.Path, size: int = 4):
+    self.out, self.size = out, size
     self._items: collections.OrderedDict = collections.OrderedDict()
 
   def get(self, d: str) -> dict:
@@ -137,8 +139,6 @@ class _ShardCache:
     item = self.get(d)
     if kind not in item["arrays"]:
       path = self.out / d / f"{kind}.npy"
-      if not path.exists() and kind in self.aliases:
-        path = self.out / d / f"{self.aliases[kind]}.npy"
       item["arrays"][kind] = np.load(path, mmap_mode="r", allow_pickle=False)
     return item["arrays"][kind]
 
@@ -214,11 +214,12 @@ def assemble(out: pathlib.Path, plan: UpdatePlan, new: Manifest, source: Source,
              log: Callable[[str], None], shard_size: int) -> int:
   """Writes the new generation's shards (skipping complete ones); returns how many it wrote."""
   kinds = list(new.settings.kinds)
-  old = generation_rows(out, plan.old, plan.old.num_records)
+  old = generation_rows(out, plan.old, plan.old.num_records)  # checked when planned
+  _remove_damaged(out, new.path(store.DELTA))
   delta = row_index(out, new.path(store.DELTA), source.num_records)
   where = new.path(store.SHARDS)
   done = store.complete_shards(out, where)
-  cache, written = _ShardCache(out, plan.old.aliases), 0
+  cache, written = _ShardCache(out), 0
   for k in range(new.num_shards):
     positions = np.arange(k * shard_size, min((k + 1) * shard_size, source.num_records))
     digest = store.positions_sha256(positions)

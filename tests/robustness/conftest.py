@@ -146,9 +146,20 @@ def baseline(many_images, tiny_weights, tmp_path_factory):
   from cbir_jax.descriptors import KINDS
 
   out = tmp_path_factory.mktemp("baseline") / "out"
-  # Shards kept: tests copy this output and remove shards to stage unfinished jobs.
-  extract.run(job_config(many_images[0], out, tiny_weights, keep_shards=True),
+  # Tests copy this output and remove shards to stage unfinished jobs.
+  extract.run(job_config(many_images[0], out, tiny_weights),
               log=lambda m: None)
   loaded = {k: store.load_descriptors(out, k) for k in KINDS}
   arrays = {k: np.array(v[0]) for k, v in loaded.items()}
   return out, arrays, loaded["fc"][1]
+
+
+@pytest.fixture(scope="session")
+def imagenet_sample(request):
+  """imagenet-sample's photo folder (read-only): ../shared/data, or $CBIR_JAX_SHARED_DATA
+  (for a worktree whose parent has no shared/ beside it)."""
+  import pathlib
+
+  env = os.environ.get("CBIR_JAX_SHARED_DATA")
+  root = pathlib.Path(env) if env else request.getfixturevalue("shared_data")
+  return root / "imagenet-sample" / "images"

@@ -213,8 +213,8 @@ def test_kill_and_resume(many_images, tiny_weights, baseline, tmp_path, hostile)
   lost, duplicated, problems = compare_with_baseline(out, baseline)
   hostile.rows(lost=lost, duplicated=duplicated)
   assert (lost, duplicated, problems) == (0, 0, [])
-  # Finished: the verified descriptors/ hold every row, so the shards and the lock file went.
-  assert not (out / store.SHARDS).exists() and not list(out.glob(".lock-*"))
+  # Finished: the shards are the index (parts per kind link to them); no lock file is left.
+  assert (out / store.SHARDS).is_dir() and not list(out.glob(".lock-*"))
   assert len(store.read_manifest(out)["shards"]) == NUM_IMAGES // 20
 
 
@@ -410,12 +410,12 @@ def test_hostile_folder_job(tiny_weights, tmp_path, hostile):
   manifest = store.read_manifest(out)
   _, meta = store.load_descriptors(out, "fc")
   failures = dict(store.read_failures(out))
-  tsv = (out / "failures-0.tsv").read_text(errors="surrogateescape").splitlines()
+  listed_failures = json.loads((out / "failures.json").read_text(errors="surrogateescape"))
   listed = [r.key for r in input_pipeline.folder_records(root)]
   m = re.search(r"extracted (\d+) images, (\d+) failed", proc.stdout)
   counts_ok = (m is not None and int(m.group(1)) == len(meta["path"])
                and int(m.group(2)) == len(failures) == manifest["failures"]
-               and len(tsv) == 1 + len(failures)
+               and len(listed_failures) == len(failures)
                and len(meta["path"]) + len(failures) == len(listed) == manifest["num_records"])
   hostile.check("hostile folder: counts add up (rows + failures = files listed)", counts_ok,
                 f"{len(meta['path'])} rows + {len(failures)} failures = {len(listed)} listed")
@@ -481,12 +481,12 @@ def _unfinished_copy(baseline, dest: pathlib.Path, keep: int) -> pathlib.Path:
   for d in (dest / store.SHARDS).iterdir():
     if int(d.name) >= keep:
       shutil.rmtree(d)
-  shutil.rmtree(dest / store.CONSOLIDATED, ignore_errors=True)
-  for f in dest.glob("failures-*.tsv"):
-    f.unlink()
   m = json.loads((dest / store.MANIFEST).read_text())
-  m.update(status="running", shards=[], consolidated={}, aliases={}, metadata=None,
-           failures_file=None)
+  for kind in m["parts"]:
+    shutil.rmtree(dest / kind)
+  for name in ("metadata.parquet", "failures.json"):
+    (dest / name).unlink()
+  m.update(status="running", shards=[], parts={}, metadata=None, failures_file=None, made=[])
   (dest / store.MANIFEST).write_text(json.dumps(m))
   return dest
 
@@ -505,9 +505,9 @@ def test_leftovers_of_a_killed_shard_write(many_images, tiny_weights, baseline, 
   summary = extract.run(job_config(many_images[0], out, tiny_weights), log=_quiet)
   lost, duplicated, problems = compare_with_baseline(out, baseline)
   hostile.rows(lost=lost, duplicated=duplicated)
-  # Finished: shards/ goes, and with it every leftover (a stray would keep it alive).
+  # Finished: shards/ holds the complete shards only (they are the index), no leftover.
   leftovers = [p.name for p in out.rglob("*") if p.name.startswith(".tmp")
-               or p.parent.name == store.SHARDS]
+               or (p.parent.name == store.SHARDS and not (p / "shard.json").is_file())]
   ok = (lost, duplicated, problems, leftovers) == (0, 0, [], []) and summary.shards_skipped == 5
   hostile.check("leftovers of a shard write cut short (temp dir, shard without shard.json)", ok,
                 f"cleaned up; rerun wrote {summary.shards_written} shards, skipped "
@@ -610,55 +610,53 @@ def test_folder_where_every_file_is_bad(tiny_weights, tmp_path, hostile):
   assert ok, (summary, a.shape, failures)
 
 
-def test_killed_while_consolidating(many_images, tiny_weights, baseline, tmp_path, hostile):
-  """All shards written, the job killed while concatenating them (a half-written temporary
-  array, a stale one from elsewhere): the rerun finishes and equals the uninterrupted run."""
+def test_killed_while_finishing(many_images, tiny_weights, baseline, tmp_path, hostile):
+  """All shards written, the job killed while finishing (a half-written metadata table, a
+  part link cut short, a stale part that is not the shard's file): the rerun finishes,
+  writes no shard and equals the uninterrupted run."""
   out = _unfinished_copy(baseline, tmp_path / "out", keep=NUM_IMAGES // 20)
-  cons = out / store.CONSOLIDATED
-  cons.mkdir()
-  (cons / ".fc_conv.npy.tmp").write_bytes(b"\x93NUMPY" + b"\0" * 50)  # cut short
-  np.save(cons / "fc.npy", np.zeros((3, 64), np.float32))  # not what the shards hold
+  (out / "fc").mkdir()
+  (out / "fc" / ".part-000000.npy.tmp").write_bytes(b"\x93NUMPY" + b"\0" * 50)  # cut short
+  np.save(out / "fc" / "part-000001.npy", np.zeros((3, 64), np.float32))  # not the shard's
+  (out / ".metadata.parquet.tmp").write_bytes(b"PAR1")
   summary = extract.run(job_config(many_images[0], out, tiny_weights), log=_quiet)
   lost, duplicated, problems = compare_with_baseline(out, baseline)
   hostile.rows(lost=lost, duplicated=duplicated)
   ok = (lost, duplicated, problems) == (0, 0, []) and summary.shards_written == 0
-  hostile.check("killed while consolidating the shards", ok,
-                "rerun wrote no shard, rebuilt the arrays; output equals the uninterrupted run")
+  hostile.check("killed while finishing (stale and half-written index files)", ok,
+                "rerun wrote no shard, relinked the parts; output equals the uninterrupted run")
   assert ok, (lost, duplicated, problems, summary)
 
 
-def test_killed_while_removing_the_shards(many_images, tiny_weights, baseline, tmp_path,
-                                         hostile, monkeypatch):
-  """Killed after the manifest switch, half-way through removing the shards: the output
-  already loads from descriptors/, and the rerun finishes the removal and rewrites nothing."""
-  name = "killed while removing the shards after a verified consolidation"
+def test_killed_half_way_through_linking_the_parts(many_images, tiny_weights, baseline,
+                                                   tmp_path, hostile, monkeypatch):
+  """Killed after half the parts were linked: nothing loads as finished meanwhile, and
+  the rerun finishes the job, rewriting no shard."""
+  name = "killed half-way through listing the shards as parts"
   hostile.declare(name)
+  from cbir_jax import consolidate
   out = _unfinished_copy(baseline, tmp_path / "out", keep=NUM_IMAGES // 20)
-  real_rmtree = shutil.rmtree
+  real_link, calls = consolidate.os.link, []
 
-  def killed_half_way(path, *a, **kw):
-    shards = sorted(pathlib.Path(path).iterdir())
-    for d in shards[:len(shards) // 2]:
-      real_rmtree(d)
-    raise KeyboardInterrupt  # stands for SIGKILL: nothing after this line runs
+  def killed_half_way(src, dst):
+    calls.append(dst)
+    if len(calls) > 20:
+      raise KeyboardInterrupt  # stands for SIGKILL: nothing after this line runs
+    return real_link(src, dst)
 
-  monkeypatch.setattr(store.shutil, "rmtree", killed_half_way)
+  monkeypatch.setattr(consolidate.os, "link", killed_half_way)
   with pytest.raises(KeyboardInterrupt):
     extract.run(job_config(many_images[0], out, tiny_weights), log=_quiet)
   monkeypatch.undo()
-  left = len(list((out / store.SHARDS).iterdir()))
-  lost, duplicated, problems = compare_with_baseline(out, baseline)  # loads meanwhile
-  before = {p: p.stat().st_mtime_ns for p in (out / store.CONSOLIDATED).iterdir()}
+  running = not store.load_manifest(out).complete
   summary = extract.run(job_config(many_images[0], out, tiny_weights), log=_quiet)
-  after = {p: p.stat().st_mtime_ns for p in (out / store.CONSOLIDATED).iterdir()}
-  lost2, duplicated2, problems2 = compare_with_baseline(out, baseline)
-  hostile.rows(lost=lost + lost2, duplicated=duplicated + duplicated2)
-  ok = (0 < left < NUM_IMAGES // 20 and (lost, duplicated, problems) == (0, 0, [])
-        and summary.complete and summary.images == 0 and before == after
-        and not (out / store.SHARDS).exists() and (lost2, duplicated2, problems2) == (0, 0, []))
-  hostile.check(name, ok, f"{left} shards left by the kill; the output loaded meanwhile; the "
-                "rerun removed them and rewrote nothing")
-  assert ok, (left, problems, problems2, summary)
+  lost, duplicated, problems = compare_with_baseline(out, baseline)
+  hostile.rows(lost=lost, duplicated=duplicated)
+  ok = (running and summary.complete and summary.images == 0 and summary.shards_written == 0
+        and (lost, duplicated, problems) == (0, 0, []))
+  hostile.check(name, ok, "the output stayed unfinished; the rerun finished it, rewriting "
+                "no shard")
+  assert ok, (running, problems, summary)
 
 
 @pytest.mark.parametrize("name,data,pattern", [

@@ -28,17 +28,10 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def indexes(baseline, tmp_path_factory):
-  """The suite's finished extraction (300 rows, shards of 20), as written (descriptors/:
-  one array per distinct kind, meta.npz, failures.json) and as a job with --noconsolidate
-  leaves it (rows and metadata in the shards only)."""
-  base = tmp_path_factory.mktemp("index")
-  out = {"consolidated": baseline[0], "shards": base / "shards"}
-  shutil.copytree(baseline[0], out["shards"])
-  shutil.rmtree(out["shards"] / store.CONSOLIDATED)
-  _edit_manifest(out["shards"], lambda m: m.update(consolidated={}, aliases={}, metadata=None,
-                                                   failures_file=None, shards_kept=True))
-  return out
+def indexes(baseline):
+  """The suite's finished extraction (300 rows, shards of 20) as written: parts per kind
+  (the shards' files), one metadata table, one failure list."""
+  return {"index": baseline[0]}
 
 
 def _rows(index: pathlib.Path) -> int:
@@ -60,9 +53,10 @@ def _rehash(d: pathlib.Path, rel: str) -> None:
   digest = _sha(d / rel)
 
   def fix(m):
-    for kind, c in m.get("consolidated", {}).items():
-      if c["file"] == rel:
-        c["sha256"] = digest
+    for parts in m.get("parts", {}).values():
+      for c in parts:
+        if c["file"] == rel:
+          c["sha256"] = digest
     for s in m["shards"]:
       name = rel.removeprefix(s["dir"] + "/")
       if name in s.get("files", {}):
@@ -78,55 +72,49 @@ def _set_npy(path: pathlib.Path, fn: Callable[[np.ndarray], np.ndarray]) -> None
 # --- the damages -----------------------------------------------------------------------------
 
 
-def missing_shard(d):
-  shutil.rmtree(d / "shards" / "000001")
+def missing_part(d):
+  (d / "fc_conv" / "part-000001.npy").unlink()
 
 
 def wrong_row_count(d):
-  _edit_manifest(d, lambda m: m["shards"][1].update(rows=m["shards"][1]["rows"] + 1))
+  _edit_manifest(d, lambda m: m["parts"]["fc_conv"][1].update(
+      rows=m["parts"]["fc_conv"][1]["rows"] + 1))
+
+
+def meta_missing(d):
+  (d / "metadata.parquet").unlink()
 
 
 def meta_changed(d):
-  p = d / "shards" / "000001" / "meta.npz"
-  with np.load(p) as z:
-    cols = {c: z[c] for c in z.files}
-  cols["label"] = 1 - cols["label"]  # a valid file with other labels: only the checksum tells
-  np.savez(p, **cols)
+  from cbir_jax import index
+  cols = index.read_metadata(d / "metadata.parquet")
+  cols["label"] = 1 - cols["label"]  # a valid table with other labels: only the checksum tells
+  with open(d / "metadata.parquet", "wb") as f:
+    index.write_metadata(f, cols)
 
 
-def consolidated_meta_missing(d):
-  (d / "descriptors" / "meta.npz").unlink()
-
-
-def consolidated_meta_changed(d):
-  p = d / "descriptors" / "meta.npz"
-  with np.load(p) as z:
-    cols = {c: z[c] for c in z.files}
-  cols["label"] = 1 - cols["label"]
-  np.savez_compressed(p, **cols)
-
-
-def consolidated_meta_rows(d):
+def meta_rows(d):
   _edit_manifest(d, lambda m: m["metadata"].update(rows=m["metadata"]["rows"] + 1))
 
 
-def consolidated_changed(d):
-  _set_npy(d / "descriptors" / "fc_conv.npy", lambda a: (a.__setitem__((3, 0), a[3, 0] + 1), a)[1])
+def part_changed(d):
+  _set_npy(d / "fc_conv" / "part-000000.npy",
+           lambda a: (a.__setitem__((3, 0), a[3, 0] + 1), a)[1])
 
 
-def nan_consolidated(d):
-  _set_npy(d / "descriptors" / "fc_conv.npy", lambda a: (a.__setitem__((5, 2), np.nan), a)[1])
-  _rehash(d, "descriptors/fc_conv.npy")
+def nan_part(d):
+  _set_npy(d / "fc_conv" / "part-000000.npy", lambda a: (a.__setitem__((5, 2), np.nan), a)[1])
+  _rehash(d, "fc_conv/part-000000.npy")
 
 
-def nan_shard(d):
-  _set_npy(d / "shards" / "000002" / "fc_conv.npy", lambda a: (a.__setitem__((1, 0), np.nan), a)[1])
-  _rehash(d, "shards/000002/fc_conv.npy")
+def nan_later_part(d):
+  _set_npy(d / "fc_conv" / "part-000002.npy", lambda a: (a.__setitem__((1, 0), np.nan), a)[1])
+  _rehash(d, "fc_conv/part-000002.npy")
 
 
-def short_shard(d):
-  _set_npy(d / "shards" / "000002" / "fc_conv.npy", lambda a: a[:-1])
-  _rehash(d, "shards/000002/fc_conv.npy")
+def short_part(d):
+  _set_npy(d / "fc_conv" / "part-000002.npy", lambda a: a[:-1])
+  _rehash(d, "fc_conv/part-000002.npy")
 
 
 def truncated_manifest(d):
@@ -149,32 +137,29 @@ class Damage:
 
 
 DAMAGES = [
-    # Shards hold the rows only without consolidation (formats 1-2, --noconsolidate).
-    Damage("index: manifest lists a shard that is missing", "shards", missing_shard,
-           r"000001.*missing", search=True),
-    Damage("index: manifest row count differs from the shard", "shards", wrong_row_count,
-           r"000001.*rows.*manifest says"),
-    Damage("index: shard metadata does not match its checksum", "shards", meta_changed,
-           r"000001/meta\.npz.*SHA-256"),
-    Damage("index: row metadata file (descriptors/meta.npz) missing", "consolidated",
-           consolidated_meta_missing, r"descriptors/meta\.npz.*missing", search=True),
-    Damage("index: row metadata changed (labels), same columns", "consolidated",
-           consolidated_meta_changed, r"descriptors/meta\.npz.*(SHA-256|bytes)"),
-    Damage("index: manifest row count differs from the row metadata", "consolidated",
-           consolidated_meta_rows, r"rows"),
-    # Checksums are verified when the job finishes; loading checks them again only when
-    # asked (verify=True), so the launchers (which do not ask yet) are not run on this one.
-    Damage("index: descriptor file does not match its checksum", "consolidated",
-           consolidated_changed, r"fc_conv\.npy.*SHA-256"),
-    Damage("index: NaN in a descriptor file (checksum forged to match)", "consolidated",
-           nan_consolidated, r"row 5.*NaN|NaN.*row 5", search=True, evaluate=True),
-    Damage("index: NaN in a shard's descriptor file (unconsolidated)", "shards", nan_shard,
+    Damage("index: manifest lists a shard that is missing", "index", missing_part,
+           r"part-000001.*missing", search=True),
+    Damage("index: manifest row count differs from the shard", "index", wrong_row_count,
+           r"part-000001.*rows.*manifest says"),
+    Damage("index: row metadata file (descriptors/meta.npz) missing", "index",
+           meta_missing, r"metadata\.parquet.*missing", search=True),
+    Damage("index: row metadata changed (labels), same columns", "index",
+           meta_changed, r"metadata\.parquet.*(SHA-256|bytes)"),
+    Damage("index: manifest row count differs from the row metadata", "index",
+           meta_rows, r"rows"),
+    # Checksums are recorded as the shards are written; loading checks them again only
+    # when asked (verify=True), so the launchers (which do not ask yet) are not run on this.
+    Damage("index: descriptor file does not match its checksum", "index",
+           part_changed, r"part-000000\.npy.*SHA-256"),
+    Damage("index: NaN in a descriptor file (checksum forged to match)", "index",
+           nan_part, r"row 5.*NaN|NaN.*row 5", search=True, evaluate=True),
+    Damage("index: NaN in a later part of the descriptors", "index", nan_later_part,
            r"row 41.*NaN"),
-    Damage("index: shard descriptor file one row short (checksum forged)", "shards", short_shard,
-           r"000002/fc_conv\.npy.*rows.*manifest says"),
-    Damage("index: truncated manifest.json", "consolidated", truncated_manifest,
+    Damage("index: shard descriptor file one row short (checksum forged)", "index", short_part,
+           r"part-000002\.npy.*rows.*manifest says"),
+    Damage("index: truncated manifest.json", "index", truncated_manifest,
            r"manifest", search=True),
-    Damage("index: extraction not finished", "consolidated", unfinished, r"not finished",
+    Damage("index: extraction not finished", "index", unfinished, r"not finished",
            evaluate=True),
 ]
 
@@ -225,7 +210,7 @@ def test_damaged_indexes(indexes, tmp_path, hostile):
 
 
 def test_k_larger_than_n(indexes, hostile):
-  d = indexes["consolidated"]
+  d = indexes["index"]
   n = _rows(d)
   db, _ = store.load_descriptors(d, "fc_conv")
   q = np.asarray(db[:2], np.float32)
@@ -252,7 +237,7 @@ def test_k_larger_than_n(indexes, hostile):
 
 
 def test_query_of_wrong_dimension(indexes, hostile):
-  db, _ = store.load_descriptors(indexes["consolidated"], "fc_conv")
+  db, _ = store.load_descriptors(indexes["index"], "fc_conv")
   dim = db.shape[1]
   checks = []
   for fn in (lambda q: search.l1_topk(q, db, 3), lambda q: search.l1_distances(q, db)):
@@ -274,7 +259,7 @@ def test_query_of_wrong_dimension(indexes, hostile):
 
 def test_nan_in_queries_and_unverified_database(indexes, hostile):
   """NaN that got past the loader (verify=False) or arrives in a query: still an error."""
-  db = np.array(store.load_descriptors(indexes["consolidated"], "fc_conv")[0])
+  db = np.array(store.load_descriptors(indexes["index"], "fc_conv")[0])
   q = db[:2].copy()
   checks = []
   bad_db = db.copy()
@@ -317,7 +302,7 @@ def test_query_image_on_random_weights_index(many_images, tmp_path):
 
 def test_bad_queries_through_launchers(indexes, tmp_path, hostile):
   """Queries that cannot be used, through the launchers (run in parallel): one-line errors."""
-  d = indexes["consolidated"]
+  d = indexes["index"]
   bad = tmp_path / "bad.jpg"
   bad.write_bytes(b"GIF89a but not really")
   missing = tmp_path / "missing.png"
@@ -417,7 +402,7 @@ def test_query_image_that_is_in_the_index(indexes, tmp_path, hostile):
   it out (the JSON says which), and the others still get k results."""
   from PIL import Image
 
-  d = indexes["consolidated"]
+  d = indexes["index"]
   _, meta = store.load_descriptors(d, "fc")
   stored = [str(p) for p in meta["path"][[3, 40, 77]]]
   copy = tmp_path / "copy.png"

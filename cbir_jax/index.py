@@ -1,0 +1,165 @@
+"""Reading a finished index: descriptor parts as one [rows, D] view, the metadata table, failures.
+
+Layout of a finished output directory (format 4; `base` is "" for a first extraction and
+gen-NNNNNN/ after `--update`s; manifest.json names it):
+  manifest.json               settings, input, shards, parts per kind with rows and SHA-256
+  <base>/<kind>/part-000007.npy   shard 7's rows of that kind: memory-mappable, one folder
+                              of parts per kind (what autofaiss-style readers take as is)
+  <base>/metadata.parquet     one row per descriptor row: row, path, label, label_name,
+                              width, height (+ labels CSV columns)
+  <base>/failures.json        [[path, reason, record], ...]: records without a row
+  <base>/shards/000007/       the shard as written: <kind>.npy (same file as the part),
+                              meta.npz (NumPy-only metadata), failures.json, shard.json
+  <base>/records.npz          the input's per-record identities (for reruns and --update)
+
+Reading it without cbir_jax (NumPy, or faiss on the same arrays):
+  m = json.load(open(f"{out}/manifest.json"))
+  x = np.concatenate([np.load(f"{out}/{p['file']}", mmap_mode="r") for p in m["parts"]["fc"]])
+  meta = pyarrow.parquet.read_table(f"{out}/{m['metadata']['file']}")   # or, NumPy only:
+  meta = [np.load(f"{out}/{s['dir']}/meta.npz") for s in m["shards"]]   # per shard, in order
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+
+METADATA = "metadata.parquet"
+FAILURES = "failures.json"
+
+
+# --- the metadata table ------------------------------------------------------------------------
+
+
+def _column_to_arrow(pa: Any, v: np.ndarray) -> Any:
+  if v.dtype.kind in "US":
+    items = v.astype(str).tolist()
+    try:
+      return pa.array(items, pa.string())
+    except (UnicodeEncodeError, ValueError):  # a name that is not valid UTF-8: its own bytes
+      return pa.array([s.encode("utf-8", "surrogateescape") for s in items], pa.binary())
+  return pa.array(v)
+
+
+def write_metadata(f: Any, meta: Mapping[str, np.ndarray]) -> None:
+  """Writes the metadata table as parquet to the open binary file `f`.
+
+  Text columns are UTF-8 strings; a column holding a file name that is not valid UTF-8 is
+  stored as binary (the name's own bytes), so nothing is lost.
+  """
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  names = list(meta)
+  table = pa.table([_column_to_arrow(pa, np.asarray(meta[c])) for c in names], names=names)
+  pq.write_table(table, f)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """The metadata table as NumPy columns (text as str arrays, numbers as they were)."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  table = pq.read_table(path)
+  out = {}
+  for name, col in zip(table.column_names, table.columns):
+    if pa.types.is_binary(col.type):
+      items = [b.decode("utf-8", "surrogateescape") for b in col.to_pylist()]
+      out[name] = np.asarray(items, dtype=str) if items else np.zeros(0, str)
+    elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+      items = col.to_pylist()
+      out[name] = np.asarray(items, dtype=str) if items else np.zeros(0, str)
+    else:
+      out[name] = col.to_numpy()
+  return out
+
+
+# --- the descriptors: one view over the parts ---------------------------------------------------
+
+
+class LazyRows:
+  """Several [n_i, D] arrays (memory-mapped parts) read as one [sum n_i, D] array.
+
+  Indexing reads only the rows asked for: an int, a slice, an integer or boolean array, or
+  a tuple whose first item is one of those (numpy semantics on the result). `np.asarray`
+  gives the whole array (read once). Read-only.
+  """
+
+  def __init__(self, parts: Sequence[np.ndarray]):
+    if not parts:
+      raise ValueError("no parts")
+    self.parts = list(parts)
+    self.dtype = self.parts[0].dtype
+    self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+    self.shape = (int(self.starts[-1]), *self.parts[0].shape[1:])
+    self.ndim = len(self.shape)
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape))
+
+  def _rows(self, idx: np.ndarray) -> np.ndarray:
+    out = np.empty((len(idx), *self.shape[1:]), self.dtype)
+    which = np.searchsorted(self.starts, idx, side="right") - 1
+    for k in np.unique(which):
+      at = np.flatnonzero(which == k)
+      out[at] = self.parts[k][idx[at] - self.starts[k]]
+    return out
+
+  def __getitem__(self, key: Any) -> Any:
+    first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+    n = self.shape[0]
+    if isinstance(first, (int, np.integer)):
+      i = int(first) + (n if first < 0 else 0)
+      if not 0 <= i < n:
+        raise IndexError(f"index {first} is out of bounds for axis 0 with size {n}")
+      k = int(np.searchsorted(self.starts, i, side="right") - 1)
+      row = np.asarray(self.parts[k][i - self.starts[k]])
+      return row[rest] if rest else row
+    if isinstance(first, slice):
+      rows = self._rows(np.arange(n)[first])
+      return rows[(slice(None), *rest)] if rest else rows
+    idx = np.asarray(first)
+    if idx.dtype == bool:
+      if idx.shape != (n,):
+        raise IndexError(f"boolean index of shape {idx.shape} for {n} rows")
+      idx = np.flatnonzero(idx)
+    idx = idx.astype(np.int64)
+    if idx.size and (idx.min() < -n or idx.max() >= n):
+      raise IndexError(f"index out of bounds for axis 0 with size {n}")
+    flat = self._rows(np.where(idx < 0, idx + n, idx).reshape(-1))
+    # Index the gathered rows with an arange of idx's shape: numpy's own rules (broadcast
+    # with array indices in `rest`) then apply exactly as on the whole array.
+    return flat[(np.arange(idx.size).reshape(idx.shape), *rest)]
+
+  def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+    a = np.concatenate([np.asarray(p) for p in self.parts])
+    return a if dtype is None else a.astype(dtype)
+
+  def __iter__(self):
+    for p in self.parts:
+      yield from p
+
+  def __repr__(self) -> str:
+    return f"LazyRows(shape={self.shape}, dtype={self.dtype}, parts={len(self.parts)})"
+
+
+def part_view(arrays: Sequence[np.ndarray]) -> np.ndarray | LazyRows:
+  """The file itself for one part, else a lazy concatenation."""
+  return arrays[0] if len(arrays) == 1 else LazyRows(arrays)
+
+
+def read_failures_file(path: pathlib.Path) -> list[tuple[str, str, int]]:
+  items = json.loads(path.read_text(encoding="utf-8", errors="surrogateescape"))
+  return [(f[0], f[1], int(f[2]) if len(f) > 2 else -1) for f in items]
+
+
+__all__ = ["FAILURES", "LazyRows", "METADATA", "part_view", "read_metadata",
+           "write_metadata"]
