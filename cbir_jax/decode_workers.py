@@ -256,6 +256,15 @@ def _why(signal_name: str) -> str:
                   "signal the job's main process to stop it")
 
 
+def _stopped(pid: int) -> bool:
+  """Whether a process is stopped (SIGSTOP/SIGTSTP) or traced; False where /proc cannot say."""
+  try:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+      return f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
+  except (OSError, IndexError):
+    return False
+
+
 def _shutdown(procs: list[Any], conns: list[Any], segments: list[_Segment]) -> None:
   """Ends the workers at once (they hold nothing that needs a clean stop; SIGKILL also ends
   a stopped one), then frees the memory."""
@@ -436,7 +445,9 @@ class DecodeWorkers:
       if seen != beat or now - last > POLL_S + 2.0:
         beat, changed = seen, now
       last = now
-      if now - changed > (self._silent_s if beat else max(self._silent_s, STARTUP_S)):
+      # Before its first beat it may still be importing; unless it is stopped already.
+      started = beat or _stopped(proc.pid)
+      if now - changed > (self._silent_s if started else max(self._silent_s, STARTUP_S)):
         raise self._silent(w, now - changed)
     try:
       msg = conn.recv()
