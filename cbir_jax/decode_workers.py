@@ -4,6 +4,11 @@
 thread pool to about five busy cores; pixels come back through shared memory. A worker
 imports this module, `decode`, NumPy and Pillow (and whatever its reader needs), never
 JAX or TensorFlow, and touches no accelerator.
+
+Failures end in one line (`WorkerError`, which the job prints as such): a worker that
+dies is named with its signal and the likely cause; one that sends no heartbeat for
+SILENT_S (stopped, hung) is named instead of waited for; a worker's memory has no name
+(a memfd) and cannot outlive the job, however it ends.
 """
 from __future__ import annotations
 
@@ -232,7 +237,13 @@ def _serve(tasks: multiprocessing.connection.Connection,
 
 
 def shm_room() -> int | None:
-  """Free bytes where shared memory lives (None: not a place this can check)."""
+  """Free bytes where shared memory lives (None: not a place this can check).
+
+  None with memfds (Linux): they are not files of /dev/shm, so its size (docker's 64 MB
+  default) does not bound them; the memory limit does, like any memory of the job.
+  """
+  if hasattr(os, "memfd_create"):
+    return None
   return shutil.disk_usage(SHM_DIR).free if os.path.isdir(SHM_DIR) else None
 
 
@@ -240,9 +251,9 @@ _RERUN = "complete shards are kept, rerun the same command to continue"
 _WHY = {
     "SIGKILL": "out of memory (the kernel's OOM killer; see `dmesg`) or killed by hand; "
                "fewer decode workers (--num_workers) or a smaller --batch_size need less",
-    "SIGBUS": "its shared memory ran out (a container's memory limit or /dev/shm size, e.g. "
-              "docker --shm-size) or a file it read changed under it; give it more room, or "
-              "decode with threads (--num_workers=0)",
+    "SIGBUS": "its shared memory ran out (the memory limit, or without memfds the /dev/shm "
+              "size, e.g. docker --shm-size) or a file it read changed under it; give it more "
+              "room, or decode with threads (--num_workers=0)",
     "SIGSEGV": "a crash in native decoding code (Pillow or a library it uses) on some image; "
                "please report it with the image",
     "SIGABRT": "a crash in native decoding code (Pillow or a library it uses) on some image; "
