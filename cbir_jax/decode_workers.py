@@ -474,7 +474,8 @@ class DecodeWorkers:
     """(pixels [B, H, W, 3], per-row (j, width, height, error, label)) of a submitted batch.
 
     Raises:
-      RuntimeError: a worker failed (its traceback is in the message) or died.
+      RuntimeError: a worker's reader failed (its traceback is in the message).
+      WorkerError: a worker died, or sent no heartbeat for `silent_s` (one line).
     """
     images = np.empty((self._batch_size, *self._shape[2:]), np.uint8)
     out = []
