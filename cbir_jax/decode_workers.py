@@ -4,19 +4,27 @@
 thread pool to about five busy cores; pixels come back through shared memory. A worker
 imports this module, `decode`, NumPy and Pillow (and whatever its reader needs), never
 JAX or TensorFlow, and touches no accelerator.
+
+Failures end in one line (`WorkerError`, which the job prints as such): a worker that
+dies is named with its signal and the likely cause; one that sends no heartbeat for
+SILENT_S (stopped, hung) is named instead of waited for; a worker's memory has no name
+(a memfd) and cannot outlive the job, however it ends.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import mmap
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.reduction
 import os
 import pickle
 import queue
 import shutil
 import signal
 import threading
+import time
 import traceback
 import weakref
 from multiprocessing import shared_memory
@@ -25,6 +33,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from cbir_jax import decode
+# A light module (no imports): the job prints an ExtractError as one line, not a traceback.
+from cbir_jax.job.errors import ExtractError
 
 # arg -> (encoded image, label): a path, a record position or the bytes themselves go in.
 Reader = Callable[[Any], tuple[bytes, int]]
@@ -35,6 +45,20 @@ Reader = Callable[[Any], tuple[bytes, int]]
 # initialises JAX's backends).
 START_METHOD = "spawn"
 SHM_DIR = "/dev/shm"  # where POSIX shared memory lives on Linux (a docker default is 64 MB)
+# Each worker's memory starts with a header: a heartbeat counter (uint64 at offset 0) that a
+# thread of the worker bumps every HEARTBEAT_S. A worker whose counter stands still for
+# SILENT_S (STARTUP_S before its first beat: a spawned interpreter importing NumPy and
+# Pillow on a loaded host) is stopped (SIGSTOP) or hung, and the parent says so instead of
+# waiting forever. The thread needs no decode to finish, so slow images never look silent.
+HEADER = 64
+HEARTBEAT_S = 0.25
+SILENT_S = 5.0
+STARTUP_S = 120.0
+POLL_S = 0.5  # how often the parent looks at the heartbeat while it waits
+
+
+class WorkerError(ExtractError):
+  """A decode worker died, or went silent: one line naming it, why and what to do."""
 
 
 def decode_row(images: np.ndarray, j: int, read: Reader, arg: Any, size: tuple[int, int],
@@ -53,15 +77,107 @@ def decode_row(images: np.ndarray, j: int, read: Reader, arg: Any, size: tuple[i
   return w, h, err, label
 
 
+class _Segment:
+  """One worker's shared memory: its heartbeat header, then its batch buffers.
+
+  On Linux an anonymous memory file (memfd) handed to the worker as a file descriptor:
+  it has no name, so nothing can outlive the processes that map it, even when the whole
+  process group is SIGKILLed (a named /dev/shm segment stays until someone unlinks it,
+  and a cleanup of ours never runs after SIGKILL). Elsewhere a named POSIX segment,
+  unlinked by the parent at close.
+  """
+
+  def __init__(self, size: int):
+    self.size, self.fd, self._shm = size, -1, None
+    if hasattr(os, "memfd_create"):
+      self.fd = os.memfd_create("cbir-decode", os.MFD_CLOEXEC)
+      try:
+        os.ftruncate(self.fd, size)
+        self.mem: Any = mmap.mmap(self.fd, size)
+      except BaseException:
+        self.close_fd()
+        raise
+    else:
+      self._shm = shared_memory.SharedMemory(create=True, size=size)
+      self.mem = self._shm.buf
+
+  @property
+  def name(self) -> str:
+    """The /dev/shm name ("" for a memfd, which has none)."""
+    return self._shm.name if self._shm is not None else ""
+
+  def handle(self) -> _Handle:
+    return _Handle(self.size, self.fd, self.name)
+
+  def beat(self) -> int:
+    return int.from_bytes(self.mem[0:8], "little")
+
+  def close_fd(self) -> None:
+    """Once the worker has its own copy (started): the mapping stays."""
+    if self.fd >= 0:
+      os.close(self.fd)
+      self.fd = -1
+
+  def close(self) -> None:
+    self.close_fd()
+    if self._shm is not None:
+      self._shm.close()
+      self._shm.unlink()
+    else:
+      try:
+        self.mem.close()
+      except BufferError:  # a view still exported: unmapped when it is collected
+        pass
+
+
+@dataclasses.dataclass(frozen=True)
+class _Handle:
+  """How a worker maps its segment: a memfd (sent as a file descriptor) or a name."""
+  size: int
+  fd: int = -1
+  name: str = ""
+
+  def __reduce__(self) -> Any:
+    if self.fd < 0:
+      return _Handle, (self.size, -1, self.name)
+    # Pickled by Process.start: the descriptor itself goes to the spawned child.
+    return _handle_with_fd, (self.size, multiprocessing.reduction.DupFd(self.fd))
+
+  def attach(self) -> Any:
+    """In the worker: the segment's memory (mmap or memoryview)."""
+    if self.fd < 0:
+      _ATTACHED.append(shared_memory.SharedMemory(name=self.name))  # kept: its buf lives
+      return _ATTACHED[-1].buf
+    mem = mmap.mmap(self.fd, self.size)
+    os.close(self.fd)
+    return mem
+
+
+_ATTACHED: list[shared_memory.SharedMemory] = []  # in a worker, for its lifetime
+
+
+def _handle_with_fd(size: int, dup: Any) -> _Handle:
+  return _Handle(size, dup.detach())
+
+
 @dataclasses.dataclass(frozen=True)
 class _Setup:
   """What a worker needs, sent once when it starts."""
   read: Reader
-  shm_name: str
+  memory: _Handle
   shape: tuple[int, ...]  # (slots, rows per piece, height, width, 3)
   threads: int
   draft: bool
   max_pixels: int
+
+
+def _heartbeat(mem: Any) -> None:
+  """Worker thread: bumps the header's counter while the process runs (see SILENT_S)."""
+  n = 0
+  while True:
+    n += 1
+    mem[0:8] = n.to_bytes(8, "little")
+    time.sleep(HEARTBEAT_S)
 
 
 def _collect(images: np.ndarray, futures: Sequence[tuple[int, concurrent.futures.Future]]
@@ -87,8 +203,9 @@ def _serve(tasks: multiprocessing.connection.Connection,
   # Ctrl-C reaches the whole process group; the parent decides (the job stops between steps).
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   try:
-    shm = shared_memory.SharedMemory(name=s.shm_name)
-    slots = np.ndarray(s.shape, np.uint8, buffer=shm.buf)
+    mem = s.memory.attach()
+    threading.Thread(target=_heartbeat, args=(mem,), name="cbir-decode-beat", daemon=True).start()
+    slots = np.ndarray(s.shape, np.uint8, buffer=mem, offset=HEADER)
     pool = concurrent.futures.ThreadPoolExecutor(s.threads, thread_name_prefix="cbir-decode")
     started: queue.SimpleQueue = queue.SimpleQueue()
 
@@ -120,26 +237,58 @@ def _serve(tasks: multiprocessing.connection.Connection,
 
 
 def shm_room() -> int | None:
-  """Free bytes where shared memory lives (None: not a place this can check)."""
+  """Free bytes where shared memory lives (None: not a place this can check).
+
+  None with memfds (Linux): they are not files of /dev/shm, so its size (docker's 64 MB
+  default) does not bound them; the memory limit does, like any memory of the job.
+  """
+  if hasattr(os, "memfd_create"):
+    return None
   return shutil.disk_usage(SHM_DIR).free if os.path.isdir(SHM_DIR) else None
 
 
-def _shutdown(procs: list[Any], conns: list[Any], shms: list[Any]) -> None:
-  """Ends the workers (they hold nothing that needs a clean stop), then frees the memory."""
+_RERUN = "complete shards are kept, rerun the same command to continue"
+_WHY = {
+    "SIGKILL": "out of memory (the kernel's OOM killer; see `dmesg`) or killed by hand; "
+               "fewer decode workers (--num_workers) or a smaller --batch_size need less",
+    "SIGBUS": "its shared memory ran out (the memory limit, or without memfds the /dev/shm "
+              "size, e.g. docker --shm-size) or a file it read changed under it; give it more "
+              "room, or decode with threads (--num_workers=0)",
+    "SIGSEGV": "a crash in native decoding code (Pillow or a library it uses) on some image; "
+               "please report it with the image",
+    "SIGABRT": "a crash in native decoding code (Pillow or a library it uses) on some image; "
+               "please report it with the image",
+}
+
+
+def _why(signal_name: str) -> str:
+  """The likely cause of a worker's death by this signal, and what to do."""
+  return _WHY.get(signal_name, "a signal from outside this job (a user, a scheduler); "
+                  "signal the job's main process to stop it")
+
+
+def _stopped(pid: int) -> bool:
+  """Whether a process is stopped (SIGSTOP/SIGTSTP) or traced; False where /proc cannot say."""
+  try:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+      return f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
+  except (OSError, IndexError):
+    return False
+
+
+def _shutdown(procs: list[Any], conns: list[Any], segments: list[_Segment]) -> None:
+  """Ends the workers at once (they hold nothing that needs a clean stop; SIGKILL also ends
+  a stopped one), then frees the memory."""
   for p in procs:
     if p.pid is not None and p.exitcode is None:
-      p.terminate()
+      p.kill()
   for p in procs:
     if p.pid is not None:
-      p.join(5)
-      if p.exitcode is None:
-        p.kill()
-        p.join()
+      p.join()
   for c in conns:
     c.close()
-  for s in shms:  # after the workers: none of them can attach a name already gone
+  for s in segments:
     s.close()
-    s.unlink()
 
 
 def _layout(workers: int, batch_size: int, batches_ahead: int) -> tuple[int, int, int]:
@@ -152,7 +301,7 @@ def _layout(workers: int, batch_size: int, batches_ahead: int) -> tuple[int, int
 def shm_bytes(workers: int, batch_size: int, size: tuple[int, int], batches_ahead: int) -> int:
   """The shared memory `DecodeWorkers` allocates for these settings."""
   piece, _, slots = _layout(workers, batch_size, batches_ahead)
-  return workers * slots * piece * size[0] * size[1] * 3
+  return workers * (HEADER + slots * piece * size[0] * size[1] * 3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,24 +322,26 @@ class DecodeWorkers:
   `result(tickets)` waits for a batch's pieces and returns a copy of its pixels; batches
   must be collected in submission order (each worker answers in its own order).
   `close()` (also at exit, or when garbage collected) ends the processes and frees the
-  shared memory.
+  shared memory. A worker that dies, or sends no heartbeat for `silent_s` seconds, makes
+  `submit` or `result` raise `WorkerError` (one line naming it, why and what to do).
 
   Raises:
     TypeError: `read` cannot be pickled for the workers.
   """
 
   def __init__(self, read: Reader, *, workers: int, threads: int, batch_size: int,
-               size: tuple[int, int], batches_ahead: int, draft: bool, max_pixels: int):
-    self._batch_size = batch_size
+               size: tuple[int, int], batches_ahead: int, draft: bool, max_pixels: int,
+               silent_s: float = SILENT_S):
+    self._batch_size, self._silent_s = batch_size, silent_s
     self._piece, self.pieces, slots = _layout(workers, batch_size, batches_ahead)
     self._shape = (slots, self._piece, *size, 3)
     self._procs: list[Any] = []
     self._conns: list[tuple[Any, Any]] = []  # per worker: (tasks out, results in)
     self._pipes: list[Any] = []  # every end this process holds
-    self._shms: list[shared_memory.SharedMemory] = []
+    self._segments: list[_Segment] = []
     self._free: list[list[int]] = []
     self._answered = [False] * workers
-    self._close = weakref.finalize(self, _shutdown, self._procs, self._pipes, self._shms)
+    self._close = weakref.finalize(self, _shutdown, self._procs, self._pipes, self._segments)
     ctx = multiprocessing.get_context(START_METHOD)
     try:
       for i in range(workers):
@@ -205,12 +356,12 @@ class DecodeWorkers:
 
   def _start(self, ctx: Any, i: int, read: Reader, threads: int, draft: bool,
              max_pixels: int) -> None:
-    self._shms.append(shared_memory.SharedMemory(create=True, size=int(np.prod(self._shape))))
+    self._segments.append(_Segment(HEADER + int(np.prod(self._shape))))
     task_r, task_w = ctx.Pipe(duplex=False)
     result_r, result_w = ctx.Pipe(duplex=False)
     self._conns.append((task_w, result_r))
     self._pipes.extend([task_w, result_r])
-    setup = _Setup(read, self._shms[-1].name, self._shape, threads, draft, max_pixels)
+    setup = _Setup(read, self._segments[-1].handle(), self._shape, threads, draft, max_pixels)
     p = ctx.Process(target=_serve, args=(task_r, result_w, setup), daemon=True,
                     name=f"cbir-decode-{i}")
     self._procs.append(p)
@@ -219,6 +370,7 @@ class DecodeWorkers:
     finally:
       task_r.close()
       result_w.close()
+      self._segments[-1].close_fd()  # the worker holds its own
     self._free.append(list(range(self._shape[0])))
 
   def can_submit(self) -> bool:
@@ -236,34 +388,84 @@ class DecodeWorkers:
     for start in range(0, self._batch_size, self._piece):
       w = max(range(len(self._free)), key=lambda i: len(self._free[i]))
       t = Ticket(w, self._free[w].pop(), start, min(self._piece, self._batch_size - start))
-      self._conns[w][0].send((t.slot, [(j - start, arg) for j, arg in rows
-                                       if start <= j < start + t.rows]))
+      try:
+        self._conns[w][0].send((t.slot, [(j - start, arg) for j, arg in rows
+                                         if start <= j < start + t.rows]))
+      except OSError:  # BrokenPipeError: it died (its exit code may not be in yet)
+        raise self._dead(w) from None
       tickets.append(t)
     return tickets
 
-  def _gone(self, w: int) -> RuntimeError:
+  def _dead(self, w: int) -> RuntimeError:
+    """The error of worker w found dead: the failure it reported before it exited (a
+    reader's bug, waiting in its pipe behind answers nobody will collect), else `_gone`."""
+    conn = self._conns[w][1]
+    try:
+      while conn.poll():
+        msg = conn.recv()
+        if msg[0] == "error":
+          return self._failed(w, msg[1])
+    except (EOFError, OSError):
+      pass
+    return self._gone(w)
+
+  def _failed(self, w: int, trace: str) -> RuntimeError:
+    return RuntimeError(f"decode worker {w} (pid {self._procs[w].pid}) failed:\n{trace}")
+
+  def _gone(self, w: int) -> WorkerError:
+    """One line: which worker died, of what, and what to do."""
     proc = self._procs[w]
-    proc.join(1)  # its exit code, when it is exiting
-    hint = "" if self._answered[w] else (
-        "; it never answered: if the main script starts the job outside "
-        "`if __name__ == \"__main__\":`, each spawned worker re-runs it (Python stops "
-        "that, see above) - add the guard, or pass num_workers=0")
-    return RuntimeError(f"decode worker {w} (pid {proc.pid}) is gone (exit code "
-                        f"{proc.exitcode}; out of memory, or a signal?){hint}")
+    proc.join(5)  # its exit code: a broken pipe can come before the kernel has reaped it
+    code = proc.exitcode
+    when = "" if self._answered[w] else " before its first answer"
+    what = f"decode worker {w} (pid {proc.pid})"
+    if code is not None and code < 0:
+      try:
+        name = signal.Signals(-code).name
+      except ValueError:
+        name = f"signal {-code}"
+      return WorkerError(f"{what} is gone, killed by {name}{when}: {_why(name)}; {_RERUN}")
+    if code and not self._answered[w]:  # Python stopped it while it started
+      return WorkerError(
+          f"{what} exited with code {code}{when} (its error is above): if the main script "
+          "starts the job outside `if __name__ == \"__main__\":`, each spawned worker re-runs "
+          "it - add the guard, or decode with threads (num_workers=0, --num_workers=0)")
+    how = "is gone" if code is None else f"exited with code {code}"
+    return WorkerError(f"{what} {how}{when} (closed its pipe); {_RERUN}")
+
+  def _silent(self, w: int, seconds: float) -> WorkerError:
+    proc = self._procs[w]
+    return WorkerError(
+        f"decode worker {w} (pid {proc.pid}) sent no heartbeat for {seconds:.0f} s: it is "
+        "stopped (SIGSTOP, a debugger) or hung; do not stop decode workers on their own "
+        f"(stop the whole job: SIGTSTP/SIGCONT to its process group); {_RERUN}")
 
   def _answer(self, w: int) -> Any:
-    """The next message of worker w; RuntimeError when it failed or died."""
-    conn, proc = self._conns[w][1], self._procs[w]
-    while not conn.poll():  # wakes up on a message, or when the worker is gone
-      multiprocessing.connection.wait([conn, proc.sentinel])
+    """The next message of worker w; RuntimeError when it failed, WorkerError when it died
+    or sent no heartbeat for `silent_s` (STARTUP_S before its first)."""
+    conn, proc, segment = self._conns[w][1], self._procs[w], self._segments[w]
+    beat, last = segment.beat(), time.monotonic()
+    changed = last
+    while not conn.poll():  # wakes up on a message, when the worker is gone, or to look
+      multiprocessing.connection.wait([conn, proc.sentinel], timeout=POLL_S)
       if proc.exitcode is not None and not conn.poll():
         raise self._gone(w)
+      now, seen = time.monotonic(), segment.beat()
+      # A long gap between looks means this process was stopped or starved itself (the
+      # whole job suspended and resumed): the worker gets a fresh chance.
+      if seen != beat or now - last > POLL_S + 2.0:
+        beat, changed = seen, now
+      last = now
+      # Before its first beat it may still be importing; unless it is stopped already.
+      started = beat or _stopped(proc.pid)
+      if now - changed > (self._silent_s if started else max(self._silent_s, STARTUP_S)):
+        raise self._silent(w, now - changed)
     try:
       msg = conn.recv()
     except (EOFError, OSError):
       raise self._gone(w) from None
     if msg[0] == "error":
-      raise RuntimeError(f"decode worker {w} (pid {proc.pid}) failed:\n{msg[1]}")
+      raise self._failed(w, msg[1])
     self._answered[w] = True
     return msg
 
@@ -272,7 +474,8 @@ class DecodeWorkers:
     """(pixels [B, H, W, 3], per-row (j, width, height, error, label)) of a submitted batch.
 
     Raises:
-      RuntimeError: a worker failed (its traceback is in the message) or died.
+      RuntimeError: a worker's reader failed (its traceback is in the message).
+      WorkerError: a worker died, or sent no heartbeat for `silent_s` (one line).
     """
     images = np.empty((self._batch_size, *self._shape[2:]), np.uint8)
     out = []
@@ -281,8 +484,8 @@ class DecodeWorkers:
       if slot != t.slot:  # never hand out another piece's pixels
         raise RuntimeError(f"decode worker {t.worker} answered for buffer {slot}, "
                            f"expected {t.slot}")
-      piece = np.ndarray(self._shape[1:], np.uint8, buffer=self._shms[t.worker].buf,
-                         offset=t.slot * int(np.prod(self._shape[1:])))
+      piece = np.ndarray(self._shape[1:], np.uint8, buffer=self._segments[t.worker].mem,
+                         offset=HEADER + t.slot * int(np.prod(self._shape[1:])))
       images[t.start:t.start + t.rows] = piece[:t.rows]
       del piece  # no view may outlive the shared memory
       self._free[t.worker].append(t.slot)

@@ -78,9 +78,70 @@ class Batch:
 
 @dataclasses.dataclass
 class Listing:
-  """What a folder holds: the images to read, and the other files counted by extension."""
+  """What a folder holds: the images to read, and the other files counted by extension.
+
+  `skipped` also counts, under `LINK_LOOP`, directory symlinks not followed because they
+  lead back to a folder above them (their paths are in `loops`).
+  """
   records: list[Record]
   skipped: collections.Counter  # lower-case extension ("" for none) -> files not read
+  loops: list[str] = dataclasses.field(default_factory=list)
+
+
+# The `skipped` key of directory links not followed (shown apart by `format_skipped`).
+LINK_LOOP = "(directory link loop)"
+
+
+def _dir_id(path: str | os.DirEntry) -> tuple[int, int] | None:
+  """(device, inode) of a directory, following links; None when it cannot be read."""
+  try:
+    st = path.stat() if isinstance(path, os.DirEntry) else os.stat(path)
+  except OSError:
+    return None
+  return st.st_dev, st.st_ino
+
+
+def _walk(root: str) -> tuple[list[str], collections.Counter, list[str]]:
+  """(image paths, files not read by extension, directory links refused) under `root`.
+
+  An explicit stack, not recursion: a tree of any depth lists. Directory symlinks are
+  followed (a class folder may be a link to elsewhere); one that leads to a folder on
+  its own path from `root` (an ancestor, or itself) would never end and is refused.
+  Folders that cannot be read are passed over, as `os.walk` does.
+  """
+  paths: list[str] = []
+  skipped: collections.Counter = collections.Counter()
+  loops: list[str] = []
+  stack = [(root, frozenset([_dir_id(root)]))]  # (folder, ids of it and its ancestors)
+  while stack:
+    folder, above = stack.pop()
+    try:
+      with os.scandir(folder) as it:
+        entries = list(it)
+    except OSError:
+      continue
+    for entry in entries:
+      path = os.path.join(folder, entry.name)
+      try:
+        is_dir = entry.is_dir()  # follows links
+      except OSError:
+        is_dir = False
+      if not is_dir:
+        ext = os.path.splitext(entry.name)[1].lower()
+        if ext in IMAGE_EXTENSIONS:
+          paths.append(path)
+        else:
+          skipped[ext] += 1
+        continue
+      ident = _dir_id(entry)
+      if ident is None:
+        continue
+      if ident in above:
+        loops.append(path)
+        skipped[LINK_LOOP] += 1
+        continue
+      stack.append((path, above | {ident}))
+  return paths, skipped, sorted(loops)
 
 
 def list_folder(root: str | os.PathLike) -> Listing:
@@ -89,21 +150,18 @@ def list_folder(root: str | os.PathLike) -> Listing:
   A file's label is its first-level subfolder (classes numbered in sorted name order);
   files directly in `root` get label -1. Images are the extensions Pillow can decode here
   (`IMAGE_EXTENSIONS`, case-insensitive); other files are counted in `skipped`. Directory
-  symlinks are not followed, so a symlink loop cannot trap the walk.
+  symlinks are followed and their files listed under the link's path (a class folder
+  may be a link); a link back to a folder above it (a loop) is not followed, counted in
+  `skipped` and named in a warning. Paths are `root` joined with the relative path.
   """
   root = pathlib.Path(root)
   if not root.is_dir():
     raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
-  paths: list[str] = []
-  skipped: collections.Counter = collections.Counter()
-  for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-    dirnames.sort()
-    for name in filenames:
-      ext = os.path.splitext(name)[1].lower()
-      if ext in IMAGE_EXTENSIONS:
-        paths.append(os.path.join(dirpath, name))
-      else:
-        skipped[ext] += 1
+  paths, skipped, loops = _walk(os.fspath(root))
+  if loops:
+    logging.warning("input: %d directory link%s not followed: %s leads back to a folder above "
+                    "it (a loop)%s", len(loops), "s" if len(loops) != 1 else "", loops[0],
+                    "" if len(loops) == 1 else ", and others")
   paths.sort()
   rel_first = [pathlib.PurePath(os.path.relpath(p, root)).parts for p in paths]
   classes = sorted({parts[0] for parts in rel_first if len(parts) > 1})
@@ -111,7 +169,7 @@ def list_folder(root: str | os.PathLike) -> Listing:
   records = [Record(key=p, label=class_index[parts[0]] if len(parts) > 1 else -1,
                     label_name=parts[0] if len(parts) > 1 else "")
              for p, parts in zip(paths, rel_first)]
-  return Listing(records=records, skipped=skipped)
+  return Listing(records=records, skipped=skipped, loops=loops)
 
 
 def folder_records(root: str | os.PathLike) -> list[Record]:
@@ -120,13 +178,21 @@ def folder_records(root: str | os.PathLike) -> list[Record]:
 
 
 def format_skipped(skipped: collections.Counter) -> str:
-  """"skipped 3 files: .txt 2, .heic 1" (most frequent first); "" when nothing was skipped."""
-  total = sum(skipped.values())
-  if not total:
-    return ""
-  parts = ", ".join(f"{ext or '(no extension)'} {n}"
-                    for ext, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
-  return f"skipped {total} file{'s' if total != 1 else ''}: {parts}"
+  """"skipped 3 files: .txt 2, .heic 1" (most frequent first); "" when nothing was skipped.
+
+  Directory links not followed (`LINK_LOOP`) are said apart: "...; 1 directory link not
+  followed (a loop)".
+  """
+  files = {ext: n for ext, n in skipped.items() if ext != LINK_LOOP and n}
+  total, loops = sum(files.values()), skipped.get(LINK_LOOP, 0)
+  out = []
+  if total:
+    parts = ", ".join(f"{ext or '(no extension)'} {n}"
+                      for ext, n in sorted(files.items(), key=lambda kv: (-kv[1], kv[0])))
+    out.append(f"skipped {total} file{'s' if total != 1 else ''}: {parts}")
+  if loops:
+    out.append(f"{loops} directory link{'s' if loops != 1 else ''} not followed (a loop)")
+  return "; ".join(out)
 
 
 # --- the decoding engine -------------------------------------------------------------------

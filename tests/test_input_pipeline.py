@@ -6,6 +6,7 @@ import os
 import pathlib
 import struct
 import sys
+import tempfile
 import threading
 import zlib
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
+from cbir_jax import decode_workers
 from cbir_jax import input_pipeline as ip
 
 import tf_free
@@ -532,8 +534,10 @@ def _workers_alive(pids) -> list[int]:
   return alive
 
 
-def _shm_names(s) -> list[str]:
-  return [m.name for m in s._engine._workers._shms]
+def _segments_left() -> list[str]:
+  """Decode worker memory this process still maps (memfds named cbir-decode, one each)."""
+  with open("/proc/self/maps") as f:
+    return [line.split()[0] for line in f if "memfd:cbir-decode" in line]
 
 
 def test_workers_import_no_jax_and_run_elsewhere(hard_folder):
@@ -561,11 +565,12 @@ def test_stopping_early_or_failing_leaves_no_worker(hard_folder, tmp_path):
   s = ip.image_batches(photos, image_size=16, batch_size=4, num_workers=2, num_threads=1,
                        read=worker_probe.Marking(str(marks)), prefetch=2)
   with s:
-    pids, names = s._engine._workers.pids(), _shm_names(s)
+    pids = s._engine._workers.pids()
     first = next(s)
     assert first.valid.all() and len(_workers_alive(pids)) == 2
+    assert len(_segments_left()) == 2
   assert not _workers_alive(pids)  # closed: processes ended, shared memory gone
-  assert not any(os.path.exists(f"/dev/shm/{n}") for n in names)
+  assert not _segments_left()
   # Bounded read-ahead: the batch returned and at most three more (prefetch 2 + 1).
   assert 4 <= len(list(marks.iterdir())) <= 4 * 4
   with pytest.raises(StopIteration):
@@ -579,12 +584,13 @@ def test_stopping_early_or_failing_leaves_no_worker(hard_folder, tmp_path):
   assert not _workers_alive(pids)
   # A stream left to the garbage collector ends its workers too.
   s = ip.image_batches(photos, image_size=16, batch_size=4, num_workers=1)
-  pids, names = s._engine._workers.pids(), _shm_names(s)
+  pids = s._engine._workers.pids()
   next(s)
+  assert len(_segments_left()) == 1
   del s
   import gc
   gc.collect()
-  assert not _workers_alive(pids) and not any(os.path.exists(f"/dev/shm/{n}") for n in names)
+  assert not _workers_alive(pids) and not _segments_left()
 
 
 def test_a_failing_or_killed_worker_raises_and_leaves_none(hard_folder, tmp_path):
@@ -609,9 +615,12 @@ def test_a_failing_or_killed_worker_raises_and_leaves_none(hard_folder, tmp_path
   pids = s._engine._workers.pids()
   next(s)
   os.kill(pids[1], signal.SIGKILL)
-  with pytest.raises(RuntimeError, match=r"decode worker 1 .*gone \(exit code -9"):
+  with pytest.raises(decode_workers.WorkerError,
+                     match=r"^decode worker 1 \(pid \d+\) is gone, killed by SIGKILL: out of mem"
+                     ) as e:
     for _ in s:
       pass
+  assert "\n" not in str(e.value) and "rerun" in str(e.value)
   assert not _workers_alive(pids)
 
 
@@ -666,3 +675,98 @@ def test_a_script_without_a_main_guard_is_told_what_to_do(tmp_path, hard_folder)
                      timeout=300, cwd=str(tmp_path))
   assert r.returncode != 0 and "DONE" not in r.stdout
   assert 'outside `if __name__ == "__main__":`' in r.stderr, r.stderr[-3000:]
+
+
+# --- listing: links and depth --------------------------------------------------------------
+
+
+def _png_file(p: pathlib.Path) -> str:
+  p.parent.mkdir(parents=True, exist_ok=True)
+  Image.new("RGB", (4, 4), (9, 9, 9)).save(p)
+  return str(p)
+
+
+def _walk_reference(root: pathlib.Path) -> list[str]:
+  """Images under root by os.walk following links, with a literal loop guard (the spec)."""
+  out = []
+  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    rel = pathlib.Path(dirpath).relative_to(root)
+    real_chain = {os.path.realpath(root / pathlib.Path(*rel.parts[:i]))
+                  for i in range(len(rel.parts) + 1)}
+    dirnames[:] = [d for d in dirnames if os.path.realpath(os.path.join(dirpath, d))
+                   not in real_chain]
+    out += [os.path.join(dirpath, f) for f in filenames
+            if os.path.splitext(f)[1].lower() in ip.IMAGE_EXTENSIONS]
+  return sorted(out)
+
+
+def test_a_class_folder_that_is_a_directory_link_is_listed(tmp_path, caplog):
+  elsewhere = tmp_path / "elsewhere"
+  root = tmp_path / "imgs"
+  want = [_png_file(root / "a" / f"{i}.png") for i in range(2)]
+  for i in range(3):
+    _png_file(elsewhere / "cats" / f"{i}.png")
+  _png_file(elsewhere / "cats" / "nested" / "deep.jpg")
+  _png_file(elsewhere / "dogs" / "d.png")
+  os.symlink(elsewhere / "cats", root / "c_link")  # a class folder kept on another disk
+  os.symlink("../../dogs", elsewhere / "cats" / "nested" / "dogs")  # a sibling: followed
+  os.symlink("..", elsewhere / "cats" / "nested" / "up")  # back to c_link: a loop
+  os.symlink("..", root / "a" / "back")  # back to root: a loop
+  with caplog.at_level("WARNING"):
+    listing = ip.list_folder(root)
+  keys = [r.key for r in listing.records]
+  assert keys == _walk_reference(root)
+  assert len(keys) == 2 + 3 + 1 + 1
+  assert keys[:2] == want and str(root / "c_link" / "nested" / "dogs" / "d.png") in keys
+  labels = {r.label_name: r.label for r in listing.records}
+  assert labels == {"a": 0, "c_link": 1}
+  assert listing.loops == [str(root / "a" / "back"), str(root / "c_link" / "nested" / "up")]
+  assert listing.skipped == collections.Counter({ip.LINK_LOOP: 2})
+  assert ip.format_skipped(listing.skipped) == "2 directory links not followed (a loop)"
+  assert "2 directory links not followed" in caplog.text and "a/back" in caplog.text
+  both = collections.Counter({".txt": 2, ip.LINK_LOOP: 3})
+  assert ip.format_skipped(both) == (
+      "skipped 2 files: .txt 2; 3 directory links not followed (a loop)")
+
+
+def test_a_tree_without_links_lists_as_os_walk_did(tmp_path):
+  """Identity of existing inputs: the same keys, in the same order, as the old walk."""
+  root = _tree(tmp_path)
+  (root / "a" / "notes.txt").write_text("x")
+  old = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    old += [os.path.join(dirpath, f) for f in filenames
+            if os.path.splitext(f)[1].lower() in ip.IMAGE_EXTENSIONS]
+  assert [r.key for r in ip.folder_records(root)] == sorted(old)
+  assert [r.key for r in ip.folder_records(str(root) + "/")] == sorted(old)
+
+
+def test_a_tree_1200_folders_deep_lists():
+  # Outside pytest's tmp_path: its cleanup (shutil.rmtree) recurses and fails on this tree.
+  deep = pathlib.Path(tempfile.mkdtemp(prefix="cbir-deep-"))
+  try:
+    parts = ["d"] * 1200
+    for i in range(1, len(parts) + 1):  # one at a time: os.makedirs recurses too
+      os.mkdir(deep.joinpath(*parts[:i]))
+    leaf = _png_file(deep.joinpath(*parts, "x.png"))
+    top = _png_file(deep / "top.png")
+    listing = ip.list_folder(deep)
+  finally:
+    _rmtree_deep(deep)
+  assert [r.key for r in listing.records] == [leaf, top]
+  assert listing.records[0].label_name == "d" and not listing.skipped
+
+
+def _rmtree_deep(top) -> None:
+  """Removes a tree of any depth (shutil.rmtree, and so pytest's cleanup, recurse)."""
+  stack, folders = [str(top)], []
+  while stack:
+    d = stack.pop()
+    folders.append(d)
+    for e in os.scandir(d):
+      if e.is_dir(follow_symlinks=False):
+        stack.append(e.path)
+      else:
+        os.unlink(e.path)
+  for d in reversed(folders):
+    os.rmdir(d)

@@ -50,3 +50,10 @@ def failing(key: str) -> tuple[bytes, int]:
     raise RuntimeError("reader bug on " + key)
   with open(key, "rb") as f:
     return f.read(), -1
+
+
+def dies_at_once(key: str) -> tuple[bytes, int]:
+  """A worker killed by SIGBUS on its first read (what a full /dev/shm does)."""
+  import signal
+  os.kill(os.getpid(), signal.SIGBUS)
+  raise AssertionError("SIGBUS did not end this process")
