@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -145,6 +145,19 @@ def describe_images(manifest: Any, paths: Any, kind: str) -> np.ndarray:
 # --- an open index --------------------------------------------------------------------------
 
 
+def label_of(meta: Mapping[str, np.ndarray], row: int) -> str:
+  """A row's label as shown: its class name, else its label number, else "" (unlabelled)."""
+  names, labels = meta.get("label_name"), meta.get("label")
+  if names is not None and str(names[row]):
+    return str(names[row])
+  return str(labels[row]) if labels is not None and labels[row] >= 0 else ""
+
+
+def row_hit(meta: Mapping[str, np.ndarray], row: int, distance: float = float("nan")) -> Hit:
+  """The Hit of an index row (path, label) at `distance`."""
+  return Hit(path=str(meta["path"][row]), distance=distance, label=label_of(meta, row), row=row)
+
+
 @dataclasses.dataclass
 class _Index:
   """An index opened for searching: manifest, descriptors, metadata, and its images."""
@@ -154,14 +167,10 @@ class _Index:
   images: IndexImages
 
   def label_of(self, row: int) -> str:
-    names, labels = self.meta.get("label_name"), self.meta.get("label")
-    if names is not None and str(names[row]):
-      return str(names[row])
-    return str(labels[row]) if labels is not None and labels[row] >= 0 else ""
+    return label_of(self.meta, row)
 
   def hit(self, row: int, distance: float = float("nan")) -> Hit:
-    return Hit(path=str(self.meta["path"][row]), distance=distance, label=self.label_of(row),
-               row=row)
+    return row_hit(self.meta, row, distance)
 
 
 def _query_keys(path: str, index: _Index) -> list[str]:

@@ -21,7 +21,8 @@ import numpy as np
 from cbir_jax import decode, evaluation, index_images, search, store
 from cbir_jax.choices import Kind
 from cbir_jax.index_images import ImageUnavailable, IndexImages
-from cbir_jax.query import Hit, IndexMismatch, QueryResult, clamp_k, results_json
+from cbir_jax.query import (Hit, IndexMismatch, QueryResult, clamp_k, label_of, results_json,
+                            row_hit)
 
 _STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_static")
 _SAME_IMAGE_RTOL = 1e-3  # as query.py: a hit this close may be the query image itself
@@ -228,14 +229,10 @@ class Service:
   # -- what the index says about a row --
 
   def label_of(self, row: int) -> str:
-    names, labels = self.meta.get("label_name"), self.meta.get("label")
-    if names is not None and str(names[row]):
-      return str(names[row])
-    return str(labels[row]) if labels is not None and labels[row] >= 0 else ""
+    return label_of(self.meta, row)
 
   def hit(self, row: int, distance: float = float("nan")) -> Hit:
-    return Hit(path=str(self.meta["path"][row]), distance=distance, label=self.label_of(row),
-               row=row)
+    return row_hit(self.meta, row, distance)
 
   def info(self) -> dict[str, Any]:
     s = self.manifest.settings

@@ -18,6 +18,7 @@ from cbir_jax import decode_workers
 from cbir_jax import input_pipeline as ip
 
 import tf_free
+from fs_helpers import rmtree_deep  # noqa: E402
 
 
 def _png(img: Image.Image) -> bytes:
@@ -752,21 +753,7 @@ def test_a_tree_1200_folders_deep_lists():
     top = _png_file(deep / "top.png")
     listing = ip.list_folder(deep)
   finally:
-    _rmtree_deep(deep)
+    rmtree_deep(deep)
   assert [r.key for r in listing.records] == [leaf, top]
   assert listing.records[0].label_name == "d" and not listing.skipped
 
-
-def _rmtree_deep(top) -> None:
-  """Removes a tree of any depth (shutil.rmtree, and so pytest's cleanup, recurse)."""
-  stack, folders = [str(top)], []
-  while stack:
-    d = stack.pop()
-    folders.append(d)
-    for e in os.scandir(d):
-      if e.is_dir(follow_symlinks=False):
-        stack.append(e.path)
-      else:
-        os.unlink(e.path)
-  for d in reversed(folders):
-    os.rmdir(d)

@@ -23,6 +23,7 @@ from cbir_jax import decode_workers, extract, store
 from cbir_jax import input_pipeline as ip
 
 from robust_common import NUM_IMAGES, job_command, job_config, write_small_images
+from fs_helpers import rmtree_deep  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 NOISE = ("Traceback", "Broken pipe", "BrokenPipe", "Fatal Python", "core dumped")
@@ -90,7 +91,7 @@ def test_a_tree_deeper_than_the_recursion_limit(hostile):
   except RecursionError as e:
     labels, err = [], repr(e)[:80]
   finally:
-    _rmtree_deep(root)
+    rmtree_deep(root)
   got = len(labels)
   ok = labels == ["n", "n"]
   hostile.check(name, ok, "listed iteratively: both images, class of the top folder" if ok
@@ -322,17 +323,3 @@ def test_killing_the_process_group_leaves_no_shared_memory(job_images, tmp_path,
     os.unlink(m)
   assert ok, (left, sorted(mapped))
 
-
-def _rmtree_deep(top) -> None:
-  """Removes a tree of any depth (shutil.rmtree, and so pytest's cleanup, recurse)."""
-  stack, folders = [str(top)], []
-  while stack:
-    d = stack.pop()
-    folders.append(d)
-    for e in os.scandir(d):
-      if e.is_dir(follow_symlinks=False):
-        stack.append(e.path)
-      else:
-        os.unlink(e.path)
-  for d in reversed(folders):
-    os.rmdir(d)
