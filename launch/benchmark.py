@@ -7,7 +7,7 @@
 Every figure, the environment and the settings go to --json. Defaults on a
 2-core CPU take under 10 minutes; see docs/benchmarks.md for recorded runs. The
 bounded check of an accelerator host is launch/gpu_check.py. Flags are the fields of
-cbir_jax.benchmark.BenchmarkConfig and of Output below.
+benchmarks.BenchmarkConfig and of Output below.
 """
 from __future__ import annotations
 
@@ -16,8 +16,14 @@ import json
 import os
 import pathlib
 
-from cbir_jax import benchmark, cli
-from cbir_jax.benchmark import report
+import sys
+
+# benchmarks/ is the checkout's, not part of the installed package.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import benchmarks as benchmark  # noqa: E402
+from benchmarks import report  # noqa: E402
+from cbir_jax import cli  # noqa: E402
 
 
 @dataclasses.dataclass

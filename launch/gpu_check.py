@@ -2,7 +2,7 @@
 
   PYTHONPATH=. python3 launch/gpu_check.py --json=/tmp/gpu_check.json
   PYTHONPATH=. python3 launch/gpu_check.py --sweep=vgg16:64,256 --phone_count=0
-Flags are the fields of cbir_jax.benchmark.gpu_check.GpuCheckConfig (defaults fit
+Flags are the fields of benchmarks.gpu_check.GpuCheckConfig (defaults fit
 in 9 minutes on one H100). Figures print as they come; --json is rewritten after
 each, so a run cut short keeps them. Exit status 1 when a check failed.
 """
@@ -13,8 +13,13 @@ import json
 import os
 import pathlib
 
-from cbir_jax import cli
-from cbir_jax.benchmark import gpu_check, report
+import sys
+
+# benchmarks/ is the checkout's, not part of the installed package.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks import gpu_check, report  # noqa: E402
+from cbir_jax import cli  # noqa: E402
 
 
 @dataclasses.dataclass

@@ -11,10 +11,11 @@ import tempfile
 import numpy as np
 import pytest
 
-from cbir_jax import benchmark, input_pipeline, samples
+import benchmarks as benchmark
+from cbir_jax import input_pipeline, samples
 from cbir_jax import descriptors as desc
 from cbir_jax.backbones import vgg
-from cbir_jax.benchmark import (descriptors_stage, flops, gpu_check, photos, pipeline, report,
+from benchmarks import (descriptors_stage, flops, gpu_check, photos, pipeline, report,
                                 torch_peer)
 
 
@@ -112,7 +113,7 @@ def test_every_section_gives_finite_positive_figures(shared_data, tmp_path, monk
 
 
 def test_search_skips_databases_over_the_memory_cap():
-  from cbir_jax.benchmark import search
+  from benchmarks import search
 
   (row,) = search.run(sizes=(1000,), dims=(1000,), num_queries=2, k=1, repeats=1, max_gb=1e-3,
                       log=lambda msg: None)
@@ -322,8 +323,8 @@ def test_photo_sets_have_the_recipe_size_differ_and_are_made_once(tmp_path):
 def test_the_benchmark_package_imports_no_peer_library():
   """The GPU host has no TensorFlow or faiss: importing the benchmarks must not need them."""
   code = ("import sys\n"
-          "from cbir_jax import benchmark\n"
-          "from cbir_jax.benchmark import (descriptors_stage, end_to_end, flops, gpu_check, model,"
+          "import benchmarks as benchmark\n"
+          "from benchmarks import (descriptors_stage, end_to_end, flops, gpu_check, model,"
           " photos, pipeline, report, scaling, search, timing, torch_peer)\n"
           "timing.versions()\n"
           "print(sorted({'tensorflow', 'torch', 'faiss'} & set(sys.modules)))\n")

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from cbir_jax import decode, gpu_decode, samples
-from cbir_jax.benchmark import decoder_compare
+from benchmarks import decoder_compare
 
 SIZE = (96, 128)  # rows (height, width): not square, so a swapped axis shows
 MAX_ABS, MAX_MEAN = 1, 0.05

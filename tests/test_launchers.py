@@ -24,8 +24,8 @@ from cbir_jax.choices import Kind, OneOf
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "cbir_jax" / "sample_images"
-LAUNCHERS = ("extract", "search", "evaluate", "classify", "port_weights", "benchmark",
-             "gpu_check")
+LAUNCHERS = ("extract", "search", "index", "serve", "dedup", "evaluate", "classify",
+             "port_weights", "benchmark", "gpu_check")
 
 
 @dataclasses.dataclass
@@ -145,11 +145,12 @@ def _flags_of(help_text: str) -> set[str]:
 
 
 def test_every_launcher_offers_its_config_fields_and_only_real_backbones():
-  from cbir_jax import porting, query
-  from cbir_jax.benchmark import BenchmarkConfig
-  from cbir_jax.benchmark.gpu_check import GpuCheckConfig
+  from benchmarks import BenchmarkConfig
+  from cbir_jax import ann, dedup, porting, query, serve
+  from benchmarks.gpu_check import GpuCheckConfig
 
   configs = {"extract": extract.ExtractConfig, "search": query.SearchConfig,
+             "index": ann.IndexConfig, "serve": serve.ServeConfig, "dedup": dedup.DedupConfig,
              "evaluate": evaluation.EvaluateConfig, "classify": classify.ClassifyConfig,
              "port_weights": porting.PortConfig, "benchmark": BenchmarkConfig,
              "gpu_check": GpuCheckConfig}

@@ -254,7 +254,7 @@ def test_sizes_are_data_one_compile_per_bucket():
 
 
 def test_resize_bench_pixels_and_pass_order_on_a_small_grid():
-  from cbir_jax.benchmark import resize_bench
+  from benchmarks import resize_bench
 
   paths = [str(p) for p in sorted(SAMPLES.glob("*.jpg"))[:4]]
   px = resize_bench.pixels(paths, batch=2)

@@ -2,7 +2,7 @@
 import concurrent.futures as cf, glob, os, sys, time
 import numpy as np
 from cbir_jax import decode, input_pipeline
-from cbir_jax.benchmark import photos
+from benchmarks import photos
 
 SRC = tuple(sorted(glob.glob("cbir_jax/sample_images/*.jpg")))
 def made(count, w, h):

@@ -15,8 +15,8 @@ import os
 import time
 
 from cbir_jax import samples
-from cbir_jax.benchmark import end_to_end as e2e
-from cbir_jax.benchmark import photos
+from benchmarks import end_to_end as e2e
+from benchmarks import photos
 from cbir_jax.job import steps
 
 

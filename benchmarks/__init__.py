@@ -17,7 +17,7 @@ import traceback
 from typing import Annotated, Any, Callable, Sequence
 
 from cbir_jax import choices
-from cbir_jax.benchmark import report, timing
+from benchmarks import report, timing
 from cbir_jax.choices import ComputeDtype, Model, OneOf
 
 SECTIONS: tuple[str, ...] = ("model", "xla_flags", "descriptors", "input", "end_to_end",
@@ -226,41 +226,41 @@ def run(config: BenchmarkConfig, *, log: Callable[[str], None] = print) -> dict[
     t_section = time.perf_counter()
     try:
       if name == "model":
-        from cbir_jax.benchmark import model
+        from benchmarks import model
         sections[name] = model.run(
             backbone_names=cfg.backbones, batch_sizes=cfg.batch_sizes, dtypes=cfg.dtypes,
             repeats=cfg.repeats, image_size=cfg.image_size, peer=cfg.peer,
             peer_layout=cfg.peer_layout, log=log)
       elif name == "xla_flags":
-        from cbir_jax.benchmark import model
+        from benchmarks import model
         sections[name] = model.run_xla_variants(
             cfg.xla_variants, backbone_names=cfg.backbones, batch=cfg.batch_sizes[0],
             repeats=cfg.repeats, image_size=cfg.image_size, peer=cfg.peer,
             peer_layout=cfg.peer_layout, log=log)
       elif name == "descriptors":
-        from cbir_jax.benchmark import descriptors_stage
+        from benchmarks import descriptors_stage
         sections[name] = descriptors_stage.run(
             batch=cfg.descriptor_batch, repeats=cfg.repeats,
             model_rows=sections.get("model", []), log=log)
       elif name == "input":
-        from cbir_jax.benchmark import pipeline
+        from benchmarks import pipeline
         sections[name] = pipeline.run(
             data_dir=data_dir, folder=cfg.input_folder, num_images=cfg.input_images,
             phone_images=cfg.input_phone_images, image_size=cfg.image_size or 224, batch=16,
             threads=cfg.input_threads, rounds=cfg.input_rounds, log=log)
       elif name == "end_to_end":
-        from cbir_jax.benchmark import end_to_end
+        from benchmarks import end_to_end
         sections[name] = end_to_end.run(
             data_dir=data_dir, folder=cfg.e2e_folder, backbone=cfg.e2e_backbone,
             batch=cfg.e2e_batch, limit=cfg.e2e_limit, log=log)
       elif name == "search":
-        from cbir_jax.benchmark import search
+        from benchmarks import search
         sections[name] = search.run(
             sizes=cfg.search_sizes, dims=cfg.search_dims, num_queries=cfg.search_queries,
             k=cfg.search_k, repeats=cfg.search_repeats, max_gb=cfg.search_max_gb,
             faiss_peer=cfg.peer, log=log)
       elif name == "scaling":
-        from cbir_jax.benchmark import scaling
+        from benchmarks import scaling
         sections[name] = scaling.run(
             device_counts=cfg.scaling_devices, backbone=cfg.scaling_backbone,
             batch=cfg.scaling_batch, image_size=cfg.scaling_image_size,

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from cbir_jax import descriptors as desc
-from cbir_jax.benchmark import timing
+from benchmarks import timing
 
 VGG16_POOLS_224 = ((112, 64), (56, 128), (28, 256), (14, 512), (7, 512))
 

@@ -4,7 +4,7 @@ On a CPU host the devices are fake (XLA_FLAGS=--xla_force_host_platform_device_c
 sharing the same cores, so this measures the overhead of sharding (partitioned
 compile, per-device dispatch, gathers) and not a speed-up. The device count must
 be set before JAX starts, so each count runs in its own subprocess
-(`python -m cbir_jax.benchmark.scaling`). On a GPU host the real devices are
+(`python -m benchmarks.scaling`). On a GPU host the real devices are
 used in-process, as meshes over the first 1, 2, 4, ... of them.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import subprocess
 import sys
 from typing import Any, Sequence
 
-from cbir_jax.benchmark import timing
+from benchmarks import timing
 
 
 def measure(num_devices: int, *, backbone: str, batch: int, image_size: int, dtype: str,
@@ -33,7 +33,7 @@ def measure(num_devices: int, *, backbone: str, batch: int, image_size: int, dty
     raise ValueError(f"global batch {batch} is not divisible by {num_devices} devices")
   mesh = sharding.data_mesh(devices)
   bb = backbones.get(backbone)
-  from cbir_jax.benchmark.model import random_params
+  from benchmarks.model import random_params
 
   params = sharding.replicate(random_params(bb, image_size), mesh)
   x = jax.device_put(timing.synthetic_images(batch, image_size), sharding.batch_sharding(mesh))
@@ -51,7 +51,7 @@ def _subprocess(num_devices: int, **kw: Any) -> dict[str, Any]:
   flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
   env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={num_devices}".strip()
   env["JAX_PLATFORMS"] = "cpu"
-  args = [sys.executable, "-m", "cbir_jax.benchmark.scaling", json.dumps(
+  args = [sys.executable, "-m", "benchmarks.scaling", json.dumps(
       {"num_devices": num_devices, **kw})]
   proc = subprocess.run(args, env=env, capture_output=True, text=True)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]

@@ -12,7 +12,7 @@ import tempfile
 from typing import Any
 
 from cbir_jax import input_pipeline
-from cbir_jax.benchmark import pipeline
+from benchmarks import pipeline
 
 
 def _subset_folder(root: str, limit: int, tmp: str) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from cbir_jax.benchmark import timing
+from benchmarks import timing
 
 # Dense TFLOP/s by dtype, from NVIDIA's datasheets. float32 on these cards
 # runs convolutions and matmuls as TF32 under JAX's default precision, so

@@ -1,6 +1,6 @@
 r"""Search at scale, one run prints all: exact L1 search vs faiss, and the approximate index.
 
-  python -m cbir_jax.benchmark.search_scale --real=/tmp/food7_lite0 --json=/tmp/scale.json
+  python -m benchmarks.search_scale --real=/tmp/food7_lite0 --json=/tmp/scale.json
 
 Part 1, exact: `search.l1_topk` vs faiss `IndexFlat(D, METRIC_L1)` on uniform [0, 1) rows at
 100k and 1M rows (D=256) and a synthetic 10M rows (D=64: 2.6 GB of float32, which faiss
@@ -28,8 +28,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from cbir_jax.benchmark import search as exact_bench
-from cbir_jax.benchmark import timing
+from benchmarks import search as exact_bench
+from benchmarks import timing
 
 
 @dataclasses.dataclass

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cbir_jax.benchmark import timing
+from benchmarks import timing
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: Any = np.float32, align: int = 64) -> np.ndarray:

@@ -4,7 +4,7 @@ Per decoder: images/s, host CPU-seconds per image (every thread of this process,
 own included) and the pixel differences to Pillow's decode. Runs anywhere: on a machine without
 a GPU nvImageCodec runs its CPU backend and the figures say so.
 
-  PYTHONPATH=. python3 -m cbir_jax.benchmark.decoder_compare [FOLDER_OR_FILES ...] --count 200
+  PYTHONPATH=. python3 -m benchmarks.decoder_compare [FOLDER_OR_FILES ...] --count 200
 """
 from __future__ import annotations
 

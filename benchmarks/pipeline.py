@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from cbir_jax import canvas, input_pipeline
-from cbir_jax.benchmark import photos, timing
+from benchmarks import photos, timing
 
 
 def cores() -> int:

@@ -15,8 +15,8 @@ import numpy as np
 
 from cbir_jax import backbones, inference
 from cbir_jax.backbones import vgg
-from cbir_jax.benchmark import flops as flops_lib
-from cbir_jax.benchmark import timing, torch_peer
+from benchmarks import flops as flops_lib
+from benchmarks import timing, torch_peer
 
 KINDS = ("fc_conv",)  # FC+Conv needs every part: the FC layers, all blocks, the Conv maths
 
@@ -145,7 +145,7 @@ def _variant_subprocess(flags: str, kw: dict[str, Any]) -> dict[str, Any]:
   for f in flags.split():
     base = re.sub(rf"{re.escape(f.split('=')[0])}=\S*", "", base)
   env["XLA_FLAGS"] = f"{base} {flags}".strip()
-  proc = subprocess.run([sys.executable, "-m", "cbir_jax.benchmark.model", json.dumps(kw)],
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.model", json.dumps(kw)],
                         env=env, capture_output=True, text=True)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("[")]
   if proc.returncode or not lines:

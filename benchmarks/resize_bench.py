@@ -1,7 +1,7 @@
 r"""Device resize figures (issue 17 item 1): pixels against Pillow, the host's box reduction
 against Pillow direct, the step's CPU cost with each resize, and food7 retrieval with each.
 
-  PYTHONPATH=. python -m cbir_jax.benchmark.resize_bench --data=../shared/data \
+  PYTHONPATH=. python -m benchmarks.resize_bench --data=../shared/data \
       --parts=pixels,reduce,step,food7,host   # also: order (Pillow's pass order)
 Prints one line per figure and the whole result as JSON on the last line.
 """
@@ -21,8 +21,8 @@ from PIL import Image
 
 from cbir_jax import backbones, canvas, decode, evaluation, inference, input_pipeline, resize
 from cbir_jax import weights as weights_lib
-from cbir_jax.benchmark import photos
-from cbir_jax.benchmark.pipeline import cpu_seconds
+from benchmarks import photos
+from benchmarks.pipeline import cpu_seconds
 
 SIZE = 224
 _resize = jax.jit(resize.resize_canvases, static_argnums=2)

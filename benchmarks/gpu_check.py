@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from cbir_jax.benchmark import timing
+from benchmarks import timing
 from cbir_jax.choices import ComputeDtype, Model
 
 # Accepted difference from the CPU float32 reference: the largest over images and
@@ -125,7 +125,7 @@ def load_model(name: str, image_size: int | None) -> tuple[Any, Any, Any, int, s
   import jax
 
   from cbir_jax import backbones, weights
-  from cbir_jax.benchmark import end_to_end, model
+  from benchmarks import end_to_end, model
 
   bb = backbones.get(name)
   size = image_size or bb.image_size
@@ -215,8 +215,8 @@ def sweep_point(bb: Any, params: Any, pre: Any, *, batch: int, size: int, dtype:
   import jax
 
   from cbir_jax import inference
-  from cbir_jax.benchmark import flops as flops_lib
-  from cbir_jax.benchmark import model
+  from benchmarks import flops as flops_lib
+  from benchmarks import model
 
   step = inference.jit_describe(bb, preprocessing=pre, dtype=inference.compute_dtype(dtype))
   x = jax.device_put(timing.synthetic_images(batch, size), device)
@@ -289,7 +289,7 @@ def _pct(x: float | None) -> str:
 
 def _pipeline_alone(paths: Sequence[str], size: int, cfg: GpuCheckConfig) -> dict[str, Any]:
   """The input pipeline over `paths` as the product runs it by default (draft on)."""
-  from cbir_jax.benchmark import pipeline
+  from benchmarks import pipeline
 
   pipeline.product(paths[:2], size, batch=2, threads=1, draft=True)  # imports
   t, c = time.perf_counter(), pipeline.cpu_seconds()
@@ -305,7 +305,7 @@ def _pipeline_alone(paths: Sequence[str], size: int, cfg: GpuCheckConfig) -> dic
 def input_scaling(name: str, paths: Sequence[str], cfg: GpuCheckConfig,
                   add: Callable[..., None], log) -> None:
   """The pipeline alone at 1, 2, 4, ... cores as threads and as processes (draft on)."""
-  from cbir_jax.benchmark import pipeline
+  from benchmarks import pipeline
 
   count = cfg.scaling_photo_images if name == "photo-size" else cfg.scaling_phone_images
   paths = paths[:count]
@@ -324,8 +324,8 @@ def input_scaling(name: str, paths: Sequence[str], cfg: GpuCheckConfig,
 def end_to_end(cfg: GpuCheckConfig, add: Callable[..., None], log) -> None:
   """Per made set: the pipeline alone, the extraction job, then the input scaling sweep."""
   from cbir_jax import samples
-  from cbir_jax.benchmark import end_to_end as e2e
-  from cbir_jax.benchmark import photos
+  from benchmarks import end_to_end as e2e
+  from benchmarks import photos
 
   sources = tuple(str(p) for p in samples.sample_images())
   sets = [("photo-size", cfg.photo_count, cfg.photo_width, cfg.photo_height),
