@@ -22,7 +22,7 @@ from cbir_jax import preprocessing as pp
 from cbir_jax.backbones import efficientnet_lite
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHIPPED = REPO / "weights" / "efficientnet_lite0"
+SHIPPED = REPO / "cbir_jax" / "pretrained" / "efficientnet_lite0"
 REL_TOL = 1e-4  # max|flax - torch| / max|torch|, float32 (BN folded in float64)
 # Accuracy on the fixed 200-image subset may differ from the reference by one
 # image at most: logits agree to ~1e-6, so only a near-tie can flip.
@@ -303,7 +303,7 @@ def test_weights_dir_lookup(tmp_path, monkeypatch):
   assert weights.default_weights_dir("efficientnet_lite0") == SHIPPED
   monkeypatch.setenv(weights.ENV_VAR, str(tmp_path))
   assert weights.default_weights_dir("vgg16") == tmp_path / "vgg16"
-  with pytest.raises(checkpoint.WeightsError, match="port_weights.py"):
+  with pytest.raises(checkpoint.WeightsError, match="cbir-port"):
     weights.load("vgg16")
   with pytest.raises(ValueError, match="unknown backbone"):
     weights.load("resnet9000")

@@ -432,7 +432,7 @@ def test_damaged_or_stale_approximate_index(indexes, tmp_path, hostile):
 
   def fresh(name):
     d = tmp_path / name
-    shutil.copytree(indexes["consolidated"], d)
+    shutil.copytree(indexes["index"], d)
     ann.build(ann.IndexConfig(index=str(d), kind="mac", nlist=4, pca=0), log=lambda m: None)
     return d, ann.ann_dir(d, "mac")
 
