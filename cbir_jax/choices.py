@@ -14,6 +14,9 @@ from cbir_jax.descriptors import KINDS, MASK_MODES
 COMPUTE_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 OUTPUT_DTYPES: tuple[str, ...] = ("float32", "float16")
 PROGRESS_MODES: tuple[str, ...] = ("auto", "bar", "log", "none")
+# Where images are resized to the network's input: "host" (Pillow, after decoding), "device"
+# (in the jitted step, `resize`), "auto" (the measured default of the platform).
+RESIZE_MODES: tuple[str, ...] = ("auto", "device", "host")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +58,7 @@ ComputeDtype = Annotated[str, OneOf(COMPUTE_DTYPES, "compute dtype")]
 OutputDtype = Annotated[str, OneOf(OUTPUT_DTYPES, "output dtype")]
 Masks = Annotated[str, OneOf(MASK_MODES, "masks")]
 Progress = Annotated[str, OneOf(PROGRESS_MODES, "progress")]
+Resize = Annotated[str, OneOf(RESIZE_MODES, "resize")]
 # Flags offer the registry's public names; Python callers may use the test-only ones too.
 Model = Annotated[str, OneOf(_models, "model", accept=_is_backbone)]
 
@@ -92,5 +96,5 @@ def check(config: Any) -> None:
         raise ValueError(f"unknown {rule.what}s {bad}; known: {list(rule.offered())}")
 
 
-__all__ = ["COMPUTE_DTYPES", "KINDS", "MASK_MODES", "OUTPUT_DTYPES", "PROGRESS_MODES", "OneOf",
-           "Kind", "ComputeDtype", "OutputDtype", "Masks", "Progress", "Model", "check", "one_of"]
+__all__ = ["COMPUTE_DTYPES", "KINDS", "MASK_MODES", "OUTPUT_DTYPES", "PROGRESS_MODES",
+           "RESIZE_MODES", "OneOf", "Kind", "ComputeDtype", "OutputDtype", "Masks", "Progress", "Resize", "Model", "check", "one_of"]

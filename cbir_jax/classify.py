@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cbir_jax import backbones, input_pipeline, sharding
+from cbir_jax import backbones, canvas, input_pipeline, resize, sharding
 from cbir_jax import preprocessing as pp
 from cbir_jax import weights as weights_lib
-from cbir_jax.choices import ComputeDtype, Model
+from cbir_jax.choices import ComputeDtype, Model, Resize
 from cbir_jax.inference import compute_dtype
 
 TOP_K = 5
@@ -49,6 +49,8 @@ class ClassifyConfig:
     dtype: compute dtype.
     draft: JPEGs decoded at a reduced DCT scale, as the extraction job does by default
       (--nodraft: full decode, the pipeline the reference accuracy was measured with).
+    resize: "host" (Pillow after decoding), "device" (in the step, from canvases) or
+      "auto" (the platform's default, `resize.resolve`).
   """
   images: str
   model: Model = backbones.DEFAULT_BACKBONE
@@ -57,6 +59,7 @@ class ClassifyConfig:
   batch_size: int = 32
   dtype: ComputeDtype = "float32"
   draft: bool = True
+  resize: Resize = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +131,20 @@ def top_k_fn(backbone: backbones.Backbone, preprocessing: pp.Preprocessing, *,
   return step
 
 
+def top_k_canvas_fn(backbone: backbones.Backbone, preprocessing: pp.Preprocessing, *,
+                    image_size: int, dtype: Any = jnp.float32, k: int = TOP_K
+                    ) -> Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+  """`top_k_fn` behind the device resize: `(params, canvases, sizes) -> (probabilities,
+  classes)`, each image resized from its canvas as Pillow's BILINEAR does."""
+  step = top_k_fn(backbone, preprocessing, dtype=dtype, k=k)
+
+  def canvas_step(params: Any, canvases: jax.Array, sizes: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+    return step(params, resize.resize_canvases(canvases, sizes, (image_size, image_size)))
+
+  return canvas_step
+
+
 def _label_of(rel: str, labels: Labels | None) -> int:
   if labels is None:
     return -1
@@ -140,7 +157,8 @@ def classify_folder(images: str | os.PathLike, *, model: str = backbones.DEFAULT
                     weights: str | os.PathLike | None = None,
                     labels: Labels | None = None, batch_size: int = 32,
                     image_size: int | None = None, dtype: str = "float32",
-                    draft: bool = True, log: Callable[[str], None] | None = None) -> Result:
+                    draft: bool = True, resize_on: str = "auto",
+                    log: Callable[[str], None] | None = None) -> Result:
   """Classifies every image under `images` (resized bilinearly to a square, no crop).
 
   Args:
@@ -154,7 +172,9 @@ def classify_folder(images: str | os.PathLike, *, model: str = backbones.DEFAULT
     dtype: compute dtype name ("float32", "bfloat16", "float16").
     draft: reduced-scale JPEG decoding (the extraction job's default); False decodes in
       full, as the reference accuracy was measured (weights/README.md).
-    log: receives a warning line (labels CSV rows without an image).
+    resize_on: "host", "device" or "auto" (`ClassifyConfig.resize`).
+    log: receives a warning line (labels CSV rows without an image) and, with the device
+      resize, the canvas sides that ran.
 
   Returns:
     Per-image predictions in path order, and top-1/top-5 over labelled images.
@@ -184,21 +204,34 @@ def classify_folder(images: str | os.PathLike, *, model: str = backbones.DEFAULT
   mesh = sharding.data_mesh(jax.local_devices())
   n_dev = mesh.devices.size
   batch_size = -(-batch_size // n_dev) * n_dev
-  step = jax.jit(top_k_fn(backbone, info.preprocessing, dtype=compute_dtype(dtype)),
-                 in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)))
-  params = sharding.replicate(params, mesh)
   size = image_size or backbone.image_size
+  on_device = resize.resolve(resize_on, jax.default_backend()) == "device"
+  batched = sharding.batch_sharding(mesh)
+  if on_device:
+    step = jax.jit(top_k_canvas_fn(backbone, info.preprocessing, image_size=size,
+                                   dtype=compute_dtype(dtype)),
+                   in_shardings=(sharding.replicated(mesh), batched, batched))
+  else:
+    step = jax.jit(top_k_fn(backbone, info.preprocessing, dtype=compute_dtype(dtype)),
+                   in_shardings=(sharding.replicated(mesh), batched))
+  params = sharding.replicate(params, mesh)
 
   predictions: list[Prediction] = []
+  buckets_ran: dict[int, int] = {}  # canvas side -> batches (which compiled step ran)
   for batch in input_pipeline.image_batches([r.key for r in records], image_size=size,
-                                            batch_size=batch_size, draft=draft):
-    probs, top = (np.asarray(a) for a in step(params, batch.images))
+                                            batch_size=batch_size, draft=draft,
+                                            buckets=canvas.BUCKETS if on_device else None):
+    inputs = (batch.images, batch.sizes) if on_device else (batch.images,)
+    buckets_ran[batch.bucket] = buckets_ran.get(batch.bucket, 0) + 1
+    probs, top = (np.asarray(a) for a in step(params, *inputs))
     for row in np.flatnonzero(batch.valid):
       i = int(batch.index[row])
       ok = bool(batch.ok[row])
       predictions.append(Prediction(
           file=rel[i], top=tuple(int(c) for c in top[row]) if ok else (), label=label[i],
           error=batch.error[row], scores=tuple(float(p) for p in probs[row]) if ok else ()))
+  if on_device and log is not None:
+    log(f"resized on the device; batches per canvas side: {dict(sorted(buckets_ran.items()))}")
   scored = [p for p in predictions if p.label >= 0]
   n = len(scored)
   hit1 = sum(bool(p.top) and p.top[0] == p.label for p in scored)
@@ -242,7 +275,7 @@ def run(config: ClassifyConfig, *, log: Callable[[str], None], out: Callable[[st
   labels = read_labels_csv(config.labels_csv) if config.labels_csv else None
   result = classify_folder(config.images, model=config.model, weights=config.weights,
                            labels=labels, batch_size=config.batch_size, dtype=config.dtype,
-                           draft=config.draft, log=log)
+                           draft=config.draft, resize_on=config.resize, log=log)
   for line in report_lines(result):
     out(line)
   return result

@@ -265,6 +265,20 @@ def warn_if_gpu_unused(prog: str) -> None:
   runtime.warn_if_gpu_unused(printer(prog))
 
 
+def _help_from(module: types.ModuleType) -> None:
+  """--help shows `module`'s docstring and flags, whatever script started it.
+
+  absl's --help lists the flags of the module named by sys.argv[0] and the docstring of
+  __main__; a command's flags are defined in cbir_jax/commands/, while the program is a
+  console script, `python -m cbir_jax` or a launch/ wrapper.
+  """
+  for flag in flags.FLAGS.get_key_flags_for_module(module.__name__):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  main_module = sys.modules["__main__"]
+  if main_module is not module and module.__doc__:
+    main_module.__doc__ = module.__doc__
+
+
 def run(prog: str, main: Callable[[], int | None], *, gpu_warning: bool = True,
         tune_xla: bool = True,
         errors: tuple[type[BaseException], ...] = (ValueError, OSError)) -> None:
@@ -283,6 +297,8 @@ def run(prog: str, main: Callable[[], int | None], *, gpu_warning: bool = True,
     tune_xla: apply runtime.tune_xla_cpu (the benchmark measures XLA's defaults too).
     errors: exceptions reported as one line "prog: error: message" with exit status 1.
   """
+  _help_from(sys.modules[main.__module__])
+
   def absl_main(argv: list[str]) -> int | None:
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")

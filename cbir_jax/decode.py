@@ -9,7 +9,7 @@ import inspect
 import io
 import os
 import stat
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
@@ -18,6 +18,7 @@ from PIL import Image, ImageFile, ImageOps
 # (the robustness suite's 100000x100000 PNG) is refused before any pixel is decoded.
 MAX_PIXELS = 2 ** 28  # 268 Mpx
 _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+T = TypeVar("T")
 
 
 def _readable_extensions() -> frozenset[str]:
@@ -98,6 +99,25 @@ def decode_image(data: bytes, image_size: int | tuple[int, int], *, draft: bool 
     ValueError: with the reason, for anything that is not a decodable image.
   """
   h, w = _size(image_size)
+
+  def resized(img: Image.Image) -> np.ndarray:
+    if img.mode == "L":  # grey: resize one channel, then replicate (same values, 1/3 the work)
+      return np.asarray(img.resize((w, h), Image.BILINEAR).convert("RGB"), dtype=np.uint8)
+    return np.asarray(_to_rgb(img).resize((w, h), Image.BILINEAR), dtype=np.uint8)
+
+  return decode_with(data, (h, w), resized, draft=draft, max_pixels=max_pixels)
+
+
+def decode_with(data: bytes, target: tuple[int, int], finish: Callable[[Image.Image], T], *,
+                draft: bool = True, max_pixels: int = MAX_PIXELS) -> tuple[T, tuple[int, int]]:
+  """Opens, checks and (draft) decodes `data` for a (height, width) `target`, then `finish`es it.
+
+  `finish` receives the first frame with EXIF orientation applied, in its own mode; what it
+  raises is reported like a decode error. Returns (finish's result, (original width,
+  original height)). `decode_image` finishes with the host resize, `canvas` with placement
+  in a canvas.
+  """
+  h, w = target
   if not data:
     raise ValueError("empty file (0 bytes)")
   _pillow_limit_at_least(max_pixels)
@@ -116,11 +136,7 @@ def decode_image(data: bytes, image_size: int | tuple[int, int], *, draft: bool 
       img.draft("RGB", (h, w) if turned else (w, h))
     img.seek(0)  # animated images: the first frame
     ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of the pixels
-    if img.mode == "L":  # grey: resize one channel, then replicate (same values, 1/3 the work)
-      img = img.resize((w, h), Image.BILINEAR).convert("RGB")
-    else:
-      img = _to_rgb(img).resize((w, h), Image.BILINEAR)
-    return np.asarray(img, dtype=np.uint8), (declared[::-1] if turned else declared)
+    return finish(img), (declared[::-1] if turned else declared)
   except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
     raise ValueError(f"decompression bomb refused (limit {max_pixels} pixels): {e}") from e
   except ValueError:

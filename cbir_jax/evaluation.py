@@ -8,16 +8,20 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
-from typing import Any, Mapping, MutableMapping, NamedTuple, Sequence
+from typing import Annotated, Any, Mapping, MutableMapping, NamedTuple, Sequence
 
 import numpy as np
 
-from cbir_jax import search
-from cbir_jax.choices import Kind
+from cbir_jax import balance, search
+from cbir_jax.choices import OneOf
+from cbir_jax.descriptors import KINDS
 from cbir_jax.index_images import ImageUnavailable, IndexImages, input_of
 
 DEFAULT_BINS = 25
 RANDOM = "random"  # the baseline row: k database rows drawn at random per query
+# What can be evaluated: the stored kinds and those derived from them (balance.DERIVED_KINDS).
+EVAL_KINDS: tuple[str, ...] = (*KINDS, *balance.DERIVED_KINDS)
+EvalKind = Annotated[str, OneOf(EVAL_KINDS, "descriptor kind")]
 
 
 # --- colour histograms (SPEC.md section 5) -----------------------------------------------
@@ -439,10 +443,39 @@ def _undefined_reason(labels: np.ndarray, column: str, others: Sequence[str]) ->
           f"rows){hint}")
 
 
+def _load_kinds(index_dir: str, kinds: Sequence[str],
+                balance_from: str | None
+                ) -> tuple[dict[str, Any], dict[str, np.ndarray], balance.BlockScales | None]:
+  """(kind -> rows, metadata, the block scales when a derived kind is asked for)."""
+  from cbir_jax import store
+
+  stored, metas = {}, []
+
+  def load(kind: str) -> Any:
+    if kind not in stored:
+      stored[kind], m = store.load_descriptors(index_dir, kind)
+      metas.append(m)
+    return stored[kind]
+
+  derived = [k for k in kinds if k in balance.DERIVED_KINDS]
+  for kind in derived:
+    for need in balance.DERIVED_KINDS[kind]:
+      try:
+        load(need)
+      except store.StoreError as e:
+        raise ValueError(f"{kind} is made from the stored kind {need}: {e}") from None
+  scales = (balance.index_scales(index_dir, balance_from, conv=stored["conv"]) if derived
+            else None)
+  arrays = {k: balance.derive(k, stored, scales) if k in balance.DERIVED_KINDS else load(k)
+            for k in kinds}
+  return arrays, metas[0], scales
+
+
 def evaluate(index_dir: str, *, kinds: Sequence[str] | None = None,
              num_queries: int | None = None, k: int = 5, seed: int = 0,
              label_column: str = "label", bins: int = DEFAULT_BINS,
-             random_baseline: bool = True, image_root: str | None = None) -> dict[str, Any]:
+             random_baseline: bool = True, image_root: str | None = None,
+             balance_from: str | None = None) -> dict[str, Any]:
   """The protocol on an extraction output directory (see `evaluate_arrays`).
 
   Args:
@@ -456,20 +489,20 @@ def evaluate(index_dir: str, *, kinds: Sequence[str] | None = None,
     bins: K of the colour histograms.
     random_baseline: add the "random" row.
     image_root: where the index's image folder (or TFDS data_dir) is now, if it moved.
+    balance_from: for the balanced kinds, learn the block scales from this index's conv
+      rows (same backbone) instead of from `index_dir`'s own.
 
   Returns:
     A JSON-ready dict: settings, the query rows and paths, and one entry per kind
-    (undefined or missing figures are None, with the reason under "notes").
+    (undefined or missing figures are None, with the reason under "notes"); with a
+    balanced kind, "balance" holds the block scales used (balance.BlockScales).
   """
   from cbir_jax import store
 
   manifest = store.read_manifest(index_dir)
   images = IndexImages(input_of(manifest), image_root=image_root)
   kinds = list(kinds or manifest["settings"]["kinds"])
-  arrays, meta = {}, None
-  for kind in kinds:
-    arrays[kind], m = store.load_descriptors(index_dir, kind)
-    meta = meta if meta is not None else m
+  arrays, meta, scales = _load_kinds(index_dir, kinds, balance_from)
   labels, names = labels_from_metadata(meta, label_column)
   keys = [str(p) for p in meta["path"]]
   queries = select_queries(labels, num_queries, seed)
@@ -486,7 +519,8 @@ def evaluate(index_dir: str, *, kinds: Sequence[str] | None = None,
       "bins": bins, "queries_without_relevant": int(len(queries) - sum(ev.has_relevant)),
       "notes": {"undefined": undefined, "histograms": ev.histogram_error},
       "queries": [{"row": int(r), "path": keys[r], "label": names[labels[r]]} for r in queries],
-      "results": {r.kind: _result_dict(r, k) for r in ev.results}}
+      "results": {r.kind: _result_dict(r, k) for r in ev.results},
+      **({"balance": scales.to_dict()} if scales is not None else {})}
 
 
 @dataclasses.dataclass
@@ -505,16 +539,19 @@ class EvaluateConfig:
     bins: histogram bins per channel.
     image_root: where the index's image folder (or TFDS data_dir) is now, if it moved
       since the extraction.
+    balance_from: learn the block scales of conv_balanced / fc_conv_balanced from this
+      index (same backbone) instead of the evaluated one.
     json: write the numbers (and per-query results) to this file.
   """
   index: str
-  kinds: tuple[Kind, ...] | None = None
+  kinds: tuple[EvalKind, ...] | None = None
   num_queries: int = 0
   k: int = 5
   seed: int = 0
   label_column: str = "label"
   bins: int = DEFAULT_BINS
   image_root: str | None = None
+  balance_from: str | None = None
   json: str | None = None
 
 
@@ -533,17 +570,18 @@ def format_table(report: Mapping[str, Any]) -> str:
   drawn = ("every labelled row" if report["all_queries"] else
            f"drawn with seed {report['seed']} from {report['num_labelled']} labelled rows")
   hist_head = f"hist dist@{k}"
+  name_width = max([12, *(len(kind) + 1 for kind in report["results"])])  # fc_conv_balanced
   lines = [f"{report['index']}: {report['backbone']}, {report['num_rows']} rows; labels from "
            f"{report['label_column']!r} ({report['num_labels']} classes)",
            f"{report['num_queries']} queries ({drawn}), each left out of its own ranking",
-           f"{'descriptor':<12}{'dim':>6}" + "".join(f"{'P@' + str(c):>8}" for c in cutoffs)
-           + f"{'mAP':>8}{hist_head:>14}"]
+           f"{'descriptor':<{name_width}}{'dim':>6}"
+           + "".join(f"{'P@' + str(c):>8}" for c in cutoffs) + f"{'mAP':>8}{hist_head:>14}"]
 
   def num(v: float | None, width: int, digits: int) -> str:
     return f"{'-' if v is None else format(v, f'.{digits}f'):>{width}}"
 
   for kind, r in report["results"].items():
-    lines.append(f"{kind:<12}{str(r['dim']) if r['dim'] else '-':>6}"
+    lines.append(f"{kind:<{name_width}}{str(r['dim']) if r['dim'] else '-':>6}"
                  + "".join(num(r["precision"][str(c)], 8, 3) for c in cutoffs)
                  + num(r["map"], 8, 3) + num(r["hist_distance"], 14, 4))
   notes = report["notes"]

@@ -1,4 +1,5 @@
-"""The jitted step: uint8 images -> preprocessing -> backbone -> descriptors.
+"""The jitted step: uint8 images (or canvases, resized on the device) -> preprocessing -> backbone
+-> descriptors.
 
 Everything runs in one compiled function so the large block tensors never
 leave the device; only the descriptor rows come back.
@@ -13,6 +14,7 @@ from jax.sharding import Mesh
 
 from cbir_jax import descriptors as desc
 from cbir_jax import preprocessing as pp
+from cbir_jax import resize
 from cbir_jax import sharding
 from cbir_jax.backbones import Backbone
 
@@ -56,3 +58,33 @@ def jit_describe(backbone: Backbone, *, mesh: Mesh | None = None, **kwargs: Any
     return jax.jit(step)
   return jax.jit(step, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
                  out_shardings=sharding.batch_sharding(mesh))
+
+
+def describe_canvas_fn(backbone: Backbone, *, image_size: int | tuple[int, int], **kwargs: Any
+                       ) -> Callable[[Any, jax.Array, jax.Array], dict[str, jax.Array]]:
+  """`describe_fn` behind the device resize (not jitted).
+
+  The pure step `(params, uint8 canvases [N, C, C, 3], int32 sizes [N, 2]) -> {kind: [N, D]}`:
+  each image is resized from its canvas to `image_size` as Pillow's BILINEAR does
+  (`resize.resize_canvases`), then preprocessing, backbone and descriptors run exactly as in
+  `describe_fn`. One compile per canvas bucket; the sizes are data.
+  """
+  out_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+  step = describe_fn(backbone, **kwargs)
+
+  def canvas_step(params: Any, canvases: jax.Array, sizes: jax.Array) -> dict[str, jax.Array]:
+    return step(params, resize.resize_canvases(canvases, sizes, out_size))
+
+  return canvas_step
+
+
+def jit_describe_canvas(backbone: Backbone, *, image_size: int | tuple[int, int],
+                        mesh: Mesh | None = None, **kwargs: Any
+                        ) -> Callable[[Any, jax.Array, jax.Array], dict[str, jax.Array]]:
+  """`describe_canvas_fn` compiled once per canvas bucket; sharded over `mesh` as `jit_describe`."""
+  step = describe_canvas_fn(backbone, image_size=image_size, **kwargs)
+  if mesh is None:
+    return jax.jit(step)
+  batch = sharding.batch_sharding(mesh)
+  return jax.jit(step, in_shardings=(sharding.replicated(mesh), batch, batch),
+                 out_shardings=batch)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 from absl import logging
 
-from cbir_jax import decode, decode_workers
+from cbir_jax import canvas, decode, decode_workers
 from cbir_jax.decode import (IMAGE_EXTENSIONS, MAX_PIXELS, _to_rgb, decode_image,  # noqa: F401
                              read_file)
 
@@ -47,18 +47,30 @@ class Batch:
   # Filled only by sources that carry them with the bytes (TFDS): per-row key and label.
   key: list[str] | None = None
   label: np.ndarray | None = None
+  # Canvas mode (device resize): `images` are canvases [B, C, C, 3] of one bucket side C,
+  # image j in images[j, :sizes[j, 0], :sizes[j, 1]]; 0 x 0 for padding and failures.
+  sizes: np.ndarray | None = None  # int32 [B, 2]: (height, width) in the canvas
+
+  @property
+  def bucket(self) -> int:
+    """The canvas side (canvas mode), else the image height: which compiled step runs it."""
+    return int(self.images.shape[1])
 
   @classmethod
   def padding(cls, batch_size: int, image_size: int | tuple[int, int], *,
-              keyed: bool = False) -> Batch:
-    """An all-padding batch (a step where this process has no records left)."""
-    h, w = decode._size(image_size)
+              keyed: bool = False, buckets: Sequence[int] | None = None) -> Batch:
+    """An all-padding batch (a step where this process has no records left).
+
+    With `buckets` (canvas mode): canvases of the smallest bucket, every size 0 x 0.
+    """
+    h, w = (min(buckets),) * 2 if buckets else decode._size(image_size)
     return cls(images=np.zeros((batch_size, h, w, 3), np.uint8),
                index=np.full(batch_size, -1, np.int64), width=np.zeros(batch_size, np.int32),
                height=np.zeros(batch_size, np.int32), ok=np.zeros(batch_size, bool),
                valid=np.zeros(batch_size, bool), error=[""] * batch_size,
                key=[""] * batch_size if keyed else None,
-               label=np.full(batch_size, -1, np.int64) if keyed else None)
+               label=np.full(batch_size, -1, np.int64) if keyed else None,
+               sizes=np.zeros((batch_size, 2), np.int32) if buckets else None)
 
 
 # --- listing folders ---------------------------------------------------------------------
@@ -252,6 +264,22 @@ class _Pending:
     return b
 
 
+def _placed_row(slots: list[np.ndarray | None], j: int, read: decode_workers.Reader, arg: Any,
+                size: tuple[int, int], draft: bool, max_pixels: int, buckets: Sequence[int]
+                ) -> tuple[int, int, str, int]:
+  """`decode_workers.decode_row` for canvas mode: the pixels go to slots[j], unresized."""
+  label = -1
+  try:
+    data, label = read(arg)
+    placed, (w, h) = canvas.decode_placed(data, size, buckets=buckets, draft=draft,
+                                          max_pixels=max_pixels)
+  except (OSError, ValueError) as e:
+    reason = str(e) if isinstance(e, ValueError) else f"cannot read file: {e}"
+    return 0, 0, reason or type(e).__name__, label
+  slots[j] = placed.pixels
+  return w, h, "", label
+
+
 class _Threads:
   """Rows decoded on a thread pool in this process, `ahead` batches at a time."""
 
@@ -265,13 +293,20 @@ class _Threads:
     return in_flight < self._ahead
 
   def submit(self, batch: Batch, rows: list[tuple[int, Any]]) -> _Pending:
-    futures = [(j, self._pool.submit(decode_workers.decode_row, batch.images, j, self._read,
-                                     arg, **self._opts)) for j, arg in rows]
+    buckets = self._opts.get("buckets")
+    slots: list[np.ndarray | None] = [None] * len(batch.index)
+    row_fn, target = ((_placed_row, slots) if buckets else
+                      (decode_workers.decode_row, batch.images))
+    futures = [(j, self._pool.submit(row_fn, target, j, self._read, arg, **self._opts))
+               for j, arg in rows]
 
     def wait() -> list[tuple[int, int, int, str, int]]:
       # One wake-up per batch, not one per row: the decoding threads keep the cores.
       concurrent.futures.wait([f for _, f in futures])
-      return [(j, *f.result()) for j, f in futures]
+      results = [(j, *f.result()) for j, f in futures]
+      if buckets:  # canvas mode: the batch's bucket is known once every row is decoded
+        batch.images, batch.sizes = canvas.assemble(slots, buckets)
+      return results
 
     return _Pending(batch, wait)
 
@@ -329,13 +364,18 @@ class BatchStream(Iterator[Batch]):
     prefetch: batches decoded ahead of the one the consumer waits for (processes keep at
       least one, so no worker waits while this process collects a batch).
     keyed: fill `Batch.key` and `Batch.label` from the rows.
+    buckets: canvas mode (device resize): images are decoded (draft as usual) but not
+      resized, and placed in canvases of the smallest of these sides that holds the
+      batch (`Batch.sizes`, `canvas`); None: resized on the host to `image_size`.
+      Canvas mode decodes with threads in this process (worker processes return
+      fixed-size resized rows through shared memory).
   """
 
   def __init__(self, rows: Iterable[Row | None], *, read: decode_workers.Reader,
                image_size: int | tuple[int, int], batch_size: int,
                num_threads: int | None = None, num_workers: int | None = None,
                draft: bool = True, max_pixels: int = MAX_PIXELS, prefetch: int = 2,
-               keyed: bool = False):
+               keyed: bool = False, buckets: Sequence[int] | None = None):
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     self._closed = True  # until an engine runs
@@ -343,13 +383,19 @@ class BatchStream(Iterator[Batch]):
     self._size = decode._size(image_size)
     self._batch_size = batch_size
     self._keyed = keyed
+    self._buckets = tuple(buckets) if buckets else None
     self._pending: collections.deque[_Pending] = collections.deque()
     # Batches in flight: the one waited for and `prefetch` more; processes keep two, so a
     # worker decodes the next while this process collects the last.
     ahead = max(0, prefetch) + 1
-    self.num_workers, self.num_threads = _choose_parallelism(
-        read, num_workers, num_threads, batch_size, self._size, max(2, ahead))
-    opts = dict(size=self._size, draft=draft, max_pixels=max_pixels)
+    opts: dict[str, Any] = dict(size=self._size, draft=draft, max_pixels=max_pixels)
+    if self._buckets:  # canvas mode: the same decodes at once, as threads in this process
+      opts["buckets"] = self._buckets
+      workers, threads = decode_parallelism(num_workers, num_threads)
+      self.num_workers, self.num_threads = 0, max(1, workers) * threads
+    else:
+      self.num_workers, self.num_threads = _choose_parallelism(
+          read, num_workers, num_threads, batch_size, self._size, max(2, ahead))
     if self.num_workers:
       self._engine: _Threads | _Processes = _Processes(
           read, self.num_workers, self.num_threads, max(2, ahead), batch_size, opts)
@@ -363,7 +409,8 @@ class BatchStream(Iterator[Batch]):
       rows = [r for _, r in zip(range(self._batch_size), self._rows)]
       if not rows:
         return
-      b = Batch.padding(self._batch_size, self._size, keyed=self._keyed)
+      b = Batch.padding(self._batch_size, self._size, keyed=self._keyed,
+                        buckets=self._buckets)
       todo = []
       for j, row in enumerate(rows):
         if row is None:
@@ -419,7 +466,8 @@ def positions_batches(keys: Sequence[str], positions: np.ndarray, *,
                       image_size: int | tuple[int, int], batch_size: int,
                       read: Callable[[str], bytes] = read_file, num_threads: int | None = None,
                       num_workers: int | None = None, draft: bool = True,
-                      max_pixels: int = MAX_PIXELS, prefetch: int = 2) -> BatchStream:
+                      max_pixels: int = MAX_PIXELS, prefetch: int = 2,
+                      buckets: Sequence[int] | None = None) -> BatchStream:
   """Like `image_batches`, over `keys[positions]`; a negative position is a padding row.
 
   Jobs use it to lay out their own fixed-size steps (shard-aligned, padded) while the
@@ -430,14 +478,14 @@ def positions_batches(keys: Sequence[str], positions: np.ndarray, *,
   return BatchStream(_file_rows(keys, positions), read=_Unlabelled(read),
                      image_size=image_size, batch_size=batch_size, num_threads=num_threads,
                      num_workers=num_workers, draft=draft, max_pixels=max_pixels,
-                     prefetch=prefetch)
+                     prefetch=prefetch, buckets=buckets)
 
 
 def image_batches(keys: Sequence[str], *, image_size: int | tuple[int, int], batch_size: int,
                   read: Callable[[str], bytes] = read_file, num_threads: int | None = None,
                   num_workers: int | None = None, draft: bool = True,
-                  max_pixels: int = MAX_PIXELS, prefetch: int = 2, start_index: int = 0
-                  ) -> BatchStream:
+                  max_pixels: int = MAX_PIXELS, prefetch: int = 2, start_index: int = 0,
+                  buckets: Sequence[int] | None = None) -> BatchStream:
   """Decoded, resized, fixed-size batches of `keys` in order, prepared on every core.
 
   Args:
@@ -453,18 +501,20 @@ def image_batches(keys: Sequence[str], *, image_size: int | tuple[int, int], bat
     max_pixels: larger images are refused (decompression bombs).
     prefetch: batches decoded ahead of the one the consumer waits for.
     start_index: `Batch.index` of keys[0] (a process' or a resumed job's offset).
+    buckets: canvas sides for the device resize (`BatchStream`); None: host resize.
   """
   return BatchStream(_file_rows(keys, range(len(keys)), start_index), read=_Unlabelled(read),
                      image_size=image_size, batch_size=batch_size, num_threads=num_threads,
                      num_workers=num_workers, draft=draft, max_pixels=max_pixels,
-                     prefetch=prefetch)
+                     prefetch=prefetch, buckets=buckets)
 
 
 def encoded_batches(examples: decode_workers.Reader, keys: Sequence[str],
                     positions: np.ndarray, *, image_size: int | tuple[int, int],
                     batch_size: int, num_threads: int | None = None,
                     num_workers: int | None = None, draft: bool = True,
-                    max_pixels: int = MAX_PIXELS, prefetch: int = 2) -> BatchStream:
+                    max_pixels: int = MAX_PIXELS, prefetch: int = 2,
+                    buckets: Sequence[int] | None = None) -> BatchStream:
   """Batches of records read by position (TFDS): `Batch.key` and `Batch.label` are filled.
 
   Args:
@@ -473,14 +523,14 @@ def encoded_batches(examples: decode_workers.Reader, keys: Sequence[str],
       OSError/ValueError make the row a failure.
     keys: position -> record id (`Batch.key`).
     positions: the rows in output order; a negative position is a padding row.
-    image_size, batch_size, num_threads, num_workers, draft, max_pixels, prefetch: as in
-      `image_batches`.
+    image_size, batch_size, num_threads, num_workers, draft, max_pixels, prefetch, buckets:
+      as in `image_batches`.
   """
   rows = (None if p < 0 else Row(p, p, keys[p])
           for p in np.asarray(positions, np.int64).tolist())
   return BatchStream(rows, read=examples, image_size=image_size, batch_size=batch_size,
                      num_threads=num_threads, num_workers=num_workers, draft=draft,
-                     max_pixels=max_pixels, prefetch=prefetch, keyed=True)
+                     max_pixels=max_pixels, prefetch=prefetch, keyed=True, buckets=buckets)
 
 
 def load_images(paths: Sequence[str], image_size: int | tuple[int, int], *,

@@ -1,7 +1,8 @@
 """Where the shipped weights live, and loading the weights a job asks for or an index records.
 
-The repository's `weights/<model>/` holds ready checkpoints (no PyTorch needed);
-CBIR_JAX_WEIGHTS_DIR points elsewhere, e.g. for an installed wheel. Indexes record
+The package's `pretrained/<model>/` holds the shipped checkpoints (no PyTorch needed; they
+are in the wheel too); CBIR_JAX_WEIGHTS_DIR points to a folder of `<model>/` directories
+to use others. Indexes record
 weights by name and digest (`manifest.WeightsRecord`), so they keep working when the
 checkout or that directory moves: `load_recorded` finds them again by digest.
 """
@@ -19,13 +20,14 @@ from cbir_jax import preprocessing as pp
 from cbir_jax.manifest import WeightsRecord
 
 ENV_VAR = "CBIR_JAX_WEIGHTS_DIR"
-_REPO_WEIGHTS = pathlib.Path(__file__).resolve().parents[1] / "weights"
+# Inside the package, so that a wheel or a plain `pip install .` carries them.
+_SHIPPED = pathlib.Path(__file__).resolve().parent / "pretrained"
 
 
 def weights_root() -> pathlib.Path:
-  """The folder holding one weights directory per model ($CBIR_JAX_WEIGHTS_DIR or repo/weights)."""
+  """The folder holding one weights directory per model ($CBIR_JAX_WEIGHTS_DIR or the shipped ones)."""
   env = os.environ.get(ENV_VAR)
-  return pathlib.Path(env) if env else _REPO_WEIGHTS
+  return pathlib.Path(env) if env else _SHIPPED
 
 
 def default_weights_dir(model: str) -> pathlib.Path:
@@ -52,7 +54,7 @@ def load(model: str, directory: str | os.PathLike | None = None
   path = pathlib.Path(directory) if directory is not None else default_weights_dir(model)
   if not (path / checkpoint.INFO_FILE).is_file():
     msg = (f"{path}: no weights for model {model!r} there; make them with "
-           "launch/port_weights.py (see weights/README.md)")
+           "cbir-port (see weights/README.md)")
     if directory is None:
       msg += f", or set {ENV_VAR} to a folder that holds {model}/"
     raise checkpoint.WeightsError(msg)
@@ -132,7 +134,7 @@ def record_for(model: str, choice: str | None, *, seed: int = 0) -> WeightsRecor
 
 
 def _shipped_dirs(model: str) -> list[pathlib.Path]:
-  dirs = [default_weights_dir(model), _REPO_WEIGHTS / model]
+  dirs = [default_weights_dir(model), _SHIPPED / model]
   return list(dict.fromkeys(dirs))
 
 

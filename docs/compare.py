@@ -2,6 +2,8 @@ r"""Tables of docs/results.md made from `launch/evaluate.py --json` files of the
 
   python docs/compare.py paired food7_vgg.json spoc:conv gem:conv      # conv - spoc, ...
   python docs/compare.py dtype food7_vgg.json food7_vgg_bf16.json       # float32 vs bfloat16
+  python docs/compare.py shares out/vgg_food7_f32 [--balance_from=out/vgg_imnet_f32]
+  python docs/compare.py sweep out/vgg_food7_f32 --last_shares=0.2,0.5,0.8,1
 Differences are per query (paired), with their standard error over the queries.
 """
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from cbir_jax import evaluation
+from cbir_jax import balance, evaluation
 
 
 _PER_QUERY = ("per_query_hist_distance", "per_query_precision", "per_query_ap")
@@ -71,6 +73,63 @@ def dtype(a: dict[str, Any], b: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def shares(index: str, balance_from: str = "", seed: int = 1) -> str:
+  """Markdown rows: each block's share of Conv's mean L1 before and after balancing.
+
+  The scales are learned (balance.block_scales: seed 0) from `balance_from` or `index`; the
+  shares are measured on another sample of `index`'s pairs (`seed`), so "after" shows how
+  equal they are on pairs the scales were not fitted to.
+  """
+  import cbir_jax
+  from cbir_jax import backbones, store
+
+  name = store.read_manifest(index)["backbone"]
+  dims = backbones.get(name).block_channels
+  x, _ = cbir_jax.load_descriptors(index, "conv")
+  source = balance_from or index
+  scales = balance.index_scales(index, balance_from or None, conv=x)
+  pairs = balance.sample_pairs(len(x), balance.DEFAULT_NUM_PAIRS, seed)
+  before = balance.block_l1(x, dims, pairs)
+  after = balance.block_l1(balance.apply(x, scales), dims, pairs)
+
+  def pct(m: np.ndarray) -> str:
+    return " / ".join(f"{v / m.sum():.0%}" for v in m)
+
+  return "\n".join([
+      "| index | scales from | blocks | mean L1 before | shares before | scales | shares after "
+      "| mean L1 after |", "|---|---|---|---:|---|---|---|---:|",
+      f"| {index} | {source} | {'+'.join(map(str, dims))} | {before.sum():.4g} | {pct(before)} "
+      f"| {' / '.join(f'{v:.3g}' for v in scales.scales)} | {pct(after)} | {after.sum():.4g} |"])
+
+
+def sweep(index: str, last_shares: list[float], label_column: str = "label", k: int = 5) -> str:
+  """Markdown rows: the protocol on Conv scaled so that the last block has share w of the mean
+  L1 and the other blocks (1 - w) / (B - 1) each; w = 1 / B is balanced Conv."""
+  import cbir_jax
+  from cbir_jax import backbones, store
+  from cbir_jax.index_images import IndexImages, input_of
+
+  manifest = store.read_manifest(index)
+  dims = backbones.get(manifest["backbone"]).block_channels
+  x, meta = cbir_jax.load_descriptors(index, "conv")
+  arrays = {}
+  for w in last_shares:
+    shares = [(1 - w) / (len(dims) - 1)] * (len(dims) - 1) + [w]
+    arrays[f"{w:.0%}"] = balance.apply(x, balance.block_scales(x, dims, shares=shares))
+  labels, _ = evaluation.labels_from_metadata(meta, label_column)
+  ev = evaluation.evaluate_arrays(
+      arrays, labels, [str(p) for p in meta["path"]], k=k, random_baseline=False,
+      queries=evaluation.select_queries(labels, None, 0), images=IndexImages(input_of(manifest)))
+  cutoffs = [c for c in evaluation.PRECISION_CUTOFFS if c in ev.cutoffs]  # 10 < N only
+  lines = [f"| last block's share of Conv's L1 | hist dist@{k} | "
+           + " | ".join(f"P@{c}" for c in cutoffs) + " | mAP |",
+           "|---:|---:|" + "---:|" * (len(cutoffs) + 1)]
+  for r in ev.results:
+    lines.append(f"| {r.kind} | {r.hist_distance:.4f} | " + " | ".join(
+        f"{r.precision[c]:.3f}" for c in cutoffs) + f" | {r.mean_ap:.3f} |")
+  return "\n".join(lines)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="what", required=True)
@@ -81,9 +140,20 @@ def main() -> None:
   d = sub.add_parser("dtype", help="the same kinds in two evaluations (e.g. two dtypes)")
   d.add_argument("a")
   d.add_argument("b")
+  sh = sub.add_parser("shares", help="blocks' shares of Conv's L1, before and after balancing")
+  sh.add_argument("index")
+  sh.add_argument("--balance_from", default="", help="learn the scales from this index")
+  sw = sub.add_parser("sweep", help="Conv with the last block at given shares of the L1")
+  sw.add_argument("index")
+  sw.add_argument("--last_shares", required=True, help="comma-separated, e.g. 0.2,0.5,1")
+  sw.add_argument("--label_column", default="label")
   args = parser.parse_args()
   if args.what == "paired":
     print(paired(_load(args.json), args.pairs, args.without_label))
+  elif args.what == "sweep":
+    print(sweep(args.index, [float(v) for v in args.last_shares.split(",")], args.label_column))
+  elif args.what == "shares":
+    print(shares(args.index, args.balance_from))
   else:
     print(dtype(_load(args.a), _load(args.b)))
 

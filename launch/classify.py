@@ -1,22 +1,5 @@
-r"""Prints the top-5 ImageNet classes (names, probabilities) of every image in a folder.
-
-  python launch/classify.py --images=cbir_jax/sample_images
-  python launch/classify.py --images=../shared/data/imagenet-sample/images \
-      --labels_csv=../shared/data/imagenet-sample/labels.csv
-Lines read `chelsea.jpg<TAB>tabby 0.62, tiger cat 0.21, ...`; with labels, the last
-line is `top1=0.820 top5=0.960 n=1000`. Flags are the fields of
-cbir_jax.classify.ClassifyConfig.
-"""
-from __future__ import annotations
-
-from cbir_jax import classify, cli
-
-FLAGS = cli.define(classify.ClassifyConfig)
-
-
-def main() -> None:
-  classify.run(FLAGS.config(), log=cli.printer("classify"))
-
+"""`cbir-classify` from a checkout: see cbir_jax/commands/classify.py (flags: --help)."""
+from cbir_jax.commands.classify import run
 
 if __name__ == "__main__":
-  cli.run("classify", main)
+  run()

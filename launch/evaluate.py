@@ -1,32 +1,5 @@
-"""The paper's Table I protocol on a labelled extraction output: P@1/5/10, mAP, colour distance.
-
-  python launch/evaluate.py --index=/tmp/food7_index --json=food7.json
-  python launch/evaluate.py --index=/tmp/imagenet_index --label_column=group
-  python launch/evaluate.py --index=/tmp/food7_index --image_root=/new/place/of/food7
-Every labelled row is a query unless --num_queries draws fewer. (`group` is an extra column
-of imagenet-sample's labels.csv, stored by `launch/extract.py --labels_csv`.) Flags are the
-fields of cbir_jax.evaluation.EvaluateConfig.
-"""
-from __future__ import annotations
-
-import json
-
-from cbir_jax import cli, evaluation
-
-FLAGS = cli.define(evaluation.EvaluateConfig)
-
-
-def main() -> None:
-  c = FLAGS.config()
-  result = evaluation.evaluate(c.index, kinds=c.kinds, num_queries=c.num_queries or None,
-                               k=c.k, seed=c.seed, label_column=c.label_column, bins=c.bins,
-                               image_root=c.image_root)
-  print(evaluation.format_table(result))
-  if c.json:
-    with open(c.json, "w") as f:
-      json.dump(result, f, indent=1)
-    print(f"json: {c.json}")
-
+"""`cbir-evaluate` from a checkout: see cbir_jax/commands/evaluate.py (flags: --help)."""
+from cbir_jax.commands.evaluate import run
 
 if __name__ == "__main__":
-  cli.run("evaluate", main)
+  run()

@@ -73,7 +73,8 @@ def test_every_section_gives_finite_positive_figures(shared_data, tmp_path, monk
       (name, variant, w, t, draft) for name in sets
       for variant, w, t, draft in (("pillow", 0, 1, False), ("pillow", 0, 1, True),
                                    ("product", 0, 1, True), ("product", 0, 2, True),
-                                   *(("product", w, t, True) for w, t in processes)))
+                                   *(("product", w, t, True) for w, t in processes),
+                                   ("product-canvas", 0, 2, True)))
   for r in p["rows"]:
     assert len(r["wall_s"]) == len(r["cpu_s"]) == 2  # one figure per round
     for key in ("images_per_s", "images_per_cpu_s", "steady_images_per_s"):
@@ -81,7 +82,8 @@ def test_every_section_gives_finite_positive_figures(shared_data, tmp_path, monk
   for x in p["sets"]:
     for key in ("product_over_pillow_full_per_cpu_s", "product_over_pillow_draft_per_cpu_s",
                 "pillow_draft_over_full_per_cpu_s", "product_threads_speedup_wall",
-                "processes_over_threads_steady", "processes_over_threads_wall"):
+                "processes_over_threads_steady", "processes_over_threads_wall",
+                "canvas_over_host_cpu_s_per_image"):
       _positive(x[key], f"input {key}")
 
   e = s["end_to_end"]

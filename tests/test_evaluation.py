@@ -1,4 +1,6 @@
 """Colour histograms and retrieval metrics against hand-computed values."""
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -294,3 +296,89 @@ def test_paired_difference_against_a_closed_form():
   assert se == pytest.approx(np.sqrt(np.sum((d - d.mean()) ** 2) / 3) / 2)
   with pytest.raises(ValueError, match="not the same queries"):
     ev.paired_difference(a, b[:5])
+
+
+# --- balanced Conv, a kind derived from the stored conv rows ------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_index(tmp_path_factory):
+  """A vgg_tiny index (random weights, 32 px) of 8 noisy colour photos in two folders."""
+  from cbir_jax import extract
+
+  base = tmp_path_factory.mktemp("balanced")
+  rng = np.random.default_rng(0)
+  for c, rgb in enumerate(((200, 40, 30), (30, 60, 210))):
+    (base / "photos" / f"class{c}").mkdir(parents=True)
+    for j in range(4):
+      img = np.clip(np.asarray(rgb) + rng.normal(0, 40, (40, 48, 3)), 0, 255).astype(np.uint8)
+      Image.fromarray(img).save(base / "photos" / f"class{c}" / f"{j}.png")
+  out = base / "index"
+  extract.run(extract.ExtractConfig(output=str(out), images=str(base / "photos"),
+                                    kinds=("fc", "conv", "mac"), model="vgg_tiny",
+                                    weights="random", image_size=32, progress="none"))
+  return str(out)
+
+
+def test_balanced_kinds_end_to_end_equal_the_arrays_they_are_made_of(tiny_index):
+  from cbir_jax import backbones, balance, store
+
+  report = ev.evaluate(tiny_index, kinds=["conv", "conv_balanced", "fc_conv_balanced"], k=2)
+  conv, meta = store.load_descriptors(tiny_index, "conv")
+  fc, _ = store.load_descriptors(tiny_index, "fc")
+  dims = backbones.get("vgg_tiny").block_channels
+  scales = balance.block_scales(conv, dims)  # the defaults: 20000 pairs, seed 0
+  assert balance.BlockScales.from_dict(report["balance"]) == balance.BlockScales(
+      **{**scales.to_dict(), "source": report["index"]})
+  # The same protocol on the arrays made by hand gives the same table.
+  labels, _ = ev.labels_from_metadata(meta)
+  ref = ev.evaluate_arrays(
+      {"conv_balanced": balance.apply(conv, scales),
+       "fc_conv_balanced": np.concatenate([fc, balance.apply(conv, scales)], axis=1)},
+      labels, [str(p) for p in meta["path"]], queries=np.arange(len(labels)), k=2)
+  for r in ref.results[:2]:
+    got = report["results"][r.kind]
+    assert got["dim"] == r.dim == (sum(dims) if r.kind == "conv_balanced" else
+                                   sum(dims) + fc.shape[1])
+    assert got["top_k"] == r.top_k and got["map"] == pytest.approx(r.mean_ap)
+    assert got["hist_distance"] == pytest.approx(r.hist_distance)
+  # The table stays aligned with the long kind names: header and rows of one width.
+  lines = ev.format_table(report).splitlines()[2:2 + 1 + len(report["results"])]
+  assert lines[-1].startswith(ev.RANDOM) and len({len(ln) for ln in lines}) == 1
+  # Scales learned from another index of the same backbone are used as given.
+  again = ev.evaluate(tiny_index, kinds=["conv_balanced"], k=2, balance_from=tiny_index)
+  assert again["balance"]["scales"] == report["balance"]["scales"]
+  assert "balance" not in ev.evaluate(tiny_index, kinds=["conv"], k=2)
+
+
+def test_balanced_kind_errors(tiny_index, tmp_path):
+  from cbir_jax import extract
+
+  # Another backbone, conv only (no fc): its scales do not carry over, and it cannot make
+  # fc_conv_balanced.
+  other = tmp_path / "lite"
+  photos = os.path.join(os.path.dirname(tiny_index), "photos")
+  extract.run(extract.ExtractConfig(output=str(other), images=photos, kinds=("conv",),
+                                    model="efficientnet_lite_tiny", weights="random",
+                                    image_size=32, progress="none"))
+  with pytest.raises(ValueError, match="fc_conv_balanced is made from the stored kind fc: "):
+    ev.evaluate(str(other), kinds=["fc_conv_balanced"], k=2)
+  with pytest.raises(ValueError, match="only carry over within one backbone"):
+    ev.evaluate(tiny_index, kinds=["conv_balanced"], k=2, balance_from=str(other))
+
+
+def test_docs_sweep_at_equal_shares_is_conv_balanced(tiny_index):
+  """docs/compare.py's sweep (results.md part 8): w = 1 / B gives conv_balanced's row."""
+  import importlib.util
+  import pathlib
+
+  path = pathlib.Path(__file__).resolve().parents[1] / "docs" / "compare.py"
+  spec = importlib.util.spec_from_file_location("docs_compare", path)
+  compare = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(compare)
+  rows = compare.sweep(tiny_index, [0.2, 1.0], k=2).splitlines()
+  r = ev.evaluate(tiny_index, kinds=["conv_balanced"], k=2)["results"]["conv_balanced"]
+  expect = [f"{r['hist_distance']:.4f}"] + [f"{r['precision'][c]:.3f}" for c in ("1", "5")]
+  cells = [c.strip() for c in rows[2].strip("|").split("|")]
+  assert cells[0] == "20%" and cells[1:4] == expect and cells[-1] == f"{r['map']:.3f}"
+  assert rows[3].startswith("| 100% |")

@@ -187,6 +187,8 @@ def _summary(result: dict[str, Any]) -> list[dict[str, Any]]:
         p["product_over_pillow_draft_per_cpu_s"], "wrapper cost: 1 = none")
     add(f"input wall images/s, product {s['input']['threads'][-1]}/1 threads, {p['set']}",
         p["product_threads_speedup_wall"])
+    add(f"input CPU-s per image, canvases/host resize, {p['set']}",
+        p["canvas_over_host_cpu_s_per_image"], "device resize: issue 17 wants <= 0.55 / 0.9")
   if "end_to_end" in s:
     e = s["end_to_end"]
     add(f"extraction images/s ({e['backbone']})", e["images_per_s"],

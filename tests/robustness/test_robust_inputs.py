@@ -353,7 +353,7 @@ def test_weights_folder_moved(small, tiny_weights, tmp_path, hostile, monkeypatc
     gone_refused, msg = recorded["params_sha256"][:12] in str(e), str(e)
   repo = tmp_path / "repo_weights"  # the repository's weights/, holding the same weights
   shutil.copytree(tiny_weights, repo / "vgg_tiny")
-  monkeypatch.setattr(weights_lib, "_REPO_WEIGHTS", repo)
+  monkeypatch.setattr(weights_lib, "_SHIPPED", repo)
   [r] = query_lib.search_index(str(out), query_paths=[query], k=1)
   ok = (recorded["kind"] == "shipped" and "dir" in recorded and not recorded["dir"]
         and gone_refused and r.hits[0].path == query and r.hits[0].distance < 1e-5)

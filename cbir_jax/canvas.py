@@ -1,0 +1,88 @@
+"""Host side of the device resize: decode an image (draft as usual) and place it in a canvas.
+
+A batch travels as uint8 canvases [B, C, C, 3] of one bucket size C, each image in the
+top-left corner, with its (height, width); `resize.resize_canvases` does the rest in the step.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from cbir_jax import decode
+
+# Canvas sides, measured on how JPEGs land after draft for a 224 input (docs/resize.md):
+# imagenet-sample's longer sides are 500 for 90% of photos (15% fit 320, 99.4% fit 640, all
+# fit 1024), phone photos (4032x3024) draft to 504x378, food7's to 224-244 (99.7% fit 320).
+# Not 640 at the top: the six imagenet-sample photos between 640 and 964 box-reduced by 2
+# land below 224 on a side, and their pixels then differ from Pillow's by 0.4-2.8 levels on
+# average (up to 83), which alone breaks the 99.9th percentile target.
+BUCKETS: tuple[int, ...] = (320, 640, 1024)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placed:
+  """One decoded image ready for a canvas: its pixels and the box reduction it took."""
+  pixels: np.ndarray  # uint8 [h, w, 3] or [h, w] (grey, replicated when placed)
+  reduced: int  # integer box factor applied on the host (1: none)
+
+
+def box_factor(height: int, width: int, largest: int) -> int:
+  """The smallest integer factor that brings both sides within `largest` (1: fits already)."""
+  return max(1, -(-height // largest), -(-width // largest))
+
+
+def _placed(img: Image.Image, largest: int) -> Placed:
+  """The image as RGB (or L) pixels fitting `largest`, box-reduced on the host if needed."""
+  if img.mode not in ("L", "RGB"):
+    img = decode._to_rgb(img)
+  f = box_factor(img.height, img.width, largest)
+  if f > 1:  # Pillow's reduce: mean of f x f blocks, partial blocks at the edges averaged
+    img = img.reduce(f)
+  return Placed(np.asarray(img, dtype=np.uint8), f)
+
+
+def decode_placed(data: bytes, image_size: int | tuple[int, int], *,
+                  buckets: Sequence[int] = BUCKETS, draft: bool = True,
+                  max_pixels: int = decode.MAX_PIXELS) -> tuple[Placed, tuple[int, int]]:
+  """Decodes bytes for the device resize: (pixels fitting the largest bucket, (width, height)).
+
+  Same checks, draft and EXIF handling as `decode.decode_image`; no resize.
+
+  Raises:
+    ValueError: with the reason, for anything that is not a decodable image.
+  """
+  largest = max(buckets)
+  return decode.decode_with(data, decode._size(image_size), lambda img: _placed(img, largest),
+                            draft=draft, max_pixels=max_pixels)
+
+
+def bucket_for(sizes: np.ndarray, buckets: Sequence[int] = BUCKETS) -> int:
+  """The smallest bucket holding every (height, width) in `sizes` [N, 2]."""
+  need = int(sizes.max()) if sizes.size else 0
+  for b in sorted(buckets):
+    if need <= b:
+      return b
+  raise ValueError(f"an image of side {need} exceeds the largest canvas {max(buckets)}")
+
+
+def assemble(pixels: Sequence[np.ndarray | None], buckets: Sequence[int] = BUCKETS
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """Rows -> (canvases uint8 [B, C, C, 3], sizes int32 [B, 2]); None rows are black, size 0.
+
+  C is the smallest bucket that holds the batch's largest image, so a batch of small images
+  sends less to the device; only `len(buckets)` canvas shapes ever reach the step.
+  """
+  sizes = np.zeros((len(pixels), 2), np.int32)
+  for j, p in enumerate(pixels):
+    if p is not None:
+      sizes[j] = p.shape[:2]
+  c = bucket_for(sizes, buckets)
+  out = np.zeros((len(pixels), c, c, 3), np.uint8)
+  for j, p in enumerate(pixels):
+    if p is not None:
+      h, w = p.shape[:2]
+      out[j, :h, :w] = p if p.ndim == 3 else p[..., None]  # grey: the same value in R, G, B
+  return out, sizes

@@ -1,0 +1,458 @@
+"""JPEG decoding with nvImageCodec on NVIDIA GPUs; Pillow (`decode.decode_image`) for the rest.
+
+Baseline JPEGs go to nvImageCodec; everything else, and anything it returns no image for, goes
+through the Pillow path unchanged, so a bad file's failure reason is the one Pillow gives.
+Install with `pip install cbir-jax[gpu-decode]`; without it (or without a GPU) callers decode on
+the host as before, and `select_decoder(...).description` says which decoder ran.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import os
+from typing import Any, Callable, Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+from cbir_jax import decode
+
+PILLOW = "pillow"
+NVIMGCODEC = "nvimgcodec"
+KINDS = ("auto", PILLOW, NVIMGCODEC, "nvimgcodec-cpu")  # --decoder values a job may offer
+
+# An item is the file's bytes, a path, or a callable returning the bytes (as `safe_decode` takes).
+Item = Union[bytes, str, os.PathLike, Callable[[], bytes]]
+
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_BASELINE = (0xC0, 0xC1)  # sequential Huffman: what nvJPEG's engines and libjpeg-turbo agree on
+
+
+@dataclasses.dataclass(frozen=True)
+class JpegHeader:
+  """The first start-of-frame segment of a JPEG: coding process, bit depth, stored size."""
+  sof: int
+  precision: int
+  height: int
+  width: int
+  components: int
+
+
+def jpeg_header(data: bytes) -> JpegHeader | None:
+  """The frame header of a JPEG stream, or None when `data` is not a JPEG with one.
+
+  Walks the marker segments from SOI to the first SOFn (header bytes only, no entropy data).
+  """
+  if data[:2] != b"\xff\xd8":
+    return None
+  i, n = 2, len(data)
+  while i + 4 <= n:
+    if data[i] != 0xFF:
+      return None  # segments must follow each other; anything else is a damaged header
+    m = data[i + 1]
+    if m == 0xFF:  # fill byte before a marker
+      i += 1
+      continue
+    if m == 0x01 or 0xD0 <= m <= 0xD8:  # markers without a length
+      i += 2
+      continue
+    if m in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+      return None
+    length = int.from_bytes(data[i + 2:i + 4], "big")
+    if m in _SOF:
+      seg = data[i + 4:i + 2 + length]
+      if len(seg) < 6:
+        return None
+      return JpegHeader(sof=m, precision=seg[0], height=int.from_bytes(seg[1:3], "big"),
+                        width=int.from_bytes(seg[3:5], "big"), components=seg[5])
+    i += 2 + length
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+  """Where one file goes: `decoder` is NVIMGCODEC or PILLOW, `why` says why Pillow."""
+  decoder: str
+  why: str = ""
+  orientation: int = 1  # EXIF orientation as Pillow reads it (1 = as stored)
+
+
+def route(data: bytes, *, max_pixels: int = decode.MAX_PIXELS) -> Route:
+  """Baseline 8-bit grey or YCbCr JPEGs -> nvImageCodec; anything else -> Pillow, with why.
+
+  Reads headers only: the SOF segment here and EXIF through Pillow's `Image.open` (the same
+  reading `decode_image` does, so both paths turn an image the same way).
+  """
+  h = jpeg_header(data)
+  if h is None:
+    return Route(PILLOW, "not a JPEG")
+  if h.sof not in _BASELINE:
+    return Route(PILLOW, "progressive JPEG" if h.sof == 0xC2 else f"JPEG coding SOF{h.sof - 0xC0}")
+  if h.precision != 8:
+    return Route(PILLOW, f"{h.precision}-bit JPEG")
+  if h.components not in (1, 3):
+    return Route(PILLOW, f"{h.components}-component JPEG (CMYK/YCCK)")
+  if not data[-4096:].rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):  # the tail: no copy of it all
+    # Pillow refuses a truncated JPEG; a GPU engine may return the part it read. Files with
+    # trailers after the image (some cameras) take the Pillow path too: slower, never wrong.
+    return Route(PILLOW, "no end-of-image marker at the end (truncated or trailer)")
+  if h.width * h.height > max_pixels or not h.width or not h.height:
+    return Route(PILLOW, "size over the pixel limit or zero")  # Pillow refuses it, with the reason
+  try:
+    with Image.open(io.BytesIO(data)) as img:
+      orientation = img.getexif().get(0x0112, 1)
+      fmt, adobe = img.format, img.info.get("adobe_transform")
+  except Exception:  # pylint: disable=broad-except  # Pillow's path gives the exact reason
+    return Route(PILLOW, "header unreadable by Pillow")
+  if fmt != "JPEG":
+    return Route(PILLOW, f"{fmt} file")  # MPO: Pillow picks the frame
+  if h.components == 3 and adobe == 0:
+    return Route(PILLOW, "RGB-coded JPEG (Adobe transform 0)")
+  return Route(NVIMGCODEC, orientation=orientation if orientation in range(1, 9) else 1)
+
+
+def orient(image: Any, orientation: int) -> Any:
+  """`image` [H, W, C] turned as Pillow's `ImageOps.exif_transpose` turns EXIF `orientation`.
+
+  Works on NumPy and JAX arrays alike (slicing and transpose), so device images stay on device.
+  """
+  t = (1, 0, 2)
+  return {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+          5: lambda a: a.transpose(t), 6: lambda a: a[::-1].transpose(t),
+          7: lambda a: a[::-1, ::-1].transpose(t), 8: lambda a: a[:, ::-1].transpose(t),
+          }.get(orientation, lambda a: a)(image)
+
+
+def _import_nvimgcodec():
+  """The nvImageCodec module, or None when the `gpu-decode` extra is not installed."""
+  # Its per-file parse errors go to stderr; the job records its own reasons instead.
+  os.environ.setdefault("PYNVIMGCODEC_VERBOSITY", "0")
+  try:
+    from nvidia import nvimgcodec  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  return nvimgcodec
+
+
+class NvDecoder:
+  """One nvImageCodec decoder: on a GPU (hardware engine, then CUDA, then CPU backends, in
+  nvImageCodec's own priority order) or CPU-only (libjpeg-turbo; what CI runs).
+
+  Not thread-safe: use one per thread; each batch call already decodes on several threads.
+  """
+
+  def __init__(self, *, device: Any = None, threads: int = 0):
+    nv = _import_nvimgcodec()
+    if nv is None:
+      raise ImportError("nvImageCodec is not installed: pip install 'cbir-jax[gpu-decode]'")
+    self._nv, self.device, self.host_copies = nv, device, 0
+    kinds = (["HW_GPU_ONLY", "GPU_ONLY", "HYBRID_CPU_GPU", "CPU_ONLY"] if device is not None
+             else ["CPU_ONLY"])
+    device_id = (nv.NVIMGCODEC_DEVICE_CPU_ONLY if device is None
+                 else getattr(device, "local_hardware_id", None) or 0)
+    self._decoder = nv.Decoder(device_id=device_id, max_num_cpu_threads=threads,
+                               backends=[nv.Backend(getattr(nv.BackendKind, k)) for k in kinds])
+    # Orientation is applied by `orient` from Pillow's reading, not by the backend, so the GPU
+    # engines, the CPU backend and the Pillow path cannot disagree about it.
+    self._params = nv.DecodeParams(apply_exif_orientation=False, color_spec=nv.ColorSpec.SRGB,
+                                   sample_format=nv.SampleFormat.I_RGB)
+    where = f"GPU {device}" if device is not None else "CPU-only backend"
+    self.description = (f"{NVIMGCODEC} {getattr(nv, '__version__', '?')} on {where}, "
+                        f"{PILLOW} for other files")
+
+  @property
+  def on_device(self) -> bool:
+    return self.device is not None
+
+  def decode(self, datas: Sequence[bytes]) -> list[Any]:
+    """[H, W, 3] uint8 per JPEG as stored (not turned), or None where nvImageCodec gave none.
+
+    GPU: a jax.Array on the device, shared with nvImageCodec's buffer through DLPack (no host
+    copy). CPU-only: a NumPy array viewing the decoder's host buffer.
+    """
+    if not datas:
+      return []
+    nv = self._nv
+    out = self._decoder.decode([nv.CodeStream(d) for d in datas], params=self._params)
+    if not self.on_device:
+      return [None if im is None else np.asarray(im) for im in out]
+    return [None if im is None else self._to_jax(im) for im in out]
+
+  def decode_padded(self, datas: Sequence[bytes], side: int) -> list[Any]:
+    """Each JPEG decoded straight into a [side, side, 3] canvas (top-left, zeros around) through
+    a region of interest larger than the image, or None where the backend cannot.
+
+    A probe for the device canvas path: canvases of one shape need no per-size compilation
+    (`gpu_canvas` compiles its placement once per image size). nvImageCodec's CPU decoders
+    refuse regions past the image; whether nvJPEG's engines take them is measured by
+    `decoder_compare` on a GPU host.
+    """
+    nv = self._nv
+    region = nv.Region(0, 0, side, side)
+    streams = [nv.CodeStream(d).get_sub_code_stream(region=region) for d in datas]
+    out = self._decoder.decode(streams, params=self._params)
+    if not self.on_device:
+      return [None if im is None else np.asarray(im) for im in out]
+    return [None if im is None else self._to_jax(im) for im in out]
+
+  def _to_jax(self, im: Any) -> Any:
+    """The decoded GPU image as a jax.Array sharing its buffer (DLPack; JAX waits on the
+    decoder's stream). A layout JAX cannot take without a copy (padded rows) is copied through
+    the host instead and counted in `host_copies`, which the comparison reports."""
+    import jax  # pylint: disable=import-outside-toplevel
+    try:
+      return jax.dlpack.from_dlpack(im, copy=False)
+    except (ValueError, RuntimeError, TypeError, BufferError):
+      self.host_copies += 1
+      return jax.device_put(np.asarray(im.cpu()), self.device)
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+  """The decoder a job uses (None: Pillow on the host) and the line saying so."""
+  decoder: NvDecoder | None
+  description: str
+
+
+def _gpu_device() -> Any:
+  import jax  # pylint: disable=import-outside-toplevel
+  gpus = [d for d in jax.local_devices() if d.platform == "gpu"]
+  return gpus[0] if gpus else None
+
+
+def select_decoder(kind: str = "auto", *, device: Any = None, threads: int = 0) -> Selection:
+  """The decoder for `kind` (one of KINDS).
+
+  "auto": nvImageCodec on the first local GPU (or `device`) when the extra is installed and a
+  GPU is present, else Pillow on the host, saying why. "nvimgcodec": the same but an error if
+  it cannot be had. "nvimgcodec-cpu": nvImageCodec's CPU-only backend (tests, comparisons).
+  """
+  if kind not in KINDS:
+    raise ValueError(f"decoder must be one of {', '.join(KINDS)}, got {kind!r}")
+  if kind == PILLOW:
+    return Selection(None, f"{PILLOW} (host), as asked")
+  if kind == "nvimgcodec-cpu":
+    nv = NvDecoder(threads=threads)
+    return Selection(nv, nv.description)
+  if _import_nvimgcodec() is None:
+    if kind == NVIMGCODEC:
+      raise ImportError("nvImageCodec is not installed: pip install 'cbir-jax[gpu-decode]'")
+    return Selection(None, f"{PILLOW} (host): nvImageCodec not installed (extra gpu-decode)")
+  device = device if device is not None else _gpu_device()
+  if device is None:
+    if kind == NVIMGCODEC:
+      raise RuntimeError("decoder nvimgcodec asks for a GPU and JAX sees none "
+                         "(nvimgcodec-cpu runs its CPU backend)")
+    return Selection(None, f"{PILLOW} (host): no GPU")
+  try:
+    nv = NvDecoder(device=device, threads=threads)
+  except RuntimeError as e:  # e.g. a driver older than the wheel's CUDA 13
+    if kind == NVIMGCODEC:
+      raise
+    return Selection(None, f"{PILLOW} (host): nvImageCodec cannot start on {device}: {e}")
+  return Selection(nv, nv.description)
+
+
+def _read(item: Item) -> tuple[bytes | None, str]:
+  """(bytes, "") or (None, reason) worded as `decode.safe_decode` words a read failure."""
+  try:
+    if isinstance(item, (bytes, bytearray, memoryview)):
+      return bytes(item), ""
+    if isinstance(item, (str, os.PathLike)):
+      return decode.read_file(os.fspath(item)), ""
+    return item(), ""
+  except (OSError, ValueError) as e:
+    reason = str(e) if isinstance(e, ValueError) else f"cannot read file: {e}"
+    return None, reason or type(e).__name__
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedBatch:
+  """Per item, in input order: the image and who decoded it, or why there is none.
+
+  Attributes:
+    images: [H, W, 3] uint8 with EXIF orientation applied, at full resolution; a jax.Array on
+      the GPU for nvImageCodec GPU decodes, a NumPy array otherwise; None where `errors` says.
+    sizes: (width, height) as shown (after orientation); (0, 0) on failure.
+    errors: "" or the reason, exactly as the Pillow path words it.
+    decoders: NVIMGCODEC or PILLOW per item ("" when the file could not be read).
+    routes: why an item went to Pillow ("" when nvImageCodec was asked).
+  """
+  images: list[Any]
+  sizes: list[tuple[int, int]]
+  errors: list[str]
+  decoders: list[str]
+  routes: list[str]
+
+
+def _pillow_full(data: bytes, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
+  """Full-resolution Pillow decode through `decode_image` (same reasons, bombs, orientation).
+
+  `decode_image` resizes to a given size; Pillow returns a plain copy when that size is the
+  image's own, so a header read gives the size and, if it failed, a second call decodes at it.
+  """
+  try:
+    with Image.open(io.BytesIO(data)) as probe:
+      w, h = probe.size
+      if probe.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+        w, h = h, w
+  except Exception:  # pylint: disable=broad-except  # decode_image below says why, or the size
+    w = h = 1
+  img, (w, h) = decode.decode_image(data, (h, w), draft=False, max_pixels=max_pixels)
+  if img.shape[:2] != (h, w):
+    img, _ = decode.decode_image(data, (h, w), draft=False, max_pixels=max_pixels)
+  return img, (w, h)
+
+
+def _plan(items: Sequence[Item], decoder: NvDecoder | None, max_pixels: int
+          ) -> tuple[list[bytes | None], list[str], list[Route]]:
+  datas, errors, routes = [], [], []
+  for item in items:
+    data, err = _read(item)
+    datas.append(data)
+    errors.append(err)
+    if data is None:
+      routes.append(Route(""))
+    elif decoder is None:
+      routes.append(Route(PILLOW, "host decoder selected"))
+    else:
+      routes.append(route(data, max_pixels=max_pixels))
+  return datas, errors, routes
+
+
+def _nv_pass(datas: list[bytes | None], routes: list[Route], decoder: NvDecoder | None
+             ) -> dict[int, Any]:
+  """Index -> oriented nvImageCodec image, for the items it decoded."""
+  todo = [i for i, r in enumerate(routes) if r.decoder == NVIMGCODEC]
+  if decoder is None or not todo:
+    return {}
+  try:
+    out = decoder.decode([datas[i] for i in todo])
+  except RuntimeError as e:  # a CUDA or library failure: this batch goes to Pillow, the job goes on
+    logging.warning("nvImageCodec failed on a batch of %d, decoding it with Pillow: %s",
+                    len(todo), e)
+    return {}
+  return {i: orient(im, routes[i].orientation) for i, im in zip(todo, out) if im is not None}
+
+
+def _why(r: Route, decoded: bool, data: bytes | None) -> str:
+  """Why an item went to Pillow: its route, or nvImageCodec's missing image ("" otherwise)."""
+  if data is None or decoded:
+    return ""
+  return r.why or "nvimgcodec gave no image"
+
+
+PillowDecode = Callable[[bytes], tuple[Any, tuple[int, int]]]
+
+
+def decode_batch(items: Sequence[Item], *, decoder: NvDecoder | None,
+                 max_pixels: int = decode.MAX_PIXELS,
+                 pillow: PillowDecode | None = None) -> DecodedBatch:
+  """Decodes a batch: baseline JPEGs with `decoder` at full resolution, the rest with Pillow.
+
+  For the device-resize path: images decoded on the GPU stay there (`gpu_canvas.assemble`
+  makes canvases of them on the device). Never raises for a bad input; a JPEG nvImageCodec
+  returns nothing for is retried with Pillow (decoder "pillow", route "nvimgcodec gave no
+  image").
+
+  Args:
+    items: bytes, paths or callables returning bytes.
+    decoder: from `select_decoder`; None decodes everything with Pillow.
+    max_pixels: images declaring more are refused (by the Pillow path, with its reason).
+    pillow: the host decode for Pillow items, bytes -> (pixels, (width, height)), raising
+      ValueError with the reason; default: full resolution through `decode.decode_image`.
+      The job's canvas path passes its draft decode-and-place here.
+  """
+  pillow = pillow or (lambda data: _pillow_full(data, max_pixels))
+  datas, errors, routes = _plan(items, decoder, max_pixels)
+  nv = _nv_pass(datas, routes, decoder)
+  images, sizes, names, whys = [], [], [], []
+  for i, (data, r) in enumerate(zip(datas, routes)):
+    img, size, name, why = None, (0, 0), PILLOW, _why(r, i in nv, data)
+    if data is None:
+      name = ""
+    elif i in nv:
+      img, name = nv[i], NVIMGCODEC
+      size = (int(img.shape[1]), int(img.shape[0]))
+    else:
+      try:
+        img, size = pillow(data)
+      except ValueError as e:
+        errors[i] = str(e)
+    images.append(img)
+    sizes.append(size)
+    names.append(name)
+    whys.append(why)
+  return DecodedBatch(images, sizes, errors, names, whys)
+
+
+@dataclasses.dataclass
+class DecoderTally:
+  """What the summary and the manifest say about decoding: the decoder line, items per
+  decoder, and why items went to Pillow. Typed record with its dict form for the manifest."""
+  description: str
+  counts: dict[str, int] = dataclasses.field(default_factory=dict)
+  pillow_routes: dict[str, int] = dataclasses.field(default_factory=dict)
+
+  def add(self, decoders: Sequence[str], routes: Sequence[str]) -> None:
+    """Counts one batch (`DecodedBatch` or `Rows` fields); unread files are not counted."""
+    for name, why in zip(decoders, routes):
+      if not name:
+        continue
+      self.counts[name] = self.counts.get(name, 0) + 1
+      if name == PILLOW and why:
+        self.pillow_routes[why] = self.pillow_routes.get(why, 0) + 1
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "DecoderTally":
+    return cls(str(d["description"]), {str(k): int(v) for k, v in d["counts"].items()},
+               {str(k): int(v) for k, v in d["pillow_routes"].items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+  """A batch as today's pipeline holds it: rows [N, H, W, 3] uint8 (black where failed),
+  shown sizes (0x0 on failure), reasons, and per item the decoder that ran."""
+  images: np.ndarray
+  widths: list[int]
+  heights: list[int]
+  errors: list[str]
+  decoders: list[str]
+  routes: list[str]
+
+
+def decode_rows(items: Sequence[Item], image_size: int | tuple[int, int], *,
+                decoder: NvDecoder | None, draft: bool = True,
+                max_pixels: int = decode.MAX_PIXELS) -> Rows:
+  """`decode.safe_decode` for a batch, with baseline JPEGs decoded by `decoder`.
+
+  Pillow items are exactly `decode_image(data, image_size, draft=draft)`; nvImageCodec items are
+  decoded at full resolution (no DCT draft scaling) and resized on the host with Pillow's
+  BILINEAR, as `decode_image(..., draft=False)` does. On a GPU this copies the decoded image to
+  the host: the host-resize path for comparisons; the job's device path uses `decode_batch`.
+  """
+  h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+  datas, errors, routes = _plan(items, decoder, max_pixels)
+  nv = _nv_pass(datas, routes, decoder)
+  rows = np.zeros((len(datas), h, w, 3), np.uint8)
+  widths, heights, names = [0] * len(datas), [0] * len(datas), [""] * len(datas)
+  whys = [_why(r, i in nv, data) for i, (r, data) in enumerate(zip(routes, datas))]
+  for i, data in enumerate(datas):
+    if data is None:
+      continue
+    if i in nv:
+      full = np.asarray(nv[i])
+      rows[i] = np.asarray(Image.fromarray(full).resize((w, h), Image.BILINEAR))
+      widths[i], heights[i], names[i] = full.shape[1], full.shape[0], NVIMGCODEC
+      continue
+    names[i] = PILLOW
+    try:
+      rows[i], (widths[i], heights[i]) = decode.decode_image(data, (h, w), draft=draft,
+                                                             max_pixels=max_pixels)
+    except ValueError as e:
+      errors[i] = str(e)
+  return Rows(rows, widths, heights, errors, names, whys)
