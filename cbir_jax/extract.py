@@ -222,6 +222,9 @@ def main(config: ExtractConfig, *, started: float | None = None) -> int:
 def _report_plan(plan, worker: control.Worker, log: Callable[[str], None]) -> None:
   if worker.count > 1:
     log(worker.spec.line())
+  if worker.index == 0:
+    for line in plan.source.notes:
+      log(line)
   if worker.index == 0 and plan.source.labels_report is not None:
     for line in plan.source.labels_report.lines():
       log(line)

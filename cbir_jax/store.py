@@ -37,6 +37,7 @@ MANIFEST = "manifest.json"
 SHARDS = "shards"
 RECORDS = "records.npz"
 DELTA = "delta"
+WEBDATASET_CACHE = "webdataset-listing"  # per-shard listings of a --webdataset input (a cache)
 META_COLUMNS = ("row", "path", "label", "label_name", "width", "height")
 _PART = ".part-"
 

@@ -57,6 +57,14 @@ class Plan:
 
 
 def open_source(config: ExtractConfig) -> sources.Source:
+  if config.webdataset:
+    # Shard listings kept in the output: other workers and reruns list only new shards.
+    cache = str(pathlib.Path(config.output) / store.WEBDATASET_CACHE)
+    return sources.webdataset_source(config.webdataset, content_digest=config.content_digest,
+                                     cache_dir=cache)
+  if config.file_list:
+    return sources.file_list_source(config.file_list, config.labels_csv,
+                                    content_digest=config.content_digest)
   if config.images:
     return sources.folder_source(config.images, config.labels_csv,
                                  content_digest=config.content_digest)

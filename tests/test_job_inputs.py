@@ -1,0 +1,211 @@
+"""The job on webdataset tar shards and file lists, against the same photos as a folder.
+
+food7 photos (5 per class) are copied into a class-folder layout and written as
+img2dataset-style shards (key.jpg + key.json with the class name + key.txt) by plain
+`tarfile`; the same pixels must give the same rows whatever the input, and resume and
+`--update` must follow the folder rules. `vgg_tiny` with random weights on 32x32 inputs.
+"""
+import io
+import json
+import pathlib
+import shutil
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from cbir_jax import extract, index_images, store
+from cbir_jax.descriptors import KINDS
+
+SIZE = 32
+PER_CLASS = 5
+COMMON = dict(model="vgg_tiny", weights="random", image_size=SIZE, progress="none",
+              batch_size=2, shard_size=8)
+QUIET = dict(log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def photos(shared_data, tmp_path_factory):
+  """A class-folder copy of PER_CLASS food7 photos per class: (root, [(path, class)])."""
+  src = shared_data / "food7"
+  root = tmp_path_factory.mktemp("food7") / "images"
+  out = []
+  for c in sorted(p.name for p in src.iterdir() if p.is_dir()):
+    for p in sorted((src / c).glob("*.jpg"))[:PER_CLASS]:
+      (root / c).mkdir(parents=True, exist_ok=True)
+      shutil.copyfile(p, root / c / p.name)
+      out.append((str(root / c / p.name), c))
+  return root, out
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+  info = tarfile.TarInfo(name)
+  info.size, info.mtime = len(data), 1_700_000_000
+  tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(path: pathlib.Path, items, start: int) -> None:
+  """One shard in the img2dataset layout: key.jpg, key.json (label = class name), key.txt."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as t:
+    for k, (p, c) in enumerate(items, start=start):
+      key = f"{k:06d}"
+      _add(t, f"{key}.jpg", pathlib.Path(p).read_bytes())
+      _add(t, f"{key}.json", json.dumps({"key": key, "label": c, "score": k / 4}).encode())
+      _add(t, f"{key}.txt", f"a photo of {c}".encode())
+
+
+def write_shards(folder: pathlib.Path, items, per_shard: int = 12, first: int = 0) -> None:
+  for s in range(0, len(items), per_shard):
+    write_shard(folder / f"{first + s // per_shard:05d}.tar", items[s:s + per_shard], s)
+
+
+def load_all(out) -> tuple[dict, dict]:
+  arrays = {}
+  for kind in KINDS:
+    a, meta = store.load_descriptors(out, kind)
+    arrays[kind] = np.asarray(a)
+  return arrays, meta
+
+
+@pytest.fixture(scope="module")
+def folder_run(photos, tmp_path_factory):
+  root, _ = photos
+  out = tmp_path_factory.mktemp("folder") / "out"
+  extract.run(extract.ExtractConfig(output=str(out), images=str(root), **COMMON), **QUIET)
+  return load_all(out)
+
+
+def test_webdataset_gives_the_folder_rows(photos, folder_run, tmp_path):
+  _, items = photos
+  write_shards(tmp_path / "shards", items)
+  out = tmp_path / "out"
+  s = extract.run(extract.ExtractConfig(output=str(out), webdataset=str(tmp_path / "shards"),
+                                        **COMMON), **QUIET)
+  assert s.complete and s.images == len(items) and s.failed == 0
+  got, meta = load_all(out)
+  want, fmeta = folder_run
+  for kind in KINDS:  # same pixels, same decode engine: the very same bytes
+    np.testing.assert_array_equal(got[kind], want[kind], err_msg=kind)
+  for c in ("label", "label_name", "width", "height"):
+    np.testing.assert_array_equal(meta[c], fmeta[c], err_msg=c)
+  keys = [f"{k:06d}" for k in range(len(items))]
+  assert meta["path"].tolist() == [str(tmp_path / "shards" / f"{k // 12:05d}.tar" / f"{key}.jpg")
+                                   for k, key in enumerate(keys)]
+  assert meta["key"].tolist() == keys and meta["txt"].tolist() == [
+      f"a photo of {c}" for _, c in items]
+  # Extra columns are stored as text by the job's rows (job/rows.py `_meta_arrays`).
+  np.testing.assert_allclose(meta["score"].astype(float), np.arange(len(items)) / 4)
+  m = store.read_manifest(out)
+  assert m["input"]["type"] == "webdataset" and m["input"]["spec"] == str(tmp_path / "shards")
+  # A row's image read back (result pages, evaluation): the member's own bytes.
+  images = index_images.IndexImages.of_index(out)
+  assert images.read_bytes(meta["path"][13]) == pathlib.Path(items[13][0]).read_bytes()
+  # The rerun is up to date; the shard listings came from the output's cache.
+  assert list((out / store.WEBDATASET_CACHE).glob("*.json"))
+  again = extract.run(extract.ExtractConfig(output=str(out), webdataset=str(tmp_path / "shards"),
+                                            **COMMON), **QUIET)
+  assert again.complete and again.images == 0
+
+
+def test_webdataset_resumes_after_a_stop_and_equals_a_clean_run(photos, folder_run, tmp_path,
+                                                                 monkeypatch):
+  _, items = photos
+  write_shards(tmp_path / "shards", items)
+  cfg = extract.ExtractConfig(output=str(tmp_path / "out"), webdataset=str(tmp_path / "shards"),
+                              **COMMON)
+  real_save, calls = np.save, []
+
+  def failing_save(path, a, *args, **kwargs):
+    calls.append(path)
+    if len(calls) > 2 * len(KINDS):  # the third job shard: the disk is full
+      raise OSError(28, "No space left on device")
+    return real_save(path, a, *args, **kwargs)
+
+  monkeypatch.setattr(np, "save", failing_save)
+  with pytest.raises(extract.ExtractError, match="No space left"):
+    extract.run(cfg, **QUIET)
+  monkeypatch.setattr(np, "save", real_save)
+  assert sorted(store.complete_shards(tmp_path / "out")) == [0, 1]
+  s = extract.run(cfg, **QUIET)
+  assert s.complete and s.shards_skipped == 2 and s.images == len(items) - 16
+  got, _ = load_all(tmp_path / "out")
+  for kind in KINDS:
+    np.testing.assert_array_equal(got[kind], folder_run[0][kind], err_msg=kind)
+
+
+def test_webdataset_update_after_adding_a_shard_equals_a_clean_run(photos, tmp_path):
+  _, items = photos
+  first, rest = items[:24], items[24:]
+  shards = tmp_path / "shards"
+  write_shards(shards, first)
+  out = tmp_path / "out"
+  extract.run(extract.ExtractConfig(output=str(out), webdataset=str(shards), **COMMON), **QUIET)
+  write_shard(shards / "00002.tar", rest, 24)
+  with pytest.raises(extract.ExtractError, match="--update"):
+    extract.run(extract.ExtractConfig(output=str(out), webdataset=str(shards), **COMMON),
+                **QUIET)
+  s = extract.run(extract.ExtractConfig(output=str(out), webdataset=str(shards), update=True,
+                                        **COMMON), **QUIET)
+  assert s.complete and s.reused == len(first) and s.images == len(rest)
+  clean = tmp_path / "clean"
+  extract.run(extract.ExtractConfig(output=str(clean), webdataset=str(shards), **COMMON),
+              **QUIET)
+  got, meta = load_all(out)
+  want, wmeta = load_all(clean)
+  for kind in KINDS:
+    np.testing.assert_array_equal(got[kind], want[kind], err_msg=kind)
+  assert list(meta) == list(wmeta)
+  for c in wmeta:
+    np.testing.assert_array_equal(meta[c], wmeta[c], err_msg=c)
+
+
+def test_file_list_extracts_in_its_order(photos, folder_run, tmp_path):
+  root, items = photos
+  order = np.random.default_rng(3).permutation(len(items))
+  listed = [pathlib.Path(items[i][0]).relative_to(root).as_posix() for i in order]
+  lst = root / "list.txt"
+  lst.write_text("# photos, shuffled\n" + "\n".join(listed) + "\n")
+  out = tmp_path / "out"
+  try:
+    s = extract.run(extract.ExtractConfig(output=str(out), file_list=str(lst), **COMMON),
+                    **QUIET)
+  finally:
+    lst.unlink()
+  assert s.complete and s.images == len(items)
+  got, meta = load_all(out)
+  assert meta["path"].tolist() == [items[i][0] for i in order]
+  assert (meta["label"] == -1).all()  # a list's folders are not classes
+  for kind in KINDS:
+    np.testing.assert_array_equal(got[kind], folder_run[0][kind][order], err_msg=kind)
+
+
+def test_file_list_missing_file_is_a_failure_row(photos, tmp_path):
+  root, items = photos
+  lst = tmp_path / "list.txt"
+  lst.write_text(f"{items[0][0]}\n{tmp_path / 'gone.jpg'}\n{items[1][0]}\n")
+  out = tmp_path / "out"
+  lines = []
+  s = extract.run(extract.ExtractConfig(output=str(out), file_list=str(lst), **COMMON),
+                  log=lines.append)
+  assert s.images == 2 and s.failed == 1
+  assert any("1 of 3 listed files do not exist" in line for line in lines)
+  assert [f[0] for f in store.read_failures(out)] == [str(tmp_path / "gone.jpg")]
+
+
+def test_parquet_metadata_equals_load_descriptors(photos, tmp_path):
+  """The metadata table is plain parquet: pyarrow (or pandas) reads every row's path/label."""
+  _, items = photos
+  write_shards(tmp_path / "shards", items)
+  out = tmp_path / "out"
+  extract.run(extract.ExtractConfig(output=str(out), webdataset=str(tmp_path / "shards"),
+                                    **COMMON), **QUIET)
+  _, meta = store.load_descriptors(out, "conv")
+  m = store.read_manifest(out)
+  table = pq.read_table(out / m["metadata"]["file"]).to_pydict()
+  assert table["path"] == meta["path"].tolist() and len(table["path"]) == len(items)
+  assert table["label"] == meta["label"].tolist() == [
+      sorted({c for _, c in items}).index(c) for _, c in items]
+  assert table["label_name"] == [c for _, c in items]
+  assert set(meta) == set(table)
