@@ -209,3 +209,62 @@ def test_parquet_metadata_equals_load_descriptors(photos, tmp_path):
       sorted({c for _, c in items}).index(c) for _, c in items]
   assert table["label_name"] == [c for _, c in items]
   assert set(meta) == set(table)
+
+
+TFDS_N = 7
+
+
+def _tfds_example(i: int) -> dict:
+  from PIL import Image
+  img = np.zeros((20, 16 + i, 3), np.uint8)
+  img[..., i % 3] = 30 * i
+  buf = io.BytesIO()
+  Image.fromarray(img).save(buf, "PNG")
+  return {"image": buf.getvalue(), "label": i % 2, "file_name": f"img_{i:02d}.png",
+          "score": i / 8, "width": 100 + i, "boxes": np.zeros((2,), np.float32)}
+
+
+def _tfds_builder(data_dir: str):
+  import tensorflow_datasets as tfds
+
+  class CbirTestFeatures(tfds.core.GeneratorBasedBuilder):
+    """Image, label and scalar/text/vector features (the vector is not a column)."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "label": tfds.features.ClassLabel(names=["a", "b"]),
+          "file_name": tfds.features.Text(), "score": tfds.features.Scalar(np.float32),
+          "width": tfds.features.Scalar(np.int64),
+          "boxes": tfds.features.Tensor(shape=(2,), dtype=np.float32)}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(TFDS_N):
+        yield i, _tfds_example(i)
+
+  return CbirTestFeatures(data_dir=data_dir, file_format="array_record")
+
+
+def test_tfds_scalar_and_text_features_become_columns(tmp_path):
+  """A TFDS dataset's scalar and text features are metadata columns, as TFDS decodes them."""
+  import tensorflow_datasets as tfds
+
+  _tfds_builder(str(tmp_path / "tfds")).download_and_prepare()
+  out = tmp_path / "out"
+  extract.run(extract.ExtractConfig(output=str(out), tfds="cbir_test_features:train",
+                                    data_dir=str(tmp_path / "tfds"), **COMMON), **QUIET)
+  _, meta = store.load_descriptors(out, "conv")
+  ref = tfds.data_source("cbir_test_features", split="train", data_dir=str(tmp_path / "tfds"),
+                         download=False)
+  want = [ref[i] for i in range(len(ref))]  # TFDS's own decoding, in split order
+  assert meta["file_name"].tolist() == [ex["file_name"].decode() for ex in want]
+  np.testing.assert_allclose(meta["score"].astype(float), [ex["score"] for ex in want])
+  # "width" is the decoded width; the feature of that name is kept as tfds_width.
+  assert meta["tfds_width"].astype(int).tolist() == [int(ex["width"]) for ex in want]
+  assert meta["width"].tolist() == [ex["image"].shape[1] for ex in want]
+  assert "boxes" not in meta  # not a scalar
+  assert meta["label"].tolist() == [int(ex["label"]) for ex in want]

@@ -102,12 +102,18 @@ class Source:
       meta["label_name"] = [self.label_name(int(v)) for v in lab.tolist()]
     for c, col in self.extra.items():
       meta[c] = col[positions]
+    if self.tfds is not None:  # scalar and text features, read by position
+      try:
+        meta.update(self.tfds.metadata_columns(positions))
+      except OSError as e:
+        raise ExtractError(str(e)) from None
     return meta
 
   @property
   def columns(self) -> tuple[str, ...]:
     """Metadata columns of every row."""
-    return ("row", "path", "label", "label_name", "width", "height", *self.extra)
+    tfds = [c for c, _ in self.tfds.metadata] if self.tfds is not None else []
+    return ("row", "path", "label", "label_name", "width", "height", *self.extra, *tfds)
 
   def batches(self, positions: np.ndarray, *, batch_size: int, image_size: int,
               num_threads: int | None, draft: bool, max_pixels: int = input_pipeline.MAX_PIXELS,
