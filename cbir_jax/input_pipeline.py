@@ -81,6 +81,22 @@ class Listing:
   """What a folder holds: the images to read, and the other files counted by extension."""
   records: list[Record]
   skipped: collections.Counter  # lower-case extension ("" for none) -> files not read
+  documents: list[str] = dataclasses.field(default_factory=list)  # README, LICENSE*, *.md
+
+
+# A collection's own documentation (README, LICENSE, notes): not images and expected in a
+# folder of images, so not reported as skipped files (the first command users run lists
+# the sample folder, whose LICENSES.md is no stray file).
+DOCUMENT_STEMS = ("readme", "license", "licence", "licenses", "licences", "copying", "notice",
+                  "authors", "changelog", "citation")
+DOCUMENT_EXTENSIONS = (".md", ".rst")
+
+
+def is_document(name: str) -> bool:
+  """A documentation file by its name: README*, LICENSE*, COPYING*, ... or *.md, *.rst."""
+  low = name.lower()
+  stem = low.split(".", 1)[0].replace("-", "_").split("_", 1)[0]  # LICENSE-photos: license
+  return stem in DOCUMENT_STEMS or os.path.splitext(low)[1] in DOCUMENT_EXTENSIONS
 
 
 def list_folder(root: str | os.PathLike) -> Listing:
@@ -89,19 +105,23 @@ def list_folder(root: str | os.PathLike) -> Listing:
   A file's label is its first-level subfolder (classes numbered in sorted name order);
   files directly in `root` get label -1. Images are the extensions Pillow can decode here
   (`IMAGE_EXTENSIONS`, case-insensitive); other files are counted in `skipped`. Directory
-  symlinks are not followed, so a symlink loop cannot trap the walk.
+  symlinks are not followed, so a symlink loop cannot trap the walk. Documentation files
+  (`is_document`) are listed in `documents`, not counted as skipped.
   """
   root = pathlib.Path(root)
   if not root.is_dir():
     raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
   paths: list[str] = []
   skipped: collections.Counter = collections.Counter()
+  documents: list[str] = []
   for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
     dirnames.sort()
     for name in filenames:
       ext = os.path.splitext(name)[1].lower()
       if ext in IMAGE_EXTENSIONS:
         paths.append(os.path.join(dirpath, name))
+      elif is_document(name):
+        documents.append(os.path.join(dirpath, name))
       else:
         skipped[ext] += 1
   paths.sort()
@@ -111,7 +131,7 @@ def list_folder(root: str | os.PathLike) -> Listing:
   records = [Record(key=p, label=class_index[parts[0]] if len(parts) > 1 else -1,
                     label_name=parts[0] if len(parts) > 1 else "")
              for p, parts in zip(paths, rel_first)]
-  return Listing(records=records, skipped=skipped)
+  return Listing(records=records, skipped=skipped, documents=sorted(documents))
 
 
 def folder_records(root: str | os.PathLike) -> list[Record]:

@@ -604,6 +604,8 @@ def read_failures(output_dir: str | os.PathLike) -> list[tuple[str, str]]:
   """All (path, reason) failures of the current generation (finished or partial), in input order."""
   out = pathlib.Path(output_dir)
   m = load_manifest(out) if (out / MANIFEST).is_file() else None
+  if m is not None and m.complete and m.failures_file is None and m.format_version >= 4:
+    return []  # nothing failed: no failure list is written
   if m is not None and m.complete and m.failures_file is not None:
     f = m.failures_file
     p = _file(out, f.file, _entry(f), False)

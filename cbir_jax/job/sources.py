@@ -141,9 +141,11 @@ def folder_source(root: str, labels_csv: str | None, *, content_digest: bool = F
     raise ExtractError(str(e)) from None
   records = listing.records
   if not records:
-    other = input_pipeline.format_skipped(listing.skipped)
-    raise ExtractError(f"no images found under {root} ({other or 'no files'}; image "
-                       f"extensions: {', '.join(sorted(input_pipeline.IMAGE_EXTENSIONS))})")
+    other = input_pipeline.format_skipped(listing.skipped) or (
+        f"only {len(listing.documents)} documentation file"
+        f"{'s' if len(listing.documents) > 1 else ''}" if listing.documents else "no files")
+    raise ExtractError(f"no images found under {root} ({other}); images are .jpg, .png, "
+                       ".webp, .tif, ... (what Pillow reads)")
   keys = [r.key for r in records]
   src = Source(type="folder", root=root, keys=keys,
                identities=ident.folder_identities(root, keys, content_digest=content_digest),
