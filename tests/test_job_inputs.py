@@ -273,3 +273,29 @@ def test_tfds_scalar_and_text_features_become_columns(tmp_path):
   assert meta["width"].tolist() == [ex["image"].shape[1] for ex in want]
   assert "boxes" not in meta  # not a scalar
   assert meta["label"].tolist() == [int(ex["label"]) for ex in want]
+
+
+def test_webdataset_corrupt_member_is_a_failure_row_kept_by_update(photos, tmp_path):
+  """A member that does not decode is a failure named <shard>/<member>, as a folder's file is;
+  `--update` keeps it under the same name and equals a clean run's failure list."""
+  _, items = photos
+  broken = tmp_path / "broken.jpg"
+  broken.write_bytes(b"\xff\xd8 not really a jpeg")
+  shards = tmp_path / "shards"
+  write_shard(shards / "00000.tar", [items[0], (str(broken), items[0][1]), items[1]], 0)
+  out = tmp_path / "out"
+  s = extract.run(extract.ExtractConfig(output=str(out), webdataset=str(shards), **COMMON),
+                  **QUIET)
+  assert s.images == 2 and s.failed == 1
+  failures = store.read_failures(out)
+  assert [p for p, _ in failures] == [str(shards / "00000.tar" / "000001.jpg")]
+  assert failures[0][1]  # the decoder's reason
+  write_shard(shards / "00001.tar", items[2:5], 3)
+  s = extract.run(extract.ExtractConfig(output=str(out), webdataset=str(shards), update=True,
+                                        **COMMON), **QUIET)
+  assert s.images == 3 and s.reused == 3  # two rows and the failure
+  clean = tmp_path / "clean"
+  extract.run(extract.ExtractConfig(output=str(clean), webdataset=str(shards), **COMMON), **QUIET)
+  assert store.read_failures(out) == store.read_failures(clean) == failures
+  _, meta = store.load_descriptors(out, "conv")
+  assert meta["row"].tolist() == [0, 2, 3, 4, 5]
