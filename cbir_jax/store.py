@@ -30,6 +30,7 @@ from cbir_jax.shards import (DELTA, MANIFEST, META_COLUMNS, RECORDS, SHARDS,  # 
 
 WEBDATASET_CACHE = "webdataset-listing"  # per-shard listings of a --webdataset input (a cache)
 
+
 def read_manifest(output_dir: str | os.PathLike, name: str = MANIFEST) -> dict[str, Any]:
   """manifest.json as a dict (see `load_manifest` for the typed record)."""
   path = pathlib.Path(output_dir) / name
