@@ -77,12 +77,20 @@ def folder_run(photos, tmp_path_factory):
   return load_all(out)
 
 
-def test_webdataset_gives_the_folder_rows(photos, folder_run, tmp_path):
+@pytest.fixture(scope="module")
+def wds_run(photos, tmp_path_factory):
+  """The photos as 3 shards of 12, 12, 11 and their extraction: (shards, out, summary)."""
   _, items = photos
-  write_shards(tmp_path / "shards", items)
-  out = tmp_path / "out"
-  s = extract.run(extract.ExtractConfig(output=str(out), webdataset=str(tmp_path / "shards"),
-                                        **COMMON), **QUIET)
+  base = tmp_path_factory.mktemp("wds")
+  write_shards(base / "shards", items)
+  s = extract.run(extract.ExtractConfig(output=str(base / "out"),
+                                        webdataset=str(base / "shards"), **COMMON), **QUIET)
+  return base / "shards", base / "out", s
+
+
+def test_webdataset_gives_the_folder_rows(photos, folder_run, wds_run):
+  _, items = photos
+  shards, out, s = wds_run
   assert s.complete and s.images == len(items) and s.failed == 0
   got, meta = load_all(out)
   want, fmeta = folder_run
@@ -91,21 +99,21 @@ def test_webdataset_gives_the_folder_rows(photos, folder_run, tmp_path):
   for c in ("label", "label_name", "width", "height"):
     np.testing.assert_array_equal(meta[c], fmeta[c], err_msg=c)
   keys = [f"{k:06d}" for k in range(len(items))]
-  assert meta["path"].tolist() == [str(tmp_path / "shards" / f"{k // 12:05d}.tar" / f"{key}.jpg")
+  assert meta["path"].tolist() == [str(shards / f"{k // 12:05d}.tar" / f"{key}.jpg")
                                    for k, key in enumerate(keys)]
   assert meta["key"].tolist() == keys and meta["txt"].tolist() == [
       f"a photo of {c}" for _, c in items]
   # Extra columns are stored as text by the job's rows (job/rows.py `_meta_arrays`).
   np.testing.assert_allclose(meta["score"].astype(float), np.arange(len(items)) / 4)
   m = store.read_manifest(out)
-  assert m["input"]["type"] == "webdataset" and m["input"]["spec"] == str(tmp_path / "shards")
+  assert m["input"]["type"] == "webdataset" and m["input"]["spec"] == str(shards)
   # A row's image read back (result pages, evaluation): the member's own bytes.
   images = index_images.IndexImages.of_index(out)
   assert images.read_bytes(meta["path"][13]) == pathlib.Path(items[13][0]).read_bytes()
   # The rerun is up to date; the shard listings came from the output's cache.
   assert list((out / store.WEBDATASET_CACHE).glob("*.json"))
-  again = extract.run(extract.ExtractConfig(output=str(out), webdataset=str(tmp_path / "shards"),
-                                            **COMMON), **QUIET)
+  again = extract.run(extract.ExtractConfig(output=str(out), webdataset=str(shards), **COMMON),
+                      **QUIET)
   assert again.complete and again.images == 0
 
 
@@ -136,13 +144,22 @@ def test_webdataset_resumes_after_a_stop_and_equals_a_clean_run(photos, folder_r
 
 
 def test_webdataset_update_after_adding_a_shard_equals_a_clean_run(photos, tmp_path):
+  """Also the failure rules: a member that does not decode is a failure named
+  <shard>/<member>, as a folder's file is, and --update keeps it under that name."""
   _, items = photos
-  first, rest = items[:24], items[24:]
+  broken = tmp_path / "broken.jpg"
+  broken.write_bytes(b"\xff\xd8 not really a jpeg")
+  first, rest = items[:5] + [(str(broken), items[5][1])] + items[5:24], items[24:]
   shards = tmp_path / "shards"
   write_shards(shards, first)
   out = tmp_path / "out"
-  extract.run(extract.ExtractConfig(output=str(out), webdataset=str(shards), **COMMON), **QUIET)
-  write_shard(shards / "00002.tar", rest, 24)
+  s = extract.run(extract.ExtractConfig(output=str(out), webdataset=str(shards), **COMMON),
+                  **QUIET)
+  assert s.images == 24 and s.failed == 1
+  failures = store.read_failures(out)
+  assert [p for p, _ in failures] == [str(shards / "00000.tar" / "000005.jpg")]
+  assert failures[0][1]  # the decoder's reason
+  write_shard(shards / "00003.tar", rest, 25)
   with pytest.raises(extract.ExtractError, match="--update"):
     extract.run(extract.ExtractConfig(output=str(out), webdataset=str(shards), **COMMON),
                 **QUIET)
@@ -152,6 +169,7 @@ def test_webdataset_update_after_adding_a_shard_equals_a_clean_run(photos, tmp_p
   clean = tmp_path / "clean"
   extract.run(extract.ExtractConfig(output=str(clean), webdataset=str(shards), **COMMON),
               **QUIET)
+  assert store.read_failures(out) == store.read_failures(clean) == failures
   got, meta = load_all(out)
   want, wmeta = load_all(clean)
   for kind in KINDS:
@@ -162,45 +180,35 @@ def test_webdataset_update_after_adding_a_shard_equals_a_clean_run(photos, tmp_p
 
 
 def test_file_list_extracts_in_its_order(photos, folder_run, tmp_path):
+  """Rows in the list's order; a listed file that is missing is a failure row."""
   root, items = photos
   order = np.random.default_rng(3).permutation(len(items))
   listed = [pathlib.Path(items[i][0]).relative_to(root).as_posix() for i in order]
+  listed.insert(4, "gone/missing.jpg")
   lst = root / "list.txt"
   lst.write_text("# photos, shuffled\n" + "\n".join(listed) + "\n")
   out = tmp_path / "out"
+  lines = []
   try:
     s = extract.run(extract.ExtractConfig(output=str(out), file_list=str(lst), **COMMON),
-                    **QUIET)
+                    log=lines.append)
   finally:
     lst.unlink()
-  assert s.complete and s.images == len(items)
+  assert s.complete and s.images == len(items) and s.failed == 1
+  assert any(f"1 of {len(items) + 1} listed files do not exist" in line for line in lines)
+  assert [p for p, _ in store.read_failures(out)] == [str(root / "gone" / "missing.jpg")]
   got, meta = load_all(out)
   assert meta["path"].tolist() == [items[i][0] for i in order]
+  assert meta["row"].tolist() == [r for r in range(len(items) + 1) if r != 4]
   assert (meta["label"] == -1).all()  # a list's folders are not classes
   for kind in KINDS:
     np.testing.assert_array_equal(got[kind], folder_run[0][kind][order], err_msg=kind)
 
 
-def test_file_list_missing_file_is_a_failure_row(photos, tmp_path):
-  root, items = photos
-  lst = tmp_path / "list.txt"
-  lst.write_text(f"{items[0][0]}\n{tmp_path / 'gone.jpg'}\n{items[1][0]}\n")
-  out = tmp_path / "out"
-  lines = []
-  s = extract.run(extract.ExtractConfig(output=str(out), file_list=str(lst), **COMMON),
-                  log=lines.append)
-  assert s.images == 2 and s.failed == 1
-  assert any("1 of 3 listed files do not exist" in line for line in lines)
-  assert [f[0] for f in store.read_failures(out)] == [str(tmp_path / "gone.jpg")]
-
-
-def test_parquet_metadata_equals_load_descriptors(photos, tmp_path):
+def test_parquet_metadata_equals_load_descriptors(photos, wds_run):
   """The metadata table is plain parquet: pyarrow (or pandas) reads every row's path/label."""
   _, items = photos
-  write_shards(tmp_path / "shards", items)
-  out = tmp_path / "out"
-  extract.run(extract.ExtractConfig(output=str(out), webdataset=str(tmp_path / "shards"),
-                                    **COMMON), **QUIET)
+  _, out, _ = wds_run
   _, meta = store.load_descriptors(out, "conv")
   m = store.read_manifest(out)
   table = pq.read_table(out / m["metadata"]["file"]).to_pydict()
@@ -273,29 +281,3 @@ def test_tfds_scalar_and_text_features_become_columns(tmp_path):
   assert meta["width"].tolist() == [ex["image"].shape[1] for ex in want]
   assert "boxes" not in meta  # not a scalar
   assert meta["label"].tolist() == [int(ex["label"]) for ex in want]
-
-
-def test_webdataset_corrupt_member_is_a_failure_row_kept_by_update(photos, tmp_path):
-  """A member that does not decode is a failure named <shard>/<member>, as a folder's file is;
-  `--update` keeps it under the same name and equals a clean run's failure list."""
-  _, items = photos
-  broken = tmp_path / "broken.jpg"
-  broken.write_bytes(b"\xff\xd8 not really a jpeg")
-  shards = tmp_path / "shards"
-  write_shard(shards / "00000.tar", [items[0], (str(broken), items[0][1]), items[1]], 0)
-  out = tmp_path / "out"
-  s = extract.run(extract.ExtractConfig(output=str(out), webdataset=str(shards), **COMMON),
-                  **QUIET)
-  assert s.images == 2 and s.failed == 1
-  failures = store.read_failures(out)
-  assert [p for p, _ in failures] == [str(shards / "00000.tar" / "000001.jpg")]
-  assert failures[0][1]  # the decoder's reason
-  write_shard(shards / "00001.tar", items[2:5], 3)
-  s = extract.run(extract.ExtractConfig(output=str(out), webdataset=str(shards), update=True,
-                                        **COMMON), **QUIET)
-  assert s.images == 3 and s.reused == 3  # two rows and the failure
-  clean = tmp_path / "clean"
-  extract.run(extract.ExtractConfig(output=str(clean), webdataset=str(shards), **COMMON), **QUIET)
-  assert store.read_failures(out) == store.read_failures(clean) == failures
-  _, meta = store.load_descriptors(out, "conv")
-  assert meta["row"].tolist() == [0, 2, 3, 4, 5]
