@@ -1,4 +1,5 @@
-"""The bulk extraction job: images (folder, TFDS, webdataset shards, file list) -> an index of descriptor parts (index.py).
+"""The bulk extraction job: images (folder, TFDS, webdataset shards, file list) -> an index of
+descriptor parts (index.py).
 
 `run` goes through named stages (cbir_jax/job/): plan the job (input, weights, settings,
 output directory, work left) -> run the steps -> assemble rows into shards -> finish
