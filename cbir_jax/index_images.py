@@ -27,8 +27,8 @@ class IndexInput:
   """Where an index's images came from, as its manifest records it.
 
   Attributes:
-    type: "folder", "tfds", "webdataset", "file_list", or "" when the manifest does not say (paths are then read as
-      they are stored).
+    type: "folder", "tfds", "webdataset", "file_list", or "" when the manifest does not
+      say (paths are then read as they are stored).
     root: the folder the stored paths are under, or the TFDS data_dir.
     spec: "name:split" of a TFDS input.
   """
