@@ -191,8 +191,8 @@ def _read_verified(out: pathlib.Path, s: ShardEntry, name: str) -> bytes:
 
 
 def _gather_meta(out: pathlib.Path, m: Manifest, shards: Sequence[ShardEntry],
-                 progress: FinishProgress) -> tuple[FileEntry, FileEntry]:
-  """The metadata table (every shard's rows, in order) and the failure list."""
+                 progress: FinishProgress) -> tuple[FileEntry, FileEntry | None]:
+  """The metadata table (every shard's rows, in order) and the failure list (None: none)."""
   parts, failures = [], []
   for s in shards:
     try:
@@ -208,10 +208,13 @@ def _gather_meta(out: pathlib.Path, m: Manifest, shards: Sequence[ShardEntry],
   meta = {c: np.concatenate([p[c] for p in parts]) if parts else np.zeros(0) for c in columns}
   mrel, frel = m.path(index_files.METADATA), m.path(index_files.FAILURES)
   mpath = store.write_atomic(out / mrel, lambda f: index_files.write_metadata(f, meta))
+  mentry = FileEntry(mrel, len(meta["row"]), store.sha256_file(mpath), mpath.stat().st_size)
+  if not failures:  # no failure list when nothing failed (the manifest says 0 failures)
+    (out / frel).unlink(missing_ok=True)  # one left by an earlier try of this generation
+    return mentry, None
   text = json.dumps(failures).encode("utf-8", "surrogateescape")
   fpath = store.write_atomic(out / frel, lambda f: f.write(text))
-  return (FileEntry(mrel, len(meta["row"]), store.sha256_file(mpath), mpath.stat().st_size),
-          FileEntry(frel, len(failures), store.sha256_file(fpath), fpath.stat().st_size))
+  return mentry, FileEntry(frel, len(failures), store.sha256_file(fpath), fpath.stat().st_size)
 
 
 def _read_header(src, rel: str, out: pathlib.Path) -> tuple[tuple[int, ...], bool, np.dtype]:

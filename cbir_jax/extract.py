@@ -1,4 +1,5 @@
-"""The bulk extraction job: images (folder or TFDS) -> an index of descriptor parts (index.py).
+"""The bulk extraction job: images (folder, TFDS, webdataset shards, file list) -> an index of
+descriptor parts (index.py).
 
 `run` goes through named stages (cbir_jax/job/): plan the job (input, weights, settings,
 output directory, work left) -> run the steps -> assemble rows into shards -> finish
@@ -85,19 +86,25 @@ class Summary:
     return (self.images + self.failed) / t if t > 0 else 0.0
 
   def line(self) -> str:
+    """The result in one short line: images, failures, time, throughput, the output."""
+    skipped = f", {self.skipped_line}" if self.skipped_line else ""
+    resumed = (f"; shards skipped (already complete) {self.shards_skipped}"
+               if self.shards_skipped else "")
+    update = f"; {self.update_line}" if self.update_line else ""
+    return (f"extracted {self.images} images, {self.failed} failed{skipped}, in "
+            f"{self.seconds:.1f} s ({self.images_per_s:.1f} images/s){resumed}{update}; "
+            f"output {self.output}" + (
+                f" (not finished yet: {self.missing} shard(s) of other workers to go; the "
+                "worker that writes the last one finishes the job)" if self.missing else ""))
+
+  def details(self) -> str:
+    """Where the time went, for tuning: throughput while stepping, input wait, phases."""
     share = self.input_wait_s / self.seconds if self.seconds > 0 else 0.0
     times = ", ".join(f"{name} {self.phases[name]:.1f}" for name in PHASES
                       if self.phases.get(name, 0.0) >= 0.05)
-    update = f"; {self.update_line}" if self.update_line else ""
-    skipped = f", {self.skipped_line}" if self.skipped_line else ""
-    return (f"extracted {self.images} images, {self.failed} failed{skipped}, in "
-            f"{self.seconds:.1f} s "
-            f"({self.images_per_s:.1f} images/s; {self.steady_images_per_s:.1f} while "
-            f"stepping); waiting for input {100 * share:.0f}%; seconds: {times}; shards "
-            f"written {self.shards_written}, skipped (already complete) "
-            f"{self.shards_skipped}{update}; output {self.output}" + (
-                f" (not finished yet: {self.missing} shard(s) of other workers to go; the "
-                "worker that writes the last one finishes the job)" if self.missing else ""))
+    return (f"details: {self.steady_images_per_s:.1f} images/s while stepping; waiting for "
+            f"input {100 * share:.0f}%; seconds: {times}; shards written "
+            f"{self.shards_written}, already complete {self.shards_skipped}")
 
 
 def _log(msg: str) -> None:
@@ -215,6 +222,7 @@ def main(config: ExtractConfig, *, started: float | None = None) -> int:
     except ExtractError as e:
       print(f"extract: error: {e}", file=sys.stderr, flush=True)
       return e.exit_code
+  _log(summary.details())
   print(summary.line(), flush=True)
   return 0
 
@@ -222,6 +230,9 @@ def main(config: ExtractConfig, *, started: float | None = None) -> int:
 def _report_plan(plan, worker: control.Worker, log: Callable[[str], None]) -> None:
   if worker.count > 1:
     log(worker.spec.line())
+  if worker.index == 0:
+    for line in plan.source.notes:
+      log(line)
   if worker.index == 0 and plan.source.labels_report is not None:
     for line in plan.source.labels_report.lines():
       log(line)

@@ -7,7 +7,7 @@ gen-NNNNNN/ after `--update`s; manifest.json names it):
                               of parts per kind (what autofaiss-style readers take as is)
   <base>/metadata.parquet     one row per descriptor row: row, path, label, label_name,
                               width, height (+ labels CSV columns)
-  <base>/failures.json        [[path, reason, record], ...]: records without a row
+  <base>/failures.json        [[path, reason, record], ...]: records without a row (absent: none)
   <base>/shards/000007/       the shard as written: <kind>.npy (same file as the part),
                               meta.npz (NumPy-only metadata), failures.json, shard.json
   <base>/records.npz          the input's per-record identities (for reruns and --update)

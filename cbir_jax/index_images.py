@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from PIL import Image, ImageOps
 
-FOLDER, TFDS = "folder", "tfds"
+FOLDER, TFDS, WEBDATASET, FILE_LIST = "folder", "tfds", "webdataset", "file_list"
 
 
 class ImageUnavailable(ValueError):
@@ -27,8 +27,8 @@ class IndexInput:
   """Where an index's images came from, as its manifest records it.
 
   Attributes:
-    type: "folder", "tfds", or "" when the manifest does not say (paths are then read as
-      they are stored).
+    type: "folder", "tfds", "webdataset", "file_list", or "" when the manifest does not
+      say (paths are then read as they are stored).
     root: the folder the stored paths are under, or the TFDS data_dir.
     spec: "name:split" of a TFDS input.
   """
@@ -86,7 +86,7 @@ class IndexImages:
       image_root: where the folder (or the TFDS data_dir) is now, if it moved.
     """
     if image_root is not None:
-      if source.type not in (FOLDER, TFDS) or not source.root:
+      if source.type not in (FOLDER, TFDS, WEBDATASET, FILE_LIST) or not source.root:
         raise ValueError("the index does not record the folder it was made from, so "
                          "--image_root cannot place its paths")
       if not os.path.isdir(image_root):
@@ -139,6 +139,9 @@ class IndexImages:
 
     path = self.locate(stored)
     try:
+      if self.source.type == WEBDATASET:  # "<shard>.tar/<member>": read by offset
+        from cbir_jax import webdataset_input
+        return webdataset_input.read_path(path)
       return read_file(path)
     except OSError as e:
       raise ImageUnavailable(f"cannot read image {path}: {e.strerror or e}{self._hint(path)}"

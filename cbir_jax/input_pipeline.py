@@ -86,6 +86,7 @@ class Listing:
   records: list[Record]
   skipped: collections.Counter  # lower-case extension ("" for none) -> files not read
   loops: list[str] = dataclasses.field(default_factory=list)
+  documents: list[str] = dataclasses.field(default_factory=list)  # README, LICENSE*, *.md
 
 
 # The `skipped` key of directory links not followed (shown apart by `format_skipped`).
@@ -101,8 +102,8 @@ def _dir_id(path: str | os.DirEntry) -> tuple[int, int] | None:
   return st.st_dev, st.st_ino
 
 
-def _walk(root: str) -> tuple[list[str], collections.Counter, list[str]]:
-  """(image paths, files not read by extension, directory links refused) under `root`.
+def _walk(root: str) -> tuple[list[str], collections.Counter, list[str], list[str]]:
+  """(image paths, files not read by extension, directory links refused, documents) under `root`.
 
   An explicit stack, not recursion: a tree of any depth lists. Directory symlinks are
   followed (a class folder may be a link to elsewhere); one that leads to a folder on
@@ -112,6 +113,7 @@ def _walk(root: str) -> tuple[list[str], collections.Counter, list[str]]:
   paths: list[str] = []
   skipped: collections.Counter = collections.Counter()
   loops: list[str] = []
+  documents: list[str] = []
   stack = [(root, frozenset([_dir_id(root)]))]  # (folder, ids of it and its ancestors)
   while stack:
     folder, above = stack.pop()
@@ -130,6 +132,8 @@ def _walk(root: str) -> tuple[list[str], collections.Counter, list[str]]:
         ext = os.path.splitext(entry.name)[1].lower()
         if ext in IMAGE_EXTENSIONS:
           paths.append(path)
+        elif is_document(entry.name):
+          documents.append(path)
         else:
           skipped[ext] += 1
         continue
@@ -141,7 +145,22 @@ def _walk(root: str) -> tuple[list[str], collections.Counter, list[str]]:
         skipped[LINK_LOOP] += 1
         continue
       stack.append((path, above | {ident}))
-  return paths, skipped, sorted(loops)
+  return paths, skipped, sorted(loops), sorted(documents)
+
+
+# A collection's own documentation (README, LICENSE, notes): not images and expected in a
+# folder of images, so not reported as skipped files (the first command users run lists
+# the sample folder, whose LICENSES.md is no stray file).
+DOCUMENT_STEMS = ("readme", "license", "licence", "licenses", "licences", "copying", "notice",
+                  "authors", "changelog", "citation")
+DOCUMENT_EXTENSIONS = (".md", ".rst")
+
+
+def is_document(name: str) -> bool:
+  """A documentation file by its name: README*, LICENSE*, COPYING*, ... or *.md, *.rst."""
+  low = name.lower()
+  stem = low.split(".", 1)[0].replace("-", "_").split("_", 1)[0]  # LICENSE-photos: license
+  return stem in DOCUMENT_STEMS or os.path.splitext(low)[1] in DOCUMENT_EXTENSIONS
 
 
 def list_folder(root: str | os.PathLike) -> Listing:
@@ -153,11 +172,12 @@ def list_folder(root: str | os.PathLike) -> Listing:
   symlinks are followed and their files listed under the link's path (a class folder
   may be a link); a link back to a folder above it (a loop) is not followed, counted in
   `skipped` and named in a warning. Paths are `root` joined with the relative path.
+  Documentation files (`is_document`) are listed in `documents`, not counted as skipped.
   """
   root = pathlib.Path(root)
   if not root.is_dir():
     raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
-  paths, skipped, loops = _walk(os.fspath(root))
+  paths, skipped, loops, documents = _walk(os.fspath(root))
   if loops:
     logging.warning("input: %d directory link%s not followed: %s leads back to a folder above "
                     "it (a loop)%s", len(loops), "s" if len(loops) != 1 else "", loops[0],
@@ -169,7 +189,7 @@ def list_folder(root: str | os.PathLike) -> Listing:
   records = [Record(key=p, label=class_index[parts[0]] if len(parts) > 1 else -1,
                     label_name=parts[0] if len(parts) > 1 else "")
              for p, parts in zip(paths, rel_first)]
-  return Listing(records=records, skipped=skipped, loops=loops)
+  return Listing(records=records, skipped=skipped, loops=loops, documents=documents)
 
 
 def folder_records(root: str | os.PathLike) -> list[Record]:

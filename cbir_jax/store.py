@@ -28,6 +28,9 @@ from cbir_jax.shards import (DELTA, MANIFEST, META_COLUMNS, RECORDS, SHARDS,  # 
                              refuse_orphan_shards, remove_partial, shard_intact, shard_name,
                              shard_pieces, write_shard)
 
+WEBDATASET_CACHE = "webdataset-listing"  # per-shard listings of a --webdataset input (a cache)
+
+
 def read_manifest(output_dir: str | os.PathLike, name: str = MANIFEST) -> dict[str, Any]:
   """manifest.json as a dict (see `load_manifest` for the typed record)."""
   path = pathlib.Path(output_dir) / name
@@ -248,6 +251,8 @@ def read_failures(output_dir: str | os.PathLike) -> list[tuple[str, str]]:
   """All (path, reason) failures of the current generation (finished or partial), in input order."""
   out = pathlib.Path(output_dir)
   m = load_manifest(out) if (out / MANIFEST).is_file() else None
+  if m is not None and m.complete and m.failures_file is None and m.format_version >= 4:
+    return []  # nothing failed: no failure list is written
   if m is not None and m.complete and m.failures_file is not None:
     f = m.failures_file
     p = _file(out, f.file, _entry(f), False)

@@ -72,6 +72,8 @@ class TfdsSource:
     version: the dataset version read.
     file_format: "array_record" (random access) or "tfrecord" (needs TensorFlow).
     files: the split's records, shard by shard, in order.
+    metadata: (column, feature) of the scalar and text features kept as metadata
+      columns (ArrayRecord datasets; a column named like one the job fills gets "tfds_").
   """
   name: str
   split: str
@@ -82,6 +84,7 @@ class TfdsSource:
   version: str
   file_format: str = "array_record"
   files: tuple[FileSpan, ...] = dataclasses.field(default=(), repr=False)
+  metadata: tuple[tuple[str, str], ...] = ()
   builder: Any = dataclasses.field(repr=False, compare=False, default=None)
   data: Any = dataclasses.field(repr=False, compare=False, default=None)  # tfds data source
 
@@ -89,6 +92,21 @@ class TfdsSource:
     """What identifies the input in a manifest (resume must see the same records)."""
     return {"type": "tfds", "name": self.name, "split": self.split, "version": self.version,
             "num_records": self.num_records}
+
+  def metadata_columns(self, positions: Any) -> dict[str, np.ndarray]:
+    """The metadata columns of the records at `positions` (read by position, image skipped).
+
+    Raises:
+      OSError: a record cannot be read.
+    """
+    if not self.metadata:
+      return {}
+    try:
+      examples = [self.data[int(i)] for i in positions]
+    except Exception as e:  # the reader raises several types for a damaged shard
+      raise OSError(f"cannot read the metadata of {self.name}:{self.split}: "
+                    f"{type(e).__name__}: {e}") from e
+    return {c: _scalar_column([ex[f] for ex in examples]) for c, f in self.metadata}
 
   @functools.cached_property
   def _keys(self) -> list[str]:
@@ -203,6 +221,34 @@ def _features(name: str, builder: Any) -> tuple[str, tuple[str, ...]]:
   return image_key, names
 
 
+# Columns the job fills itself: a feature of one of these names is kept as "tfds_<name>".
+_RESERVED = ("row", "path", "label", "label_name", "width", "height")
+
+
+def _metadata_features(features: Any, image_key: str) -> tuple[tuple[str, str], ...]:
+  """(column, feature) of every top-level scalar or text feature but the image and label."""
+  import tensorflow_datasets as tfds
+
+  out = []
+  for k, f in features.items():
+    if k in (image_key, "label") or isinstance(f, (tfds.features.Image,
+                                                   tfds.features.FeaturesDict)):
+      continue
+    if tuple(getattr(f, "shape", (None,))) == ():  # Text, ClassLabel, Scalar, 0-d Tensor
+      out.append((f"tfds_{k}" if k in _RESERVED else k, k))
+  return tuple(out)
+
+
+def _scalar_column(values: list[Any]) -> np.ndarray:
+  """Feature values as one column: text as str (UTF-8, undecodable bytes kept), else numbers."""
+  items = [v.item() if isinstance(v, np.generic) or (isinstance(v, np.ndarray) and v.ndim == 0)
+           else v for v in values]
+  if any(isinstance(v, bytes) for v in items):
+    return np.asarray([v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v)
+                       for v in items], dtype=str)
+  return np.asarray(items)
+
+
 def _split_error(name: str, split: str, builder: Any, e: Exception) -> TfdsError:
   return TfdsError(f"cannot read split {split!r} of {name!r} ({type(e).__name__}: {e}); "
                    f"its splits: {', '.join(builder.info.splits)}")
@@ -268,7 +314,8 @@ def open_tfds(spec: str, data_dir: str | None) -> TfdsSource:
   return TfdsSource(name=name, split=split, data_dir=str(data_dir), num_records=num,
                     image_key=image_key, label_names=label_names,
                     version=str(builder.info.version), file_format=fmt, files=files,
-                    builder=builder, data=data)
+                    metadata=_metadata_features(builder.info.features, image_key)
+                    if data is not None else (), builder=builder, data=data)
 
 
 def _positions(ranges: list[tuple[int, int]], batch_size: int) -> np.ndarray:

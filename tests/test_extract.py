@@ -463,9 +463,14 @@ def test_default_kinds_follow_the_weights(folder, tmp_path):
   cfg = extract.ExtractConfig(output=str(tmp_path / "out"), images=str(root), model="vgg_tiny",
                               weights=str(wdir), image_size=SIZE, progress="none")
   assert cfg.kinds == ()
-  extract.run(cfg, log=lambda m: None)
+  lines = []
+  extract.run(cfg, log=lines.append)
   kinds = store.load_manifest(cfg.output).settings.kinds
   assert kinds == tuple(k for k in desc.KINDS if k not in ("fc", "fc_conv"))
+  # Said at the start, naming what is extracted and what is not.
+  said = [ln for ln in lines if "no FC layers" in ln]
+  assert said == [f"the weights have no FC layers: extracting {', '.join(kinds)} (not fc, "
+                  "fc_conv)"]
   assert store.load_descriptors(cfg.output, "conv")[0].shape[0] == len(paths)
   asked = dataclasses.replace(cfg, output=str(tmp_path / "asked"), kinds=("conv", "fc"))
   with pytest.raises(extract.ExtractError, match="no FC layers"):
@@ -478,7 +483,7 @@ def test_files_that_are_not_images_are_counted(tmp_path):
   outside the input's identity (another one coming changes no row)."""
   root = tmp_path / "imgs"
   paths = _photos(root, 4)
-  for name in ("notes.txt", "cats/readme.TXT", "dogs/IMG_1.heic"):
+  for name in ("notes.txt", "cats/captions.TXT", "dogs/IMG_1.heic"):
     (root / name).write_text("not read")
   cfg = extract.ExtractConfig(output=str(tmp_path / "out"), images=str(root), **COMMON)
   s = extract.run(cfg, log=lambda m: None)

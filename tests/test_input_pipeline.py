@@ -328,10 +328,12 @@ def test_list_folder_counts_what_it_skips(tmp_path):
   listing = ip.list_folder(tmp_path)
   assert [os.path.relpath(r.key, tmp_path) for r in listing.records] == [
       "a/1.png", "a/2.JFIF", "b/3.jpe"]
-  assert listing.skipped == collections.Counter({".txt": 2, ".heic": 1, "": 2})
+  # README is the collection's documentation: listed apart, not a skipped file.
+  assert listing.skipped == collections.Counter({".txt": 2, ".heic": 1, "": 1})
+  assert listing.documents == [str(tmp_path / "README")]
   assert ip.folder_records(tmp_path) == listing.records
   assert ip.format_skipped(listing.skipped) == (
-      "skipped 5 files: (no extension) 2, .txt 2, .heic 1")
+      "skipped 4 files: .txt 2, (no extension) 1, .heic 1")
   assert ip.format_skipped(collections.Counter({".txt": 2, ".heic": 1})) == (
       "skipped 3 files: .txt 2, .heic 1")
   assert ip.format_skipped(collections.Counter()) == ""

@@ -1,15 +1,17 @@
-r"""Extracts descriptors of a folder or a TFDS split into a directory of shards.
+r"""Extracts descriptors of a folder, a TFDS split, webdataset shards or a file list.
 
   cbir-extract --images=PHOTOS --output=/tmp/photos.desc
   cbir-extract --tfds=oxford_flowers102:train --data_dir=~/tensorflow_datasets \
       --output=/data/flowers.desc --batch_size=64 --dtype=bfloat16
+  cbir-extract --webdataset=/data/shards --output=/data/web.desc   # *.tar (img2dataset)
+  cbir-extract --file_list=list.txt --output=OUT                   # one path per line
   cbir-extract --images=PHOTOS --output=OUT --worker=I --workers=N   # worker I
   cbir-extract --images=PHOTOS --output=OUT --ray --workers=N --ray_gpus=1
 Rerunning the same command continues an interrupted job; after the input changed,
 `--update` keeps the rows of unchanged files and extracts the rest. Load the result with
 `cbir_jax.load_descriptors(output_dir, kind)`. Exit status: 0 done (bad images
-are listed in failures.json), 1 error, 130 interrupted (finished rows kept). Flags are
-the fields of cbir_jax.extract.ExtractConfig.
+are listed in failures.json, absent when none), 1 error, 130 interrupted (finished rows
+kept). Flags are the fields of cbir_jax.extract.ExtractConfig.
 """
 from __future__ import annotations
 

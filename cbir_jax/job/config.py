@@ -25,10 +25,14 @@ class ExtractConfig:
       png, webp, tif; other files are counted, not read); the first-level subfolder, if
       any, is the label. None with `tfds`.
     tfds: "name:split" of a prepared TFDS dataset, read from `data_dir`; never downloads.
+    webdataset: webdataset tar shards: a folder (its *.tar, recursive), a glob or one .tar
+      (the img2dataset layout: key + jpg/png/webp + json/cls/txt; docs/inputs.md).
+    file_list: a text file naming one image per line (relative to its folder), in row
+      order; no labels unless `labels_csv` gives them.
     data_dir: TFDS data_dir where the dataset is prepared (default $TFDS_DATA_DIR or
       ~/tensorflow_datasets).
     labels_csv: optional CSV (columns file, class_index[, class_name, ...]) giving labels
-      by path relative to `images` (or by file name where names are unique); other
+      by path relative to `images` or to the `file_list`'s folder (or by file name where names are unique); other
       columns become metadata columns.
     model: backbone name.
     weights: weights directory; None = the shipped weights of `model`;
@@ -76,6 +80,8 @@ class ExtractConfig:
   output: str
   images: str | None = None
   tfds: str | None = None
+  webdataset: str | None = None
+  file_list: str | None = None
   data_dir: str | None = None
   labels_csv: str | None = None
   model: Model = backbones.DEFAULT_BACKBONE
@@ -105,10 +111,12 @@ class ExtractConfig:
 
   def check(self) -> None:
     """Raises ExtractError for settings that cannot work, before anything is touched."""
-    if (self.images is None) == (self.tfds is None):
-      raise ExtractError("give exactly one input: --images=FOLDER or --tfds=NAME:SPLIT")
-    if self.labels_csv and not self.images:
-      raise ExtractError("--labels_csv applies to --images folders only")
+    inputs = (self.images, self.tfds, self.webdataset, self.file_list)
+    if sum(x is not None for x in inputs) != 1:
+      raise ExtractError("give exactly one input: --images=FOLDER, --tfds=NAME:SPLIT, "
+                         "--webdataset=DIR_OR_GLOB or --file_list=FILE")
+    if self.labels_csv and not (self.images or self.file_list):
+      raise ExtractError("--labels_csv applies to --images folders and --file_list only")
     try:
       choices.check(self)  # kinds, dtypes, masks, progress, model: the flags' own lists
     except ValueError as e:

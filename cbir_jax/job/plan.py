@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import pathlib
 import shutil
 from typing import Any, Callable
@@ -57,10 +58,27 @@ class Plan:
 
 
 def open_source(config: ExtractConfig) -> sources.Source:
+  if config.webdataset:
+    # Shard listings kept in the output: other workers and reruns list only new shards.
+    cache = str(pathlib.Path(config.output) / store.WEBDATASET_CACHE)
+    return sources.webdataset_source(config.webdataset, content_digest=config.content_digest,
+                                     cache_dir=cache)
+  if config.file_list:
+    return sources.file_list_source(config.file_list, config.labels_csv,
+                                    content_digest=config.content_digest)
   if config.images:
+    refuse_output_inside(config.output, config.images)
     return sources.folder_source(config.images, config.labels_csv,
                                  content_digest=config.content_digest)
   return sources.tfds_source(config.tfds, config.data_dir)
+
+
+def refuse_output_inside(output: str, images: str) -> None:
+  """Refuses an --output inside --images: a rerun would list the output's files as input."""
+  out, root = os.path.realpath(output), os.path.realpath(images)
+  if os.path.commonpath([out, root]) == root:
+    raise ExtractError(f"--output {output} is inside --images {images}: the index's files "
+                       "would be read as input by the next run; write it outside the folder")
 
 
 def load_weights(config: ExtractConfig, backbone: backbones.Backbone, image_size: int
@@ -149,6 +167,9 @@ def plan_job(config: ExtractConfig, worker: Worker, log: Callable[[str], None]) 
   source = open_source(config)
   loaded = load_weights(config, backbone, image_size)
   kinds = resolve_kinds(config.kinds, backbone, loaded.record)
+  if not config.kinds and loaded.record.has_fc_head is False:
+    log(f"the weights have no FC layers: extracting {', '.join(kinds)} (not "
+        f"{', '.join(desc.FC_KINDS)})")
   target = new_manifest(config, source, loaded, backbone, image_size, kinds)
   out = pathlib.Path(config.output)
   plan = Plan(out=out, source=source, loaded=loaded, backbone=backbone, image_size=image_size,

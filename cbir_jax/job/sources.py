@@ -1,4 +1,5 @@
-"""The job's input: a folder or a TFDS split, listed with per-record identities and labels.
+"""The job's input: a folder, a TFDS split, webdataset tar shards or a file list, listed with
+per-record identities and labels (docs/inputs.md).
 
 A `Source` hands out fixed-size batches for any list of record positions (-1 = padding),
 so a job can read whole shards, the rest of a stopped shard, or only an update's records.
@@ -24,8 +25,9 @@ class Source:
   """Records of one input, in order.
 
   Attributes:
-    type: "folder" or "tfds".
-    root: the folder (absolute) or TFDS data_dir; identity keys are relative to it.
+    type: "folder", "tfds", "webdataset" or "file_list".
+    root: the folder (absolute), TFDS data_dir, the shards' root or the list's folder;
+      identity keys are relative to it.
     keys: what each row's "path" holds: the file's path, or the TFDS id.
     identities: per-record keys and stamps (compared on reruns).
     labels, label_names, extra: metadata known from the listing (folders); None for
@@ -47,6 +49,8 @@ class Source:
   content_digest: bool = False
   real_keys: bool = True
   tfds: Any = None
+  webdataset: Any = None  # webdataset_input.WebdatasetListing
+  notes: list[str] = dataclasses.field(default_factory=list)  # listing's log lines
   skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
   @property
@@ -66,6 +70,9 @@ class Source:
 
   def skipped_line(self) -> str:
     """"skipped 3 files: .txt 2, .heic 1", or "" when every file was read."""
+    if self.webdataset is not None:  # reasons, not extensions
+      total = sum(self.skipped.values())
+      return f"skipped {total} in the shards (see the log)" if total else ""
     return input_pipeline.format_skipped(self.skipped)
 
   def label_name(self, label: int) -> str:
@@ -95,12 +102,18 @@ class Source:
       meta["label_name"] = [self.label_name(int(v)) for v in lab.tolist()]
     for c, col in self.extra.items():
       meta[c] = col[positions]
+    if self.tfds is not None:  # scalar and text features, read by position
+      try:
+        meta.update(self.tfds.metadata_columns(positions))
+      except OSError as e:
+        raise ExtractError(str(e)) from None
     return meta
 
   @property
   def columns(self) -> tuple[str, ...]:
     """Metadata columns of every row."""
-    return ("row", "path", "label", "label_name", "width", "height", *self.extra)
+    tfds = [c for c, _ in self.tfds.metadata] if self.tfds is not None else []
+    return ("row", "path", "label", "label_name", "width", "height", *self.extra, *tfds)
 
   def batches(self, positions: np.ndarray, *, batch_size: int, image_size: int,
               num_threads: int | None, draft: bool, max_pixels: int = input_pipeline.MAX_PIXELS,
@@ -113,6 +126,9 @@ class Source:
     if self.tfds is not None:
       from cbir_jax import tfds_input
       return tfds_input.position_batches(self.tfds, positions, **opts)
+    if self.webdataset is not None:
+      from cbir_jax import webdataset_input
+      return webdataset_input.position_batches(self.webdataset, positions, **opts)
     return input_pipeline.positions_batches(self.keys, positions, **opts)
 
 
@@ -125,9 +141,11 @@ def folder_source(root: str, labels_csv: str | None, *, content_digest: bool = F
     raise ExtractError(str(e)) from None
   records = listing.records
   if not records:
-    other = input_pipeline.format_skipped(listing.skipped)
-    raise ExtractError(f"no images found under {root} ({other or 'no files'}; image "
-                       f"extensions: {', '.join(sorted(input_pipeline.IMAGE_EXTENSIONS))})")
+    other = input_pipeline.format_skipped(listing.skipped) or (
+        f"only {len(listing.documents)} documentation file"
+        f"{'s' if len(listing.documents) > 1 else ''}" if listing.documents else "no files")
+    raise ExtractError(f"no images found under {root} ({other}); images are .jpg, .png, "
+                       ".webp, .tif, ... (what Pillow reads)")
   keys = [r.key for r in records]
   src = Source(type="folder", root=root, keys=keys,
                identities=ident.folder_identities(root, keys, content_digest=content_digest),
@@ -153,4 +171,54 @@ def tfds_source(spec: str, data_dir: str | None) -> Source:
                 identities=ident.RecordIdentities(keys, list(src.record_stamps())), tfds=src)
 
 
-__all__ = ["Source", "folder_source", "tfds_source"]
+def webdataset_source(spec: str, *, content_digest: bool = False,
+                      cache_dir: str | None = None) -> Source:
+  """Records of webdataset tar shards; identity keys relative to the shards' root.
+
+  `cache_dir` keeps each shard's listing, so other workers and reruns list only new shards.
+  """
+  from cbir_jax import webdataset_input as wds
+  try:
+    try:
+      lst = wds.list_webdataset(spec, cache_dir=cache_dir)
+    except OSError:  # the cache cannot be written (a read-only output): list without it
+      if cache_dir is None:
+        raise
+      lst = wds.list_webdataset(spec)
+  except (wds.WebdatasetError, OSError) as e:
+    raise ExtractError(str(e)) from None
+  if not lst.num_records:
+    raise ExtractError(f"no images found in --webdataset {spec}: "
+                       + ("; ".join(lst.report_lines()) or "the shards are empty"))
+  return Source(type="webdataset", root=lst.root, spec=spec, keys=lst.paths(),
+                identities=ident.RecordIdentities(lst.keys(), lst.stamps(content_digest)),
+                labels=lst.labels, label_names=lst.label_names, extra=lst.columns,
+                content_digest=content_digest, skipped=lst.skipped, webdataset=lst,
+                notes=lst.report_lines())
+
+
+def file_list_source(list_file: str, labels_csv: str | None, *,
+                     content_digest: bool = False) -> Source:
+  """The files a list names, in its order; identity keys relative to the list's folder."""
+  from cbir_jax import file_list
+  try:
+    fl = file_list.read_file_list(list_file)
+  except (file_list.FileListError, OSError) as e:
+    raise ExtractError(str(e)) from None
+  src = Source(type="file_list", root=fl.root, spec=fl.list_file, keys=fl.paths,
+               identities=ident.folder_identities(fl.root, fl.paths,
+                                                  content_digest=content_digest),
+               labels=fl.labels, label_names=fl.label_names, content_digest=content_digest,
+               notes=[fl.missing_line()] if fl.missing else [])
+  if labels_csv:
+    lab = labels_from_csv(labels_csv, fl.paths, fl.root)
+    src.labels, src.label_names, src.extra = lab.labels, lab.names, lab.extra
+    src.labels_sha256, src.labels_report = lab.sha256, lab.report
+  return src
+
+
+# Inputs whose paths, labels and metadata columns come from the listing (not the data).
+LISTED_TYPES = ("folder", "webdataset", "file_list")
+
+__all__ = ["LISTED_TYPES", "Source", "file_list_source", "folder_source",
+           "tfds_source", "webdataset_source"]

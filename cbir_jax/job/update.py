@@ -17,7 +17,7 @@ import numpy as np
 from cbir_jax import store
 from cbir_jax.job import identity as ident
 from cbir_jax.job.errors import ExtractError
-from cbir_jax.job.sources import Source
+from cbir_jax.job.sources import LISTED_TYPES, Source
 from cbir_jax.manifest import Manifest, UpdateReport
 
 
@@ -182,7 +182,7 @@ def build_shard(cache: _ShardCache, source: Source, kinds: Sequence[str],
       a[at] = cache.array(d, kind)[rows[at]]
     arrays[kind] = a
   meta = _gather_meta(cache, source, groups, rows, origins.positions[good])
-  folder = source.type == "folder"  # failures name records as the input does now
+  folder = source.type in LISTED_TYPES  # failures name records as the input does now
   failures = [(source.keys[p] if folder else path, reason, p)
               for path, reason, p in origins.failures]
   return store.ShardData(arrays, meta, failures)
@@ -193,7 +193,7 @@ def _gather_meta(cache: _ShardCache, source: Source, groups: list, rows: np.ndar
   from cbir_jax.job.rows import _meta_arrays
   if not groups:
     return _meta_arrays({c: [] for c in source.columns})
-  folder = source.type == "folder"
+  folder = source.type in LISTED_TYPES
   names = ["width", "height"] if folder else list(cache.get(groups[0][0])["meta"])
   cols = {}
   for c in names:

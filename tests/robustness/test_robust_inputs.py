@@ -86,7 +86,7 @@ def _unfinished(out: pathlib.Path, keep: int) -> None:
   for kind in m["parts"]:
     shutil.rmtree(out / kind)
   for name in ("metadata.parquet", "failures.json"):
-    (out / name).unlink()
+    (out / name).unlink(missing_ok=True)  # failures.json: absent when none failed
   m.update(status="running", shards=[], parts={}, metadata=None, failures_file=None, made=[])
   (out / store.MANIFEST).write_text(json.dumps(m))
 

@@ -485,7 +485,7 @@ def _unfinished_copy(baseline, dest: pathlib.Path, keep: int) -> pathlib.Path:
   for kind in m["parts"]:
     shutil.rmtree(dest / kind)
   for name in ("metadata.parquet", "failures.json"):
-    (dest / name).unlink()
+    (dest / name).unlink(missing_ok=True)  # failures.json: absent when none failed
   m.update(status="running", shards=[], parts={}, metadata=None, failures_file=None, made=[])
   (dest / store.MANIFEST).write_text(json.dumps(m))
   return dest
