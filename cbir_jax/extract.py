@@ -16,7 +16,7 @@ from typing import Callable
 
 from cbir_jax import store
 from cbir_jax.choices import COMPUTE_DTYPES, OUTPUT_DTYPES, PROGRESS_MODES  # noqa: F401 (kept here)
-from cbir_jax.job import control, workers
+from cbir_jax.job import control, jit_cache, workers
 from cbir_jax.job.config import ExtractConfig
 from cbir_jax.job.errors import ExtractError, Interrupted
 from cbir_jax.weights import random_params
@@ -46,6 +46,14 @@ class Summary:
   missing: int = 0  # shards of other workers still to be written (the job is not finished)
   update_line: str = ""
   skipped_line: str = ""  # files of the input folder not read ("skipped 3 files: .txt 2, ...")
+  # The device's timeline laid over the phases: seconds it computed within each (the rest of
+  # each phase it waited); from the steps' dispatch and completion times (job/feed.py).
+  device_busy: dict[str, float] = dataclasses.field(default_factory=dict)
+  resize: str = ""  # "host" or "device"
+  buckets: dict[int, int] = dataclasses.field(default_factory=dict)  # canvas side -> steps
+  compilation_cache: str = ""  # the persistent cache's directory ("" off)
+  cache_hits: int = 0  # compilations loaded from it
+  cache_misses: int = 0  # compilations it did not hold (compiled, then stored)
 
   def _phase(self, name: str) -> float:
     return self.phases.get(name, 0.0)
@@ -75,6 +83,20 @@ class Summary:
     return self._phase("assemble") + self._phase("finish")
 
   @property
+  def device_busy_s(self) -> float:
+    return sum(self.device_busy.values())
+
+  def device_line(self) -> str:
+    """"device busy 80% of the wall time; busy/waited s: compile 0.0/2.1, device 9.0/0.5"."""
+    if not self.seconds:
+      return ""
+    per = ", ".join(f"{name} {self.device_busy.get(name, 0.0):.1f}/"
+                    f"{self.phases[name] - self.device_busy.get(name, 0.0):.1f}"
+                    for name in PHASES if self.phases.get(name, 0.0) >= 0.05)
+    return (f"device busy {100 * self.device_busy_s / self.seconds:.0f}% of the wall time "
+            f"(seconds busy/waited per phase: {per})")
+
+  @property
   def images_per_s(self) -> float:
     return (self.images + self.failed) / self.seconds if self.seconds > 0 else 0.0
 
@@ -83,6 +105,11 @@ class Summary:
     """Throughput of the steps alone (no startup, compiling or finishing)."""
     t = self.seconds - self.startup_s - self.compile_s - self.finish_s
     return (self.images + self.failed) / t if t > 0 else 0.0
+
+  def _pixels_line(self) -> str:
+    buckets = ", ".join(f"{side}: {n}" for side, n in sorted(self.buckets.items()))
+    where = f"; resize on the {self.resize}" if self.resize else ""
+    return where + (f" (canvas steps {buckets})" if buckets else "")
 
   def line(self) -> str:
     share = self.input_wait_s / self.seconds if self.seconds > 0 else 0.0
@@ -95,7 +122,8 @@ class Summary:
             f"({self.images_per_s:.1f} images/s; {self.steady_images_per_s:.1f} while "
             f"stepping); waiting for input {100 * share:.0f}%; seconds: {times}; shards "
             f"written {self.shards_written}, skipped (already complete) "
-            f"{self.shards_skipped}{update}; output {self.output}" + (
+            f"{self.shards_skipped}{update}; {self.device_line()}{self._pixels_line()}; "
+            f"output {self.output}" + (
                 f" (not finished yet: {self.missing} shard(s) of other workers to go; the "
                 "worker that writes the last one finishes the job)" if self.missing else ""))
 
@@ -129,7 +157,8 @@ def run(config: ExtractConfig, *, log: Callable[[str], None] = _log,
     clock.charge("imports")
   if worker is None:
     worker = control.Worker(_worker_spec(config), log)
-  return _run(config, worker, clock, log)
+  cache = jit_cache.enable(config.compilation_cache)  # before anything compiles
+  return _run(config, worker, clock, log, cache or "")
 
 
 def _worker_spec(config: ExtractConfig) -> workers.WorkerSpec:
@@ -143,12 +172,14 @@ def _worker_spec(config: ExtractConfig) -> workers.WorkerSpec:
 
 
 def _run(config: ExtractConfig, worker: control.Worker, clock: control.Clock,
-         log: Callable[[str], None]) -> Summary:
+         log: Callable[[str], None], cache: str) -> Summary:
   from cbir_jax.job import finish, plan as planning, steps
 
-  summary = Summary(output=str(config.output), worker=worker.index)
+  summary = Summary(output=str(config.output), worker=worker.index, compilation_cache=cache)
+  hits, misses = jit_cache.counts()
   plan = planning.plan_job(config, worker, log)
   clock.charge("startup")
+  summary.resize = plan.manifest.settings.resize
   summary.skipped_line = plan.source.skipped_line()
   try:
     summary.shards_skipped = plan.skipped
@@ -163,6 +194,7 @@ def _run(config: ExtractConfig, worker: control.Worker, clock: control.Clock,
             f"interrupted ({reason}): {_who(worker)} stopped after writing "
             f"{summary.shards_written} shard(s) and the finished part of the shard in "
             f"progress; they are kept in {plan.out}. Rerun the same command to continue.")
+    _count_cache(summary, hits, misses)  # for the run info, before the manifest is sealed
     missing = finish.finish(plan, config, worker, clock, summary, log)
     if missing and config.finish:
       raise ExtractError(f"cannot finish {plan.out} yet: {len(missing)} shard(s) not written "
@@ -177,11 +209,17 @@ def _run(config: ExtractConfig, worker: control.Worker, clock: control.Clock,
   finally:
     clock.charge("finish" if summary.complete else "stop")
     summary.phases, summary.seconds = clock.items(), clock.total
+    _count_cache(summary, hits, misses)
     if plan.update is not None:
       summary.reused, summary.update_line = plan.update.report.reused, plan.update.report.line()
     if plan.lock:
       plan.lock.close()
   return summary
+
+
+def _count_cache(summary: Summary, hits: int, misses: int) -> None:
+  now_hits, now_misses = jit_cache.counts()
+  summary.cache_hits, summary.cache_misses = now_hits - hits, now_misses - misses
 
 
 def _who(worker: control.Worker) -> str:

@@ -10,7 +10,7 @@ from typing import Mapping
 
 from cbir_jax import backbones, choices, decode
 from cbir_jax import descriptors as desc
-from cbir_jax.choices import ComputeDtype, Kind, Masks, Model, OutputDtype, Progress
+from cbir_jax.choices import ComputeDtype, Kind, Masks, Model, OutputDtype, Progress, Resize
 from cbir_jax.job import workers
 from cbir_jax.job.errors import ExtractError
 
@@ -72,6 +72,15 @@ class ExtractConfig:
       shards are written; the worker writing the last shard does this itself.
     jax_distributed: call jax.distributed.initialize() first (Cloud TPU slices, where the
       host's TPU chips need it) and take the worker index/count from JAX.
+    resize: where images are resized to the network's input: "host" (Pillow after decoding),
+      "device" (decoded into canvases, resized in the jitted step as Pillow's BILINEAR,
+      docs/resize.md), "auto" (host on the CPU backend, device on accelerators). A setting:
+      the two differ by rounding (about 0.1% of pixel values one level apart).
+    compilation_cache: JAX's persistent compilation cache, so a rerun loads the step
+      instead of compiling it: "auto" ($CBIR_JAX_COMPILATION_CACHE, else
+      $XDG_CACHE_HOME/cbir_jax/jax, else ~/.cache/cbir_jax/jax; a directory JAX was already
+      given is kept), a directory, or "none" (off). Only ever use a directory no one else
+      may write to: JAX runs what it finds there.
   """
   output: str
   images: str | None = None
@@ -102,6 +111,8 @@ class ExtractConfig:
   workers: int | None = None
   finish: bool = False
   jax_distributed: bool = False
+  resize: Resize = "auto"
+  compilation_cache: str = "auto"
 
   def check(self) -> None:
     """Raises ExtractError for settings that cannot work, before anything is touched."""
