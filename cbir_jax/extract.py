@@ -54,6 +54,7 @@ class Summary:
   compilation_cache: str = ""  # the persistent cache's directory ("" off)
   cache_hits: int = 0  # compilations loaded from it
   cache_misses: int = 0  # compilations it did not hold (compiled, then stored)
+  decoder: dict = dataclasses.field(default_factory=dict)  # gpu_decode.DecoderTally.to_dict()
 
   def _phase(self, name: str) -> float:
     return self.phases.get(name, 0.0)
@@ -109,6 +110,9 @@ class Summary:
   def _pixels_line(self) -> str:
     buckets = ", ".join(f"{side}: {n}" for side, n in sorted(self.buckets.items()))
     where = f"; resize on the {self.resize}" if self.resize else ""
+    if self.decoder:
+      counts = ", ".join(f"{k} {v}" for k, v in sorted(self.decoder["counts"].items()))
+      where += f"; decoder {self.decoder['description']} ({counts or 'nothing decoded'})"
     return where + (f" (canvas steps {buckets})" if buckets else "")
 
   def line(self) -> str:

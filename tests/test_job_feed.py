@@ -180,3 +180,57 @@ def test_device_resize_matches_host_resize_and_repeats_bitwise(real_photos, tmp_
   # Another resize on the same output is a changed setting, refused like any other.
   with pytest.raises(extract.ExtractError, match="resize"):
     _run(tmp_path / "dev", real_photos, resize="host")
+
+
+@pytest.fixture(scope="module")
+def mixed_photos(real_photos, tmp_path_factory):
+  """Real JPEGs plus what must go to Pillow: a PNG, a CMYK JPEG, a corrupt JPEG, a text file."""
+  root = tmp_path_factory.mktemp("mixed")
+  for p in sorted(real_photos.iterdir()):
+    if p.name != "zz_broken.jpg":
+      (root / p.name).symlink_to(p.resolve())
+  first = Image.open(sorted(real_photos.iterdir())[0])
+  first.convert("RGB").save(root / "b_png.png")
+  first.convert("CMYK").save(root / "c_cmyk.jpg", quality=90)
+  data = bytearray((sorted(real_photos.iterdir())[1]).read_bytes())
+  data[len(data) // 3:len(data) // 3 + 4000] = bytes(4000)  # entropy data zeroed
+  (root / "d_corrupt.jpg").write_bytes(bytes(data[:len(data) // 2]))
+  (root / "e_text.jpg").write_text("not an image")
+  return root
+
+
+@pytest.mark.parametrize("resize", ["host", "device"])
+def test_nvimgcodec_cpu_decoder_gives_pillows_rows_and_failures(mixed_photos, tmp_path, resize):
+  """nvImageCodec's CPU backend in the job: Pillow's failures, rows, order and widths.
+
+  nvImageCodec decodes at full size, so the rows are compared with Pillow's full-size decode
+  (--nodraft); against the default draft decode they differ as draft does (measured cosine
+  >= 0.989 at this 64-pixel input, where draft decodes at 1/4 or 1/8 scale)."""
+  runs = {}
+  for name, kw in (("pil", dict(decoder="pillow", draft=False)),
+                   ("nv", dict(decoder="nvimgcodec-cpu", draft=False)),
+                   ("draft", dict(decoder="pillow"))):
+    runs[name] = _run(tmp_path / name, mixed_photos, resize=resize, **kw)
+  pil, nv = runs["pil"], runs["nv"]
+  assert (pil.images, pil.failed) == (nv.images, nv.failed) == (10, 2)
+  reasons = dict(store.read_failures(tmp_path / "pil"))
+  assert dict(store.read_failures(tmp_path / "nv")) == reasons
+  assert pil.decoder["counts"] == {"pillow": 12}
+  # The 8 baseline JPEGs on nvImageCodec; the PNG, CMYK JPEG and the two bad files on Pillow.
+  assert nv.decoder["description"].startswith("nvimgcodec")
+  assert nv.decoder["counts"] == {"nvimgcodec": 8, "pillow": 4}, nv.decoder
+  assert store.load_manifest(tmp_path / "nv").run["decoder"] == nv.decoder
+  for kind in ("mac", "gem", "fc_conv"):
+    (a, meta_a), (b, meta_b), (c, _) = (store.load_descriptors(tmp_path / n, kind)
+                                        for n in ("pil", "nv", "draft"))
+    a, b, c = np.asarray(a), np.asarray(b), np.asarray(c)
+    for col in ("path", "width", "height"):
+      np.testing.assert_array_equal(meta_a[col], meta_b[col])
+    # Stated tolerance: within 1e-3 of the row's largest value (measured here: bitwise equal).
+    scale = np.max(np.abs(a), axis=1, keepdims=True)
+    assert np.max(np.abs(a - b) / scale) <= 1e-3, kind
+    assert _cos(a, c).min() >= 0.98, kind
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))

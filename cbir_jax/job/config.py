@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Mapping
+from typing import Annotated, Mapping
 
-from cbir_jax import backbones, choices, decode
+from cbir_jax import backbones, choices, decode, gpu_decode
 from cbir_jax import descriptors as desc
 from cbir_jax.choices import ComputeDtype, Kind, Masks, Model, OutputDtype, Progress, Resize
 from cbir_jax.job import workers
 from cbir_jax.job.errors import ExtractError
+
+Decoder = Annotated[str, choices.OneOf(gpu_decode.KINDS, "decoder")]
 
 
 @dataclasses.dataclass
@@ -81,6 +83,12 @@ class ExtractConfig:
       $XDG_CACHE_HOME/cbir_jax/jax, else ~/.cache/cbir_jax/jax; a directory JAX was already
       given is kept), a directory, or "none" (off). Only ever use a directory no one else
       may write to: JAX runs what it finds there.
+    decoder: who decodes the images: "pillow" (the host), "nvimgcodec" (baseline JPEGs of a
+      folder on the GPU with nvImageCodec, extra gpu-decode; everything else, and every
+      failure reason, through Pillow), "nvimgcodec-cpu" (its CPU backend: tests,
+      comparisons), "auto" (nvImageCodec when a GPU and the extra are there, else Pillow).
+      nvImageCodec decodes at full size (no draft), so pixels differ by about a grey level;
+      which one ran is in the summary and the manifest's run info.
   """
   output: str
   images: str | None = None
@@ -113,6 +121,7 @@ class ExtractConfig:
   jax_distributed: bool = False
   resize: Resize = "auto"
   compilation_cache: str = "auto"
+  decoder: Decoder = "auto"
 
   def check(self) -> None:
     """Raises ExtractError for settings that cannot work, before anything is touched."""

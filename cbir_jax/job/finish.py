@@ -42,6 +42,7 @@ def run_info(config: ExtractConfig, worker: Worker, summary: Any = None) -> dict
                       "buckets": {str(b): n for b, n in sorted(summary.buckets.items())}}
     info["compilation_cache"] = {"used": bool(summary.compilation_cache),
                                  "hits": summary.cache_hits, "misses": summary.cache_misses}
+    info["decoder"] = summary.decoder
   return info
 
 

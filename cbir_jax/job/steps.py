@@ -24,7 +24,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cbir_jax import input_pipeline, store
+from cbir_jax import gpu_decode, input_pipeline, store
+from cbir_jax.job import decoding
 from cbir_jax.job import feed as feed_lib
 from cbir_jax.job import rows as rows_lib
 from cbir_jax.job.config import ExtractConfig
@@ -116,6 +117,8 @@ class StepRunner:
         nonfinite_reason=(f"descriptor not finite (NaN or overflow; compute dtype "
                           f"{config.dtype}, output dtype {config.output_dtype})"))
     self.writer = ShardWriter(self._write)  # its thread starts with the first shard
+    self.decoding = decoding.select(config.decoder, plan.source.type)
+    self.tally = gpu_decode.DecoderTally(self.decoding.description)
     self.timeline = feed_lib.DeviceTimeline()
     self.bucket_steps: collections.Counter = collections.Counter()
 
@@ -141,6 +144,9 @@ class StepRunner:
         labels=batch.label))
     self.summary.images, self.summary.failed = self.assembler.images, self.assembler.failed
     progress.update(int(np.count_nonzero(batch.valid)))
+    if self.decoding.decoder is None:  # the Pillow stream: every record read is Pillow's
+      n = int(np.count_nonzero(batch.valid))
+      self.tally.add([gpu_decode.PILLOW] * n, [""] * n)
     for f in finished:
       self.writer.submit(f)  # waits only while the shard before is still being written
 
@@ -154,10 +160,16 @@ class StepRunner:
     it stopped early (SIGINT/SIGTERM; the rows written so far are kept)."""
     plan, config = self.plan, self.config
     positions = plan.positions()
-    batches = plan.source.batches(positions, batch_size=plan.batch_rows,
-                                  image_size=plan.image_size, num_threads=config.num_threads,
-                                  num_workers=config.num_workers, draft=config.draft,
-                                  max_pixels=config.max_pixels, buckets=self.buckets)
+    if self.decoding.decoder is not None:  # nvImageCodec, a batch at a time
+      batches = decoding.nv_batches(
+          plan.source.keys, positions, decoder=self.decoding.decoder, tally=self.tally,
+          batch_size=plan.batch_rows, image_size=plan.image_size, draft=config.draft,
+          max_pixels=config.max_pixels, buckets=self.buckets)
+    else:
+      batches = plan.source.batches(positions, batch_size=plan.batch_rows,
+                                    image_size=plan.image_size, num_threads=config.num_threads,
+                                    num_workers=config.num_workers, draft=config.draft,
+                                    max_pixels=config.max_pixels, buckets=self.buckets)
     feeder = feed_lib.Feed(batches, plan.local_steps, self._put, ahead=AHEAD)
     rows = feed_lib.Rows(in_flight=IN_FLIGHT)
     try:
@@ -168,6 +180,7 @@ class StepRunner:
       _close(batches)
       self.writer.close()
       self.summary.buckets = {int(b): n for b, n in sorted(self.bucket_steps.items())}
+      self.summary.decoder = self.tally.to_dict()
 
   def _steps(self, feeder: feed_lib.Feed, rows: feed_lib.Rows, positions: np.ndarray
              ) -> str | None:
