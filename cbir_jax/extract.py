@@ -14,7 +14,7 @@ import dataclasses
 import sys
 from typing import Callable
 
-from cbir_jax import store
+from cbir_jax import decode, store  # noqa: F401 (extract.decode: for callers)
 from cbir_jax.choices import COMPUTE_DTYPES, OUTPUT_DTYPES, PROGRESS_MODES  # noqa: F401 (kept here)
 from cbir_jax.job import control, jit_cache, workers
 from cbir_jax.job.config import ExtractConfig
