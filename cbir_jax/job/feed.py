@@ -14,7 +14,6 @@ import collections
 import concurrent.futures
 import queue
 import threading
-import time
 from typing import Any, Callable, Iterator, Sequence
 
 _POLL_S = 0.1  # how often a blocked feed thread looks for a close
@@ -153,10 +152,6 @@ class Rows:
     self._failed = True  # queued items return at once
     self._pending.clear()
     self._pool.shutdown(wait=True)
-
-
-def now() -> float:
-  return time.perf_counter()
 
 
 __all__ = ["DeviceTimeline", "Feed", "Rows"]
