@@ -234,3 +234,15 @@ def test_nvimgcodec_cpu_decoder_gives_pillows_rows_and_failures(mixed_photos, tm
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_decoder_selection_on_this_cpu_machine():
+  from cbir_jax.job import decoding
+
+  auto = decoding.select("auto", "folder")
+  assert auto.decoder is None and auto.description == "pillow (host): no GPU"
+  assert decoding.select("pillow", "tfds").decoder is None
+  with pytest.raises(extract.ExtractError, match="folders only"):
+    decoding.select("nvimgcodec-cpu", "tfds")
+  with pytest.raises(extract.ExtractError, match="--decoder=nvimgcodec"):
+    decoding.select("nvimgcodec", "folder")  # no GPU here: an error, not a silent fallback
