@@ -70,6 +70,14 @@ class GpuCheckConfig:
     photo_root: where the made JPEGs are cached (default: the temp dir).
     allow_cpu: run even when JAX's backend is the CPU (tests); otherwise that is
       an error, so a broken CUDA install does not spend the machine's time.
+    decoder_images: JPEGs of the decoder comparison (Pillow against nvImageCodec:
+      images/s, host CPU-seconds per image, pixel differences; 0: none).
+    job_photos: photo-size JPEGs (photo_width x photo_height) the job runs on once per
+      decoder of `job_decoders` (0: none), reporting images/s, the step rate, the share
+      of wall time the device computed and host CPU-seconds per image.
+    job_resize: the job's --resize for those runs.
+    wheels: folder of carried nvImageCodec wheels (unpacked and used when present).
+    quick: a few minutes' version of everything (small sweep, sets and jobs).
   """
   sweep: tuple[str, ...] = ("vgg16:32,64,128,256,512",
                             "efficientnet_lite0:128,256,512,1024,2048")
@@ -95,6 +103,12 @@ class GpuCheckConfig:
   e2e_reserve_s: float = 240.0
   photo_root: str | None = None
   allow_cpu: bool = False
+  decoder_images: int = 400
+  job_photos: int = 24000
+  job_decoders: tuple[str, ...] = ("pillow", "nvimgcodec")
+  job_resize: str = "auto"
+  wheels: str = ".gpu_wheels"
+  quick: bool = False
 
 
 def parse_sweep(entries: Sequence[str]) -> list[tuple[str, tuple[int, ...]]]:
@@ -373,11 +387,18 @@ def run(cfg: GpuCheckConfig, *, log: Callable[[str], None] = print,
 
   from cbir_jax import runtime
 
+  from benchmarks import gpu_check_decoders as decoder_part
+
+  cfg = decoder_part.quick(cfg) if cfg.quick else cfg
+  if cfg.wheels and os.path.isdir(cfg.wheels):
+    from benchmarks import decoder_compare
+    log(f"nvImageCodec wheels unpacked to {decoder_compare.use_wheels(cfg.wheels)}")
   t0 = time.perf_counter()
   clock = lambda: time.perf_counter() - t0  # noqa: E731
   result: dict[str, Any] = {"check": "gpu", "environment": timing.environment(),
                             "config": dataclasses.asdict(cfg), "accuracy": [], "model": [],
                             "end_to_end": [], "input_scaling": [], "skipped": [],
+                            "decoders": [], "decoder_jobs": [],
                             "errors": {}, "passed": None}
 
   def add(part: str, row: dict[str, Any]) -> None:
@@ -393,6 +414,8 @@ def run(cfg: GpuCheckConfig, *, log: Callable[[str], None] = print,
   else:
     parts = [("accuracy", lambda: accuracy_all(cfg, add, log)),
              ("model", lambda: model_sweep(cfg, clock, add, log)),
+             ("decoders", lambda: decoder_part.decoders(cfg, add, log)),
+             ("decoder_jobs", lambda: decoder_part.decoder_jobs(cfg, add, log)),
              ("end_to_end", lambda: end_to_end(cfg, add, log))]
     for part, fn in parts:
       try:
@@ -400,7 +423,8 @@ def run(cfg: GpuCheckConfig, *, log: Callable[[str], None] = print,
       except Exception as e:  # record and go on: one broken part must not hide the others
         result["errors"][part] = f"{type(e).__name__}: {e}"[:2000]
         log(traceback.format_exc())
-  broken = [r for part in ("model", "end_to_end", "input_scaling") for r in result[part]
+  broken = [r for part in ("model", "end_to_end", "input_scaling", "decoders", "decoder_jobs")
+            for r in result[part]
             if "error" in r]
   result["passed"] = (not result["errors"] and not broken and bool(result["accuracy"])
                       and all(r["passed"] for r in result["accuracy"]))

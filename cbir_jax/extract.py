@@ -17,7 +17,7 @@ from typing import Callable
 
 from cbir_jax import decode, store  # noqa: F401 (extract.decode: for callers)
 from cbir_jax.choices import COMPUTE_DTYPES, OUTPUT_DTYPES, PROGRESS_MODES  # noqa: F401 (kept here)
-from cbir_jax.job import control, workers
+from cbir_jax.job import control, jit_cache, workers
 from cbir_jax.job.config import ExtractConfig
 from cbir_jax.job.errors import ExtractError, Interrupted
 from cbir_jax.weights import random_params
@@ -47,6 +47,15 @@ class Summary:
   missing: int = 0  # shards of other workers still to be written (the job is not finished)
   update_line: str = ""
   skipped_line: str = ""  # files of the input folder not read ("skipped 3 files: .txt 2, ...")
+  # The device's timeline laid over the phases: seconds it computed within each (the rest of
+  # each phase it waited); from the steps' dispatch and completion times (job/feed.py).
+  device_busy: dict[str, float] = dataclasses.field(default_factory=dict)
+  resize: str = ""  # "host" or "device"
+  buckets: dict[int, int] = dataclasses.field(default_factory=dict)  # canvas side -> steps
+  compilation_cache: str = ""  # the persistent cache's directory ("" off)
+  cache_hits: int = 0  # compilations loaded from it
+  cache_misses: int = 0  # compilations it did not hold (compiled, then stored)
+  decoder: dict = dataclasses.field(default_factory=dict)  # gpu_decode.DecoderTally.to_dict()
 
   def _phase(self, name: str) -> float:
     return self.phases.get(name, 0.0)
@@ -76,6 +85,20 @@ class Summary:
     return self._phase("assemble") + self._phase("finish")
 
   @property
+  def device_busy_s(self) -> float:
+    return sum(self.device_busy.values())
+
+  def device_line(self) -> str:
+    """"device busy 80% of the wall time; busy/waited s: compile 0.0/2.1, device 9.0/0.5"."""
+    if not self.seconds:
+      return ""
+    per = ", ".join(f"{name} {self.device_busy.get(name, 0.0):.1f}/"
+                    f"{self.phases[name] - self.device_busy.get(name, 0.0):.1f}"
+                    for name in PHASES if self.phases.get(name, 0.0) >= 0.05)
+    return (f"device busy {100 * self.device_busy_s / self.seconds:.0f}% of the wall time "
+            f"(seconds busy/waited per phase: {per})")
+
+  @property
   def images_per_s(self) -> float:
     return (self.images + self.failed) / self.seconds if self.seconds > 0 else 0.0
 
@@ -84,6 +107,14 @@ class Summary:
     """Throughput of the steps alone (no startup, compiling or finishing)."""
     t = self.seconds - self.startup_s - self.compile_s - self.finish_s
     return (self.images + self.failed) / t if t > 0 else 0.0
+
+  def _pixels_line(self) -> str:
+    buckets = ", ".join(f"{side}: {n}" for side, n in sorted(self.buckets.items()))
+    where = f"; resize on the {self.resize}" if self.resize else ""
+    if self.decoder:
+      counts = ", ".join(f"{k} {v}" for k, v in sorted(self.decoder["counts"].items()))
+      where += f"; decoder {self.decoder['description']} ({counts or 'nothing decoded'})"
+    return where + (f" (canvas steps {buckets})" if buckets else "")
 
   def line(self) -> str:
     """The result in one short line: images, failures, time, throughput, the output."""
@@ -104,7 +135,8 @@ class Summary:
                       if self.phases.get(name, 0.0) >= 0.05)
     return (f"details: {self.steady_images_per_s:.1f} images/s while stepping; waiting for "
             f"input {100 * share:.0f}%; seconds: {times}; shards written "
-            f"{self.shards_written}, already complete {self.shards_skipped}")
+            f"{self.shards_written}, already complete {self.shards_skipped}; "
+            f"{self.device_line()}{self._pixels_line()}")
 
 
 def _log(msg: str) -> None:
@@ -136,7 +168,8 @@ def run(config: ExtractConfig, *, log: Callable[[str], None] = _log,
     clock.charge("imports")
   if worker is None:
     worker = control.Worker(_worker_spec(config), log)
-  return _run(config, worker, clock, log)
+  cache = jit_cache.enable(config.compilation_cache)  # before anything compiles
+  return _run(config, worker, clock, log, cache or "")
 
 
 def _worker_spec(config: ExtractConfig) -> workers.WorkerSpec:
@@ -150,12 +183,14 @@ def _worker_spec(config: ExtractConfig) -> workers.WorkerSpec:
 
 
 def _run(config: ExtractConfig, worker: control.Worker, clock: control.Clock,
-         log: Callable[[str], None]) -> Summary:
+         log: Callable[[str], None], cache: str) -> Summary:
   from cbir_jax.job import finish, plan as planning, steps
 
-  summary = Summary(output=str(config.output), worker=worker.index)
+  summary = Summary(output=str(config.output), worker=worker.index, compilation_cache=cache)
+  hits, misses = jit_cache.counts()
   plan = planning.plan_job(config, worker, log)
   clock.charge("startup")
+  summary.resize = plan.manifest.settings.resize
   summary.skipped_line = plan.source.skipped_line()
   try:
     summary.shards_skipped = plan.skipped
@@ -170,6 +205,7 @@ def _run(config: ExtractConfig, worker: control.Worker, clock: control.Clock,
             f"interrupted ({reason}): {_who(worker)} stopped after writing "
             f"{summary.shards_written} shard(s) and the finished part of the shard in "
             f"progress; they are kept in {plan.out}. Rerun the same command to continue.")
+    _count_cache(summary, hits, misses)  # for the run info, before the manifest is sealed
     missing = finish.finish(plan, config, worker, clock, summary, log)
     if missing and config.finish:
       raise ExtractError(f"cannot finish {plan.out} yet: {len(missing)} shard(s) not written "
@@ -184,11 +220,17 @@ def _run(config: ExtractConfig, worker: control.Worker, clock: control.Clock,
   finally:
     clock.charge("finish" if summary.complete else "stop")
     summary.phases, summary.seconds = clock.items(), clock.total
+    _count_cache(summary, hits, misses)
     if plan.update is not None:
       summary.reused, summary.update_line = plan.update.report.reused, plan.update.report.line()
     if plan.lock:
       plan.lock.close()
   return summary
+
+
+def _count_cache(summary: Summary, hits: int, misses: int) -> None:
+  now_hits, now_misses = jit_cache.counts()
+  summary.cache_hits, summary.cache_misses = now_hits - hits, now_misses - misses
 
 
 def _who(worker: control.Worker) -> str:

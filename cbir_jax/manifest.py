@@ -96,6 +96,9 @@ class Settings:
   shard_size: int
   package_version: str
   max_pixels: int = 0
+  # Where images were resized ("host": Pillow, "device": in the step): the pixels differ
+  # slightly, so a rerun with the other one is a changed setting.
+  resize: str = "host"
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
@@ -112,7 +115,8 @@ class Settings:
                shard_size=int(d.get("shard_size", 0)),
                package_version=d.get("package_version", ""),
                # Before it was a setting (formats 1-2) the limit was Pillow's default.
-               max_pixels=int(d.get("max_pixels", _PILLOW_MAX_PIXELS)))
+               max_pixels=int(d.get("max_pixels", _PILLOW_MAX_PIXELS)),
+               resize=d.get("resize", "host"))  # before the device resize: the host
 
   def digest(self) -> str:
     return digest_of(self.to_dict())

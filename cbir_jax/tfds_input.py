@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import importlib.util
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -346,15 +346,17 @@ def tfds_batches(source: TfdsSource, ranges: list[tuple[int, int]], *,
 def position_batches(source: TfdsSource, positions: np.ndarray, *,
                      image_size: int | tuple[int, int], batch_size: int,
                      num_threads: int | None = None, num_workers: int | None = None,
-                     draft: bool = True, max_pixels: int = MAX_PIXELS, prefetch: int = 2
-                     ) -> input_pipeline.BatchStream:
-  """Decoded fixed-size batches of the records at `positions` (negative: a padding row).
+                     draft: bool = True, max_pixels: int = MAX_PIXELS, prefetch: int = 2,
+                     buckets: Sequence[int] | None = None) -> input_pipeline.BatchStream:
+  """Decoded fixed-size batches of the records at `positions` (negative: a padding row);
+  with `buckets`, canvases for the device resize (`input_pipeline.BatchStream`).
 
   ArrayRecord records are read where they are decoded (worker processes reopen the
   split); TFRecord ones stream from tf.data in this process and travel with their rows.
   """
   opts = dict(image_size=image_size, batch_size=batch_size, num_threads=num_threads,
-              num_workers=num_workers, draft=draft, max_pixels=max_pixels, prefetch=prefetch)
+              num_workers=num_workers, draft=draft, max_pixels=max_pixels, prefetch=prefetch,
+              buckets=buckets)
   if source.data is None:
     from cbir_jax import tfds_tfrecord
     return input_pipeline.BatchStream(tfds_tfrecord.rows_at(source, positions),

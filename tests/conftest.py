@@ -14,6 +14,12 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # only affects TensorFlow/tor
 # The test-only backbones (vgg_tiny, efficientnet_lite_tiny) as --model values of the
 # launchers the tests start; users' launchers offer only the real ones.
 os.environ.setdefault("CBIR_JAX_TEST_BACKBONES", "1")
+# Jobs keep JAX's persistent compilation cache (job/jit_cache.py); tests, and the launchers
+# they start, keep theirs in a fresh folder of this run instead of the user's cache.
+if "CBIR_JAX_COMPILATION_CACHE" not in os.environ:
+  import tempfile  # noqa: E402
+
+  os.environ["CBIR_JAX_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="cbir_jax_jit_cache_")
 
 import pytest  # noqa: E402
 

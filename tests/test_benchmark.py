@@ -163,7 +163,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 _TINY = ["--allow_cpu", "--sweep=vgg_tiny:2,4,efficientnet_lite_tiny:2", "--image_size=64",
          "--accuracy_images=3", "--repeats=2", "--e2e_backbone=efficientnet_lite_tiny",
          "--e2e_batch=4", "--photo_count=5", "--photo_width=120", "--photo_height=90",
-         "--phone_count=2", "--phone_width=400", "--phone_height=300", "--scaling_cores=1"]
+         "--phone_count=2", "--phone_width=400", "--phone_height=300", "--scaling_cores=1",
+         "--decoder_images=3", "--job_photos=4", "--job_decoders=pillow,nvimgcodec-cpu"]
 
 
 def test_gpu_check_launcher_runs_every_part_and_writes_complete_rows(tmp_path):
@@ -212,6 +213,19 @@ def test_gpu_check_launcher_runs_every_part_and_writes_complete_rows(tmp_path):
     assert e["decode_draft"] is True
     assert (e["decode_workers"], e["decode_threads"]) == input_pipeline.decode_parallelism()
 
+  # The decoder comparison (nvImageCodec's CPU backend here) and the job once per decoder.
+  (d,) = r["decoders"]
+  assert d["images"] == 3 and d["decoder"].startswith("nvimgcodec")
+  for row in d["rows"]:
+    _positive(row["images_per_s"], "decoders images_per_s")
+  assert [j["decoder"] for j in r["decoder_jobs"]] == ["pillow", "nvimgcodec-cpu"]
+  for j, ran in zip(r["decoder_jobs"], ("pillow", "nvimgcodec")):
+    assert j["images"] == 4 and j["failed"] == 0 and j["decoder_ran"]["counts"] == {ran: 4}
+    assert j["resize"] == "host"  # auto on the CPU backend
+    assert 0 < j["device_busy_share"] <= 1
+    for key in ("images_per_s", "step_rate_images_per_s", "host_cpu_s_per_image"):
+      _positive(j[key], f"decoder_jobs {key}")
+
   # The input sweep (up to --scaling_cores=1 here): a thread, a process, the product's choice.
   assert [(x["set"], x["engine"], x["workers"], x["threads"], x["images"])
           for x in r["input_scaling"]] == [
@@ -221,6 +235,17 @@ def test_gpu_check_launcher_runs_every_part_and_writes_complete_rows(tmp_path):
   for x in r["input_scaling"]:
     for key in ("images_per_s", "images_per_cpu_s", "first_batch_s"):
       _positive(x[key], f"input_scaling {key}")
+
+
+def test_gpu_check_quick_shrinks_every_part():
+  from benchmarks import gpu_check_decoders
+
+  full = gpu_check.GpuCheckConfig()
+  q = gpu_check_decoders.quick(full)
+  assert full.job_photos == 24000 and full.job_decoders == ("pillow", "nvimgcodec")
+  assert q.job_photos <= 2048 and q.decoder_images <= 100 and q.photo_count <= 512
+  assert len(gpu_check.parse_sweep(q.sweep)) == 2 and q.scaling_photo_images == 0
+  assert q.budget_s <= full.budget_s and q.e2e_reserve_s <= full.e2e_reserve_s
 
 
 def test_the_input_sweep_counts_powers_of_two_then_every_core():

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Mapping
+from typing import Annotated, Mapping
 
-from cbir_jax import backbones, choices, decode
+from cbir_jax import backbones, choices, decode, gpu_decode
 from cbir_jax import descriptors as desc
-from cbir_jax.choices import ComputeDtype, Kind, Masks, Model, OutputDtype, Progress
+from cbir_jax.choices import ComputeDtype, Kind, Masks, Model, OutputDtype, Progress, Resize
 from cbir_jax.job import workers
 from cbir_jax.job.errors import ExtractError
+
+Decoder = Annotated[str, choices.OneOf(gpu_decode.KINDS, "decoder")]
 
 
 @dataclasses.dataclass
@@ -76,6 +78,21 @@ class ExtractConfig:
       shards are written; the worker writing the last shard does this itself.
     jax_distributed: call jax.distributed.initialize() first (Cloud TPU slices, where the
       host's TPU chips need it) and take the worker index/count from JAX.
+    resize: where images are resized to the network's input: "host" (Pillow after decoding),
+      "device" (decoded into canvases, resized in the jitted step as Pillow's BILINEAR,
+      docs/resize.md), "auto" (host on the CPU backend, device on accelerators). A setting:
+      the two differ by rounding (about 0.1% of pixel values one level apart).
+    compilation_cache: JAX's persistent compilation cache, so a rerun loads the step
+      instead of compiling it: "auto" ($CBIR_JAX_COMPILATION_CACHE, else
+      $XDG_CACHE_HOME/cbir_jax/jax, else ~/.cache/cbir_jax/jax; a directory JAX was already
+      given is kept), a directory, or "none" (off). Only ever use a directory no one else
+      may write to: JAX runs what it finds there.
+    decoder: who decodes the images: "pillow" (the host), "nvimgcodec" (baseline JPEGs of a
+      folder on the GPU with nvImageCodec, extra gpu-decode; everything else, and every
+      failure reason, through Pillow), "nvimgcodec-cpu" (its CPU backend: tests,
+      comparisons), "auto" (nvImageCodec when a GPU and the extra are there, else Pillow).
+      nvImageCodec decodes at full size (no draft), so pixels differ by about a grey level;
+      which one ran is in the summary and the manifest's run info.
   """
   output: str
   images: str | None = None
@@ -108,6 +125,9 @@ class ExtractConfig:
   workers: int | None = None
   finish: bool = False
   jax_distributed: bool = False
+  resize: Resize = "auto"
+  compilation_cache: str = "auto"
+  decoder: Decoder = "auto"
 
   def check(self) -> None:
     """Raises ExtractError for settings that cannot work, before anything is touched."""

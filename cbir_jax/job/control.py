@@ -117,17 +117,20 @@ class Progress:
 class Clock:
   """Wall time split into named phases that add up to the total by construction.
 
-  `charge(name)` books the time since the previous charge to `name`.
+  `charge(name)` books the time since the previous charge to `name`; `spans` keeps each
+  booking's (name, start, end), so other timelines (the device's) can be laid over the phases.
   """
 
   def __init__(self, start: float | None = None):
     self.start = self._last = time.perf_counter() if start is None else start
     self.seconds: dict[str, float] = {}
+    self.spans: list[tuple[str, float, float]] = []
 
   def charge(self, name: str) -> float:
     now = time.perf_counter()
     dt = now - self._last
     self.seconds[name] = self.seconds.get(name, 0.0) + dt
+    self.spans.append((name, self._last, now))
     self._last = now
     return dt
 

@@ -20,8 +20,9 @@ from cbir_jax.job.plan import Plan, remove_replaced
 from cbir_jax.manifest import Manifest
 
 
-def run_info(config: ExtractConfig, worker: Worker) -> dict[str, Any]:
-  """How the job ran (not compared on reruns): platform, devices, threads."""
+def run_info(config: ExtractConfig, worker: Worker, summary: Any = None) -> dict[str, Any]:
+  """How the job ran (not compared on reruns): platform, devices, threads; with the finishing
+  worker's `summary`, its canvas buckets (device resize) and compilation cache use."""
   import jax
 
   from cbir_jax import input_pipeline, runtime
@@ -36,6 +37,12 @@ def run_info(config: ExtractConfig, worker: Worker) -> dict[str, Any]:
           "host": os.uname().nodename,
           "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
   info.update(runtime.platform_info())
+  if summary is not None:
+    info["resize"] = {"mode": summary.resize,
+                      "buckets": {str(b): n for b, n in sorted(summary.buckets.items())}}
+    info["compilation_cache"] = {"used": bool(summary.compilation_cache),
+                                 "hits": summary.cache_hits, "misses": summary.cache_misses}
+    info["decoder"] = summary.decoder
   return info
 
 
@@ -83,7 +90,7 @@ def _seal(plan: Plan, config: ExtractConfig, worker: Worker, clock: Clock, summa
   progress = consolidate.FinishProgress(config.progress, log)
   sealed = consolidate.seal(out, m, workers=worker.count, progress=progress)
   report = plan.source.labels_report
-  sealed = sealed.replace(run=run_info(config, worker),
+  sealed = sealed.replace(run=run_info(config, worker, summary),
                           labels=report.to_dict() if report is not None else {},
                           replaces=plan.update.old.made if plan.update is not None else ())
   store.write_manifest(out, sealed)  # the switch

@@ -124,6 +124,14 @@ def _version() -> str:
   return __version__
 
 
+def resolved_resize(mode: str) -> str:
+  """"host" or "device" for the job's --resize on this process' platform."""
+  import jax
+
+  from cbir_jax import resize
+  return resize.resolve(mode, jax.default_backend())
+
+
 def new_manifest(config: ExtractConfig, source: sources.Source, loaded: weights_lib.Loaded,
                  backbone: backbones.Backbone, image_size: int, kinds: tuple[str, ...]
                  ) -> Manifest:
@@ -134,7 +142,7 @@ def new_manifest(config: ExtractConfig, source: sources.Source, loaded: weights_
       preprocessing=loaded.preprocessing.to_dict(), descriptor=dcfg.to_dict(),
       image_size=image_size, kinds=kinds, dtype=config.dtype, output_dtype=config.output_dtype,
       draft=config.draft, shard_size=config.shard_size, package_version=_version(),
-      max_pixels=config.max_pixels)
+      max_pixels=config.max_pixels, resize=resolved_resize(config.resize))
   dims = desc.dimensions(backbone.block_channels, backbone.fc_dim)
   return Manifest(settings=settings, weights=loaded.record,
                   input=source.input_record(store.RECORDS),

@@ -117,12 +117,14 @@ class Source:
 
   def batches(self, positions: np.ndarray, *, batch_size: int, image_size: int,
               num_threads: int | None, draft: bool, max_pixels: int = input_pipeline.MAX_PIXELS,
-              num_workers: int | None = None) -> Iterator[input_pipeline.Batch]:
-    """Fixed-size batches of the records at `positions` (-1: a padding row)."""
+              num_workers: int | None = None, buckets: tuple[int, ...] | None = None
+              ) -> Iterator[input_pipeline.Batch]:
+    """Fixed-size batches of the records at `positions` (-1: a padding row); with `buckets`,
+    canvases for the device resize."""
     if not len(positions):
       return iter(())
     opts = dict(image_size=image_size, batch_size=batch_size, num_threads=num_threads,
-                num_workers=num_workers, draft=draft, max_pixels=max_pixels)
+                num_workers=num_workers, draft=draft, max_pixels=max_pixels, buckets=buckets)
     if self.tfds is not None:
       from cbir_jax import tfds_input
       return tfds_input.position_batches(self.tfds, positions, **opts)

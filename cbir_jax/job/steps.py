@@ -7,9 +7,15 @@ is written so a rerun continues there. Finished shards are written by one backgr
 order and one at a time, while the steps go on (on an H100, writing a Lite0 job's shards took
 as long as all its device time, 2.2 s each, when done in the loop); the loop waits for the writer
 before it ends, stops or writes a stopped part, and the writer's errors surface in the loop.
+
+The loop never waits on the host (issue 17 item 3, feed.py): the next batches are already on
+the device when a step is dispatched, the outputs' copies back start at dispatch, and rows are
+assembled on their own thread, in step order, at most IN_FLIGHT steps behind. With
+`--resize=device` the batches are canvases and the step resizes them (one compile per bucket).
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import os
 import shutil
@@ -18,7 +24,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cbir_jax import input_pipeline, store
+from cbir_jax import gpu_decode, input_pipeline, store
+from cbir_jax.job import decoding
+from cbir_jax.job import feed as feed_lib
 from cbir_jax.job import rows as rows_lib
 from cbir_jax.job.config import ExtractConfig
 from cbir_jax.job.control import Clock, Progress, Worker
@@ -26,6 +34,8 @@ from cbir_jax.job.plan import Plan
 
 # Test-only: seconds to sleep per step, so kill/interrupt tests can land mid-job.
 STEP_DELAY_ENV = "CBIR_JAX_TEST_STEP_DELAY_S"
+AHEAD = 2  # batches whose host->device copies are made before the step needs them
+IN_FLIGHT = 2  # dispatched steps whose rows are not read yet
 
 
 def write_finished(out: Any, f: rows_lib.Finished, kinds: tuple[str, ...], pid: int) -> None:
@@ -78,20 +88,28 @@ class ShardWriter:
 
 
 class StepRunner:
-  """The step loop of one worker; counts go to `summary`, times to `clock`."""
+  """The step loop of one worker; counts go to `summary`, times to `clock` (see feed.py)."""
 
   def __init__(self, plan: Plan, config: ExtractConfig, worker: Worker, clock: Clock, summary: Any,
                log: Callable[[str], None]):
     import jax
 
-    from cbir_jax import inference, sharding
+    from cbir_jax import canvas, inference, sharding
 
     self.plan, self.config, self.worker = plan, config, worker
     self.clock, self.summary, self.log = clock, summary, log
     self.mesh = sharding.data_mesh(jax.local_devices())  # this worker's devices only
-    self.fn = inference.jit_describe(
-        plan.backbone, mesh=self.mesh, preprocessing=plan.loaded.preprocessing,
-        kinds=plan.kinds, config=plan.descriptor, dtype=inference.compute_dtype(config.dtype))
+    self.in_sharding = sharding.batch_sharding(self.mesh)
+    common = dict(mesh=self.mesh, preprocessing=plan.loaded.preprocessing, kinds=plan.kinds,
+                  config=plan.descriptor, dtype=inference.compute_dtype(config.dtype))
+    self.resize = plan.manifest.settings.resize  # resolved: "host" or "device"
+    self.buckets: tuple[int, ...] | None = None
+    if self.resize == "device":  # canvases in, resized in the step (one compile per bucket)
+      self.buckets = canvas.BUCKETS
+      self.fn = inference.jit_describe_canvas(plan.backbone, image_size=plan.image_size,
+                                              **common)
+    else:
+      self.fn = inference.jit_describe(plan.backbone, **common)
     self.params = sharding.replicate(plan.loaded.params, self.mesh)
     self.assembler = rows_lib.ShardAssembler(
         plan.units, kinds=plan.kinds, dims=plan.manifest.dimensions,
@@ -99,21 +117,38 @@ class StepRunner:
         nonfinite_reason=(f"descriptor not finite (NaN or overflow; compute dtype "
                           f"{config.dtype}, output dtype {config.output_dtype})"))
     self.writer = ShardWriter(self._write)  # its thread starts with the first shard
+    self.decoding = decoding.select(config.decoder, plan.source.type)
+    self.tally = gpu_decode.DecoderTally(self.decoding.description)
+    self.timeline = feed_lib.DeviceTimeline()
+    self.bucket_steps: collections.Counter = collections.Counter()
 
-  def _consume(self, batch: input_pipeline.Batch, result: Any, progress: Progress) -> None:
+  def _put(self, batch: input_pipeline.Batch) -> tuple[Any, ...]:
+    """On the feed thread: starts the batch's host->device copies, split as the step takes it."""
+    import jax
+
+    if self.buckets:
+      return (jax.device_put(batch.images, self.in_sharding),
+              jax.device_put(batch.sizes, self.in_sharding))
+    return (jax.device_put(batch.images, self.in_sharding),)
+
+  def _consume(self, batch: input_pipeline.Batch, result: Any, dispatched: float,
+               progress: Progress) -> None:
+    """On the rows thread, in step order: waits for the step, assembles rows, hands shards on."""
+    for k in self.plan.kinds:
+      result[k].block_until_ready()
+    self.timeline.step(dispatched, time.perf_counter())
     rows = {k: np.asarray(result[k]) for k in self.plan.kinds}  # local mesh: all addressable
-    self.clock.charge("device")
     finished = self.assembler.add(rows_lib.StepRows(
         descriptors=rows, positions=batch.index, valid=batch.valid, ok=batch.ok,
         error=batch.error, width=batch.width, height=batch.height, keys=batch.key,
         labels=batch.label))
     self.summary.images, self.summary.failed = self.assembler.images, self.assembler.failed
     progress.update(int(np.count_nonzero(batch.valid)))
-    self.clock.charge("host")
+    if self.decoding.decoder is None:  # the Pillow stream: every record read is Pillow's
+      n = int(np.count_nonzero(batch.valid))
+      self.tally.add([gpu_decode.PILLOW] * n, [""] * n)
     for f in finished:
       self.writer.submit(f)  # waits only while the shard before is still being written
-    if finished:
-      self.clock.charge("write")
 
   def _write(self, f: rows_lib.Finished) -> None:
     """On the writer thread."""
@@ -125,49 +160,66 @@ class StepRunner:
     it stopped early (SIGINT/SIGTERM; the rows written so far are kept)."""
     plan, config = self.plan, self.config
     positions = plan.positions()
-    batches = plan.source.batches(positions, batch_size=plan.batch_rows,
-                                  image_size=plan.image_size, num_threads=config.num_threads,
-                                  num_workers=config.num_workers, draft=config.draft,
-                                  max_pixels=config.max_pixels)
+    if self.decoding.decoder is not None:  # nvImageCodec, a batch at a time
+      batches = decoding.nv_batches(
+          plan.source.keys, positions, decoder=self.decoding.decoder, tally=self.tally,
+          batch_size=plan.batch_rows, image_size=plan.image_size, draft=config.draft,
+          max_pixels=config.max_pixels, buckets=self.buckets)
+    else:
+      batches = plan.source.batches(positions, batch_size=plan.batch_rows,
+                                    image_size=plan.image_size, num_threads=config.num_threads,
+                                    num_workers=config.num_workers, draft=config.draft,
+                                    max_pixels=config.max_pixels, buckets=self.buckets)
+    feeder = feed_lib.Feed(batches, plan.local_steps, self._put, ahead=AHEAD)
+    rows = feed_lib.Rows(in_flight=IN_FLIGHT)
     try:
-      return self._steps(batches, positions)
+      return self._steps(feeder, rows, positions)
     finally:  # decode threads, worker processes and writes never outlive the steps
+      feeder.close()  # before the stream: its thread reads the stream
+      rows.close()
       _close(batches)
       self.writer.close()
+      self.summary.buckets = {int(b): n for b, n in sorted(self.bucket_steps.items())}
+      self.summary.decoder = self.tally.to_dict()
 
-  def _steps(self, batches: Any, positions: np.ndarray) -> str | None:
-    from cbir_jax import sharding
-
+  def _steps(self, feeder: feed_lib.Feed, rows: feed_lib.Rows, positions: np.ndarray
+             ) -> str | None:
     plan, config = self.plan, self.config
     progress = Progress(int(np.count_nonzero(positions >= 0)), config.progress,
                         config.log_every_s, self.log)
     delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
     self.clock.charge("startup")
-    stopped, prev = False, None
+    stopped = False
     with self.worker.stepping():
-      for _ in range(plan.local_steps):
+      for step in range(plan.local_steps):
         if self.worker.stop_requested():
           stopped = True
           break
-        batch = next(batches)
+        batch, args = feeder.get()
         self.clock.charge("input")
         if delay:
           time.sleep(delay)
           self.clock.charge("test delay")
-        result = self.fn(self.params, sharding.shard_batch(batch.images, self.mesh))
-        self.clock.charge("compile" if prev is None else "device")
-        if prev is not None:  # the previous step's rows are read while this one runs
-          self._consume(*prev, progress)
-        prev = (batch, result)
-      if prev is not None:
-        self._consume(*prev, progress)
+        dispatched = time.perf_counter()
+        result = self.fn(self.params, *args)
+        if step == 0:  # the first call compiles (or loads the persistent cache) before it runs
+          self.clock.charge("compile")
+          dispatched = time.perf_counter()
+        for k in plan.kinds:  # the copies back start now; the rows thread reads them later
+          result[k].copy_to_host_async()
+        if self.buckets:
+          self.bucket_steps[batch.bucket] += 1
+        rows.submit(self._consume, batch, result, dispatched, progress)
+        self.clock.charge("device")  # dispatching, and waiting for the step before last
+      rows.drain()
+      self.clock.charge("device")
       self.writer.wait()
       self.clock.charge("write")
+      self.summary.device_busy = self.timeline.busy_in(self.clock.spans)
       left = self.assembler.remaining  # units not complete (the stopped one included)
       if stopped:
         self._write_stopped_part()
       progress.close()
-      _close(batches)
       self.clock.charge("input")
       self._count_compiles()
       return self.worker.stop_reason if stopped and left else None

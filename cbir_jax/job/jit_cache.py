@@ -1,0 +1,72 @@
+"""JAX's persistent compilation cache for jobs: a rerun loads the step instead of compiling it.
+
+On by default (`ExtractConfig.compilation_cache`); the directory is per user, because JAX
+trusts what it finds there (an entry is code it will run). JAX reads the setting at its first
+compile in the process, so `enable` runs before the job touches JAX. Hits and misses are
+counted through `jax.monitoring` (public events) for the summary.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import threading
+from typing import Any, Mapping
+
+ENV = "CBIR_JAX_COMPILATION_CACHE"
+OFF = ("none", "off", "")
+HITS, MISSES = "/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses"
+
+_counts: collections.Counter = collections.Counter()
+_lock = threading.Lock()
+_listening = False
+
+
+def cache_dir(setting: str, environ: Mapping[str, str] = os.environ) -> str | None:
+  """The directory for a `compilation_cache` setting; None when off."""
+  if setting.strip().lower() in OFF:
+    return None
+  if setting != "auto":
+    return os.path.abspath(os.path.expanduser(setting))
+  if environ.get(ENV):
+    return cache_dir(environ[ENV], {})
+  base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "cbir_jax", "jax")
+
+
+def _count(event: str, **_: Any) -> None:
+  if event in (HITS, MISSES):
+    with _lock:
+      _counts[event] += 1
+
+
+def enable(setting: str) -> str | None:
+  """Points JAX at the cache (unless it was given one already, with "auto"); returns the
+  directory in use, or None when off."""
+  import jax
+
+  global _listening
+  if not _listening:
+    jax.monitoring.register_event_listener(_count)
+    _listening = True
+  current = jax.config.jax_compilation_cache_dir
+  if setting == "auto" and current:
+    return current
+  path = cache_dir(setting)
+  if path is None:
+    jax.config.update("jax_enable_compilation_cache", False)
+    return None
+  os.makedirs(path, mode=0o700, exist_ok=True)
+  jax.config.update("jax_enable_compilation_cache", True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  # The step of a small model compiles in well under JAX's default 1 s threshold; keep it too.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  return path
+
+
+def counts() -> tuple[int, int]:
+  """(hits, misses) of the persistent cache in this process so far."""
+  with _lock:
+    return _counts[HITS], _counts[MISSES]
+
+
+__all__ = ["ENV", "cache_dir", "counts", "enable"]
