@@ -266,7 +266,8 @@ def test_descriptor_check_fails_when_the_reference_parameters_are_perturbed(monk
   monkeypatch.setattr(gpu_check, "_params_for_reference", perturbed)
   cfg = gpu_check.GpuCheckConfig(sweep=("vgg_tiny:2",), dtypes=("float32",), repeats=1,
                                  image_size=64, accuracy_images=3, photo_count=0,
-                                 phone_count=0, allow_cpu=True)
+                                 phone_count=0, decoder_images=0, job_photos=0,
+                                 allow_cpu=True)
   result = gpu_check.run(cfg, log=lambda msg: None)
   assert result["passed"] is False and result["errors"] == {}
   by_run = {(a["dtype"], a["precision"]): a for a in result["accuracy"]}
