@@ -365,9 +365,10 @@ def read_path(path: str) -> bytes:
 def position_batches(listing: WebdatasetListing, positions: np.ndarray, *,
                      image_size: int | tuple[int, int], batch_size: int,
                      num_threads: int | None = None, num_workers: int | None = None,
-                     draft: bool = True, max_pixels: int = MAX_PIXELS, prefetch: int = 2
-                     ) -> input_pipeline.BatchStream:
-  """Decoded fixed-size batches of the records at `positions` (negative: a padding row).
+                     draft: bool = True, max_pixels: int = MAX_PIXELS, prefetch: int = 2,
+                     buckets: tuple[int, ...] | None = None) -> input_pipeline.BatchStream:
+  """Decoded fixed-size batches of the records at `positions` (negative: a padding row);
+  with `buckets`, canvases for the device resize (`input_pipeline.BatchStream`).
 
   The same engine as folders and TFDS: `Batch.index` is the position, `Batch.key` the
   record's key and `Batch.label` its label. Worker processes read members themselves.
@@ -376,7 +377,7 @@ def position_batches(listing: WebdatasetListing, positions: np.ndarray, *,
       listing.rows(np.asarray(positions, np.int64).tolist()), read=listing.reader,
       image_size=image_size, batch_size=batch_size, num_threads=num_threads,
       num_workers=num_workers, draft=draft, max_pixels=max_pixels, prefetch=prefetch,
-      keyed=True)
+      keyed=True, buckets=buckets)
 
 
 __all__ = ["WebdatasetError", "WebdatasetListing", "MemberReader", "Shard", "find_shards",

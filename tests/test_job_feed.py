@@ -112,7 +112,7 @@ def test_summary_phases_add_up_and_device_time_fits_in_them(tmp_path):
   assert s.device_busy and s.device_busy_s > 0
   for name, busy in s.device_busy.items():
     assert 0 <= busy <= s.phases[name] + 1e-6
-  assert "device busy" in s.line() and "busy/waited" in s.line()
+  assert "device busy" in s.details() and "busy/waited" in s.details()
 
 
 def _job(out: pathlib.Path, images: pathlib.Path, cache: pathlib.Path) -> dict:
