@@ -58,7 +58,8 @@ class IndexConfig:
   Attributes:
     index: extraction output directory (launch/extract.py --output); the ANN index goes
       to INDEX/ann/KIND/.
-    kind: descriptor kind to index.
+    kind: descriptor kind to index; unset: the one cbir-search uses by default (fc_conv
+      when the index has it, else conv, ...: `store.choose_kind`).
     type: "ivf" (IVF-flat, METRIC_L1: quick to build, the default) or "hnsw" (HNSW,
       METRIC_L1: slower to build; see docs/search.md).
     pca: dimensions kept by a PCA learned on the index before the faiss index (0: none);
@@ -71,7 +72,7 @@ class IndexConfig:
     candidates: candidates re-ranked exactly per query (at least 4k are taken).
   """
   index: str
-  kind: Kind = "fc_conv"
+  kind: Kind | None = None
   type: Annotated[str, OneOf(TYPES, "ANN type")] = "ivf"
   pca: int = 128
   nlist: int = 0
@@ -209,6 +210,10 @@ def build_faiss(database: Any, config: IndexConfig, *, block_rows: int = 65536,
 def build(config: IndexConfig, *, log: Callable[[str], None] = print) -> AnnRecord:
   """Builds the ANN index of `config.kind` over an extraction output and writes it beside it."""
   faiss = import_faiss()
+  kind, why = store.choose_kind(config.index, config.kind)
+  if why:
+    log(why)
+  config = dataclasses.replace(config, kind=kind)
   identity = index_identity(config.index, config.kind)
   _, database, _ = store.open_index(config.index, config.kind)
   n, dim = (int(s) for s in database.shape)

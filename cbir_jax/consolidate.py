@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from cbir_jax import store
+from cbir_jax import meta_columns, store
 from cbir_jax import index as index_files
 from cbir_jax.manifest import FORMAT_VERSION, FileEntry, Manifest, ShardEntry
 
@@ -205,7 +205,9 @@ def _gather_meta(out: pathlib.Path, m: Manifest, shards: Sequence[ShardEntry],
     progress.step(sum(int(s.files[n]["bytes"]) for n in (META, FAILURES) if n in s.files),
                   "row metadata")
   columns = list(parts[0]) if parts else list(store.META_COLUMNS)
-  meta = {c: np.concatenate([p[c] for p in parts]) if parts else np.zeros(0) for c in columns}
+  # One type per column over every shard (shards are typed alone: meta_columns).
+  meta = {c: meta_columns.join([p[c] for p in parts]) if parts else np.zeros(0)
+          for c in columns}
   mrel, frel = m.path(index_files.METADATA), m.path(index_files.FAILURES)
   mpath = store.write_atomic(out / mrel, lambda f: index_files.write_metadata(f, meta))
   mentry = FileEntry(mrel, len(meta["row"]), store.sha256_file(mpath), mpath.stat().st_size)

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cbir_jax import search
+from cbir_jax.choices import Kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +210,8 @@ class DedupConfig:
 
   Attributes:
     index: extraction output directory.
-    kind: descriptor kind compared.
+    kind: descriptor kind compared; unset: fc_conv when the index has it, else conv, ...
+      (`store.choose_kind`, as cbir-search).
     threshold: L1/D distance below which two rows are near-duplicates; unset: `fraction`
       times the median distance of random row pairs (scale-free across kinds and models).
     fraction: the relative threshold when `threshold` is unset.
@@ -222,7 +224,7 @@ class DedupConfig:
     show: groups printed on the console (all are in --json and the page).
   """
   index: str
-  kind: str = "fc_conv"
+  kind: Kind | None = None
   threshold: float | None = None
   fraction: float = 0.2
   k: int = 8
@@ -242,6 +244,10 @@ def run(c: DedupConfig, *, log=print) -> list[Group]:
 
   if c.k < 1 or c.fraction <= 0 or (c.threshold is not None and c.threshold <= 0):
     raise ValueError("k, fraction and threshold must be positive")
+  kind, why = store.choose_kind(c.index, c.kind)
+  if why:
+    log(why)
+  c = dataclasses.replace(c, kind=kind)
   x, meta = store.load_descriptors(c.index, kind=c.kind)
   paths = [str(p) for p in meta["path"]]
   images = IndexImages.of_index(c.index, image_root=c.image_root)

@@ -391,8 +391,9 @@ def labels_from_metadata(meta: Mapping[str, np.ndarray], column: str = "label"
                          ) -> tuple[np.ndarray, list[str]]:
   """Integer labels from a metadata column.
 
-  Integer columns are used as they are (-1 = unknown); text columns (such as
-  imagenet-sample's "group") are numbered in sorted order, "" = unknown.
+  The job's "label" column is used as it is (-1 = unknown); other columns (text such as
+  imagenet-sample's "group", or the numbers of a TFDS feature or a webdataset json field)
+  are numbered in sorted order of their values ("" and NaN = unknown).
 
   Returns:
     (int64 [N] labels, names of the label values).
@@ -401,7 +402,7 @@ def labels_from_metadata(meta: Mapping[str, np.ndarray], column: str = "label"
     raise ValueError(f"no metadata column {column!r}; available: {sorted(meta)} (extra "
                      "columns come from the --labels_csv given to launch/extract.py)")
   values = np.asarray(meta[column])
-  if np.issubdtype(values.dtype, np.integer):
+  if column == "label" and np.issubdtype(values.dtype, np.integer):
     # names[v] names label value v: the extraction's label_name when it has one
     # (folder or CSV class names), else the number itself.
     text = np.asarray(meta["label_name"]).astype(str) if "label_name" in meta else None
@@ -411,6 +412,12 @@ def labels_from_metadata(meta: Mapping[str, np.ndarray], column: str = "label"
         if v >= 0 and t:
           names[v] = t
     return values.astype(np.int64), names
+  if values.dtype.kind in "biuf":  # numbers of an extra column: their distinct values
+    known = ~np.isnan(values) if values.dtype.kind == "f" else np.ones(len(values), bool)
+    distinct, at = np.unique(values[known], return_inverse=True)
+    labels = np.full(len(values), -1, np.int64)
+    labels[known] = at.reshape(-1)
+    return labels, [str(v) for v in distinct.tolist()]
   values = values.astype(str)
   names = sorted(set(values.tolist()) - {""})
   index = {v: i for i, v in enumerate(names)}

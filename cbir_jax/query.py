@@ -66,7 +66,9 @@ class SearchConfig:
       comma-separated pieces all are files is taken as that list). Described with the
       backbone, weights and preprocessing the index records (other weights are refused).
     query_ids: rows of the index used as queries, comma-separated.
-    kind: descriptor kind to search with.
+    kind: descriptor kind to search with; unset: fc_conv when the index has it, else the
+      first it has of conv, fc, gem, mac, spoc (an index of weights without FC layers:
+      conv), and a note names the kind used.
     k: results per query; more than the index holds gives all of it, with a note.
     exclude_self: leave the query itself out of its results: a row query's own row, or the
       row of a query image that is in the index (same file, or same pixels).
@@ -78,34 +80,35 @@ class SearchConfig:
     ann: search through the approximate index built by launch/index.py (INDEX/ann/KIND/):
       candidates from faiss, re-ranked by exact L1 on the device; refused if the index
       changed since it was built. Off: exact search of every row.
+    weights: the folder of the weights the index was made with, when they moved since the
+      extraction (the index records where they were): used only if they are the same
+      weights (their params_sha256 equals the one the index records).
   """
   index: str
   query: tuple[str, ...] = ()
   query_ids: tuple[int, ...] = ()
-  kind: Kind = "fc_conv"
+  kind: Kind | None = None
   k: int = 5
   exclude_self: bool = False
   image_root: str | None = None
   report: str | None = None
   json: bool = False
   ann: bool = False
+  weights: str | None = None
 
 
-def describe_images(manifest: Any, paths: Any, kind: str) -> np.ndarray:
-  """Descriptors of image files made exactly as the index's were.
+def index_weights(manifest: Any, weights_dir: str | None = None) -> tuple[Any, Any, Any]:
+  """(backbone, preprocessing, params): the model an index's rows were made with.
 
-  Uses the backbone, weights, preprocessing, input size, decoding, descriptor
-  settings and compute dtype recorded in the manifest (a `manifest.Manifest` or
-  its dict), and rounds like the stored rows (float16 output), so an image of
-  the index finds itself at distance ~0.
+  The weights are those the manifest records, found by digest (`weights.load_recorded`), or
+  read from `weights_dir` when given (they moved) and checked to be the same
+  (`weights.load_from`).
 
   Raises:
-    IndexMismatch: the recorded weights are missing or are not the ones the
-      index was made with, or their preprocessing differs from the recorded one.
-    ValueError: an image cannot be decoded (names the file).
+    IndexMismatch: the weights are missing or other weights, or their preprocessing
+      differs from the recorded one.
   """
-  from cbir_jax import backbones, checkpoint, inference, input_pipeline
-  from cbir_jax import descriptors as desc
+  from cbir_jax import backbones, checkpoint
   from cbir_jax import preprocessing as pp
   from cbir_jax import weights as weights_lib
   from cbir_jax.manifest import Manifest
@@ -115,20 +118,50 @@ def describe_images(manifest: Any, paths: Any, kind: str) -> np.ndarray:
   backbone = backbones.get(s.backbone)
   prep = pp.Preprocessing.from_dict(s.preprocessing)
   try:
-    loaded = weights_lib.load_recorded(backbone.name, m.weights, image_size=s.image_size)
+    if weights_dir is not None:
+      loaded = weights_lib.load_from(backbone.name, m.weights, weights_dir,
+                                     image_size=s.image_size)
+    else:
+      loaded = weights_lib.load_recorded(backbone.name, m.weights, image_size=s.image_size)
   except weights_lib.WeightsNotFound as e:
     if e.found:
       raise IndexMismatch(
           f"the weights found for {backbone.name} (params_sha256 {e.found[0][:12]}) are not the "
-          f"ones the index was made with ({m.weights.params_sha256[:12]}); restore them or "
-          "extract the collection again") from None
-    raise IndexMismatch(f"cannot load the weights the index was made with: {e}") from None
-  except checkpoint.WeightsError as e:
-    raise IndexMismatch(f"cannot load the weights the index was made with: {e}; restore them "
-                        "or extract the collection again") from None
+          f"ones the index was made with ({m.weights.params_sha256[:12]}); restore them, give "
+          "their folder with --weights, or extract the collection again") from None
+    raise IndexMismatch(f"cannot load the weights the index was made with: {e}; if they "
+                        "moved, give their folder with --weights") from None
+  except checkpoint.WeightsError as e:  # load_from's own messages say what to give instead
+    hint = "" if weights_dir is not None else "; restore them or extract the collection again"
+    raise IndexMismatch(f"cannot load the weights the index was made with: {e}{hint}") from None
   if loaded.preprocessing != prep:
     raise IndexMismatch(f"the weights found for the index use preprocessing "
                         f"{loaded.preprocessing.name!r} but the index records {prep.name!r}")
+  return backbone, prep, loaded.params
+
+
+def describe_images(manifest: Any, paths: Any, kind: str, *, weights_dir: str | None = None
+                    ) -> np.ndarray:
+  """Descriptors of image files made exactly as the index's were.
+
+  Uses the backbone, weights, preprocessing, input size, decoding, descriptor
+  settings and compute dtype recorded in the manifest (a `manifest.Manifest` or
+  its dict), and rounds like the stored rows (float16 output), so an image of
+  the index finds itself at distance ~0.
+
+  Raises:
+    IndexMismatch: the weights are missing or are not the ones the index was made
+      with, or their preprocessing differs from the recorded one (`index_weights`;
+      `weights_dir`: where they are now, if they moved).
+    ValueError: an image cannot be decoded (names the file).
+  """
+  from cbir_jax import inference, input_pipeline
+  from cbir_jax import descriptors as desc
+  from cbir_jax.manifest import Manifest
+
+  m = manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest)
+  s = m.settings
+  backbone, prep, params = index_weights(m, weights_dir)
   images, errors = input_pipeline.load_images(list(paths), s.image_size, draft=s.draft)
   bad = [f"{p}: {e}" for p, e in zip(paths, errors) if e]
   if bad:
@@ -136,7 +169,7 @@ def describe_images(manifest: Any, paths: Any, kind: str) -> np.ndarray:
   fn = inference.jit_describe(backbone, preprocessing=prep, kinds=(kind,),
                               config=desc.DescriptorConfig(**s.descriptor),
                               dtype=inference.compute_dtype(s.dtype))
-  out = np.asarray(fn(loaded.params, images)[kind], np.float32)
+  out = np.asarray(fn(params, images)[kind], np.float32)
   if s.output_dtype == "float16":
     out = out.astype(np.float16).astype(np.float32)
   return out
@@ -287,10 +320,11 @@ def _open(index_dir: str, kind: str, image_root: str | None) -> _Index:
   return _Index(manifest, database, meta, images)
 
 
-def search_index(index_dir: str, *, kind: str = "fc_conv", k: int = 5,
+def search_index(index_dir: str, *, kind: str | None = None, k: int = 5,
                  query_paths: Any = (), query_ids: Any = (), exclude_self: bool = False,
                  image_root: str | None = None, note: Callable[[str], None] | None = None,
-                 ann: bool = False, **search_kwargs: Any) -> list[QueryResult]:
+                 ann: bool = False, weights: str | None = None, **search_kwargs: Any
+                 ) -> list[QueryResult]:
   """Searches an extraction output with image files and/or rows of the index.
 
   A query image that is itself in the index (its stored file, also under `image_root`, or
@@ -298,7 +332,8 @@ def search_index(index_dir: str, *, kind: str = "fc_conv", k: int = 5,
 
   Args:
     index_dir: output directory of launch/extract.py.
-    kind: descriptor kind to search with.
+    kind: descriptor kind to search with; None: `store.choose_kind`'s (fc_conv if the
+      index has it, else conv, ...; `note` names it when it is not fc_conv).
     k: results per query; clamped to what the index holds (see `clamp_k`, which calls
       `note`).
     query_paths: image files, one name per item (see `query_names` for comma lists);
@@ -310,15 +345,20 @@ def search_index(index_dir: str, *, kind: str = "fc_conv", k: int = 5,
     note: receives one line when k was clamped, and one naming the approximate index used.
     ann: candidates from the approximate index of `kind` (launch/index.py), re-ranked
       exactly (`ann.ann_topk`); an index built before the output changed is refused.
+    weights: where the index's weights are now, if they moved (checked by digest).
     **search_kwargs: passed to `search.l1_topk` (tiling, mesh).
 
   Returns:
-    One QueryResult per query: image files first, then rows, in the order given.
+    One QueryResult per query: image files first, then rows, in the order given. A query
+    file's path is absolute, like the stored paths of its results.
   """
   paths = query_names(query_paths)
   ids = [int(v) for v in _split(query_ids)]
   if not paths and not ids:
     raise ValueError("no queries: give image files (--query) or index rows (--query_ids)")
+  kind, why = store.choose_kind(index_dir, kind)
+  if why and note is not None:
+    note(why)
   index = _open(index_dir, kind, image_root)
   approx = None
   if ann:
@@ -338,7 +378,7 @@ def search_index(index_dir: str, *, kind: str = "fc_conv", k: int = 5,
   own = path_rows + ids  # the self row known before searching, per query
   exclude = np.asarray([r if exclude_self else -1 for r in own], np.int64)
   queries = np.concatenate(
-      ([describe_images(index.manifest, paths, kind)] if paths else [])
+      ([describe_images(index.manifest, paths, kind, weights_dir=weights)] if paths else [])
       + ([_rows_of(index.database, ids)] if ids else []))
   # Room for a query image found by its pixels only, dropped afterwards.
   extra = int(exclude_self and any(r < 0 for r in path_rows))
@@ -357,8 +397,11 @@ def search_index(index_dir: str, *, kind: str = "fc_conv", k: int = 5,
       how = "same pixels" if row >= 0 else ""
     hits = [index.hit(int(i), float(x)) for x, i in zip(d, rows)
             if not (exclude_self and int(i) == row)][:k]
+    # A query file is shown absolute, as the job stores its results' paths: one form to
+    # read and to copy, whatever folder the command ran in.
     query = (index.hit(ids[a - len(paths)]) if a >= len(paths) else
-             Hit(path=paths[a], label=index.label_of(row) if row >= 0 else ""))
+             Hit(path=os.path.abspath(paths[a]),
+                 label=index.label_of(row) if row >= 0 else ""))
     results.append(QueryResult(query=query, hits=tuple(hits), kind=kind, self_row=row,
                                self_match=how, self_excluded=exclude_self and row >= 0))
   return results
@@ -379,15 +422,18 @@ def _header(r: QueryResult) -> str:
 def format_results(results: Sequence[QueryResult]) -> str:
   """Ranked table per query: rank, distance, path, label; the query's own row is marked.
 
-  One line per result whatever the names hold: see `names.shown`.
+  An unlabelled row shows no label (and a table of unlabelled rows no label column). One
+  line per result whatever the names hold: see `names.shown`.
   """
   lines = []
   for r in results:
     lines.append(_header(r))
-    lines.append(f"{'rank':>4}  {'distance':>10}  path  [label]")
+    labelled = any(h.label for h in r.hits)
+    lines.append(f"{'rank':>4}  {'distance':>10}  path" + ("  [label]" if labelled else ""))
     for rank, h in enumerate(r.hits, 1):
+      label = f"  [{shown(h.label)}]" if h.label else ""
       own = "  (the query itself)" if h.row == r.self_row >= 0 else ""
-      lines.append(f"{rank:>4}  {h.distance:>10.6f}  {shown(h.path)}  [{shown(h.label)}]{own}")
+      lines.append(f"{rank:>4}  {h.distance:>10.6f}  {shown(h.path)}{label}{own}")
   return "\n".join(lines)
 
 
@@ -427,7 +473,8 @@ def run(config: SearchConfig, *, log: Callable[[str], None], out: Callable[[str]
 
   results = search_index(config.index, kind=config.kind, k=config.k, query_paths=config.query,
                          query_ids=config.query_ids, exclude_self=config.exclude_self,
-                         image_root=config.image_root, note=note, ann=config.ann)
+                         image_root=config.image_root, note=note, ann=config.ann,
+                         weights=config.weights)
   if not config.json:
     out(format_results(results))
   if config.report:
@@ -452,4 +499,4 @@ def _write_report(config: SearchConfig, results: list[QueryResult]) -> list[str]
 
 
 __all__ = ["Hit", "IndexMismatch", "QueryResult", "SearchConfig", "clamp_k", "describe_images",
-           "format_results", "results_json", "run", "search_index"]
+           "format_results", "index_weights", "results_json", "run", "search_index"]

@@ -230,37 +230,91 @@ def _hist_height(thumb: int) -> int:
   return max(40, thumb // 3)
 
 
-def _legend(draw: ImageDraw.ImageDraw, x: int, y: int, font: Any) -> None:
-  for name in MARKS:
-    draw.rectangle([x, y + 2, x + 11, y + 13], outline=MARKS[name], width=3)
-    draw.text((x + 16, y), _MARK_TEXT[name], fill=(0, 0, 0), font=font)
-    x += 24 + int(draw.textlength(_MARK_TEXT[name], font=font))
-  for colour in (*_CHANNEL_COLOURS, _GREY):
-    draw.line([(x, y + 8), (x + 12, y + 8)], fill=colour, width=2)
-    x += 16
-  draw.text((x, y), "histograms R, G, B; equal channels share a line (grey: all three)",
-            fill=(0, 0, 0), font=font)
+_LEGEND_LINE = 16  # pixels per legend line
+_LEGEND_GAP = 8  # pixels between two legend items on a line
+
+
+@dataclasses.dataclass(frozen=True)
+class _LegendItem:
+  """One key of the legend: its swatch (a frame of a mark, the histogram lines, or none)
+  and its text."""
+  text: str
+  mark: str = ""  # a key of MARKS: a frame swatch
+  lines: bool = False  # the histogram line swatches
+
+  def swatch_width(self) -> int:
+    return 16 if self.mark else 16 * (len(_CHANNEL_COLOURS) + 1) if self.lines else 0
+
+
+def _legend_items() -> list[_LegendItem]:
+  # The histogram key is two items, so that a narrow sheet wraps between them.
+  return [*(_LegendItem(_MARK_TEXT[m], mark=m) for m in MARKS),
+          _LegendItem("histograms R, G, B;", lines=True),
+          _LegendItem("equal channels share a line (grey: all three)")]
+
+
+def _legend_lines(draw: ImageDraw.ImageDraw, font: Any, width: int
+                  ) -> list[list[tuple[_LegendItem, str]]]:
+  """The legend's items (with their text as drawn) wrapped into lines of at most `width`
+  pixels, so a narrow sheet (small k) shows all of it; a text wider than a line is
+  shortened (`_fit`)."""
+  lines: list[list[tuple[_LegendItem, str]]] = [[]]
+  used = 0
+  for item in _legend_items():
+    text = _fit(draw, item.text, font, width - item.swatch_width())
+    need = item.swatch_width() + int(np.ceil(draw.textlength(text, font=font)))
+    if lines[-1] and used + _LEGEND_GAP + need > width:
+      lines.append([])
+      used = 0
+    used += (_LEGEND_GAP if lines[-1] else 0) + need
+    lines[-1].append((item, text))
+  return lines
+
+
+def _legend(draw: ImageDraw.ImageDraw, x0: int, y0: int, font: Any,
+            lines: list[list[tuple[_LegendItem, str]]]) -> tuple[int, int, int, int]:
+  """Draws the legend lines from (x0, y0); returns the box (x0, y0, x1, y1) it covers."""
+  right = x0
+  for n, line in enumerate(lines):
+    x, y = x0, y0 + n * _LEGEND_LINE
+    for item, text in line:
+      if item.mark:
+        draw.rectangle([x, y + 2, x + 11, y + 13], outline=MARKS[item.mark], width=3)
+      elif item.lines:
+        for i, colour in enumerate((*_CHANNEL_COLOURS, _GREY)):
+          draw.line([(x + 16 * i, y + 8), (x + 16 * i + 12, y + 8)], fill=colour, width=2)
+      x += item.swatch_width()
+      draw.text((x, y), text, fill=(0, 0, 0), font=font)
+      x = draw.textbbox((x, y), text, font=font)[2]
+      right = max(right, x)
+      x += _LEGEND_GAP
+  return x0, y0, right, y0 + len(lines) * _LEGEND_LINE
 
 
 def _sheet(cells: list[list[_Cell]], header: ReportHeader | None, title: str, *, thumb: int
-           ) -> tuple[Image.Image, list[list[dict[str, Any]]]]:
+           ) -> tuple[Image.Image, list[list[dict[str, Any]]], tuple[int, int, int, int]]:
   """The PNG: title, header and legend lines, then one row of cells per query.
 
-  Returns the image and, per cell, its stored path, mark and frame box (x0, y0, x1, y1).
+  Returns the image, per cell its stored path, mark and frame box (x0, y0, x1, y1), and
+  the legend's box.
   """
   font, big = _font(11), _font(15)
   hist_h, line_h, pad, frame = _hist_height(thumb), 14, 10, 3
   cell_w, cell_h = thumb + 2 * pad, thumb + hist_h + _TEXT_LINES * line_h + 3 * pad
   cols = max(len(row) for row in cells)
-  top = pad + 22 + (16 if header else 0) + 20
-  sheet = Image.new("RGB", (cols * cell_w + pad, top + len(cells) * cell_h), (255, 255, 255))
+  size_w = cols * cell_w + pad
+  width = size_w - 2 * pad
+  # The legend wraps to the sheet's width (set by k), so the header grows by its lines.
+  legend = _legend_lines(ImageDraw.Draw(Image.new("RGB", (1, 1))), font, width)
+  legend_y = pad + 22 + (16 if header else 0)
+  top = legend_y + len(legend) * _LEGEND_LINE + 4
+  sheet = Image.new("RGB", (size_w, top + len(cells) * cell_h), (255, 255, 255))
   draw = ImageDraw.Draw(sheet)
-  width = sheet.width - 2 * pad
   draw.text((pad, pad), _fit(draw, title, big, width), fill=(0, 0, 0), font=big)
   if header:
     draw.text((pad, pad + 22), _fit(draw, header.line(), font, width), fill=(60, 60, 60),
               font=font)
-  _legend(draw, pad, top - 20, font)
+  legend_box = _legend(draw, pad, legend_y, font, legend)
   boxes = []
   for qi, row in enumerate(cells):
     boxes.append([])
@@ -282,7 +336,7 @@ def _sheet(cells: list[list[_Cell]], header: ReportHeader | None, title: str, *,
         draw.text((x, y + thumb + hist_h + frame + 2 + li * line_h), _fit(draw, text, font, thumb),
                   fill=(0, 0, 0), font=font)
       boxes[-1].append({"path": c.hit.path, "mark": c.mark, "box": box})
-  return sheet, boxes
+  return sheet, boxes, legend_box
 
 
 def _figure(c: _Cell) -> str:
@@ -352,7 +406,8 @@ def write_report(out_dir: str | os.PathLike, results: Sequence[QueryResult], *,
 
   Returns:
     {"png": path, "html": path, "missing": why each image that could not be read is missing,
-     "cells": per query, per image, {"path", "mark", "box"} of the PNG}.
+     "cells": per query, per image, {"path", "mark", "box"} of the PNG, "legend": the
+     legend's box (x0, y0, x1, y1) in the PNG}.
   """
   if not results:
     raise ValueError("no query results to report")
@@ -364,14 +419,15 @@ def write_report(out_dir: str | os.PathLike, results: Sequence[QueryResult], *,
   title = title or (header.title() if header else "cbir_jax search")
   cells = _cells(results, images or IndexImages(), out, bins=bins, thumb=thumb,
                  row_titles=row_titles)
-  sheet, boxes = _sheet(cells, header, title, thumb=thumb)
+  sheet, boxes, legend = _sheet(cells, header, title, thumb=thumb)
   png, page = out / "results.png", out / "results.html"
   sheet.save(png)
   page.write_text(_page(cells, results, header, title, bins=bins, thumb=thumb),
                   encoding="utf-8")
   unread = {(c.hit.row < 0, c.hit.path): c.picture.error for row in cells for c in row}
   missing = [e for e in unread.values() if e]
-  return {"png": str(png), "html": str(page), "missing": missing, "cells": boxes}
+  return {"png": str(png), "html": str(page), "missing": missing, "cells": boxes,
+          "legend": legend}
 
 
 def write_index_report(out_dir: str | os.PathLike, index_dir: str,

@@ -21,7 +21,7 @@ import numpy as np
 from cbir_jax import decode, evaluation, index_images, search, store
 from cbir_jax.choices import Kind
 from cbir_jax.index_images import ImageUnavailable, IndexImages
-from cbir_jax.query import (Hit, IndexMismatch, QueryResult, clamp_k, label_of, results_json,
+from cbir_jax.query import (Hit, QueryResult, clamp_k, index_weights, label_of, results_json,
                             row_hit)
 
 _STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_static")
@@ -37,7 +37,8 @@ class ServeConfig:
 
   Attributes:
     index: extraction output directory (launch/extract.py --output), kept loaded.
-    kind: descriptor kind searched.
+    kind: descriptor kind searched; unset: fc_conv when the index has it, else the first it
+      has of conv, fc, gem, mac, spoc (an index of weights without FC layers: conv).
     k: results per query when a request does not say.
     max_k: the largest k a request may ask for (larger: 400).
     host: address to listen on; the default answers this machine only.
@@ -46,9 +47,12 @@ class ServeConfig:
     max_upload_bytes: the largest request body (an uploaded image) accepted (larger: 413).
     max_pixels: images declaring more pixels are refused (bombs); 0 = the index's own
       setting (what the extraction job refused).
+    weights: the folder of the weights the index was made with, when they moved since the
+      extraction: used only if they are the same weights (the params_sha256 the index
+      records).
   """
   index: str
-  kind: Kind = "fc_conv"
+  kind: Kind | None = None
   k: int = 10
   max_k: int = 200
   host: str = "127.0.0.1"
@@ -56,6 +60,7 @@ class ServeConfig:
   image_root: str | None = None
   max_upload_bytes: int = 20 * 2 ** 20
   max_pixels: int = 0
+  weights: str | None = None
 
 
 class RequestError(ValueError):
@@ -82,23 +87,14 @@ class Describer:
   size, decoding and rounding as the index's rows, so results equal launch/search.py's.
   """
 
-  def __init__(self, manifest: Any, kind: str, *, max_pixels: int):
-    from cbir_jax import backbones, checkpoint, inference
+  def __init__(self, manifest: Any, kind: str, *, max_pixels: int,
+               weights_dir: str | None = None):
+    from cbir_jax import inference
     from cbir_jax import descriptors as desc
-    from cbir_jax import preprocessing as pp
-    from cbir_jax import weights as weights_lib
 
     s = manifest.settings
-    backbone = backbones.get(s.backbone)
-    prep = pp.Preprocessing.from_dict(s.preprocessing)
-    try:
-      loaded = weights_lib.load_recorded(backbone.name, manifest.weights, image_size=s.image_size)
-    except checkpoint.WeightsError as e:  # WeightsNotFound included
-      raise IndexMismatch(f"cannot load the weights the index was made with: {e}") from None
-    if loaded.preprocessing != prep:
-      raise IndexMismatch(f"the weights found for the index use preprocessing "
-                          f"{loaded.preprocessing.name!r} but the index records {prep.name!r}")
-    self._params = loaded.params
+    # IndexMismatch (a ValueError) for missing or other weights: the command's one line.
+    backbone, prep, self._params = index_weights(manifest, weights_dir)
     self._size, self._draft, self._max_pixels = s.image_size, s.draft, max_pixels
     self._round16 = s.output_dtype == "float16"
     self._kind = kind
@@ -209,12 +205,14 @@ class Service:
   """
 
   def __init__(self, config: ServeConfig):
-    self.config = config
+    kind, self.kind_note = store.choose_kind(config.index, config.kind)
+    self.config = config = dataclasses.replace(config, kind=kind)
     manifest, database, meta = store.open_index(config.index, config.kind)
     self.manifest, self.database, self.meta = manifest, database, meta
     self.images = IndexImages(index_images.input_of(manifest), image_root=config.image_root)
     max_pixels = config.max_pixels or manifest.settings.max_pixels
-    self.describe = Describer(manifest, config.kind, max_pixels=max_pixels)
+    self.describe = Describer(manifest, config.kind, max_pixels=max_pixels,
+                              weights_dir=config.weights)
     self.rows = int(database.shape[0])
     self._batcher = Batcher(database)
     self._by_path: dict[str, int] = {}
@@ -551,10 +549,12 @@ def run(config: ServeConfig, *, log: Callable[[str], None]) -> None:
   if config.max_upload_bytes < 1 or not 0 <= config.port < 65536 or config.max_pixels < 0:
     raise ValueError("--max_upload_bytes must be positive, --port 0..65535, --max_pixels >= 0")
   service = Service(config)
+  if service.kind_note:
+    log(service.kind_note)
   sock = bind(config.host, config.port)
   host, port = sock.getsockname()[:2]
   shown = f"[{host}]" if ":" in host else host
-  log(f"{service.rows} rows of {config.index} ({config.kind}); images: "
+  log(f"{service.rows} rows of {config.index} ({service.config.kind}); images: "
       f"{service.images.describe()}")
   log(f"serving on http://{shown}:{port}/")
   server = uvicorn.Server(uvicorn.Config(app(service), log_level="warning", access_log=False))

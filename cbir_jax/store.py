@@ -35,8 +35,7 @@ def read_manifest(output_dir: str | os.PathLike, name: str = MANIFEST) -> dict[s
   """manifest.json as a dict (see `load_manifest` for the typed record)."""
   path = pathlib.Path(output_dir) / name
   if not path.is_file():
-    raise StoreError(f"{output_dir}: no {MANIFEST}; not a cbir_jax descriptor directory "
-                     "(write one with launch/extract.py)")
+    raise StoreError(_not_an_index(pathlib.Path(output_dir), name))
   try:
     m = json.loads(path.read_text())
   except ValueError as e:
@@ -47,6 +46,17 @@ def read_manifest(output_dir: str | os.PathLike, name: str = MANIFEST) -> dict[s
     raise StoreError(f"{path}: written by a newer cbir_jax (format {m['format_version']}); "
                      "upgrade cbir_jax to read it")
   return m
+
+
+def _not_an_index(out: pathlib.Path, name: str) -> str:
+  """Why `out` has no manifest, in the words a user acts on: no such directory, not a
+  directory, or a directory that is not (yet) an index."""
+  make = f"make one with: cbir-extract --images=PHOTOS --output={out}"
+  if not out.exists():
+    return f"{out}: no such directory; an index is the folder cbir-extract writes ({make})"
+  if not out.is_dir():
+    return f"{out}: not a directory; an index is the folder cbir-extract writes ({make})"
+  return f"{out}: not a cbir_jax index (it has no {name}); {make}"
 
 
 def load_manifest(output_dir: str | os.PathLike, name: str = MANIFEST) -> Manifest:
@@ -199,6 +209,42 @@ def _read_array(out: pathlib.Path, m: Manifest, kind: str, verify: bool):
   return index_files.part_view(arrays)
 
 
+# The kind used when none is asked for: the paper's FC+Conv descriptor, else (weights without
+# FC layers, or an extraction of other kinds) the paper's Conv, then the baselines.
+KIND_PREFERENCE = ("fc_conv", "conv", "fc", "gem", "mac", "spoc")
+
+
+def check_kind(out: str | os.PathLike, m: Manifest, kind: str) -> None:
+  """Refuses a kind the index does not hold, naming those it does."""
+  if kind not in m.settings.kinds:
+    raise StoreError(f"{out}: kind {kind!r} was not extracted; the index has "
+                     f"{', '.join(m.settings.kinds)} (--kind=...)")
+
+
+def choose_kind(output_dir: str | os.PathLike, kind: str | None
+                ) -> tuple[str, str | None]:
+  """(the kind to use, a note when it is not the usual default).
+
+  `kind` None picks the first of KIND_PREFERENCE the index holds (fc_conv in an index of
+  weights with FC layers, conv in one of no-top weights); the note says which, and why.
+
+  Raises:
+    StoreError: not an index, or an asked kind it does not hold.
+  """
+  m = load_manifest(output_dir)
+  have = list(m.settings.kinds)
+  if kind is not None:
+    check_kind(output_dir, m, kind)
+    return kind, None
+  chosen = next((k for k in KIND_PREFERENCE if k in have), have[0] if have else None)
+  if chosen is None:
+    raise StoreError(f"{output_dir}: the index records no descriptor kind")
+  if chosen == KIND_PREFERENCE[0]:
+    return chosen, None
+  return chosen, (f"kind {chosen} (the index has no {KIND_PREFERENCE[0]}; it has "
+                  f"{', '.join(have)}; --kind picks another)")
+
+
 def open_index(output_dir: str | os.PathLike, kind: str = "fc_conv", *, verify: bool = False
                ) -> tuple[Manifest, Any, dict[str, np.ndarray]]:
   """(manifest, descriptors, metadata) of a finished extraction; see `load_descriptors`."""
@@ -208,9 +254,7 @@ def open_index(output_dir: str | os.PathLike, kind: str = "fc_conv", *, verify: 
     done = len(complete_shards(out, m.path(SHARDS)))
     raise StoreError(f"{out}: extraction not finished ({done} of {m.num_shards} shards "
                      "written); rerun the extraction command (every worker) to complete it")
-  if kind not in m.settings.kinds:
-    raise StoreError(f"{out}: kind {kind!r} was not extracted; available: "
-                     f"{list(m.settings.kinds)}")
+  check_kind(out, m, kind)
   meta = _read_meta(out, m, verify)
   array = _read_array(out, m, kind, verify)
   if verify:
@@ -265,6 +309,7 @@ def read_failures(output_dir: str | os.PathLike) -> list[tuple[str, str]]:
   return result
 
 
-__all__ = ["StoreError", "ShardData", "load_descriptors", "open_index", "read_failures",
+__all__ = ["KIND_PREFERENCE", "StoreError", "ShardData", "check_kind", "choose_kind",
+           "load_descriptors", "open_index", "read_failures",
            "read_manifest", "load_manifest", "write_manifest", "lock", "DirLock", "prepare",
            "write_shard", "complete_shards", "shard_pieces", "read_shard"]

@@ -100,8 +100,10 @@ def _metadata(doc: dict[str, Any], txt: str | None, label_field: str | None) -> 
 
 
 def _column(values: list[Any]) -> np.ndarray:
-  """int64 when every record has an int (in range), float64 when every one a number and some a
-  float, else str ("": none)."""
+  """bool when every record has a bool, int64 when every one an int (in range), float64 when
+  every one a number and some a float, else str ("": none; other values as json writes them)."""
+  if all(isinstance(v, bool) for v in values):
+    return np.array(values, bool)
   numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
   if len(numbers) == len(values):
     if not all(isinstance(v, int) for v in numbers):

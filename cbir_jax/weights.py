@@ -197,6 +197,47 @@ def load_recorded(model: str, record: WeightsRecord, *, image_size: int) -> Load
       f"{ENV_VAR} to the folder holding {model}/)", others)
 
 
+def load_from(model: str, record: WeightsRecord, directory: str | os.PathLike, *,
+              image_size: int) -> Loaded:
+  """The weights `record` names, read from `directory` only (they moved; the user says where).
+
+  The folder is taken only if it holds the same weights: its parameters' digest must equal
+  the recorded params_sha256 (checked before loading when weights.json records it, and
+  always on the loaded arrays).
+
+  Raises:
+    WeightsError: random weights (nothing to load), no recorded digest to check against,
+      a folder without usable weights, or other weights.
+  """
+  path = pathlib.Path(directory)
+  want = record.params_sha256
+  if record.kind == "random":
+    raise checkpoint.WeightsError(
+        f"the index was made with random weights (seed {record.seed}), made again on every "
+        f"load; there is no weights folder to give, drop --weights={directory}")
+  if not want:
+    raise checkpoint.WeightsError(
+        f"the index records no digest of its weights, so {path} cannot be checked against "
+        "them; extract the collection again to use other weights")
+
+  def other(have: str) -> checkpoint.WeightsError:
+    return checkpoint.WeightsError(
+        f"{path} holds other weights (params_sha256 {have[:12]}) than the index was made with "
+        f"({want[:12]}, {record.kind} {record.name!r}); give the folder of those weights")
+
+  have = _recorded_digest(path)
+  if have and have != want:
+    raise other(have)
+  params, info = load(model, path)  # its own message for a missing or unusable folder
+  digest = info.params_sha256 or checkpoint.params_sha256(params)
+  if digest != want:
+    raise other(digest)
+  found = dataclasses.replace(record, kind="directory", name=path.name, dir=str(path.resolve()),
+                              source=info.source, source_file=info.source_file,
+                              source_sha256=info.source_sha256, has_fc_head=info.has_fc)
+  return Loaded(params=params, record=found, preprocessing=info.preprocessing)
+
+
 def _checked(params: Any, wanted: WeightsRecord, prep: pp.Preprocessing, found: WeightsRecord
              ) -> Loaded:
   if wanted.params_sha256 and found.params_sha256 != wanted.params_sha256:
@@ -206,5 +247,5 @@ def _checked(params: Any, wanted: WeightsRecord, prep: pp.Preprocessing, found: 
   return Loaded(params=params, record=found, preprocessing=prep)
 
 
-__all__ = ["ENV_VAR", "Loaded", "WeightsNotFound", "default_weights_dir", "load", "load_recorded",
-           "random_params", "record_for", "weights_root"]
+__all__ = ["ENV_VAR", "Loaded", "WeightsNotFound", "default_weights_dir", "load", "load_from",
+           "load_recorded", "random_params", "record_for", "weights_root"]

@@ -12,6 +12,7 @@ import shutil
 import tarfile
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -45,6 +46,13 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
   tar.addfile(info, io.BytesIO(data))
 
 
+def _json_fields(k: int, c: str) -> dict:
+  """Record k's json: text, a float, an int, a bool, and two fields that must stay text (an
+  int or a string; a bool or null)."""
+  return {"key": f"{k:06d}", "label": c, "score": k / 4, "n": 3 * k - 7, "even": k % 2 == 0,
+          "mixed": k if k % 3 else "x", "maybe": None if k % 4 == 1 else k % 2 == 0}
+
+
 def write_shard(path: pathlib.Path, items, start: int) -> None:
   """One shard in the img2dataset layout: key.jpg, key.json (label = class name), key.txt."""
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,7 +60,7 @@ def write_shard(path: pathlib.Path, items, start: int) -> None:
     for k, (p, c) in enumerate(items, start=start):
       key = f"{k:06d}"
       _add(t, f"{key}.jpg", pathlib.Path(p).read_bytes())
-      _add(t, f"{key}.json", json.dumps({"key": key, "label": c, "score": k / 4}).encode())
+      _add(t, f"{key}.json", json.dumps(_json_fields(k, c)).encode())
       _add(t, f"{key}.txt", f"a photo of {c}".encode())
 
 
@@ -103,8 +111,9 @@ def test_webdataset_gives_the_folder_rows(photos, folder_run, wds_run):
                                    for k, key in enumerate(keys)]
   assert meta["key"].tolist() == keys and meta["txt"].tolist() == [
       f"a photo of {c}" for _, c in items]
-  # Extra columns are stored as text by the job's rows (job/rows.py `_meta_arrays`).
-  np.testing.assert_allclose(meta["score"].astype(float), np.arange(len(items)) / 4)
+  # Numeric json fields keep their numbers (job/rows.py, meta_columns.py).
+  assert meta["score"].dtype == np.float64
+  np.testing.assert_array_equal(meta["score"], np.arange(len(items)) / 4)
   m = store.read_manifest(out)
   assert m["input"]["type"] == "webdataset" and m["input"]["spec"] == str(shards)
   # A row's image read back (result pages, evaluation): the member's own bytes.
@@ -205,10 +214,20 @@ def test_file_list_extracts_in_its_order(photos, folder_run, tmp_path):
     np.testing.assert_array_equal(got[kind], folder_run[0][kind][order], err_msg=kind)
 
 
+def _json_docs(shards: pathlib.Path) -> list[dict]:
+  """Every record's json as written, in key order, read back from the tars by tarfile."""
+  docs = []
+  for f in sorted(shards.glob("*.tar")):
+    with tarfile.open(f) as t:
+      docs += [json.loads(t.extractfile(n).read()) for n in sorted(t.getnames())
+               if n.endswith(".json")]
+  return docs
+
+
 def test_parquet_metadata_equals_load_descriptors(photos, wds_run):
   """The metadata table is plain parquet: pyarrow (or pandas) reads every row's path/label."""
   _, items = photos
-  _, out, _ = wds_run
+  shards, out, _ = wds_run
   _, meta = store.load_descriptors(out, "conv")
   m = store.read_manifest(out)
   table = pq.read_table(out / m["metadata"]["file"]).to_pydict()
@@ -217,6 +236,18 @@ def test_parquet_metadata_equals_load_descriptors(photos, wds_run):
       sorted({c for _, c in items}).index(c) for _, c in items]
   assert table["label_name"] == [c for _, c in items]
   assert set(meta) == set(table)
+  # Each json field as pyarrow reads it: numbers and bools in their own types when every
+  # record has one, text otherwise; the values are the json's own, read from the tars.
+  docs = _json_docs(shards)
+  schema = pq.read_schema(out / m["metadata"]["file"])
+  types = {"score": pa.float64(), "n": pa.int64(), "even": pa.bool_(), "key": pa.string(),
+           "mixed": pa.string(), "maybe": pa.string()}
+  assert {c: schema.field(c).type for c in types} == types
+  for c in ("score", "n", "even", "key"):
+    assert table[c] == [d[c] for d in docs], c
+    assert meta[c].tolist() == table[c], c
+  assert table["mixed"] == [str(d["mixed"]) for d in docs]
+  assert table["maybe"] == ["" if d["maybe"] is None else json.dumps(d["maybe"]) for d in docs]
   # The NumPy-only way (README): the shards' meta.npz, in the manifest's order.
   parts = [np.load(out / s["dir"] / "meta.npz", allow_pickle=False) for s in m["shards"]]
   assert len(parts) == 5  # 35 rows in shards of 8
@@ -275,9 +306,11 @@ def test_tfds_scalar_and_text_features_become_columns(tmp_path):
                          download=False)
   want = [ref[i] for i in range(len(ref))]  # TFDS's own decoding, in split order
   assert meta["file_name"].tolist() == [ex["file_name"].decode() for ex in want]
-  np.testing.assert_allclose(meta["score"].astype(float), [ex["score"] for ex in want])
+  # Numeric features keep their type (float32 -> float64, int64) in the table.
+  assert meta["score"].dtype == np.float64 and meta["tfds_width"].dtype == np.int64
+  np.testing.assert_array_equal(meta["score"], [ex["score"] for ex in want])
   # "width" is the decoded width; the feature of that name is kept as tfds_width.
-  assert meta["tfds_width"].astype(int).tolist() == [int(ex["width"]) for ex in want]
+  assert meta["tfds_width"].tolist() == [int(ex["width"]) for ex in want]
   assert meta["width"].tolist() == [ex["image"].shape[1] for ex in want]
   assert "boxes" not in meta  # not a scalar
   assert meta["label"].tolist() == [int(ex["label"]) for ex in want]

@@ -311,3 +311,63 @@ def test_worker_spec_refusals_say_where_the_values_came_from(flags, env, match):
 def test_shard_ranges_cover_every_shard_once_in_order(num_shards, count):
   got = [k for i in range(count) for k in wk.shard_range(num_shards, wk.WorkerSpec(i, count))]
   assert got == list(range(num_shards))
+
+
+def _stored_type(values):
+  """The column rule written out on Python values: the type every value has, else text."""
+  def is_int(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+  if all(isinstance(v, (bool, np.bool_)) for v in values):
+    return "bool"
+  if all(is_int(v) for v in values):
+    return "int64"
+  if all(is_int(v) or isinstance(v, (float, np.floating)) for v in values):
+    return "float64"
+  return "text"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_extra_columns_keep_their_type_however_rows_are_split(seed):
+  """An extra column split into steps and shards at random, each typed on its own, joins to
+  the type of all its values (bool, int64, float64, else text) with the values unchanged."""
+  from cbir_jax import meta_columns
+
+  rng = np.random.default_rng(seed)
+  pools = {"bool": [True, False, np.bool_(True)], "int": [3, -7, 2 ** 40, np.int32(5)],
+           "float": [0.25, -1.5, np.float32(0.5), float("nan")], "text": ["a", "", "7"],
+           "none": [None]}
+  for mix in (["bool"], ["int"], ["float"], ["int", "float"], ["text"], ["bool", "int"],
+              ["int", "none"], ["float", "text"]):
+    values = [pools[mix[i % len(mix)]][rng.integers(len(pools[mix[i % len(mix)]]))]
+              for i in range(int(rng.integers(len(mix), 12)))]
+    rng.shuffle(values)
+    cuts = sorted(rng.choice(np.arange(len(values) + 1), 3))
+    parts = [values[a:b] for a, b in zip([0, *cuts], [*cuts, len(values)])]
+    # Steps hand over lists (Python values); shards are typed arrays, some empty.
+    got = meta_columns.join([meta_columns.column(p) for p in parts])
+    want = _stored_type(values)
+    assert len(got) == len(values)
+    if want == "text":
+      assert got.dtype.kind == "U", (mix, got.dtype)
+      assert got.tolist() == ["" if v is None else str(v) for v in values]
+    else:
+      assert got.dtype == np.dtype(want), (mix, got.dtype)
+      np.testing.assert_array_equal(got, np.asarray(values, dtype=want))
+
+
+def test_assembler_keeps_numeric_extra_columns():
+  """Rows through the shard assembler: a numeric extra column stays numeric in meta."""
+  class Source(FakeSource):
+    def rows_meta(self, positions, keys, labels):
+      return dict(super().rows_meta(positions, keys, labels),
+                  score=[p / 4 for p in positions.tolist()],
+                  flag=[p % 2 == 0 for p in positions.tolist()])
+
+  a = rows_lib.ShardAssembler([rows_lib.Unit(0, np.arange(6), "shards")], kinds=KINDS,
+                              dims=DIMS, out_dtype="float32", source=Source(),
+                              columns=(*COLUMNS, "score", "flag"))
+  done = a.add(_step([0, 1, 2, 3], 4, bad=[1])) + a.add(_step([4, 5], 4))
+  [shard] = done
+  assert shard.meta["score"].dtype == np.float64 and shard.meta["flag"].dtype == bool
+  np.testing.assert_array_equal(shard.meta["score"], [0, 0.5, 0.75, 1.0, 1.25])
+  np.testing.assert_array_equal(shard.meta["flag"], [True, True, False, True, False])

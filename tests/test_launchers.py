@@ -188,13 +188,15 @@ def _labels_csv(path: pathlib.Path) -> pathlib.Path:
 
 
 _CLASSIFY_LINE = re.compile(r"^[^\t]+\.jpg\t(?:[^,\t]+ [01]\.\d\d, ){4}[^,\t]+ [01]\.\d\d$")
-_RESULT_LINE = re.compile(r"^ +\d+ +\d+\.\d{6}  \S.*  \[[^\]]*\](  \(the query itself\))?$")
+# A result line: rank, distance, path, its label in brackets (none when unlabelled).
+_RESULT_LINE = re.compile(r"^ +\d+ +\d+\.\d{6}  \S.*?(  \[[^\]]+\])?(  \(the query itself\))?$")
 
 
 def _search_lines_ok(out: str) -> list[str]:
   """Lines of a search table that are not the table's own."""
   return [ln for ln in out.splitlines()
-          if not (ln.startswith("query (") or ln == "rank    distance  path  [label]"
+          if not (ln.startswith("query (")
+                  or ln in ("rank    distance  path", "rank    distance  path  [label]")
                   or _RESULT_LINE.match(ln))]
 
 
@@ -255,9 +257,9 @@ def _table_rows(table: str) -> list[tuple[str, int, float, str, str, bool]]:
   for line in table.splitlines():
     if line.startswith("query ("):
       query = line.split("): ", 1)[1].split("  [", 1)[0]
-    elif (m := re.match(r"^ +(\d+) +(\d+\.\d{6})  (.*)  \[([^\]]*)\](  \(the query itself\))?$",
-                        line)):
-      rows.append((query, int(m[1]), float(m[2]), m[3], m[4], bool(m[5])))
+    elif (m := re.match(r"^ +(\d+) +(\d+\.\d{6})  (.*?)(?:  \[([^\]]+)\])?"
+                        r"(  \(the query itself\))?$", line)):
+      rows.append((query, int(m[1]), float(m[2]), m[3], m[4] or "", bool(m[5])))
   return rows
 
 

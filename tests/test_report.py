@@ -186,6 +186,29 @@ def test_report_header_and_unreadable_images(index, tmp_path):
     assert png.size[0] > 3 * 160
 
 
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_legend_fits_the_picture_for_any_k(index, tmp_path, k):
+  """The legend wraps to the sheet's width: its box lies inside the PNG and above the cells,
+  and nothing is drawn in the right margin of its lines (text cut at the edge would be)."""
+  out, paths = index
+  [r] = query_lib.search_index(out, kind="fc_conv", k=3, query_ids=[1])
+  hits = tuple(r.hits[i % len(r.hits)] for i in range(k))  # k results, some shown twice
+  header = report.header_of(out, store.read_manifest(out), kind="fc_conv", k=k)
+  written = report.write_report(tmp_path / "rep", [dataclasses.replace(r, hits=hits)],
+                                header=header)
+  x0, y0, x1, y1 = written["legend"]
+  with Image.open(written["png"]) as png:
+    width, height = png.size
+    pixels = np.asarray(png.convert("L"))
+  assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+  assert y1 <= min(c["box"][1] for row in written["cells"] for c in row)
+  band = pixels[y0:y1]
+  assert (band[:, x0:x1] < 128).any()  # the legend is drawn there
+  margin = 5  # of the report's 10-pixel margin
+  assert (band[:, width - margin:] == 255).all()
+  assert x1 <= width - margin
+
+
 def test_draw_histogram_puts_each_channel_where_its_bins_are():
   hist = np.zeros(75, np.float32)
   hist[0] = 1  # R: all in the first bin

@@ -5,8 +5,12 @@ r"""Searches an extraction output with query images or rows; optionally writes a
   cbir-search --index=/tmp/food7_index --query=a.jpg,b.jpg --kind=fc_conv
   cbir-search --index=/tmp/food7_index --query_ids=0 --report=/tmp/report \
       --image_root=/new/place/of/food7     # the images moved since the extraction
+  cbir-search --index=/tmp/food7_index --query=a.jpg \
+      --weights=/new/place/of/vgg16        # the weights moved (same digest only)
 Query images go through the backbone, weights and preprocessing recorded in the
-index's manifest; weights other than those recorded are refused. --query is repeatable,
+index's manifest; weights other than those recorded are refused. --kind unset: fc_conv,
+or, in an index without it (weights without FC layers), the first of conv, fc, gem, mac,
+spoc it has, named on stderr. --query is repeatable,
 one file name per flag (a name with a comma is never split; see SearchConfig.query).
 Flags are the fields of cbir_jax.query.SearchConfig.
 """

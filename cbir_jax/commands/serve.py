@@ -5,7 +5,7 @@ r"""Serves an extraction output over HTTP: a search API and a web page, the inde
   curl 'http://127.0.0.1:8000/api/search?row=0&k=5'           # cbir-search --json's shape
   curl -F image=@photo.jpg 'http://127.0.0.1:8000/api/search?k=5'
 Query images go through the backbone, weights and preprocessing recorded in the index's
-manifest. Listens on 127.0.0.1 unless --host says otherwise. Flags are the fields of
+manifest (--weights=DIR: where those weights are now, if they moved; checked by digest). Listens on 127.0.0.1 unless --host says otherwise. Flags are the fields of
 cbir_jax.serve.ServeConfig; docs/serve.md describes the API.
 """
 from __future__ import annotations

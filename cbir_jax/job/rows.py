@@ -12,6 +12,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from cbir_jax import meta_columns
 from cbir_jax.job.errors import ExtractError
 
 META_TYPES = {"row": np.int64, "label": np.int64, "width": np.int32, "height": np.int32}
@@ -162,8 +163,12 @@ class ShardAssembler:
                   height=np.asarray(step.height)[idx])
     for c in self._columns:
       col = values.get(c)
-      self._meta[c].append(np.asarray(col)[good] if col is not None else
-                           np.full(int(good.sum()), ""))
+      if col is None:
+        self._meta[c].append(np.full(int(good.sum()), ""))
+      elif c in META_TYPES:
+        self._meta[c].append(np.asarray(col)[good])
+      else:  # typed from the values themselves: np.asarray would turn [True, 2] into ints
+        self._meta[c].append(meta_columns.column(col)[good])
 
   def _flush_empty(self) -> list[Finished]:
     """Units with nothing left to read (all written as a piece before a stop)."""
@@ -192,13 +197,15 @@ class ShardAssembler:
 
 
 def _meta_arrays(cols: Mapping[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+  """Each column's parts joined: the job's own columns in their types, the others bool,
+  int64, float64 when every value is one, else text (`meta_columns`; no pickle needed)."""
   out = {}
   for c, parts in cols.items():
-    v = np.concatenate([np.asarray(p) for p in parts]) if parts else np.zeros(0)
     if c in META_TYPES:
+      v = np.concatenate([np.asarray(p) for p in parts]) if parts else np.zeros(0)
       out[c] = v.astype(META_TYPES[c]).reshape(-1)
-    else:  # fixed-width unicode: loads without pickle
-      out[c] = v.astype(str) if len(v) else np.zeros(0, "<U1")
+    else:
+      out[c] = meta_columns.join([meta_columns.column(p) for p in parts])
   return out
 
 
@@ -209,7 +216,7 @@ def concat(parts: Sequence[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarr
   meta = {}
   for c in parts[0][1]:
     cols = [m[c] for _, m in parts]
-    meta[c] = np.concatenate(cols) if any(len(x) for x in cols) else cols[0]
+    meta[c] = meta_columns.join(cols) if any(len(x) for x in cols) else cols[0]
   return arrays, meta
 
 

@@ -14,7 +14,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from cbir_jax import store
+from cbir_jax import meta_columns, store
 from cbir_jax.job import identity as ident
 from cbir_jax.job.errors import ExtractError
 from cbir_jax.job.sources import LISTED_TYPES, Source
@@ -197,10 +197,10 @@ def _gather_meta(cache: _ShardCache, source: Source, groups: list, rows: np.ndar
   names = ["width", "height"] if folder else list(cache.get(groups[0][0])["meta"])
   cols = {}
   for c in names:
-    parts = {d: cache.get(d)["meta"][c][rows[at]] for d, at in groups}
-    col = np.empty(len(rows), dtype=np.result_type(*[v.dtype for v in parts.values()]))
-    for d, at in groups:
-      col[at] = parts[d]
+    typed = meta_columns.common([cache.get(d)["meta"][c][rows[at]] for d, at in groups])
+    col = np.empty(len(rows), dtype=np.result_type(*[v.dtype for v in typed]))
+    for (_, at), part in zip(groups, typed):
+      col[at] = part
     cols[c] = [col]
   cols["row"] = [positions]
   if folder:  # paths, labels and CSV columns as the input is now (moved, relabelled)
