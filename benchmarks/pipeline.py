@@ -5,8 +5,9 @@ core in this process, and with worker processes, next to a bare Pillow loop with
 decoding and with JPEG draft (DCT-scaled) decoding, on ImageNet-size photos and on
 phone-size JPEGs made from them (`photos.py`). Variants alternate within rounds.
 `scaling` is the GPU check's sweep: threads and processes at 1, 2, 4, ... cores.
-Canvas rows: the same pipeline decoding into canvases for the device resize (no host resize),
-side by side with the host resize at every core.
+Canvas rows: the same pipeline decoding into canvases for the device resize (no host resize:
+JPEGs by simplejpeg straight into reused canvas buffers, the rest by Pillow), side by side with
+today's decode + host resize at every core, alternating: issue 17's CPU-seconds per image.
 """
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ def product(keys: Sequence[str], size: int, *, batch: int, threads: int | None, 
       rows += int(np.sum(b.valid))
       decoded += int(np.sum(b.ok))
       stamps.append((time.perf_counter(), rows))
+      b.recycle()  # canvas mode: done with it, as the job is once its step has run
   if rows != len(keys) or decoded != len(keys):
     raise RuntimeError(f"pipeline returned {rows} rows, {decoded} decoded, for {len(keys)} files")
   half = stamps[(len(stamps) - 1) // 2]  # the steady part: from here to the end
@@ -141,6 +143,7 @@ def compare(keys: Sequence[str], vs: Sequence[Variant], *, size: int, batch: int
                  "steady_images_per_s": timing.median(st) if st else timing.rate(n, w),
                  "first_batch_s": timing.median(f) if f else None,
                  "images_per_cpu_s": n / max(timing.median(c), 1e-9),
+                 "cpu_ms_per_image": 1e3 * timing.median(c) / n,
                  "cores_busy": timing.median(c) / timing.median(w),
                  "wall_s": w, "cpu_s": c})
   return rows
@@ -152,14 +155,16 @@ def _ratios(rows: Sequence[dict[str, Any]], threads: Sequence[int],
   full, draft = get[("pillow", 0, 1, False)], get[("pillow", 0, 1, True)]
   one, most = get[("product", 0, threads[0], True)], get[("product", 0, threads[-1], True)]
   per_cpu = lambda a, b: a["images_per_cpu_s"] / b["images_per_cpu_s"]  # noqa: E731
+  canvas_row = get[("product-canvas", 0, threads[-1], True)]
   out = {"product_over_pillow_full_per_cpu_s": per_cpu(one, full),
          "product_over_pillow_draft_per_cpu_s": per_cpu(one, draft),
          "pillow_draft_over_full_per_cpu_s": per_cpu(draft, full),
          "product_threads_speedup_wall": most["images_per_s"] / one["images_per_s"],
          # Issue 17's target: CPU-seconds per image decoding into canvases over decoding +
          # host resize, both at every core here (<= 0.55 ImageNet-size, <= 0.9 phone-size).
-         "canvas_over_host_cpu_s_per_image":
-             per_cpu(most, get[("product-canvas", 0, threads[-1], True)])}
+         "host_cpu_ms_per_image": most["cpu_ms_per_image"],
+         "canvas_cpu_ms_per_image": canvas_row["cpu_ms_per_image"],
+         "canvas_over_host_cpu_s_per_image": per_cpu(most, canvas_row)}
   if processes:  # the best worker-process variant against every core's threads here
     best = max((get[("product", w, t, True)] for w, t in processes),
                key=lambda r: r["steady_images_per_s"])

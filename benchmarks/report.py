@@ -84,6 +84,13 @@ def section_tables(result: dict[str, Any]) -> list[str]:
                          ("threads", "threads"), ("draft", "draft"), ("images_per_s", "images/s"),
                          ("steady_images_per_s", "past start-up"),
                          ("images_per_cpu_s", "images/CPU-s"), ("cores_busy", "cores busy")]))
+    out.append(table(f"3c. Input pipeline alone at {p['threads'][-1]} threads: decode into "
+                     "canvases (device resize) vs decode + host resize, host CPU ms per image "
+                     "(issue 17: <= 0.55 ImageNet-size, <= 0.9 phone-size)", p["sets"], [
+                         ("set", "photos"), ("images", "images"),
+                         ("host_cpu_ms_per_image", "decode + host resize"),
+                         ("canvas_cpu_ms_per_image", "canvases"),
+                         ("canvas_over_host_cpu_s_per_image", "canvas / host")]))
     out.append(table("3b. Input ratios (per CPU-second; product at 1 thread with draft)",
                      p["sets"], [
                          ("set", "photos"), ("images", "images"),

@@ -1,11 +1,18 @@
 """Host side of the device resize: decode an image (draft as usual) and place it in a canvas.
 
-A batch travels as uint8 canvases [B, C, C, 3] of one bucket size C, each image in the
-top-left corner, with its (height, width); `resize.resize_canvases` does the rest in the step.
+A batch travels as flat uint8 canvases [B, C * C * 3] of one bucket side C: image j is stored
+contiguously at the start of its slot (row stride = its width, as a decoder writes it), with
+its (height, width) beside; `resize.resize_canvases` unpacks and resizes in the step. Bytes
+past the image are never read with a non-zero weight, so slots are neither zeroed nor
+cleared between batches (`BufferPool`), and simplejpeg decodes straight into them
+(`turbo_decode`). GPU-decoded images take the same layout on the device (`gpu_canvas`).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import math
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -68,21 +75,68 @@ def bucket_for(sizes: np.ndarray, buckets: Sequence[int] = BUCKETS) -> int:
   raise ValueError(f"an image of side {need} exceeds the largest canvas {max(buckets)}")
 
 
+def slot_bytes(side: int) -> int:
+  """Bytes of one flat canvas slot of side `side` (RGB)."""
+  return side * side * 3
+
+
+def side_of(canvases: np.ndarray) -> int:
+  """The canvas side C of flat canvases [B, C * C * 3]."""
+  side = math.isqrt(canvases.shape[-1] // 3)
+  if slot_bytes(side) != canvases.shape[-1]:
+    raise ValueError(f"not flat canvases of RGB squares: {canvases.shape}")
+  return side
+
+
+def put(slot: np.ndarray, pixels: np.ndarray) -> None:
+  """Stores [h, w, 3] (or grey [h, w], replicated) contiguously at the start of a flat slot."""
+  h, w = pixels.shape[:2]
+  slot[:h * w * 3].reshape(h, w, 3)[...] = pixels if pixels.ndim == 3 else pixels[..., None]
+
+
 def assemble(pixels: Sequence[np.ndarray | None], buckets: Sequence[int] = BUCKETS
              ) -> tuple[np.ndarray, np.ndarray]:
-  """Rows -> (canvases uint8 [B, C, C, 3], sizes int32 [B, 2]); None rows are black, size 0.
+  """Rows -> (flat canvases uint8 [B, C * C * 3], sizes int32 [B, 2]); None rows: size 0.
 
   C is the smallest bucket that holds the batch's largest image, so a batch of small images
-  sends less to the device; only `len(buckets)` canvas shapes ever reach the step.
+  sends less to the device; only `len(buckets)` canvas shapes ever reach the step. The
+  bytes past each image are left as allocated (never read with weight; see module doc).
   """
   sizes = np.zeros((len(pixels), 2), np.int32)
   for j, p in enumerate(pixels):
     if p is not None:
       sizes[j] = p.shape[:2]
-  c = bucket_for(sizes, buckets)
-  out = np.zeros((len(pixels), c, c, 3), np.uint8)
+  out = np.empty((len(pixels), slot_bytes(bucket_for(sizes, buckets))), np.uint8)
   for j, p in enumerate(pixels):
     if p is not None:
-      h, w = p.shape[:2]
-      out[j, :h, :w] = p if p.ndim == 3 else p[..., None]  # grey: the same value in R, G, B
+      put(out[j], p)
   return out, sizes
+
+
+class BufferPool:
+  """Flat canvas buffers [B, C * C * 3] handed back by consumers, reused without clearing.
+
+  Fresh buffers of a few hundred MB come from the kernel as untouched pages, and the first
+  write to each page faults (measured ~0.1-0.3 ms per 640 slot); reusing them skips that.
+  Only a consumer that no longer reads a batch's canvases (nor device arrays that may alias
+  them: JAX's CPU backend can share host memory) may hand them back (`Batch.recycle`).
+  """
+
+  def __init__(self, keep: int = 4):
+    self._keep = keep  # per shape: buffers beyond it are dropped (freed)
+    self._free: dict[tuple[int, int], collections.deque] = collections.defaultdict(
+        collections.deque)
+    self._lock = threading.Lock()
+
+  def take(self, batch: int, side: int) -> np.ndarray:
+    with self._lock:
+      free = self._free[(batch, side)]
+      if free:
+        return free.pop()
+    return np.empty((batch, slot_bytes(side)), np.uint8)
+
+  def give(self, buf: np.ndarray) -> None:
+    key = (buf.shape[0], side_of(buf))
+    with self._lock:
+      if len(self._free[key]) < self._keep:
+        self._free[key].append(buf)

@@ -1,10 +1,11 @@
 """Canvases for the device resize from images already on the device (nvImageCodec GPU decodes).
 
-The layout of the host canvases (branch `resize`, `canvas.assemble`): uint8 [B, C, C, 3], each
-image in the top-left corner, its (height, width) in an int32 [B, 2], C the smallest bucket that
-holds the batch; an image larger than the largest bucket is first reduced by an integer box
-factor (Pillow's `Image.reduce`: mean of f x f blocks, partial edge blocks over their pixels).
-Here all of it runs on the device, so a GPU-decoded image never visits the host.
+The layout of the host canvases (`canvas`): flat uint8 [B, C * C * 3], each image stored
+contiguously at the start of its slot (row stride = its width), its (height, width) in an int32
+[B, 2], C the smallest bucket that holds the batch; an image larger than the largest bucket is
+first reduced by an integer box factor (`canvas.box_factor`; Pillow's `Image.reduce`: mean of
+f x f blocks, partial edge blocks over their pixels). Here all of it runs on the device, so a
+GPU-decoded image never visits the host; the step cannot tell the two apart.
 """
 from __future__ import annotations
 
@@ -15,10 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def box_factor(height: int, width: int, largest: int) -> int:
-  """The smallest integer factor that brings both sides within `largest` (1: fits already)."""
-  return max(1, -(-height // largest), -(-width // largest))
+from cbir_jax import canvas
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -41,8 +39,9 @@ def box_reduce(image: jax.Array, factor: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=1)
 def _place(image: jax.Array, side: int) -> jax.Array:
-  h, w, _ = image.shape
-  return jnp.pad(image, ((0, side - h), (0, side - w), (0, 0)))
+  """[h, w, 3] -> its flat slot [side * side * 3]: the pixels back to back, zeros after."""
+  flat = image.reshape(-1)
+  return jnp.pad(flat, (0, canvas.slot_bytes(side) - flat.shape[0]))
 
 
 def assemble(images: Sequence[Any], buckets: Sequence[int], *, device: Any = None
@@ -56,8 +55,8 @@ def assemble(images: Sequence[Any], buckets: Sequence[int], *, device: Any = Non
     device: where host images go (default: where the first device image is, else JAX's).
 
   Returns:
-    canvases uint8 [B, C, C, 3] on the device, sizes int32 [B, 2] (height, width) after any
-    reduction, and the box factor each image took (1: none).
+    flat canvases uint8 [B, C * C * 3] on the device (the host layout, `canvas`), sizes
+    int32 [B, 2] (height, width) after any reduction, and the box factor each image took.
   """
   largest = max(buckets)
   if device is None:
@@ -65,7 +64,7 @@ def assemble(images: Sequence[Any], buckets: Sequence[int], *, device: Any = Non
                   jax.devices()[0])
   reduced, factors = [], []
   for im in images:
-    f = 1 if im is None else box_factor(im.shape[0], im.shape[1], largest)
+    f = 1 if im is None else canvas.box_factor(im.shape[0], im.shape[1], largest)
     if im is not None:
       im = jax.device_put(im, device)
       im = box_reduce(im, f) if f > 1 else im
@@ -74,6 +73,6 @@ def assemble(images: Sequence[Any], buckets: Sequence[int], *, device: Any = Non
   sizes = np.array([(0, 0) if im is None else im.shape[:2] for im in reduced], np.int32)
   need = int(sizes.max()) if sizes.size else 0
   side = min((b for b in buckets if b >= need), default=largest)
-  black = jax.device_put(np.zeros((side, side, 3), np.uint8), device)
+  black = jax.device_put(np.zeros(canvas.slot_bytes(side), np.uint8), device)
   canvases = jnp.stack([black if im is None else _place(im, side) for im in reduced])
   return canvases, sizes.reshape(-1, 2), factors

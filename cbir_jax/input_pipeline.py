@@ -11,12 +11,13 @@ import dataclasses
 import os
 import pathlib
 import pickle
+import threading
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from absl import logging
 
-from cbir_jax import canvas, decode, decode_workers
+from cbir_jax import canvas, decode, decode_workers, gpu_decode, turbo_decode
 from cbir_jax.decode import (IMAGE_EXTENSIONS, MAX_PIXELS, _to_rgb, decode_image,  # noqa: F401
                              read_file)
 
@@ -47,14 +48,29 @@ class Batch:
   # Filled only by sources that carry them with the bytes (TFDS): per-row key and label.
   key: list[str] | None = None
   label: np.ndarray | None = None
-  # Canvas mode (device resize): `images` are canvases [B, C, C, 3] of one bucket side C,
-  # image j in images[j, :sizes[j, 0], :sizes[j, 1]]; 0 x 0 for padding and failures.
+  # Canvas mode (device resize): `images` are flat canvases [B, C * C * 3] of one bucket side
+  # C, image j stored contiguously at the start of images[j] (`canvas`); 0 x 0 for padding
+  # and failures.
   sizes: np.ndarray | None = None  # int32 [B, 2]: (height, width) in the canvas
+  # Canvas mode: per row, who decoded it (turbo_decode.SIMPLEJPEG, "pillow"; "" unread or
+  # padding) and why Pillow did ("" otherwise), for the job's decoder tally.
+  decoders: list[str] | None = None
+  routes: list[str] | None = None
+  _recycle: Callable[[np.ndarray], None] | None = dataclasses.field(
+      default=None, repr=False, compare=False)
 
   @property
   def bucket(self) -> int:
     """The canvas side (canvas mode), else the image height: which compiled step runs it."""
-    return int(self.images.shape[1])
+    return canvas.side_of(self.images) if self.sizes is not None else int(self.images.shape[1])
+
+  def recycle(self) -> None:
+    """Canvas mode: hands the canvases back to the stream, which decodes later batches into
+    them. Only when nothing reads them any more, nor a device array that may alias them
+    (after the step that took them has finished). `images` is None afterwards."""
+    if self._recycle is not None and self.images is not None:
+      self._recycle(self.images)
+    self.images, self._recycle = None, None
 
   @classmethod
   def padding(cls, batch_size: int, image_size: int | tuple[int, int], *,
@@ -63,14 +79,17 @@ class Batch:
 
     With `buckets` (canvas mode): canvases of the smallest bucket, every size 0 x 0.
     """
-    h, w = (min(buckets),) * 2 if buckets else decode._size(image_size)
-    return cls(images=np.zeros((batch_size, h, w, 3), np.uint8),
+    shape = ((canvas.slot_bytes(min(buckets)),) if buckets
+             else (*decode._size(image_size), 3))
+    return cls(images=np.zeros((batch_size, *shape), np.uint8),
                index=np.full(batch_size, -1, np.int64), width=np.zeros(batch_size, np.int32),
                height=np.zeros(batch_size, np.int32), ok=np.zeros(batch_size, bool),
                valid=np.zeros(batch_size, bool), error=[""] * batch_size,
                key=[""] * batch_size if keyed else None,
                label=np.full(batch_size, -1, np.int64) if keyed else None,
-               sizes=np.zeros((batch_size, 2), np.int32) if buckets else None)
+               sizes=np.zeros((batch_size, 2), np.int32) if buckets else None,
+               decoders=[""] * batch_size if buckets else None,
+               routes=[""] * batch_size if buckets else None)
 
 
 # --- listing folders ---------------------------------------------------------------------
@@ -350,20 +369,167 @@ class _Pending:
     return b
 
 
-def _placed_row(slots: list[np.ndarray | None], j: int, read: decode_workers.Reader, arg: Any,
-                size: tuple[int, int], draft: bool, max_pixels: int, buckets: Sequence[int]
-                ) -> tuple[int, int, str, int]:
-  """`decode_workers.decode_row` for canvas mode: the pixels go to slots[j], unresized."""
-  label = -1
+@dataclasses.dataclass
+class _Sniffed:
+  """Canvas mode, one row after its first stage: read, and either planned for simplejpeg
+  (`plan`), decoded by Pillow (`pixels`) or failed (`error`)."""
+  label: int = -1
+  width: int = 0  # original size, as shown
+  height: int = 0
+  error: str = ""
+  plan: turbo_decode.Plan | None = None
+  pixels: np.ndarray | None = None
+  decoder: str = ""
+  route: str = ""  # why Pillow
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    """(height, width) the row takes in its canvas (0 x 0: none)."""
+    if self.plan is not None:
+      return self.plan.shape
+    return self.pixels.shape[:2] if self.pixels is not None else (0, 0)
+
+
+def _pillow_placed(row: _Sniffed, data: bytes, size: tuple[int, int], draft: bool,
+                   max_pixels: int, buckets: Sequence[int], why: str) -> _Sniffed:
+  """The Pillow path of canvas mode (`canvas.decode_placed`): its pixels or its reason."""
+  row.plan, row.decoder, row.route = None, gpu_decode.PILLOW, why
   try:
-    data, label = read(arg)
-    placed, (w, h) = canvas.decode_placed(data, size, buckets=buckets, draft=draft,
-                                          max_pixels=max_pixels)
+    placed, (row.width, row.height) = canvas.decode_placed(
+        data, size, buckets=buckets, draft=draft, max_pixels=max_pixels)
+  except ValueError as e:
+    row.error = str(e) or type(e).__name__
+    row.width = row.height = 0
+    return row
+  row.pixels = placed.pixels
+  return row
+
+
+def _sniff_row(read: decode_workers.Reader, arg: Any, size: tuple[int, int], draft: bool,
+               max_pixels: int, buckets: Sequence[int]) -> _Sniffed:
+  """Stage 1 of a canvas row: read it, then plan a simplejpeg decode or decode with Pillow."""
+  row = _Sniffed()
+  try:
+    data, row.label = read(arg)
   except (OSError, ValueError) as e:
-    reason = str(e) if isinstance(e, ValueError) else f"cannot read file: {e}"
-    return 0, 0, reason or type(e).__name__, label
-  slots[j] = placed.pixels
-  return w, h, "", label
+    row.error = (str(e) if isinstance(e, ValueError) else f"cannot read file: {e}") or \
+        type(e).__name__
+    return row
+  if not data:  # Pillow's path words it
+    return _pillow_placed(row, data, size, draft, max_pixels, buckets, "empty file")
+  p = turbo_decode.plan(data, size, largest=max(buckets), draft=draft, max_pixels=max_pixels)
+  if isinstance(p, str):
+    return _pillow_placed(row, data, size, draft, max_pixels, buckets, p)
+  row.plan, row.decoder = p, turbo_decode.SIMPLEJPEG
+  row.width, row.height = p.original
+  return row
+
+
+def _fill_slot(row: _Sniffed, slot: np.ndarray, size: tuple[int, int], draft: bool,
+               max_pixels: int, buckets: Sequence[int]) -> None:
+  """Stage 2 of a canvas row: its pixels into its slot, simplejpeg first, else Pillow's."""
+  if row.plan is not None:
+    try:
+      turbo_decode.decode_into(row.plan, slot)
+      return
+    except ValueError:  # refused (damaged, or a libjpeg warning): Pillow decides
+      planned = row.plan.shape
+      _pillow_placed(row, row.plan.data, size, draft, max_pixels, buckets,
+                     "simplejpeg refused the data")
+      if row.pixels is not None and row.pixels.shape[:2] != planned:
+        # Never seen: both decode the same header at the same scale. The batch's canvas is
+        # sized for the plan, so a different image cannot be placed.
+        row.error = (f"canvas: Pillow decoded {row.pixels.shape[:2]}, simplejpeg's plan "
+                     f"was {planned}")
+        row.pixels, row.width, row.height = None, 0, 0
+  if row.pixels is not None:
+    canvas.put(slot, row.pixels)
+
+
+class _CanvasBatch:
+  """One canvas-mode batch in flight: stage 1 per row (read, plan or Pillow decode), then,
+  once every row's size is known, the bucket, a buffer and stage 2 per row (decode into the
+  slot). Stage 2 is queued by whichever stage-1 task ends last, so no thread ever waits."""
+
+  def __init__(self, batch: Batch, rows: list[tuple[int, Any]], pool: Any,
+               buffers: canvas.BufferPool, read: decode_workers.Reader, opts: dict[str, Any]):
+    self.batch, self._pool, self._buffers, self._opts = batch, pool, buffers, opts
+    self._slots = [j for j, _ in rows]
+    self._rows: dict[int, _Sniffed] = {}
+    self._left = len(rows)
+    self._lock = threading.Lock()
+    self._staged = threading.Event()
+    self._fills: list[concurrent.futures.Future] = []
+    self._failure: BaseException | None = None
+    if not rows:
+      self._stage_two()
+    for j, arg in rows:
+      f = pool.submit(_sniff_row, read, arg, **opts)
+      f.add_done_callback(lambda f, j=j: self._sniffed(j, f))
+
+  def _sniffed(self, j: int, f: concurrent.futures.Future) -> None:
+    with self._lock:
+      if not f.cancelled() and f.exception() is None:
+        self._rows[j] = f.result()
+      elif self._failure is None:
+        self._failure = f.exception() if not f.cancelled() else RuntimeError("cancelled")
+      self._left -= 1
+      last = self._left == 0
+    if last:
+      self._stage_two()
+
+  def _stage_two(self) -> None:
+    try:
+      if self._failure is None:
+        b = self.batch
+        for j, row in self._rows.items():
+          b.sizes[j] = row.shape
+        side = canvas.bucket_for(b.sizes, self._opts["buckets"])
+        b.images = self._buffers.take(len(b.index), side)
+        b._recycle = self._buffers.give  # pylint: disable=protected-access
+        self._fills = [self._pool.submit(_fill_slot, row, b.images[j], **self._opts)
+                       for j, row in self._rows.items() if row.shape != (0, 0)]
+    except BaseException as e:  # pylint: disable=broad-except  # e.g. the pool shut down
+      self._failure = e
+    finally:
+      self._staged.set()
+
+  def wait(self) -> list[tuple[int, int, int, str, int]]:
+    self._staged.wait()
+    concurrent.futures.wait(self._fills)
+    for f in self._fills:
+      f.result()  # a bug in stage 2 surfaces here, not as a silent black row
+    if self._failure is not None:
+      raise self._failure
+    b, out = self.batch, []
+    for j in self._slots:
+      row = self._rows[j]
+      if row.error:
+        b.sizes[j] = 0
+      b.decoders[j], b.routes[j] = row.decoder, row.route
+      out.append((j, row.width, row.height, row.error, row.label))
+    return out
+
+
+class _Canvases:
+  """Canvas mode: rows decoded on a thread pool in this process, `ahead` batches at a time,
+  JPEGs by simplejpeg straight into reused canvas buffers (`_CanvasBatch`)."""
+
+  def __init__(self, read: decode_workers.Reader, threads: int, ahead: int,
+               opts: dict[str, Any]):
+    self._ahead, self._read, self._opts = ahead, read, opts
+    self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="cbir-decode")
+    self._buffers = canvas.BufferPool(keep=ahead + 2)
+
+  def can_submit(self, in_flight: int) -> bool:
+    return in_flight < self._ahead
+
+  def submit(self, batch: Batch, rows: list[tuple[int, Any]]) -> _Pending:
+    return _Pending(batch, _CanvasBatch(batch, rows, self._pool, self._buffers, self._read,
+                                        self._opts).wait)
+
+  def close(self, wait: bool = True) -> None:
+    self._pool.shutdown(wait=wait, cancel_futures=True)
 
 
 class _Threads:
@@ -379,20 +545,13 @@ class _Threads:
     return in_flight < self._ahead
 
   def submit(self, batch: Batch, rows: list[tuple[int, Any]]) -> _Pending:
-    buckets = self._opts.get("buckets")
-    slots: list[np.ndarray | None] = [None] * len(batch.index)
-    row_fn, target = ((_placed_row, slots) if buckets else
-                      (decode_workers.decode_row, batch.images))
-    futures = [(j, self._pool.submit(row_fn, target, j, self._read, arg, **self._opts))
-               for j, arg in rows]
+    futures = [(j, self._pool.submit(decode_workers.decode_row, batch.images, j, self._read,
+                                     arg, **self._opts)) for j, arg in rows]
 
     def wait() -> list[tuple[int, int, int, str, int]]:
       # One wake-up per batch, not one per row: the decoding threads keep the cores.
       concurrent.futures.wait([f for _, f in futures])
-      results = [(j, *f.result()) for j, f in futures]
-      if buckets:  # canvas mode: the batch's bucket is known once every row is decoded
-        batch.images, batch.sizes = canvas.assemble(slots, buckets)
-      return results
+      return [(j, *f.result()) for j, f in futures]
 
     return _Pending(batch, wait)
 
@@ -483,8 +642,10 @@ class BatchStream(Iterator[Batch]):
       self.num_workers, self.num_threads = _choose_parallelism(
           read, num_workers, num_threads, batch_size, self._size, max(2, ahead))
     if self.num_workers:
-      self._engine: _Threads | _Processes = _Processes(
+      self._engine: _Threads | _Processes | _Canvases = _Processes(
           read, self.num_workers, self.num_threads, max(2, ahead), batch_size, opts)
+    elif self._buckets:
+      self._engine = _Canvases(read, self.num_threads, ahead, opts)
     else:
       self._engine = _Threads(read, self.num_threads, ahead, opts)
     self._closed = False

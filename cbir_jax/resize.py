@@ -1,8 +1,9 @@
 """Pillow's BILINEAR resize as pure jnp: images in fixed-size canvases -> network input size.
 
-The host decodes each image into the top-left corner of a uint8 canvas and sends its height
-and width with it; the step builds per-image separable weight matrices from those sizes
-(traced as data, so no size recompiles) and resizes on the device.
+The host decodes each image into a flat uint8 canvas slot (stored contiguously, row stride =
+its width; `canvas`) and sends its height and width with it; the step unpacks each slot into
+the top-left corner of a square canvas (`unpack`), builds per-image separable weight
+matrices from the sizes (traced as data, so no size recompiles) and resizes on the device.
 
 Reference: Pillow's `src/libImaging/Resample.c` (`precompute_coeffs`, `normalize_coeffs_8bpc`,
 `ImagingResampleHorizontal_8bpc` / `Vertical_8bpc`), which `Image.resize(size, BILINEAR)` runs
@@ -10,6 +11,8 @@ with reducing_gap None: a horizontal pass, rounding to uint8, then a vertical pa
 swaps the order for some shapes: `vertical_first`).
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -97,19 +100,46 @@ def _two_passes(x: jax.Array, first: jax.Array, second: jax.Array) -> jax.Array:
   return _to_uint8(jnp.einsum("nyjc,niy->nijc", x, second, precision=hi))
 
 
+def unpack(canvases: jax.Array, sizes: jax.Array, side: int) -> jax.Array:
+  """Flat canvases uint8 [N, side * side * 3] -> [N, side, side, 3], image n top-left.
+
+  Slot n holds its image's rows back to back (row stride sizes[n, 1]); pixel (y, x) is the
+  3 bytes at (y * width + x) * 3. Outside the image the gathered values are whatever the
+  slot holds (other rows, earlier batches): finite uint8, which `bilinear_weights` gives
+  weight exactly 0, so they never reach an output (tested against zero-filled canvases).
+  """
+  y = jnp.arange(side, dtype=jnp.int32)[:, None]
+  x = jnp.arange(side, dtype=jnp.int32)[None, :]
+
+  def one(flat: jax.Array, width: jax.Array) -> jax.Array:
+    pixels = flat.reshape(side * side, 3)
+    return jnp.take(pixels, jnp.clip(y * width + x, 0, side * side - 1), axis=0, mode="clip")
+
+  return jax.vmap(one)(canvases, jnp.asarray(sizes, jnp.int32)[:, 1])
+
+
 def resize_canvases(canvases: jax.Array, sizes: jax.Array, out_size: tuple[int, int]
                     ) -> jax.Array:
-  """Resizes each image in its canvas to `out_size` as Pillow's BILINEAR does.
+  """Resizes each image of flat canvases to `out_size` as Pillow's BILINEAR does.
 
   Args:
-    canvases: uint8 [N, CH, CW, C]; image n occupies [:sizes[n, 0], :sizes[n, 1]].
+    canvases: uint8 [N, C * C * 3] (`canvas` layout); image n fills the first
+      sizes[n, 0] * sizes[n, 1] * 3 bytes of its slot.
     sizes: int32 [N, 2], (height, width) of each image; a zero size (padding, failure) gives
       a black image.
     out_size: (height, width) of the output (static).
 
   Returns:
-    uint8 [N, out_h, out_w, C].
+    uint8 [N, out_h, out_w, 3].
   """
+  side = math.isqrt(canvases.shape[1] // 3)
+  return resize_square(unpack(canvases, sizes, side), sizes, out_size)
+
+
+def resize_square(canvases: jax.Array, sizes: jax.Array, out_size: tuple[int, int]
+                  ) -> jax.Array:
+  """`resize_canvases` on unpacked canvases uint8 [N, CH, CW, C], image n in
+  [:sizes[n, 0], :sizes[n, 1]] (anything finite around it)."""
   out_h, out_w = out_size
   _, ch, cw, _ = canvases.shape
   flip = vertical_first(sizes, out_size)

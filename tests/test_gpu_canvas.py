@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbir_jax import gpu_canvas
+from cbir_jax import canvas, gpu_canvas
 
 
 def _literal_reduce(a: np.ndarray, f: int) -> np.ndarray:
@@ -34,13 +34,16 @@ def test_assemble_places_reduces_and_buckets():
   small = rng.integers(0, 256, (200, 120, 3), dtype=np.uint8)
   canvases, sizes, factors = gpu_canvas.assemble([jax.numpy.asarray(big), small, None],
                                                  (320, 640))
-  assert canvases.shape == (3, 640, 640, 3) and canvases.dtype == np.uint8
+  # The host's flat layout (canvas.py): each image's rows back to back at its slot's start.
+  assert canvases.shape == (3, 640 * 640 * 3) and canvases.dtype == np.uint8
   assert factors == [3, 1, 1]
   np.testing.assert_array_equal(sizes, [[434, 234], [200, 120], [0, 0]])
   c = np.asarray(canvases)
-  np.testing.assert_array_equal(c[0, :434, :234], _literal_reduce(big, 3))
-  np.testing.assert_array_equal(c[1, :200, :120], small)
-  assert not c[0, 434:].any() and not c[0, :, 234:].any() and not c[1, 200:].any()
-  assert not c[2].any()
+  np.testing.assert_array_equal(c[0, :434 * 234 * 3], _literal_reduce(big, 3).ravel())
+  np.testing.assert_array_equal(c[1, :200 * 120 * 3], small.ravel())
+  host, host_sizes = canvas.assemble([_literal_reduce(big, 3), small, None], (320, 640))
+  np.testing.assert_array_equal(sizes, host_sizes)
+  for j, (h, w) in enumerate(sizes):
+    np.testing.assert_array_equal(c[j, :h * w * 3], host[j, :h * w * 3])
   only_small, _, _ = gpu_canvas.assemble([small, None], (320, 640))
-  assert only_small.shape == (2, 320, 320, 3)  # the smallest bucket that holds the batch
+  assert only_small.shape == (2, 320 * 320 * 3)  # the smallest bucket that holds the batch

@@ -251,7 +251,7 @@ def test_use_wheels_makes_a_carried_wheel_importable(tmp_path):
 
 def test_pillow_hook_and_device_canvases(nv, batch):
   """The job's canvas path: a host decode for Pillow items, nvImageCodec's images as they are,
-  then canvases; each canvas holds its item's pixels in the top-left corner."""
+  then canvases; each flat slot starts with its item's pixels, row after row."""
   from cbir_jax import gpu_canvas
   items = [item for _, item, _ in batch]
   hook = lambda data: decode.decode_image(data, SIZE, draft=True)  # noqa: E731
@@ -267,7 +267,8 @@ def test_pillow_hook_and_device_canvases(nv, batch):
            else decode.decode_image(data, SIZE, draft=True)[0])
     h, w = sizes[i]
     assert (h, w) == ref.shape[:2], name
-    d = np.abs(np.asarray(canvases[i, :h, :w]).astype(int) - ref)
+    placed = np.asarray(canvases[i, :h * w * 3]).reshape(h, w, 3)  # canvas.py's flat layout
+    d = np.abs(placed.astype(int) - ref)
     assert d.max() <= MAX_ABS, name
 
 

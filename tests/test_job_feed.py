@@ -215,7 +215,13 @@ def test_nvimgcodec_cpu_decoder_gives_pillows_rows_and_failures(mixed_photos, tm
   assert (pil.images, pil.failed) == (nv.images, nv.failed) == (10, 2)
   reasons = dict(store.read_failures(tmp_path / "pil"))
   assert dict(store.read_failures(tmp_path / "nv")) == reasons
-  assert pil.decoder["counts"] == {"pillow": 12}
+  # Canvases (device resize) take JPEGs through simplejpeg: the 8 good ones; the PNG, the CMYK
+  # JPEG, the corrupt one (simplejpeg refuses it, Pillow says why) and the text file: Pillow.
+  assert pil.decoder["counts"] == ({"pillow": 12} if resize == "host" else
+                                   {"simplejpeg": 8, "pillow": 4}), pil.decoder
+  if resize == "device":
+    assert pil.decoder["pillow_routes"] == {
+        "not a JPEG": 2, "CMYK JPEG": 1, "simplejpeg refused the data": 1}, pil.decoder
   # The 8 baseline JPEGs on nvImageCodec; the PNG, CMYK JPEG and the two bad files on Pillow.
   assert nv.decoder["description"].startswith("nvimgcodec")
   assert nv.decoder["counts"] == {"nvimgcodec": 8, "pillow": 4}, nv.decoder

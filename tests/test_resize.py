@@ -38,13 +38,17 @@ def pillow_coeffs(in_size: int, out_size: int) -> np.ndarray:
   return np.floor(0.5 + k * 2 ** 22)
 
 
-def _canvas(img: np.ndarray, side: int, fill: int = 0) -> np.ndarray:
-  c = np.full((side, side, 3), fill, np.uint8)
-  c[:img.shape[0], :img.shape[1]] = img
+def _canvas(img: np.ndarray, side: int, fill: int | None = 0) -> np.ndarray:
+  """A flat canvas slot (canvas.py's layout): the image's rows back to back, then `fill`
+  (None: random bytes, as a reused buffer holds)."""
+  rng = np.random.default_rng(side)
+  c = (rng.integers(0, 256, canvas.slot_bytes(side), dtype=np.uint8) if fill is None
+       else np.full(canvas.slot_bytes(side), fill, np.uint8))
+  canvas.put(c, img)
   return c
 
 
-def _device(images: list[np.ndarray], out: tuple[int, int], side: int, fill: int = 0
+def _device(images: list[np.ndarray], out: tuple[int, int], side: int, fill: int | None = 0
             ) -> np.ndarray:
   canvases = np.stack([_canvas(a, side, fill) for a in images])
   sizes = np.array([a.shape[:2] for a in images], np.int32)
@@ -79,6 +83,27 @@ def test_identity_size_is_exact_and_zero_size_is_black():
   got = _device([a, np.zeros((0, 0, 3), np.uint8)], (224, 160), 320, fill=99)
   np.testing.assert_array_equal(got[0], a)
   assert not got[1].any()  # size 0 x 0 (padding, failure): black, not NaN garbage
+
+
+def test_unpack_places_each_image_top_left():
+  rng = np.random.default_rng(3)
+  images = [rng.integers(0, 256, s, dtype=np.uint8) for s in [(20, 31, 3), (32, 7, 3), (1, 32, 3)]]
+  flat = np.stack([_canvas(a, 32, fill=None) for a in images])
+  got = np.asarray(resize.unpack(flat, np.array([a.shape[:2] for a in images], np.int32), 32))
+  for g, a in zip(got, images):
+    np.testing.assert_array_equal(g[:a.shape[0], :a.shape[1]], a)
+
+
+@pytest.mark.parametrize("out", [(224, 224), (160, 300)])
+def test_bytes_outside_the_image_never_reach_the_output(out):
+  # A reused buffer holds other images' bytes past each image (no clearing): the result must
+  # be bitwise the one from zero-filled slots, for either pass order and for 0 x 0 rows.
+  rng = np.random.default_rng(4)
+  images = [rng.integers(0, 256, s, dtype=np.uint8)
+            for s in [(375, 500, 3), (500, 333, 3), (17, 9, 3), (640, 20, 3), (0, 0, 3)]]
+  zeros, garbage = _device(images, out, 640, fill=0), _device(images, out, 640, fill=None)
+  np.testing.assert_array_equal(garbage, zeros)
+  assert not garbage[-1].any()
 
 
 @pytest.mark.parametrize("h,w,out", [
@@ -139,9 +164,10 @@ def test_decode_placed_keeps_grey_single_channel_and_canvas_replicates_it():
   placed, _ = canvas.decode_placed(buf.getvalue(), 224)
   assert placed.pixels.shape == (20, 30)
   canvases, sizes = canvas.assemble([placed.pixels, None], (32, 64))
-  assert canvases.shape == (2, 32, 32, 3) and sizes.tolist() == [[20, 30], [0, 0]]
-  assert np.all(canvases[0, :20, :30] == 77) and not canvases[0, 20:].any()
-  assert not canvases[1].any()
+  assert canvases.shape == (2, 32 * 32 * 3) and sizes.tolist() == [[20, 30], [0, 0]]
+  assert np.all(canvases[0, :20 * 30 * 3] == 77)  # stored contiguously, R = G = B
+  unpacked = np.asarray(resize.unpack(canvases, sizes, 32))
+  assert np.all(unpacked[0, :20, :30] == 77)
 
 
 def test_stream_canvas_mode_rows_match_host_mode(tmp_path):
@@ -160,7 +186,7 @@ def test_stream_canvas_mode_rows_match_host_mode(tmp_path):
     for f in ("index", "width", "height", "ok", "valid"):
       np.testing.assert_array_equal(getattr(h, f), getattr(d, f))
     assert h.error == d.error
-    assert d.sizes.shape == (2, 2) and d.images.shape[1:] == (d.bucket, d.bucket, 3)
+    assert d.sizes.shape == (2, 2) and d.images.shape[1:] == (d.bucket * d.bucket * 3,)
   assert [d.bucket for d in dev] == [640, 640, 320]  # 500 wide; 504 (4032 drafted); 300 tall
   assert dev[1].sizes[0].tolist() == [0, 0] and dev[1].error[0] and not dev[1].ok[0]
   assert dev[1].sizes[1].tolist() == [378, 504]  # 4032x3024 at the 1/8 DCT scale
@@ -248,9 +274,9 @@ def test_sizes_are_data_one_compile_per_bucket():
   rng = np.random.default_rng(0)
   for side, sizes in [(32, [[32, 20], [7, 9]]), (32, [[1, 1], [0, 0]]), (64, [[50, 64], [3, 60]]),
                       (32, [[16, 16], [31, 2]])]:
-    c = rng.integers(0, 256, (2, side, side, 3), dtype=np.uint8)
+    c = rng.integers(0, 256, (2, side * side * 3), dtype=np.uint8)
     step(c, np.array(sizes, np.int32))
-  assert traces == [(2, 32, 32, 3), (2, 64, 64, 3)]
+  assert traces == [(2, 32 * 32 * 3), (2, 64 * 64 * 3)]
 
 
 def test_resize_bench_pixels_and_pass_order_on_a_small_grid():

@@ -118,7 +118,11 @@ class StepRunner:
                           f"{config.dtype}, output dtype {config.output_dtype})"))
     self.writer = ShardWriter(self._write)  # its thread starts with the first shard
     self.decoding = decoding.select(config.decoder, plan.source.type)
-    self.tally = gpu_decode.DecoderTally(self.decoding.description)
+    description = self.decoding.description
+    if self.buckets and self.decoding.decoder is None:
+      description += ("; canvases: JPEGs by simplejpeg (libjpeg-turbo, Pillow's draft scale), "
+                      "the rest by Pillow")
+    self.tally = gpu_decode.DecoderTally(description)
     self.timeline = feed_lib.DeviceTimeline()
     self.bucket_steps: collections.Counter = collections.Counter()
 
@@ -137,6 +141,9 @@ class StepRunner:
     for k in self.plan.kinds:
       result[k].block_until_ready()
     self.timeline.step(dispatched, time.perf_counter())
+    # The step has read its canvases (a CPU device array may alias them): the stream may
+    # decode later batches into them now.
+    batch.recycle()
     rows = {k: np.asarray(result[k]) for k in self.plan.kinds}  # local mesh: all addressable
     finished = self.assembler.add(rows_lib.StepRows(
         descriptors=rows, positions=batch.index, valid=batch.valid, ok=batch.ok,
@@ -144,7 +151,9 @@ class StepRunner:
         labels=batch.label))
     self.summary.images, self.summary.failed = self.assembler.images, self.assembler.failed
     progress.update(int(np.count_nonzero(batch.valid)))
-    if self.decoding.decoder is None:  # the Pillow stream: every record read is Pillow's
+    if batch.decoders is not None:  # canvas mode: per row, simplejpeg or Pillow and why
+      self.tally.add(batch.decoders, batch.routes)
+    elif self.decoding.decoder is None:  # the Pillow stream: every record read is Pillow's
       n = int(np.count_nonzero(batch.valid))
       self.tally.add([gpu_decode.PILLOW] * n, [""] * n)
     for f in finished:
