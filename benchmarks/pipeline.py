@@ -53,12 +53,15 @@ def product(keys: Sequence[str], size: int, *, batch: int, threads: int | None, 
 
   Returns:
     {"workers", "threads"} as the stream ran (None asks for the automatic choice),
-    "first_batch_s" (start-up: worker processes start, the first batch decodes) and
-    "steady_images_per_s" (over the second half of the batches, start-up excluded).
+    "first_batch_s" (start-up: worker processes start, the first batch decodes),
+    "steady_images_per_s" and "steady_cpu_ms_per_image" (over the second half of the
+    batches, start-up excluded: thread pools, first-touch page faults of fresh buffers, which
+    a job of a million photos pays once; the `ahead` batches decoded early shift the span by
+    a few batches, the same for every in-process variant).
   """
   decoded = rows = 0
   t0 = time.perf_counter()
-  stamps: list[tuple[float, int]] = []
+  stamps: list[tuple[float, int, float]] = []
   with input_pipeline.positions_batches(keys, np.arange(len(keys)), image_size=size,
                                         batch_size=batch, num_threads=threads,
                                         num_workers=workers, draft=draft,
@@ -66,7 +69,7 @@ def product(keys: Sequence[str], size: int, *, batch: int, threads: int | None, 
     for b in stream:
       rows += int(np.sum(b.valid))
       decoded += int(np.sum(b.ok))
-      stamps.append((time.perf_counter(), rows))
+      stamps.append((time.perf_counter(), rows, cpu_seconds()))
       b.recycle()  # canvas mode: done with it, as the job is once its step has run
   if rows != len(keys) or decoded != len(keys):
     raise RuntimeError(f"pipeline returned {rows} rows, {decoded} decoded, for {len(keys)} files")
@@ -74,7 +77,9 @@ def product(keys: Sequence[str], size: int, *, batch: int, threads: int | None, 
   span = stamps[-1][0] - half[0]
   return {"workers": stream.num_workers, "threads": stream.num_threads,
           "first_batch_s": stamps[0][0] - t0,
-          "steady_images_per_s": (rows - half[1]) / span if span > 0 else None}
+          "steady_images_per_s": (rows - half[1]) / span if span > 0 else None,
+          "steady_cpu_ms_per_image": (1e3 * (stamps[-1][2] - half[2]) / (rows - half[1])
+                                      if rows > half[1] else None)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +127,7 @@ def compare(keys: Sequence[str], vs: Sequence[Variant], *, size: int, batch: int
   cpu: list[list[float]] = [[] for _ in vs]
   steady: list[list[float]] = [[] for _ in vs]
   first: list[list[float]] = [[] for _ in vs]
+  steady_cpu: list[list[float]] = [[] for _ in vs]
   for r in range(rounds):
     for j in range(len(vs)):
       i = (j + r) % len(vs)
@@ -132,9 +138,11 @@ def compare(keys: Sequence[str], vs: Sequence[Variant], *, size: int, batch: int
       if out and out["steady_images_per_s"]:
         steady[i].append(out["steady_images_per_s"])
         first[i].append(out["first_batch_s"])
+      if out and out["steady_cpu_ms_per_image"]:
+        steady_cpu[i].append(out["steady_cpu_ms_per_image"])
   n = len(keys)
   rows = []
-  for v, w, c, st, f in zip(vs, wall, cpu, steady, first):
+  for v, w, c, st, f, sc in zip(vs, wall, cpu, steady, first, steady_cpu):
     rows.append({"variant": v.name + ("-canvas" if v.canvas else ""), "workers": v.workers,
                  "threads": v.threads,
                  "draft": v.draft, "images_per_s": timing.rate(n, w),
@@ -144,6 +152,7 @@ def compare(keys: Sequence[str], vs: Sequence[Variant], *, size: int, batch: int
                  "first_batch_s": timing.median(f) if f else None,
                  "images_per_cpu_s": n / max(timing.median(c), 1e-9),
                  "cpu_ms_per_image": 1e3 * timing.median(c) / n,
+                 "steady_cpu_ms_per_image": timing.median(sc) if sc else None,
                  "cores_busy": timing.median(c) / timing.median(w),
                  "wall_s": w, "cpu_s": c})
   return rows
@@ -164,7 +173,14 @@ def _ratios(rows: Sequence[dict[str, Any]], threads: Sequence[int],
          # host resize, both at every core here (<= 0.55 ImageNet-size, <= 0.9 phone-size).
          "host_cpu_ms_per_image": most["cpu_ms_per_image"],
          "canvas_cpu_ms_per_image": canvas_row["cpu_ms_per_image"],
-         "canvas_over_host_cpu_s_per_image": per_cpu(most, canvas_row)}
+         "canvas_over_host_cpu_s_per_image": per_cpu(most, canvas_row),
+         # The same past start-up (second half of the batches), as a long job runs.
+         "host_steady_cpu_ms_per_image": most["steady_cpu_ms_per_image"],
+         "canvas_steady_cpu_ms_per_image": canvas_row["steady_cpu_ms_per_image"],
+         "canvas_over_host_steady": (
+             canvas_row["steady_cpu_ms_per_image"] / most["steady_cpu_ms_per_image"]
+             if canvas_row["steady_cpu_ms_per_image"] and most["steady_cpu_ms_per_image"]
+             else None)}  # None: too few batches for a second half
   if processes:  # the best worker-process variant against every core's threads here
     best = max((get[("product", w, t, True)] for w, t in processes),
                key=lambda r: r["steady_images_per_s"])

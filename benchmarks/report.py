@@ -90,7 +90,10 @@ def section_tables(result: dict[str, Any]) -> list[str]:
                          ("set", "photos"), ("images", "images"),
                          ("host_cpu_ms_per_image", "decode + host resize"),
                          ("canvas_cpu_ms_per_image", "canvases"),
-                         ("canvas_over_host_cpu_s_per_image", "canvas / host")]))
+                         ("canvas_over_host_cpu_s_per_image", "canvas / host"),
+                         ("host_steady_cpu_ms_per_image", "host, past start-up"),
+                         ("canvas_steady_cpu_ms_per_image", "canvases, past start-up"),
+                         ("canvas_over_host_steady", "canvas / host past start-up")]))
     out.append(table("3b. Input ratios (per CPU-second; product at 1 thread with draft)",
                      p["sets"], [
                          ("set", "photos"), ("images", "images"),

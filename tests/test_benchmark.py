@@ -365,3 +365,15 @@ def test_the_benchmark_package_imports_no_peer_library():
   imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines()
               if line.startswith("import time:")}
   assert "cbir_jax" in imported and not {"tensorflow", "torch", "faiss"} & imported
+
+
+@pytest.mark.parametrize("buckets", [None, (320, 640, 1024)])
+def test_pipeline_steady_figures_cover_the_second_half_of_the_batches(buckets):
+  from benchmarks import pipeline  # pylint: disable=import-outside-toplevel
+  keys = [str(p) for p in samples.sample_images()][:8]
+  out = pipeline.product(keys, 64, batch=2, threads=1, draft=True, buckets=buckets)
+  # 4 batches: the second half is the last 2 (4 images), timed from the 2nd batch's arrival.
+  assert out["steady_images_per_s"] > 0
+  assert 0 < out["steady_cpu_ms_per_image"] < 1e4
+  one = pipeline.product(keys[:2], 64, batch=2, threads=1, draft=True, buckets=buckets)
+  assert one["steady_cpu_ms_per_image"] is None  # one batch: no second half to time
