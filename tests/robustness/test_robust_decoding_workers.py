@@ -24,6 +24,7 @@ from cbir_jax import input_pipeline as ip
 
 from robust_common import NUM_IMAGES, job_command, job_config, write_small_images
 from fs_helpers import rmtree_deep  # noqa: E402
+import step_delay  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 NOISE = ("Traceback", "Broken pipe", "BrokenPipe", "Fatal Python", "core dumped")
@@ -219,7 +220,7 @@ def _start_job(job_images, tmp_path, tiny_weights, **popen) -> tuple[subprocess.
   """
   cmd = job_command(job_images, tmp_path / "out", tiny_weights, "--num_workers=2")
   with open(tmp_path / "job.out", "w") as o, open(tmp_path / "job.err", "w") as e:
-    p = subprocess.Popen(cmd, stdout=o, stderr=e, env=_env(CBIR_JAX_TEST_STEP_DELAY_S="0.3"),
+    p = subprocess.Popen(cmd, stdout=o, stderr=e, env=step_delay.env(0.3, _env()),
                          **popen)
   p.err_path = tmp_path / "job.err"
   t0 = time.monotonic()

@@ -23,6 +23,7 @@ import pytest
 from cbir_jax import store
 from cbir_jax.descriptors import KINDS
 
+import step_delay
 from robust_common import job_command
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -59,9 +60,7 @@ def _env(delay: float | None) -> dict[str, str]:
   for k in [k for k in env if k.startswith(("SLURM_", "CBIR_JAX_WORKER"))] + [
       "JOB_COMPLETION_INDEX"]:
     env.pop(k, None)  # a test run inside a SLURM job must not read its variables
-  if delay:
-    env["CBIR_JAX_TEST_STEP_DELAY_S"] = str(delay)
-  return env
+  return step_delay.env(delay, env) if delay else env
 
 
 def _start(tmp: pathlib.Path, images, out, weights, name: str, *flags: str,
