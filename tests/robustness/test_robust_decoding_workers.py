@@ -1,20 +1,23 @@
 """Hostile input trees and decode worker processes (issue 18, item 4).
 
 Listing: a class folder that is a directory link, links that loop, a tree deeper than
-Python's recursion limit. Decode workers (`cbir_jax.decode_workers`): a worker stopped
-(SIGSTOP) or dead before its first answer, killed mid-stream, or the whole process group
-killed. Each ends with one line naming the worker and what to do, and leaves no worker
+Python's recursion limit, a FIFO named like an image. Decode workers
+(`cbir_jax.decode_workers`): a worker stopped (SIGSTOP), alive but stuck in a read (a FIFO
+that never gives data: what a dead network mount does), or dead before its first answer,
+killed mid-stream, or the whole process group killed. Each ends with one line naming the worker and what to do, and leaves no worker
 process and no shared memory behind. Times are measured and reported, not asserted tight;
 a hang fails through a generous timeout.
 """
 from __future__ import annotations
 
+import errno
 import os
 import pathlib
 import re
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 
 import pytest
@@ -100,7 +103,6 @@ def test_a_tree_deeper_than_the_recursion_limit(hostile):
   assert ok, err
 
 
-
 # --- decode workers in this process ----------------------------------------------------------
 
 
@@ -157,6 +159,65 @@ def test_a_stopped_worker_is_named_within_the_timeout(photos, hostile):
                 f"{msg[:90]}...; workers ended" if ok else msg)
   assert ok, (msg, _alive(pids))
   assert took < 120, took
+
+
+def _reader_arrives(fifo: pathlib.Path, timeout: float = 240,
+                    alive: "subprocess.Popen | None" = None) -> tuple[int, float]:
+  """Waits until a process opens `fifo` to read, then holds its write end open without
+  writing: that read now hangs, as on a dead network mount. (write end, when it began)."""
+  t0 = time.monotonic()
+  while True:
+    try:
+      return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK), time.monotonic()
+    except OSError as e:  # ENXIO: no reader yet
+      assert e.errno == errno.ENXIO, e
+    assert time.monotonic() - t0 < timeout and (alive is None or alive.poll() is None), \
+        "nobody read the FIFO"
+    time.sleep(0.02)
+
+
+def test_a_worker_stuck_in_a_read_is_named_with_the_file(photos, tmp_path, hostile):
+  """A decode worker alive, beating, but in a read that never returns (a blocking read of a
+  FIFO with a writer that never writes: the kernel's wait of a dead network mount): named,
+  with the file, within the peer timeout (SILENT_S) of the read's start, not waited for."""
+  import worker_probe
+
+  name = "decode worker stuck in a read (dead mount): named with the file within the timeout"
+  hostile.declare(name)
+  fifo = tmp_path / "stuck.png"
+  os.mkfifo(fifo)
+  keys = photos[:9] + [str(fifo)] + photos[9:20]
+  s = ip.image_batches(keys, image_size=16, batch_size=4, num_workers=2, num_threads=1,
+                       read=worker_probe.blocking_read)
+  pids = s._engine._workers.pids()
+  ended: list[tuple[BaseException | None, float]] = []
+
+  def consume() -> None:  # reads start with the iteration: it runs while this one watches
+    try:
+      for _ in s:
+        pass
+      ended.append((None, time.monotonic()))
+    except BaseException as e:  # noqa: BLE001 (checked below)
+      ended.append((e, time.monotonic()))
+
+  consumer = threading.Thread(target=consume, daemon=True)
+  consumer.start()
+  fd, began = _reader_arrives(fifo, timeout=60)
+  try:
+    consumer.join(120)  # a hang fails here
+  finally:
+    os.close(fd)
+    s.close()
+  assert ended and isinstance(ended[0][0], decode_workers.WorkerError), ended
+  msg, took = str(ended[0][0]), ended[0][1] - began
+  limit = decode_workers.SILENT_S + decode_workers.POLL_S + 2 * decode_workers.HEARTBEAT_S
+  ok = (_one_line(msg, "has been reading", repr(str(fifo)), "dead network mount", "rerun")
+        and re.match(r"decode worker [01] \(pid \d+\)", msg) is not None
+        and took <= limit + 1.0 and not _alive(pids))
+  hostile.check(name, ok, f"{took:.1f} s after the read began (timeout "
+                f"{decode_workers.SILENT_S:.0f} s): {msg[:100]}...; workers ended" if ok
+                else f"{took:.1f} s: {msg}")
+  assert ok, (took, msg, _alive(pids))
 
 
 def test_a_worker_dead_before_its_first_answer(photos, hostile):
