@@ -385,3 +385,90 @@ def test_killing_the_process_group_leaves_no_shared_memory(job_images, tmp_path,
     os.unlink(m)
   assert ok, (left, sorted(mapped))
 
+
+
+def _serve_once(fifo: pathlib.Path, data: bytes, done: threading.Event) -> threading.Thread:
+  """A thread that gives the FIFO's next reader `data`, then EOF (or stops at `done`)."""
+  def serve() -> None:
+    while not done.is_set():
+      try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+      except OSError:  # no reader yet
+        time.sleep(0.02)
+        continue
+      os.set_blocking(fd, True)
+      try:
+        os.write(fd, data)  # a small PNG: fits the pipe's buffer
+      finally:
+        os.close(fd)
+      return
+
+  t = threading.Thread(target=serve, daemon=True)
+  t.start()
+  return t
+
+
+def test_first_sigterm_with_a_worker_stuck_in_a_read_stops_within_10s(tmp_path, tiny_weights,
+                                                                        hostile):
+  """A file list whose 26th file reads like a dead mount (a FIFO read blocking in a decode
+  worker). SIGTERM as that read begins: the job stops within 10 s with one line (130) and
+  no worker left; the rerun, the file now answering, finishes equal to a clean run."""
+  import numpy as np
+
+  from cbir_jax.descriptors import KINDS
+
+  name = "first SIGTERM with a decode worker stuck in a read: stops within 10 s, rerun equal"
+  hostile.declare(name)
+  images = write_small_images(tmp_path / "imgs", 40, seed=13, classes=("a",))
+  fifo = tmp_path / "imgs" / "a" / "stuck.png"
+  os.mkfifo(fifo)
+  png = pathlib.Path(images[25]).read_bytes()
+  listed = images[:25] + [str(fifo)] + images[25:]
+  (tmp_path / "list.txt").write_text("".join(f"{p}\n" for p in listed))
+
+  def command(out: pathlib.Path) -> list[str]:
+    cmd = job_command(tmp_path / "imgs", out, tiny_weights, "--num_workers=2")
+    return [f"--file_list={tmp_path / 'list.txt'}" if c.startswith("--images=") else c
+            for c in cmd]
+
+  def job(out: pathlib.Path, env: dict[str, str], log: str) -> subprocess.Popen:
+    with open(tmp_path / log, "w") as f:
+      return subprocess.Popen(command(out), stdout=f, stderr=subprocess.STDOUT, env=env)
+
+  blocking = step_delay.fifo_reads_block(_env())
+  done = threading.Event()
+  try:
+    _serve_once(fifo, png, done)
+    ref = job(tmp_path / "ref", blocking, "ref.log")
+    assert ref.wait(240) == 0, (tmp_path / "ref.log").read_text()[-2000:]
+    p = job(tmp_path / "out", step_delay.env(0.3, blocking), "job.log")
+    fd, _ = _reader_arrives(fifo, alive=p)
+    try:
+      workers = _decode_workers_of(p.pid)
+      p.send_signal(signal.SIGTERM)
+      t0 = time.monotonic()
+      code = p.wait(60)
+      took = time.monotonic() - t0
+    finally:
+      os.close(fd)
+    err = (tmp_path / "job.log").read_text(errors="replace")
+    lines = _error_lines(err)
+    stopped = (code == 130 and len(lines) == 1 and "interrupted (SIGTERM" in lines[0]
+               and not any(n in err for n in NOISE) and took < 10 and not _alive(workers))
+    _serve_once(fifo, png, done)
+    rerun = job(tmp_path / "out", blocking, "rerun.log")
+    assert rerun.wait(240) == 0, (tmp_path / "rerun.log").read_text()[-2000:]
+  finally:
+    done.set()
+  (_, want), (_, got) = (store.load_descriptors(tmp_path / o, "fc") for o in ("ref", "out"))
+  rows, ref_rows = got["row"].tolist(), want["row"].tolist()
+  lost, dup = len(set(ref_rows) - set(rows)), len(rows) - len(set(rows))
+  hostile.rows(lost=lost, duplicated=dup)
+  same = rows == ref_rows and all(
+      np.array_equal(np.asarray(store.load_descriptors(tmp_path / "out", k)[0]),
+                     np.asarray(store.load_descriptors(tmp_path / "ref", k)[0])) for k in KINDS)
+  ok = stopped and same and len(rows) == 41
+  hostile.check(name, ok, f"exit {code} {took:.1f} s after SIGTERM: {lines[0][:80]}...; "
+                f"rerun finished, {len(rows)} rows equal to a clean run" if ok
+                else f"exit {code}, {took:.1f} s, lines {lines}, {len(rows)} rows, same {same}")
+  assert ok, (code, took, err[-3000:], len(rows), same)
