@@ -7,8 +7,10 @@ JAX or TensorFlow, and touches no accelerator.
 
 Failures end in one line (`WorkerError`, which the job prints as such): a worker that
 dies is named with its signal and the likely cause; one that sends no heartbeat for
-SILENT_S (stopped, hung) is named instead of waited for; a worker's memory has no name
-(a memfd) and cannot outlive the job, however it ends.
+SILENT_S (stopped, hung), or whose read of one file has not returned for SILENT_S (a FIFO,
+a dead network mount: alive, beating, and stuck), is named, with that file, instead of
+waited for; a worker's memory has no name (a memfd) and cannot outlive the job, however
+it ends.
 """
 from __future__ import annotations
 
@@ -51,6 +53,11 @@ SHM_DIR = "/dev/shm"  # where POSIX shared memory lives on Linux (a docker defau
 # Pillow on a loaded host) is stopped (SIGSTOP) or hung, and the parent says so instead of
 # waiting forever. The thread needs no decode to finish, so slow images never look silent.
 HEADER = 64
+# After the counter, the oldest read in progress, set by the same thread: its start
+# (float64, time.monotonic: one clock for all processes on Linux; 0: none), then its piece's
+# buffer and its row in the piece (int64 each). A healthy read of one image takes
+# milliseconds; one that has not returned within SILENT_S is stuck (see READ_AT).
+READ_AT, READ_SLOT, READ_ROW = slice(8, 16), slice(16, 24), slice(24, 32)
 HEARTBEAT_S = 0.25
 SILENT_S = 5.0
 STARTUP_S = 120.0
@@ -112,6 +119,14 @@ class _Segment:
   def beat(self) -> int:
     return int.from_bytes(self.mem[0:8], "little")
 
+  def oldest_read(self) -> tuple[float, int, int] | None:
+    """(start, buffer, row) of the worker's oldest read in progress, as it last said."""
+    at = float(np.frombuffer(self.mem[READ_AT], np.float64)[0])
+    if not at:
+      return None
+    return (at, int.from_bytes(self.mem[READ_SLOT], "little"),
+            int.from_bytes(self.mem[READ_ROW], "little"))
+
   def close_fd(self) -> None:
     """Once the worker has its own copy (started): the mapping stays."""
     if self.fd >= 0:
@@ -171,11 +186,43 @@ class _Setup:
   max_pixels: int
 
 
-def _heartbeat(mem: Any) -> None:
-  """Worker thread: bumps the header's counter while the process runs (see SILENT_S)."""
+class _Reads:
+  """Worker: the reads in progress, by thread: (start, buffer, row in the piece)."""
+
+  def __init__(self) -> None:
+    self._lock = threading.Lock()
+    self._now: dict[int, tuple[float, int, int]] = {}
+
+  def watched(self, read: Reader, slot: int, j: int) -> Reader:
+    def run(arg: Any) -> tuple[bytes, int]:
+      me = threading.get_ident()
+      with self._lock:
+        self._now[me] = (time.monotonic(), slot, j)
+      try:
+        return read(arg)
+      finally:
+        with self._lock:
+          self._now.pop(me, None)
+    return run
+
+  def oldest(self) -> tuple[float, int, int] | None:
+    with self._lock:
+      return min(self._now.values(), default=None)
+
+
+def _heartbeat(mem: Any, reads: _Reads) -> None:
+  """Worker thread: bumps the header's counter while the process runs (see SILENT_S), and
+  publishes its oldest read in progress (see READ_AT)."""
   n = 0
   while True:
     n += 1
+    oldest = reads.oldest()
+    if oldest is None:
+      mem[READ_AT] = np.float64(0).tobytes()
+    else:  # where first, then when: a start the parent sees always has its row beside it
+      mem[READ_SLOT] = oldest[1].to_bytes(8, "little")
+      mem[READ_ROW] = oldest[2].to_bytes(8, "little")
+      mem[READ_AT] = np.float64(oldest[0]).tobytes()
     mem[0:8] = n.to_bytes(8, "little")
     time.sleep(HEARTBEAT_S)
 
@@ -204,7 +251,9 @@ def _serve(tasks: multiprocessing.connection.Connection,
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   try:
     mem = s.memory.attach()
-    threading.Thread(target=_heartbeat, args=(mem,), name="cbir-decode-beat", daemon=True).start()
+    reads = _Reads()
+    threading.Thread(target=_heartbeat, args=(mem, reads), name="cbir-decode-beat",
+                     daemon=True).start()
     slots = np.ndarray(s.shape, np.uint8, buffer=mem, offset=HEADER)
     pool = concurrent.futures.ThreadPoolExecutor(s.threads, thread_name_prefix="cbir-decode")
     started: queue.SimpleQueue = queue.SimpleQueue()
@@ -219,7 +268,8 @@ def _serve(tasks: multiprocessing.connection.Connection,
           started.put(None)
           return
         slot, rows = task
-        started.put((slot, [(j, pool.submit(decode_row, slots[slot], j, s.read, arg,
+        started.put((slot, [(j, pool.submit(decode_row, slots[slot], j,
+                                            reads.watched(s.read, slot, j), arg,
                                             s.shape[2:4], s.draft, s.max_pixels))
                             for j, arg in rows]))
 
@@ -340,6 +390,7 @@ class DecodeWorkers:
     self._pipes: list[Any] = []  # every end this process holds
     self._segments: list[_Segment] = []
     self._free: list[list[int]] = []
+    self._sent: list[dict[int, dict[int, Any]]] = []  # per worker: buffer -> {row: reader arg}
     self._answered = [False] * workers
     self._close = weakref.finalize(self, _shutdown, self._procs, self._pipes, self._segments)
     ctx = multiprocessing.get_context(START_METHOD)
@@ -372,6 +423,7 @@ class DecodeWorkers:
       result_w.close()
       self._segments[-1].close_fd()  # the worker holds its own
     self._free.append(list(range(self._shape[0])))
+    self._sent.append({})
 
   def can_submit(self) -> bool:
     """Whether a whole batch's pieces fit in the free buffers."""
@@ -388,9 +440,10 @@ class DecodeWorkers:
     for start in range(0, self._batch_size, self._piece):
       w = max(range(len(self._free)), key=lambda i: len(self._free[i]))
       t = Ticket(w, self._free[w].pop(), start, min(self._piece, self._batch_size - start))
+      piece = [(j - start, arg) for j, arg in rows if start <= j < start + t.rows]
+      self._sent[w][t.slot] = dict(piece)  # to name the file of a read that hangs
       try:
-        self._conns[w][0].send((t.slot, [(j - start, arg) for j, arg in rows
-                                         if start <= j < start + t.rows]))
+        self._conns[w][0].send((t.slot, piece))
       except OSError:  # BrokenPipeError: it died (its exit code may not be in yet)
         raise self._dead(w) from None
       tickets.append(t)
@@ -440,12 +493,32 @@ class DecodeWorkers:
         "stopped (SIGSTOP, a debugger) or hung; do not stop decode workers on their own "
         f"(stop the whole job: SIGTSTP/SIGCONT to its process group); {_RERUN}")
 
+  def _hung(self, w: int, seconds: float, slot: int, row: int) -> WorkerError:
+    arg = self._sent[w].get(slot, {}).get(row)
+    what = (repr(arg) if isinstance(arg, str) else f"record {arg}" if isinstance(arg, int)
+            else "an image")
+    return WorkerError(
+        f"decode worker {w} (pid {self._procs[w].pid}) has been reading {what} "
+        f"for {seconds:.0f} s without an answer: a file that never ends or never "
+        "comes (a FIFO or device, a dead network mount); take it out of the input or fix "
+        f"its storage; {_RERUN}")
+
+  def _stuck(self, w: int, since: float) -> WorkerError | None:
+    """`_hung` when worker w's oldest read has been in progress for `silent_s` (counted
+    from `since` at the earliest: when this process was last seen resumed)."""
+    oldest = self._segments[w].oldest_read()
+    if oldest is None:
+      return None
+    seconds = time.monotonic() - max(oldest[0], since)
+    return self._hung(w, seconds, *oldest[1:]) if seconds > self._silent_s else None
+
   def _answer(self, w: int) -> Any:
-    """The next message of worker w; RuntimeError when it failed, WorkerError when it died
-    or sent no heartbeat for `silent_s` (STARTUP_S before its first)."""
+    """The next message of worker w; RuntimeError when it failed, WorkerError when it died,
+    sent no heartbeat for `silent_s` (STARTUP_S before its first), or has had a read in
+    progress for `silent_s`."""
     conn, proc, segment = self._conns[w][1], self._procs[w], self._segments[w]
     beat, last = segment.beat(), time.monotonic()
-    changed = last
+    changed, resumed = last, 0.0
     while not conn.poll():  # wakes up on a message, when the worker is gone, or to look
       multiprocessing.connection.wait([conn, proc.sentinel], timeout=POLL_S)
       if proc.exitcode is not None and not conn.poll():
@@ -455,11 +528,17 @@ class DecodeWorkers:
       # whole job suspended and resumed): the worker gets a fresh chance.
       if seen != beat or now - last > POLL_S + 2.0:
         beat, changed = seen, now
+      if now - last > POLL_S + 2.0:
+        resumed = now
       last = now
       # Before its first beat it may still be importing; unless it is stopped already.
       started = beat or _stopped(proc.pid)
       if now - changed > (self._silent_s if started else max(self._silent_s, STARTUP_S)):
         raise self._silent(w, now - changed)
+      # Alive and beating, but stuck in a read. Only while it beats: a stopped worker's
+      # header is stale, and "no heartbeat" above is what it needs to hear.
+      if now - changed <= POLL_S + 2 * HEARTBEAT_S and (hung := self._stuck(w, resumed)) is not None:
+        raise hung
     try:
       msg = conn.recv()
     except (EOFError, OSError):
@@ -475,7 +554,8 @@ class DecodeWorkers:
 
     Raises:
       RuntimeError: a worker's reader failed (its traceback is in the message).
-      WorkerError: a worker died, or sent no heartbeat for `silent_s` (one line).
+      WorkerError: a worker died, sent no heartbeat, or is stuck in a read, for
+        `silent_s` (one line).
     """
     images = np.empty((self._batch_size, *self._shape[2:]), np.uint8)
     out = []

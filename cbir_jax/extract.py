@@ -41,7 +41,9 @@ class Summary:
   parts_written: int = 0  # finished parts of shards in progress, written on a stop
   seconds: float = 0.0
   phases: dict[str, float] = dataclasses.field(default_factory=dict)
-  compiles: int = -1  # compilations of the step (1 expected), -1 if unknown
+  # Executables made for the step in this process (compiled, or loaded from the persistent
+  # cache): 1 per input shape, so 1 with host resize and 1 per bucket used with device resize.
+  compiles: int = -1  # -1: the steps did not run
   stop_s: float = 0.0  # from the stop request to the rows written
   complete: bool = False  # the whole output (all workers) is finished
   missing: int = 0  # shards of other workers still to be written (the job is not finished)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any, Iterator, Sequence
 
 from cbir_jax import input_pipeline
-from cbir_jax.tfds_input import TfdsError, TfdsSource
+from cbir_jax.tfds_source import TfdsError, TfdsSource
 
 
 def _tf() -> Any:

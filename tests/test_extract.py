@@ -23,6 +23,8 @@ from cbir_jax import backbones, extract, inference, input_pipeline, sharding, st
 from cbir_jax import descriptors as desc
 from cbir_jax.descriptors import KINDS
 
+import step_delay
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 32
 COMMON = dict(model="vgg_tiny", weights="random", image_size=SIZE, progress="none")
@@ -313,7 +315,7 @@ def test_interrupt_and_kill_then_resume_equals_uninterrupted(tmp_path, reference
   bad = _bad_files(root)
   out = tmp_path / "out"
   cmd = _cmd(root, out, "--shard_size=4")
-  env = _env(1, CBIR_JAX_TEST_STEP_DELAY_S=0.15)
+  env = step_delay.env(0.15, _env(1))
   # SIGINT: stops after the shard in flight, exit status 130, complete shards kept.
   p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                        text=True)

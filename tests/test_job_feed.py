@@ -67,6 +67,57 @@ def test_feed_keeps_order_prepares_ahead_and_raises_where_the_loop_asks():
   assert len(prepared) == 5 + 2  # two prepared ahead (one queued, one in hand), no more
 
 
+def test_get_returns_none_when_a_stop_is_asked_while_it_waits():
+  """A stop must not wait for a batch that may never come (a read that hangs)."""
+  never = threading.Event()
+
+  def stream():
+    never.wait(30)
+    yield 0
+
+  f = feed.Feed(stream(), 1, lambda b: b)
+  asked = []
+  threading.Timer(0.3, asked.append, args=[True]).start()
+  t0 = time.monotonic()
+  assert f.get(stop=lambda: bool(asked)) is None
+  assert 0.3 <= time.monotonic() - t0 < 2
+  never.set()
+  f.close()
+
+
+def test_step_delay_helper_slows_each_batch_of_a_started_process():
+  """tests/step_delay.py (the slowed jobs of the kill tests) really slows the step loop."""
+  import step_delay
+
+  code = ("import time; from cbir_jax.job import feed; f = feed.Feed(iter(range(3)), 3, "
+          "lambda b: b); t = time.monotonic(); [f.get() for _ in range(3)]; "
+          "print(time.monotonic() - t); f.close()")
+  took = {d: float(subprocess.run([sys.executable, "-c", code], env=step_delay.env(d),
+                                  capture_output=True, text=True, check=True).stdout)
+          for d in (0.4, 0)}
+  assert took[0.4] >= 3 * 0.4 and took[0] < 0.4, took
+
+
+def test_compile_counter_counts_each_new_shape_on_its_thread_only():
+  import jax
+  import jax.numpy as jnp
+
+  fn = jax.jit(lambda x: jnp.sin(x) * 3 + 1)
+  x3, x4, x5, x6 = (jnp.ones(n) for n in (3, 4, 5, 6))  # made before: no compile of theirs
+  c = jit_cache.CompileCounter()
+  with c.watch():
+    fn(x3)
+    fn(x3)  # the same shape: no new executable
+  assert c.count == 1
+  fn(x5)  # outside `watch`: not counted
+  other = threading.Thread(target=lambda: fn(x6))
+  with c.watch():
+    other.start()  # another thread's compile while this one watches: not counted
+    other.join()
+    fn(x4)  # a second shape (a second bucket): a second executable
+  assert c.count == 2
+
+
 def test_rows_in_order_bounded_and_errors_surface_and_stop_the_rest():
   seen, release = [], threading.Event()
   r = feed.Rows(in_flight=2)
@@ -162,6 +213,7 @@ def test_device_resize_matches_host_resize_and_repeats_bitwise(real_photos, tmp_
   again = _run(tmp_path / "again", real_photos, resize="device")
   assert (host.images, host.failed) == (dev.images, dev.failed) == (8, 1)
   assert host.resize == "host" and dev.resize == "device" and sum(dev.buckets.values()) == 3
+  assert host.compiles == dev.compiles == 1  # one input shape each
   m = store.load_manifest(tmp_path / "dev")
   assert m.settings.resize == "device" and store.load_manifest(tmp_path / "host").settings.resize == "host"
   assert m.run["resize"]["mode"] == "device" and sum(m.run["resize"]["buckets"].values()) == 3
@@ -180,6 +232,22 @@ def test_device_resize_matches_host_resize_and_repeats_bitwise(real_photos, tmp_
   # Another resize on the same output is a changed setting, refused like any other.
   with pytest.raises(extract.ExtractError, match="resize"):
     _run(tmp_path / "dev", real_photos, resize="host")
+
+
+def test_a_second_bucket_is_a_second_compile(tmp_path):
+  """The summary's compile count: one executable per bucket the steps used, no more."""
+  (tmp_path / "in").mkdir()
+  for name, side in (("a0", 100), ("a1", 120), ("b0", 500), ("b1", 450)):
+    Image.new("RGB", (side, side - 20), (side % 256, 40, 90)).save(tmp_path / "in" / f"{name}.png")
+  # Shards of 2: the small pair is one step (bucket 320), the large pair another (640).
+  dev = _run(tmp_path / "dev", tmp_path / "in", resize="device", shard_size=2)
+  assert dev.buckets == {320: 1, 640: 1} and dev.compiles == 2, (dev.buckets, dev.compiles)
+  small = tmp_path / "small"
+  small.mkdir()
+  for p in sorted((tmp_path / "in").glob("a*.png")):
+    (small / p.name).symlink_to(p)
+  s = _run(tmp_path / "s", small, resize="device", shard_size=2)  # a fresh count per job
+  assert s.buckets == {320: 1} and s.compiles == 1
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from cbir_jax import backbones, inference, sharding
 from cbir_jax import descriptors as desc
 from cbir_jax import preprocessing as pp
 from cbir_jax.backbones import vgg
+from cbir_jax.job import jit_cache
 
 POOLS = ("pool1", "pool2", "pool3", "pool4", "pool5")
 VGG16_CHANNELS = (64, 128, 256, 512, 512)
@@ -135,13 +136,19 @@ def test_jit_describe_compiles_once_per_shape(tiny, use_mesh):
     x = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
     return sharding.shard_batch(x, mesh) if mesh is not None else jnp.asarray(x)
 
-  outs = [step(params, batch(64, 64)) for _ in range(3)]
-  assert traces[0] == 1 and step._cache_size() == 1
+  compiles = jit_cache.CompileCounter()  # executables made (public jax.monitoring events)
+
+  def run(x):
+    with compiles.watch():
+      return step(params, x)
+
+  outs = [run(batch(64, 64)) for _ in range(3)]
+  assert traces[0] == 1 and compiles.count == 1
   assert not np.allclose(outs[0]["conv"], outs[1]["conv"])  # really different batches
-  step(params, batch(64, 48))
-  assert traces[0] == 2 and step._cache_size() == 2
-  step(params, batch(64, 64))
-  assert traces[0] == 2 and step._cache_size() == 2
+  run(batch(64, 48))
+  assert traces[0] == 2 and compiles.count == 2
+  run(batch(64, 64))
+  assert traces[0] == 2 and compiles.count == 2
 
 
 # --- without the FC layers (no-top weights) ---------------------------------------------------

@@ -49,7 +49,7 @@ def failing(key: str) -> tuple[bytes, int]:
   if os.path.basename(key).startswith("boom."):
     raise RuntimeError("reader bug on " + key)
   with open(key, "rb") as f:
-    return f.read(), -1
+    return f.read()
 
 
 def dies_at_once(key: str) -> tuple[bytes, int]:
@@ -57,3 +57,11 @@ def dies_at_once(key: str) -> tuple[bytes, int]:
   import signal
   os.kill(os.getpid(), signal.SIGBUS)
   raise AssertionError("SIGBUS did not end this process")
+
+
+def blocking_read(key: str) -> bytes:
+  """A plain blocking read, as of a file on a mount that stopped answering: the product's
+  reader opens FIFOs without waiting (and refuses them), so a FIFO read here is the way
+  to stand for a read that the kernel never completes (an `image_batches` reader)."""
+  with open(key, "rb") as f:
+    return f.read()

@@ -61,8 +61,16 @@ class Feed:
         continue
     return False
 
-  def get(self) -> tuple[Any, Any]:
-    item = self._queue.get()
+  def get(self, stop: Callable[[], bool] | None = None) -> tuple[Any, Any] | None:
+    """The next (batch, device arrays); None as soon as `stop()` says so while waiting (a
+    stop request must not wait for an input that may never come: a hung read)."""
+    while True:
+      try:
+        item = self._queue.get(timeout=_POLL_S)
+        break
+      except queue.Empty:
+        if stop is not None and stop():
+          return None
     if isinstance(item, _Failed):
       raise item.error
     return item

@@ -3,18 +3,23 @@
 On by default (`ExtractConfig.compilation_cache`); the directory is per user, because JAX
 trusts what it finds there (an entry is code it will run). JAX reads the setting at its first
 compile in the process, so `enable` runs before the job touches JAX. Hits and misses are
-counted through `jax.monitoring` (public events) for the summary.
+counted through `jax.monitoring` (public events) for the summary, and so are the step's
+compilations (`CompileCounter`).
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import threading
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 ENV = "CBIR_JAX_COMPILATION_CACHE"
 OFF = ("none", "off", "")
 HITS, MISSES = "/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses"
+# Recorded once per executable JAX makes, around the XLA compile or the persistent cache's
+# load that stands in for it (both happen on the thread that called the jitted function).
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
 _counts: collections.Counter = collections.Counter()
 _lock = threading.Lock()
@@ -63,10 +68,47 @@ def enable(setting: str) -> str | None:
   return path
 
 
+_watching = threading.local()  # .counter: the CompileCounter of this thread's `watch`
+_compile_listener = False
+
+
+def _compiled(event: str, duration_secs: float, **_: Any) -> None:
+  counter = getattr(_watching, "counter", None)
+  if event == BACKEND_COMPILE and counter is not None:
+    counter.count += 1
+
+
+def _listen_for_compiles() -> None:
+  import jax
+
+  global _compile_listener
+  with _lock:
+    if not _compile_listener:  # one listener for the process; `watch` says who is counted
+      jax.monitoring.register_event_duration_secs_listener(_compiled)
+      _compile_listener = True
+
+
+class CompileCounter:
+  """Counts the executables made (compiled, or loaded from the persistent cache) for the
+  calls made inside `watch()` on the calling thread: one per input shape or bucket."""
+
+  def __init__(self) -> None:
+    self.count = 0
+
+  @contextlib.contextmanager
+  def watch(self) -> Iterator[None]:
+    _listen_for_compiles()
+    _watching.counter = self
+    try:
+      yield
+    finally:
+      _watching.counter = None
+
+
 def counts() -> tuple[int, int]:
   """(hits, misses) of the persistent cache in this process so far."""
   with _lock:
     return _counts[HITS], _counts[MISSES]
 
 
-__all__ = ["ENV", "cache_dir", "counts", "enable"]
+__all__ = ["CompileCounter", "ENV", "cache_dir", "counts", "enable"]

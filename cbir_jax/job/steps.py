@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import os
 import shutil
 import time
 from typing import Any, Callable
@@ -25,15 +24,13 @@ from typing import Any, Callable
 import numpy as np
 
 from cbir_jax import gpu_decode, input_pipeline, store
-from cbir_jax.job import decoding
+from cbir_jax.job import decoding, jit_cache
 from cbir_jax.job import feed as feed_lib
 from cbir_jax.job import rows as rows_lib
 from cbir_jax.job.config import ExtractConfig
 from cbir_jax.job.control import Clock, Progress, Worker
 from cbir_jax.job.plan import Plan
 
-# Test-only: seconds to sleep per step, so kill/interrupt tests can land mid-job.
-STEP_DELAY_ENV = "CBIR_JAX_TEST_STEP_DELAY_S"
 AHEAD = 2  # batches whose host->device copies are made before the step needs them
 IN_FLIGHT = 2  # dispatched steps whose rows are not read yet
 
@@ -125,6 +122,7 @@ class StepRunner:
     self.tally = gpu_decode.DecoderTally(description)
     self.timeline = feed_lib.DeviceTimeline()
     self.bucket_steps: collections.Counter = collections.Counter()
+    self.compiles = jit_cache.CompileCounter()
 
   def _put(self, batch: input_pipeline.Batch) -> tuple[Any, ...]:
     """On the feed thread: starts the batch's host->device copies, split as the step takes it."""
@@ -196,7 +194,6 @@ class StepRunner:
     plan, config = self.plan, self.config
     progress = Progress(int(np.count_nonzero(positions >= 0)), config.progress,
                         config.log_every_s, self.log)
-    delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
     self.clock.charge("startup")
     stopped = False
     with self.worker.stepping():
@@ -204,13 +201,15 @@ class StepRunner:
         if self.worker.stop_requested():
           stopped = True
           break
-        batch, args = feeder.get()
+        got = feeder.get(stop=self.worker.stop_requested)
         self.clock.charge("input")
-        if delay:
-          time.sleep(delay)
-          self.clock.charge("test delay")
+        if got is None:  # asked to stop while waiting for input (a hung read, a slow disk)
+          stopped = True
+          break
+        batch, args = got
         dispatched = time.perf_counter()
-        result = self.fn(self.params, *args)
+        with self.compiles.watch():
+          result = self.fn(self.params, *args)
         if step == 0:  # the first call compiles (or loads the persistent cache) before it runs
           self.clock.charge("compile")
           dispatched = time.perf_counter()
@@ -230,7 +229,7 @@ class StepRunner:
         self._write_stopped_part()
       progress.close()
       self.clock.charge("input")
-      self._count_compiles()
+      self.summary.compiles = self.compiles.count
       return self.worker.stop_reason if stopped and left else None
 
   def _write_stopped_part(self) -> None:
@@ -241,13 +240,6 @@ class StepRunner:
       self.clock.charge("write")
     if self.worker.stop_noticed_at:
       self.summary.stop_s = time.perf_counter() - self.worker.stop_noticed_at
-
-  def _count_compiles(self) -> None:
-    try:
-      self.summary.compiles = int(self.fn._cache_size())  # pylint: disable=protected-access
-    except Exception:  # private API: absent in some jax versions
-      pass
-
 
 def _close(batches: Any) -> None:
   """Ends the input early and at once (a suspended tf.data generator is otherwise torn down

@@ -1,20 +1,23 @@
 """Hostile input trees and decode worker processes (issue 18, item 4).
 
 Listing: a class folder that is a directory link, links that loop, a tree deeper than
-Python's recursion limit. Decode workers (`cbir_jax.decode_workers`): a worker stopped
-(SIGSTOP) or dead before its first answer, killed mid-stream, or the whole process group
-killed. Each ends with one line naming the worker and what to do, and leaves no worker
+Python's recursion limit, a FIFO named like an image. Decode workers
+(`cbir_jax.decode_workers`): a worker stopped (SIGSTOP), alive but stuck in a read (a FIFO
+that never gives data: what a dead network mount does), or dead before its first answer,
+killed mid-stream, or the whole process group killed. Each ends with one line naming the worker and what to do, and leaves no worker
 process and no shared memory behind. Times are measured and reported, not asserted tight;
 a hang fails through a generous timeout.
 """
 from __future__ import annotations
 
+import errno
 import os
 import pathlib
 import re
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 
 import pytest
@@ -24,6 +27,7 @@ from cbir_jax import input_pipeline as ip
 
 from robust_common import NUM_IMAGES, job_command, job_config, write_small_images
 from fs_helpers import rmtree_deep  # noqa: E402
+import step_delay  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 NOISE = ("Traceback", "Broken pipe", "BrokenPipe", "Fatal Python", "core dumped")
@@ -99,7 +103,6 @@ def test_a_tree_deeper_than_the_recursion_limit(hostile):
   assert ok, err
 
 
-
 # --- decode workers in this process ----------------------------------------------------------
 
 
@@ -156,6 +159,65 @@ def test_a_stopped_worker_is_named_within_the_timeout(photos, hostile):
                 f"{msg[:90]}...; workers ended" if ok else msg)
   assert ok, (msg, _alive(pids))
   assert took < 120, took
+
+
+def _reader_arrives(fifo: pathlib.Path, timeout: float = 240,
+                    alive: "subprocess.Popen | None" = None) -> tuple[int, float]:
+  """Waits until a process opens `fifo` to read, then holds its write end open without
+  writing: that read now hangs, as on a dead network mount. (write end, when it began)."""
+  t0 = time.monotonic()
+  while True:
+    try:
+      return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK), time.monotonic()
+    except OSError as e:  # ENXIO: no reader yet
+      assert e.errno == errno.ENXIO, e
+    assert time.monotonic() - t0 < timeout and (alive is None or alive.poll() is None), \
+        "nobody read the FIFO"
+    time.sleep(0.02)
+
+
+def test_a_worker_stuck_in_a_read_is_named_with_the_file(photos, tmp_path, hostile):
+  """A decode worker alive, beating, but in a read that never returns (a blocking read of a
+  FIFO with a writer that never writes: the kernel's wait of a dead network mount): named,
+  with the file, within the peer timeout (SILENT_S) of the read's start, not waited for."""
+  import worker_probe
+
+  name = "decode worker stuck in a read (dead mount): named with the file within the timeout"
+  hostile.declare(name)
+  fifo = tmp_path / "stuck.png"
+  os.mkfifo(fifo)
+  keys = photos[:9] + [str(fifo)] + photos[9:20]
+  s = ip.image_batches(keys, image_size=16, batch_size=4, num_workers=2, num_threads=1,
+                       read=worker_probe.blocking_read)
+  pids = s._engine._workers.pids()
+  ended: list[tuple[BaseException | None, float]] = []
+
+  def consume() -> None:  # reads start with the iteration: it runs while this one watches
+    try:
+      for _ in s:
+        pass
+      ended.append((None, time.monotonic()))
+    except BaseException as e:  # noqa: BLE001 (checked below)
+      ended.append((e, time.monotonic()))
+
+  consumer = threading.Thread(target=consume, daemon=True)
+  consumer.start()
+  fd, began = _reader_arrives(fifo, timeout=60)
+  try:
+    consumer.join(120)  # a hang fails here
+  finally:
+    os.close(fd)
+    s.close()
+  assert ended and isinstance(ended[0][0], decode_workers.WorkerError), ended
+  msg, took = str(ended[0][0]), ended[0][1] - began
+  limit = decode_workers.SILENT_S + decode_workers.POLL_S + 2 * decode_workers.HEARTBEAT_S
+  ok = (_one_line(msg, "has been reading", repr(str(fifo)), "dead network mount", "rerun")
+        and re.match(r"decode worker [01] \(pid \d+\)", msg) is not None
+        and took <= limit + 1.0 and not _alive(pids))
+  hostile.check(name, ok, f"{took:.1f} s after the read began (timeout "
+                f"{decode_workers.SILENT_S:.0f} s): {msg[:100]}...; workers ended" if ok
+                else f"{took:.1f} s: {msg}")
+  assert ok, (took, msg, _alive(pids))
 
 
 def test_a_worker_dead_before_its_first_answer(photos, hostile):
@@ -219,7 +281,7 @@ def _start_job(job_images, tmp_path, tiny_weights, **popen) -> tuple[subprocess.
   """
   cmd = job_command(job_images, tmp_path / "out", tiny_weights, "--num_workers=2")
   with open(tmp_path / "job.out", "w") as o, open(tmp_path / "job.err", "w") as e:
-    p = subprocess.Popen(cmd, stdout=o, stderr=e, env=_env(CBIR_JAX_TEST_STEP_DELAY_S="0.3"),
+    p = subprocess.Popen(cmd, stdout=o, stderr=e, env=step_delay.env(0.3, _env()),
                          **popen)
   p.err_path = tmp_path / "job.err"
   t0 = time.monotonic()
@@ -323,3 +385,90 @@ def test_killing_the_process_group_leaves_no_shared_memory(job_images, tmp_path,
     os.unlink(m)
   assert ok, (left, sorted(mapped))
 
+
+
+def _serve_once(fifo: pathlib.Path, data: bytes, done: threading.Event) -> threading.Thread:
+  """A thread that gives the FIFO's next reader `data`, then EOF (or stops at `done`)."""
+  def serve() -> None:
+    while not done.is_set():
+      try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+      except OSError:  # no reader yet
+        time.sleep(0.02)
+        continue
+      os.set_blocking(fd, True)
+      try:
+        os.write(fd, data)  # a small PNG: fits the pipe's buffer
+      finally:
+        os.close(fd)
+      return
+
+  t = threading.Thread(target=serve, daemon=True)
+  t.start()
+  return t
+
+
+def test_first_sigterm_with_a_worker_stuck_in_a_read_stops_within_10s(tmp_path, tiny_weights,
+                                                                        hostile):
+  """A file list whose 26th file reads like a dead mount (a FIFO read blocking in a decode
+  worker). SIGTERM as that read begins: the job stops within 10 s with one line (130) and
+  no worker left; the rerun, the file now answering, finishes equal to a clean run."""
+  import numpy as np
+
+  from cbir_jax.descriptors import KINDS
+
+  name = "first SIGTERM with a decode worker stuck in a read: stops within 10 s, rerun equal"
+  hostile.declare(name)
+  images = write_small_images(tmp_path / "imgs", 40, seed=13, classes=("a",))
+  fifo = tmp_path / "imgs" / "a" / "stuck.png"
+  os.mkfifo(fifo)
+  png = pathlib.Path(images[25]).read_bytes()
+  listed = images[:25] + [str(fifo)] + images[25:]
+  (tmp_path / "list.txt").write_text("".join(f"{p}\n" for p in listed))
+
+  def command(out: pathlib.Path) -> list[str]:
+    cmd = job_command(tmp_path / "imgs", out, tiny_weights, "--num_workers=2")
+    return [f"--file_list={tmp_path / 'list.txt'}" if c.startswith("--images=") else c
+            for c in cmd]
+
+  def job(out: pathlib.Path, env: dict[str, str], log: str) -> subprocess.Popen:
+    with open(tmp_path / log, "w") as f:
+      return subprocess.Popen(command(out), stdout=f, stderr=subprocess.STDOUT, env=env)
+
+  blocking = step_delay.fifo_reads_block(_env())
+  done = threading.Event()
+  try:
+    _serve_once(fifo, png, done)
+    ref = job(tmp_path / "ref", blocking, "ref.log")
+    assert ref.wait(240) == 0, (tmp_path / "ref.log").read_text()[-2000:]
+    p = job(tmp_path / "out", step_delay.env(0.3, blocking), "job.log")
+    fd, _ = _reader_arrives(fifo, alive=p)
+    try:
+      workers = _decode_workers_of(p.pid)
+      p.send_signal(signal.SIGTERM)
+      t0 = time.monotonic()
+      code = p.wait(60)
+      took = time.monotonic() - t0
+    finally:
+      os.close(fd)
+    err = (tmp_path / "job.log").read_text(errors="replace")
+    lines = _error_lines(err)
+    stopped = (code == 130 and len(lines) == 1 and "interrupted (SIGTERM" in lines[0]
+               and not any(n in err for n in NOISE) and took < 10 and not _alive(workers))
+    _serve_once(fifo, png, done)
+    rerun = job(tmp_path / "out", blocking, "rerun.log")
+    assert rerun.wait(240) == 0, (tmp_path / "rerun.log").read_text()[-2000:]
+  finally:
+    done.set()
+  (_, want), (_, got) = (store.load_descriptors(tmp_path / o, "fc") for o in ("ref", "out"))
+  rows, ref_rows = got["row"].tolist(), want["row"].tolist()
+  lost, dup = len(set(ref_rows) - set(rows)), len(rows) - len(set(rows))
+  hostile.rows(lost=lost, duplicated=dup)
+  same = rows == ref_rows and all(
+      np.array_equal(np.asarray(store.load_descriptors(tmp_path / "out", k)[0]),
+                     np.asarray(store.load_descriptors(tmp_path / "ref", k)[0])) for k in KINDS)
+  ok = stopped and same and len(rows) == 41
+  hostile.check(name, ok, f"exit {code} {took:.1f} s after SIGTERM: {lines[0][:80]}...; "
+                f"rerun finished, {len(rows)} rows equal to a clean run" if ok
+                else f"exit {code}, {took:.1f} s, lines {lines}, {len(rows)} rows, same {same}")
+  assert ok, (code, took, err[-3000:], len(rows), same)

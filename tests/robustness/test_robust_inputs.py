@@ -24,6 +24,7 @@ from cbir_jax import extract, store
 from cbir_jax import query as query_lib
 from cbir_jax.descriptors import KINDS
 
+import step_delay
 from robust_common import job_command, job_config, write_small_images
 
 N = 60  # images of the small collections here: 3 shards of 20
@@ -233,7 +234,7 @@ def test_sigterm_at_default_shard_size(many_images, tiny_weights, baseline, tmp_
   log = tmp_path / "job.log"
   with open(log, "w") as f:
     proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, CBIR_JAX_TEST_STEP_DELAY_S="0.4"))
+                            env=step_delay.env(0.4))
   try:
     t0 = time.monotonic()
     while not re.search(r"\b(6[4-9]|[7-9]\d|1\d\d)/300 images", log.read_text()):
@@ -448,7 +449,7 @@ def test_update_interrupted_keeps_the_previous_output(small, tiny_weights, tmp_p
   with open(log, "w") as f:
     proc = subprocess.Popen(job_command(images, out, tiny_weights, "--update"), stdout=f,
                             stderr=subprocess.STDOUT,
-                            env=dict(os.environ, CBIR_JAX_TEST_STEP_DELAY_S="0.3"))
+                            env=step_delay.env(0.3))
   first = out / "gen-000001" / store.DELTA / "000000"
   t0 = time.monotonic()
   while not (first / "shard.json").exists():
