@@ -458,45 +458,5 @@ def results_json(results: Sequence[QueryResult], *, index: str, notes: Sequence[
           "results": rows}
 
 
-def run(config: SearchConfig, *, log: Callable[[str], None], out: Callable[[str], None] = print
-        ) -> list[QueryResult]:
-  """launch/search.py: the search, its table (or JSON) on `out`, and the report if asked.
-
-  Notes (k clamped) go to `log`; the report's lines follow the table on `out`, or go to
-  `log` and the JSON's "notes" with --json (so `out` holds nothing but the JSON).
-  """
-  notes: list[str] = []
-
-  def note(msg: str) -> None:
-    notes.append(msg)
-    log(msg)
-
-  results = search_index(config.index, kind=config.kind, k=config.k, query_paths=config.query,
-                         query_ids=config.query_ids, exclude_self=config.exclude_self,
-                         image_root=config.image_root, note=note, ann=config.ann,
-                         weights=config.weights)
-  if not config.json:
-    out(format_results(results))
-  if config.report:
-    for line in _write_report(config, results):
-      (note if config.json else out)(line)
-  if config.json:
-    out(json.dumps(results_json(results, index=config.index, notes=notes), indent=1))
-  return results
-
-
-def _write_report(config: SearchConfig, results: list[QueryResult]) -> list[str]:
-  from cbir_jax import report  # Pillow drawing: only when a report is asked for
-
-  images = IndexImages.of_index(config.index, image_root=config.image_root)
-  written = report.write_index_report(config.report, config.index, results,
-                                      k=max(len(r.hits) for r in results), images=images)
-  lines = [f"report: {written['png']} {written['html']}"]
-  if written["missing"]:
-    lines.append(f"report: {len(written['missing'])} images not readable, drawn as grey boxes "
-                 f"(first: {shown(str(written['missing'][0]))})")
-  return lines
-
-
 __all__ = ["Hit", "IndexMismatch", "QueryResult", "SearchConfig", "clamp_k", "describe_images",
-           "format_results", "index_weights", "results_json", "run", "search_index"]
+           "format_results", "index_weights", "results_json", "search_index"]

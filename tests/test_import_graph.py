@@ -10,7 +10,7 @@ import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "cbir_jax"
 # Cycles still there, each through a function-level import; a new one fails the test.
-KNOWN = {frozenset({"cbir_jax.query", "cbir_jax.report"})}  # search --report <-> report's search
+KNOWN: set[frozenset[str]] = set()  # cycles allowed for now: none
 
 
 def _modules(root: pathlib.Path = PACKAGE) -> dict[str, pathlib.Path]:

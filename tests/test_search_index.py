@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbir_jax import backbones, checkpoint, extract, query, serve, store
+from cbir_jax import backbones, checkpoint, extract, query, search_command, serve, store
 from cbir_jax import preprocessing as pp
 
 SIZE = 32
@@ -162,14 +162,14 @@ def test_weights_flag_finds_moved_weights_and_refuses_others(notop, tmp_path):
 
 
 def test_weights_flag_through_the_search_command(notop, tmp_path):
-  """query.run (the command's body) with --weights: the table of the same search."""
+  """search_command.run (the command's body) with --weights: the table of the same search."""
   out, paths, wdir = notop
   moved = tmp_path / "w"
   shutil.copytree(wdir, moved)
   lines = []
   config = query.SearchConfig(index=str(out), query=(str(paths[4]),), k=2,
                               weights=str(moved))
-  [r] = query.run(config, log=lambda m: None, out=lines.append)
+  [r] = search_command.run(config, log=lambda m: None, out=lines.append)
   assert r.self_row == 4 and r.hits[0].row == 4 and r.hits[0].distance < 1e-6
   assert lines[0].startswith(f"query (image, conv): {paths[4]}")
   with pytest.raises(query.IndexMismatch, match="random weights"):
@@ -177,5 +177,5 @@ def test_weights_flag_through_the_search_command(notop, tmp_path):
     extract.run(extract.ExtractConfig(output=str(random_index), images=str(paths[0].parent),
                                       model="vgg_tiny", weights="random", image_size=SIZE,
                                       kinds=("conv",), progress="none"), log=lambda m: None)
-    query.run(dataclasses.replace(config, index=str(random_index)), log=lambda m: None,
-              out=lambda m: None)
+    search_command.run(dataclasses.replace(config, index=str(random_index)), log=lambda m: None,
+                       out=lambda m: None)

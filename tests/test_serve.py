@@ -40,11 +40,11 @@ def served(tmp_path_factory):
                             f"--max_upload_bytes={MAX_UPLOAD}")
     expected = {"a": future.result()}
   # search.py's own code in this process (one JAX start less): k over the index, self left out.
-  from cbir_jax import query
+  from cbir_jax import query, search_command
   printed = []
-  query.run(query.SearchConfig(index=str(index), query=(str(outside),), query_ids=(3,),
-                               kind=KIND, k=50, exclude_self=True, json=True),
-            log=lambda m: None, out=printed.append)
+  search_command.run(query.SearchConfig(index=str(index), query=(str(outside),), query_ids=(3,),
+                                        kind=KIND, k=50, exclude_self=True, json=True),
+                     log=lambda m: None, out=printed.append)
   expected["b"] = json.loads(printed[0])
   yield server, index, images, outside, expected
   server.close()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from cbir_jax import cli, query
+from cbir_jax import cli, query, search_command
 
 FLAGS = cli.define(query.SearchConfig)
 # --query is a repeatable flag of whole file names rather than a comma list (which would
@@ -28,7 +28,7 @@ flags.DEFINE_multi_string("query", [], cli.field_docs(query.SearchConfig)["query
 
 
 def main() -> None:
-  query.run(FLAGS.config(), log=cli.printer("search"))
+  search_command.run(FLAGS.config(), log=cli.printer("search"))
 
 
 
