@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from cbir_jax import query, search, sharding
+from cbir_jax.job import jit_cache
 
 
 def brute_force(q, db, k, exclude=None):
@@ -88,10 +89,21 @@ def test_memmap_streams_in_fixed_blocks_without_recompiling(tmp_path):
   tiling = search.plan(4, 1000, 21, num_devices=8, tile=8, block_rows=128, d_chunk=4,
                        method="loop")
   assert tiling.block_rows == 128 and 1000 % tiling.block_rows
-  fn = search._block_fn(sharding.data_mesh(jax.local_devices()), 5, tiling, 21)
-  before = fn._cache_size()
-  r = search.l1_topk(q, mm, 5, tile=8, block_rows=128, d_chunk=4, method="loop")
-  assert fn._cache_size() - before <= 1  # one compilation for all 8 blocks
+  # Executables made, counted from JAX's public compile events: all 8 blocks (the padded
+  # last one included) take as many as a single unpadded block of another width, and a
+  # second search of the same shapes takes none.
+  topk = lambda queries, rows: search.l1_topk(  # noqa: E731
+      queries, rows, 5, tile=8, block_rows=128, d_chunk=4, method="loop")
+  eight, one, again = jit_cache.CompileCounter(), jit_cache.CompileCounter(), \
+      jit_cache.CompileCounter()
+  with eight.watch():
+    r = topk(q, mm)
+  q1, db1 = tie_data(np.random.default_rng(4), n=128, dim=22, q=4)
+  with one.watch():
+    topk(q1, db1)
+  with again.watch():
+    topk(q, mm)
+  assert eight.count >= 1 and eight.count == one.count and again.count == 0
   d_ref, i_ref = brute_force(q, db, 5)
   np.testing.assert_array_equal(r.indices, i_ref)
   np.testing.assert_allclose(r.distances, d_ref, rtol=1e-6)
