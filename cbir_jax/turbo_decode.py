@@ -15,13 +15,23 @@ import dataclasses
 import io
 
 import numpy as np
-import simplejpeg
 from PIL import Image
+
+try:  # a required dependency; absent only where nothing was installed (a GPU host running
+  import simplejpeg  # launch/gpu_check.py from a checkout): Pillow then decodes every row
+except ImportError:
+  simplejpeg = None
 
 from cbir_jax import decode
 from cbir_jax.gpu_decode import orient
 
 SIMPLEJPEG = "simplejpeg"  # the decoder's name in the job's tallies (DecoderTally)
+MISSING = "simplejpeg not installed"  # the route of every row without it
+
+
+def available() -> bool:
+  """Whether simplejpeg is importable (else the canvas path decodes with Pillow only)."""
+  return simplejpeg is not None
 _ORIENTATION = 0x0112
 
 
@@ -59,6 +69,8 @@ def plan(data: bytes, target: tuple[int, int], *, largest: int, draft: bool = Tr
   Reads headers only: Pillow's lazy open (format, mode, size, and EXIF orientation exactly as
   `decode.decode_with` reads it, XMP included) and simplejpeg's header at the planned scale.
   """
+  if simplejpeg is None:
+    return MISSING
   if data[:2] != b"\xff\xd8":
     return "not a JPEG"
   decode._pillow_limit_at_least(max_pixels)

@@ -184,3 +184,21 @@ def test_recycled_buffers_give_the_same_batches(shared_data):
   for (imgs, sizes), got in zip(fresh, reused):
     np.testing.assert_array_equal(got, np.asarray(resize.resize_canvases(imgs, sizes,
                                                                          (SIZE, SIZE))))
+
+
+def test_without_simplejpeg_pillow_decodes_every_row_the_same(shared_data, monkeypatch):
+  """A host where simplejpeg is not installed (a GPU host running gpu_check from a checkout):
+  the canvas path still works, every row by Pillow with the same pixels, and says why."""
+  keys = [str(p) for p in sorted((shared_data / "imagenet-sample" / "images").iterdir())[:6]]
+  with _stream(keys, 3) as s:
+    fast = [(b.images.copy(), b.sizes.copy(), list(b.decoders)) for b in s]
+  monkeypatch.setattr(turbo_decode, "simplejpeg", None)
+  assert not turbo_decode.available()
+  with _stream(keys, 3) as s:
+    slow = [(b.images.copy(), b.sizes.copy(), list(b.decoders), list(b.routes)) for b in s]
+  assert {d for _, _, ds in fast for d in ds} == {turbo_decode.SIMPLEJPEG}
+  for (imgs, sizes, _), (imgs2, sizes2, decoders, routes) in zip(fast, slow):
+    assert decoders == [gpu_decode.PILLOW] * 3 and routes == [turbo_decode.MISSING] * 3
+    np.testing.assert_array_equal(sizes, sizes2)
+    np.testing.assert_array_equal(resize.resize_canvases(imgs, sizes, (SIZE, SIZE)),
+                                  resize.resize_canvases(imgs2, sizes2, (SIZE, SIZE)))

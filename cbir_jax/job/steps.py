@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cbir_jax import gpu_decode, input_pipeline, store
+from cbir_jax import gpu_decode, input_pipeline, store, turbo_decode
 from cbir_jax.job import decoding, jit_cache
 from cbir_jax.job import feed as feed_lib
 from cbir_jax.job import rows as rows_lib
@@ -118,7 +118,8 @@ class StepRunner:
     description = self.decoding.description
     if self.buckets and self.decoding.decoder is None:
       description += ("; canvases: JPEGs by simplejpeg (libjpeg-turbo, Pillow's draft scale), "
-                      "the rest by Pillow")
+                      "the rest by Pillow" if turbo_decode.available() else
+                      f"; canvases: every image by Pillow ({turbo_decode.MISSING})")
     self.tally = gpu_decode.DecoderTally(description)
     self.timeline = feed_lib.DeviceTimeline()
     self.bucket_steps: collections.Counter = collections.Counter()
