@@ -108,13 +108,8 @@ class _Segment:
       self._shm = shared_memory.SharedMemory(create=True, size=size)
       self.mem = self._shm.buf
 
-  @property
-  def name(self) -> str:
-    """The /dev/shm name ("" for a memfd, which has none)."""
-    return self._shm.name if self._shm is not None else ""
-
   def handle(self) -> _Handle:
-    return _Handle(self.size, self.fd, self.name)
+    return _Handle(self.size, self.fd, self._shm.name if self._shm is not None else "")
 
   def beat(self) -> int:
     return int.from_bytes(self.mem[0:8], "little")
@@ -298,23 +293,20 @@ def shm_room() -> int | None:
 
 
 _RERUN = "complete shards are kept, rerun the same command to continue"
+_CRASH = ("a crash in native decoding code (Pillow or a library it uses) on some image; "
+          "please report it with the image")
+# The likely cause of a worker's death by each signal, and what to do.
 _WHY = {
     "SIGKILL": "out of memory (the kernel's OOM killer; see `dmesg`) or killed by hand; "
                "fewer decode workers (--num_workers) or a smaller --batch_size need less",
     "SIGBUS": "its shared memory ran out (the memory limit, or without memfds the /dev/shm "
               "size, e.g. docker --shm-size) or a file it read changed under it; give it more "
               "room, or decode with threads (--num_workers=0)",
-    "SIGSEGV": "a crash in native decoding code (Pillow or a library it uses) on some image; "
-               "please report it with the image",
-    "SIGABRT": "a crash in native decoding code (Pillow or a library it uses) on some image; "
-               "please report it with the image",
+    "SIGSEGV": _CRASH,
+    "SIGABRT": _CRASH,
 }
-
-
-def _why(signal_name: str) -> str:
-  """The likely cause of a worker's death by this signal, and what to do."""
-  return _WHY.get(signal_name, "a signal from outside this job (a user, a scheduler); "
-                  "signal the job's main process to stop it")
+_OUTSIDE = ("a signal from outside this job (a user, a scheduler); signal the job's main "
+            "process to stop it")
 
 
 def _stopped(pid: int) -> bool:
@@ -429,9 +421,6 @@ class DecodeWorkers:
     """Whether a whole batch's pieces fit in the free buffers."""
     return sum(len(f) for f in self._free) >= self.pieces
 
-  def pids(self) -> list[int]:
-    return [p.pid for p in self._procs]
-
   def submit(self, rows: Sequence[tuple[int, Any]]) -> list[Ticket]:
     """Sends one batch's rows (row j, reader arg); the other rows come back black."""
     if not self.can_submit():
@@ -477,7 +466,8 @@ class DecodeWorkers:
         name = signal.Signals(-code).name
       except ValueError:
         name = f"signal {-code}"
-      return WorkerError(f"{what} is gone, killed by {name}{when}: {_why(name)}; {_RERUN}")
+      return WorkerError(f"{what} is gone, killed by {name}{when}: "
+                         f"{_WHY.get(name, _OUTSIDE)}; {_RERUN}")
     if code and not self._answered[w]:  # Python stopped it while it started
       return WorkerError(
           f"{what} exited with code {code}{when} (its error is above): if the main script "

@@ -171,13 +171,7 @@ class NvDecoder:
     GPU: a jax.Array on the device, shared with nvImageCodec's buffer through DLPack (no host
     copy). CPU-only: a NumPy array viewing the decoder's host buffer.
     """
-    if not datas:
-      return []
-    nv = self._nv
-    out = self._decoder.decode([nv.CodeStream(d) for d in datas], params=self._params)
-    if not self.on_device:
-      return [None if im is None else np.asarray(im) for im in out]
-    return [None if im is None else self._to_jax(im) for im in out]
+    return self._decode([self._nv.CodeStream(d) for d in datas]) if datas else []
 
   def decode_padded(self, datas: Sequence[bytes], side: int) -> list[Any]:
     """Each JPEG decoded straight into a [side, side, 3] canvas (top-left, zeros around) through
@@ -188,13 +182,14 @@ class NvDecoder:
     refuse regions past the image; whether nvJPEG's engines take them is measured by
     `decoder_compare` on a GPU host.
     """
-    nv = self._nv
-    region = nv.Region(0, 0, side, side)
-    streams = [nv.CodeStream(d).get_sub_code_stream(region=region) for d in datas]
+    region = self._nv.Region(0, 0, side, side)
+    return self._decode([self._nv.CodeStream(d).get_sub_code_stream(region=region)
+                         for d in datas])
+
+  def _decode(self, streams: list[Any]) -> list[Any]:
     out = self._decoder.decode(streams, params=self._params)
-    if not self.on_device:
-      return [None if im is None else np.asarray(im) for im in out]
-    return [None if im is None else self._to_jax(im) for im in out]
+    convert = self._to_jax if self.on_device else np.asarray
+    return [None if im is None else convert(im) for im in out]
 
   def _to_jax(self, im: Any) -> Any:
     """The decoded GPU image as a jax.Array sharing its buffer (DLPack; JAX waits on the
@@ -287,37 +282,19 @@ class DecodedBatch:
 
 
 def _pillow_full(data: bytes, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
-  """Full-resolution Pillow decode through `decode_image` (same reasons, bombs, orientation).
-
-  `decode_image` resizes to a given size; Pillow returns a plain copy when that size is the
-  image's own, so a header read gives the size and, if it failed, a second call decodes at it.
-  """
-  try:
-    with Image.open(io.BytesIO(data)) as probe:
-      w, h = probe.size
-      if probe.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-        w, h = h, w
-  except Exception:  # pylint: disable=broad-except  # decode_image below says why, or the size
-    w = h = 1
-  img, (w, h) = decode.decode_image(data, (h, w), draft=False, max_pixels=max_pixels)
-  if img.shape[:2] != (h, w):
-    img, _ = decode.decode_image(data, (h, w), draft=False, max_pixels=max_pixels)
-  return img, (w, h)
+  """Full-resolution Pillow decode: `decode_image`'s reasons, bomb limit, orientation and RGB
+  conversion, without its resize."""
+  return decode.decode_with(data, (0, 0), lambda img: np.asarray(decode._to_rgb(img)),
+                            draft=False, max_pixels=max_pixels)
 
 
 def _plan(items: Sequence[Item], decoder: NvDecoder | None, max_pixels: int
           ) -> tuple[list[bytes | None], list[str], list[Route]]:
-  datas, errors, routes = [], [], []
-  for item in items:
-    data, err = _read(item)
-    datas.append(data)
-    errors.append(err)
-    if data is None:
-      routes.append(Route(""))
-    elif decoder is None:
-      routes.append(Route(PILLOW, "host decoder selected"))
-    else:
-      routes.append(route(data, max_pixels=max_pixels))
+  read = [_read(item) for item in items]
+  datas, errors = [data for data, _ in read], [err for _, err in read]
+  routes = [Route("") if data is None else
+            Route(PILLOW, "host decoder selected") if decoder is None else
+            route(data, max_pixels=max_pixels) for data in datas]
   return datas, errors, routes
 
 
@@ -334,13 +311,6 @@ def _nv_pass(datas: list[bytes | None], routes: list[Route], decoder: NvDecoder 
                     len(todo), e)
     return {}
   return {i: orient(im, routes[i].orientation) for i, im in zip(todo, out) if im is not None}
-
-
-def _why(r: Route, decoded: bool, data: bytes | None) -> str:
-  """Why an item went to Pillow: its route, or nvImageCodec's missing image ("" otherwise)."""
-  if data is None or decoded:
-    return ""
-  return r.why or "nvimgcodec gave no image"
 
 
 PillowDecode = Callable[[bytes], tuple[Any, tuple[int, int]]]
@@ -367,24 +337,22 @@ def decode_batch(items: Sequence[Item], *, decoder: NvDecoder | None,
   pillow = pillow or (lambda data: _pillow_full(data, max_pixels))
   datas, errors, routes = _plan(items, decoder, max_pixels)
   nv = _nv_pass(datas, routes, decoder)
-  images, sizes, names, whys = [], [], [], []
+  out = DecodedBatch([], [], errors, [], [])
   for i, (data, r) in enumerate(zip(datas, routes)):
-    img, size, name, why = None, (0, 0), PILLOW, _why(r, i in nv, data)
-    if data is None:
-      name = ""
-    elif i in nv:
-      img, name = nv[i], NVIMGCODEC
-      size = (int(img.shape[1]), int(img.shape[0]))
-    else:
+    img, size = None, (0, 0)
+    if i in nv:
+      img, size = nv[i], (int(nv[i].shape[1]), int(nv[i].shape[0]))
+    elif data is not None:
       try:
         img, size = pillow(data)
       except ValueError as e:
         errors[i] = str(e)
-    images.append(img)
-    sizes.append(size)
-    names.append(name)
-    whys.append(why)
-  return DecodedBatch(images, sizes, errors, names, whys)
+    out.images.append(img)
+    out.sizes.append(size)
+    out.decoders.append(NVIMGCODEC if i in nv else PILLOW if data is not None else "")
+    # Why Pillow: the item's route, or nvImageCodec's missing image.
+    out.routes.append("" if data is None or i in nv else r.why or "nvimgcodec gave no image")
+  return out
 
 
 @dataclasses.dataclass
@@ -435,24 +403,15 @@ def decode_rows(items: Sequence[Item], image_size: int | tuple[int, int], *,
   BILINEAR, as `decode_image(..., draft=False)` does. On a GPU this copies the decoded image to
   the host: the host-resize path for comparisons; the job's device path uses `decode_batch`.
   """
-  h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-  datas, errors, routes = _plan(items, decoder, max_pixels)
-  nv = _nv_pass(datas, routes, decoder)
-  rows = np.zeros((len(datas), h, w, 3), np.uint8)
-  widths, heights, names = [0] * len(datas), [0] * len(datas), [""] * len(datas)
-  whys = [_why(r, i in nv, data) for i, (r, data) in enumerate(zip(routes, datas))]
-  for i, data in enumerate(datas):
-    if data is None:
-      continue
-    if i in nv:
-      full = np.asarray(nv[i])
-      rows[i] = np.asarray(Image.fromarray(full).resize((w, h), Image.BILINEAR))
-      widths[i], heights[i], names[i] = full.shape[1], full.shape[0], NVIMGCODEC
-      continue
-    names[i] = PILLOW
-    try:
-      rows[i], (widths[i], heights[i]) = decode.decode_image(data, (h, w), draft=draft,
-                                                             max_pixels=max_pixels)
-    except ValueError as e:
-      errors[i] = str(e)
-  return Rows(rows, widths, heights, errors, names, whys)
+  h, w = decode._size(image_size)
+  got = decode_batch(items, decoder=decoder, max_pixels=max_pixels,
+                     pillow=lambda data: decode.decode_image(data, (h, w), draft=draft,
+                                                             max_pixels=max_pixels))
+  rows = np.zeros((len(got.images), h, w, 3), np.uint8)
+  for i, (img, name) in enumerate(zip(got.images, got.decoders)):
+    if name == NVIMGCODEC:
+      rows[i] = np.asarray(Image.fromarray(np.asarray(img)).resize((w, h), Image.BILINEAR))
+    elif img is not None:
+      rows[i] = img
+  return Rows(rows, [s[0] for s in got.sizes], [s[1] for s in got.sizes], got.errors,
+              got.decoders, got.routes)

@@ -49,22 +49,16 @@ def read_member(shard: Shard, offset: int, size: int) -> bytes:
   Raises:
     OSError: the shard is gone, changed since it was listed, or ends inside the member.
   """
-  fd = os.open(shard.path, os.O_RDONLY)
-  try:
-    st = os.fstat(fd)
+  with open(shard.path, "rb") as f:
+    st = os.fstat(f.fileno())
     if (st.st_size, st.st_mtime_ns) != (shard.size, shard.mtime_ns):
       raise OSError(f"shard {shard.rel} changed since it was listed (size or mtime differ); "
                     "rerun to list it again")
-    parts, done = [], 0
-    while done < size:  # pread may return less than asked (very large members)
-      block = os.pread(fd, size - done, offset + done)
-      if not block:
-        raise OSError(f"shard {shard.rel} ends inside a member (byte {offset + done})")
-      parts.append(block)
-      done += len(block)
-    return b"".join(parts)
-  finally:
-    os.close(fd)
+    f.seek(offset)
+    data = f.read(size)  # buffered: reads on until `size` bytes or the end of the file
+  if len(data) < size:
+    raise OSError(f"shard {shard.rel} ends inside a member (byte {offset + len(data)})")
+  return data
 
 
 # --- finding the shards --------------------------------------------------------------------
@@ -222,11 +216,13 @@ def list_shard(shard: Shard, image_extensions: frozenset[str]) -> ShardListing:
   return out
 
 
-def _skip(out: ShardListing, reason: str, name: str) -> None:
-  out.skipped[reason] += 1
-  ex = out.examples.setdefault(reason, [])
+def count(counts: collections.Counter, examples: dict[str, list[str]], reason: str,
+          example: str) -> None:
+  """Counts one case of `reason`, keeping its first EXAMPLES examples."""
+  counts[reason] += 1
+  ex = examples.setdefault(reason, [])
   if len(ex) < EXAMPLES:
-    ex.append(name)
+    ex.append(example)
 
 
 def _add_member(f: BinaryIO, m: tarfile.TarInfo, shard: Shard, image_extensions: frozenset[str],
@@ -234,7 +230,7 @@ def _add_member(f: BinaryIO, m: tarfile.TarInfo, shard: Shard, image_extensions:
   if m.isdir():
     return  # folders inside a tar hold nothing of their own; not worth a count
   if not m.isfile() or m.issparse():
-    _skip(out, "link or special member", f"{shard.rel}/{m.name}")
+    count(out.skipped, out.examples, "link or special member", f"{shard.rel}/{m.name}")
     return
   if m.offset_data + m.size > shard.size:
     raise shard_error(shard, f"member {m.name} runs past the end of the file: truncated")
@@ -248,8 +244,8 @@ def _add_member(f: BinaryIO, m: tarfile.TarInfo, shard: Shard, image_extensions:
   elif ext in SIDECARS:
     sample.sidecars[ext] = _read_sidecar(f, m, shard)
   else:
-    _skip(out, f"other member .{ext}" if ext else "member without extension",
-          f"{shard.rel}/{m.name}")
+    count(out.skipped, out.examples,
+          f"other member .{ext}" if ext else "member without extension", f"{shard.rel}/{m.name}")
 
 
 # --- the listing cache ------------------------------------------------------------------------
@@ -299,4 +295,4 @@ def cached_list_shard(shard: Shard, image_extensions: frozenset[str], cache_dir:
 
 
 __all__ = ["WebdatasetError", "Shard", "Sample", "ShardListing", "find_shards", "list_shard",
-           "read_member", "split_name", "stat_shard", "shard_error", "cached_list_shard"]
+           "read_member", "split_name", "stat_shard", "shard_error", "cached_list_shard", "count"]

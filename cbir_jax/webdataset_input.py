@@ -21,9 +21,9 @@ import numpy as np
 
 from cbir_jax import input_pipeline
 from cbir_jax.decode import IMAGE_EXTENSIONS, MAX_PIXELS
-from cbir_jax.tar_shards import (Sample, Shard, ShardListing, WebdatasetError,
-                                 cached_list_shard, find_shards, list_shard, read_member,
-                                 split_name, stat_shard)
+from cbir_jax.tar_shards import (EXAMPLES, Sample, Shard, ShardListing, WebdatasetError,
+                                 cached_list_shard, count, find_shards, list_shard,
+                                 read_member, split_name, stat_shard)
 
 # Columns the job fills itself: a json field of that name is kept as "json_<name>".
 RESERVED_COLUMNS = frozenset({"row", "path", "label", "label_name", "width", "height", "txt"})
@@ -249,34 +249,6 @@ def _list_shards(shards: tuple[Shard, ...], processes: int | None, cache_dir: st
     return list(pool.map(lister, shards, chunksize=1))
 
 
-class _Tally:
-  """Reasons with counts and a few examples, for skipped keys and kept-but-damaged records."""
-
-  def __init__(self) -> None:
-    self.skipped: collections.Counter = collections.Counter()
-    self.problems: collections.Counter = collections.Counter()
-    self.examples: dict[str, list[str]] = {}
-
-  def _example(self, reason: str, text: str) -> None:
-    ex = self.examples.setdefault(reason, [])
-    if len(ex) < 3:
-      ex.append(text)
-
-  def skip(self, reason: str, where: str) -> None:
-    self.skipped[reason] += 1
-    self._example(reason, where)
-
-  def problem(self, reason: str, where: str, detail: Any) -> None:
-    self.problems[reason] += 1
-    self._example(reason, f"{where} ({detail})")
-
-  def merge(self, listing: ShardListing) -> None:
-    self.skipped.update(listing.skipped)
-    for reason, names in listing.examples.items():
-      for name in names:
-        self._example(reason, name)
-
-
 def list_webdataset(spec: str, *, label_field: str | None = "label",
                     processes: int | None = None, cache_dir: str | None = None
                     ) -> WebdatasetListing:
@@ -301,30 +273,38 @@ def list_webdataset(spec: str, *, label_field: str | None = "label",
   """
   root, paths = find_shards(spec)
   shards = tuple(stat_shard(p, root) for p in paths)
-  tally = _Tally()
+  # Reasons with counts and a few examples: keys skipped, records kept with data missing.
+  skipped, problems, examples = collections.Counter(), collections.Counter(), {}
+
+  def problem(reason: str, where: str, detail: Any) -> None:
+    count(problems, examples, reason, f"{where} ({detail})")
+
   located: list[tuple[int, str, int, int]] = []  # (shard, member name, data offset, size)
   label_values, fields, where = [], [], []
   for si, (shard, listing) in enumerate(zip(shards, _list_shards(shards, processes, cache_dir))):
-    tally.merge(listing)
+    skipped.update(listing.skipped)
+    for reason, names in listing.examples.items():
+      examples[reason] = (examples.get(reason, []) + names)[:EXAMPLES]
     for sample in listing.samples:
       if len(sample.images) != 1:
-        tally.skip("key without an image" if not sample.images else "key with several images",
-                   f"{shard.rel}/{sample.key}")
+        count(skipped, examples,
+              "key without an image" if not sample.images else "key with several images",
+              f"{shard.rel}/{sample.key}")
         continue
       name, offset, size = sample.images[0]
       located.append((si, name, offset, size))
       where.append(f"{shard.rel}/{name}")
-      label, doc, txt = _parse_sidecars(sample, where[-1], tally.problem)
+      label, doc, txt = _parse_sidecars(sample, where[-1], problem)
       label_values.append(label if label is not None else
-                          _json_label(doc, label_field, where[-1], tally.problem))
+                          _json_label(doc, label_field, where[-1], problem))
       fields.append(_metadata(doc, txt, label_field))
   labels, label_names = _labels(label_values, where)
   column = lambda j, dtype: np.array([r[j] for r in located], dtype)  # noqa: E731
   return WebdatasetListing(
       spec=spec, root=root, shards=shards, shard_index=column(0, np.int32),
       names=[r[1] for r in located], offsets=column(2, np.int64), sizes=column(3, np.int64),
-      labels=labels, label_names=label_names, columns=_columns(fields), skipped=tally.skipped,
-      problems=tally.problems, examples=tally.examples)
+      labels=labels, label_names=label_names, columns=_columns(fields), skipped=skipped,
+      problems=problems, examples=examples)
 
 
 def _split_stored(path: str) -> tuple[str, str]:

@@ -537,6 +537,11 @@ def _workers_alive(pids) -> list[int]:
   return alive
 
 
+def _worker_pids(stream) -> list[int]:
+  """The pids of a stream's decode worker processes."""
+  return [p.pid for p in stream._engine._workers._procs]
+
+
 def _segments_left() -> list[str]:
   """Decode worker memory this process still maps (memfds named cbir-decode, one each)."""
   with open("/proc/self/maps") as f:
@@ -568,7 +573,7 @@ def test_stopping_early_or_failing_leaves_no_worker(hard_folder, tmp_path):
   s = ip.image_batches(photos, image_size=16, batch_size=4, num_workers=2, num_threads=1,
                        read=worker_probe.Marking(str(marks)), prefetch=2)
   with s:
-    pids = s._engine._workers.pids()
+    pids = _worker_pids(s)
     first = next(s)
     assert first.valid.all() and len(_workers_alive(pids)) == 2
     assert len(_segments_left()) == 2
@@ -581,13 +586,13 @@ def test_stopping_early_or_failing_leaves_no_worker(hard_folder, tmp_path):
   # An exception in the consumer closes the stream.
   with pytest.raises(KeyError):
     with ip.image_batches(photos, image_size=16, batch_size=4, num_workers=2) as s:
-      pids = s._engine._workers.pids()
+      pids = _worker_pids(s)
       next(s)
       raise KeyError("job interrupted")
   assert not _workers_alive(pids)
   # A stream left to the garbage collector ends its workers too.
   s = ip.image_batches(photos, image_size=16, batch_size=4, num_workers=1)
-  pids = s._engine._workers.pids()
+  pids = _worker_pids(s)
   next(s)
   assert len(_segments_left()) == 1
   del s
@@ -606,7 +611,7 @@ def test_a_failing_or_killed_worker_raises_and_leaves_none(hard_folder, tmp_path
   keys = hard_folder[:12] + [str(boom)] + hard_folder[12:20]
   s = ip.image_batches(keys, image_size=16, batch_size=4, num_workers=2, num_threads=2,
                        read=worker_probe.failing)
-  pids = s._engine._workers.pids()
+  pids = _worker_pids(s)
   with pytest.raises(RuntimeError, match=r"(?s)decode worker \d .*failed.*reader bug on .*boom"):
     for _ in s:
       pass
@@ -615,7 +620,7 @@ def test_a_failing_or_killed_worker_raises_and_leaves_none(hard_folder, tmp_path
     next(s)
   # A worker killed from outside (the OOM killer): the next batch raises, the rest end.
   s = ip.image_batches(hard_folder * 4, image_size=16, batch_size=4, num_workers=2)
-  pids = s._engine._workers.pids()
+  pids = _worker_pids(s)
   next(s)
   os.kill(pids[1], signal.SIGKILL)
   with pytest.raises(decode_workers.WorkerError,

@@ -131,6 +131,11 @@ def _one_line(msg: str, *must: str) -> bool:
   return "\n" not in msg and all(m in msg for m in must)
 
 
+def _worker_pids(stream) -> list[int]:
+  """The pids of a stream's decode worker processes."""
+  return [p.pid for p in stream._engine._workers._procs]
+
+
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> list[str]:
   return write_small_images(tmp_path_factory.mktemp("photos") / "imgs", 40, seed=11)
@@ -141,7 +146,7 @@ def test_a_stopped_worker_is_named_within_the_timeout(photos, hostile):
   name = "decode worker stopped (SIGSTOP) mid-stream: named within the timeout"
   hostile.declare(name)
   s = ip.image_batches(photos, image_size=16, batch_size=4, num_workers=2, num_threads=1)
-  pids = s._engine._workers.pids()
+  pids = _worker_pids(s)
   next(s)
   os.kill(pids[1], signal.SIGSTOP)
   t0 = time.monotonic()
@@ -189,7 +194,7 @@ def test_a_worker_stuck_in_a_read_is_named_with_the_file(photos, tmp_path, hosti
   keys = photos[:9] + [str(fifo)] + photos[9:20]
   s = ip.image_batches(keys, image_size=16, batch_size=4, num_workers=2, num_threads=1,
                        read=worker_probe.blocking_read)
-  pids = s._engine._workers.pids()
+  pids = _worker_pids(s)
   ended: list[tuple[BaseException | None, float]] = []
 
   def consume() -> None:  # reads start with the iteration: it runs while this one watches
@@ -228,7 +233,7 @@ def test_a_worker_dead_before_its_first_answer(photos, hostile):
   hostile.declare(name)
   s = ip.image_batches(photos, image_size=16, batch_size=4, num_workers=2, num_threads=1,
                        read=worker_probe.dies_at_once)
-  pids = s._engine._workers.pids()
+  pids = _worker_pids(s)
   with pytest.raises(decode_workers.WorkerError) as e:
     for _ in s:
       pass
