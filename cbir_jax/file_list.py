@@ -68,13 +68,9 @@ def _entries(data: bytes) -> list[tuple[int, str]]:
 
 
 def _refuse_duplicates(list_file: str, paths: list[str], lines: list[int]) -> None:
-  first: dict[str, int] = {}
-  dups = []
-  for p, line in zip(paths, lines):
-    if p in first:
-      dups.append(f"{p} (lines {first[p]} and {line})")
-    else:
-      first[p] = line
+  first: dict[str, int] = {}  # path -> the line that first names it
+  dups = [f"{p} (lines {first[p]} and {line})" for p, line in zip(paths, lines)
+          if first.setdefault(p, line) != line]
   if dups:
     more = f" and {len(dups) - 3} more" if len(dups) > 3 else ""
     raise FileListError(f"{list_file}: {len(dups)} paths listed twice, which would give one "

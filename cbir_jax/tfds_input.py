@@ -18,11 +18,6 @@ from cbir_jax.decode import MAX_PIXELS
 from cbir_jax.tfds_source import FileSpan, Records, TfdsError, TfdsSource, rebuild_hint
 
 
-def has_tensorflow() -> bool:
-  """TensorFlow is installed (not imported: finding it is enough)."""
-  return importlib.util.find_spec("tensorflow") is not None
-
-
 def _builder(name: str, data_dir: str) -> Any:
   import tensorflow_datasets as tfds
 
@@ -124,7 +119,7 @@ def open_tfds(spec: str, data_dir: str | None) -> TfdsSource:
       raise _split_error(name, split, builder, e) from None
   else:
     fmt = builder.info.file_format.value if builder.info.file_format else "unknown"
-    if not has_tensorflow():
+    if importlib.util.find_spec("tensorflow") is None:  # found, not imported
       raise TfdsError(f"TFDS dataset {name!r} in {data_dir} is prepared as {fmt}, which needs "
                       f"TensorFlow to read; {rebuild_hint(name, data_dir)}")
   files = _files(name, split, builder)  # after as_data_source: its file format is the one read
@@ -137,31 +132,6 @@ def open_tfds(spec: str, data_dir: str | None) -> TfdsSource:
                     version=str(builder.info.version), file_format=fmt, files=files,
                     metadata=_metadata_features(builder.info.features, image_key)
                     if data is not None else (), builder=builder, data=data)
-
-
-def _positions(ranges: list[tuple[int, int]], batch_size: int) -> np.ndarray:
-  """Each [start, stop) range, padded with -1 to whole batches."""
-  parts = [np.zeros(0, np.int64)]
-  for start, stop in ranges:
-    parts += [np.arange(start, stop), np.full(-(stop - start) % batch_size, -1)]
-  return np.concatenate(parts).astype(np.int64)
-
-
-def tfds_batches(source: TfdsSource, ranges: list[tuple[int, int]], *,
-                 image_size: int | tuple[int, int], batch_size: int,
-                 num_threads: int | None = None, num_workers: int | None = None,
-                 draft: bool = True, max_pixels: int = MAX_PIXELS, prefetch: int = 2
-                 ) -> input_pipeline.BatchStream:
-  """Decoded fixed-size batches over `ranges` of the split (each range padded separately).
-
-  `Batch.index` is the record's position in the split, `Batch.key` its TFDS id and
-  `Batch.label` its label (-1 without a ClassLabel "label" feature). Options as in
-  `input_pipeline.image_batches`.
-  """
-  return position_batches(source, _positions(ranges, batch_size), image_size=image_size,
-                          batch_size=batch_size, num_threads=num_threads,
-                          num_workers=num_workers, draft=draft, max_pixels=max_pixels,
-                          prefetch=prefetch)
 
 
 def position_batches(source: TfdsSource, positions: np.ndarray, *,
@@ -184,9 +154,4 @@ def position_batches(source: TfdsSource, positions: np.ndarray, *,
   return input_pipeline.encoded_batches(source.records, source.keys(), positions, **opts)
 
 
-def label_name(source: TfdsSource, label: int) -> str:
-  return source.label_names[label] if 0 <= label < len(source.label_names) else ""
-
-
-__all__ = ["TfdsError", "TfdsSource", "Records", "FileSpan", "open_tfds", "tfds_batches",
-           "position_batches", "label_name", "has_tensorflow"]
+__all__ = ["TfdsError", "TfdsSource", "Records", "FileSpan", "open_tfds", "position_batches"]

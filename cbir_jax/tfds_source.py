@@ -83,11 +83,6 @@ class TfdsSource:
   builder: Any = dataclasses.field(repr=False, compare=False, default=None)
   data: Any = dataclasses.field(repr=False, compare=False, default=None)  # tfds data source
 
-  def identity(self) -> dict[str, Any]:
-    """What identifies the input in a manifest (resume must see the same records)."""
-    return {"type": "tfds", "name": self.name, "split": self.split, "version": self.version,
-            "num_records": self.num_records}
-
   def metadata_columns(self, positions: Any) -> dict[str, np.ndarray]:
     """The metadata columns of the records at `positions` (read by position, image skipped).
 
@@ -154,19 +149,15 @@ class TfdsSource:
     return Records(self.name, self.split, self.num_records, self.image_key,
                    bool(self.label_names), self.data)
 
-  def example(self, i: int) -> tuple[bytes, int]:
-    """(encoded image bytes, label or -1) of record i; thread-safe.
+  def read(self, i: int) -> bytes:
+    """The encoded image bytes of record i; thread-safe.
 
     Raises:
       IndexError: i out of range.
       TfdsError: a TFRecord dataset (no random access).
       OSError: the record cannot be read (damaged shard).
     """
-    return self.records(i)
-
-  def read(self, i: int) -> bytes:
-    """The encoded image bytes of record i."""
-    return self.example(i)[0]
+    return self.records(i)[0]
 
   def read_key(self, key: str) -> bytes:
     """The encoded image bytes of the record with TFDS id `key`."""

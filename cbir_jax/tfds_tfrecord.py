@@ -5,6 +5,7 @@ decoding engine as every other source. ArrayRecord datasets never come here.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any, Iterator, Sequence
 
 from cbir_jax import input_pipeline
@@ -37,18 +38,14 @@ def _subsplit(builder: Any, split: str, start: int, stop: int, total: int) -> st
 
 def _runs(positions: Sequence[int]) -> Iterator[tuple[int, int]]:
   """Maximal runs [start, stop) of consecutive positions; a padding row (-1) is (-1, 0)."""
-  run: list[int] = []
-  for p in positions:
-    if run and p >= 0 and p == run[1]:
-      run[1] += 1
-      continue
-    if run:
-      yield run[0], run[1]
-    run = [p, p + 1] if p >= 0 else []
-    if p < 0:
-      yield -1, 0
-  if run:
-    yield run[0], run[1]
+  # Within a run, position - index is constant; padding rows are one group, split below.
+  for key, group in itertools.groupby(enumerate(positions),
+                                      lambda ip: ip[1] - ip[0] if ip[1] >= 0 else None):
+    run = [p for _, p in group]
+    if key is None:
+      yield from [(-1, 0)] * len(run)
+    else:
+      yield run[0], run[-1] + 1
 
 
 def rows_at(source: TfdsSource, positions: Sequence[int]

@@ -89,7 +89,7 @@ def test_source_keys_stamps_and_reads(array_record):
   assert src.keys() == expected and len(set(expected)) == N
   ref = _reference(array_record)
   for i, (width, label, pixels) in enumerate(ref):
-    data, got_label = src.example(i)
+    data, got_label = src.records(i)
     assert got_label == label
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), pixels)
     assert src.read_key(src.keys()[i]) == data == src.read(i)
@@ -97,7 +97,7 @@ def test_source_keys_stamps_and_reads(array_record):
   with pytest.raises(KeyError):
     src.position(f"{shards[0]}__999")
   with pytest.raises(IndexError):
-    src.example(N)
+    src.records(N)
 
 
 def test_record_stamps_follow_the_shard_files(array_record, tmp_path):
@@ -125,22 +125,22 @@ def test_sliced_split_reads_the_slice(array_record):
 
 
 @pytest.mark.parametrize("workers,threads", [(0, 1), (0, 3), (2, 1)])
-def test_tfds_batches_pad_each_range(array_record, workers, threads):
+def test_position_batches_in_threads_and_workers(array_record, workers, threads):
   """In this process' threads and in worker processes, which reopen the split themselves."""
   src = tfds_input.open_tfds("cbir_test_shapes:train", array_record)
   ref = _reference(array_record)
-  ranges = [(0, 5), (5, 12), (20, 23)]
-  with tfds_input.tfds_batches(src, ranges, image_size=8, batch_size=4, num_threads=threads,
-                               num_workers=workers) as stream:
+  # Three ranges, each padded to whole batches of 4 (-1: a padding row), as a job lays them.
+  positions = [*range(0, 5), -1, -1, -1, *range(5, 12), -1, *range(20, 23), -1]
+  with tfds_input.position_batches(src, np.array(positions), image_size=8, batch_size=4,
+                                   num_threads=threads, num_workers=workers) as stream:
     assert (stream.num_workers, stream.num_threads) == (workers, threads)
     batches = list(stream)
-  assert len(batches) == 2 + 2 + 1  # each range padded to whole batches on its own
+  assert len(batches) == 2 + 2 + 1
   valid = np.concatenate([b.valid for b in batches])
-  np.testing.assert_array_equal(valid, [1] * 5 + [0] * 3 + [1] * 7 + [0] + [1] * 3 + [0])
+  np.testing.assert_array_equal(valid, np.array(positions) >= 0)
   rows = [(int(b.index[j]), b.key[j], int(b.label[j]), int(b.width[j]), b.images[j])
           for b in batches for j in np.flatnonzero(b.valid)]
-  positions = [p for a, z in ranges for p in range(a, z)]
-  assert [r[0] for r in rows] == positions
+  assert [r[0] for r in rows] == [p for p in positions if p >= 0]
   for (i, key, label, width, img) in rows:
     assert key == src.keys()[i] and label == ref[i][1] and width == ref[i][0]
     want = np.asarray(Image.fromarray(ref[i][2]).resize((8, 8), Image.BILINEAR))
@@ -210,8 +210,8 @@ def test_array_record_runs_without_tensorflow(array_record, tmp_path):
       import numpy as np
       from cbir_jax import extract, input_pipeline, store, tfds_input
       src = tfds_input.open_tfds("cbir_test_shapes:train[2:9]", {array_record!r})
-      rows = sum(int(b.ok.sum()) for b in tfds_input.tfds_batches(
-          src, [(0, src.num_records)], image_size=16, batch_size=4))
+      rows = sum(int(b.ok.sum()) for b in tfds_input.position_batches(
+          src, np.arange(src.num_records), image_size=16, batch_size=4))
       # Worker processes read the records themselves; they import no TensorFlow either
       # (they run without this process' blocker, so they would find it).
       sys.path.insert(0, "tests")
@@ -242,12 +242,15 @@ def test_tfrecord_dataset_reads_through_tf_data(tfrecord, array_record):
   assert tfr.keys() == [k.replace(".array_record-", ".tfrecord-") for k in ar.keys()]
   with pytest.raises(tfds_input.TfdsError, match="no random access.*array_record"):
     tfr.read(0)
-  ranges = [(0, 6), (6, 17)]
-  want = list(tfds_input.tfds_batches(ar, ranges, image_size=8, batch_size=4, num_threads=2))
-  got = list(tfds_input.tfds_batches(tfr, ranges, image_size=8, batch_size=4, num_threads=2))
+  # Two runs of records (tf.data reads each as one sub-split), each padded to whole batches.
+  positions = np.array([*range(0, 6), -1, -1, *range(6, 17), -1])
+  want = list(tfds_input.position_batches(ar, positions, image_size=8, batch_size=4,
+                                          num_threads=2))
+  got = list(tfds_input.position_batches(tfr, positions, image_size=8, batch_size=4,
+                                         num_threads=2))
   # tf.data reads in this process; the records' bytes travel to worker processes with their rows.
-  got_p = list(tfds_input.tfds_batches(tfr, ranges, image_size=8, batch_size=4, num_threads=1,
-                                       num_workers=2))
+  got_p = list(tfds_input.position_batches(tfr, positions, image_size=8, batch_size=4,
+                                           num_threads=1, num_workers=2))
   assert len(got) == len(got_p) == len(want) == 2 + 3
   for g, gp, w in zip(got, got_p, want):
     for f in ("images", "index", "valid", "label", "width", "ok"):

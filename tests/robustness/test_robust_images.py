@@ -1,7 +1,7 @@
 """Hostile images at the decoder: good files decode to their references, bad ones give reasons.
 
 Layers checked here: `decode_image`/`load_images` (one file at a time),
-`image_batches` (the threaded pipeline the job runs) and `tfds_batches` (a real
+`image_batches` (the threaded pipeline the job runs) and `position_batches` (a real
 ArrayRecord TFDS dataset of the same bytes), without a network or TensorFlow.
 The job-level run over the same folder is in test_robust_jobs.py.
 """
@@ -314,7 +314,7 @@ class CbirHostileBytes(tfds.core.GeneratorBasedBuilder):
 
 
 def test_tfds_style_stream_of_hostile_bytes(tmp_path, hostile):
-  """The TFDS path (`tfds_batches` over an ArrayRecord dataset, read without TensorFlow)
+  """The TFDS path (`position_batches` over an ArrayRecord dataset, read without TensorFlow)
   gets the same files' bytes: good rows match their references, bad rows carry reasons,
   every record comes once with its TFDS id and label."""
   from cbir_jax import tfds_input
@@ -331,8 +331,8 @@ def test_tfds_style_stream_of_hostile_bytes(tmp_path, hostile):
   n = len(CASES)
   assert src.num_records == n
   rows = {}
-  for batch in tfds_input.tfds_batches(src, [(0, n)], image_size=ri.SIZE, batch_size=8,
-                                       num_threads=2):
+  for batch in tfds_input.position_batches(src, np.arange(n), image_size=ri.SIZE, batch_size=8,
+                                          num_threads=2):
     for j in np.flatnonzero(batch.valid):
       assert int(batch.index[j]) not in rows
       rows[int(batch.index[j])] = (batch.images[j], batch.error[j], bool(batch.ok[j]),
