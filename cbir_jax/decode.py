@@ -85,7 +85,6 @@ def decode_image(data: bytes, image_size: int | tuple[int, int], *, draft: bool 
   """Decodes encoded image bytes to uint8 RGB [H, W, 3] resized bilinearly (no crop).
 
   Args:
-    data: the file's bytes.
     image_size: output size, square int or (height, width).
     draft: decode JPEGs at the smallest 1/2..1/8 DCT scale that is still at least the
       output size (Pillow's `Image.draft`), then resize as usual: several times faster on

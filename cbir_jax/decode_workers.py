@@ -5,12 +5,9 @@ thread pool to about five busy cores; pixels come back through shared memory. A 
 imports this module, `decode`, NumPy and Pillow (and whatever its reader needs), never
 JAX or TensorFlow, and touches no accelerator.
 
-Failures end in one line (`WorkerError`, which the job prints as such): a worker that
-dies is named with its signal and the likely cause; one that sends no heartbeat for
-SILENT_S (stopped, hung), or whose read of one file has not returned for SILENT_S (a FIFO,
-a dead network mount: alive, beating, and stuck), is named, with that file, instead of
-waited for; a worker's memory has no name (a memfd) and cannot outlive the job, however
-it ends.
+Failures end in one line (`WorkerError`): a worker that dies, sends no heartbeat or is stuck
+in a read (a FIFO, a dead network mount) is named, with why, instead of waited for
+(`DecodeWorkers._answer`); its memory cannot outlive the job, however it ends (`_Segment`).
 """
 from __future__ import annotations
 
@@ -25,6 +22,7 @@ import pickle
 import queue
 import shutil
 import signal
+import struct
 import threading
 import time
 import traceback
@@ -57,7 +55,7 @@ HEADER = 64
 # (float64, time.monotonic: one clock for all processes on Linux; 0: none), then its piece's
 # buffer and its row in the piece (int64 each). A healthy read of one image takes
 # milliseconds; one that has not returned within SILENT_S is stuck (see READ_AT).
-READ_AT, READ_SLOT, READ_ROW = slice(8, 16), slice(16, 24), slice(24, 32)
+BEAT, READ_AT, READ_WHERE = struct.Struct("<Q"), struct.Struct("<d"), struct.Struct("<qq")
 HEARTBEAT_S = 0.25
 SILENT_S = 5.0
 STARTUP_S = 120.0
@@ -112,15 +110,12 @@ class _Segment:
     return _Handle(self.size, self.fd, self._shm.name if self._shm is not None else "")
 
   def beat(self) -> int:
-    return int.from_bytes(self.mem[0:8], "little")
+    return BEAT.unpack_from(self.mem)[0]
 
   def oldest_read(self) -> tuple[float, int, int] | None:
     """(start, buffer, row) of the worker's oldest read in progress, as it last said."""
-    at = float(np.frombuffer(self.mem[READ_AT], np.float64)[0])
-    if not at:
-      return None
-    return (at, int.from_bytes(self.mem[READ_SLOT], "little"),
-            int.from_bytes(self.mem[READ_ROW], "little"))
+    at = READ_AT.unpack_from(self.mem, 8)[0]  # when first, then where (see _heartbeat)
+    return (at, *READ_WHERE.unpack_from(self.mem, 16)) if at else None
 
   def close_fd(self) -> None:
     """Once the worker has its own copy (started): the mapping stays."""
@@ -213,12 +208,11 @@ def _heartbeat(mem: Any, reads: _Reads) -> None:
     n += 1
     oldest = reads.oldest()
     if oldest is None:
-      mem[READ_AT] = np.float64(0).tobytes()
+      READ_AT.pack_into(mem, 8, 0.0)
     else:  # where first, then when: a start the parent sees always has its row beside it
-      mem[READ_SLOT] = oldest[1].to_bytes(8, "little")
-      mem[READ_ROW] = oldest[2].to_bytes(8, "little")
-      mem[READ_AT] = np.float64(oldest[0]).tobytes()
-    mem[0:8] = n.to_bytes(8, "little")
+      READ_WHERE.pack_into(mem, 16, *oldest[1:])
+      READ_AT.pack_into(mem, 8, oldest[0])
+    BEAT.pack_into(mem, 0, n)
     time.sleep(HEARTBEAT_S)
 
 
@@ -318,7 +312,8 @@ def _stopped(pid: int) -> bool:
     return False
 
 
-def _shutdown(procs: list[Any], conns: list[Any], segments: list[_Segment]) -> None:
+def _shutdown(procs: list[Any], conns: list[tuple[Any, Any]], segments: list[_Segment]
+              ) -> None:
   """Ends the workers at once (they hold nothing that needs a clean stop; SIGKILL also ends
   a stopped one), then frees the memory."""
   for p in procs:
@@ -327,8 +322,9 @@ def _shutdown(procs: list[Any], conns: list[Any], segments: list[_Segment]) -> N
   for p in procs:
     if p.pid is not None:
       p.join()
-  for c in conns:
-    c.close()
+  for task_w, result_r in conns:
+    task_w.close()
+    result_r.close()
   for s in segments:
     s.close()
 
@@ -364,7 +360,7 @@ class DecodeWorkers:
   `result(tickets)` waits for a batch's pieces and returns a copy of its pixels; batches
   must be collected in submission order (each worker answers in its own order).
   `close()` (also at exit, or when garbage collected) ends the processes and frees the
-  shared memory. A worker that dies, or sends no heartbeat for `silent_s` seconds, makes
+  shared memory. A worker that dies, or sends no heartbeat for SILENT_S seconds, makes
   `submit` or `result` raise `WorkerError` (one line naming it, why and what to do).
 
   Raises:
@@ -372,19 +368,18 @@ class DecodeWorkers:
   """
 
   def __init__(self, read: Reader, *, workers: int, threads: int, batch_size: int,
-               size: tuple[int, int], batches_ahead: int, draft: bool, max_pixels: int,
-               silent_s: float = SILENT_S):
-    self._batch_size, self._silent_s = batch_size, silent_s
+               size: tuple[int, int], batches_ahead: int, draft: bool, max_pixels: int):
+    self._batch_size = batch_size
     self._piece, self.pieces, slots = _layout(workers, batch_size, batches_ahead)
     self._shape = (slots, self._piece, *size, 3)
     self._procs: list[Any] = []
     self._conns: list[tuple[Any, Any]] = []  # per worker: (tasks out, results in)
-    self._pipes: list[Any] = []  # every end this process holds
     self._segments: list[_Segment] = []
-    self._free: list[list[int]] = []
-    self._sent: list[dict[int, dict[int, Any]]] = []  # per worker: buffer -> {row: reader arg}
+    self._free = [list(range(slots)) for _ in range(workers)]  # per worker: free buffers
+    # Per worker: buffer -> {row: reader arg}, to name the file of a read that hangs.
+    self._sent: list[dict[int, dict[int, Any]]] = [{} for _ in range(workers)]
     self._answered = [False] * workers
-    self._close = weakref.finalize(self, _shutdown, self._procs, self._pipes, self._segments)
+    self._close = weakref.finalize(self, _shutdown, self._procs, self._conns, self._segments)
     ctx = multiprocessing.get_context(START_METHOD)
     try:
       for i in range(workers):
@@ -403,7 +398,6 @@ class DecodeWorkers:
     task_r, task_w = ctx.Pipe(duplex=False)
     result_r, result_w = ctx.Pipe(duplex=False)
     self._conns.append((task_w, result_r))
-    self._pipes.extend([task_w, result_r])
     setup = _Setup(read, self._segments[-1].handle(), self._shape, threads, draft, max_pixels)
     p = ctx.Process(target=_serve, args=(task_r, result_w, setup), daemon=True,
                     name=f"cbir-decode-{i}")
@@ -414,8 +408,6 @@ class DecodeWorkers:
       task_r.close()
       result_w.close()
       self._segments[-1].close_fd()  # the worker holds its own
-    self._free.append(list(range(self._shape[0])))
-    self._sent.append({})
 
   def can_submit(self) -> bool:
     """Whether a whole batch's pieces fit in the free buffers."""
@@ -430,7 +422,7 @@ class DecodeWorkers:
       w = max(range(len(self._free)), key=lambda i: len(self._free[i]))
       t = Ticket(w, self._free[w].pop(), start, min(self._piece, self._batch_size - start))
       piece = [(j - start, arg) for j, arg in rows if start <= j < start + t.rows]
-      self._sent[w][t.slot] = dict(piece)  # to name the file of a read that hangs
+      self._sent[w][t.slot] = dict(piece)
       try:
         self._conns[w][0].send((t.slot, piece))
       except OSError:  # BrokenPipeError: it died (its exit code may not be in yet)
@@ -494,18 +486,18 @@ class DecodeWorkers:
         f"its storage; {_RERUN}")
 
   def _stuck(self, w: int, since: float) -> WorkerError | None:
-    """`_hung` when worker w's oldest read has been in progress for `silent_s` (counted
+    """`_hung` when worker w's oldest read has been in progress for SILENT_S (counted
     from `since` at the earliest: when this process was last seen resumed)."""
     oldest = self._segments[w].oldest_read()
     if oldest is None:
       return None
     seconds = time.monotonic() - max(oldest[0], since)
-    return self._hung(w, seconds, *oldest[1:]) if seconds > self._silent_s else None
+    return self._hung(w, seconds, *oldest[1:]) if seconds > SILENT_S else None
 
   def _answer(self, w: int) -> Any:
     """The next message of worker w; RuntimeError when it failed, WorkerError when it died,
-    sent no heartbeat for `silent_s` (STARTUP_S before its first), or has had a read in
-    progress for `silent_s`."""
+    sent no heartbeat for SILENT_S (STARTUP_S before its first), or has had a read in
+    progress for SILENT_S."""
     conn, proc, segment = self._conns[w][1], self._procs[w], self._segments[w]
     beat, last = segment.beat(), time.monotonic()
     changed, resumed = last, 0.0
@@ -523,7 +515,7 @@ class DecodeWorkers:
       last = now
       # Before its first beat it may still be importing; unless it is stopped already.
       started = beat or _stopped(proc.pid)
-      if now - changed > (self._silent_s if started else max(self._silent_s, STARTUP_S)):
+      if now - changed > (SILENT_S if started else max(SILENT_S, STARTUP_S)):
         raise self._silent(w, now - changed)
       # Alive and beating, but stuck in a read. Only while it beats: a stopped worker's
       # header is stale, and "no heartbeat" above is what it needs to hear.
@@ -544,8 +536,7 @@ class DecodeWorkers:
 
     Raises:
       RuntimeError: a worker's reader failed (its traceback is in the message).
-      WorkerError: a worker died, sent no heartbeat, or is stuck in a read, for
-        `silent_s` (one line).
+      WorkerError: a worker died, or sent no heartbeat or was stuck in a read for SILENT_S.
     """
     images = np.empty((self._batch_size, *self._shape[2:]), np.uint8)
     out = []

@@ -59,12 +59,8 @@ def _entries(data: bytes) -> list[tuple[int, str]]:
   and lines starting with "#" are skipped. Bytes become names as the OS gives them
   (`os.fsdecode`), so non-UTF-8 names match the folder input's.
   """
-  out = []
-  for number, raw in enumerate(data.split(b"\n"), start=1):
-    text = os.fsdecode(raw).strip()
-    if text and not text.startswith("#"):
-      out.append((number, text))
-  return out
+  lines = ((n, os.fsdecode(raw).strip()) for n, raw in enumerate(data.split(b"\n"), start=1))
+  return [(n, text) for n, text in lines if text and not text.startswith("#")]
 
 
 def _refuse_duplicates(list_file: str, paths: list[str], lines: list[int]) -> None:
@@ -79,15 +75,13 @@ def _refuse_duplicates(list_file: str, paths: list[str], lines: list[int]) -> No
 
 def _parent_labels(paths: list[str]) -> tuple[np.ndarray, list[str]]:
   names = [os.path.basename(os.path.dirname(p)) for p in paths]
-  index = {n: i for i, n in enumerate(sorted(set(names)))}
-  return np.array([index[n] for n in names], np.int64), names
+  return np.unique(names, return_inverse=True)[1].astype(np.int64), names  # sorted name order
 
 
 def read_file_list(list_file: str, *, parent_labels: bool = False) -> FileList:
   """Reads `--file_list=list_file`.
 
   Args:
-    list_file: a text file with one image path per line (see `_entries` for the rules).
     parent_labels: label each image by the name of the folder that holds it (the folder
       input's rule for one level of class folders); False: no labels (-1), which a
       labels CSV can then give.

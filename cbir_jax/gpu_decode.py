@@ -22,8 +22,7 @@ PILLOW = "pillow"
 NVIMGCODEC = "nvimgcodec"
 KINDS = ("auto", PILLOW, NVIMGCODEC, "nvimgcodec-cpu")  # --decoder values a job may offer
 
-# An item is the file's bytes, a path, or a callable returning the bytes (as `safe_decode` takes).
-Item = Union[bytes, str, os.PathLike, Callable[[], bytes]]
+Item = Union[bytes, str, os.PathLike]  # an item is the file's bytes or its path
 
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _BASELINE = (0xC0, 0xC1)  # sequential Huffman: what nvJPEG's engines and libjpeg-turbo agree on
@@ -216,10 +215,10 @@ def _gpu_device() -> Any:
   return gpus[0] if gpus else None
 
 
-def select_decoder(kind: str = "auto", *, device: Any = None, threads: int = 0) -> Selection:
+def select_decoder(kind: str = "auto", *, threads: int = 0) -> Selection:
   """The decoder for `kind` (one of KINDS).
 
-  "auto": nvImageCodec on the first local GPU (or `device`) when the extra is installed and a
+  "auto": nvImageCodec on the first local GPU when the extra is installed and a
   GPU is present, else Pillow on the host, saying why. "nvimgcodec": the same but an error if
   it cannot be had. "nvimgcodec-cpu": nvImageCodec's CPU-only backend (tests, comparisons).
   """
@@ -234,7 +233,7 @@ def select_decoder(kind: str = "auto", *, device: Any = None, threads: int = 0) 
     if kind == NVIMGCODEC:
       raise ImportError("nvImageCodec is not installed: pip install 'cbir-jax[gpu-decode]'")
     return Selection(None, f"{PILLOW} (host): nvImageCodec not installed (extra gpu-decode)")
-  device = device if device is not None else _gpu_device()
+  device = _gpu_device()
   if device is None:
     if kind == NVIMGCODEC:
       raise RuntimeError("decoder nvimgcodec asks for a GPU and JAX sees none "
@@ -251,13 +250,11 @@ def select_decoder(kind: str = "auto", *, device: Any = None, threads: int = 0) 
 
 def _read(item: Item) -> tuple[bytes | None, str]:
   """(bytes, "") or (None, reason) worded as `decode.safe_decode` words a read failure."""
+  if not isinstance(item, (str, os.PathLike)):
+    return bytes(item), ""
   try:
-    if isinstance(item, (bytes, bytearray, memoryview)):
-      return bytes(item), ""
-    if isinstance(item, (str, os.PathLike)):
-      return decode.read_file(os.fspath(item)), ""
-    return item(), ""
-  except (OSError, ValueError) as e:
+    return decode.read_file(os.fspath(item)), ""
+  except (OSError, ValueError) as e:  # ValueError: a path os.open refuses (a NUL byte)
     reason = str(e) if isinstance(e, ValueError) else f"cannot read file: {e}"
     return None, reason or type(e).__name__
 
@@ -286,16 +283,6 @@ def _pillow_full(data: bytes, max_pixels: int) -> tuple[np.ndarray, tuple[int, i
   conversion, without its resize."""
   return decode.decode_with(data, (0, 0), lambda img: np.asarray(decode._to_rgb(img)),
                             draft=False, max_pixels=max_pixels)
-
-
-def _plan(items: Sequence[Item], decoder: NvDecoder | None, max_pixels: int
-          ) -> tuple[list[bytes | None], list[str], list[Route]]:
-  read = [_read(item) for item in items]
-  datas, errors = [data for data, _ in read], [err for _, err in read]
-  routes = [Route("") if data is None else
-            Route(PILLOW, "host decoder selected") if decoder is None else
-            route(data, max_pixels=max_pixels) for data in datas]
-  return datas, errors, routes
 
 
 def _nv_pass(datas: list[bytes | None], routes: list[Route], decoder: NvDecoder | None
@@ -327,15 +314,18 @@ def decode_batch(items: Sequence[Item], *, decoder: NvDecoder | None,
   image").
 
   Args:
-    items: bytes, paths or callables returning bytes.
     decoder: from `select_decoder`; None decodes everything with Pillow.
     max_pixels: images declaring more are refused (by the Pillow path, with its reason).
     pillow: the host decode for Pillow items, bytes -> (pixels, (width, height)), raising
-      ValueError with the reason; default: full resolution through `decode.decode_image`.
+      ValueError with the reason; default: full resolution, as `decode.decode_image` reads.
       The job's canvas path passes its draft decode-and-place here.
   """
   pillow = pillow or (lambda data: _pillow_full(data, max_pixels))
-  datas, errors, routes = _plan(items, decoder, max_pixels)
+  read = [_read(item) for item in items]
+  datas, errors = [data for data, _ in read], [err for _, err in read]
+  routes = [Route("") if data is None else
+            Route(PILLOW, "host decoder selected") if decoder is None else
+            route(data, max_pixels=max_pixels) for data in datas]
   nv = _nv_pass(datas, routes, decoder)
   out = DecodedBatch([], [], errors, [], [])
   for i, (data, r) in enumerate(zip(datas, routes)):
@@ -366,9 +356,8 @@ class DecoderTally:
   def add(self, decoders: Sequence[str], routes: Sequence[str]) -> None:
     """Counts one batch (`DecodedBatch` or `Rows` fields); unread files are not counted."""
     for name, why in zip(decoders, routes):
-      if not name:
-        continue
-      self.counts[name] = self.counts.get(name, 0) + 1
+      if name:
+        self.counts[name] = self.counts.get(name, 0) + 1
       if name == PILLOW and why:
         self.pillow_routes[why] = self.pillow_routes.get(why, 0) + 1
 

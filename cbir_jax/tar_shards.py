@@ -85,8 +85,7 @@ def find_shards(spec: str) -> tuple[str, list[str]]:
   """
   if os.path.isdir(spec):
     root, paths = spec, []
-    for dirpath, dirnames, filenames in os.walk(spec, followlinks=False):
-      dirnames.sort()
+    for dirpath, _, filenames in os.walk(spec, followlinks=False):
       paths += [os.path.join(dirpath, n) for n in filenames if n.lower().endswith(".tar")]
     if not paths:
       raise WebdatasetError(f"--webdataset {spec}: no .tar shards under this folder "
@@ -185,11 +184,8 @@ def _read_sidecar(f: BinaryIO, m: tarfile.TarInfo, shard: Shard) -> bytes:
 
 
 def list_shard(shard: Shard, image_extensions: frozenset[str]) -> ShardListing:
-  """Reads one shard's headers and sidecars; the image members are only located.
-
-  Args:
-    shard: the tar file, as stated when the input was listed.
-    image_extensions: lower-case extensions with the dot (".jpg") that are images.
+  """Reads one shard's headers and sidecars; the image members (their lower-case extension,
+  with the dot, in `image_extensions`) are only located.
 
   Raises:
     WebdatasetError: compressed, not a tar, truncated, or a damaged header (one line).

@@ -87,7 +87,8 @@ def open_tfds(spec: str, data_dir: str | None) -> TfdsSource:
 
   Args:
     spec: "name:split", e.g. "oxford_flowers102:train" or "imagenet2012:validation[:1000]".
-    data_dir: the TFDS data_dir where the dataset was prepared (`tfds build`).
+    data_dir: where the dataset was prepared (`tfds build`); None: $TFDS_DATA_DIR, else
+      ~/tensorflow_datasets.
 
   Raises:
     TfdsError: unknown dataset, not prepared in data_dir, unknown split, no image feature,
@@ -121,7 +122,9 @@ def open_tfds(spec: str, data_dir: str | None) -> TfdsSource:
     fmt = builder.info.file_format.value if builder.info.file_format else "unknown"
     if importlib.util.find_spec("tensorflow") is None:  # found, not imported
       raise TfdsError(f"TFDS dataset {name!r} in {data_dir} is prepared as {fmt}, which needs "
-                      f"TensorFlow to read; {rebuild_hint(name, data_dir)}")
+                      f"TensorFlow to read; {rebuild_hint(name, data_dir)}, or install "
+                      "TensorFlow to read it as it is (the `tfrecord` extra: "
+                      "`pip install -e '.[tfrecord]'`)")
   files = _files(name, split, builder)  # after as_data_source: its file format is the one read
   num = sum(f.take for f in files)
   if data is not None and len(data) != num:

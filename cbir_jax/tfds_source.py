@@ -60,11 +60,8 @@ class TfdsSource:
   Attributes:
     name: dataset name as given ("oxford_flowers102" or "name/config:version").
     split: split as given ("train", "test[:10%]").
-    data_dir: the prepared data_dir.
-    num_records: examples in the split.
     image_key: the image feature read (first Image feature, or "image").
     label_names: class names of the "label" ClassLabel feature ([] without one).
-    version: the dataset version read.
     file_format: "array_record" (random access) or "tfrecord" (needs TensorFlow).
     files: the split's records, shard by shard, in order.
     metadata: (column, feature) of the scalar and text features kept as metadata
@@ -122,22 +119,14 @@ class TfdsSource:
       out.extend([stamp] * f.take)
     return out
 
-  @functools.cached_property
-  def _positions(self) -> dict[str, list[tuple[int, FileSpan]]]:
-    """Shard file name -> (position of its first record in the split, its span)."""
-    out: dict[str, list[tuple[int, FileSpan]]] = {}
-    at = 0
-    for f in self.files:
-      out.setdefault(os.path.basename(f.path), []).append((at, f))
-      at += f.take
-    return out
-
   def position(self, key: str) -> int:
     """The position in the split of the record with TFDS id `key` (KeyError if none)."""
     shard, _, k = key.rpartition("__")
-    for at, f in self._positions.get(shard, ()):
-      if k.isdigit() and f.skip <= int(k) < f.skip + f.take:
+    at = 0  # the position of the span's first record
+    for f in self.files:
+      if os.path.basename(f.path) == shard and k.isdigit() and f.skip <= int(k) < f.skip + f.take:
         return at + int(k) - f.skip
+      at += f.take
     raise KeyError(f"{key!r} is not a record of {self.name}:{self.split}")
 
   @functools.cached_property
@@ -145,7 +134,7 @@ class TfdsSource:
     """The split's records as a picklable reader (position -> (image bytes, label))."""
     if self.data is None:
       raise TfdsError(f"{self.name} is prepared as {self.file_format}, which has no random "
-                      f"access; {rebuild_hint(self.name, self.data_dir, extra=False)}")
+                      f"access; {rebuild_hint(self.name, self.data_dir)}")
     return Records(self.name, self.split, self.num_records, self.image_key,
                    bool(self.label_names), self.data)
 
@@ -164,13 +153,9 @@ class TfdsSource:
     return self.read(self.position(key))
 
 
-def rebuild_hint(name: str, data_dir: str, *, extra: bool = True) -> str:
-  hint = (f"rebuild it as ArrayRecord (`tfds build {name} --data_dir={data_dir} "
+def rebuild_hint(name: str, data_dir: str) -> str:
+  return (f"rebuild it as ArrayRecord (`tfds build {name} --data_dir={data_dir} "
           "--file_format=array_record`)")
-  if extra:
-    hint += (", or install TensorFlow to read it as it is (the `tfrecord` extra: "
-             "`pip install -e '.[tfrecord]'`)")
-  return hint
 
 
 def _scalar_column(values: list[Any]) -> np.ndarray:

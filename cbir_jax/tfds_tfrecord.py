@@ -12,13 +12,6 @@ from cbir_jax import input_pipeline
 from cbir_jax.tfds_source import TfdsError, TfdsSource
 
 
-def _tf() -> Any:
-  import tensorflow as tf
-
-  tf.config.set_visible_devices([], "GPU")  # keep TensorFlow off the accelerators
-  return tf
-
-
 def _subsplit(builder: Any, split: str, start: int, stop: int, total: int) -> str:
   """`split` restricted to its records [start, stop), as a TFDS split string."""
   import tensorflow_datasets as tfds
@@ -54,8 +47,10 @@ def rows_at(source: TfdsSource, positions: Sequence[int]
 
   Each run of consecutive positions is one sub-split read through tf.data.
   """
-  _tf()
+  import tensorflow as tf
   import tensorflow_datasets as tfds
+
+  tf.config.set_visible_devices([], "GPU")  # keep TensorFlow off the accelerators
 
   has_label = bool(source.label_names)
   for start, stop in _runs([int(p) for p in positions]):

@@ -53,9 +53,10 @@ class MemberReader:
 Problem = Callable[[str, str, Any], None]  # (reason, record, detail): a record kept, data missing
 
 
-def _parse_sidecars(sample: Sample, where: str, problem: Problem
-                    ) -> tuple[int | None, dict[str, Any], str | None]:
-  """(.cls label or None, the json object or {}, the .txt text or None) of one sample."""
+def _parse_sidecars(sample: Sample, where: str, label_field: str | None, problem: Problem
+                    ) -> tuple[int | str | None, dict[str, Any], str | None]:
+  """(label or None, the json object or {}, the .txt text or None) of one sample; the label
+  is the .cls integer, else the json field `label_field` (a class index or a name)."""
   doc: dict[str, Any] = {}
   label = None
   if "json" in sample.sidecars:
@@ -76,18 +77,14 @@ def _parse_sidecars(sample: Sample, where: str, problem: Problem
       label = None
       problem("unreadable .cls (label -1)", where, text[:20])
   txt = sample.sidecars["txt"].decode("utf-8", "replace") if "txt" in sample.sidecars else None
+  if label is None and label_field and doc.get(label_field) is not None:
+    label = doc[label_field]
+    if not isinstance(label, str) and (
+        not isinstance(label, int) or isinstance(label, bool) or label not in _LABELS):
+      problem(f"json {label_field!r} neither a class index nor a name (label -1)", where,
+              repr(label)[:20])
+      label = None
   return label, doc, txt
-
-
-def _json_label(doc: dict[str, Any], label_field: str | None, where: str,
-                problem: Problem) -> int | str | None:
-  value = doc.get(label_field) if label_field else None
-  if value is None or isinstance(value, str) or (
-      isinstance(value, int) and not isinstance(value, bool) and value in _LABELS):
-    return value
-  problem(f"json {label_field!r} neither a class index nor a name (label -1)", where,
-          repr(value)[:20])
-  return None
 
 
 def _metadata(doc: dict[str, Any], txt: str | None, label_field: str | None) -> dict[str, Any]:
@@ -142,9 +139,7 @@ class WebdatasetListing:
   """Every record of a webdataset in shard order, then member order, with labels and metadata.
 
   Attributes:
-    spec: the --webdataset value as given.
     root: the folder shard paths are relative to (the folder, or a glob's fixed part).
-    shards: the tar files, in order.
     shard_index, names, offsets, sizes: per record, where its image member lies.
     labels: int64 per record (-1: none); from .cls, else the json field `label_field`.
     label_names: per record, the class name when labels are names (json strings), else "".
@@ -252,7 +247,7 @@ def _list_shards(shards: tuple[Shard, ...], processes: int | None, cache_dir: st
 def list_webdataset(spec: str, *, label_field: str | None = "label",
                     processes: int | None = None, cache_dir: str | None = None
                     ) -> WebdatasetListing:
-  """Lists the records of `--webdataset=spec` (a folder, a glob or one .tar).
+  """Lists the records of `--webdataset=spec` (a folder's `*.tar`, recursive; a glob; one .tar).
 
   A record is a key with exactly one image member (an extension the folder input reads:
   jpg, jpeg, png, webp, ...). Keys without an image, keys with several, links and other
@@ -261,7 +256,6 @@ def list_webdataset(spec: str, *, label_field: str | None = "label",
   (an integer, or a class name).
 
   Args:
-    spec: a folder (its `*.tar`, recursive), a glob, or one shard.
     label_field: the json field holding a label when a sample has no `.cls` (None: none).
     processes: processes listing shards (0: this one; None: one per core from
       `PROCESSES_FROM_SHARDS` shards on).
@@ -294,9 +288,8 @@ def list_webdataset(spec: str, *, label_field: str | None = "label",
       name, offset, size = sample.images[0]
       located.append((si, name, offset, size))
       where.append(f"{shard.rel}/{name}")
-      label, doc, txt = _parse_sidecars(sample, where[-1], problem)
-      label_values.append(label if label is not None else
-                          _json_label(doc, label_field, where[-1], problem))
+      label, doc, txt = _parse_sidecars(sample, where[-1], label_field, problem)
+      label_values.append(label)
       fields.append(_metadata(doc, txt, label_field))
   labels, label_names = _labels(label_values, where)
   column = lambda j, dtype: np.array([r[j] for r in located], dtype)  # noqa: E731
