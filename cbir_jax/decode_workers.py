@@ -475,8 +475,14 @@ class DecodeWorkers:
         "stopped (SIGSTOP, a debugger) or hung; do not stop decode workers on their own "
         f"(stop the whole job: SIGTSTP/SIGCONT to its process group); {_RERUN}")
 
-  def _hung(self, w: int, seconds: float, slot: int, row: int) -> WorkerError:
-    arg = self._sent[w].get(slot, {}).get(row)
+  def _stuck(self, w: int, since: float) -> WorkerError | None:
+    """The error naming the file worker w's oldest read in progress has been reading for
+    SILENT_S (counted from `since` at the earliest: when this process was last seen
+    resumed); None when no read has taken that long."""
+    oldest = self._segments[w].oldest_read()
+    if oldest is None or (seconds := time.monotonic() - max(oldest[0], since)) <= SILENT_S:
+      return None
+    arg = self._sent[w].get(oldest[1], {}).get(oldest[2])
     what = (repr(arg) if isinstance(arg, str) else f"record {arg}" if isinstance(arg, int)
             else "an image")
     return WorkerError(
@@ -484,15 +490,6 @@ class DecodeWorkers:
         f"for {seconds:.0f} s without an answer: a file that never ends or never "
         "comes (a FIFO or device, a dead network mount); take it out of the input or fix "
         f"its storage; {_RERUN}")
-
-  def _stuck(self, w: int, since: float) -> WorkerError | None:
-    """`_hung` when worker w's oldest read has been in progress for SILENT_S (counted
-    from `since` at the earliest: when this process was last seen resumed)."""
-    oldest = self._segments[w].oldest_read()
-    if oldest is None:
-      return None
-    seconds = time.monotonic() - max(oldest[0], since)
-    return self._hung(w, seconds, *oldest[1:]) if seconds > SILENT_S else None
 
   def _answer(self, w: int) -> Any:
     """The next message of worker w; RuntimeError when it failed, WorkerError when it died,

@@ -160,10 +160,6 @@ class NvDecoder:
     self.description = (f"{NVIMGCODEC} {getattr(nv, '__version__', '?')} on {where}, "
                         f"{PILLOW} for other files")
 
-  @property
-  def on_device(self) -> bool:
-    return self.device is not None
-
   def decode(self, datas: Sequence[bytes]) -> list[Any]:
     """[H, W, 3] uint8 per JPEG as stored (not turned), or None where nvImageCodec gave none.
 
@@ -187,7 +183,7 @@ class NvDecoder:
 
   def _decode(self, streams: list[Any]) -> list[Any]:
     out = self._decoder.decode(streams, params=self._params)
-    convert = self._to_jax if self.on_device else np.asarray
+    convert = np.asarray if self.device is None else self._to_jax
     return [None if im is None else convert(im) for im in out]
 
   def _to_jax(self, im: Any) -> Any:

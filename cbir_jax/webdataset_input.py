@@ -15,7 +15,7 @@ import hashlib
 import json
 import multiprocessing
 import os
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
@@ -213,11 +213,6 @@ class WebdatasetListing:
     """The image bytes of record i (OSError: its shard changed or is cut short)."""
     return self.reader(self.arg(i))[0]
 
-  def rows(self, positions: Iterable[int]) -> Iterator[input_pipeline.Row | None]:
-    paths = self.paths()
-    for p in positions:
-      yield None if p < 0 else input_pipeline.Row(p, self.arg(p), paths[p])
-
   def report_lines(self) -> list[str]:
     """One line per reason something was skipped or is missing; [] for a clean input."""
     out = []
@@ -348,11 +343,13 @@ def position_batches(listing: WebdatasetListing, positions: np.ndarray, *,
   The same engine as folders and TFDS: `Batch.index` is the position, `Batch.key` the
   record's key and `Batch.label` its label. Worker processes read members themselves.
   """
+  paths = listing.paths()
+  rows = (None if p < 0 else input_pipeline.Row(p, listing.arg(p), paths[p])
+          for p in np.asarray(positions, np.int64).tolist())
   return input_pipeline.BatchStream(
-      listing.rows(np.asarray(positions, np.int64).tolist()), read=listing.reader,
-      image_size=image_size, batch_size=batch_size, num_threads=num_threads,
-      num_workers=num_workers, draft=draft, max_pixels=max_pixels, prefetch=prefetch,
-      keyed=True, buckets=buckets)
+      rows, read=listing.reader, image_size=image_size, batch_size=batch_size,
+      num_threads=num_threads, num_workers=num_workers, draft=draft, max_pixels=max_pixels,
+      prefetch=prefetch, keyed=True, buckets=buckets)
 
 
 __all__ = ["WebdatasetError", "WebdatasetListing", "MemberReader", "Shard", "find_shards",

@@ -187,7 +187,7 @@ def test_select_decoder_says_which_decoder_runs(monkeypatch):
   auto = gpu_decode.select_decoder("auto")  # CI and this machine: no GPU
   assert auto.decoder is None and "no GPU" in auto.description
   cpu = gpu_decode.select_decoder("nvimgcodec-cpu")
-  assert not cpu.decoder.on_device and "CPU-only" in cpu.description
+  assert cpu.decoder.device is None and "CPU-only" in cpu.description
   with pytest.raises(RuntimeError, match="GPU"):
     gpu_decode.select_decoder("nvimgcodec")
   with pytest.raises(ValueError, match="decoder must be one of"):
