@@ -31,7 +31,6 @@ class Worker:
 
   def __init__(self, spec: WorkerSpec, log: Callable[[str], None]):
     self.spec, self.log = spec, log
-    self.stop_noticed_at = 0.0  # perf_counter when a stop was requested
     self.at_once = ""  # the signal that stopped this process at once, if any
     self.stop_reason: str | None = None
     self._graceful, self._logged, self._old = False, False, {}
@@ -66,7 +65,6 @@ class Worker:
     if not self._graceful or self.stop_reason:
       self.at_once = name
       raise KeyboardInterrupt
-    self.stop_noticed_at = time.perf_counter()
     self.stop_reason = name if self.count == 1 else f"{name} to worker {self.index}"
 
   def __enter__(self) -> "Worker":
@@ -126,20 +124,15 @@ class Clock:
     self.seconds: dict[str, float] = {}
     self.spans: list[tuple[str, float, float]] = []
 
-  def charge(self, name: str) -> float:
+  def charge(self, name: str) -> None:
     now = time.perf_counter()
-    dt = now - self._last
-    self.seconds[name] = self.seconds.get(name, 0.0) + dt
+    self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
     self.spans.append((name, self._last, now))
     self._last = now
-    return dt
 
   @property
   def total(self) -> float:
     return self._last - self.start
-
-  def get(self, name: str) -> float:
-    return self.seconds.get(name, 0.0)
 
   def items(self) -> Mapping[str, float]:
     return dict(self.seconds)

@@ -237,10 +237,8 @@ class StepRunner:
     part = self.assembler.stop()
     if part is not None:
       write_finished(self.plan.out, part, self.plan.kinds, self.worker.index)
-      self.summary.parts_written += 1
       self.clock.charge("write")
-    if self.worker.stop_noticed_at:
-      self.summary.stop_s = time.perf_counter() - self.worker.stop_noticed_at
+
 
 def _close(batches: Any) -> None:
   """Ends the input early and at once (a suspended tf.data generator is otherwise torn down
