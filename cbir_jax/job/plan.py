@@ -119,30 +119,21 @@ def check_kinds(kinds: tuple[str, ...], backbone: backbones.Backbone,
     raise ExtractError(str(e)) from None
 
 
-def _version() -> str:
-  from cbir_jax import __version__
-  return __version__
-
-
-def resolved_resize(mode: str) -> str:
-  """"host" or "device" for the job's --resize on this process' platform."""
-  import jax
-
-  from cbir_jax import resize
-  return resize.resolve(mode, jax.default_backend())
-
-
 def new_manifest(config: ExtractConfig, source: sources.Source, loaded: weights_lib.Loaded,
                  backbone: backbones.Backbone, image_size: int, kinds: tuple[str, ...]
                  ) -> Manifest:
-  """The manifest of a first generation made with these settings (`kinds` resolved)."""
+  """The manifest of a first generation made with these settings (`kinds` resolved; --resize
+  resolved on this process' platform)."""
+  import jax
+
+  from cbir_jax import __version__, resize
   dcfg = desc.DescriptorConfig(config.threshold, config.relative, config.masks)
   settings = Settings(
       backbone=config.model, weights=loaded.record.identity(),
       preprocessing=loaded.preprocessing.to_dict(), descriptor=dcfg.to_dict(),
       image_size=image_size, kinds=kinds, dtype=config.dtype, output_dtype=config.output_dtype,
-      draft=config.draft, shard_size=config.shard_size, package_version=_version(),
-      max_pixels=config.max_pixels, resize=resolved_resize(config.resize))
+      draft=config.draft, shard_size=config.shard_size, package_version=__version__,
+      max_pixels=config.max_pixels, resize=resize.resolve(config.resize, jax.default_backend()))
   dims = desc.dimensions(backbone.block_channels, backbone.fc_dim)
   return Manifest(settings=settings, weights=loaded.record,
                   input=source.input_record(store.RECORDS),
@@ -152,8 +143,8 @@ def new_manifest(config: ExtractConfig, source: sources.Source, loaded: weights_
 
 def report_platform(log: Callable[[str], None], *, warn: bool) -> None:
   """One line: the platform and devices this process runs on; with `warn`, another when an
-  NVIDIA GPU is visible but JAX runs on the CPU (launchers warn for single-process jobs
-  before JAX starts; processes of a multi-process job only know once it has)."""
+  NVIDIA GPU is visible but JAX runs on the CPU (launchers warn before JAX starts, except
+  with --jax_distributed, which must initialize first: its processes only know once it has)."""
   from cbir_jax import runtime
 
   info = runtime.platform_info()
@@ -169,7 +160,7 @@ def plan_job(config: ExtractConfig, worker: Worker, log: Callable[[str], None]) 
   Raises:
     ExtractError: any refusal, naming what differs or what is wrong.
   """
-  report_platform(log, warn=False)
+  report_platform(log, warn=config.jax_distributed)
   backbone = backbones.get(config.model)
   image_size = config.image_size or backbone.image_size
   source = open_source(config)
@@ -245,11 +236,7 @@ def _lay_out_steps(plan: Plan, config: ExtractConfig, log: Callable[[str], None]
 
 
 def _lock(out: pathlib.Path, name: str, wait: bool = False) -> store.DirLock:
-  try:
-    out.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise ExtractError(f"cannot prepare output directory {out}: {describe_os_error(e)}"
-                       ) from e
+  out.mkdir(parents=True, exist_ok=True)  # an error here: `_refusal` words it
   return store.lock(out, name, wait=wait)
 
 
@@ -340,7 +327,7 @@ def _prepare_update(out: pathlib.Path, old: Manifest, old_ids: ident.RecordIdent
   elif build.exists():
     raise ExtractError(f"{build} exists but was not made by cbir_jax (no {store.MANIFEST}); "
                        "the update would build the next generation there: move it away")
-  plan = upd.plan_update(out, old, old_ids, source, verify=True)
+  plan = upd.plan_update(out, old, old_ids, source)
   target = target.replace(update=plan.report)
   if not (build / store.MANIFEST).exists():
     build.mkdir(parents=True, exist_ok=True)
