@@ -76,12 +76,8 @@ class ShardWriter:
       pending.result()
 
   def close(self) -> None:
-    pending, self._pending = self._pending, None
-    try:
-      if pending is not None:
-        concurrent.futures.wait([pending])
-    finally:
-      self._pool.shutdown(wait=True)
+    self._pending = None
+    self._pool.shutdown(wait=True)  # waits for the write in progress; its error is dropped
 
 
 class StepRunner:
@@ -95,19 +91,19 @@ class StepRunner:
 
     self.plan, self.config, self.worker = plan, config, worker
     self.clock, self.summary, self.log = clock, summary, log
-    self.mesh = sharding.data_mesh(jax.local_devices())  # this worker's devices only
-    self.in_sharding = sharding.batch_sharding(self.mesh)
-    common = dict(mesh=self.mesh, preprocessing=plan.loaded.preprocessing, kinds=plan.kinds,
+    mesh = sharding.data_mesh(jax.local_devices())  # this worker's devices only
+    self.in_sharding = sharding.batch_sharding(mesh)
+    common = dict(mesh=mesh, preprocessing=plan.loaded.preprocessing, kinds=plan.kinds,
                   config=plan.descriptor, dtype=inference.compute_dtype(config.dtype))
-    self.resize = plan.manifest.settings.resize  # resolved: "host" or "device"
     self.buckets: tuple[int, ...] | None = None
-    if self.resize == "device":  # canvases in, resized in the step (one compile per bucket)
+    if plan.manifest.settings.resize == "device":  # resolved: "host" or "device"
+      # Canvases in, resized in the step (one compile per bucket).
       self.buckets = canvas.BUCKETS
       self.fn = inference.jit_describe_canvas(plan.backbone, image_size=plan.image_size,
                                               **common)
     else:
       self.fn = inference.jit_describe(plan.backbone, **common)
-    self.params = sharding.replicate(plan.loaded.params, self.mesh)
+    self.params = sharding.replicate(plan.loaded.params, mesh)
     self.assembler = rows_lib.ShardAssembler(
         plan.units, kinds=plan.kinds, dims=plan.manifest.dimensions,
         out_dtype=config.output_dtype, source=plan.source, columns=plan.source.columns,
@@ -129,10 +125,8 @@ class StepRunner:
     """On the feed thread: starts the batch's host->device copies, split as the step takes it."""
     import jax
 
-    if self.buckets:
-      return (jax.device_put(batch.images, self.in_sharding),
-              jax.device_put(batch.sizes, self.in_sharding))
-    return (jax.device_put(batch.images, self.in_sharding),)
+    args = (batch.images, batch.sizes) if self.buckets else (batch.images,)
+    return jax.device_put(args, self.in_sharding)
 
   def _consume(self, batch: input_pipeline.Batch, result: Any, dispatched: float,
                progress: Progress) -> None:
