@@ -73,11 +73,7 @@ def file_stamp(path: str, content_digest: bool = False) -> str:
   stamp = f"{st.st_size}:{st.st_mtime_ns}"
   if content_digest:
     try:
-      h = hashlib.sha256()
-      with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-          h.update(block)
-      stamp += f":{h.hexdigest()}"
+      stamp += f":{store.sha256_file(path)}"
     except OSError:
       return "unreadable"
   return stamp
