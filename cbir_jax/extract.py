@@ -236,25 +236,23 @@ def main(config: ExtractConfig, *, started: float | None = None) -> int:
   SIGINT/SIGTERM (finished rows kept; rerun to continue). Workers never wait for each
   other: one that fails, dies or hangs stops no other.
   """
+  worker = None
   try:
     config.check()
     worker = control.Worker(_worker_spec(config), _log)
+    with worker:
+      summary = run(config, started=started, worker=worker)
+  except Interrupted as e:
+    print(f"extract: {e}", file=sys.stderr, flush=True)
+    return e.exit_code
+  except KeyboardInterrupt:  # a second signal, or one outside the steps: nothing is lost
+    why = worker.at_once if worker is not None else ""
+    print(f"extract: stopped at once ({why or 'interrupted'}); {control.HINT}", file=sys.stderr,
+          flush=True)
+    return control.EXIT_INTERRUPTED
   except ExtractError as e:
     print(f"extract: error: {e}", file=sys.stderr, flush=True)
     return e.exit_code
-  with worker:
-    try:
-      summary = run(config, started=started, worker=worker)
-    except Interrupted as e:
-      print(f"extract: {e}", file=sys.stderr, flush=True)
-      return e.exit_code
-    except KeyboardInterrupt:  # a second signal, or one outside the steps: nothing is lost
-      print(f"extract: stopped at once ({worker.at_once or 'interrupted'}); {control.HINT}",
-            file=sys.stderr, flush=True)
-      return control.EXIT_INTERRUPTED
-    except ExtractError as e:
-      print(f"extract: error: {e}", file=sys.stderr, flush=True)
-      return e.exit_code
   _log(summary.details())
   print(summary.line(), flush=True)
   return 0
@@ -264,10 +262,8 @@ def _report_plan(plan, worker: control.Worker, log: Callable[[str], None]) -> No
   if worker.count > 1:
     log(worker.spec.line())
   if worker.index == 0:
-    for line in plan.source.notes:
-      log(line)
-  if worker.index == 0 and plan.source.labels_report is not None:
-    for line in plan.source.labels_report.lines():
+    labels = plan.source.labels_report
+    for line in plan.source.notes + (labels.lines() if labels is not None else []):
       log(line)
   if plan.done:
     log(f"{plan.out} is complete and up to date with its input; nothing to do")

@@ -153,8 +153,7 @@ class ExtractConfig:
     if self.image_size is not None and self.image_size < 32:
       raise ExtractError(f"image_size must be >= 32 (five stride-2 blocks), got "
                          f"{self.image_size}")
-    try:
-      backbones.get(self.model)
+    try:  # the model and masks were checked with the flags' lists above; this checks threshold
       desc.DescriptorConfig(self.threshold, self.relative, self.masks)
     except ValueError as e:
       raise ExtractError(str(e)) from None

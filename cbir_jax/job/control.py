@@ -87,11 +87,9 @@ class Progress:
     self.t0 = self.last = time.perf_counter()
     self.bar = None
     if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
-      try:
-        from tqdm import tqdm
-        self.bar = tqdm(total=total, unit="img", dynamic_ncols=True, smoothing=0.1)
-      except ImportError:
-        pass
+      from tqdm import tqdm  # a dependency of the package
+
+      self.bar = tqdm(total=total, unit="img", dynamic_ncols=True, smoothing=0.1)
     self.quiet = mode == "none" or total == 0  # e.g. a process whose shards are all done
 
   def update(self, n: int) -> None:

@@ -9,11 +9,6 @@ class ExtractError(RuntimeError):
   """The job cannot start or cannot go on; the message says why and what to do."""
   exit_code = 1
 
-  def __init__(self, message: str = "", *, exit_code: int | None = None):
-    super().__init__(message)
-    if exit_code is not None:
-      self.exit_code = exit_code
-
 
 class Interrupted(ExtractError):
   """SIGINT/SIGTERM: the job stopped after writing the rows it had finished."""
