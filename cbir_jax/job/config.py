@@ -141,18 +141,13 @@ class ExtractConfig:
       choices.check(self)  # kinds, dtypes, masks, progress, model: the flags' own lists
     except ValueError as e:
       raise ExtractError(str(e)) from None
-    for name in ("batch_size", "shard_size", "max_pixels"):
-      if getattr(self, name) < 1:
-        raise ExtractError(f"{name} must be >= 1, got {getattr(self, name)}")
-    if self.num_workers is not None and self.num_workers < 0:
-      raise ExtractError(f"num_workers must be >= 0 (or unset: chosen by the cores), got "
-                         f"{self.num_workers}")
-    if self.num_threads is not None and self.num_threads < 1:
-      raise ExtractError(f"num_threads must be >= 1 (or unset: every core), got "
-                         f"{self.num_threads}")
-    if self.image_size is not None and self.image_size < 32:
-      raise ExtractError(f"image_size must be >= 32 (five stride-2 blocks), got "
-                         f"{self.image_size}")
+    for name, low, note in (("batch_size", 1, ""), ("shard_size", 1, ""), ("max_pixels", 1, ""),
+                            ("num_workers", 0, " (or unset: chosen by the cores)"),
+                            ("num_threads", 1, " (or unset: every core)"),
+                            ("image_size", 32, " (five stride-2 blocks)")):
+      value = getattr(self, name)
+      if value is not None and value < low:
+        raise ExtractError(f"{name} must be >= {low}{note}, got {value}")
     try:  # the model and masks were checked with the flags' lists above; this checks threshold
       desc.DescriptorConfig(self.threshold, self.relative, self.masks)
     except ValueError as e:
