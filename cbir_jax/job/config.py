@@ -12,7 +12,7 @@ from cbir_jax import backbones, choices, decode, gpu_decode
 from cbir_jax import descriptors as desc
 from cbir_jax.choices import ComputeDtype, Kind, Masks, Model, OutputDtype, Progress, Resize
 from cbir_jax.job import workers
-from cbir_jax.job.errors import ExtractError
+from cbir_jax.job.errors import ExtractError, reworded
 
 Decoder = Annotated[str, choices.OneOf(gpu_decode.KINDS, "decoder")]
 
@@ -137,10 +137,8 @@ class ExtractConfig:
                          "--webdataset=DIR_OR_GLOB or --file_list=FILE")
     if self.labels_csv and not (self.images or self.file_list):
       raise ExtractError("--labels_csv applies to --images folders and --file_list only")
-    try:
+    with reworded(ValueError):
       choices.check(self)  # kinds, dtypes, masks, progress, model: the flags' own lists
-    except ValueError as e:
-      raise ExtractError(str(e)) from None
     for name, low, note in (("batch_size", 1, ""), ("shard_size", 1, ""), ("max_pixels", 1, ""),
                             ("num_workers", 0, " (or unset: chosen by the cores)"),
                             ("num_threads", 1, " (or unset: every core)"),
@@ -148,18 +146,14 @@ class ExtractConfig:
       value = getattr(self, name)
       if value is not None and value < low:
         raise ExtractError(f"{name} must be >= {low}{note}, got {value}")
-    try:  # the model and masks were checked with the flags' lists above; this checks threshold
+    with reworded(ValueError):  # model and masks were checked above; this checks threshold
       desc.DescriptorConfig(self.threshold, self.relative, self.masks)
-    except ValueError as e:
-      raise ExtractError(str(e)) from None
     self.worker_spec()
 
   def worker_spec(self, env: Mapping[str, str] | None = None) -> workers.WorkerSpec:
     """Worker index and count from the flags or the environment; raises ExtractError."""
-    try:
+    with reworded(workers.WorkerSpecError):
       return workers.resolve(self.worker, self.workers, os.environ if env is None else env)
-    except workers.WorkerSpecError as e:
-      raise ExtractError(str(e)) from None
 
 
 __all__ = ["ExtractConfig"]

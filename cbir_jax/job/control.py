@@ -31,17 +31,10 @@ class Worker:
 
   def __init__(self, spec: WorkerSpec, log: Callable[[str], None]):
     self.spec, self.log = spec, log
+    self.index, self.count = spec.index, spec.count
     self.at_once = ""  # the signal that stopped this process at once, if any
     self.stop_reason: str | None = None
     self._graceful, self._logged, self._old = False, False, {}
-
-  @property
-  def index(self) -> int:
-    return self.spec.index
-
-  @property
-  def count(self) -> int:
-    return self.spec.count
 
   def stop_requested(self) -> bool:
     """Per step: whether a stop was asked (logged once, here rather than in the handler)."""

@@ -21,7 +21,7 @@ from cbir_jax.job import identity as ident
 from cbir_jax.job import sources, update as upd
 from cbir_jax.job.config import ExtractConfig
 from cbir_jax.job.control import Worker
-from cbir_jax.job.errors import ExtractError
+from cbir_jax.job.errors import ExtractError, reworded
 from cbir_jax.job.rows import Unit
 from cbir_jax.job.workers import shard_range
 from cbir_jax.manifest import Manifest, Settings
@@ -113,10 +113,8 @@ def check_kinds(kinds: tuple[str, ...], backbone: backbones.Backbone,
   info = checkpoint.WeightsInfo(model=backbone.name, preprocessing=backbone.preprocessing,
                                 source=record.source, source_file=record.source_file,
                                 has_fc=False)
-  try:
+  with reworded(checkpoint.WeightsError):
     weights_lib.check_kinds(info, kinds)
-  except checkpoint.WeightsError as e:
-    raise ExtractError(str(e)) from None
 
 
 def new_manifest(config: ExtractConfig, source: sources.Source, loaded: weights_lib.Loaded,
@@ -174,7 +172,7 @@ def plan_job(config: ExtractConfig, worker: Worker, log: Callable[[str], None]) 
   plan = Plan(out=out, source=source, loaded=loaded, backbone=backbone, image_size=image_size,
               descriptor=desc.DescriptorConfig(config.threshold, config.relative, config.masks),
               manifest=target, update=None, units=[], skipped=0)
-  finished = _refusal(out, lambda: up_to_date(out, target, config.update))
+  finished = _refusal(out, lambda: up_to_date(out, target))
   if finished is not None:  # read only: works on a read-only copy, takes no lock
     plan.manifest, plan.done = finished, True
     plan.skipped = len(shard_range(finished.num_shards, worker.spec))
@@ -192,7 +190,7 @@ def plan_job(config: ExtractConfig, worker: Worker, log: Callable[[str], None]) 
   return plan
 
 
-def up_to_date(out: pathlib.Path, target: Manifest, update: bool) -> Manifest | None:
+def up_to_date(out: pathlib.Path, target: Manifest) -> Manifest | None:
   """The current manifest when it is complete, of these settings and of this very input."""
   if not (out / store.MANIFEST).is_file():
     return None

@@ -15,7 +15,7 @@ import numpy as np
 
 from cbir_jax import input_pipeline
 from cbir_jax.job import identity as ident
-from cbir_jax.job.errors import ExtractError
+from cbir_jax.job.errors import ExtractError, reworded
 from cbir_jax.job.labels import LabelsReport, labels_from_csv
 from cbir_jax.manifest import InputRecord, digest_of
 
@@ -92,10 +92,8 @@ class Source:
     for c, col in self.extra.items():
       meta[c] = col[positions]
     if self.tfds is not None:  # scalar and text features, read by position
-      try:
+      with reworded(OSError):
         meta.update(self.tfds.metadata_columns(positions))
-      except OSError as e:
-        raise ExtractError(str(e)) from None
     return meta
 
   @property
@@ -126,10 +124,8 @@ class Source:
 def folder_source(root: str, labels_csv: str | None, *, content_digest: bool = False) -> Source:
   """Every image under `root`, sorted, with identities and (folder or CSV) labels."""
   root = os.path.abspath(root)  # stored paths stay valid from any working directory
-  try:
+  with reworded(FileNotFoundError):
     listing = input_pipeline.list_folder(root)
-  except FileNotFoundError as e:
-    raise ExtractError(str(e)) from None
   records = listing.records
   if not records:
     other = input_pipeline.format_skipped(listing.skipped) or (
@@ -158,31 +154,24 @@ def _with_labels(src: Source, labels_csv: str | None) -> Source:
 def tfds_source(spec: str, data_dir: str | None) -> Source:
   """A prepared TFDS split; records keyed by TFDS id and stamped by their record file."""
   from cbir_jax import tfds_input
-  try:
+  with reworded(tfds_input.TfdsError):
     src = tfds_input.open_tfds(spec, data_dir)
-  except tfds_input.TfdsError as e:
-    raise ExtractError(str(e)) from None
   keys = list(src.keys())
   return Source(type="tfds", root=os.path.abspath(src.data_dir), spec=spec, keys=keys,
                 identities=ident.RecordIdentities(keys, list(src.record_stamps())), tfds=src)
 
 
-def webdataset_source(spec: str, *, content_digest: bool = False,
-                      cache_dir: str | None = None) -> Source:
+def webdataset_source(spec: str, *, content_digest: bool, cache_dir: str) -> Source:
   """Records of webdataset tar shards; identity keys relative to the shards' root.
 
   `cache_dir` keeps each shard's listing, so other workers and reruns list only new shards.
   """
   from cbir_jax import webdataset_input as wds
-  try:
+  with reworded(wds.WebdatasetError, OSError):
     try:
       lst = wds.list_webdataset(spec, cache_dir=cache_dir)
     except OSError:  # the cache cannot be written (a read-only output): list without it
-      if cache_dir is None:
-        raise
       lst = wds.list_webdataset(spec)
-  except (wds.WebdatasetError, OSError) as e:
-    raise ExtractError(str(e)) from None
   if not lst.num_records:
     raise ExtractError(f"no images found in --webdataset {spec}: "
                        + ("; ".join(lst.report_lines()) or "the shards are empty"))
@@ -197,10 +186,8 @@ def file_list_source(list_file: str, labels_csv: str | None, *,
                      content_digest: bool = False) -> Source:
   """The files a list names, in its order; identity keys relative to the list's folder."""
   from cbir_jax import file_list
-  try:
+  with reworded(file_list.FileListError, OSError):
     fl = file_list.read_file_list(list_file)
-  except (file_list.FileListError, OSError) as e:
-    raise ExtractError(str(e)) from None
   src = Source(type="file_list", root=fl.root, spec=fl.list_file, keys=fl.paths,
                identities=ident.folder_identities(fl.root, fl.paths,
                                                   content_digest=content_digest),

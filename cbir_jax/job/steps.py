@@ -179,7 +179,9 @@ class StepRunner:
     finally:  # decode threads, worker processes and writes never outlive the steps
       feeder.close()  # before the stream: its thread reads the stream
       rows.close()
-      _close(batches)
+      # Ends the input early and at once (a suspended tf.data generator is otherwise torn down
+      # whenever garbage collection reaches it, which was seen to take tens of seconds).
+      getattr(batches, "close", lambda: None)()
       self.writer.close()
       self.summary.buckets = {int(b): n for b, n in sorted(self.bucket_steps.items())}
       self.summary.decoder = self.tally.to_dict()
@@ -232,14 +234,6 @@ class StepRunner:
     if part is not None:
       write_finished(self.plan.out, part, self.plan.kinds, self.worker.index)
       self.clock.charge("write")
-
-
-def _close(batches: Any) -> None:
-  """Ends the input early and at once (a suspended tf.data generator is otherwise torn down
-  whenever garbage collection reaches it, which was seen to take tens of seconds)."""
-  close = getattr(batches, "close", None)
-  if close is not None:
-    close()
 
 
 __all__ = ["ShardWriter", "StepRunner", "write_finished"]
