@@ -23,8 +23,8 @@ from cbir_jax.weights import random_params
 
 
 # Phases of the summary's time breakdown, in the order they happen.
-PHASES = ("imports", "startup", "input", "test delay", "compile", "device", "host", "write",
-          "waiting for other workers", "assemble", "finish", "stop")
+PHASES = ("imports", "startup", "input", "compile", "device", "write", "waiting for other workers",
+          "assemble", "finish", "stop")
 
 
 @dataclasses.dataclass

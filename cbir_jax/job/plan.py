@@ -253,11 +253,7 @@ def prepare(out: pathlib.Path, target: Manifest, source: sources.Source, *, upda
     source.identities.save(out / store.RECORDS)  # before the manifest that names it
     store.prepare(out, target)
     return target, None, False
-  old = store.load_manifest(out)
-  if old.format_version < 2:
-    raise ExtractError(f"{out} was written by an earlier cbir_jax (format {old.format_version}) "
-                       "that recorded no per-file identities, so it cannot be continued or "
-                       "updated safely; write to another --output (it still loads for search)")
+  old = store.load_manifest(out)  # an earlier format is refused there, with how to rebuild
   store.check_settings(out, old, target)
   if _same_input(old, target):
     remove_replaced(out, old)  # a removal that a kill cut short
