@@ -122,8 +122,8 @@ class Rows:
   all and raises the first error.
   """
 
-  def __init__(self, in_flight: int = 2):
-    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rows")
+  def __init__(self, in_flight: int = 2, name: str = "rows"):
+    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
     self._pending: collections.deque = collections.deque()
     self._in_flight = in_flight
     self._failed = False

@@ -16,7 +16,6 @@ assembled on their own thread, in step order, at most IN_FLIGHT steps behind. Wi
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import shutil
 import time
 from typing import Any, Callable
@@ -51,33 +50,25 @@ def write_finished(out: Any, f: rows_lib.Finished, kinds: tuple[str, ...], pid: 
     shutil.rmtree(f.unit.piece, ignore_errors=True)
 
 
-class ShardWriter:
+class ShardWriter(feed_lib.Rows):
   """Writes finished shards on one background thread, in the order given, one at a time.
 
-  `submit` first waits for the write before it (so at most one finished shard waits in
-  memory) and raises that write's error; `wait` does the same for the last one. `close`
-  waits too, so no write goes on after the step loop, but drops the error: the loop calls
-  `wait` on its normal path, so `close` only meets an error while another one (a stop at
-  once) is already on its way up.
+  `submit` waits for the write before it (so at most one finished shard waits in memory) and
+  raises that write's error; `wait` does the same for the last one; after an error no later
+  shard is written. `close` (feed.Rows's) lets the write in progress finish, so no write goes
+  on after the step loop, and drops the error: the loop `wait`s on its normal path, so
+  `close` only meets one while another (a stop at once) is already on its way up.
   """
 
   def __init__(self, write: Callable[[rows_lib.Finished], None]):
+    super().__init__(in_flight=1, name="shard-writer")
     self._write = write
-    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
-    self._pending: concurrent.futures.Future | None = None
 
   def submit(self, f: rows_lib.Finished) -> None:
-    self.wait()
-    self._pending = self._pool.submit(self._write, f)
+    super().submit(self._write, f)
 
   def wait(self) -> None:
-    pending, self._pending = self._pending, None
-    if pending is not None:
-      pending.result()
-
-  def close(self) -> None:
-    self._pending = None
-    self._pool.shutdown(wait=True)  # waits for the write in progress; its error is dropped
+    self.drain()
 
 
 class StepRunner:
@@ -195,12 +186,10 @@ class StepRunner:
     stopped = False
     with self.worker.stepping():
       for step in range(plan.local_steps):
-        if self.worker.stop_requested():
-          stopped = True
-          break
-        got = feeder.get(stop=self.worker.stop_requested)
+        stop = self.worker.stop_requested
+        got = None if stop() else feeder.get(stop=stop)
         self.clock.charge("input")
-        if got is None:  # asked to stop while waiting for input (a hung read, a slow disk)
+        if got is None:  # asked to stop, before or while waiting for input (a hung read)
           stopped = True
           break
         batch, args = got
