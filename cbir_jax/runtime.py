@@ -29,13 +29,10 @@ CUDA_PLUGINS = ("jax-cuda12-plugin", "jax-cuda13-plugin")
 
 
 def tune_xla_cpu(environ: MutableMapping[str, str] = os.environ) -> bool:
-  """Adds YNN_OFF to XLA_FLAGS; call before the first JAX computation.
+  """Adds YNN_OFF to XLA_FLAGS (call before the first JAX computation); returns whether it did.
 
   Leaves XLA_FLAGS alone when the user already chose a YNN setting, when
   $CBIR_JAX_DEFAULT_XLA_FLAGS=1, or on a jaxlib where the flag was not measured.
-
-  Returns:
-    Whether the flag was added.
   """
   flags = environ.get("XLA_FLAGS", "")
   if environ.get(OPT_OUT_ENV) == "1" or "xla_cpu_experimental_ynn_fusion_type" in flags:
