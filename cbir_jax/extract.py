@@ -16,7 +16,6 @@ import sys
 from typing import Callable
 
 from cbir_jax import decode, store  # noqa: F401 (extract.decode: for callers)
-from cbir_jax.choices import COMPUTE_DTYPES, OUTPUT_DTYPES, PROGRESS_MODES  # noqa: F401 (kept here)
 from cbir_jax.job import control, jit_cache, workers
 from cbir_jax.job.config import ExtractConfig
 from cbir_jax.job.errors import ExtractError, Interrupted
@@ -24,8 +23,8 @@ from cbir_jax.weights import random_params
 
 
 # Phases of the summary's time breakdown, in the order they happen.
-PHASES = ("imports", "startup", "input", "test delay", "compile", "device", "host", "write",
-          "waiting for other workers", "assemble", "finish", "stop")
+PHASES = ("imports", "startup", "input", "compile", "device", "write", "waiting for other workers",
+          "assemble", "finish", "stop")
 
 
 @dataclasses.dataclass
@@ -38,13 +37,11 @@ class Summary:
   reused: int = 0  # rows (and failures) kept from the previous generation by --update
   shards_written: int = 0
   shards_skipped: int = 0  # complete from an earlier run
-  parts_written: int = 0  # finished parts of shards in progress, written on a stop
   seconds: float = 0.0
   phases: dict[str, float] = dataclasses.field(default_factory=dict)
   # Executables made for the step in this process (compiled, or loaded from the persistent
   # cache): 1 per input shape, so 1 with host resize and 1 per bucket used with device resize.
   compiles: int = -1  # -1: the steps did not run
-  stop_s: float = 0.0  # from the stop request to the rows written
   complete: bool = False  # the whole output (all workers) is finished
   missing: int = 0  # shards of other workers still to be written (the job is not finished)
   update_line: str = ""
@@ -147,22 +144,14 @@ def _log(msg: str) -> None:
 
 def run(config: ExtractConfig, *, log: Callable[[str], None] = _log,
         started: float | None = None, worker: control.Worker | None = None) -> Summary:
-  """Runs (or continues, or with `config.update` updates) this worker's part of an extraction.
+  """Runs (or continues, or with `config.update` updates) this worker's part of an extraction;
+  returns its summary (`complete`: the whole job is finished).
 
-  Args:
-    config: the job.
-    log: where progress and messages go (stderr by default).
-    started: `time.perf_counter()` when the program started (launchers pass it so the
-      summary's time breakdown covers imports too).
-    worker: this process' place in the job with its signal handling (`main` passes it);
-      None: from `config` and the environment, without signal handling.
-
-  Returns:
-    This worker's summary (`complete`: the whole job is finished).
-
-  Raises:
-    ExtractError: bad settings, unreadable input, a directory of other settings or of
-      another input, a locked directory, a write error (disk full), or `Interrupted`.
+  `started`: `time.perf_counter()` at program start (launchers pass it so the time breakdown
+  covers imports); `worker`: this process' place in the job with its signal handling (`main`
+  passes it; None: from `config` and the environment, without signal handling). Raises
+  ExtractError: bad settings, unreadable input, a directory of other settings or of another
+  input, a locked directory, a write error (disk full), or `Interrupted`.
   """
   config.check()
   clock = control.Clock(started)
@@ -247,25 +236,23 @@ def main(config: ExtractConfig, *, started: float | None = None) -> int:
   SIGINT/SIGTERM (finished rows kept; rerun to continue). Workers never wait for each
   other: one that fails, dies or hangs stops no other.
   """
+  worker = None
   try:
     config.check()
     worker = control.Worker(_worker_spec(config), _log)
+    with worker:
+      summary = run(config, started=started, worker=worker)
+  except Interrupted as e:
+    print(f"extract: {e}", file=sys.stderr, flush=True)
+    return e.exit_code
+  except KeyboardInterrupt:  # a second signal, or one outside the steps: nothing is lost
+    why = worker.at_once if worker is not None else ""
+    print(f"extract: stopped at once ({why or 'interrupted'}); {control.HINT}", file=sys.stderr,
+          flush=True)
+    return control.EXIT_INTERRUPTED
   except ExtractError as e:
     print(f"extract: error: {e}", file=sys.stderr, flush=True)
     return e.exit_code
-  with worker:
-    try:
-      summary = run(config, started=started, worker=worker)
-    except Interrupted as e:
-      print(f"extract: {e}", file=sys.stderr, flush=True)
-      return e.exit_code
-    except KeyboardInterrupt:  # a second signal, or one outside the steps: nothing is lost
-      print(f"extract: stopped at once ({worker.at_once or 'interrupted'}); {control.HINT}",
-            file=sys.stderr, flush=True)
-      return control.EXIT_INTERRUPTED
-    except ExtractError as e:
-      print(f"extract: error: {e}", file=sys.stderr, flush=True)
-      return e.exit_code
   _log(summary.details())
   print(summary.line(), flush=True)
   return 0
@@ -275,10 +262,8 @@ def _report_plan(plan, worker: control.Worker, log: Callable[[str], None]) -> No
   if worker.count > 1:
     log(worker.spec.line())
   if worker.index == 0:
-    for line in plan.source.notes:
-      log(line)
-  if worker.index == 0 and plan.source.labels_report is not None:
-    for line in plan.source.labels_report.lines():
+    labels = plan.source.labels_report
+    for line in plan.source.notes + (labels.lines() if labels is not None else []):
       log(line)
   if plan.done:
     log(f"{plan.out} is complete and up to date with its input; nothing to do")

@@ -29,22 +29,15 @@ CUDA_PLUGINS = ("jax-cuda12-plugin", "jax-cuda13-plugin")
 
 
 def tune_xla_cpu(environ: MutableMapping[str, str] = os.environ) -> bool:
-  """Adds YNN_OFF to XLA_FLAGS; call before the first JAX computation.
+  """Adds YNN_OFF to XLA_FLAGS (call before the first JAX computation); returns whether it did.
 
   Leaves XLA_FLAGS alone when the user already chose a YNN setting, when
   $CBIR_JAX_DEFAULT_XLA_FLAGS=1, or on a jaxlib where the flag was not measured.
-
-  Returns:
-    Whether the flag was added.
   """
   flags = environ.get("XLA_FLAGS", "")
   if environ.get(OPT_OUT_ENV) == "1" or "xla_cpu_experimental_ynn_fusion_type" in flags:
     return False
-  try:
-    version = importlib.metadata.version("jaxlib")
-  except importlib.metadata.PackageNotFoundError:
-    return False
-  if not version.startswith(_MEASURED_JAXLIB):
+  if not _version("jaxlib").startswith(_MEASURED_JAXLIB):  # "" when jaxlib is not installed
     return False
   environ["XLA_FLAGS"] = f"{flags} {YNN_OFF}".strip()
   return True
@@ -52,23 +45,14 @@ def tune_xla_cpu(environ: MutableMapping[str, str] = os.environ) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class PlatformInfo:
-  """Where a job or benchmark ran, as recorded on disk (manifests, benchmark JSON).
-
-  Attributes:
-    backend: JAX's default backend ("cpu", "gpu", "tpu").
-    device_kind: the first device's kind, e.g. "NVIDIA H100 80GB HBM3" or "cpu".
-    device_count: devices over all processes.
-    local_device_count: devices of this process.
-    process_count, process_index: the multi-host layout.
-    jax, jaxlib: library versions ("" when unknown).
-  """
-  backend: str
-  device_kind: str
-  device_count: int
-  local_device_count: int
-  process_count: int
+  """Where a job or benchmark ran, as recorded on disk (manifests, benchmark JSON)."""
+  backend: str  # JAX's default backend ("cpu", "gpu", "tpu")
+  device_kind: str  # the first device's kind, e.g. "NVIDIA H100 80GB HBM3" or "cpu"
+  device_count: int  # over all processes
+  local_device_count: int  # of this process
+  process_count: int  # the multi-host layout
   process_index: int
-  jax: str = ""
+  jax: str = ""  # library versions ("" when unknown)
   jaxlib: str = ""
 
   def to_dict(self) -> dict[str, Any]:
@@ -135,24 +119,11 @@ def nvidia_gpu_evidence(*, device: str = NVIDIA_DEVICE, smi: str = "nvidia-smi",
   return f"nvidia-smi: {gpus[0]}" if gpus else None
 
 
-def nvidia_gpu_visible(**kwargs: Any) -> bool:
-  """Whether an NVIDIA GPU is visible to this process (see `nvidia_gpu_evidence`)."""
-  return nvidia_gpu_evidence(**kwargs) is not None
-
-
 def warn_if_gpu_unused(log: Callable[[str], None], *, backend: str | None = None,
                        **probe: Any) -> bool:
-  """Logs one line when an NVIDIA GPU is visible but JAX's default backend is the CPU.
-
-  Args:
-    log: where the line goes (the job's logger).
-    backend: JAX's default backend if the caller knows it; otherwise it is asked
-      (only when a GPU is visible, so CPU-only hosts never start JAX here).
-    **probe: passed to `nvidia_gpu_evidence` (tests).
-
-  Returns:
-    Whether it warned.
-  """
+  """Logs one line when an NVIDIA GPU is visible but JAX's default backend is the CPU; returns
+  whether it warned. `backend`, when the caller does not know it, is asked of JAX only once a
+  GPU is seen (CPU-only hosts never start JAX here); `probe` goes to `nvidia_gpu_evidence`."""
   evidence = nvidia_gpu_evidence(**probe)
   if evidence is None:
     return False

@@ -45,7 +45,6 @@ def test_gpu_seen_through_the_device_node(tmp_path):
   node = tmp_path / "nvidia0"
   node.write_bytes(b"")
   assert runtime.nvidia_gpu_evidence(device=str(node), smi="no-such-tool-cbir") == str(node)
-  assert runtime.nvidia_gpu_visible(device=str(node), smi="no-such-tool-cbir")
 
 
 def test_gpu_seen_through_nvidia_smi_only_when_it_lists_one(tmp_path):
@@ -55,8 +54,8 @@ def test_gpu_seen_through_nvidia_smi_only_when_it_lists_one(tmp_path):
       "nvidia-smi: GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1234)")
   # nvidia-smi without a driver or without GPUs prints other lines and may fail.
   for body in ("echo 'No devices were found'; exit 6", "exit 9", "echo"):
-    assert not runtime.nvidia_gpu_visible(device=absent, smi=_fake_smi(tmp_path, body)), body
-  assert not runtime.nvidia_gpu_visible(device=absent, smi="no-such-tool-cbir")
+    assert runtime.nvidia_gpu_evidence(device=absent, smi=_fake_smi(tmp_path, body)) is None, body
+  assert runtime.nvidia_gpu_evidence(device=absent, smi="no-such-tool-cbir") is None
 
 
 def test_a_hanging_nvidia_smi_does_not_hang_the_probe(tmp_path):

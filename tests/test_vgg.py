@@ -134,7 +134,7 @@ def test_jit_describe_compiles_once_per_shape(tiny, use_mesh):
 
   def batch(h, w):
     x = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
-    return sharding.shard_batch(x, mesh) if mesh is not None else jnp.asarray(x)
+    return jax.device_put(x, sharding.batch_sharding(mesh)) if mesh is not None else jnp.asarray(x)
 
   compiles = jit_cache.CompileCounter()  # executables made (public jax.monitoring events)
 

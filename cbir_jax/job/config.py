@@ -12,7 +12,7 @@ from cbir_jax import backbones, choices, decode, gpu_decode
 from cbir_jax import descriptors as desc
 from cbir_jax.choices import ComputeDtype, Kind, Masks, Model, OutputDtype, Progress, Resize
 from cbir_jax.job import workers
-from cbir_jax.job.errors import ExtractError
+from cbir_jax.job.errors import ExtractError, reworded
 
 Decoder = Annotated[str, choices.OneOf(gpu_decode.KINDS, "decoder")]
 
@@ -137,35 +137,23 @@ class ExtractConfig:
                          "--webdataset=DIR_OR_GLOB or --file_list=FILE")
     if self.labels_csv and not (self.images or self.file_list):
       raise ExtractError("--labels_csv applies to --images folders and --file_list only")
-    try:
+    with reworded(ValueError):
       choices.check(self)  # kinds, dtypes, masks, progress, model: the flags' own lists
-    except ValueError as e:
-      raise ExtractError(str(e)) from None
-    for name in ("batch_size", "shard_size", "max_pixels"):
-      if getattr(self, name) < 1:
-        raise ExtractError(f"{name} must be >= 1, got {getattr(self, name)}")
-    if self.num_workers is not None and self.num_workers < 0:
-      raise ExtractError(f"num_workers must be >= 0 (or unset: chosen by the cores), got "
-                         f"{self.num_workers}")
-    if self.num_threads is not None and self.num_threads < 1:
-      raise ExtractError(f"num_threads must be >= 1 (or unset: every core), got "
-                         f"{self.num_threads}")
-    if self.image_size is not None and self.image_size < 32:
-      raise ExtractError(f"image_size must be >= 32 (five stride-2 blocks), got "
-                         f"{self.image_size}")
-    try:
-      backbones.get(self.model)
+    for name, low, note in (("batch_size", 1, ""), ("shard_size", 1, ""), ("max_pixels", 1, ""),
+                            ("num_workers", 0, " (or unset: chosen by the cores)"),
+                            ("num_threads", 1, " (or unset: every core)"),
+                            ("image_size", 32, " (five stride-2 blocks)")):
+      value = getattr(self, name)
+      if value is not None and value < low:
+        raise ExtractError(f"{name} must be >= {low}{note}, got {value}")
+    with reworded(ValueError):  # model and masks were checked above; this checks threshold
       desc.DescriptorConfig(self.threshold, self.relative, self.masks)
-    except ValueError as e:
-      raise ExtractError(str(e)) from None
     self.worker_spec()
 
   def worker_spec(self, env: Mapping[str, str] | None = None) -> workers.WorkerSpec:
     """Worker index and count from the flags or the environment; raises ExtractError."""
-    try:
+    with reworded(workers.WorkerSpecError):
       return workers.resolve(self.worker, self.workers, os.environ if env is None else env)
-    except workers.WorkerSpecError as e:
-      raise ExtractError(str(e)) from None
 
 
 __all__ = ["ExtractConfig"]

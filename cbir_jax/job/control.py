@@ -31,18 +31,10 @@ class Worker:
 
   def __init__(self, spec: WorkerSpec, log: Callable[[str], None]):
     self.spec, self.log = spec, log
-    self.stop_noticed_at = 0.0  # perf_counter when a stop was requested
+    self.index, self.count = spec.index, spec.count
     self.at_once = ""  # the signal that stopped this process at once, if any
     self.stop_reason: str | None = None
     self._graceful, self._logged, self._old = False, False, {}
-
-  @property
-  def index(self) -> int:
-    return self.spec.index
-
-  @property
-  def count(self) -> int:
-    return self.spec.count
 
   def stop_requested(self) -> bool:
     """Per step: whether a stop was asked (logged once, here rather than in the handler)."""
@@ -66,7 +58,6 @@ class Worker:
     if not self._graceful or self.stop_reason:
       self.at_once = name
       raise KeyboardInterrupt
-    self.stop_noticed_at = time.perf_counter()
     self.stop_reason = name if self.count == 1 else f"{name} to worker {self.index}"
 
   def __enter__(self) -> "Worker":
@@ -89,11 +80,9 @@ class Progress:
     self.t0 = self.last = time.perf_counter()
     self.bar = None
     if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
-      try:
-        from tqdm import tqdm
-        self.bar = tqdm(total=total, unit="img", dynamic_ncols=True, smoothing=0.1)
-      except ImportError:
-        pass
+      from tqdm import tqdm  # a dependency of the package
+
+      self.bar = tqdm(total=total, unit="img", dynamic_ncols=True, smoothing=0.1)
     self.quiet = mode == "none" or total == 0  # e.g. a process whose shards are all done
 
   def update(self, n: int) -> None:
@@ -126,20 +115,15 @@ class Clock:
     self.seconds: dict[str, float] = {}
     self.spans: list[tuple[str, float, float]] = []
 
-  def charge(self, name: str) -> float:
+  def charge(self, name: str) -> None:
     now = time.perf_counter()
-    dt = now - self._last
-    self.seconds[name] = self.seconds.get(name, 0.0) + dt
+    self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
     self.spans.append((name, self._last, now))
     self._last = now
-    return dt
 
   @property
   def total(self) -> float:
     return self._last - self.start
-
-  def get(self, name: str) -> float:
-    return self.seconds.get(name, 0.0)
 
   def items(self) -> Mapping[str, float]:
     return dict(self.seconds)

@@ -19,7 +19,7 @@ from cbir_jax import canvas, gpu_canvas, gpu_decode, input_pipeline
 from cbir_jax.job.errors import ExtractError
 
 
-def select(kind: str, source_type: str, threads: int = 0) -> gpu_decode.Selection:
+def select(kind: str, source_type: str) -> gpu_decode.Selection:
   """The decoder for the job; nvImageCodec reads folders only (TFDS records stay on Pillow).
 
   Raises:
@@ -32,7 +32,7 @@ def select(kind: str, source_type: str, threads: int = 0) -> gpu_decode.Selectio
   if kind == "auto" and not _has_gpu():  # not even imported: its loader prints to stderr
     return gpu_decode.Selection(None, f"{gpu_decode.PILLOW} (host): no GPU")
   try:
-    return gpu_decode.select_decoder(kind, threads=threads)
+    return gpu_decode.select_decoder(kind)
   except (ImportError, RuntimeError, ValueError) as e:
     raise ExtractError(f"--decoder={kind}: {e}") from None
 
@@ -87,10 +87,8 @@ def nv_batches(keys: Sequence[str], positions: np.ndarray, *, decoder: gpu_decod
       b.images[rows] = got.images
       widths, heights = got.widths, got.heights
     for j, w, h, err in zip(rows, widths, heights, got.errors):
-      b.width[j], b.height[j], b.ok[j], b.error[j] = (w, h, False, err) if err else (w, h,
-                                                                                     True, "")
-      if err:
-        b.width[j] = b.height[j] = 0
+      b.width[j], b.height[j] = (0, 0) if err else (w, h)
+      b.ok[j], b.error[j] = not err, err or ""
     tally.add(got.decoders, got.routes)
     yield b
 

@@ -19,11 +19,6 @@ from typing import Any, Callable, Iterator, Sequence
 _POLL_S = 0.1  # how often a blocked feed thread looks for a close
 
 
-class _Failed:
-  def __init__(self, error: BaseException):
-    self.error = error
-
-
 class Feed:
   """`count` batches of `batches`, each with its device arrays `put(batch)`, `ahead` prepared.
 
@@ -50,7 +45,7 @@ class Feed:
         if not self._offer((batch, put(batch))):
           return
     except BaseException as e:  # noqa: BLE001 (re-raised in the loop's thread)
-      self._offer(_Failed(e))
+      self._offer(e)  # an item of its own: the others are (batch, device arrays) pairs
 
   def _offer(self, item: Any) -> bool:
     while not self._closed.is_set():
@@ -71,8 +66,8 @@ class Feed:
       except queue.Empty:
         if stop is not None and stop():
           return None
-    if isinstance(item, _Failed):
-      raise item.error
+    if isinstance(item, BaseException):
+      raise item
     return item
 
   def close(self) -> None:
@@ -127,8 +122,8 @@ class Rows:
   all and raises the first error.
   """
 
-  def __init__(self, in_flight: int = 2):
-    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rows")
+  def __init__(self, in_flight: int = 2, name: str = "rows"):
+    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
     self._pending: collections.deque = collections.deque()
     self._in_flight = in_flight
     self._failed = False

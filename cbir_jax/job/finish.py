@@ -20,9 +20,9 @@ from cbir_jax.job.plan import Plan, remove_replaced
 from cbir_jax.manifest import Manifest
 
 
-def run_info(config: ExtractConfig, worker: Worker, summary: Any = None) -> dict[str, Any]:
-  """How the job ran (not compared on reruns): platform, devices, threads; with the finishing
-  worker's `summary`, its canvas buckets (device resize) and compilation cache use."""
+def run_info(config: ExtractConfig, worker: Worker, summary: Any) -> dict[str, Any]:
+  """How the job ran (not compared on reruns): platform, devices, threads; from the finishing
+  worker's `summary`, its canvas buckets (device resize), compilation cache use and decoder."""
   import jax
 
   from cbir_jax import input_pipeline, runtime
@@ -37,12 +37,11 @@ def run_info(config: ExtractConfig, worker: Worker, summary: Any = None) -> dict
           "host": os.uname().nodename,
           "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
   info.update(runtime.platform_info())
-  if summary is not None:
-    info["resize"] = {"mode": summary.resize,
-                      "buckets": {str(b): n for b, n in sorted(summary.buckets.items())}}
-    info["compilation_cache"] = {"used": bool(summary.compilation_cache),
-                                 "hits": summary.cache_hits, "misses": summary.cache_misses}
-    info["decoder"] = summary.decoder
+  info["resize"] = {"mode": summary.resize,
+                    "buckets": {str(b): n for b, n in sorted(summary.buckets.items())}}
+  info["compilation_cache"] = {"used": bool(summary.compilation_cache),
+                               "hits": summary.cache_hits, "misses": summary.cache_misses}
+  info["decoder"] = summary.decoder
   return info
 
 

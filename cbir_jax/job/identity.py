@@ -73,11 +73,7 @@ def file_stamp(path: str, content_digest: bool = False) -> str:
   stamp = f"{st.st_size}:{st.st_mtime_ns}"
   if content_digest:
     try:
-      h = hashlib.sha256()
-      with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-          h.update(block)
-      stamp += f":{h.hexdigest()}"
+      stamp += f":{store.sha256_file(path)}"
     except OSError:
       return "unreadable"
   return stamp
@@ -121,11 +117,11 @@ def compare(old: RecordIdentities, new: RecordIdentities) -> InputDiff:
       kept_old.append(i)
     else:
       changed.append(j)
-  i64 = lambda v: np.asarray(v, np.int64)  # noqa: E731
-  kept_old_a = i64(kept_old)
-  return InputDiff(kept_new=i64(kept_new), kept_old=kept_old_a, added=i64(added),
-                   changed=i64(changed), removed=np.flatnonzero(~seen).astype(np.int64),
-                   reordered=bool(len(kept_old_a) > 1 and (np.diff(kept_old_a) < 0).any()))
+  kept_new, kept_old, added, changed = (np.asarray(v, np.int64)
+                                        for v in (kept_new, kept_old, added, changed))
+  return InputDiff(kept_new=kept_new, kept_old=kept_old, added=added, changed=changed,
+                   removed=np.flatnonzero(~seen).astype(np.int64),
+                   reordered=bool((np.diff(kept_old) < 0).any()))
 
 
 def examples(keys: Sequence[str], positions: np.ndarray, n: int = 3) -> list[str]:

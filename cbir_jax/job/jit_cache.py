@@ -24,6 +24,7 @@ BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 _counts: collections.Counter = collections.Counter()
 _lock = threading.Lock()
 _listening = False
+_watching = threading.local()  # .counter: the CompileCounter of this thread's `watch`
 
 
 def cache_dir(setting: str, environ: Mapping[str, str] = os.environ) -> str | None:
@@ -44,15 +45,30 @@ def _count(event: str, **_: Any) -> None:
       _counts[event] += 1
 
 
+def _compiled(event: str, _duration_secs: float, **_: Any) -> None:
+  counter = getattr(_watching, "counter", None)
+  if event == BACKEND_COMPILE and counter is not None:
+    counter.count += 1
+
+
+def _listen() -> None:
+  """Registers the cache and compile listeners, once for the process."""
+  import jax
+
+  global _listening
+  with _lock:
+    if not _listening:
+      jax.monitoring.register_event_listener(_count)
+      jax.monitoring.register_event_duration_secs_listener(_compiled)
+      _listening = True
+
+
 def enable(setting: str) -> str | None:
   """Points JAX at the cache (unless it was given one already, with "auto"); returns the
   directory in use, or None when off."""
   import jax
 
-  global _listening
-  if not _listening:
-    jax.monitoring.register_event_listener(_count)
-    _listening = True
+  _listen()
   current = jax.config.jax_compilation_cache_dir
   if setting == "auto" and current:
     return current
@@ -68,26 +84,6 @@ def enable(setting: str) -> str | None:
   return path
 
 
-_watching = threading.local()  # .counter: the CompileCounter of this thread's `watch`
-_compile_listener = False
-
-
-def _compiled(event: str, duration_secs: float, **_: Any) -> None:
-  counter = getattr(_watching, "counter", None)
-  if event == BACKEND_COMPILE and counter is not None:
-    counter.count += 1
-
-
-def _listen_for_compiles() -> None:
-  import jax
-
-  global _compile_listener
-  with _lock:
-    if not _compile_listener:  # one listener for the process; `watch` says who is counted
-      jax.monitoring.register_event_duration_secs_listener(_compiled)
-      _compile_listener = True
-
-
 class CompileCounter:
   """Counts the executables made (compiled, or loaded from the persistent cache) for the
   calls made inside `watch()` on the calling thread: one per input shape or bucket."""
@@ -97,7 +93,7 @@ class CompileCounter:
 
   @contextlib.contextmanager
   def watch(self) -> Iterator[None]:
-    _listen_for_compiles()
+    _listen()  # one listener for the process; the thread's `counter` says who is counted
     _watching.counter = self
     try:
       yield

@@ -94,11 +94,8 @@ def _match(path: str, root: str, rel: Sequence[str], by_key: dict
   names: dict[str, list[int]] = {}
   for i, r in enumerate(rel):
     names.setdefault(r.rsplit("/", 1)[-1], []).append(i)
-  hit: list[str | None] = [None] * len(rel)
+  hit: list[str | None] = [r if r in by_key else None for r in rel]
   rel_set = set(rel)
-  for i, r in enumerate(rel):
-    if r in by_key:
-      hit[i] = r
   for key in by_key:
     if "/" in key or key in rel_set:
       continue
@@ -125,20 +122,12 @@ def labels_from_csv(path: str, keys: Sequence[str], root: str) -> Labels:
   rel = [pathlib.PurePath(os.path.relpath(k, root)).as_posix() for k in keys]
   hit, used = _match(path, root, rel, by_key)
   other = [c for c in rows[0] if c not in ("file", "class_index", "class_name")]
-  labels = np.full(len(keys), -1, np.int64)
-  names = [""] * len(keys)
-  extra = {c: [""] * len(keys) for c in other}
-  for i, key in enumerate(hit):
-    if key is not None:
-      label, r = by_key[key]
-      labels[i] = label
-      names[i] = r.get("class_name", "") or ""
-      for c in other:
-        extra[c][i] = r.get(c, "") or ""
+  found = [by_key[key][1] if key is not None else {} for key in hit]  # the CSV row of each file
+  labels = np.array([by_key[key][0] if key is not None else -1 for key in hit], np.int64)
   report = _report(path, len(rows), rel, hit, set(by_key) - used)
-  return Labels(labels=labels, names=names,
-                extra={c: np.array(v, dtype=str) for c, v in extra.items()}, sha256=digest,
-                report=report)
+  return Labels(labels=labels, names=[r.get("class_name") or "" for r in found],
+                extra={c: np.array([r.get(c) or "" for r in found], dtype=str) for c in other},
+                sha256=digest, report=report)
 
 
 def _report(path: str, n_rows: int, rel: Sequence[str], hit: list[str | None],

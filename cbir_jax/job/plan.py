@@ -21,7 +21,7 @@ from cbir_jax.job import identity as ident
 from cbir_jax.job import sources, update as upd
 from cbir_jax.job.config import ExtractConfig
 from cbir_jax.job.control import Worker
-from cbir_jax.job.errors import ExtractError
+from cbir_jax.job.errors import ExtractError, reworded
 from cbir_jax.job.rows import Unit
 from cbir_jax.job.workers import shard_range
 from cbir_jax.manifest import Manifest, Settings
@@ -113,36 +113,25 @@ def check_kinds(kinds: tuple[str, ...], backbone: backbones.Backbone,
   info = checkpoint.WeightsInfo(model=backbone.name, preprocessing=backbone.preprocessing,
                                 source=record.source, source_file=record.source_file,
                                 has_fc=False)
-  try:
+  with reworded(checkpoint.WeightsError):
     weights_lib.check_kinds(info, kinds)
-  except checkpoint.WeightsError as e:
-    raise ExtractError(str(e)) from None
-
-
-def _version() -> str:
-  from cbir_jax import __version__
-  return __version__
-
-
-def resolved_resize(mode: str) -> str:
-  """"host" or "device" for the job's --resize on this process' platform."""
-  import jax
-
-  from cbir_jax import resize
-  return resize.resolve(mode, jax.default_backend())
 
 
 def new_manifest(config: ExtractConfig, source: sources.Source, loaded: weights_lib.Loaded,
                  backbone: backbones.Backbone, image_size: int, kinds: tuple[str, ...]
                  ) -> Manifest:
-  """The manifest of a first generation made with these settings (`kinds` resolved)."""
+  """The manifest of a first generation made with these settings (`kinds` resolved; --resize
+  resolved on this process' platform)."""
+  import jax
+
+  from cbir_jax import __version__, resize
   dcfg = desc.DescriptorConfig(config.threshold, config.relative, config.masks)
   settings = Settings(
       backbone=config.model, weights=loaded.record.identity(),
       preprocessing=loaded.preprocessing.to_dict(), descriptor=dcfg.to_dict(),
       image_size=image_size, kinds=kinds, dtype=config.dtype, output_dtype=config.output_dtype,
-      draft=config.draft, shard_size=config.shard_size, package_version=_version(),
-      max_pixels=config.max_pixels, resize=resolved_resize(config.resize))
+      draft=config.draft, shard_size=config.shard_size, package_version=__version__,
+      max_pixels=config.max_pixels, resize=resize.resolve(config.resize, jax.default_backend()))
   dims = desc.dimensions(backbone.block_channels, backbone.fc_dim)
   return Manifest(settings=settings, weights=loaded.record,
                   input=source.input_record(store.RECORDS),
@@ -152,8 +141,8 @@ def new_manifest(config: ExtractConfig, source: sources.Source, loaded: weights_
 
 def report_platform(log: Callable[[str], None], *, warn: bool) -> None:
   """One line: the platform and devices this process runs on; with `warn`, another when an
-  NVIDIA GPU is visible but JAX runs on the CPU (launchers warn for single-process jobs
-  before JAX starts; processes of a multi-process job only know once it has)."""
+  NVIDIA GPU is visible but JAX runs on the CPU (launchers warn before JAX starts, except
+  with --jax_distributed, which must initialize first: its processes only know once it has)."""
   from cbir_jax import runtime
 
   info = runtime.platform_info()
@@ -169,7 +158,7 @@ def plan_job(config: ExtractConfig, worker: Worker, log: Callable[[str], None]) 
   Raises:
     ExtractError: any refusal, naming what differs or what is wrong.
   """
-  report_platform(log, warn=False)
+  report_platform(log, warn=config.jax_distributed)
   backbone = backbones.get(config.model)
   image_size = config.image_size or backbone.image_size
   source = open_source(config)
@@ -183,7 +172,7 @@ def plan_job(config: ExtractConfig, worker: Worker, log: Callable[[str], None]) 
   plan = Plan(out=out, source=source, loaded=loaded, backbone=backbone, image_size=image_size,
               descriptor=desc.DescriptorConfig(config.threshold, config.relative, config.masks),
               manifest=target, update=None, units=[], skipped=0)
-  finished = _refusal(out, lambda: up_to_date(out, target, config.update))
+  finished = _refusal(out, lambda: up_to_date(out, target))
   if finished is not None:  # read only: works on a read-only copy, takes no lock
     plan.manifest, plan.done = finished, True
     plan.skipped = len(shard_range(finished.num_shards, worker.spec))
@@ -201,7 +190,7 @@ def plan_job(config: ExtractConfig, worker: Worker, log: Callable[[str], None]) 
   return plan
 
 
-def up_to_date(out: pathlib.Path, target: Manifest, update: bool) -> Manifest | None:
+def up_to_date(out: pathlib.Path, target: Manifest) -> Manifest | None:
   """The current manifest when it is complete, of these settings and of this very input."""
   if not (out / store.MANIFEST).is_file():
     return None
@@ -245,11 +234,7 @@ def _lay_out_steps(plan: Plan, config: ExtractConfig, log: Callable[[str], None]
 
 
 def _lock(out: pathlib.Path, name: str, wait: bool = False) -> store.DirLock:
-  try:
-    out.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise ExtractError(f"cannot prepare output directory {out}: {describe_os_error(e)}"
-                       ) from e
+  out.mkdir(parents=True, exist_ok=True)  # an error here: `_refusal` words it
   return store.lock(out, name, wait=wait)
 
 
@@ -268,11 +253,7 @@ def prepare(out: pathlib.Path, target: Manifest, source: sources.Source, *, upda
     source.identities.save(out / store.RECORDS)  # before the manifest that names it
     store.prepare(out, target)
     return target, None, False
-  old = store.load_manifest(out)
-  if old.format_version < 2:
-    raise ExtractError(f"{out} was written by an earlier cbir_jax (format {old.format_version}) "
-                       "that recorded no per-file identities, so it cannot be continued or "
-                       "updated safely; write to another --output (it still loads for search)")
+  old = store.load_manifest(out)  # an earlier format is refused there, with how to rebuild
   store.check_settings(out, old, target)
   if _same_input(old, target):
     remove_replaced(out, old)  # a removal that a kill cut short
@@ -340,7 +321,7 @@ def _prepare_update(out: pathlib.Path, old: Manifest, old_ids: ident.RecordIdent
   elif build.exists():
     raise ExtractError(f"{build} exists but was not made by cbir_jax (no {store.MANIFEST}); "
                        "the update would build the next generation there: move it away")
-  plan = upd.plan_update(out, old, old_ids, source, verify=True)
+  plan = upd.plan_update(out, old, old_ids, source)
   target = target.replace(update=plan.report)
   if not (build / store.MANIFEST).exists():
     build.mkdir(parents=True, exist_ok=True)

@@ -20,18 +20,11 @@ META_TYPES = {"row": np.int64, "label": np.int64, "width": np.int32, "height": n
 
 @dataclasses.dataclass
 class Unit:
-  """A shard to write: the records it covers and how many a stopped run already wrote.
-
-  Attributes:
-    index: shard number.
-    positions: record positions of the whole shard, in order.
-    where: its folder in the output (shards/, or an update's delta/).
-    done: records at the start already written as a piece (`piece`).
-  """
+  """A shard to write: the records it covers and how many a stopped run already wrote."""
   index: int
-  positions: np.ndarray
-  where: str
-  done: int = 0
+  positions: np.ndarray  # record positions of the whole shard, in order
+  where: str  # its folder in the output (shards/, or an update's delta/)
+  done: int = 0  # records at the start already written as a piece (`piece`)
   piece: pathlib.Path | None = None
 
   @property

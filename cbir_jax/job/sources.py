@@ -15,55 +15,44 @@ import numpy as np
 
 from cbir_jax import input_pipeline
 from cbir_jax.job import identity as ident
-from cbir_jax.job.errors import ExtractError
+from cbir_jax.job.errors import ExtractError, reworded
 from cbir_jax.job.labels import LabelsReport, labels_from_csv
 from cbir_jax.manifest import InputRecord, digest_of
 
 
 @dataclasses.dataclass
 class Source:
-  """Records of one input, in order.
-
-  Attributes:
-    type: "folder", "tfds", "webdataset" or "file_list".
-    root: the folder (absolute), TFDS data_dir, the shards' root or the list's folder;
-      identity keys are relative to it.
-    keys: what each row's "path" holds: the file's path, or the TFDS id.
-    identities: per-record keys and stamps (compared on reruns).
-    labels, label_names, extra: metadata known from the listing (folders); None for
-      TFDS, whose labels come with the data.
-    real_keys: whether `keys` name records exactly (a batch's own keys are checked
-      against them); False for TFDS datasets whose ids cannot be listed ahead.
-    skipped: files of a folder not read (not images), by extension.
-  """
-  type: str
+  """Records of one input, in order."""
+  type: str  # "folder", "tfds", "webdataset" or "file_list"
+  # The folder (absolute), TFDS data_dir, the shards' root or the list's folder; identity
+  # keys are relative to it.
   root: str
-  keys: list[str]
-  identities: ident.RecordIdentities
+  keys: list[str]  # what each row's "path" holds: the file's path, or the TFDS id
+  identities: ident.RecordIdentities  # per-record keys and stamps (compared on reruns)
   spec: str = ""
+  # Metadata known from the listing; None for TFDS, whose labels come with the data.
   labels: np.ndarray | None = None
   label_names: list[str] | None = None
   extra: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
   labels_sha256: str = ""
   labels_report: LabelsReport | None = None
   content_digest: bool = False
-  real_keys: bool = True
   tfds: Any = None
   webdataset: Any = None  # webdataset_input.WebdatasetListing
   notes: list[str] = dataclasses.field(default_factory=list)  # listing's log lines
+  # Files of a folder not read (not images), by extension.
   skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
   @property
   def num_records(self) -> int:
     return len(self.keys)
 
-  def identity_digest(self) -> str:
-    return digest_of([self.identities.digest(), self.labels_sha256, self.type, self.spec
-                      if not self.real_keys else ""])
-
   def input_record(self, records_file: str) -> InputRecord:
+    # The empty fourth element keeps recorded digests valid (it held a spec for inputs whose
+    # keys could not be listed, which no input is any more).
+    digest = digest_of([self.identities.digest(), self.labels_sha256, self.type, ""])
     return InputRecord(type=self.type, root=self.root, num_records=self.num_records,
-                       identity_sha256=self.identity_digest(), records_file=records_file,
+                       identity_sha256=digest, records_file=records_file,
                        spec=self.spec, content_digest=self.content_digest,
                        labels_sha256=self.labels_sha256,
                        skipped=dict(sorted(self.skipped.items())))
@@ -87,7 +76,7 @@ class Source:
       ExtractError: a TFDS record read back under another id than listed.
     """
     listed = [self.keys[p] for p in positions.tolist()]
-    if keys is not None and self.real_keys and list(keys) != listed:
+    if keys is not None and list(keys) != listed:
       bad = next(i for i, (a, b) in enumerate(zip(keys, listed)) if a != b)
       raise ExtractError(f"record {int(positions[bad])} of {self.spec} was read as {keys[bad]!r}"
                          f" but listed as {listed[bad]!r}: the dataset changed while the job "
@@ -103,10 +92,8 @@ class Source:
     for c, col in self.extra.items():
       meta[c] = col[positions]
     if self.tfds is not None:  # scalar and text features, read by position
-      try:
+      with reworded(OSError):
         meta.update(self.tfds.metadata_columns(positions))
-      except OSError as e:
-        raise ExtractError(str(e)) from None
     return meta
 
   @property
@@ -137,10 +124,8 @@ class Source:
 def folder_source(root: str, labels_csv: str | None, *, content_digest: bool = False) -> Source:
   """Every image under `root`, sorted, with identities and (folder or CSV) labels."""
   root = os.path.abspath(root)  # stored paths stay valid from any working directory
-  try:
+  with reworded(FileNotFoundError):
     listing = input_pipeline.list_folder(root)
-  except FileNotFoundError as e:
-    raise ExtractError(str(e)) from None
   records = listing.records
   if not records:
     other = input_pipeline.format_skipped(listing.skipped) or (
@@ -154,8 +139,13 @@ def folder_source(root: str, labels_csv: str | None, *, content_digest: bool = F
                labels=np.array([r.label for r in records], np.int64),
                label_names=[r.label_name for r in records], content_digest=content_digest,
                skipped=listing.skipped)
+  return _with_labels(src, labels_csv)
+
+
+def _with_labels(src: Source, labels_csv: str | None) -> Source:
+  """`src` with its labels and extra columns from `labels_csv`, if given (keys under its root)."""
   if labels_csv:
-    lab = labels_from_csv(labels_csv, keys, root)
+    lab = labels_from_csv(labels_csv, src.keys, src.root)
     src.labels, src.label_names, src.extra = lab.labels, lab.names, lab.extra
     src.labels_sha256, src.labels_report = lab.sha256, lab.report
   return src
@@ -164,31 +154,24 @@ def folder_source(root: str, labels_csv: str | None, *, content_digest: bool = F
 def tfds_source(spec: str, data_dir: str | None) -> Source:
   """A prepared TFDS split; records keyed by TFDS id and stamped by their record file."""
   from cbir_jax import tfds_input
-  try:
+  with reworded(tfds_input.TfdsError):
     src = tfds_input.open_tfds(spec, data_dir)
-  except tfds_input.TfdsError as e:
-    raise ExtractError(str(e)) from None
   keys = list(src.keys())
   return Source(type="tfds", root=os.path.abspath(src.data_dir), spec=spec, keys=keys,
                 identities=ident.RecordIdentities(keys, list(src.record_stamps())), tfds=src)
 
 
-def webdataset_source(spec: str, *, content_digest: bool = False,
-                      cache_dir: str | None = None) -> Source:
+def webdataset_source(spec: str, *, content_digest: bool, cache_dir: str) -> Source:
   """Records of webdataset tar shards; identity keys relative to the shards' root.
 
   `cache_dir` keeps each shard's listing, so other workers and reruns list only new shards.
   """
   from cbir_jax import webdataset_input as wds
-  try:
+  with reworded(wds.WebdatasetError, OSError):
     try:
       lst = wds.list_webdataset(spec, cache_dir=cache_dir)
     except OSError:  # the cache cannot be written (a read-only output): list without it
-      if cache_dir is None:
-        raise
       lst = wds.list_webdataset(spec)
-  except (wds.WebdatasetError, OSError) as e:
-    raise ExtractError(str(e)) from None
   if not lst.num_records:
     raise ExtractError(f"no images found in --webdataset {spec}: "
                        + ("; ".join(lst.report_lines()) or "the shards are empty"))
@@ -203,20 +186,14 @@ def file_list_source(list_file: str, labels_csv: str | None, *,
                      content_digest: bool = False) -> Source:
   """The files a list names, in its order; identity keys relative to the list's folder."""
   from cbir_jax import file_list
-  try:
+  with reworded(file_list.FileListError, OSError):
     fl = file_list.read_file_list(list_file)
-  except (file_list.FileListError, OSError) as e:
-    raise ExtractError(str(e)) from None
   src = Source(type="file_list", root=fl.root, spec=fl.list_file, keys=fl.paths,
                identities=ident.folder_identities(fl.root, fl.paths,
                                                   content_digest=content_digest),
                labels=fl.labels, label_names=fl.label_names, content_digest=content_digest,
                notes=[fl.missing_line()] if fl.missing else [])
-  if labels_csv:
-    lab = labels_from_csv(labels_csv, fl.paths, fl.root)
-    src.labels, src.label_names, src.extra = lab.labels, lab.names, lab.extra
-    src.labels_sha256, src.labels_report = lab.sha256, lab.report
-  return src
+  return _with_labels(src, labels_csv)
 
 
 # Inputs whose paths, labels and metadata columns come from the listing (not the data).

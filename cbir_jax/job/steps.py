@@ -16,7 +16,6 @@ assembled on their own thread, in step order, at most IN_FLIGHT steps behind. Wi
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import shutil
 import time
 from typing import Any, Callable
@@ -51,37 +50,25 @@ def write_finished(out: Any, f: rows_lib.Finished, kinds: tuple[str, ...], pid: 
     shutil.rmtree(f.unit.piece, ignore_errors=True)
 
 
-class ShardWriter:
+class ShardWriter(feed_lib.Rows):
   """Writes finished shards on one background thread, in the order given, one at a time.
 
-  `submit` first waits for the write before it (so at most one finished shard waits in
-  memory) and raises that write's error; `wait` does the same for the last one. `close`
-  waits too, so no write goes on after the step loop, but drops the error: the loop calls
-  `wait` on its normal path, so `close` only meets an error while another one (a stop at
-  once) is already on its way up.
+  `submit` waits for the write before it (so at most one finished shard waits in memory) and
+  raises that write's error; `wait` does the same for the last one; after an error no later
+  shard is written. `close` (feed.Rows's) lets the write in progress finish, so no write goes
+  on after the step loop, and drops the error: the loop `wait`s on its normal path, so
+  `close` only meets one while another (a stop at once) is already on its way up.
   """
 
   def __init__(self, write: Callable[[rows_lib.Finished], None]):
+    super().__init__(in_flight=1, name="shard-writer")
     self._write = write
-    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
-    self._pending: concurrent.futures.Future | None = None
 
   def submit(self, f: rows_lib.Finished) -> None:
-    self.wait()
-    self._pending = self._pool.submit(self._write, f)
+    super().submit(self._write, f)
 
   def wait(self) -> None:
-    pending, self._pending = self._pending, None
-    if pending is not None:
-      pending.result()
-
-  def close(self) -> None:
-    pending, self._pending = self._pending, None
-    try:
-      if pending is not None:
-        concurrent.futures.wait([pending])
-    finally:
-      self._pool.shutdown(wait=True)
+    self.drain()
 
 
 class StepRunner:
@@ -95,19 +82,19 @@ class StepRunner:
 
     self.plan, self.config, self.worker = plan, config, worker
     self.clock, self.summary, self.log = clock, summary, log
-    self.mesh = sharding.data_mesh(jax.local_devices())  # this worker's devices only
-    self.in_sharding = sharding.batch_sharding(self.mesh)
-    common = dict(mesh=self.mesh, preprocessing=plan.loaded.preprocessing, kinds=plan.kinds,
+    mesh = sharding.data_mesh(jax.local_devices())  # this worker's devices only
+    self.in_sharding = sharding.batch_sharding(mesh)
+    common = dict(mesh=mesh, preprocessing=plan.loaded.preprocessing, kinds=plan.kinds,
                   config=plan.descriptor, dtype=inference.compute_dtype(config.dtype))
-    self.resize = plan.manifest.settings.resize  # resolved: "host" or "device"
     self.buckets: tuple[int, ...] | None = None
-    if self.resize == "device":  # canvases in, resized in the step (one compile per bucket)
+    if plan.manifest.settings.resize == "device":  # resolved: "host" or "device"
+      # Canvases in, resized in the step (one compile per bucket).
       self.buckets = canvas.BUCKETS
       self.fn = inference.jit_describe_canvas(plan.backbone, image_size=plan.image_size,
                                               **common)
     else:
       self.fn = inference.jit_describe(plan.backbone, **common)
-    self.params = sharding.replicate(plan.loaded.params, self.mesh)
+    self.params = sharding.replicate(plan.loaded.params, mesh)
     self.assembler = rows_lib.ShardAssembler(
         plan.units, kinds=plan.kinds, dims=plan.manifest.dimensions,
         out_dtype=config.output_dtype, source=plan.source, columns=plan.source.columns,
@@ -129,10 +116,8 @@ class StepRunner:
     """On the feed thread: starts the batch's host->device copies, split as the step takes it."""
     import jax
 
-    if self.buckets:
-      return (jax.device_put(batch.images, self.in_sharding),
-              jax.device_put(batch.sizes, self.in_sharding))
-    return (jax.device_put(batch.images, self.in_sharding),)
+    args = (batch.images, batch.sizes) if self.buckets else (batch.images,)
+    return jax.device_put(args, self.in_sharding)
 
   def _consume(self, batch: input_pipeline.Batch, result: Any, dispatched: float,
                progress: Progress) -> None:
@@ -185,7 +170,9 @@ class StepRunner:
     finally:  # decode threads, worker processes and writes never outlive the steps
       feeder.close()  # before the stream: its thread reads the stream
       rows.close()
-      _close(batches)
+      # Ends the input early and at once (a suspended tf.data generator is otherwise torn down
+      # whenever garbage collection reaches it, which was seen to take tens of seconds).
+      getattr(batches, "close", lambda: None)()
       self.writer.close()
       self.summary.buckets = {int(b): n for b, n in sorted(self.bucket_steps.items())}
       self.summary.decoder = self.tally.to_dict()
@@ -199,12 +186,10 @@ class StepRunner:
     stopped = False
     with self.worker.stepping():
       for step in range(plan.local_steps):
-        if self.worker.stop_requested():
-          stopped = True
-          break
-        got = feeder.get(stop=self.worker.stop_requested)
+        stop = self.worker.stop_requested
+        got = None if stop() else feeder.get(stop=stop)
         self.clock.charge("input")
-        if got is None:  # asked to stop while waiting for input (a hung read, a slow disk)
+        if got is None:  # asked to stop, before or while waiting for input (a hung read)
           stopped = True
           break
         batch, args = got
@@ -237,17 +222,7 @@ class StepRunner:
     part = self.assembler.stop()
     if part is not None:
       write_finished(self.plan.out, part, self.plan.kinds, self.worker.index)
-      self.summary.parts_written += 1
       self.clock.charge("write")
-    if self.worker.stop_noticed_at:
-      self.summary.stop_s = time.perf_counter() - self.worker.stop_noticed_at
-
-def _close(batches: Any) -> None:
-  """Ends the input early and at once (a suspended tf.data generator is otherwise torn down
-  whenever garbage collection reaches it, which was seen to take tens of seconds)."""
-  close = getattr(batches, "close", None)
-  if close is not None:
-    close()
 
 
 __all__ = ["ShardWriter", "StepRunner", "write_finished"]

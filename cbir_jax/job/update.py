@@ -6,8 +6,8 @@ switched at the very end, so the previous output stays whole and readable until 
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
+import functools
 import pathlib
 import shutil
 from typing import Callable, Mapping, Sequence
@@ -29,19 +29,32 @@ class RowIndex:
   row_of: np.ndarray  # [records] row within the shard; -1: the record failed
   failures: dict[int, tuple[str, str]]  # record -> (path, reason)
 
-  def has(self, positions: np.ndarray) -> np.ndarray:
-    return self.shard_of[positions] >= 0
-
 
 def row_index(out: pathlib.Path, where: str, num_records: int, *, verify: bool = False
               ) -> RowIndex:
   """Indexes the complete shards in `out/where` (rows by record position); with `verify`
-  a shard whose files do not match the SHA-256 in its shard.json is left out."""
+  a shard whose files do not match the SHA-256 in its shard.json is left out, so its records
+  are extracted again (reused rows are copied as they are: an update checks them once, when
+  it plans)."""
   done = store.complete_shards(out, where)
-  folders = [f"{where}/{store.shard_name(k)}" for k in sorted(done)]
-  if verify:
-    folders = [d for k, d in zip(sorted(done), folders) if store.shard_intact(out / d, done[k])]
-  return _index_folders(out, folders, num_records)
+  dirs, failures = [], {}
+  shard_of = np.full(num_records, -1, np.int32)
+  row_of = np.full(num_records, -1, np.int64)
+  for k in sorted(done):
+    d = f"{where}/{store.shard_name(k)}"
+    if verify and not store.shard_intact(out / d, done[k]):
+      continue
+    with np.load(out / d / "meta.npz", allow_pickle=False) as z:
+      rows = z["row"].astype(np.int64)
+    fails = store.read_failures_json(out / d / "failures.json")
+    if any(p < 0 for _, _, p in fails) or (rows >= num_records).any():
+      continue  # not of this input's numbering: not reused
+    shard_of[rows] = len(dirs)
+    row_of[rows] = np.arange(len(rows))
+    for path, reason, p in fails:
+      shard_of[p], row_of[p], failures[p] = len(dirs), -1, (path, reason)
+    dirs.append(d)
+  return RowIndex(dirs=dirs, shard_of=shard_of, row_of=row_of, failures=failures)
 
 
 def _remove_damaged(out: pathlib.Path, where: str) -> None:
@@ -56,37 +69,6 @@ def _remove_damaged(out: pathlib.Path, where: str) -> None:
                        "and were removed; rerun the same command to extract them again")
 
 
-def generation_rows(out: pathlib.Path, m: Manifest, num_records: int, *,
-                    verify: bool = False) -> RowIndex:
-  """Where the rows of a generation are: its complete shards (finished or not).
-
-  Args:
-    verify: check every shard file against its SHA-256 first; a shard that differs is
-      not reused (its records are extracted again). Reused rows are copied into the next
-      generation as they are, so an update checks them once, when it plans.
-  """
-  return row_index(out, m.path(store.SHARDS), num_records, verify=verify)
-
-
-def _index_folders(out: pathlib.Path, folders: Sequence[str], num_records: int) -> RowIndex:
-  """Indexes shard folders holding meta.npz, failures.json and <kind>.npy."""
-  dirs, failures = [], {}
-  shard_of = np.full(num_records, -1, np.int32)
-  row_of = np.full(num_records, -1, np.int64)
-  for d in folders:
-    with np.load(out / d / "meta.npz", allow_pickle=False) as z:
-      rows = z["row"].astype(np.int64)
-    fails = store.read_failures_json(out / d / "failures.json")
-    if any(p < 0 for _, _, p in fails) or (rows >= num_records).any():
-      continue  # not of this input's numbering: not reused
-    shard_of[rows] = len(dirs)
-    row_of[rows] = np.arange(len(rows))
-    for path, reason, p in fails:
-      shard_of[p], row_of[p], failures[p] = len(dirs), -1, (path, reason)
-    dirs.append(d)
-  return RowIndex(dirs=dirs, shard_of=shard_of, row_of=row_of, failures=failures)
-
-
 @dataclasses.dataclass(frozen=True)
 class UpdatePlan:
   """Which records of the new input come from the previous generation, which are read again."""
@@ -97,15 +79,13 @@ class UpdatePlan:
 
 
 def plan_update(out: pathlib.Path, old: Manifest, old_ids: ident.RecordIdentities,
-                source: Source, *, verify: bool = False) -> UpdatePlan:
-  """Compares identities; unchanged records whose rows (or failures) exist are reused.
-
-  `verify`: check every reused shard file against its SHA-256 (damaged ones are re-extracted).
-  """
+                source: Source) -> UpdatePlan:
+  """Compares identities; unchanged records whose rows (or failures) exist in intact shards
+  of the current generation are reused."""
   diff = ident.compare(old_ids, source.identities)
-  have = generation_rows(out, old, len(old_ids), verify=verify)
+  have = row_index(out, old.path(store.SHARDS), len(old_ids), verify=True)
   reused_from = np.full(source.num_records, -1, np.int64)
-  ok = have.has(diff.kept_old)
+  ok = have.shard_of[diff.kept_old] >= 0
   reused_from[diff.kept_new[ok]] = diff.kept_old[ok]
   delta = np.flatnonzero(reused_from < 0).astype(np.int64)
   ex = {name: ident.examples(keys, pos) for name, keys, pos in (
@@ -122,25 +102,17 @@ def plan_update(out: pathlib.Path, old: Manifest, old_ids: ident.RecordIdentitie
 class _ShardCache:
   """Recently used shards' metadata and memory-mapped arrays (assembly reads them in order)."""
 
-  def __init__(self, out: pathlib.Path, size: int = 4):
-    self.out, self.size = out, size
-    self._items: collections.OrderedDict = collections.OrderedDict()
+  def __init__(self, out: pathlib.Path, kinds: int, size: int = 4):
+    self.out = out
+    self.meta = functools.lru_cache(size)(self._meta)
+    self.array = functools.lru_cache(size * kinds)(self._array)
 
-  def get(self, d: str) -> dict:
-    if d not in self._items:
-      with np.load(self.out / d / "meta.npz", allow_pickle=False) as z:
-        self._items[d] = {"meta": {c: z[c] for c in z.files}, "arrays": {}}
-      while len(self._items) > self.size:
-        self._items.popitem(last=False)
-    self._items.move_to_end(d)
-    return self._items[d]
+  def _meta(self, d: str) -> dict[str, np.ndarray]:
+    with np.load(self.out / d / "meta.npz", allow_pickle=False) as z:
+      return {c: z[c] for c in z.files}
 
-  def array(self, d: str, kind: str) -> np.ndarray:
-    item = self.get(d)
-    if kind not in item["arrays"]:
-      path = self.out / d / f"{kind}.npy"
-      item["arrays"][kind] = np.load(path, mmap_mode="r", allow_pickle=False)
-    return item["arrays"][kind]
+  def _array(self, d: str, kind: str) -> np.ndarray:
+    return np.load(self.out / d / f"{kind}.npy", mmap_mode="r", allow_pickle=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,10 +166,10 @@ def _gather_meta(cache: _ShardCache, source: Source, groups: list, rows: np.ndar
   if not groups:
     return _meta_arrays({c: [] for c in source.columns})
   folder = source.type in LISTED_TYPES
-  names = ["width", "height"] if folder else list(cache.get(groups[0][0])["meta"])
+  names = ["width", "height"] if folder else list(cache.meta(groups[0][0]))
   cols = {}
   for c in names:
-    typed = meta_columns.common([cache.get(d)["meta"][c][rows[at]] for d, at in groups])
+    typed = meta_columns.common([cache.meta(d)[c][rows[at]] for d, at in groups])
     col = np.empty(len(rows), dtype=np.result_type(*[v.dtype for v in typed]))
     for (_, at), part in zip(groups, typed):
       col[at] = part
@@ -214,12 +186,12 @@ def assemble(out: pathlib.Path, plan: UpdatePlan, new: Manifest, source: Source,
              log: Callable[[str], None], shard_size: int) -> int:
   """Writes the new generation's shards (skipping complete ones); returns how many it wrote."""
   kinds = list(new.settings.kinds)
-  old = generation_rows(out, plan.old, plan.old.num_records)  # checked when planned
+  old = row_index(out, plan.old.path(store.SHARDS), plan.old.num_records)  # checked when planned
   _remove_damaged(out, new.path(store.DELTA))
   delta = row_index(out, new.path(store.DELTA), source.num_records)
   where = new.path(store.SHARDS)
   done = store.complete_shards(out, where)
-  cache, written = _ShardCache(out), 0
+  cache, written = _ShardCache(out, len(kinds)), 0
   for k in range(new.num_shards):
     positions = np.arange(k * shard_size, min((k + 1) * shard_size, source.num_records))
     digest = store.positions_sha256(positions)
@@ -237,5 +209,4 @@ def assemble(out: pathlib.Path, plan: UpdatePlan, new: Manifest, source: Source,
   return written
 
 
-__all__ = ["RowIndex", "UpdatePlan", "assemble", "generation_rows", "plan_update",
-           "row_index"]
+__all__ = ["RowIndex", "UpdatePlan", "assemble", "plan_update", "row_index"]
