@@ -10,7 +10,7 @@ import hashlib
 import html
 import os
 import pathlib
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
@@ -51,21 +51,15 @@ class ReportHeader:
             f"threshold {self.threshold}")
 
 
-def header_of(index_dir: str, manifest: Any, *, kind: str, k: int,
+def header_of(index_dir: str, manifest: Mapping[str, Any], *, kind: str, k: int,
               images: IndexImages | None = None) -> ReportHeader:
-  """The header from an index's manifest (the dict `store.read_manifest` returns, or the
-  typed form with `settings`)."""
-  settings = getattr(manifest, "settings", None)
-  if settings is not None:
-    model, desc = settings.backbone, dict(settings.descriptor)
-  else:
-    model = manifest.get("backbone", "?")
-    desc = manifest.get("descriptor") or manifest.get("settings", {}).get("descriptor", {})
+  """The header from an index's manifest (the dict `store.read_manifest` returns)."""
+  desc = manifest["settings"].get("descriptor", {})
   tau = desc.get("threshold", "?")
   threshold = (f"tau = {tau} x max per image" if desc.get("relative", True) else f"tau = {tau}")
   threshold += f", {desc.get('masks', 'channel')} masks"
-  return ReportHeader(index=str(index_dir), model=model, kind=kind, k=k, threshold=threshold,
-                      images=images.describe() if images else "")
+  return ReportHeader(index=str(index_dir), model=manifest["backbone"], kind=kind, k=k,
+                      threshold=threshold, images=images.describe() if images else "")
 
 
 def mark(query: Hit, hit: Hit, *, self_row: int | None = None) -> str:
@@ -83,15 +77,11 @@ def _histogram_lines(channels: np.ndarray) -> list[tuple[np.ndarray, tuple[int, 
   """(values, colour, width) per line: channels with equal histograms share one line, drawn
   in the mean of their colours, so none hides behind another; all three (a greyscale image)
   give one neutral grey line."""
-  groups: list[list[int]] = []
+  groups: dict[bytes, list[int]] = {}
   for c in range(3):
-    same = next((g for g in groups if np.array_equal(channels[g[0]], channels[c])), None)
-    if same is None:
-      groups.append([c])
-    else:
-      same.append(c)
+    groups.setdefault(channels[c].tobytes(), []).append(c)
   lines = []
-  for g in groups:
+  for g in groups.values():
     colour = _GREY if len(g) == 3 else tuple(
         int(np.mean([_CHANNEL_COLOURS[c][i] for c in g])) for i in range(3))
     lines.append((channels[g[0]], colour, 1 if len(g) == 1 else 2))
@@ -99,12 +89,8 @@ def _histogram_lines(channels: np.ndarray) -> list[tuple[np.ndarray, tuple[int, 
 
 
 def draw_histogram(hist: np.ndarray, size: tuple[int, int]) -> Image.Image:
-  """The R, G and B histograms (each scaled to its largest bin) as step lines.
-
-  Args:
-    hist: [3K] as `evaluation.color_histogram` returns it.
-    size: (width, height) in pixels.
-  """
+  """The R, G and B histograms `hist` ([3K] as `evaluation.color_histogram` returns it, each
+  channel scaled to its largest bin) as step lines in an image of `size` (width, height)."""
   w, h = size
   bins = len(hist) // 3
   img = Image.new("RGB", size, (255, 255, 255))
@@ -173,6 +159,7 @@ def _picture(hit: Hit, images: IndexImages, out: pathlib.Path, *, bins: int, thu
   copy.save(out / "images" / f"{stem}.jpg", quality=90)
   small = ImageOps.contain(full, (thumb, thumb), Image.BILINEAR)
   small.save(out / "images" / f"{stem}_thumb.jpg", quality=90)
+  draw_histogram(hist, (thumb, _hist_height(thumb))).save(out / "images" / f"{stem}_hist.png")
   return _Picture(stem, small, hist)
 
 
@@ -194,9 +181,7 @@ class _Cell:
   rank: int  # 0 = the query
   picture: _Picture
   mark: str  # "query", or a key of MARKS
-  hist_distance: float | None  # to the query; on the query's cell, the mean over its row
-  self_row: int = -1  # the query's own row in the index (QueryResult.self_row)
-  row_title: str = ""  # what the row shows (e.g. its descriptor kind), on the query's cell
+  captions: list[str]  # the lines under the image (`_captions`)
 
 
 def _cells(results: Sequence[QueryResult], images: IndexImages, out: pathlib.Path, *,
@@ -210,9 +195,6 @@ def _cells(results: Sequence[QueryResult], images: IndexImages, out: pathlib.Pat
       key = (hit.row < 0, hit.path)
       if key not in pictures:
         pictures[key] = _picture(hit, images, out, bins=bins, thumb=thumb)
-        if pictures[key].hist is not None:
-          draw_histogram(pictures[key].hist, (thumb, _hist_height(thumb))).save(
-              out / "images" / f"{pictures[key].stem}_hist.png")
       row.append((rank, hit, pictures[key]))
     q_hist = row[0][2].hist
     dists = [None if q_hist is None or pic.hist is None else
@@ -220,8 +202,8 @@ def _cells(results: Sequence[QueryResult], images: IndexImages, out: pathlib.Pat
     mean = float(np.mean(dists)) if dists and None not in dists else None
     rows.append([_Cell(hit, rank, pic,
                        "query" if rank == 0 else mark(r.query, hit, self_row=r.self_row),
-                       mean if rank == 0 else dists[rank - 1], r.self_row,
-                       row_title if rank == 0 else "")
+                       _captions(hit, rank, mean if rank == 0 else dists[rank - 1],
+                                 self_row=r.self_row, row_title=row_title))
                  for rank, hit, pic in row])
   return rows
 
@@ -331,8 +313,7 @@ def _sheet(cells: list[list[_Cell]], header: ReportHeader | None, title: str, *,
                   font=font)
       colour = _QUERY_FRAME if c.mark == "query" else MARKS[c.mark]
       draw.rectangle(box, outline=colour, width=frame)
-      for li, text in enumerate(_captions(c.hit, c.rank, c.hist_distance, self_row=c.self_row,
-                                          row_title=c.row_title)):
+      for li, text in enumerate(c.captions):
         draw.text((x, y + thumb + hist_h + frame + 2 + li * line_h), _fit(draw, text, font, thumb),
                   fill=(0, 0, 0), font=font)
       boxes[-1].append({"path": c.hit.path, "mark": c.mark, "box": box})
@@ -340,9 +321,7 @@ def _sheet(cells: list[list[_Cell]], header: ReportHeader | None, title: str, *,
 
 
 def _figure(c: _Cell) -> str:
-  captions = "<br>".join(html.escape(t) for t in _captions(c.hit, c.rank, c.hist_distance,
-                                                            self_row=c.self_row,
-                                                            row_title=c.row_title))
+  captions = "<br>".join(html.escape(t) for t in c.captions)
   where = html.escape(shown(c.hit.path))
   if c.picture.thumb is None:
     image = f'<div class="missing">image not readable: {html.escape(c.picture.error)}</div>'
@@ -356,11 +335,11 @@ def _figure(c: _Cell) -> str:
 
 
 def _page(cells: list[list[_Cell]], results: Sequence[QueryResult], header: ReportHeader | None,
-          title: str, *, bins: int, thumb: int) -> str:
+          title: str, *, row_titles: Sequence[str], bins: int, thumb: int) -> str:
   """The HTML page; every link and image in it is relative to the report folder."""
   sections = []
   for qi, (r, row) in enumerate(zip(results, cells)):
-    name = row[0].row_title or f"Query {qi + 1}"
+    name = row_titles[qi] or f"Query {qi + 1}"
     sections.append(f"<section><h2>{html.escape(name)}: {html.escape(shown(r.query.path))}</h2>"
                     f'<div class="row">{"".join(_figure(c) for c in row)}</div></section>')
   meta = "" if header is None else (
@@ -422,7 +401,8 @@ def write_report(out_dir: str | os.PathLike, results: Sequence[QueryResult], *,
   sheet, boxes, legend = _sheet(cells, header, title, thumb=thumb)
   png, page = out / "results.png", out / "results.html"
   sheet.save(png)
-  page.write_text(_page(cells, results, header, title, bins=bins, thumb=thumb),
+  page.write_text(_page(cells, results, header, title, row_titles=row_titles, bins=bins,
+                        thumb=thumb),
                   encoding="utf-8")
   unread = {(c.hit.row < 0, c.hit.path): c.picture.error for row in cells for c in row}
   missing = [e for e in unread.values() if e]
@@ -451,21 +431,10 @@ def write_index_report(out_dir: str | os.PathLike, index_dir: str,
 def write_kinds_report(out_dir: str | os.PathLike, index_dir: str, query_row: int, *,
                        kinds: Sequence[str], k: int, exclude_self: bool = True,
                        images: IndexImages | None = None, **kwargs: Any) -> dict[str, Any]:
-  """One row of the index searched with each descriptor kind: one report row per kind, the
-  layout of the paper's Figures 3-10 (the same query, its top-k under each descriptor).
-
-  Args:
-    out_dir: output folder (created).
-    index_dir: output directory of launch/extract.py holding every kind in `kinds`.
-    query_row: the index row used as the query.
-    kinds: descriptor kinds, one report row each, in this order.
-    k: results per row.
-    exclude_self: leave the query's own row out of its results (as the evaluation does).
-    images: where the index's images are (default: as its manifest records them).
-    **kwargs: passed to `write_report` (bins, thumb, title).
-
-  Returns:
-    What `write_report` returns; its "cells" are in the order of `kinds`.
+  """Index row `query_row` searched with each of `kinds`, one report row per kind in that
+  order: the layout of the paper's Figures 3-10 (the same query, its top-k under each
+  descriptor). `exclude_self` leaves the query's own row out of its results (as the
+  evaluation does); the rest is as `write_index_report`.
   """
   from cbir_jax.query import search_index
 
