@@ -23,6 +23,7 @@ import numpy as np
 
 from cbir_jax import search
 from cbir_jax.choices import Kind
+from cbir_jax.names import shown
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,12 +48,6 @@ def _find(parent: np.ndarray, i: int) -> int:
   return i
 
 
-def _union(parent: np.ndarray, a: int, b: int) -> None:
-  ra, rb = _find(parent, a), _find(parent, b)
-  if ra != rb:
-    parent[max(ra, rb)] = min(ra, rb)
-
-
 def link_groups(num_rows: int, pairs: Sequence[tuple[int, int]]) -> list[tuple[int, ...]]:
   """Connected components of `pairs` over rows 0..num_rows-1 with two or more rows.
 
@@ -60,7 +55,8 @@ def link_groups(num_rows: int, pairs: Sequence[tuple[int, int]]) -> list[tuple[i
   """
   parent = np.arange(num_rows)
   for a, b in pairs:
-    _union(parent, int(a), int(b))
+    ra, rb = _find(parent, int(a)), _find(parent, int(b))
+    parent[max(ra, rb)] = min(ra, rb)  # the root of a component is its first row
   members: dict[int, list[int]] = {}
   for i in range(num_rows):
     members.setdefault(_find(parent, i), []).append(i)
@@ -89,16 +85,11 @@ def close_pairs(x: Any, *, threshold: float, k: int) -> list[tuple[int, int, flo
 
 def find_groups(x: Any, *, threshold: float, k: int = 8,
                 digests: Sequence[str] | None = None) -> list[Group]:
-  """Groups of rows closer than `threshold` (L1/D), plus rows with equal `digests`.
+  """Groups of rows of `x` closer than `threshold` (L1/D, exclusive), plus rows with equal
+  `digests`, ordered by their first row.
 
-  Args:
-    x: [N, D] descriptors (any sliceable array, e.g. `load_descriptors`' view).
-    threshold: largest L1/D distance (exclusive) that links two rows.
-    k: neighbours looked at per row.
-    digests: optional per-row content digests ("" for unknown); equal digests link rows.
-
-  Returns:
-    Groups ordered by their first row.
+  `x` is [N, D] (any sliceable array, e.g. `load_descriptors`' view), searched for the k
+  nearest rows of each; `digests` are per-row content digests ("" for unknown).
   """
   n = x.shape[0]
   pairs = close_pairs(x, threshold=threshold, k=k)
@@ -108,9 +99,7 @@ def find_groups(x: Any, *, threshold: float, k: int = 8,
     for i, d in enumerate(digests):
       if d:
         links.append((first.setdefault(d, i), i))
-  dist = {}
-  for a, b, d in pairs:
-    dist[(min(a, b), max(a, b))] = d
+  dist = {(min(a, b), max(a, b)): d for a, b, d in pairs}
   groups = []
   for rows in link_groups(n, links):
     inside = set(rows)
@@ -144,13 +133,8 @@ def format_groups(groups: Sequence[Group], paths: Sequence[str], *, limit: int |
   for n, g in enumerate(groups[:limit], start=1):
     what = "exact copies" if g.exact else f"max distance {g.max_distance:.4f}"
     lines.append(f"group {n}: {len(g.rows)} rows, {what}")
-    lines += [f"  {r:>7}  {_shown(paths[r])}" for r in g.rows]
+    lines += [f"  {r:>7}  {shown(paths[r])}" for r in g.rows]
   return "\n".join(lines)
-
-
-def _shown(path: str) -> str:
-  """A path on one line: control characters (a newline in a file name) escaped."""
-  return path.encode("unicode_escape").decode("ascii") if not path.isprintable() else path
 
 
 def write_page(out_dir: str | os.PathLike, groups: Sequence[Group], paths: Sequence[str],
@@ -175,7 +159,7 @@ def write_page(out_dir: str | os.PathLike, groups: Sequence[Group], paths: Seque
       except (OSError, ValueError):
         img = Image.new("RGB", (thumb, thumb), (128, 128, 128))
       img.save(out / "thumbs" / f"{r}.jpg", quality=85)
-      name = html.escape(_shown(os.path.basename(paths[r])))
+      name = html.escape(shown(os.path.basename(paths[r])))
       cells.append(f'<figure><img src="thumbs/{r}.jpg" alt="row {r}"><figcaption>row {r}<br>'
                    f"{name}</figcaption></figure>")
     body.append(f"<section><h2>group {n}: {len(g.rows)} rows, {what}</h2>{''.join(cells)}</section>")
