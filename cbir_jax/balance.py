@@ -26,22 +26,13 @@ DEFAULT_SEED = 0
 
 @dataclasses.dataclass(frozen=True)
 class BlockScales:
-  """Per-block scales of Conv and how they were learned (recorded with every result).
-
-  Attributes:
-    block_dims: channels of each block, shallowest first (their sum is Conv's length).
-    scales: s_b, one per block.
-    block_l1: m_b, the block's mean L1 distance over the sampled pairs before scaling.
-    num_pairs: pairs of distinct rows sampled.
-    seed: seed of the pair sample.
-    source: where the rows came from (an index directory), "" when not said.
-  """
-  block_dims: tuple[int, ...]
-  scales: tuple[float, ...]
-  block_l1: tuple[float, ...]
-  num_pairs: int
-  seed: int
-  source: str = ""
+  """Per-block scales of Conv and how they were learned (recorded with every result)."""
+  block_dims: tuple[int, ...]  # channels of each block, shallowest first (sum: Conv's length)
+  scales: tuple[float, ...]  # s_b, one per block
+  block_l1: tuple[float, ...]  # m_b: the block's mean L1 over the sampled pairs, unscaled
+  num_pairs: int  # pairs of distinct rows sampled
+  seed: int  # seed of the pair sample
+  source: str = ""  # where the rows came from (an index directory); "" when not said
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -94,9 +85,9 @@ def scales_from_l1(m: np.ndarray, shares: Sequence[float] | None = None) -> np.n
   """s_b = w_b * T / m_b, T = sum m_b: block b gets the share w_b of the same total T.
 
   `m` holds m_b, each block's mean L1 distance; `shares` the target shares w_b (default:
-  equal, w_b = 1 / B, i.e. s_b = T / (B m_b)). A block that never differs (m_b = 0) cannot be scaled to any share; it keeps s_b = 1 (it
-  adds 0 either way) and the other blocks' shares are renormalised to sum to 1. All blocks
-  zero gives all ones.
+  equal, w_b = 1 / B, i.e. s_b = T / (B m_b)). A block that never differs (m_b = 0) cannot
+  be scaled to any share; it keeps s_b = 1 (it adds 0 either way) and the other blocks'
+  shares are renormalised to sum to 1. All blocks zero gives all ones.
   """
   m = np.asarray(m, np.float64)
   w = np.ones_like(m) if shares is None else np.asarray(shares, np.float64)
@@ -124,8 +115,7 @@ def block_scales(x: Any, block_dims: Sequence[int], *, num_pairs: int = DEFAULT_
     shares: target share of each block in the mean L1 (default: equal); e.g. more weight
       on the last block trades colour closeness for class agreement (docs/results.md).
   """
-  pairs = sample_pairs(x.shape[0], num_pairs, seed)
-  m = block_l1(x, block_dims, pairs)
+  m = block_l1(x, block_dims, sample_pairs(x.shape[0], num_pairs, seed))
   return BlockScales(block_dims=tuple(int(d) for d in block_dims),
                      scales=tuple(float(s) for s in scales_from_l1(m, shares)),
                      block_l1=tuple(float(v) for v in m), num_pairs=int(num_pairs),

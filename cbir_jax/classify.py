@@ -81,11 +81,8 @@ class Result:
 def read_labels_csv(path: str | os.PathLike) -> dict[str, int]:
   """The class index of each file of a CSV with columns `file` (as written there: relative to
   the image folder) and `class_index`; other columns (such as `class_name`) are not read.
-
-  Raises:
-    ValueError: missing columns, a non-integer or negative class index, or a
-      file listed twice (naming the row).
-  """
+  ValueError for missing columns, a non-integer or negative class index, or a file listed
+  twice (naming the row)."""
   by_file: dict[str, int] = {}
   with open(path, newline="") as f:
     reader = csv.DictReader(f)
@@ -134,13 +131,9 @@ def classify_folder(c: ClassifyConfig, *, labels: Mapping[str, int] | None = Non
 
   `labels` come from `read_labels_csv` (images it does not list are classified but not
   scored); `log` receives a warning line (labels CSV rows without an image) and, with the
-  device resize, the canvas sides that ran.
-
-  Returns:
-    Per-image predictions in path order, and top-1/top-5 over labelled images.
-
-  Raises:
-    ValueError: no images, or labels that match none of the images.
+  device resize, the canvas sides that ran. Returns per-image predictions in path order and
+  top-1/top-5 over labelled images; raises ValueError for no images, or labels that match
+  none of them.
   """
   backbone = backbones.get(c.model)
   params, info = weights_lib.load(c.model, c.weights)
@@ -219,11 +212,10 @@ def report_lines(result: Result) -> Iterator[str]:
     yield f"top1={result.top1:.3f} top5={result.top5:.3f} n={result.n}"
 
 
-def run(config: ClassifyConfig, *, log: Callable[[str], None], out: Callable[[str], None] = print
-        ) -> Result:
+def run(config: ClassifyConfig, *, log: Callable[[str], None]) -> Result:
   """launch/classify.py: classifies the folder and prints `report_lines`."""
   labels = read_labels_csv(config.labels_csv) if config.labels_csv else None
   result = classify_folder(config, labels=labels, log=log)
   for line in report_lines(result):
-    out(line)
+    print(line)
   return result

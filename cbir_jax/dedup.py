@@ -28,17 +28,10 @@ from cbir_jax.names import shown
 
 @dataclasses.dataclass(frozen=True)
 class Group:
-  """One group of near-duplicates.
-
-  Attributes:
-    rows: index rows, ascending.
-    max_distance: the largest L1/D distance of a link inside the group (0 for exact copies
-      only).
-    exact: whether every row of the group has the same file bytes.
-  """
-  rows: tuple[int, ...]
-  max_distance: float
-  exact: bool
+  """One group of near-duplicates."""
+  rows: tuple[int, ...]  # index rows, ascending
+  max_distance: float  # the largest L1/D distance of a link inside (0 for exact copies only)
+  exact: bool  # whether every row of the group has the same file bytes
 
 
 def _find(parent: np.ndarray, i: int) -> int:
@@ -91,7 +84,6 @@ def find_groups(x: Any, *, threshold: float, k: int = 8,
   `x` is [N, D] (any sliceable array, e.g. `load_descriptors`' view), searched for the k
   nearest rows of each; `digests` are per-row content digests ("" for unknown).
   """
-  n = x.shape[0]
   pairs = close_pairs(x, threshold=threshold, k=k)
   links = [(a, b) for a, b, _ in pairs]
   if digests is not None:
@@ -101,7 +93,7 @@ def find_groups(x: Any, *, threshold: float, k: int = 8,
         links.append((first.setdefault(d, i), i))
   dist = {(min(a, b), max(a, b)): d for a, b, d in pairs}
   groups = []
-  for rows in link_groups(n, links):
+  for rows in link_groups(x.shape[0], links):
     inside = set(rows)
     ds = [d for (a, b), d in dist.items() if a in inside and b in inside]
     exact = digests is not None and len({digests[r] for r in rows}) == 1 and bool(digests[rows[0]])
@@ -231,8 +223,7 @@ def run(c: DedupConfig, *, log=print) -> list[Group]:
   kind, why = store.choose_kind(c.index, c.kind)
   if why:
     log(why)
-  c = dataclasses.replace(c, kind=kind)
-  x, meta = store.load_descriptors(c.index, kind=c.kind)
+  x, meta = store.load_descriptors(c.index, kind=kind)
   paths = [str(p) for p in meta["path"]]
   images = IndexImages.of_index(c.index, image_root=c.image_root)
   typical = typical_distance(x)
@@ -241,7 +232,7 @@ def run(c: DedupConfig, *, log=print) -> list[Group]:
   if digests is not None and not any(digests):
     log(f"dedup: images not readable under {images.describe()}: no exact-copy check")
   groups = find_groups(x, threshold=threshold, k=c.k, digests=digests)
-  print(f"{c.index} ({c.kind}, {len(paths)} rows): threshold {threshold:.4f} L1/D "
+  print(f"{c.index} ({kind}, {len(paths)} rows): threshold {threshold:.4f} L1/D "
         f"(median pair distance {typical:.4f})")
   print(summary_line(groups, len(paths)))
   if groups:
@@ -249,14 +240,14 @@ def run(c: DedupConfig, *, log=print) -> list[Group]:
     if len(groups) > c.show:
       print(f"... {len(groups) - c.show} more groups (--show, --json, --report)")
   if c.json:
-    doc = {"index": c.index, "kind": c.kind, "threshold": threshold, "median_distance": typical,
+    doc = {"index": c.index, "kind": kind, "threshold": threshold, "median_distance": typical,
            "groups": [{"rows": list(g.rows), "paths": [paths[r] for r in g.rows],
                        "max_distance": g.max_distance, "exact": g.exact} for g in groups]}
     pathlib.Path(c.json).write_text(json_lib.dumps(doc, indent=1))
     print(f"json: {c.json}")
   if c.report:
     page = write_page(c.report, groups, paths, lambda p: images.read_rgb(p, upright=True),
-                      title=f"Near-duplicates in {c.index} ({c.kind}, threshold {threshold:.4f})")
+                      title=f"Near-duplicates in {c.index} ({kind}, threshold {threshold:.4f})")
     print(f"report: {page}")
   return groups
 

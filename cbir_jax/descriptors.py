@@ -83,8 +83,7 @@ def _pooled_to_last(block: jnp.ndarray, s: int, h_last: int, w_last: int) -> jnp
   n, h, w, c = block.shape
   hh, ww = s * h_last, s * w_last
   block = block[:, :min(h, hh), :min(w, ww), :]
-  if h < hh or w < ww:
-    block = jnp.pad(block, ((0, 0), (0, max(0, hh - h)), (0, max(0, ww - w)), (0, 0)))
+  block = jnp.pad(block, ((0, 0), (0, max(0, hh - h)), (0, max(0, ww - w)), (0, 0)))
   return block.reshape(n, h_last, s, w_last, s, c)
 
 

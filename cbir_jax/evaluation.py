@@ -240,8 +240,7 @@ def select_queries(labels: np.ndarray, num_queries: int | None, seed: int) -> np
     return candidates
   if num_queries > len(candidates):
     raise ValueError(f"num_queries={num_queries} but only {len(candidates)} labelled rows")
-  rng = np.random.default_rng(seed)
-  return np.sort(rng.choice(candidates, size=num_queries, replace=False))
+  return np.sort(np.random.default_rng(seed).choice(candidates, size=num_queries, replace=False))
 
 
 def _rankings(descriptors: Mapping[str, Any], queries: np.ndarray, n: int,
@@ -289,15 +288,13 @@ def evaluate_arrays(descriptors: Mapping[str, Any], labels: np.ndarray, keys: Se
   """The protocol on in-memory (or memory-mapped) descriptors.
 
   Args:
-    descriptors: kind -> [N, D], rows aligned with `labels` and `keys`.
-    labels: int [N], class of each row; -1 = unknown (never relevant).
-    keys: stored path of each row (a file or a TFDS id), for the colour histograms.
+    descriptors: kind -> [N, D], rows aligned with `labels` (int [N], the class of each row;
+      -1 = unknown, never relevant) and `keys` (stored path or TFDS id of each row).
     queries: rows used as queries; each is left out of its own ranking.
-    k: results per query for the histogram distance (and one more P@k column); `bins` is
-      the histograms' K.
-    images: where the images are read (default: files at the stored paths). When
-      they cannot be read, everything but the histogram distance is still computed.
-    histogram_cache: key -> histogram, reused across calls.
+    k: results per query for the histogram distance (and one more P@k column).
+    images, bins, histogram_cache: where the images are read (default: files at the stored
+      paths), the histograms' K, key -> histogram reused across calls. When the images
+      cannot be read, everything but the histogram distance is still computed.
     random_baseline, seed: add a "random" row (a seeded random ranking per query).
 
   Returns:
@@ -341,14 +338,11 @@ def evaluate_arrays(descriptors: Mapping[str, Any], labels: np.ndarray, keys: Se
 
 def labels_from_metadata(meta: Mapping[str, np.ndarray], column: str = "label"
                          ) -> tuple[np.ndarray, list[str]]:
-  """Integer labels from a metadata column.
+  """(int64 [N] labels, names of the label values) from a metadata column.
 
   The job's "label" column is used as it is (-1 = unknown); other columns (text such as
   imagenet-sample's "group", or the numbers of a TFDS feature or a webdataset json field)
   are numbered in sorted order of their values ("" and NaN = unknown).
-
-  Returns:
-    (int64 [N] labels, names of the label values).
   """
   if column not in meta:
     raise ValueError(f"no metadata column {column!r}; available: {sorted(meta)} (extra "
@@ -378,9 +372,7 @@ _NOT_LABELS = ("row", "path", "label_name", "width", "height")
 def coarser_label_columns(meta: Mapping[str, np.ndarray], column: str) -> list[str]:
   """Metadata columns other than `column` in which some label value is shared by two rows."""
   out = []
-  for c in sorted(meta):
-    if c in _NOT_LABELS or c == column:
-      continue
+  for c in sorted(set(meta) - {column, *_NOT_LABELS}):
     labels, _ = labels_from_metadata(meta, c)
     known = labels[labels >= 0]
     if len(np.unique(known)) < len(known):

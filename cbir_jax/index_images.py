@@ -25,17 +25,10 @@ class ImageUnavailable(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class IndexInput:
-  """Where an index's images came from, as its manifest records it.
-
-  Attributes:
-    type: "folder", "tfds", "webdataset", "file_list", or "" when the manifest does not
-      say (paths are then read as they are stored).
-    root: the folder the stored paths are under, or the TFDS data_dir.
-    spec: "name:split" of a TFDS input.
-  """
-  type: str = ""
-  root: str = ""
-  spec: str = ""
+  """Where an index's images came from, as its manifest records it."""
+  type: str = ""  # FOLDER, TFDS, WEBDATASET, FILE_LIST; "": not said (paths read as stored)
+  root: str = ""  # the folder the stored paths are under, or the TFDS data_dir
+  spec: str = ""  # "name:split" of a TFDS input
 
 
 def input_of(manifest: Any) -> IndexInput:
@@ -90,8 +83,6 @@ class IndexImages:
     self._tfds: Any = None
     self._tfds_error = ""
     self._scanned: dict[str, bytes] = {}
-    self._not_found: set[str] = set()  # ids a scan looked for in vain
-    self._scan_lock = threading.Lock()
 
   @classmethod
   def of_index(cls, index_dir: str | os.PathLike, *, image_root: str | None = None
@@ -107,10 +98,9 @@ class IndexImages:
 
   def describe(self) -> str:
     """One line: where the images are read from."""
-    what = (f"TFDS {self.source.spec} in {self.root}" if self.source.type == TFDS
-            else f"files under {self.root}" if self.root else "files at their stored paths")
     moved = f" (recorded: {self.source.root})" if self.image_root else ""
-    return what + moved
+    return (f"TFDS {self.source.spec} in {self.root}" if self.source.type == TFDS
+            else f"files under {self.root}" if self.root else "files at their stored paths") + moved
 
   def locate(self, stored: str) -> str:
     """The file a stored path names now (`image_root` applied); a TFDS id as it is."""
@@ -158,12 +148,10 @@ class IndexImages:
     src = self._open_tfds()
     if src.data is not None:  # ArrayRecord: read by id
       return
-    with self._scan_lock:
-      wanted = {k for k in stored if k not in self._scanned and k not in self._not_found}
+    with self._lock:  # one scan at a time
+      wanted = {k for k in stored if k not in self._scanned}  # ids of no record: never read
       if wanted:
-        found = _scan_tfrecord(src, wanted)
-        self._scanned.update(found)
-        self._not_found |= wanted - set(found)
+        self._scanned.update(_scan_tfrecord(src, wanted))
 
   def _hint(self, path: str) -> str:
     root = self.root

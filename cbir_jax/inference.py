@@ -68,13 +68,9 @@ def jit_describe(backbone: Backbone, *, mesh: Mesh | None = None, **kwargs: Any
 
 def on_canvases(step: Callable[[Any, jax.Array], Any], image_size: int | tuple[int, int]
                 ) -> Callable[[Any, jax.Array, jax.Array], Any]:
-  """A step on uint8 images behind the device resize (not jitted).
-
-  The step becomes `(params, uint8 canvases [N, C, C, 3], int32 sizes [N, 2]) -> ...`: each
-  image is resized from its canvas to `image_size` as Pillow's BILINEAR does
-  (`resize.resize_canvases`), then `step` runs on the batch. One compile per canvas bucket;
-  the sizes are data.
-  """
+  """`step(params, uint8 images)` as `(params, uint8 canvases [N, C, C, 3], int32 sizes [N, 2])`
+  (not jitted): each image is resized from its canvas to `image_size` as Pillow's BILINEAR
+  does (`resize.resize_canvases`) first. One compile per canvas bucket; the sizes are data."""
   out_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
 
   def canvas_step(params: Any, canvases: jax.Array, sizes: jax.Array) -> Any:

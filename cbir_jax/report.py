@@ -54,12 +54,11 @@ class ReportHeader:
 def header_of(index_dir: str, manifest: Mapping[str, Any], *, kind: str, k: int,
               images: IndexImages | None = None) -> ReportHeader:
   """The header from an index's manifest (the dict `store.read_manifest` returns)."""
-  desc = manifest["settings"].get("descriptor", {})
-  tau = desc.get("threshold", "?")
-  threshold = (f"tau = {tau} x max per image" if desc.get("relative", True) else f"tau = {tau}")
-  threshold += f", {desc.get('masks', 'channel')} masks"
+  desc = manifest["settings"]["descriptor"]  # DescriptorConfig.to_dict()
+  threshold = f"tau = {desc['threshold']}" + (" x max per image" if desc["relative"] else "")
   return ReportHeader(index=str(index_dir), model=manifest["backbone"], kind=kind, k=k,
-                      threshold=threshold, images=images.describe() if images else "")
+                      threshold=f"{threshold}, {desc['masks']} masks",
+                      images=images.describe() if images else "")
 
 
 def mark(query: Hit, hit: Hit, *, self_row: int | None = None) -> str:
@@ -117,9 +116,7 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
   """`text`, shortened in the middle ("ab...yz") until it fits `width` pixels."""
   if draw.textlength(text, font=font) <= width:
     return text
-  keep = len(text)
-  while keep > 2:
-    keep -= 1
+  for keep in range(len(text) - 1, 1, -1):
     short = text[:keep // 2] + "..." + text[len(text) - (keep - keep // 2):]
     if draw.textlength(short, font=font) <= width:
       return short
@@ -228,11 +225,10 @@ class _LegendItem:
     return 16 if self.mark else 16 * (len(_CHANNEL_COLOURS) + 1) if self.lines else 0
 
 
-def _legend_items() -> list[_LegendItem]:
-  # The histogram key is two items, so that a narrow sheet wraps between them.
-  return [*(_LegendItem(_MARK_TEXT[m], mark=m) for m in MARKS),
-          _LegendItem("histograms R, G, B;", lines=True),
-          _LegendItem("equal channels share a line (grey: all three)")]
+# The histogram key is two items, so that a narrow sheet wraps between them.
+_LEGEND_ITEMS = (*(_LegendItem(_MARK_TEXT[m], mark=m) for m in MARKS),
+                 _LegendItem("histograms R, G, B;", lines=True),
+                 _LegendItem("equal channels share a line (grey: all three)"))
 
 
 def _legend_lines(draw: ImageDraw.ImageDraw, font: Any, width: int
@@ -242,7 +238,7 @@ def _legend_lines(draw: ImageDraw.ImageDraw, font: Any, width: int
   shortened (`_fit`)."""
   lines: list[list[tuple[_LegendItem, str]]] = [[]]
   used = 0
-  for item in _legend_items():
+  for item in _LEGEND_ITEMS:
     text = _fit(draw, item.text, font, width - item.swatch_width())
     need = item.swatch_width() + int(np.ceil(draw.textlength(text, font=font)))
     if lines[-1] and used + _LEGEND_GAP + need > width:
@@ -283,8 +279,7 @@ def _sheet(cells: list[list[_Cell]], header: ReportHeader | None, title: str, *,
   font, big = _font(11), _font(15)
   hist_h, line_h, pad, frame = _hist_height(thumb), 14, 10, 3
   cell_w, cell_h = thumb + 2 * pad, thumb + hist_h + _TEXT_LINES * line_h + 3 * pad
-  cols = max(len(row) for row in cells)
-  size_w = cols * cell_w + pad
+  size_w = max(len(row) for row in cells) * cell_w + pad
   width = size_w - 2 * pad
   # The legend wraps to the sheet's width (set by k), so the header grows by its lines.
   legend = _legend_lines(ImageDraw.Draw(Image.new("RGB", (1, 1))), font, width)
@@ -370,16 +365,14 @@ def write_report(out_dir: str | os.PathLike, results: Sequence[QueryResult], *,
                  bins: int = evaluation.DEFAULT_BINS, thumb: int = 160,
                  title: str | None = None, row_titles: Sequence[str] | None = None
                  ) -> dict[str, Any]:
-  """Writes results.png, results.html and images/ (thumbnails, copies, histograms) to out_dir.
+  """Writes results.png, results.html and images/ (thumbnails, copies, histograms) to out_dir
+  (created), one row per query of `results`, in their order.
 
   Args:
-    out_dir: output folder (created).
-    results: queries and their hits, in display order.
     images: where the index's images are read (default: files at their stored paths).
-    header: the index, model, kind, k and threshold shown on top (`header_of`).
-    bins: K of the colour histograms.
-    thumb: size of the square thumbnail box, in pixels.
-    title: page title (default: from the header).
+    header: the index, model, kind, k and threshold shown on top (`header_of`); the
+      default title comes from it.
+    bins, thumb: K of the colour histograms; the square thumbnail box, in pixels.
     row_titles: one per result row, shown on its query's cell (e.g. the descriptor kind when
       the rows are one query searched with several kinds); default "query".
 
@@ -405,20 +398,16 @@ def write_report(out_dir: str | os.PathLike, results: Sequence[QueryResult], *,
                         thumb=thumb),
                   encoding="utf-8")
   unread = {(c.hit.row < 0, c.hit.path): c.picture.error for row in cells for c in row}
-  missing = [e for e in unread.values() if e]
-  return {"png": str(png), "html": str(page), "missing": missing, "cells": boxes,
-          "legend": legend}
+  return {"png": str(png), "html": str(page), "missing": [e for e in unread.values() if e],
+          "cells": boxes, "legend": legend}
 
 
 def write_index_report(out_dir: str | os.PathLike, index_dir: str,
                        results: Sequence[QueryResult], *, k: int,
                        images: IndexImages | None = None, **kwargs: Any) -> dict[str, Any]:
-  """`write_report` for results of `query.search_index`, with the index's header.
-
-  Args:
-    images: where the index's images are (default: as its manifest records them).
-    **kwargs: passed to `write_report` (bins, thumb, title, row_titles).
-  """
+  """`write_report` (**kwargs: bins, thumb, title, row_titles) for results of
+  `query.search_index`, with the index's header; `images` default to where its manifest
+  records them."""
   from cbir_jax import store
 
   manifest = store.read_manifest(index_dir)
