@@ -26,33 +26,16 @@ DEFAULT_SEED = 0
 
 @dataclasses.dataclass(frozen=True)
 class BlockScales:
-  """Per-block scales of Conv and how they were learned (recorded with every result).
-
-  Attributes:
-    block_dims: channels of each block, shallowest first (their sum is Conv's length).
-    scales: s_b, one per block.
-    block_l1: m_b, the block's mean L1 distance over the sampled pairs before scaling.
-    num_pairs: pairs of distinct rows sampled.
-    seed: seed of the pair sample.
-    source: where the rows came from (an index directory), "" when not said.
-  """
-  block_dims: tuple[int, ...]
-  scales: tuple[float, ...]
-  block_l1: tuple[float, ...]
-  num_pairs: int
-  seed: int
-  source: str = ""
+  """Per-block scales of Conv and how they were learned (recorded with every result)."""
+  block_dims: tuple[int, ...]  # channels of each block, shallowest first (sum: Conv's length)
+  scales: tuple[float, ...]  # s_b, one per block
+  block_l1: tuple[float, ...]  # m_b: the block's mean L1 over the sampled pairs, unscaled
+  num_pairs: int  # pairs of distinct rows sampled
+  seed: int  # seed of the pair sample
+  source: str = ""  # where the rows came from (an index directory); "" when not said
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "BlockScales":
-    return cls(block_dims=tuple(int(v) for v in d["block_dims"]),
-               scales=tuple(float(v) for v in d["scales"]),
-               block_l1=tuple(float(v) for v in d["block_l1"]),
-               num_pairs=int(d["num_pairs"]), seed=int(d["seed"]),
-               source=str(d.get("source", "")))
 
 
 def block_edges(block_dims: Sequence[int]) -> np.ndarray:
@@ -101,13 +84,10 @@ def block_l1(x: Any, block_dims: Sequence[int], pairs: tuple[np.ndarray, np.ndar
 def scales_from_l1(m: np.ndarray, shares: Sequence[float] | None = None) -> np.ndarray:
   """s_b = w_b * T / m_b, T = sum m_b: block b gets the share w_b of the same total T.
 
-  Args:
-    m: m_b, each block's mean L1 distance.
-    shares: w_b, the target shares (default: equal, w_b = 1 / B, i.e. s_b = T / (B m_b)).
-
-  A block that never differs (m_b = 0) cannot be scaled to any share; it keeps s_b = 1 (it
-  adds 0 either way) and the other blocks' shares are renormalised to sum to 1. All blocks
-  zero gives all ones.
+  `m` holds m_b, each block's mean L1 distance; `shares` the target shares w_b (default:
+  equal, w_b = 1 / B, i.e. s_b = T / (B m_b)). A block that never differs (m_b = 0) cannot
+  be scaled to any share; it keeps s_b = 1 (it adds 0 either way) and the other blocks'
+  shares are renormalised to sum to 1. All blocks zero gives all ones.
   """
   m = np.asarray(m, np.float64)
   w = np.ones_like(m) if shares is None else np.asarray(shares, np.float64)
@@ -124,22 +104,18 @@ def scales_from_l1(m: np.ndarray, shares: Sequence[float] | None = None) -> np.n
 def block_scales(x: Any, block_dims: Sequence[int], *, num_pairs: int = DEFAULT_NUM_PAIRS,
                  seed: int = DEFAULT_SEED, source: str = "",
                  shares: Sequence[float] | None = None) -> BlockScales:
-  """Learns the per-block scales of balanced Conv from Conv rows.
+  """Learns the per-block scales of balanced Conv from Conv rows; `apply(x, scales)` gives
+  the balanced rows.
 
   Args:
     x: Conv descriptors [N, sum(block_dims)] (e.g. `load_descriptors(index, "conv")[0]`).
     block_dims: channels per block, shallowest first (`Backbone.block_channels`).
-    num_pairs: distinct-row pairs sampled (seeded; the same rows give the same scales).
-    seed: seed of the pair sample.
+    num_pairs, seed: the sample of distinct-row pairs (the same rows give the same scales).
     source: recorded with the scales (e.g. the index directory).
     shares: target share of each block in the mean L1 (default: equal); e.g. more weight
       on the last block trades colour closeness for class agreement (docs/results.md).
-
-  Returns:
-    BlockScales; `apply(x, scales)` gives the balanced rows.
   """
-  pairs = sample_pairs(x.shape[0], num_pairs, seed)
-  m = block_l1(x, block_dims, pairs)
+  m = block_l1(x, block_dims, sample_pairs(x.shape[0], num_pairs, seed))
   return BlockScales(block_dims=tuple(int(d) for d in block_dims),
                      scales=tuple(float(s) for s in scales_from_l1(m, shares)),
                      block_l1=tuple(float(v) for v in m), num_pairs=int(num_pairs),
@@ -163,13 +139,9 @@ def apply(x: Any, scales: BlockScales) -> np.ndarray:
 
 def index_scales(index_dir: str, balance_from: str | None = None, *,
                  conv: Any = None) -> BlockScales:
-  """The block scales for an extraction output: learned (defaults) from its own conv rows,
-  or from `balance_from`'s, an index of the same backbone.
-
-  Args:
-    index_dir: the index whose rows will be balanced.
-    balance_from: learn from this index instead (scales carry over within one backbone).
-    conv: `index_dir`'s conv rows when the caller has them loaded already.
+  """The block scales for the index `index_dir`: learned (defaults) from its own conv rows
+  (`conv`, when the caller has them loaded already), or from `balance_from`'s, an index of
+  the same backbone (scales carry over within one backbone).
   """
   from cbir_jax import backbones, store  # I/O and the registry only here: the maths stay light
 

@@ -23,21 +23,15 @@ import numpy as np
 
 from cbir_jax import search
 from cbir_jax.choices import Kind
+from cbir_jax.names import shown
 
 
 @dataclasses.dataclass(frozen=True)
 class Group:
-  """One group of near-duplicates.
-
-  Attributes:
-    rows: index rows, ascending.
-    max_distance: the largest L1/D distance of a link inside the group (0 for exact copies
-      only).
-    exact: whether every row of the group has the same file bytes.
-  """
-  rows: tuple[int, ...]
-  max_distance: float
-  exact: bool
+  """One group of near-duplicates."""
+  rows: tuple[int, ...]  # index rows, ascending
+  max_distance: float  # the largest L1/D distance of a link inside (0 for exact copies only)
+  exact: bool  # whether every row of the group has the same file bytes
 
 
 def _find(parent: np.ndarray, i: int) -> int:
@@ -47,12 +41,6 @@ def _find(parent: np.ndarray, i: int) -> int:
   return i
 
 
-def _union(parent: np.ndarray, a: int, b: int) -> None:
-  ra, rb = _find(parent, a), _find(parent, b)
-  if ra != rb:
-    parent[max(ra, rb)] = min(ra, rb)
-
-
 def link_groups(num_rows: int, pairs: Sequence[tuple[int, int]]) -> list[tuple[int, ...]]:
   """Connected components of `pairs` over rows 0..num_rows-1 with two or more rows.
 
@@ -60,7 +48,8 @@ def link_groups(num_rows: int, pairs: Sequence[tuple[int, int]]) -> list[tuple[i
   """
   parent = np.arange(num_rows)
   for a, b in pairs:
-    _union(parent, int(a), int(b))
+    ra, rb = _find(parent, int(a)), _find(parent, int(b))
+    parent[max(ra, rb)] = min(ra, rb)  # the root of a component is its first row
   members: dict[int, list[int]] = {}
   for i in range(num_rows):
     members.setdefault(_find(parent, i), []).append(i)
@@ -89,18 +78,12 @@ def close_pairs(x: Any, *, threshold: float, k: int) -> list[tuple[int, int, flo
 
 def find_groups(x: Any, *, threshold: float, k: int = 8,
                 digests: Sequence[str] | None = None) -> list[Group]:
-  """Groups of rows closer than `threshold` (L1/D), plus rows with equal `digests`.
+  """Groups of rows of `x` closer than `threshold` (L1/D, exclusive), plus rows with equal
+  `digests`, ordered by their first row.
 
-  Args:
-    x: [N, D] descriptors (any sliceable array, e.g. `load_descriptors`' view).
-    threshold: largest L1/D distance (exclusive) that links two rows.
-    k: neighbours looked at per row.
-    digests: optional per-row content digests ("" for unknown); equal digests link rows.
-
-  Returns:
-    Groups ordered by their first row.
+  `x` is [N, D] (any sliceable array, e.g. `load_descriptors`' view), searched for the k
+  nearest rows of each; `digests` are per-row content digests ("" for unknown).
   """
-  n = x.shape[0]
   pairs = close_pairs(x, threshold=threshold, k=k)
   links = [(a, b) for a, b, _ in pairs]
   if digests is not None:
@@ -108,11 +91,9 @@ def find_groups(x: Any, *, threshold: float, k: int = 8,
     for i, d in enumerate(digests):
       if d:
         links.append((first.setdefault(d, i), i))
-  dist = {}
-  for a, b, d in pairs:
-    dist[(min(a, b), max(a, b))] = d
+  dist = {(min(a, b), max(a, b)): d for a, b, d in pairs}
   groups = []
-  for rows in link_groups(n, links):
+  for rows in link_groups(x.shape[0], links):
     inside = set(rows)
     ds = [d for (a, b), d in dist.items() if a in inside and b in inside]
     exact = digests is not None and len({digests[r] for r in rows}) == 1 and bool(digests[rows[0]])
@@ -144,13 +125,8 @@ def format_groups(groups: Sequence[Group], paths: Sequence[str], *, limit: int |
   for n, g in enumerate(groups[:limit], start=1):
     what = "exact copies" if g.exact else f"max distance {g.max_distance:.4f}"
     lines.append(f"group {n}: {len(g.rows)} rows, {what}")
-    lines += [f"  {r:>7}  {_shown(paths[r])}" for r in g.rows]
+    lines += [f"  {r:>7}  {shown(paths[r])}" for r in g.rows]
   return "\n".join(lines)
-
-
-def _shown(path: str) -> str:
-  """A path on one line: control characters (a newline in a file name) escaped."""
-  return path.encode("unicode_escape").decode("ascii") if not path.isprintable() else path
 
 
 def write_page(out_dir: str | os.PathLike, groups: Sequence[Group], paths: Sequence[str],
@@ -175,7 +151,7 @@ def write_page(out_dir: str | os.PathLike, groups: Sequence[Group], paths: Seque
       except (OSError, ValueError):
         img = Image.new("RGB", (thumb, thumb), (128, 128, 128))
       img.save(out / "thumbs" / f"{r}.jpg", quality=85)
-      name = html.escape(_shown(os.path.basename(paths[r])))
+      name = html.escape(shown(os.path.basename(paths[r])))
       cells.append(f'<figure><img src="thumbs/{r}.jpg" alt="row {r}"><figcaption>row {r}<br>'
                    f"{name}</figcaption></figure>")
     body.append(f"<section><h2>group {n}: {len(g.rows)} rows, {what}</h2>{''.join(cells)}</section>")
@@ -247,8 +223,7 @@ def run(c: DedupConfig, *, log=print) -> list[Group]:
   kind, why = store.choose_kind(c.index, c.kind)
   if why:
     log(why)
-  c = dataclasses.replace(c, kind=kind)
-  x, meta = store.load_descriptors(c.index, kind=c.kind)
+  x, meta = store.load_descriptors(c.index, kind=kind)
   paths = [str(p) for p in meta["path"]]
   images = IndexImages.of_index(c.index, image_root=c.image_root)
   typical = typical_distance(x)
@@ -257,7 +232,7 @@ def run(c: DedupConfig, *, log=print) -> list[Group]:
   if digests is not None and not any(digests):
     log(f"dedup: images not readable under {images.describe()}: no exact-copy check")
   groups = find_groups(x, threshold=threshold, k=c.k, digests=digests)
-  print(f"{c.index} ({c.kind}, {len(paths)} rows): threshold {threshold:.4f} L1/D "
+  print(f"{c.index} ({kind}, {len(paths)} rows): threshold {threshold:.4f} L1/D "
         f"(median pair distance {typical:.4f})")
   print(summary_line(groups, len(paths)))
   if groups:
@@ -265,14 +240,14 @@ def run(c: DedupConfig, *, log=print) -> list[Group]:
     if len(groups) > c.show:
       print(f"... {len(groups) - c.show} more groups (--show, --json, --report)")
   if c.json:
-    doc = {"index": c.index, "kind": c.kind, "threshold": threshold, "median_distance": typical,
+    doc = {"index": c.index, "kind": kind, "threshold": threshold, "median_distance": typical,
            "groups": [{"rows": list(g.rows), "paths": [paths[r] for r in g.rows],
                        "max_distance": g.max_distance, "exact": g.exact} for g in groups]}
     pathlib.Path(c.json).write_text(json_lib.dumps(doc, indent=1))
     print(f"json: {c.json}")
   if c.report:
     page = write_page(c.report, groups, paths, lambda p: images.read_rgb(p, upright=True),
-                      title=f"Near-duplicates in {c.index} ({c.kind}, threshold {threshold:.4f})")
+                      title=f"Near-duplicates in {c.index} ({kind}, threshold {threshold:.4f})")
     print(f"report: {page}")
   return groups
 

@@ -56,14 +56,8 @@ def significance(last: jnp.ndarray, *, threshold: float = 0.5, relative: bool = 
                  masks: str = "channel") -> jnp.ndarray:
   """Per-channel significance masks M_c of the last block (SPEC.md 2.1).
 
-  Args:
-    last: O_B, [N, H, W, C], non-negative.
-    threshold: tau, or a fraction of the per-image maximum when `relative`.
-    relative: whether tau is relative to max_{i,j,c} O_B per image.
-    masks: "channel" (paper) or "spatial" (notebook variant, see DescriptorConfig).
-
-  Returns:
-    float32 [N, H, W, C] of 0/1: O_B > tau (strictly greater).
+  `last` is O_B [N, H, W, C], non-negative; `threshold`, `relative` and `masks` are as in
+  DescriptorConfig. Returns float32 0/1 of the same shape: O_B > tau (strictly greater).
   """
   last = last.astype(jnp.float32)
   if relative:
@@ -89,8 +83,7 @@ def _pooled_to_last(block: jnp.ndarray, s: int, h_last: int, w_last: int) -> jnp
   n, h, w, c = block.shape
   hh, ww = s * h_last, s * w_last
   block = block[:, :min(h, hh), :min(w, ww), :]
-  if h < hh or w < ww:
-    block = jnp.pad(block, ((0, 0), (0, max(0, hh - h)), (0, max(0, ww - w)), (0, 0)))
+  block = jnp.pad(block, ((0, 0), (0, max(0, hh - h)), (0, max(0, ww - w)), (0, 0)))
   return block.reshape(n, h_last, s, w_last, s, c)
 
 
@@ -129,17 +122,11 @@ def characteristic_values(pools: Sequence[jnp.ndarray], m: jnp.ndarray) -> list[
 
 def conv_descriptor(pools: Sequence[jnp.ndarray], *, threshold: float = 0.5,
                     relative: bool = True, masks: str = "channel") -> jnp.ndarray:
-  """The Conv descriptor d_Conv = [v_1, ..., v_B] (SPEC.md section 2).
+  """The Conv descriptor d_Conv = [v_1, ..., v_B] (SPEC.md section 2): float32 [N, sum_b C_b].
 
-  Args:
-    pools: block outputs O_1..O_B, each [N, H_b, W_b, C_b], shallowest first,
-      with H_{b+1} = floor(H_b / 2) (or ceil, for "same"-padded backbones).
-    threshold: tau, or the fraction of the per-image maximum when `relative`.
-    relative: tau = threshold * max(O_B) per image; otherwise tau = threshold.
-    masks: "channel" (the paper) or "spatial" (the authors' notebook variant).
-
-  Returns:
-    float32 [N, sum_b C_b].
+  `pools` are the block outputs O_1..O_B, each [N, H_b, W_b, C_b], shallowest first, with
+  H_{b+1} = floor(H_b / 2) (or ceil, for "same"-padded backbones); `threshold`, `relative`
+  and `masks` are as in DescriptorConfig.
   """
   if not pools:
     raise ValueError("conv_descriptor needs at least one block")
@@ -172,15 +159,7 @@ def gem(last: jnp.ndarray, *, p: float = GEM_P, eps: float = GEM_EPS) -> jnp.nda
 
   Computed as m * (mean_ij (x / m)^p)^(1/p) with m the per-channel maximum:
   algebraically the same, but x^p cannot overflow float32 for large
-  activations or large p.
-
-  Args:
-    last: O_B, [N, H, W, C] (any float dtype; computed in float32).
-    p: the exponent, > 0.
-    eps: the clamp, > 0.
-
-  Returns:
-    float32 [N, C].
+  activations or large p. `last` may be any float dtype; p > 0 and eps > 0.
 
   References:
     F. Radenovic, G. Tolias, O. Chum, "Fine-tuning CNN Image Retrieval with No
@@ -195,17 +174,11 @@ def gem(last: jnp.ndarray, *, p: float = GEM_P, eps: float = GEM_EPS) -> jnp.nda
 def describe(blocks: Sequence[jnp.ndarray], fc: jnp.ndarray | None, *,
              kinds: Sequence[str] = KINDS,
              config: DescriptorConfig = DescriptorConfig()) -> dict[str, jnp.ndarray]:
-  """Every requested descriptor kind from one forward pass' activations.
+  """Every requested kind (a subset of KINDS) from one forward pass: {kind: float32 [N, D]}.
 
-  Args:
-    blocks: the backbone's block outputs, shallowest first.
-    fc: the backbone's FC part [N, D_fc] (VGG16: [f6, f7], 8192 values), or
-      None for a network run without its FC layers (no-top weights).
-    kinds: subset of KINDS.
-    config: significance settings.
-
-  Returns:
-    {kind: float32 [N, D_kind]}.
+  `blocks` are the backbone's block outputs, shallowest first; `fc` its FC part [N, D_fc]
+  (VGG16: [f6, f7], 8192 values), or None for a network run without its FC layers (no-top
+  weights).
   """
   unknown = [k for k in kinds if k not in KINDS]
   if unknown:
@@ -215,33 +188,21 @@ def describe(blocks: Sequence[jnp.ndarray], fc: jnp.ndarray | None, *,
                      "network's FC layers, which this forward pass did not compute "
                      "(weights without FC layers)")
   out: dict[str, jnp.ndarray] = {}
-  fc32 = None if fc is None else fc.astype(jnp.float32)
+  if fc is not None:
+    out["fc"] = fc.astype(jnp.float32)
   if "conv" in kinds or "fc_conv" in kinds:
-    conv = conv_descriptor(blocks, threshold=config.threshold, relative=config.relative,
-                           masks=config.masks)
-    if "conv" in kinds:
-      out["conv"] = conv
+    out["conv"] = conv_descriptor(blocks, threshold=config.threshold, relative=config.relative,
+                                  masks=config.masks)
     if "fc_conv" in kinds:
-      out["fc_conv"] = jnp.concatenate([fc32, conv], axis=-1)
-  if "fc" in kinds:
-    out["fc"] = fc32
-  if "mac" in kinds:
-    out["mac"] = mac(blocks[-1])
-  if "spoc" in kinds:
-    out["spoc"] = spoc(blocks[-1])
-  if "gem" in kinds:
-    out["gem"] = gem(blocks[-1])
+      out["fc_conv"] = jnp.concatenate([out["fc"], out["conv"]], axis=-1)
+  for kind, pool in (("mac", mac), ("spoc", spoc), ("gem", gem)):
+    if kind in kinds:
+      out[kind] = pool(blocks[-1])
   return {k: out[k] for k in kinds}
 
 
 def dimensions(block_channels: Sequence[int], fc_dim: int) -> Mapping[str, int]:
   """Descriptor sizes for a backbone: VGG16 gives fc 8192, conv 1472, fc_conv 9664."""
-  conv = int(sum(block_channels))
-  return {"fc": fc_dim, "conv": conv, "fc_conv": fc_dim + conv,
-          "mac": int(block_channels[-1]), "spoc": int(block_channels[-1]),
-          "gem": int(block_channels[-1])}
-
-
-def l1_distance(u: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
-  """SPEC.md section 3: sum_i |u_i - w_i| / D over the last axis."""
-  return jnp.mean(jnp.abs(u.astype(jnp.float32) - w.astype(jnp.float32)), axis=-1)
+  conv, last = int(sum(block_channels)), int(block_channels[-1])
+  return {"fc": fc_dim, "conv": conv, "fc_conv": fc_dim + conv, "mac": last, "spoc": last,
+          "gem": last}

@@ -36,27 +36,16 @@ def _bin_lut(bins: int) -> np.ndarray:
 
 
 def color_histogram(image: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray:
-  """The paper's colour histogram of one image.
-
-  Args:
-    image: uint8 RGB [H, W, 3].
-    bins: K, equal-width bins over [0, 255] per channel.
-
-  Returns:
-    float32 [3K]: the R, G and B histograms, each divided by its largest bin.
-  """
+  """The paper's colour histogram of a uint8 RGB image [H, W, 3]: float32 [3K], the R, G and
+  B histograms over K = `bins` equal-width bins of [0, 255], each divided by its largest bin."""
   image = np.asarray(image)
   if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
     raise ValueError(f"expected a uint8 RGB image [H, W, 3], got {image.dtype} {image.shape}")
   if image.shape[0] * image.shape[1] == 0:
     raise ValueError("empty image")
-  lut = _bin_lut(bins)
-  pixels = image.reshape(-1, 3)
-  out = []
-  for c in range(3):
-    h = np.bincount(lut[pixels[:, c]], minlength=bins).astype(np.float64)
-    out.append(h / h.max())
-  return np.concatenate(out).astype(np.float32)
+  binned = _bin_lut(bins)[image.reshape(-1, 3)]
+  h = np.stack([np.bincount(binned[:, c], minlength=bins) for c in range(3)]).astype(np.float64)
+  return (h / h.max(axis=1, keepdims=True)).ravel().astype(np.float32)
 
 
 def histogram_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -69,16 +58,11 @@ def histogram_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def image_histograms(keys: Sequence[str], *, images: IndexImages | None = None,
                      bins: int = DEFAULT_BINS,
-                     cache: MutableMapping[str, np.ndarray] | None = None,
-                     num_threads: int | None = None) -> np.ndarray:
+                     cache: MutableMapping[str, np.ndarray] | None = None) -> np.ndarray:
   """Colour histograms of an index's images, [len(keys), 3K], decoded in parallel.
 
-  Args:
-    keys: the rows' stored paths (file paths or TFDS ids).
-    images: where to read them (default: files at the stored paths).
-    bins: K.
-    cache: key -> histogram of this K, filled and reused (one run's cache).
-    num_threads: decoding threads (default: CPU count, at most 8).
+  `keys` are the rows' stored paths (file paths or TFDS ids), read through `images` (default:
+  files at the stored paths); `cache` (key -> histogram of this K) is filled and reused.
 
   Raises:
     ImageUnavailable: some images cannot be read; one line, how many and the first reason.
@@ -96,8 +80,7 @@ def image_histograms(keys: Sequence[str], *, images: IndexImages | None = None,
       except ImageUnavailable as e:
         return None, str(e)
 
-    workers = num_threads or min(8, os.cpu_count() or 1)
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
       # Pillow releases the GIL while decoding, so threads run in parallel.
       done = list(zip(todo, pool.map(one, todo)))
     bad = [err for _, (_, err) in done if err]
@@ -114,12 +97,7 @@ def image_histograms(keys: Sequence[str], *, images: IndexImages | None = None,
 
 
 def precision_at_k(relevant: np.ndarray, k: int) -> np.ndarray:
-  """Share of the first k results that are relevant, per query.
-
-  Args:
-    relevant: bool [Q, >= k], relevance of the ranked results.
-    k: cutoff.
-  """
+  """Per query, the share of its first k ranked results that are relevant (bool [Q, >= k])."""
   relevant = np.asarray(relevant, bool)
   if relevant.shape[-1] < k:
     raise ValueError(f"need at least k={k} ranked results, got {relevant.shape[-1]}")
@@ -129,12 +107,8 @@ def precision_at_k(relevant: np.ndarray, k: int) -> np.ndarray:
 def average_precision(relevant: np.ndarray) -> np.ndarray:
   """Average precision of full rankings: mean of precision@r over the relevant ranks r.
 
-  Args:
-    relevant: bool [Q, M], relevance of every ranked result (the whole
-      database except the query).
-
-  Returns:
-    float64 [Q]; NaN for a query with no relevant item (AP is undefined).
+  `relevant` is bool [Q, M], every ranked result (the whole database except the query).
+  Returns float64 [Q]; NaN for a query with no relevant item (AP is undefined).
   """
   relevant = np.asarray(relevant, bool)
   hits = np.cumsum(relevant, axis=-1)
@@ -145,15 +119,8 @@ def average_precision(relevant: np.ndarray) -> np.ndarray:
 
 
 def rank_database(distances: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
-  """Database rows by ascending distance, ties to the lower index, excluded rows dropped.
-
-  Args:
-    distances: [Q, N].
-    exclude: int [Q], a row to drop per query (its own row), or None.
-
-  Returns:
-    int [Q, N] (or [Q, N - 1] with `exclude`).
-  """
+  """Database rows by ascending distance [Q, N] -> int [Q, N], ties to the lower index;
+  `exclude` (int [Q]) drops one row per query (its own row), giving [Q, N - 1]."""
   order = np.argsort(distances, axis=1, kind="stable")  # stable: equal distances keep index order
   if exclude is None:
     return order
@@ -173,14 +140,11 @@ def _same_shape_rankings(a_indices: Any, b_indices: Any) -> tuple[np.ndarray, np
 
 
 def topk_overlap(a_indices: Any, b_indices: Any) -> np.ndarray:
-  """Per query, the share of one top-k that is also in the other (order ignored).
+  """Per query, the share of one top-k that is also in the other (order ignored): float64
+  [Q] in [0, 1], 1 where the two top-k sets are equal.
 
-  Args:
-    a_indices, b_indices: int [Q, k], the rows retrieved for the same Q queries by two
-      runs (e.g. float32 and bfloat16 extractions), each row without repeats.
-
-  Returns:
-    float64 [Q] in [0, 1]; 1 where the two top-k sets are equal.
+  `a_indices` and `b_indices` are int [Q, k], the rows retrieved for the same Q queries by two
+  runs (e.g. float32 and bfloat16 extractions), each row without repeats.
   """
   a, b = _same_shape_rankings(a_indices, b_indices)
   if a.shape[1] == 0:
@@ -189,14 +153,8 @@ def topk_overlap(a_indices: Any, b_indices: Any) -> np.ndarray:
 
 
 def topk_agreement(a_indices: Any, b_indices: Any) -> np.ndarray:
-  """Per query, whether the two top-k sets are the same (order inside the top-k ignored).
-
-  Args:
-    a_indices, b_indices: int [Q, k] as in `topk_overlap`.
-
-  Returns:
-    bool [Q].
-  """
+  """Per query (bool [Q]), whether the two top-k sets (int [Q, k] as in `topk_overlap`) are
+  the same, order inside the top-k ignored."""
   a, b = _same_shape_rankings(a_indices, b_indices)
   return np.all(np.sort(a, axis=1) == np.sort(b, axis=1), axis=1)
 
@@ -282,8 +240,7 @@ def select_queries(labels: np.ndarray, num_queries: int | None, seed: int) -> np
     return candidates
   if num_queries > len(candidates):
     raise ValueError(f"num_queries={num_queries} but only {len(candidates)} labelled rows")
-  rng = np.random.default_rng(seed)
-  return np.sort(rng.choice(candidates, size=num_queries, replace=False))
+  return np.sort(np.random.default_rng(seed).choice(candidates, size=num_queries, replace=False))
 
 
 def _rankings(descriptors: Mapping[str, Any], queries: np.ndarray, n: int,
@@ -309,19 +266,14 @@ def _histogram_distances(tops: Mapping[str, np.ndarray], queries: np.ndarray,
                          cache: MutableMapping[str, np.ndarray]
                          ) -> tuple[dict[str, np.ndarray] | None, str]:
   """(kind -> per-query mean histogram distance to its top-k, "") or (None, why not)."""
-  needed = sorted({int(r) for top in tops.values() for r in top.ravel()}
-                  | {int(r) for r in queries})
+  needed = np.unique(np.concatenate([queries, *(top.ravel() for top in tops.values())]))
   try:
-    hists = dict(zip(needed, image_histograms([keys[r] for r in needed], images=images,
-                                              bins=bins, cache=cache)))
+    hists = image_histograms([keys[r] for r in needed], images=images, bins=bins, cache=cache)
   except ImageUnavailable as e:
     return None, str(e)
-  q_hist = np.stack([hists[int(r)] for r in queries])
-  out = {}
-  for kind, top in tops.items():
-    top_hist = np.stack([[hists[int(r)] for r in row] for row in top])
-    out[kind] = histogram_distance(q_hist[:, None, :], top_hist).mean(axis=1)
-  return out, ""
+  q_hist = hists[np.searchsorted(needed, queries)][:, None, :]
+  return {kind: histogram_distance(q_hist, hists[np.searchsorted(needed, top)]).mean(axis=1)
+          for kind, top in tops.items()}, ""
 
 
 def _defined(values: np.ndarray, mask: np.ndarray) -> list[float | None]:
@@ -336,17 +288,14 @@ def evaluate_arrays(descriptors: Mapping[str, Any], labels: np.ndarray, keys: Se
   """The protocol on in-memory (or memory-mapped) descriptors.
 
   Args:
-    descriptors: kind -> [N, D], rows aligned with `labels` and `keys`.
-    labels: int [N], class of each row; -1 = unknown (never relevant).
-    keys: stored path of each row (a file or a TFDS id), for the colour histograms.
+    descriptors: kind -> [N, D], rows aligned with `labels` (int [N], the class of each row;
+      -1 = unknown, never relevant) and `keys` (stored path or TFDS id of each row).
     queries: rows used as queries; each is left out of its own ranking.
     k: results per query for the histogram distance (and one more P@k column).
-    bins: K of the colour histograms.
-    images: where the images are read (default: files at the stored paths). When
-      they cannot be read, everything but the histogram distance is still computed.
-    histogram_cache: key -> histogram, reused across calls.
-    random_baseline: add a "random" row (a random ranking per query).
-    seed: seed of the random baseline.
+    images, bins, histogram_cache: where the images are read (default: files at the stored
+      paths), the histograms' K, key -> histogram reused across calls. When the images
+      cannot be read, everything but the histogram distance is still computed.
+    random_baseline, seed: add a "random" row (a seeded random ranking per query).
 
   Returns:
     One KindResult per kind (and the baseline), in the order given, with the cutoffs.
@@ -389,14 +338,11 @@ def evaluate_arrays(descriptors: Mapping[str, Any], labels: np.ndarray, keys: Se
 
 def labels_from_metadata(meta: Mapping[str, np.ndarray], column: str = "label"
                          ) -> tuple[np.ndarray, list[str]]:
-  """Integer labels from a metadata column.
+  """(int64 [N] labels, names of the label values) from a metadata column.
 
   The job's "label" column is used as it is (-1 = unknown); other columns (text such as
   imagenet-sample's "group", or the numbers of a TFDS feature or a webdataset json field)
   are numbered in sorted order of their values ("" and NaN = unknown).
-
-  Returns:
-    (int64 [N] labels, names of the label values).
   """
   if column not in meta:
     raise ValueError(f"no metadata column {column!r}; available: {sorted(meta)} (extra "
@@ -405,23 +351,19 @@ def labels_from_metadata(meta: Mapping[str, np.ndarray], column: str = "label"
   if column == "label" and np.issubdtype(values.dtype, np.integer):
     # names[v] names label value v: the extraction's label_name when it has one
     # (folder or CSV class names), else the number itself.
-    text = np.asarray(meta["label_name"]).astype(str) if "label_name" in meta else None
     names = [str(v) for v in range(int(values.max(initial=-1)) + 1)]
-    if text is not None:
-      for v, t in zip(values.tolist(), text.tolist()):
-        if v >= 0 and t:
-          names[v] = t
+    for v, t in zip(values.tolist(), np.asarray(meta.get("label_name", ())).astype(str).tolist()):
+      if v >= 0 and t:
+        names[v] = t
     return values.astype(np.int64), names
-  if values.dtype.kind in "biuf":  # numbers of an extra column: their distinct values
-    known = ~np.isnan(values) if values.dtype.kind == "f" else np.ones(len(values), bool)
-    distinct, at = np.unique(values[known], return_inverse=True)
-    labels = np.full(len(values), -1, np.int64)
-    labels[known] = at.reshape(-1)
-    return labels, [str(v) for v in distinct.tolist()]
-  values = values.astype(str)
-  names = sorted(set(values.tolist()) - {""})
-  index = {v: i for i, v in enumerate(names)}
-  return np.array([index.get(v, -1) for v in values], np.int64), names
+  if values.dtype.kind not in "biuf":  # text; numbers of an extra column stay numbers
+    values = values.astype(str)
+  known = (~np.isnan(values) if values.dtype.kind == "f" else values != ""
+           if values.dtype.kind == "U" else np.ones(len(values), bool))
+  distinct, at = np.unique(values[known], return_inverse=True)  # sorted distinct values
+  labels = np.full(len(values), -1, np.int64)
+  labels[known] = at.reshape(-1)
+  return labels, [str(v) for v in distinct.tolist()]
 
 
 _NOT_LABELS = ("row", "path", "label_name", "width", "height")
@@ -430,9 +372,7 @@ _NOT_LABELS = ("row", "path", "label_name", "width", "height")
 def coarser_label_columns(meta: Mapping[str, np.ndarray], column: str) -> list[str]:
   """Metadata columns other than `column` in which some label value is shared by two rows."""
   out = []
-  for c in sorted(meta):
-    if c in _NOT_LABELS or c == column:
-      continue
+  for c in sorted(set(meta) - {column, *_NOT_LABELS}):
     labels, _ = labels_from_metadata(meta, c)
     known = labels[labels >= 0]
     if len(np.unique(known)) < len(known):
@@ -485,19 +425,8 @@ def evaluate(index_dir: str, *, kinds: Sequence[str] | None = None,
              balance_from: str | None = None) -> dict[str, Any]:
   """The protocol on an extraction output directory (see `evaluate_arrays`).
 
-  Args:
-    index_dir: output of launch/extract.py.
-    kinds: descriptor kinds to evaluate; default: every extracted kind.
-    num_queries: queries drawn (seeded) from the labelled rows; None or 0 = all of them.
-    k: cutoff of the histogram distance (and one more P@k column).
-    seed: query draw (and random baseline) seed.
-    label_column: metadata column giving the class ("label", or e.g. "group"
-      from a labels CSV's extra columns).
-    bins: K of the colour histograms.
-    random_baseline: add the "random" row.
-    image_root: where the index's image folder (or TFDS data_dir) is now, if it moved.
-    balance_from: for the balanced kinds, learn the block scales from this index's conv
-      rows (same backbone) instead of from `index_dir`'s own.
+  The arguments are the fields of `EvaluateConfig` (`index_dir` is its `index`, and
+  `num_queries` None means every labelled row), plus `random_baseline`: add the "random" row.
 
   Returns:
     A JSON-ready dict: settings, the query rows and paths, and one entry per kind
@@ -507,9 +436,9 @@ def evaluate(index_dir: str, *, kinds: Sequence[str] | None = None,
   from cbir_jax import store
 
   manifest = store.read_manifest(index_dir)
-  images = IndexImages(input_of(manifest), image_root=image_root)
   kinds = list(kinds or manifest["settings"]["kinds"])
-  arrays, meta, scales = _load_kinds(index_dir, kinds, balance_from)
+  arrays, meta, scales = _load_kinds(index_dir, kinds, balance_from)  # refuses old formats
+  images = IndexImages(input_of(manifest), image_root=image_root)
   labels, names = labels_from_metadata(meta, label_column)
   keys = [str(p) for p in meta["path"]]
   queries = select_queries(labels, num_queries, seed)

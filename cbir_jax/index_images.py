@@ -5,6 +5,7 @@ TFDS index, or a folder index whose folder moved (`image_root`), works like file
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
@@ -24,34 +25,20 @@ class ImageUnavailable(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class IndexInput:
-  """Where an index's images came from, as its manifest records it.
-
-  Attributes:
-    type: "folder", "tfds", "webdataset", "file_list", or "" when the manifest does not
-      say (paths are then read as they are stored).
-    root: the folder the stored paths are under, or the TFDS data_dir.
-    spec: "name:split" of a TFDS input.
-  """
-  type: str = ""
-  root: str = ""
-  spec: str = ""
+  """Where an index's images came from, as its manifest records it."""
+  type: str = ""  # FOLDER, TFDS, WEBDATASET, FILE_LIST; "": not said (paths read as stored)
+  root: str = ""  # the folder the stored paths are under, or the TFDS data_dir
+  spec: str = ""  # "name:split" of a TFDS input
 
 
 def input_of(manifest: Any) -> IndexInput:
-  """The manifest's input record: the one place evaluation and reports read it.
-
-  Reads the dict `store.read_manifest` returns (extract.py writes "input": {"type",
-  "where", "name", "split"}) and the typed form ({"type", "root", "spec"}, an object with
-  an `input` attribute).
-  """
-  inp = getattr(manifest, "input", None)
-  if inp is not None and not isinstance(inp, Mapping):
-    return IndexInput(type=inp.type, root=inp.root, spec=inp.spec)
-  inp = (manifest.get("input") or manifest.get("settings", {}).get("input") or {}) \
-      if isinstance(manifest, Mapping) else {}
-  spec = f"{inp['name']}:{inp['split']}" if inp.get("name") else inp.get("spec", "")
-  return IndexInput(type=inp.get("type", ""), root=inp.get("root") or inp.get("where", ""),
-                    spec=spec)
+  """The manifest's input record (the typed `Manifest`, or the dict `store.read_manifest`
+  returns): the one place evaluation and reports read it."""
+  if not isinstance(manifest, Mapping):
+    return IndexInput(type=manifest.input.type, root=manifest.input.root,
+                      spec=manifest.input.spec)
+  inp = manifest.get("input") or {}
+  return IndexInput(type=inp.get("type", ""), root=inp.get("root", ""), spec=inp.get("spec", ""))
 
 
 def decode_rgb(data: bytes, *, upright: bool = False) -> np.ndarray:
@@ -81,10 +68,8 @@ class IndexImages:
   """
 
   def __init__(self, source: IndexInput = IndexInput(), *, image_root: str | None = None):
-    """Args:
-      source: the index's input (`input_of(manifest)`).
-      image_root: where the folder (or the TFDS data_dir) is now, if it moved.
-    """
+    """`source` is the index's input (`input_of(manifest)`); `image_root` where its folder
+    (or TFDS data_dir) is now, if it moved."""
     if image_root is not None:
       if source.type not in (FOLDER, TFDS, WEBDATASET, FILE_LIST) or not source.root:
         raise ValueError("the index does not record the folder it was made from, so "
@@ -98,8 +83,6 @@ class IndexImages:
     self._tfds: Any = None
     self._tfds_error = ""
     self._scanned: dict[str, bytes] = {}
-    self._not_found: set[str] = set()  # ids a scan looked for in vain
-    self._scan_lock = threading.Lock()
 
   @classmethod
   def of_index(cls, index_dir: str | os.PathLike, *, image_root: str | None = None
@@ -115,10 +98,9 @@ class IndexImages:
 
   def describe(self) -> str:
     """One line: where the images are read from."""
-    what = (f"TFDS {self.source.spec} in {self.root}" if self.source.type == TFDS
-            else f"files under {self.root}" if self.root else "files at their stored paths")
     moved = f" (recorded: {self.source.root})" if self.image_root else ""
-    return what + moved
+    return (f"TFDS {self.source.spec} in {self.root}" if self.source.type == TFDS
+            else f"files under {self.root}" if self.root else "files at their stored paths") + moved
 
   def locate(self, stored: str) -> str:
     """The file a stored path names now (`image_root` applied); a TFDS id as it is."""
@@ -164,14 +146,12 @@ class IndexImages:
     if self.source.type != TFDS:
       return
     src = self._open_tfds()
-    if _random_access(src):
+    if src.data is not None:  # ArrayRecord: read by id
       return
-    with self._scan_lock:
-      wanted = set(stored) - set(self._scanned) - self._not_found
+    with self._lock:  # one scan at a time
+      wanted = {k for k in stored if k not in self._scanned}  # ids of no record: never read
       if wanted:
-        found = _scan_tfrecord(src, wanted)
-        self._scanned.update(found)
-        self._not_found |= wanted - set(found)
+        self._scanned.update(_scan_tfrecord(src, wanted))
 
   def _hint(self, path: str) -> str:
     root = self.root
@@ -197,15 +177,9 @@ class IndexImages:
 
   def _read_tfds(self, key: str) -> bytes:
     src = self._open_tfds()
-    if not _random_access(src):
-      if key not in self._scanned:
-        self.prefetch([key])
-      if key not in self._scanned:
-        raise ImageUnavailable(f"{key} is not a record of TFDS {self.source.spec} in "
-                               f"{self.root}")
-      return self._scanned[key]
+    self.prefetch([key])  # TFRecord: the record comes from a scan (none if scanned already)
     try:
-      return src.read_key(key)
+      return self._scanned[key] if src.data is None else src.read_key(key)
     except KeyError:
       raise ImageUnavailable(f"{key} is not a record of TFDS {self.source.spec} in "
                              f"{self.root}") from None
@@ -213,38 +187,27 @@ class IndexImages:
       raise ImageUnavailable(f"cannot read {key} from TFDS {self.source.spec}: {e}") from None
 
 
-def _random_access(src: Any) -> bool:
-  """Whether the opened TFDS source reads a record by id (`read_key` on an ArrayRecord data
-  source); TFRecord datasets (and tfds_input before its data-source reader) do not."""
-  return hasattr(src, "read_key") and getattr(src, "data", None) is not None
-
-
 def _scan_tfrecord(src: Any, wanted: set[str]) -> dict[str, bytes]:
-  """The encoded images of the `wanted` TFDS ids, in one pass over the split (tf.data)."""
+  """The encoded images of the `wanted` TFDS ids, in one pass (tf.data) over the records
+  from the first of them to the last."""
+  from cbir_jax import tfds_tfrecord
+
+  at = {}
+  for key in wanted:
+    with contextlib.suppress(KeyError):  # not a record of the split: not found
+      at[src.position(key)] = key
+  if not at:
+    return {}
   try:
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
+    rows = tfds_tfrecord.rows_at(src, range(min(at), max(at) + 1))
+    return {at[row.index]: row.arg[0] for row in rows if row.index in at}
   except ImportError:
     raise ImageUnavailable(f"TFDS {src.name} is prepared as TFRecord, which needs TensorFlow "
                            "to read (the `tfrecord` extra)") from None
-  tf.config.set_visible_devices([], "GPU")  # keep TensorFlow off the accelerators
-  found: dict[str, bytes] = {}
-  try:
-    ds = src.builder.as_dataset(
-        split=src.split, shuffle_files=False,
-        decoders={src.image_key: tfds.decode.SkipDecoding()},
-        read_config=tfds.ReadConfig(add_tfds_id=True, try_autocache=False))
-    for ex in ds.as_numpy_iterator():
-      key = ex["tfds_id"].decode("utf-8", "replace")
-      if key in wanted:
-        found[key] = bytes(ex[src.image_key])
-        if len(found) == len(wanted):
-          break
   except Exception as e:  # tf.data and TFDS raise many types (damaged or unreadable files)
     first = (str(e).strip().splitlines() or [""])[0]
     raise ImageUnavailable(f"cannot read TFDS {src.name}:{src.split}: {type(e).__name__}: "
                            f"{first}") from None
-  return found
 
 
 __all__ = ["FOLDER", "TFDS", "ImageUnavailable", "IndexInput", "IndexImages", "decode_rgb",

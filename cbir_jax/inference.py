@@ -46,45 +46,48 @@ def describe_fn(backbone: Backbone, *, preprocessing: pp.Preprocessing,
   return step
 
 
-def jit_describe(backbone: Backbone, *, mesh: Mesh | None = None, **kwargs: Any
-                 ) -> Callable[[Any, jax.Array], dict[str, jax.Array]]:
-  """`describe_fn` compiled once per input shape; sharded over `mesh` when given.
+def jit_sharded(step: Callable[..., Any], mesh: Mesh | None, *, batched: int = 1
+                ) -> Callable[..., Any]:
+  """`step(params, *inputs)` compiled once per input shape; sharded over `mesh` when given.
 
-  With a mesh, parameters are replicated and the batch is split on "data";
+  With a mesh, parameters are replicated and the `batched` inputs are split on "data";
   outputs stay split the same way, so each host reads back only its rows.
   """
-  step = describe_fn(backbone, **kwargs)
   if mesh is None:
     return jax.jit(step)
-  return jax.jit(step, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.batch_sharding(mesh))
+  batch = sharding.batch_sharding(mesh)
+  return jax.jit(step, in_shardings=(sharding.replicated(mesh), *[batch] * batched),
+                 out_shardings=batch)
 
 
-def describe_canvas_fn(backbone: Backbone, *, image_size: int | tuple[int, int], **kwargs: Any
-                       ) -> Callable[[Any, jax.Array, jax.Array], dict[str, jax.Array]]:
-  """`describe_fn` behind the device resize (not jitted).
+def jit_describe(backbone: Backbone, *, mesh: Mesh | None = None, **kwargs: Any
+                 ) -> Callable[[Any, jax.Array], dict[str, jax.Array]]:
+  """`describe_fn` compiled once per input shape; sharded over `mesh` as `jit_sharded`."""
+  return jit_sharded(describe_fn(backbone, **kwargs), mesh)
 
-  The pure step `(params, uint8 canvases [N, C, C, 3], int32 sizes [N, 2]) -> {kind: [N, D]}`:
-  each image is resized from its canvas to `image_size` as Pillow's BILINEAR does
-  (`resize.resize_canvases`), then preprocessing, backbone and descriptors run exactly as in
-  `describe_fn`. One compile per canvas bucket; the sizes are data.
-  """
+
+def on_canvases(step: Callable[[Any, jax.Array], Any], image_size: int | tuple[int, int]
+                ) -> Callable[[Any, jax.Array, jax.Array], Any]:
+  """`step(params, uint8 images)` as `(params, uint8 canvases [N, C, C, 3], int32 sizes [N, 2])`
+  (not jitted): each image is resized from its canvas to `image_size` as Pillow's BILINEAR
+  does (`resize.resize_canvases`) first. One compile per canvas bucket; the sizes are data."""
   out_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-  step = describe_fn(backbone, **kwargs)
 
-  def canvas_step(params: Any, canvases: jax.Array, sizes: jax.Array) -> dict[str, jax.Array]:
+  def canvas_step(params: Any, canvases: jax.Array, sizes: jax.Array) -> Any:
     return step(params, resize.resize_canvases(canvases, sizes, out_size))
 
   return canvas_step
 
 
+def describe_canvas_fn(backbone: Backbone, *, image_size: int | tuple[int, int], **kwargs: Any
+                       ) -> Callable[[Any, jax.Array, jax.Array], dict[str, jax.Array]]:
+  """`describe_fn` behind the device resize (`on_canvases`; not jitted)."""
+  return on_canvases(describe_fn(backbone, **kwargs), image_size)
+
+
 def jit_describe_canvas(backbone: Backbone, *, image_size: int | tuple[int, int],
                         mesh: Mesh | None = None, **kwargs: Any
                         ) -> Callable[[Any, jax.Array, jax.Array], dict[str, jax.Array]]:
-  """`describe_canvas_fn` compiled once per canvas bucket; sharded over `mesh` as `jit_describe`."""
-  step = describe_canvas_fn(backbone, image_size=image_size, **kwargs)
-  if mesh is None:
-    return jax.jit(step)
-  batch = sharding.batch_sharding(mesh)
-  return jax.jit(step, in_shardings=(sharding.replicated(mesh), batch, batch),
-                 out_shardings=batch)
+  """`describe_canvas_fn` compiled once per canvas bucket; sharded over `mesh` as `jit_sharded`."""
+  return jit_sharded(describe_canvas_fn(backbone, image_size=image_size, **kwargs), mesh,
+                     batched=2)

@@ -55,13 +55,3 @@ TORCHVISION = Preprocessing("torchvision", "rgb", 1.0 / 255.0,
 CAFFE = Preprocessing("caffe", "bgr", 1.0, (103.939, 116.779, 123.68), (1.0, 1.0, 1.0))
 EFFICIENTNET_LITE = Preprocessing("efficientnet_lite", "rgb", 1.0,
                                   (127.0, 127.0, 127.0), (128.0, 128.0, 128.0))
-
-PRESETS: dict[str, Preprocessing] = {p.name: p for p in (TORCHVISION, CAFFE, EFFICIENTNET_LITE)}
-
-
-def get(name: str) -> Preprocessing:
-  """Returns a preset by name, with a clear error for unknown names."""
-  try:
-    return PRESETS[name]
-  except KeyError:
-    raise ValueError(f"unknown preprocessing {name!r}; known: {sorted(PRESETS)}") from None

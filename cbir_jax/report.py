@@ -10,7 +10,7 @@ import hashlib
 import html
 import os
 import pathlib
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
@@ -51,20 +51,13 @@ class ReportHeader:
             f"threshold {self.threshold}")
 
 
-def header_of(index_dir: str, manifest: Any, *, kind: str, k: int,
+def header_of(index_dir: str, manifest: Mapping[str, Any], *, kind: str, k: int,
               images: IndexImages | None = None) -> ReportHeader:
-  """The header from an index's manifest (the dict `store.read_manifest` returns, or the
-  typed form with `settings`)."""
-  settings = getattr(manifest, "settings", None)
-  if settings is not None:
-    model, desc = settings.backbone, dict(settings.descriptor)
-  else:
-    model = manifest.get("backbone", "?")
-    desc = manifest.get("descriptor") or manifest.get("settings", {}).get("descriptor", {})
-  tau = desc.get("threshold", "?")
-  threshold = (f"tau = {tau} x max per image" if desc.get("relative", True) else f"tau = {tau}")
-  threshold += f", {desc.get('masks', 'channel')} masks"
-  return ReportHeader(index=str(index_dir), model=model, kind=kind, k=k, threshold=threshold,
+  """The header from an index's manifest (the dict `store.read_manifest` returns)."""
+  desc = manifest["settings"]["descriptor"]  # DescriptorConfig.to_dict()
+  threshold = f"tau = {desc['threshold']}" + (" x max per image" if desc["relative"] else "")
+  return ReportHeader(index=str(index_dir), model=manifest["backbone"], kind=kind, k=k,
+                      threshold=f"{threshold}, {desc['masks']} masks",
                       images=images.describe() if images else "")
 
 
@@ -83,15 +76,11 @@ def _histogram_lines(channels: np.ndarray) -> list[tuple[np.ndarray, tuple[int, 
   """(values, colour, width) per line: channels with equal histograms share one line, drawn
   in the mean of their colours, so none hides behind another; all three (a greyscale image)
   give one neutral grey line."""
-  groups: list[list[int]] = []
+  groups: dict[bytes, list[int]] = {}
   for c in range(3):
-    same = next((g for g in groups if np.array_equal(channels[g[0]], channels[c])), None)
-    if same is None:
-      groups.append([c])
-    else:
-      same.append(c)
+    groups.setdefault(channels[c].tobytes(), []).append(c)
   lines = []
-  for g in groups:
+  for g in groups.values():
     colour = _GREY if len(g) == 3 else tuple(
         int(np.mean([_CHANNEL_COLOURS[c][i] for c in g])) for i in range(3))
     lines.append((channels[g[0]], colour, 1 if len(g) == 1 else 2))
@@ -99,12 +88,8 @@ def _histogram_lines(channels: np.ndarray) -> list[tuple[np.ndarray, tuple[int, 
 
 
 def draw_histogram(hist: np.ndarray, size: tuple[int, int]) -> Image.Image:
-  """The R, G and B histograms (each scaled to its largest bin) as step lines.
-
-  Args:
-    hist: [3K] as `evaluation.color_histogram` returns it.
-    size: (width, height) in pixels.
-  """
+  """The R, G and B histograms `hist` ([3K] as `evaluation.color_histogram` returns it, each
+  channel scaled to its largest bin) as step lines in an image of `size` (width, height)."""
   w, h = size
   bins = len(hist) // 3
   img = Image.new("RGB", size, (255, 255, 255))
@@ -131,9 +116,7 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
   """`text`, shortened in the middle ("ab...yz") until it fits `width` pixels."""
   if draw.textlength(text, font=font) <= width:
     return text
-  keep = len(text)
-  while keep > 2:
-    keep -= 1
+  for keep in range(len(text) - 1, 1, -1):
     short = text[:keep // 2] + "..." + text[len(text) - (keep - keep // 2):]
     if draw.textlength(short, font=font) <= width:
       return short
@@ -173,6 +156,7 @@ def _picture(hit: Hit, images: IndexImages, out: pathlib.Path, *, bins: int, thu
   copy.save(out / "images" / f"{stem}.jpg", quality=90)
   small = ImageOps.contain(full, (thumb, thumb), Image.BILINEAR)
   small.save(out / "images" / f"{stem}_thumb.jpg", quality=90)
+  draw_histogram(hist, (thumb, _hist_height(thumb))).save(out / "images" / f"{stem}_hist.png")
   return _Picture(stem, small, hist)
 
 
@@ -194,9 +178,7 @@ class _Cell:
   rank: int  # 0 = the query
   picture: _Picture
   mark: str  # "query", or a key of MARKS
-  hist_distance: float | None  # to the query; on the query's cell, the mean over its row
-  self_row: int = -1  # the query's own row in the index (QueryResult.self_row)
-  row_title: str = ""  # what the row shows (e.g. its descriptor kind), on the query's cell
+  captions: list[str]  # the lines under the image (`_captions`)
 
 
 def _cells(results: Sequence[QueryResult], images: IndexImages, out: pathlib.Path, *,
@@ -210,9 +192,6 @@ def _cells(results: Sequence[QueryResult], images: IndexImages, out: pathlib.Pat
       key = (hit.row < 0, hit.path)
       if key not in pictures:
         pictures[key] = _picture(hit, images, out, bins=bins, thumb=thumb)
-        if pictures[key].hist is not None:
-          draw_histogram(pictures[key].hist, (thumb, _hist_height(thumb))).save(
-              out / "images" / f"{pictures[key].stem}_hist.png")
       row.append((rank, hit, pictures[key]))
     q_hist = row[0][2].hist
     dists = [None if q_hist is None or pic.hist is None else
@@ -220,8 +199,8 @@ def _cells(results: Sequence[QueryResult], images: IndexImages, out: pathlib.Pat
     mean = float(np.mean(dists)) if dists and None not in dists else None
     rows.append([_Cell(hit, rank, pic,
                        "query" if rank == 0 else mark(r.query, hit, self_row=r.self_row),
-                       mean if rank == 0 else dists[rank - 1], r.self_row,
-                       row_title if rank == 0 else "")
+                       _captions(hit, rank, mean if rank == 0 else dists[rank - 1],
+                                 self_row=r.self_row, row_title=row_title))
                  for rank, hit, pic in row])
   return rows
 
@@ -246,11 +225,10 @@ class _LegendItem:
     return 16 if self.mark else 16 * (len(_CHANNEL_COLOURS) + 1) if self.lines else 0
 
 
-def _legend_items() -> list[_LegendItem]:
-  # The histogram key is two items, so that a narrow sheet wraps between them.
-  return [*(_LegendItem(_MARK_TEXT[m], mark=m) for m in MARKS),
-          _LegendItem("histograms R, G, B;", lines=True),
-          _LegendItem("equal channels share a line (grey: all three)")]
+# The histogram key is two items, so that a narrow sheet wraps between them.
+_LEGEND_ITEMS = (*(_LegendItem(_MARK_TEXT[m], mark=m) for m in MARKS),
+                 _LegendItem("histograms R, G, B;", lines=True),
+                 _LegendItem("equal channels share a line (grey: all three)"))
 
 
 def _legend_lines(draw: ImageDraw.ImageDraw, font: Any, width: int
@@ -260,7 +238,7 @@ def _legend_lines(draw: ImageDraw.ImageDraw, font: Any, width: int
   shortened (`_fit`)."""
   lines: list[list[tuple[_LegendItem, str]]] = [[]]
   used = 0
-  for item in _legend_items():
+  for item in _LEGEND_ITEMS:
     text = _fit(draw, item.text, font, width - item.swatch_width())
     need = item.swatch_width() + int(np.ceil(draw.textlength(text, font=font)))
     if lines[-1] and used + _LEGEND_GAP + need > width:
@@ -301,8 +279,7 @@ def _sheet(cells: list[list[_Cell]], header: ReportHeader | None, title: str, *,
   font, big = _font(11), _font(15)
   hist_h, line_h, pad, frame = _hist_height(thumb), 14, 10, 3
   cell_w, cell_h = thumb + 2 * pad, thumb + hist_h + _TEXT_LINES * line_h + 3 * pad
-  cols = max(len(row) for row in cells)
-  size_w = cols * cell_w + pad
+  size_w = max(len(row) for row in cells) * cell_w + pad
   width = size_w - 2 * pad
   # The legend wraps to the sheet's width (set by k), so the header grows by its lines.
   legend = _legend_lines(ImageDraw.Draw(Image.new("RGB", (1, 1))), font, width)
@@ -331,8 +308,7 @@ def _sheet(cells: list[list[_Cell]], header: ReportHeader | None, title: str, *,
                   font=font)
       colour = _QUERY_FRAME if c.mark == "query" else MARKS[c.mark]
       draw.rectangle(box, outline=colour, width=frame)
-      for li, text in enumerate(_captions(c.hit, c.rank, c.hist_distance, self_row=c.self_row,
-                                          row_title=c.row_title)):
+      for li, text in enumerate(c.captions):
         draw.text((x, y + thumb + hist_h + frame + 2 + li * line_h), _fit(draw, text, font, thumb),
                   fill=(0, 0, 0), font=font)
       boxes[-1].append({"path": c.hit.path, "mark": c.mark, "box": box})
@@ -340,9 +316,7 @@ def _sheet(cells: list[list[_Cell]], header: ReportHeader | None, title: str, *,
 
 
 def _figure(c: _Cell) -> str:
-  captions = "<br>".join(html.escape(t) for t in _captions(c.hit, c.rank, c.hist_distance,
-                                                            self_row=c.self_row,
-                                                            row_title=c.row_title))
+  captions = "<br>".join(html.escape(t) for t in c.captions)
   where = html.escape(shown(c.hit.path))
   if c.picture.thumb is None:
     image = f'<div class="missing">image not readable: {html.escape(c.picture.error)}</div>'
@@ -356,11 +330,11 @@ def _figure(c: _Cell) -> str:
 
 
 def _page(cells: list[list[_Cell]], results: Sequence[QueryResult], header: ReportHeader | None,
-          title: str, *, bins: int, thumb: int) -> str:
+          title: str, *, row_titles: Sequence[str], bins: int, thumb: int) -> str:
   """The HTML page; every link and image in it is relative to the report folder."""
   sections = []
   for qi, (r, row) in enumerate(zip(results, cells)):
-    name = row[0].row_title or f"Query {qi + 1}"
+    name = row_titles[qi] or f"Query {qi + 1}"
     sections.append(f"<section><h2>{html.escape(name)}: {html.escape(shown(r.query.path))}</h2>"
                     f'<div class="row">{"".join(_figure(c) for c in row)}</div></section>')
   meta = "" if header is None else (
@@ -391,16 +365,14 @@ def write_report(out_dir: str | os.PathLike, results: Sequence[QueryResult], *,
                  bins: int = evaluation.DEFAULT_BINS, thumb: int = 160,
                  title: str | None = None, row_titles: Sequence[str] | None = None
                  ) -> dict[str, Any]:
-  """Writes results.png, results.html and images/ (thumbnails, copies, histograms) to out_dir.
+  """Writes results.png, results.html and images/ (thumbnails, copies, histograms) to out_dir
+  (created), one row per query of `results`, in their order.
 
   Args:
-    out_dir: output folder (created).
-    results: queries and their hits, in display order.
     images: where the index's images are read (default: files at their stored paths).
-    header: the index, model, kind, k and threshold shown on top (`header_of`).
-    bins: K of the colour histograms.
-    thumb: size of the square thumbnail box, in pixels.
-    title: page title (default: from the header).
+    header: the index, model, kind, k and threshold shown on top (`header_of`); the
+      default title comes from it.
+    bins, thumb: K of the colour histograms; the square thumbnail box, in pixels.
     row_titles: one per result row, shown on its query's cell (e.g. the descriptor kind when
       the rows are one query searched with several kinds); default "query".
 
@@ -422,23 +394,20 @@ def write_report(out_dir: str | os.PathLike, results: Sequence[QueryResult], *,
   sheet, boxes, legend = _sheet(cells, header, title, thumb=thumb)
   png, page = out / "results.png", out / "results.html"
   sheet.save(png)
-  page.write_text(_page(cells, results, header, title, bins=bins, thumb=thumb),
+  page.write_text(_page(cells, results, header, title, row_titles=row_titles, bins=bins,
+                        thumb=thumb),
                   encoding="utf-8")
   unread = {(c.hit.row < 0, c.hit.path): c.picture.error for row in cells for c in row}
-  missing = [e for e in unread.values() if e]
-  return {"png": str(png), "html": str(page), "missing": missing, "cells": boxes,
-          "legend": legend}
+  return {"png": str(png), "html": str(page), "missing": [e for e in unread.values() if e],
+          "cells": boxes, "legend": legend}
 
 
 def write_index_report(out_dir: str | os.PathLike, index_dir: str,
                        results: Sequence[QueryResult], *, k: int,
                        images: IndexImages | None = None, **kwargs: Any) -> dict[str, Any]:
-  """`write_report` for results of `query.search_index`, with the index's header.
-
-  Args:
-    images: where the index's images are (default: as its manifest records them).
-    **kwargs: passed to `write_report` (bins, thumb, title, row_titles).
-  """
+  """`write_report` (**kwargs: bins, thumb, title, row_titles) for results of
+  `query.search_index`, with the index's header; `images` default to where its manifest
+  records them."""
   from cbir_jax import store
 
   manifest = store.read_manifest(index_dir)
@@ -451,21 +420,10 @@ def write_index_report(out_dir: str | os.PathLike, index_dir: str,
 def write_kinds_report(out_dir: str | os.PathLike, index_dir: str, query_row: int, *,
                        kinds: Sequence[str], k: int, exclude_self: bool = True,
                        images: IndexImages | None = None, **kwargs: Any) -> dict[str, Any]:
-  """One row of the index searched with each descriptor kind: one report row per kind, the
-  layout of the paper's Figures 3-10 (the same query, its top-k under each descriptor).
-
-  Args:
-    out_dir: output folder (created).
-    index_dir: output directory of launch/extract.py holding every kind in `kinds`.
-    query_row: the index row used as the query.
-    kinds: descriptor kinds, one report row each, in this order.
-    k: results per row.
-    exclude_self: leave the query's own row out of its results (as the evaluation does).
-    images: where the index's images are (default: as its manifest records them).
-    **kwargs: passed to `write_report` (bins, thumb, title).
-
-  Returns:
-    What `write_report` returns; its "cells" are in the order of `kinds`.
+  """Index row `query_row` searched with each of `kinds`, one report row per kind in that
+  order: the layout of the paper's Figures 3-10 (the same query, its top-k under each
+  descriptor). `exclude_self` leaves the query's own row out of its results (as the
+  evaluation does); the rest is as `write_index_report`.
   """
   from cbir_jax.query import search_index
 

@@ -108,7 +108,7 @@ def test_a_constant_block_keeps_scale_one():
 def test_record_round_trips_and_derived_kinds():
   x = unequal_rows(10)
   s = balance.block_scales(x, DIMS, num_pairs=50, seed=2, source="/idx")
-  assert balance.BlockScales.from_dict(s.to_dict()) == s
+  assert balance.BlockScales(**s.to_dict()) == s
   fc = np.arange(20, dtype=np.float32).reshape(10, 2)
   got = balance.derive("fc_conv_balanced", {"fc": fc, "conv": x}, s)
   np.testing.assert_array_equal(got, np.concatenate([fc, balance.apply(x, s)], axis=1))

@@ -330,12 +330,6 @@ def test_gem_bfloat16_input_computed_in_float32():
   np.testing.assert_allclose(got, literal_gem(np.asarray(x, np.float64), 3.0, 1e-6), rtol=1e-5)
 
 
-def test_l1_distance_is_mean_absolute_difference():
-  u = np.array([[0.0, 1.0, 2.0, 3.0]])
-  w = np.array([[1.0, 1.0, 0.0, 7.0]])
-  assert float(desc.l1_distance(u, w)[0]) == pytest.approx((1 + 0 + 2 + 4) / 4)
-
-
 def test_config_validation():
   with pytest.raises(ValueError):
     desc.DescriptorConfig(masks="notebook")

@@ -319,4 +319,4 @@ def test_labels_csv_errors(tmp_path):
     classify.read_labels_csv(p)
   p.write_text("file,class_index,class_name\na.jpg,3,cat\nb.jpg,4,\n")
   labels = classify.read_labels_csv(p)
-  assert labels.by_file == {"a.jpg": 3, "b.jpg": 4} and labels.names == {3: "cat"}
+  assert labels == {"a.jpg": 3, "b.jpg": 4}

@@ -93,15 +93,11 @@ def moved_index(photos, tmp_path_factory):
 
 
 def test_input_of_reads_both_manifest_forms():
-  folder = {"input": {"type": "folder", "num_records": 3, "where": "/data/x"}}
-  tfds = {"input": {"type": "tfds", "name": "food", "split": "train[:5]", "where": "/d"}}
-  typed = {"input": {"type": "tfds", "root": "/d", "spec": "food:train"}}
-  assert ii.input_of(folder) == ii.IndexInput("folder", "/data/x", "")
-  assert ii.input_of(tfds) == ii.IndexInput("tfds", "/d", "food:train[:5]")
-  assert ii.input_of(typed) == ii.IndexInput("tfds", "/d", "food:train")
+  as_read = {"input": {"type": "tfds", "root": "/d", "spec": "food:train", "num_records": 3}}
+  assert ii.input_of(as_read) == ii.IndexInput("tfds", "/d", "food:train")
   assert ii.input_of({"settings": {}}) == ii.IndexInput()
 
-  class Typed:  # the typed manifest (branch `job`): an object with .input
+  class Typed:  # the typed manifest (store.load_manifest): an object with .input
     input = ii.IndexInput("folder", "/r", "")
   assert ii.input_of(Typed()) == ii.IndexInput("folder", "/r", "")
 
