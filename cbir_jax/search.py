@@ -50,13 +50,6 @@ class Tiling:
   block_rows: int
   method: str = "loop"
 
-  @property
-  def working_set_elements(self) -> int:
-    """Largest intermediate of the distance kernel, in float32 values."""
-    if self.method == "loop":
-      return self.query_tile * self.tile
-    return self.query_tile * self.tile * self.d_chunk
-
 
 def default_method(platform: str) -> str:
   """"loop" on CPUs, "chunks" on accelerators.
@@ -117,7 +110,7 @@ def _prepare_queries(q: jax.Array, tiling: Tiling) -> jax.Array:
 
 
 def _l1_sums(q: jax.Array, x: jax.Array, tiling: Tiling) -> jax.Array:
-  """sum_d |q_i,d - x_j,d| -> [Qt, T] float32, holding at most `working_set_elements`.
+  """sum_d |q_i,d - x_j,d| -> [Qt, T] float32, holding at most Qt x T (x d_chunk) values.
 
   Args:
     q: queries, [D, Qt] for "loop", [Qt, D] for "chunks" (`_prepare_queries`).
@@ -274,13 +267,16 @@ def _check_queries(queries: Any) -> np.ndarray:
   return q
 
 
-def _first_nonfinite_row(database: Any, block_rows: int) -> int:
+def _nonfinite(database: Any, block_rows: int) -> ValueError:
+  """The error for distances that came out NaN or infinite: names the database's first bad
+  row, if there is one."""
   for start in range(0, database.shape[0], block_rows):
-    part = np.asarray(database[start:start + block_rows], np.float32)
-    bad = ~np.isfinite(part).all(axis=1)
+    bad = ~np.isfinite(np.asarray(database[start:start + block_rows], np.float32)).all(axis=1)
     if bad.any():
-      return start + int(np.flatnonzero(bad)[0])
-  return -1
+      row = start + int(np.flatnonzero(bad)[0])
+      return ValueError(f"database contains NaN or infinite values (first at row {row})")
+  return ValueError("distances overflowed to infinity (database values too large for float32 "
+                    "sums)")
 
 
 def _host_dtype(database: Any) -> np.dtype:
@@ -304,7 +300,7 @@ def read_block(database: Any, start: int, rows: int, dtype: np.dtype) -> np.ndar
   """
   part = np.asarray(database[start:start + rows], dtype=dtype)
   if part.shape[0] < rows:  # fixed block shape: pad, and mask via num_valid
-    part = np.concatenate([part, np.zeros((rows - part.shape[0],) + part.shape[1:], dtype)])
+    part = np.pad(part, ((0, rows - part.shape[0]), (0, 0)))
   return part
 
 
@@ -376,11 +372,9 @@ def l1_topk(queries: Any, database: Any, k: int, *, tile: int = 512, query_tile:
   fn = _block_fn(mesh, k, tiling, dim)
 
   qp = _round_up(num_q, tiling.query_tile)
+  q_pad = np.pad(q.astype(np.float32), ((0, qp - num_q), (0, 0)))
+  ex_pad = np.pad(ex.astype(np.int32), (0, qp - num_q), constant_values=-1)
   rep = NamedSharding(mesh, P())
-  q_pad = np.zeros((qp, dim), np.float32)
-  q_pad[:num_q] = q
-  ex_pad = np.full(qp, -1, np.int32)
-  ex_pad[:num_q] = ex
   q_dev, ex_dev = jax.device_put((q_pad, ex_pad), rep)
   best_d = jax.device_put(np.full((qp, k), np.inf, np.float32), rep)
   best_i = jax.device_put(np.full((qp, k), _NO_INDEX, np.int32), rep)
@@ -395,10 +389,7 @@ def l1_topk(queries: Any, database: Any, k: int, *, tile: int = 512, query_tile:
                              np.int32(start), np.int32(min(rows, n - start)), best_d, best_i,
                              bad)
   if bool(bad):
-    row = _first_nonfinite_row(database, rows)
-    raise ValueError(f"database contains NaN or infinite values (first at row {row})"
-                     if row >= 0 else "distances overflowed to infinity (database values "
-                     "too large for float32 sums)")
+    raise _nonfinite(database, rows)
   d = np.asarray(best_d)[:num_q]
   i = np.asarray(best_i)[:num_q].astype(np.int64)
   return TopK(distances=d, indices=i)
@@ -426,23 +417,17 @@ def l1_distances(queries: Any, database: Any, *, tile: int = 1024, query_tile: i
   method = method or default_method(jax.devices()[0].platform)
   tiling = plan(q.shape[0], n, dim, tile=tile, query_tile=query_tile, d_chunk=d_chunk,
                 method=method)
-  qp = _round_up(q.shape[0], tiling.query_tile)
-  q_pad = np.zeros((qp, dim), np.float32)
-  q_pad[:q.shape[0]] = q
-  q_dev = jnp.asarray(q_pad)
+  pad = _round_up(q.shape[0], tiling.query_tile) - q.shape[0]
+  q_dev = jnp.asarray(np.pad(q.astype(np.float32), ((0, pad), (0, 0))))
   fn = _distance_fn(tiling, dim)
   t = tiling.tile
   out = np.empty((q.shape[0], n), np.float32)
   for start in range(0, n, t):
-    part = np.asarray(database[start:start + t], np.float32)
-    m = part.shape[0]
-    if m < t:
-      part = np.concatenate([part, np.zeros((t - m, dim), np.float32)])
-    out[:, start:start + m] = np.asarray(fn(q_dev, part))[:q.shape[0], :m]
+    m = min(t, n - start)
+    d = fn(q_dev, read_block(database, start, t, np.float32))
+    out[:, start:start + m] = np.asarray(d)[:q.shape[0], :m]
   if not np.isfinite(out).all():
-    row = _first_nonfinite_row(database, t)
-    raise ValueError(f"database contains NaN or infinite values (first at row {row})"
-                     if row >= 0 else "distances overflowed to infinity")
+    raise _nonfinite(database, t)
   return out
 
 
