@@ -20,9 +20,7 @@ Reading it without cbir_jax (NumPy, or faiss on the same arrays):
 """
 from __future__ import annotations
 
-import json
 import os
-import pathlib
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -67,14 +65,14 @@ def read_metadata(path: str | os.PathLike) -> dict[str, np.ndarray]:
   table = pq.read_table(path)
   out = {}
   for name, col in zip(table.column_names, table.columns):
-    if pa.types.is_binary(col.type):
+    if pa.types.is_binary(col.type):  # a file name that is not UTF-8: its own bytes
       items = [b.decode("utf-8", "surrogateescape") for b in col.to_pylist()]
-      out[name] = np.asarray(items, dtype=str) if items else np.zeros(0, str)
     elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
       items = col.to_pylist()
-      out[name] = np.asarray(items, dtype=str) if items else np.zeros(0, str)
     else:
       out[name] = col.to_numpy()
+      continue
+    out[name] = np.asarray(items, dtype=str) if items else np.zeros(0, str)
   return out
 
 
@@ -116,17 +114,9 @@ class LazyRows:
   def __getitem__(self, key: Any) -> Any:
     first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
     n = self.shape[0]
-    if isinstance(first, (int, np.integer)):
-      i = int(first) + (n if first < 0 else 0)
-      if not 0 <= i < n:
-        raise IndexError(f"index {first} is out of bounds for axis 0 with size {n}")
-      k = int(np.searchsorted(self.starts, i, side="right") - 1)
-      row = np.asarray(self.parts[k][i - self.starts[k]])
-      return row[rest] if rest else row
     if isinstance(first, slice):
-      rows = self._rows(np.arange(n)[first])
-      return rows[(slice(None), *rest)] if rest else rows
-    idx = np.asarray(first)
+      return self._rows(np.arange(*first.indices(n)))[(slice(None), *rest)]
+    idx = np.asarray(first)  # an int too: a 0-d index, its row below
     if idx.dtype == bool:
       if idx.shape != (n,):
         raise IndexError(f"boolean index of shape {idx.shape} for {n} rows")
@@ -154,11 +144,6 @@ class LazyRows:
 def part_view(arrays: Sequence[np.ndarray]) -> np.ndarray | LazyRows:
   """The file itself for one part, else a lazy concatenation."""
   return arrays[0] if len(arrays) == 1 else LazyRows(arrays)
-
-
-def read_failures_file(path: pathlib.Path) -> list[tuple[str, str, int]]:
-  items = json.loads(path.read_text(encoding="utf-8", errors="surrogateescape"))
-  return [(f[0], f[1], int(f[2]) if len(f) > 2 else -1) for f in items]
 
 
 __all__ = ["FAILURES", "LazyRows", "METADATA", "part_view", "read_metadata",
