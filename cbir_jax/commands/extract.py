@@ -45,11 +45,6 @@ def main() -> int:
   return extract.main(config, started=_STARTED)  # the exit status of every outcome
 
 
-
 def run() -> None:
   """The `cbir-extract` console script."""
   cli.run("extract", main, gpu_warning=False)
-
-
-if __name__ == "__main__":
-  run()
