@@ -433,15 +433,10 @@ def app(service: Service) -> Any:
 def bind(host: str, port: int) -> socket.socket:
   """A listening socket on host:port (port 0: a free one), IPv4 or IPv6."""
   family = socket.AF_INET6 if ":" in host else socket.AF_INET
-  sock = socket.socket(family, socket.SOCK_STREAM)
-  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-  try:
-    sock.bind((host, port))
+  try:  # SO_REUSEADDR set, the socket closed if it cannot bind
+    return socket.create_server((host, port), family=family, backlog=128)
   except OSError as e:
-    sock.close()
     raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-  sock.listen(128)
-  return sock
 
 
 def run(config: ServeConfig, *, log: Callable[[str], None]) -> None:
