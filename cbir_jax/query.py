@@ -170,8 +170,9 @@ class Describer:
   def __call__(self, images: np.ndarray) -> np.ndarray:
     """Descriptors [N, D] float32 of network inputs [N, H, W, 3], rounded like stored rows."""
     out = np.asarray(self._fn(self._params, images)[self._kind], np.float32)
-    return out.astype(np.float16).astype(np.float32) if self.settings.output_dtype == "float16" \
-        else out
+    if self.settings.output_dtype == "float16":
+      out = out.astype(np.float16).astype(np.float32)
+    return out
 
 
 def describe_images(manifest: Any, paths: Any, kind: str, *, weights_dir: str | None = None
@@ -296,11 +297,9 @@ def wanted(k: int, num_rows: int, exclude_self: bool, own: Sequence[int]) -> int
              num_rows - int(exclude_self and max(own) >= 0))
 
 
-def _split(values: Any) -> list[str]:
-  out = []
-  for v in ([values] if isinstance(values, str) else values or ()):
-    out += [s.strip() for s in str(v).split(",") if s.strip()]
-  return out
+def _values(values: Any) -> list[str]:
+  """A flag's values as given from Python: one string, or a sequence (of strings, numbers)."""
+  return [str(v) for v in ([values] if isinstance(values, str) else values or ())]
 
 
 def query_names(values: Any) -> list[str]:
@@ -311,8 +310,7 @@ def query_names(values: Any) -> list[str]:
   is never split (and a missing file is reported under the name given).
   """
   out = []
-  for v in ([values] if isinstance(values, str) else values or ()):
-    v = str(v)
+  for v in _values(values):
     pieces = [p.strip() for p in v.split(",")]
     if "," in v and not os.path.lexists(v) and all(p and os.path.lexists(p) for p in pieces):
       out += pieces
@@ -347,33 +345,19 @@ def search_index(index_dir: str, *, kind: str | None = None, k: int = 5,
                  ) -> list[QueryResult]:
   """Searches an extraction output with image files and/or rows of the index.
 
-  A query image that is itself in the index (its stored file, also under `image_root`, or
-  an image with the same pixels) is recognised: `QueryResult.self_row` names its row.
-
-  Args:
-    index_dir: output directory of launch/extract.py.
-    kind: descriptor kind to search with; None: `store.choose_kind`'s (fc_conv if the
-      index has it, else conv, ...; `note` names it when it is not fc_conv).
-    k: results per query; clamped to what the index holds (see `clamp_k`, which calls
-      `note`).
-    query_paths: image files, one name per item (see `query_names` for comma lists);
-      described with the index's recorded model (see `describe_images`).
-    query_ids: rows of the index used as queries.
-    exclude_self: leave each query's own row out of its results (row queries, and query
-      images found in the index).
-    image_root: where the index's image folder (or TFDS data_dir) is now, if it moved.
-    note: receives one line when k was clamped, and one naming the approximate index used.
-    ann: candidates from the approximate index of `kind` (launch/index.py), re-ranked
-      exactly (`ann.ann_topk`); an index built before the output changed is refused.
-    weights: where the index's weights are now, if they moved (checked by digest).
-    **search_kwargs: passed to `search.l1_topk` (tiling, mesh).
+  The arguments mean what `SearchConfig`'s fields of the same names do (`query_paths` is its
+  `query`: see `query_names`); `note` receives one line each for a kind chosen by
+  `store.choose_kind` other than fc_conv, a k clamped by `clamp_k` and the approximate index
+  used; `search_kwargs` go to `search.l1_topk` (tiling, mesh). A query image that is itself
+  in the index (its stored file, also under `image_root`, or an image with the same pixels)
+  is recognised: `QueryResult.self_row` names its row.
 
   Returns:
     One QueryResult per query: image files first, then rows, in the order given. A query
     file's path is absolute, like the stored paths of its results.
   """
   paths = query_names(query_paths)
-  ids = [int(v) for v in _split(query_ids)]
+  ids = [int(s) for v in _values(query_ids) for s in v.split(",") if s.strip()]
   if not paths and not ids:
     raise ValueError("no queries: give image files (--query) or index rows (--query_ids)")
   kind, why = store.choose_kind(index_dir, kind)
