@@ -70,17 +70,14 @@ def _round_up(x: int, m: int) -> int:
 def plan(num_queries: int, num_rows: int, dim: int, *, num_devices: int = 1,
          tile: int = 512, query_tile: int = 128, d_chunk: int = 256,
          block_rows: int | None = None, itemsize: int = 4, method: str = "loop") -> Tiling:
-  """Chooses tile sizes for a search, shrinking them for small inputs.
+  """Chooses tile sizes for Q queries over N rows of D dimensions split over `num_devices`.
 
-  Args:
-    num_queries, num_rows, dim: Q, N and D of the search.
-    num_devices: devices the database is split over.
-    tile, query_tile, d_chunk: upper bounds (see `Tiling`).
-    block_rows: rows per host-to-device block; default: as many as fit in
-      256 MiB of the database's dtype (`itemsize` bytes per value).
-    method: "loop" or "chunks" (see `default_method`).
+  `tile`, `query_tile` and `d_chunk` are upper bounds (see `Tiling`), shrunk for small
+  inputs; `block_rows` defaults to as many rows as fit in 256 MiB of the database's dtype
+  (`itemsize` bytes per value); `method`: "loop" or "chunks" (see `default_method`).
   """
-  for name, v in (("tile", tile), ("query_tile", query_tile), ("d_chunk", d_chunk)):
+  for name, v in (("tile", tile), ("query_tile", query_tile), ("d_chunk", d_chunk),
+                  ("block_rows", 1 if block_rows is None else block_rows)):
     if v < 1:
       raise ValueError(f"{name} must be >= 1, got {v}")
   if method not in METHODS:
@@ -92,8 +89,6 @@ def plan(num_queries: int, num_rows: int, dim: int, *, num_devices: int = 1,
   step = num_devices * tile
   if block_rows is None:
     block_rows = max(step, (_DEFAULT_BLOCK_BYTES // max(1, dim * itemsize)) // step * step)
-  elif block_rows < 1:
-    raise ValueError(f"block_rows must be >= 1, got {block_rows}")
   block_rows = min(_round_up(block_rows, step), _round_up(num_rows, step))
   return Tiling(tile=tile, query_tile=query_tile, d_chunk=d_chunk, block_rows=block_rows,
                 method=method)
@@ -286,9 +281,7 @@ def _host_dtype(database: Any) -> np.dtype:
   dtype = getattr(database, "dtype", None)
   # A lazy concatenation of parts may not carry a dtype: its first row tells.
   dtype = np.dtype(dtype) if dtype is not None else np.asarray(database[0:1]).dtype
-  if dtype in (np.dtype(np.float16), np.dtype(jnp.bfloat16)):
-    return dtype
-  return np.dtype(np.float32)
+  return dtype if dtype in (np.dtype(np.float16), np.dtype(jnp.bfloat16)) else np.dtype(np.float32)
 
 
 def read_block(database: Any, start: int, rows: int, dtype: np.dtype) -> np.ndarray:
@@ -390,9 +383,8 @@ def l1_topk(queries: Any, database: Any, k: int, *, tile: int = 512, query_tile:
                              bad)
   if bool(bad):
     raise _nonfinite(database, rows)
-  d = np.asarray(best_d)[:num_q]
-  i = np.asarray(best_i)[:num_q].astype(np.int64)
-  return TopK(distances=d, indices=i)
+  return TopK(distances=np.asarray(best_d)[:num_q],
+              indices=np.asarray(best_i)[:num_q].astype(np.int64))
 
 
 @functools.lru_cache(maxsize=16)
