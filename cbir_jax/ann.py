@@ -5,12 +5,9 @@ optionally after a PCA learned on the index) only proposes candidates; their dis
 and order come from an exact L1 / D re-rank of the stored rows on the device (SPEC.md
 section 3), so every distance returned is exact and ties still go to the lower row.
 
-On disk, beside the output: OUT/ann/<kind>/index.faiss (faiss's own format, written by
-`faiss.write_index`; no pickle) and OUT/ann/<kind>/ann.json (an `AnnRecord`), which holds
-the identity of the index it was built on (a digest of the manifest's checksums and row
-count): an index updated since (`--update`) no longer matches and its ANN index is refused
-with a line saying how to rebuild it. docs/search.md has the measurements behind the
-defaults.
+On disk: OUT/ann/<kind>/index.faiss (faiss's own format, no pickle) and ann.json (an
+`AnnRecord` naming the output it was built from: refused, with the rebuild command, once
+`--update` changed it). Layout, defaults and their measurements: docs/search.md.
 """
 from __future__ import annotations
 

@@ -1,22 +1,8 @@
-"""Reading a finished index: descriptor parts as one [rows, D] view, the metadata table, failures.
+"""Reading a finished index: descriptor parts as one [rows, D] view, and the metadata table.
 
-Layout of a finished output directory (format 4; `base` is "" for a first extraction and
-gen-NNNNNN/ after `--update`s; manifest.json names it):
-  manifest.json               settings, input, shards, parts per kind with rows and SHA-256
-  <base>/<kind>/part-000007.npy   shard 7's rows of that kind: memory-mappable, one folder
-                              of parts per kind (what autofaiss-style readers take as is)
-  <base>/metadata.parquet     one row per descriptor row: row, path, label, label_name,
-                              width, height (+ labels CSV columns)
-  <base>/failures.json        [[path, reason, record], ...]: records without a row (absent: none)
-  <base>/shards/000007/       the shard as written: <kind>.npy (same file as the part),
-                              meta.npz (NumPy-only metadata), failures.json, shard.json
-  <base>/records.npz          the input's per-record identities (for reruns and --update)
-
-Reading it without cbir_jax (NumPy, or faiss on the same arrays):
-  m = json.load(open(f"{out}/manifest.json"))
-  x = np.concatenate([np.load(f"{out}/{p['file']}", mmap_mode="r") for p in m["parts"]["fc"]])
-  meta = pyarrow.parquet.read_table(f"{out}/{m['metadata']['file']}")   # or, NumPy only:
-  meta = [np.load(f"{out}/{s['dir']}/meta.npz") for s in m["shards"]]   # per shard, in order
+The layout (format 4: manifest.json, a folder of .npy parts per kind, metadata.parquet,
+failures.json, the shards as written; gen-NNNNNN/ after `--update`s) and how to read it
+without cbir_jax (NumPy, pyarrow, faiss): docs/extraction.md, "Output".
 """
 from __future__ import annotations
 
