@@ -244,24 +244,6 @@ def _block_fn(mesh: Mesh, k: int, tiling: Tiling, dim: int):
                  out_shardings=(rep, rep, rep), donate_argnums=(5, 6))
 
 
-def _check_queries(queries: Any) -> np.ndarray:
-  q = np.asarray(queries)
-  if q.ndim == 1:
-    raise ValueError(f"queries must be [Q, D], got a 1-D array of shape {q.shape}; "
-                     "use queries[None] for a single query")
-  if q.ndim != 2:
-    raise ValueError(f"queries must be [Q, D], got shape {q.shape}")
-  if q.shape[0] < 1:
-    raise ValueError("no queries (Q = 0)")
-  if not np.issubdtype(q.dtype, np.number):
-    raise ValueError(f"queries must be numeric, got dtype {q.dtype}")
-  bad = ~np.isfinite(q.astype(np.float32)).all(axis=1)
-  if bad.any():
-    raise ValueError(f"queries contain NaN or infinite values (query rows "
-                     f"{np.flatnonzero(bad)[:10].tolist()})")
-  return q
-
-
 def _nonfinite(database: Any, block_rows: int) -> ValueError:
   """The error for distances that came out NaN or infinite: names the database's first bad
   row, if there is one."""
@@ -298,8 +280,19 @@ def read_block(database: Any, start: int, rows: int, dtype: np.dtype) -> np.ndar
 
 
 def _check_pair(queries: Any, database: Any) -> tuple[np.ndarray, int, int]:
-  """Checked float32 queries and the database's (N, D); clear errors for mismatches."""
-  q = _check_queries(queries)
+  """Checked queries and the database's (N, D); clear errors for mismatches."""
+  q = np.asarray(queries)
+  if q.ndim != 2:
+    hint = "; use queries[None] for a single query" if q.ndim == 1 else ""
+    raise ValueError(f"queries must be [Q, D], got shape {q.shape}{hint}")
+  if q.shape[0] < 1:
+    raise ValueError("no queries (Q = 0)")
+  if not np.issubdtype(q.dtype, np.number):
+    raise ValueError(f"queries must be numeric, got dtype {q.dtype}")
+  bad = ~np.isfinite(q.astype(np.float32)).all(axis=1)
+  if bad.any():
+    raise ValueError(f"queries contain NaN or infinite values (query rows "
+                     f"{np.flatnonzero(bad)[:10].tolist()})")
   if len(getattr(database, "shape", ())) != 2:
     raise ValueError(f"database must be [N, D], got shape {getattr(database, 'shape', None)}")
   n, dim = (int(s) for s in database.shape)
