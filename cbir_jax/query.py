@@ -360,19 +360,20 @@ def search_index(index_dir: str, *, kind: str | None = None, k: int = 5,
   ids = [int(s) for v in _values(query_ids) for s in v.split(",") if s.strip()]
   if not paths and not ids:
     raise ValueError("no queries: give image files (--query) or index rows (--query_ids)")
+  note = note or (lambda line: None)
   kind, why = store.choose_kind(index_dir, kind)
-  if why and note is not None:
+  if why:
     note(why)
   index = OpenIndex.open(index_dir, kind, image_root)
-  approx = None
+  topk = search.l1_topk
   if ann:
     from cbir_jax import ann as ann_lib  # faiss: only when asked for
 
     approx = ann_lib.load(index_dir, kind)
-    if note is not None:
-      r = approx.record
-      note(f"approximate search: {r.type} index of {r.rows} rows ({approx.where}), "
-           f"{r.candidates} candidates re-ranked exactly")
+    topk = functools.partial(ann_lib.ann_topk, ann=approx)
+    r = approx.record
+    note(f"approximate search: {r.type} index of {r.rows} rows ({approx.where}), "
+         f"{r.candidates} candidates re-ranked exactly")
   n = index.database.shape[0]
   bad = [i for i in ids if not 0 <= i < n]
   if bad:
@@ -384,11 +385,7 @@ def search_index(index_dir: str, *, kind: str | None = None, k: int = 5,
       ([describe_images(index.manifest, paths, kind, weights_dir=weights)] if paths else [])
       + ([np.asarray(index.database[ids], np.float32)] if ids else []))
   want = wanted(k, n, exclude_self, own)
-  if approx is not None:
-    top = ann_lib.ann_topk(queries, index.database, approx, want, exclude=exclude,
-                           **search_kwargs)
-  else:
-    top = search.l1_topk(queries, index.database, want, exclude=exclude, **search_kwargs)
+  top = topk(queries, index.database, k=want, exclude=exclude, **search_kwargs)
   # A query file is shown absolute, as the job stores its results' paths: one form to read
   # and to copy, whatever folder the command ran in.
   asked = [Hit(path=os.path.abspath(p)) for p in paths] + [index.hit(i) for i in ids]
