@@ -5,12 +5,9 @@ optionally after a PCA learned on the index) only proposes candidates; their dis
 and order come from an exact L1 / D re-rank of the stored rows on the device (SPEC.md
 section 3), so every distance returned is exact and ties still go to the lower row.
 
-On disk, beside the output: OUT/ann/<kind>/index.faiss (faiss's own format, written by
-`faiss.write_index`; no pickle) and OUT/ann/<kind>/ann.json (an `AnnRecord`), which holds
-the identity of the index it was built on (a digest of the manifest's checksums and row
-count): an index updated since (`--update`) no longer matches and its ANN index is refused
-with a line saying how to rebuild it. docs/search.md has the measurements behind the
-defaults.
+On disk: OUT/ann/<kind>/index.faiss (faiss's own format, no pickle) and ann.json (an
+`AnnRecord` naming the output it was built from: refused, with the rebuild command, once
+`--update` changed it). Layout, defaults and their measurements: docs/search.md.
 """
 from __future__ import annotations
 
@@ -149,10 +146,10 @@ def index_identity(index_dir: str | os.PathLike, kind: str) -> str:
 
 
 def _sample(database: Any, rows: int) -> np.ndarray:
-  """`rows` evenly spaced rows as float32 (row slices only: the database may be in parts)."""
+  """`rows` evenly spaced rows as float32 (a view over parts reads only those rows)."""
   n = database.shape[0]
-  picks = np.unique(np.linspace(0, n - 1, min(rows, n)).astype(np.int64))
-  return np.concatenate([np.asarray(database[i:i + 1], np.float32) for i in picks])
+  return np.asarray(database[np.unique(np.linspace(0, n - 1, min(rows, n)).astype(np.int64))],
+                    np.float32)
 
 
 def default_nlist(rows: int, train_rows: int = 65536) -> int:
@@ -304,17 +301,10 @@ def _rerank_distances(queries: jax.Array, rows: jax.Array) -> jax.Array:
 
 
 def _gather(database: Any, ids: np.ndarray) -> np.ndarray:
-  """database rows `ids` ([Q, C], -1: none -> zeros) in the stored dtype, by row slices."""
-  dim = database.shape[1]
-  if isinstance(database, np.ndarray):  # in memory or one memory-mapped file: one gather
-    out = np.asarray(database[np.maximum(ids, 0)])
-    return np.where((ids >= 0)[..., None], out, np.zeros((), out.dtype))
-  flat = ids.reshape(-1)
-  first = np.asarray(database[0:1])
-  out = np.zeros((flat.size, dim), first.dtype)
-  for j in np.flatnonzero(flat >= 0):
-    out[j] = np.asarray(database[int(flat[j]):int(flat[j]) + 1])[0]
-  return out.reshape(ids.shape + (dim,))
+  """database rows `ids` ([Q, C], -1: none -> zeros) in the stored dtype; a memory map, or a
+  view over parts (`index.LazyRows`), reads only those rows."""
+  out = np.asarray(database[np.maximum(ids, 0)])
+  return np.where((ids >= 0)[..., None], out, np.zeros((), out.dtype))
 
 
 def rerank(queries: np.ndarray, database: Any, ids: np.ndarray, k: int, *,

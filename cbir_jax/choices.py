@@ -67,11 +67,7 @@ def one_of(hint: Any) -> OneOf | None:
   """The OneOf of a type hint (Annotated, or Optional/tuple of one), or None."""
   if typing.get_origin(hint) is Annotated:
     return next((m for m in typing.get_args(hint)[1:] if isinstance(m, OneOf)), None)
-  for arg in typing.get_args(hint):
-    found = one_of(arg)
-    if found is not None:
-      return found
-  return None
+  return next(filter(None, map(one_of, typing.get_args(hint))), None)
 
 
 def check(config: Any) -> None:

@@ -1,28 +1,12 @@
-"""Reading a finished index: descriptor parts as one [rows, D] view, the metadata table, failures.
+"""Reading a finished index: descriptor parts as one [rows, D] view, and the metadata table.
 
-Layout of a finished output directory (format 4; `base` is "" for a first extraction and
-gen-NNNNNN/ after `--update`s; manifest.json names it):
-  manifest.json               settings, input, shards, parts per kind with rows and SHA-256
-  <base>/<kind>/part-000007.npy   shard 7's rows of that kind: memory-mappable, one folder
-                              of parts per kind (what autofaiss-style readers take as is)
-  <base>/metadata.parquet     one row per descriptor row: row, path, label, label_name,
-                              width, height (+ labels CSV columns)
-  <base>/failures.json        [[path, reason, record], ...]: records without a row (absent: none)
-  <base>/shards/000007/       the shard as written: <kind>.npy (same file as the part),
-                              meta.npz (NumPy-only metadata), failures.json, shard.json
-  <base>/records.npz          the input's per-record identities (for reruns and --update)
-
-Reading it without cbir_jax (NumPy, or faiss on the same arrays):
-  m = json.load(open(f"{out}/manifest.json"))
-  x = np.concatenate([np.load(f"{out}/{p['file']}", mmap_mode="r") for p in m["parts"]["fc"]])
-  meta = pyarrow.parquet.read_table(f"{out}/{m['metadata']['file']}")   # or, NumPy only:
-  meta = [np.load(f"{out}/{s['dir']}/meta.npz") for s in m["shards"]]   # per shard, in order
+The layout (format 4: manifest.json, a folder of .npy parts per kind, metadata.parquet,
+failures.json, the shards as written; gen-NNNNNN/ after `--update`s) and how to read it
+without cbir_jax (NumPy, pyarrow, faiss): docs/extraction.md, "Output".
 """
 from __future__ import annotations
 
-import json
 import os
-import pathlib
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -67,14 +51,14 @@ def read_metadata(path: str | os.PathLike) -> dict[str, np.ndarray]:
   table = pq.read_table(path)
   out = {}
   for name, col in zip(table.column_names, table.columns):
-    if pa.types.is_binary(col.type):
+    if pa.types.is_binary(col.type):  # a file name that is not UTF-8: its own bytes
       items = [b.decode("utf-8", "surrogateescape") for b in col.to_pylist()]
-      out[name] = np.asarray(items, dtype=str) if items else np.zeros(0, str)
     elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
       items = col.to_pylist()
-      out[name] = np.asarray(items, dtype=str) if items else np.zeros(0, str)
     else:
       out[name] = col.to_numpy()
+      continue
+    out[name] = np.asarray(items, dtype=str) if items else np.zeros(0, str)
   return out
 
 
@@ -116,17 +100,9 @@ class LazyRows:
   def __getitem__(self, key: Any) -> Any:
     first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
     n = self.shape[0]
-    if isinstance(first, (int, np.integer)):
-      i = int(first) + (n if first < 0 else 0)
-      if not 0 <= i < n:
-        raise IndexError(f"index {first} is out of bounds for axis 0 with size {n}")
-      k = int(np.searchsorted(self.starts, i, side="right") - 1)
-      row = np.asarray(self.parts[k][i - self.starts[k]])
-      return row[rest] if rest else row
     if isinstance(first, slice):
-      rows = self._rows(np.arange(n)[first])
-      return rows[(slice(None), *rest)] if rest else rows
-    idx = np.asarray(first)
+      return self._rows(np.arange(*first.indices(n)))[(slice(None), *rest)]
+    idx = np.asarray(first)  # an int too: a 0-d index, its row below
     if idx.dtype == bool:
       if idx.shape != (n,):
         raise IndexError(f"boolean index of shape {idx.shape} for {n} rows")
@@ -154,11 +130,6 @@ class LazyRows:
 def part_view(arrays: Sequence[np.ndarray]) -> np.ndarray | LazyRows:
   """The file itself for one part, else a lazy concatenation."""
   return arrays[0] if len(arrays) == 1 else LazyRows(arrays)
-
-
-def read_failures_file(path: pathlib.Path) -> list[tuple[str, str, int]]:
-  items = json.loads(path.read_text(encoding="utf-8", errors="surrogateescape"))
-  return [(f[0], f[1], int(f[2]) if len(f) > 2 else -1) for f in items]
 
 
 __all__ = ["FAILURES", "LazyRows", "METADATA", "part_view", "read_metadata",

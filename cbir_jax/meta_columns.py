@@ -47,14 +47,11 @@ def column(values: Any) -> np.ndarray:
     values = list(values)
     return _of_objects(values) if values else _EMPTY_TEXT
   v = values.reshape(-1)
-  if v.dtype.kind == "b":
-    return v.astype(bool)
-  if v.dtype.kind == "i":
-    return v.astype(np.int64)
+  cast = {"b": bool, "i": np.int64, "f": np.float64}.get(v.dtype.kind)
+  if cast is not None:
+    return v.astype(cast)
   if v.dtype.kind == "u":  # only when every value fits int64
     return v.astype(np.int64) if not len(v) or v.max() <= _INT64.max else _text(v.tolist())
-  if v.dtype.kind == "f":
-    return v.astype(np.float64)
   if v.dtype.kind == "O":
     return _of_objects(v.tolist()) if len(v) else _EMPTY_TEXT
   return v.astype(str) if len(v) else _EMPTY_TEXT

@@ -8,16 +8,6 @@ included, stays as it is. JSON output needs none of this: JSON escapes them itse
 """
 from __future__ import annotations
 
-_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def _escape(ch: str) -> str:
-  if ch in _NAMED:
-    return _NAMED[ch]
-  code = ord(ch)
-  return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 \
-      else f"\\U{code:08x}"
-
 
 def shown(name: str) -> str:
   """`name` on one line: characters that are not printable become escapes.
@@ -27,7 +17,8 @@ def shown(name: str) -> str:
   """
   if name.isprintable():
     return name
-  return "".join("\\\\" if ch == "\\" else ch if ch.isprintable() else _escape(ch)
+  # repr() escapes exactly the characters that are not printable, with Python's escapes.
+  return "".join("\\\\" if ch == "\\" else ch if ch.isprintable() else repr(ch)[1:-1]
                  for ch in name)
 
 

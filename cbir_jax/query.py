@@ -7,13 +7,13 @@ the index (same file, or same pixels), and formats results as a table or as JSON
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from cbir_jax import index_images, search, store
+from cbir_jax import decode, index_images, search, store
 from cbir_jax.choices import Kind
 from cbir_jax.index_images import ImageUnavailable, IndexImages
 from cbir_jax.names import shown
@@ -100,9 +100,9 @@ class SearchConfig:
 def index_weights(manifest: Any, weights_dir: str | None = None) -> tuple[Any, Any, Any]:
   """(backbone, preprocessing, params): the model an index's rows were made with.
 
-  The weights are those the manifest records, found by digest (`weights.load_recorded`), or
-  read from `weights_dir` when given (they moved) and checked to be the same
-  (`weights.load_from`).
+  The weights are those the manifest (a `manifest.Manifest`) records, found by digest
+  (`weights.load_recorded`), or read from `weights_dir` when given (they moved) and checked
+  to be the same (`weights.load_from`).
 
   Raises:
     IndexMismatch: the weights are missing or other weights, or their preprocessing
@@ -111,23 +111,20 @@ def index_weights(manifest: Any, weights_dir: str | None = None) -> tuple[Any, A
   from cbir_jax import backbones, checkpoint
   from cbir_jax import preprocessing as pp
   from cbir_jax import weights as weights_lib
-  from cbir_jax.manifest import Manifest
 
-  m = manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest)
-  s = m.settings
+  s, recorded = manifest.settings, manifest.weights
   backbone = backbones.get(s.backbone)
   prep = pp.Preprocessing.from_dict(s.preprocessing)
   try:
     if weights_dir is not None:
-      loaded = weights_lib.load_from(backbone.name, m.weights, weights_dir,
-                                     image_size=s.image_size)
+      loaded = weights_lib.load_from(backbone.name, recorded, weights_dir, image_size=s.image_size)
     else:
-      loaded = weights_lib.load_recorded(backbone.name, m.weights, image_size=s.image_size)
+      loaded = weights_lib.load_recorded(backbone.name, recorded, image_size=s.image_size)
   except weights_lib.WeightsNotFound as e:
     if e.found:
       raise IndexMismatch(
           f"the weights found for {backbone.name} (params_sha256 {e.found[0][:12]}) are not the "
-          f"ones the index was made with ({m.weights.params_sha256[:12]}); restore them, give "
+          f"ones the index was made with ({recorded.params_sha256[:12]}); restore them, give "
           "their folder with --weights, or extract the collection again") from None
     raise IndexMismatch(f"cannot load the weights the index was made with: {e}; if they "
                         "moved, give their folder with --weights") from None
@@ -140,134 +137,169 @@ def index_weights(manifest: Any, weights_dir: str | None = None) -> tuple[Any, A
   return backbone, prep, loaded.params
 
 
-def describe_images(manifest: Any, paths: Any, kind: str, *, weights_dir: str | None = None
-                    ) -> np.ndarray:
-  """Descriptors of image files made exactly as the index's were.
+class Describer:
+  """Query images described exactly as the index's rows were, the weights loaded once.
 
-  Uses the backbone, weights, preprocessing, input size, decoding, descriptor
-  settings and compute dtype recorded in the manifest (a `manifest.Manifest` or
-  its dict), and rounds like the stored rows (float16 output), so an image of
-  the index finds itself at distance ~0.
+  The backbone, weights (`index_weights`), preprocessing, input size, decoding, descriptor
+  settings and compute dtype the manifest (a `manifest.Manifest` or its dict) records, and
+  the rows' rounding (float16 output), so an image of the index finds itself at distance ~0.
 
   Raises:
-    IndexMismatch: the weights are missing or are not the ones the index was made
-      with, or their preprocessing differs from the recorded one (`index_weights`;
-      `weights_dir`: where they are now, if they moved).
+    IndexMismatch: from `index_weights` (`weights_dir`: where they are now, if they moved).
+  """
+
+  def __init__(self, manifest: Any, kind: str, *, max_pixels: int = decode.MAX_PIXELS,
+               weights_dir: str | None = None):
+    from cbir_jax import inference
+    from cbir_jax import descriptors as desc
+    from cbir_jax.manifest import Manifest
+
+    m = manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest)
+    self.settings = s = m.settings
+    backbone, prep, self._params = index_weights(m, weights_dir)
+    self._max_pixels, self._kind = max_pixels, kind
+    self._fn = inference.jit_describe(backbone, preprocessing=prep, kinds=(kind,),
+                                      config=desc.DescriptorConfig(**s.descriptor),
+                                      dtype=inference.compute_dtype(s.dtype))
+
+  def pixels(self, data: bytes) -> np.ndarray:
+    """The network input of encoded bytes (uint8 [H, W, 3]); ValueError: not an image, bomb."""
+    s = self.settings
+    return decode.decode_image(data, s.image_size, draft=s.draft, max_pixels=self._max_pixels)[0]
+
+  def __call__(self, images: np.ndarray) -> np.ndarray:
+    """Descriptors [N, D] float32 of network inputs [N, H, W, 3], rounded like stored rows."""
+    out = np.asarray(self._fn(self._params, images)[self._kind], np.float32)
+    if self.settings.output_dtype == "float16":
+      out = out.astype(np.float16).astype(np.float32)
+    return out
+
+
+def describe_images(manifest: Any, paths: Any, kind: str, *, weights_dir: str | None = None
+                    ) -> np.ndarray:
+  """Descriptors of image files made exactly as the index's were (see `Describer`).
+
+  Raises:
+    IndexMismatch: the weights are missing, other weights or other preprocessing.
     ValueError: an image cannot be decoded (names the file).
   """
-  from cbir_jax import inference, input_pipeline
-  from cbir_jax import descriptors as desc
-  from cbir_jax.manifest import Manifest
+  from cbir_jax import input_pipeline
 
-  m = manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest)
-  s = m.settings
-  backbone, prep, params = index_weights(m, weights_dir)
+  describe = Describer(manifest, kind, weights_dir=weights_dir)
+  s = describe.settings
   images, errors = input_pipeline.load_images(list(paths), s.image_size, draft=s.draft)
   bad = [f"{p}: {e}" for p, e in zip(paths, errors) if e]
   if bad:
     raise ValueError("cannot decode query images: " + "; ".join(bad))
-  fn = inference.jit_describe(backbone, preprocessing=prep, kinds=(kind,),
-                              config=desc.DescriptorConfig(**s.descriptor),
-                              dtype=inference.compute_dtype(s.dtype))
-  out = np.asarray(fn(params, images)[kind], np.float32)
-  if s.output_dtype == "float16":
-    out = out.astype(np.float16).astype(np.float32)
-  return out
+  return describe(images)
 
 
 # --- an open index --------------------------------------------------------------------------
 
 
-def label_of(meta: Mapping[str, np.ndarray], row: int) -> str:
-  """A row's label as shown: its class name, else its label number, else "" (unlabelled)."""
-  names, labels = meta.get("label_name"), meta.get("label")
-  if names is not None and str(names[row]):
-    return str(names[row])
-  return str(labels[row]) if labels is not None and labels[row] >= 0 else ""
-
-
-def row_hit(meta: Mapping[str, np.ndarray], row: int, distance: float = float("nan")) -> Hit:
-  """The Hit of an index row (path, label) at `distance`."""
-  return Hit(path=str(meta["path"][row]), distance=distance, label=label_of(meta, row), row=row)
-
-
 @dataclasses.dataclass
-class _Index:
-  """An index opened for searching: manifest, descriptors, metadata, and its images."""
+class OpenIndex:
+  """An index opened for searching (by search_index, and once by the query service):
+  manifest, descriptors, metadata, and its images."""
   manifest: Any
   database: np.ndarray
   meta: dict[str, np.ndarray]
   images: IndexImages
 
+  @classmethod
+  def open(cls, index_dir: str, kind: str, image_root: str | None) -> "OpenIndex":
+    manifest, database, meta = store.open_index(index_dir, kind)
+    # A bad image_root is an error before anything is computed.
+    return cls(manifest, database, meta,
+               IndexImages(index_images.input_of(manifest), image_root=image_root))
+
   def label_of(self, row: int) -> str:
-    return label_of(self.meta, row)
+    """A row's label as shown: its class name, else its label number, else "" (unlabelled)."""
+    names, labels = self.meta.get("label_name"), self.meta.get("label")
+    if names is not None and str(names[row]):
+      return str(names[row])
+    return str(labels[row]) if labels is not None and labels[row] >= 0 else ""
 
   def hit(self, row: int, distance: float = float("nan")) -> Hit:
-    return row_hit(self.meta, row, distance)
+    return Hit(path=str(self.meta["path"][row]), distance=distance, label=self.label_of(row),
+               row=row)
+
+  @functools.cached_property
+  def _rows_by_path(self) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for row, stored in enumerate(self.meta["path"]):  # the job stores absolute, normal paths
+      found.setdefault(str(stored), row)
+    return found
+
+  def row_of(self, path: str) -> int:
+    """The row whose stored file is the query file `path`, -1 if none: as given, with links
+    resolved, or placed back under the recorded folder when it is under --image_root (the
+    folder moved). TFDS rows are ids, not files."""
+    if self.images.source.type == index_images.TFDS:
+      return -1
+    forms = [os.path.abspath(path), os.path.realpath(path)]
+    root, now = self.images.source.root, self.images.image_root
+    if root and now:
+      for f in forms[:2]:
+        rel = os.path.relpath(f, now)
+        if rel != os.pardir and not rel.startswith(os.pardir + os.sep):
+          forms.append(os.path.join(root, rel))
+    keys = [os.path.normpath(f) for f in forms]
+    return next((self._rows_by_path[k] for k in keys if k in self._rows_by_path), -1)
+
+  def _self_by_pixels(self, read: Callable[[], bytes], q: np.ndarray, distances: np.ndarray,
+                      rows: np.ndarray) -> int:
+    """The first result at (nearly) distance 0 that is the query image itself (equal bytes or
+    equal pixels; `read` gives the query's bytes), or -1."""
+    tol = max(_SAME_IMAGE_RTOL * float(np.mean(np.abs(q))), 1e-6)
+    for d, row in zip(distances, rows):
+      if d > tol:
+        break
+      try:
+        mine, theirs = read(), self.images.read_bytes(str(self.meta["path"][int(row)]))
+      except (OSError, ImageUnavailable):
+        continue
+      if mine == theirs:
+        return int(row)
+      try:
+        a, b = index_images.decode_rgb(mine), index_images.decode_rgb(theirs)
+      except ValueError:
+        continue
+      if a.shape == b.shape and np.array_equal(a, b):
+        return int(row)
+    return -1
+
+  def result(self, q: np.ndarray, distances: np.ndarray, rows: np.ndarray, *, query: Hit,
+             own: int, kind: str, k: int, exclude_self: bool,
+             read: Callable[[], bytes] | None = None) -> QueryResult:
+    """One query's QueryResult from its nearest rows.
+
+    `own` is the query's row known before searching (a row query's row, or the row of its
+    stored file, else -1: then it is looked for by pixels, `read` giving the query image's
+    bytes); it is left out of the k hits with `exclude_self`.
+    """
+    how = ("row" if query.row >= 0 else "same file") if own >= 0 else ""
+    if own < 0:
+      own = self._self_by_pixels(read, q, distances, rows)
+      how = "same pixels" if own >= 0 else ""
+    if query.row < 0 and own >= 0:
+      query = dataclasses.replace(query, label=self.label_of(own))
+    hits = [self.hit(int(i), float(x)) for x, i in zip(distances, rows)
+            if not (exclude_self and int(i) == own)][:k]
+    return QueryResult(query=query, hits=tuple(hits), kind=kind, self_row=own, self_match=how,
+                       self_excluded=exclude_self and own >= 0)
 
 
-def _query_keys(path: str, index: _Index) -> list[str]:
-  """Where a query file may be stored in the index: as given, with links resolved, and
-  placed back under the recorded folder when it is under --image_root (the folder moved)."""
-  forms = [os.path.abspath(path), os.path.realpath(path)]
-  root, now = index.images.source.root, index.images.image_root
-  if root and now:
-    for f in forms[:2]:
-      rel = os.path.relpath(f, now)
-      if rel != os.pardir and not rel.startswith(os.pardir + os.sep):
-        forms.append(os.path.join(root, rel))
-  return [os.path.normpath(f) for f in forms]
+def wanted(k: int, num_rows: int, exclude_self: bool, own: Sequence[int]) -> int:
+  """How many nearest rows to search for: k, one more when an excluded query may be found by
+  its pixels only (dropped afterwards), at most what the search can return."""
+  return min(k + int(exclude_self and min(own) < 0),
+             num_rows - int(exclude_self and max(own) >= 0))
 
 
-def _rows_by_path(index: _Index, paths: Sequence[str]) -> list[int]:
-  """The row whose stored file is each query file (-1: none). TFDS rows are ids, not files."""
-  if index.images.source.type == index_images.TFDS:
-    return [-1] * len(paths)
-  keys = [_query_keys(p, index) for p in paths]
-  wanted = {k for ks in keys for k in ks}
-  found: dict[str, int] = {}
-  for row, stored in enumerate(index.meta["path"]):  # the job stores absolute, normal paths
-    stored = str(stored)
-    if stored in wanted:
-      found.setdefault(stored, row)
-  return [next((found[k] for k in ks if k in found), -1) for ks in keys]
-
-
-def _same_pixels(path: str, row: int, index: _Index) -> bool:
-  """Whether a query file and an index row are the same image: equal bytes or equal pixels."""
-  from cbir_jax.decode import read_file
-
-  try:
-    mine = read_file(path)
-    theirs = index.images.read_bytes(str(index.meta["path"][row]))
-  except (OSError, ImageUnavailable):
-    return False
-  if mine == theirs:
-    return True
-  try:
-    a, b = index_images.decode_rgb(mine), index_images.decode_rgb(theirs)
-  except ValueError:
-    return False
-  return a.shape == b.shape and np.array_equal(a, b)
-
-
-def _self_by_pixels(path: str, q: np.ndarray, distances: np.ndarray, rows: np.ndarray,
-                    index: _Index) -> int:
-  """The first result at (nearly) distance 0 that is the query image itself, or -1."""
-  tol = max(_SAME_IMAGE_RTOL * float(np.mean(np.abs(q))), 1e-6)
-  for d, row in zip(distances, rows):
-    if d > tol:
-      break
-    if _same_pixels(path, int(row), index):
-      return int(row)
-  return -1
-
-
-def _split(values: Any) -> list[str]:
-  out = []
-  for v in ([values] if isinstance(values, str) else values or ()):
-    out += [s.strip() for s in str(v).split(",") if s.strip()]
-  return out
+def _values(values: Any) -> list[str]:
+  """A flag's values as given from Python: one string, or a sequence (of strings, numbers)."""
+  return [str(v) for v in ([values] if isinstance(values, str) else values or ())]
 
 
 def query_names(values: Any) -> list[str]:
@@ -278,20 +310,13 @@ def query_names(values: Any) -> list[str]:
   is never split (and a missing file is reported under the name given).
   """
   out = []
-  for v in ([values] if isinstance(values, str) else values or ()):
-    v = str(v)
+  for v in _values(values):
     pieces = [p.strip() for p in v.split(",")]
     if "," in v and not os.path.lexists(v) and all(p and os.path.lexists(p) for p in pieces):
       out += pieces
     elif v.strip():
       out.append(v)
   return out
-
-
-def _rows_of(database: Any, rows: Sequence[int]) -> np.ndarray:
-  """database[rows] as float32 [len(rows), D], asking only row slices (the database may be a
-  lazy concatenation of parts without fancy indexing)."""
-  return np.concatenate([np.asarray(database[r:r + 1], np.float32) for r in rows])
 
 
 def clamp_k(k: int, num_rows: int, *, exclude_self: bool,
@@ -313,13 +338,6 @@ def clamp_k(k: int, num_rows: int, *, exclude_self: bool,
   return min(int(k), limit)
 
 
-def _open(index_dir: str, kind: str, image_root: str | None) -> _Index:
-  manifest, database, meta = store.open_index(index_dir, kind)
-  # A bad image_root is an error before anything is computed.
-  images = IndexImages(index_images.input_of(manifest), image_root=image_root)
-  return _Index(manifest, database, meta, images)
-
-
 def search_index(index_dir: str, *, kind: str | None = None, k: int = 5,
                  query_paths: Any = (), query_ids: Any = (), exclude_self: bool = False,
                  image_root: str | None = None, note: Callable[[str], None] | None = None,
@@ -327,84 +345,54 @@ def search_index(index_dir: str, *, kind: str | None = None, k: int = 5,
                  ) -> list[QueryResult]:
   """Searches an extraction output with image files and/or rows of the index.
 
-  A query image that is itself in the index (its stored file, also under `image_root`, or
-  an image with the same pixels) is recognised: `QueryResult.self_row` names its row.
-
-  Args:
-    index_dir: output directory of launch/extract.py.
-    kind: descriptor kind to search with; None: `store.choose_kind`'s (fc_conv if the
-      index has it, else conv, ...; `note` names it when it is not fc_conv).
-    k: results per query; clamped to what the index holds (see `clamp_k`, which calls
-      `note`).
-    query_paths: image files, one name per item (see `query_names` for comma lists);
-      described with the index's recorded model (see `describe_images`).
-    query_ids: rows of the index used as queries.
-    exclude_self: leave each query's own row out of its results (row queries, and query
-      images found in the index).
-    image_root: where the index's image folder (or TFDS data_dir) is now, if it moved.
-    note: receives one line when k was clamped, and one naming the approximate index used.
-    ann: candidates from the approximate index of `kind` (launch/index.py), re-ranked
-      exactly (`ann.ann_topk`); an index built before the output changed is refused.
-    weights: where the index's weights are now, if they moved (checked by digest).
-    **search_kwargs: passed to `search.l1_topk` (tiling, mesh).
+  The arguments mean what `SearchConfig`'s fields of the same names do (`query_paths` is its
+  `query`: see `query_names`); `note` receives one line each for a kind chosen by
+  `store.choose_kind` other than fc_conv, a k clamped by `clamp_k` and the approximate index
+  used; `search_kwargs` go to `search.l1_topk` (tiling, mesh). A query image that is itself
+  in the index (its stored file, also under `image_root`, or an image with the same pixels)
+  is recognised: `QueryResult.self_row` names its row.
 
   Returns:
     One QueryResult per query: image files first, then rows, in the order given. A query
     file's path is absolute, like the stored paths of its results.
   """
   paths = query_names(query_paths)
-  ids = [int(v) for v in _split(query_ids)]
+  ids = [int(s) for v in _values(query_ids) for s in v.split(",") if s.strip()]
   if not paths and not ids:
     raise ValueError("no queries: give image files (--query) or index rows (--query_ids)")
+  note = note or (lambda line: None)
   kind, why = store.choose_kind(index_dir, kind)
-  if why and note is not None:
+  if why:
     note(why)
-  index = _open(index_dir, kind, image_root)
-  approx = None
+  index = OpenIndex.open(index_dir, kind, image_root)
+  topk = search.l1_topk
   if ann:
     from cbir_jax import ann as ann_lib  # faiss: only when asked for
 
     approx = ann_lib.load(index_dir, kind)
-    if note is not None:
-      r = approx.record
-      note(f"approximate search: {r.type} index of {r.rows} rows ({approx.where}), "
-           f"{r.candidates} candidates re-ranked exactly")
+    topk = functools.partial(ann_lib.ann_topk, ann=approx)
+    r = approx.record
+    note(f"approximate search: {r.type} index of {r.rows} rows ({approx.where}), "
+         f"{r.candidates} candidates re-ranked exactly")
   n = index.database.shape[0]
   bad = [i for i in ids if not 0 <= i < n]
   if bad:
     raise ValueError(f"query ids {bad} are not rows of the index (0..{n - 1})")
   k = clamp_k(k, n, exclude_self=exclude_self, note=note)
-  path_rows = _rows_by_path(index, paths)
-  own = path_rows + ids  # the self row known before searching, per query
+  own = [index.row_of(p) for p in paths] + ids  # the self row known before searching
   exclude = np.asarray([r if exclude_self else -1 for r in own], np.int64)
   queries = np.concatenate(
       ([describe_images(index.manifest, paths, kind, weights_dir=weights)] if paths else [])
-      + ([_rows_of(index.database, ids)] if ids else []))
-  # Room for a query image found by its pixels only, dropped afterwards.
-  extra = int(exclude_self and any(r < 0 for r in path_rows))
-  want = min(k + extra, n - int((exclude >= 0).any()))
-  if approx is not None:
-    top = ann_lib.ann_topk(queries, index.database, approx, want, exclude=exclude,
-                           **search_kwargs)
-  else:
-    top = search.l1_topk(queries, index.database, want, exclude=exclude, **search_kwargs)
-  results = []
-  for a, q in enumerate(queries):
-    d, rows = top.distances[a], top.indices[a]
-    row, how = own[a], ("row" if a >= len(paths) else "same file") if own[a] >= 0 else ""
-    if row < 0:
-      row = _self_by_pixels(paths[a], q, d, rows, index)
-      how = "same pixels" if row >= 0 else ""
-    hits = [index.hit(int(i), float(x)) for x, i in zip(d, rows)
-            if not (exclude_self and int(i) == row)][:k]
-    # A query file is shown absolute, as the job stores its results' paths: one form to
-    # read and to copy, whatever folder the command ran in.
-    query = (index.hit(ids[a - len(paths)]) if a >= len(paths) else
-             Hit(path=os.path.abspath(paths[a]),
-                 label=index.label_of(row) if row >= 0 else ""))
-    results.append(QueryResult(query=query, hits=tuple(hits), kind=kind, self_row=row,
-                               self_match=how, self_excluded=exclude_self and row >= 0))
-  return results
+      + ([np.asarray(index.database[ids], np.float32)] if ids else []))
+  want = wanted(k, n, exclude_self, own)
+  top = topk(queries, index.database, k=want, exclude=exclude, **search_kwargs)
+  # A query file is shown absolute, as the job stores its results' paths: one form to read
+  # and to copy, whatever folder the command ran in.
+  asked = [Hit(path=os.path.abspath(p)) for p in paths] + [index.hit(i) for i in ids]
+  reads = [functools.partial(decode.read_file, p) for p in paths] + [None] * len(ids)
+  return [index.result(q, top.distances[a], top.indices[a], query=asked[a], own=own[a],
+                       kind=kind, k=k, exclude_self=exclude_self, read=reads[a])
+          for a, q in enumerate(queries)]
 
 
 # --- output ---------------------------------------------------------------------------------
@@ -458,5 +446,6 @@ def results_json(results: Sequence[QueryResult], *, index: str, notes: Sequence[
           "results": rows}
 
 
-__all__ = ["Hit", "IndexMismatch", "QueryResult", "SearchConfig", "clamp_k", "describe_images",
-           "format_results", "index_weights", "results_json", "search_index"]
+__all__ = ["Describer", "Hit", "IndexMismatch", "OpenIndex", "QueryResult", "SearchConfig",
+           "clamp_k", "describe_images", "format_results", "index_weights", "results_json",
+           "search_index", "wanted"]

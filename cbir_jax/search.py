@@ -50,13 +50,6 @@ class Tiling:
   block_rows: int
   method: str = "loop"
 
-  @property
-  def working_set_elements(self) -> int:
-    """Largest intermediate of the distance kernel, in float32 values."""
-    if self.method == "loop":
-      return self.query_tile * self.tile
-    return self.query_tile * self.tile * self.d_chunk
-
 
 def default_method(platform: str) -> str:
   """"loop" on CPUs, "chunks" on accelerators.
@@ -77,17 +70,14 @@ def _round_up(x: int, m: int) -> int:
 def plan(num_queries: int, num_rows: int, dim: int, *, num_devices: int = 1,
          tile: int = 512, query_tile: int = 128, d_chunk: int = 256,
          block_rows: int | None = None, itemsize: int = 4, method: str = "loop") -> Tiling:
-  """Chooses tile sizes for a search, shrinking them for small inputs.
+  """Chooses tile sizes for Q queries over N rows of D dimensions split over `num_devices`.
 
-  Args:
-    num_queries, num_rows, dim: Q, N and D of the search.
-    num_devices: devices the database is split over.
-    tile, query_tile, d_chunk: upper bounds (see `Tiling`).
-    block_rows: rows per host-to-device block; default: as many as fit in
-      256 MiB of the database's dtype (`itemsize` bytes per value).
-    method: "loop" or "chunks" (see `default_method`).
+  `tile`, `query_tile` and `d_chunk` are upper bounds (see `Tiling`), shrunk for small
+  inputs; `block_rows` defaults to as many rows as fit in 256 MiB of the database's dtype
+  (`itemsize` bytes per value); `method`: "loop" or "chunks" (see `default_method`).
   """
-  for name, v in (("tile", tile), ("query_tile", query_tile), ("d_chunk", d_chunk)):
+  for name, v in (("tile", tile), ("query_tile", query_tile), ("d_chunk", d_chunk),
+                  ("block_rows", 1 if block_rows is None else block_rows)):
     if v < 1:
       raise ValueError(f"{name} must be >= 1, got {v}")
   if method not in METHODS:
@@ -99,8 +89,6 @@ def plan(num_queries: int, num_rows: int, dim: int, *, num_devices: int = 1,
   step = num_devices * tile
   if block_rows is None:
     block_rows = max(step, (_DEFAULT_BLOCK_BYTES // max(1, dim * itemsize)) // step * step)
-  elif block_rows < 1:
-    raise ValueError(f"block_rows must be >= 1, got {block_rows}")
   block_rows = min(_round_up(block_rows, step), _round_up(num_rows, step))
   return Tiling(tile=tile, query_tile=query_tile, d_chunk=d_chunk, block_rows=block_rows,
                 method=method)
@@ -117,7 +105,7 @@ def _prepare_queries(q: jax.Array, tiling: Tiling) -> jax.Array:
 
 
 def _l1_sums(q: jax.Array, x: jax.Array, tiling: Tiling) -> jax.Array:
-  """sum_d |q_i,d - x_j,d| -> [Qt, T] float32, holding at most `working_set_elements`.
+  """sum_d |q_i,d - x_j,d| -> [Qt, T] float32, holding at most Qt x T (x d_chunk) values.
 
   Args:
     q: queries, [D, Qt] for "loop", [Qt, D] for "chunks" (`_prepare_queries`).
@@ -256,31 +244,16 @@ def _block_fn(mesh: Mesh, k: int, tiling: Tiling, dim: int):
                  out_shardings=(rep, rep, rep), donate_argnums=(5, 6))
 
 
-def _check_queries(queries: Any) -> np.ndarray:
-  q = np.asarray(queries)
-  if q.ndim == 1:
-    raise ValueError(f"queries must be [Q, D], got a 1-D array of shape {q.shape}; "
-                     "use queries[None] for a single query")
-  if q.ndim != 2:
-    raise ValueError(f"queries must be [Q, D], got shape {q.shape}")
-  if q.shape[0] < 1:
-    raise ValueError("no queries (Q = 0)")
-  if not np.issubdtype(q.dtype, np.number):
-    raise ValueError(f"queries must be numeric, got dtype {q.dtype}")
-  bad = ~np.isfinite(q.astype(np.float32)).all(axis=1)
-  if bad.any():
-    raise ValueError(f"queries contain NaN or infinite values (query rows "
-                     f"{np.flatnonzero(bad)[:10].tolist()})")
-  return q
-
-
-def _first_nonfinite_row(database: Any, block_rows: int) -> int:
+def _nonfinite(database: Any, block_rows: int) -> ValueError:
+  """The error for distances that came out NaN or infinite: names the database's first bad
+  row, if there is one."""
   for start in range(0, database.shape[0], block_rows):
-    part = np.asarray(database[start:start + block_rows], np.float32)
-    bad = ~np.isfinite(part).all(axis=1)
+    bad = ~np.isfinite(np.asarray(database[start:start + block_rows], np.float32)).all(axis=1)
     if bad.any():
-      return start + int(np.flatnonzero(bad)[0])
-  return -1
+      row = start + int(np.flatnonzero(bad)[0])
+      return ValueError(f"database contains NaN or infinite values (first at row {row})")
+  return ValueError("distances overflowed to infinity (database values too large for float32 "
+                    "sums)")
 
 
 def _host_dtype(database: Any) -> np.dtype:
@@ -290,9 +263,7 @@ def _host_dtype(database: Any) -> np.dtype:
   dtype = getattr(database, "dtype", None)
   # A lazy concatenation of parts may not carry a dtype: its first row tells.
   dtype = np.dtype(dtype) if dtype is not None else np.asarray(database[0:1]).dtype
-  if dtype in (np.dtype(np.float16), np.dtype(jnp.bfloat16)):
-    return dtype
-  return np.dtype(np.float32)
+  return dtype if dtype in (np.dtype(np.float16), np.dtype(jnp.bfloat16)) else np.dtype(np.float32)
 
 
 def read_block(database: Any, start: int, rows: int, dtype: np.dtype) -> np.ndarray:
@@ -304,13 +275,24 @@ def read_block(database: Any, start: int, rows: int, dtype: np.dtype) -> np.ndar
   """
   part = np.asarray(database[start:start + rows], dtype=dtype)
   if part.shape[0] < rows:  # fixed block shape: pad, and mask via num_valid
-    part = np.concatenate([part, np.zeros((rows - part.shape[0],) + part.shape[1:], dtype)])
+    part = np.pad(part, ((0, rows - part.shape[0]), (0, 0)))
   return part
 
 
 def _check_pair(queries: Any, database: Any) -> tuple[np.ndarray, int, int]:
-  """Checked float32 queries and the database's (N, D); clear errors for mismatches."""
-  q = _check_queries(queries)
+  """Checked queries and the database's (N, D); clear errors for mismatches."""
+  q = np.asarray(queries)
+  if q.ndim != 2:
+    hint = "; use queries[None] for a single query" if q.ndim == 1 else ""
+    raise ValueError(f"queries must be [Q, D], got shape {q.shape}{hint}")
+  if q.shape[0] < 1:
+    raise ValueError("no queries (Q = 0)")
+  if not np.issubdtype(q.dtype, np.number):
+    raise ValueError(f"queries must be numeric, got dtype {q.dtype}")
+  bad = ~np.isfinite(q.astype(np.float32)).all(axis=1)
+  if bad.any():
+    raise ValueError(f"queries contain NaN or infinite values (query rows "
+                     f"{np.flatnonzero(bad)[:10].tolist()})")
   if len(getattr(database, "shape", ())) != 2:
     raise ValueError(f"database must be [N, D], got shape {getattr(database, 'shape', None)}")
   n, dim = (int(s) for s in database.shape)
@@ -376,11 +358,9 @@ def l1_topk(queries: Any, database: Any, k: int, *, tile: int = 512, query_tile:
   fn = _block_fn(mesh, k, tiling, dim)
 
   qp = _round_up(num_q, tiling.query_tile)
+  q_pad = np.pad(q.astype(np.float32), ((0, qp - num_q), (0, 0)))
+  ex_pad = np.pad(ex.astype(np.int32), (0, qp - num_q), constant_values=-1)
   rep = NamedSharding(mesh, P())
-  q_pad = np.zeros((qp, dim), np.float32)
-  q_pad[:num_q] = q
-  ex_pad = np.full(qp, -1, np.int32)
-  ex_pad[:num_q] = ex
   q_dev, ex_dev = jax.device_put((q_pad, ex_pad), rep)
   best_d = jax.device_put(np.full((qp, k), np.inf, np.float32), rep)
   best_i = jax.device_put(np.full((qp, k), _NO_INDEX, np.int32), rep)
@@ -395,13 +375,9 @@ def l1_topk(queries: Any, database: Any, k: int, *, tile: int = 512, query_tile:
                              np.int32(start), np.int32(min(rows, n - start)), best_d, best_i,
                              bad)
   if bool(bad):
-    row = _first_nonfinite_row(database, rows)
-    raise ValueError(f"database contains NaN or infinite values (first at row {row})"
-                     if row >= 0 else "distances overflowed to infinity (database values "
-                     "too large for float32 sums)")
-  d = np.asarray(best_d)[:num_q]
-  i = np.asarray(best_i)[:num_q].astype(np.int64)
-  return TopK(distances=d, indices=i)
+    raise _nonfinite(database, rows)
+  return TopK(distances=np.asarray(best_d)[:num_q],
+              indices=np.asarray(best_i)[:num_q].astype(np.int64))
 
 
 @functools.lru_cache(maxsize=16)
@@ -426,23 +402,17 @@ def l1_distances(queries: Any, database: Any, *, tile: int = 1024, query_tile: i
   method = method or default_method(jax.devices()[0].platform)
   tiling = plan(q.shape[0], n, dim, tile=tile, query_tile=query_tile, d_chunk=d_chunk,
                 method=method)
-  qp = _round_up(q.shape[0], tiling.query_tile)
-  q_pad = np.zeros((qp, dim), np.float32)
-  q_pad[:q.shape[0]] = q
-  q_dev = jnp.asarray(q_pad)
+  pad = _round_up(q.shape[0], tiling.query_tile) - q.shape[0]
+  q_dev = jnp.asarray(np.pad(q.astype(np.float32), ((0, pad), (0, 0))))
   fn = _distance_fn(tiling, dim)
   t = tiling.tile
   out = np.empty((q.shape[0], n), np.float32)
   for start in range(0, n, t):
-    part = np.asarray(database[start:start + t], np.float32)
-    m = part.shape[0]
-    if m < t:
-      part = np.concatenate([part, np.zeros((t - m, dim), np.float32)])
-    out[:, start:start + m] = np.asarray(fn(q_dev, part))[:q.shape[0], :m]
+    m = min(t, n - start)
+    d = fn(q_dev, read_block(database, start, t, np.float32))
+    out[:, start:start + m] = np.asarray(d)[:q.shape[0], :m]
   if not np.isfinite(out).all():
-    row = _first_nonfinite_row(database, t)
-    raise ValueError(f"database contains NaN or infinite values (first at row {row})"
-                     if row >= 0 else "distances overflowed to infinity")
+    raise _nonfinite(database, t)
   return out
 
 

@@ -32,22 +32,21 @@ def run(config: query.SearchConfig, *, log: Callable[[str], None],
   if not config.json:
     out(query.format_results(results))
   if config.report:
-    for line in _write_report(config, results):
-      (note if config.json else out)(line)
+    _write_report(config, results, note if config.json else out)
   if config.json:
     out(json.dumps(query.results_json(results, index=config.index, notes=notes), indent=1))
   return results
 
 
-def _write_report(config: query.SearchConfig, results: list[query.QueryResult]) -> list[str]:
+def _write_report(config: query.SearchConfig, results: list[query.QueryResult],
+                  say: Callable[[str], None]) -> None:
   images = index_images.IndexImages.of_index(config.index, image_root=config.image_root)
   written = report.write_index_report(config.report, config.index, results,
                                       k=max(len(r.hits) for r in results), images=images)
-  lines = [f"report: {written['png']} {written['html']}"]
+  say(f"report: {written['png']} {written['html']}")
   if written["missing"]:
-    lines.append(f"report: {len(written['missing'])} images not readable, drawn as grey boxes "
-                 f"(first: {shown(str(written['missing'][0]))})")
-  return lines
+    say(f"report: {len(written['missing'])} images not readable, drawn as grey boxes "
+        f"(first: {shown(str(written['missing'][0]))})")
 
 
 __all__ = ["run"]

@@ -20,12 +20,10 @@ import numpy as np
 
 from cbir_jax import decode, evaluation, index_images, search, store
 from cbir_jax.choices import Kind
-from cbir_jax.index_images import ImageUnavailable, IndexImages
-from cbir_jax.query import (Hit, QueryResult, clamp_k, index_weights, label_of, results_json,
-                            row_hit)
+from cbir_jax.index_images import ImageUnavailable
+from cbir_jax.query import Describer, Hit, OpenIndex, QueryResult, clamp_k, results_json, wanted
 
 _STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_static")
-_SAME_IMAGE_RTOL = 1e-3  # as query.py: a hit this close may be the query image itself
 _THUMB = 192  # longest side of a result thumbnail, in pixels
 _CACHED_ROWS = 2048  # rows whose thumbnail and histogram are kept
 _MAX_BATCH = 64  # searches that arrived together, run as one l1_topk call
@@ -77,40 +75,11 @@ def _shown(value: Any, limit: int = 80) -> str:
   return text if len(text) <= limit else text[:limit // 2 - 2] + "..." + text[-(limit // 2 - 2):]
 
 
-# --- describing query images with weights loaded once -------------------------------------------
-
-
-class Describer:
-  """query.describe_images with the weights loaded and the step compiled once.
-
-  The same backbone, weights (checked against the manifest's record), preprocessing, input
-  size, decoding and rounding as the index's rows, so results equal launch/search.py's.
-  """
-
-  def __init__(self, manifest: Any, kind: str, *, max_pixels: int,
-               weights_dir: str | None = None):
-    from cbir_jax import inference
-    from cbir_jax import descriptors as desc
-
-    s = manifest.settings
-    # IndexMismatch (a ValueError) for missing or other weights: the command's one line.
-    backbone, prep, self._params = index_weights(manifest, weights_dir)
-    self._size, self._draft, self._max_pixels = s.image_size, s.draft, max_pixels
-    self._round16 = s.output_dtype == "float16"
-    self._kind = kind
-    self._fn = inference.jit_describe(backbone, preprocessing=prep, kinds=(kind,),
-                                      config=desc.DescriptorConfig(**s.descriptor),
-                                      dtype=inference.compute_dtype(s.dtype))
-
-  def pixels(self, data: bytes) -> np.ndarray:
-    """The network input of encoded bytes (uint8 [H, W, 3]); ValueError: not an image, bomb."""
-    img, _ = decode.decode_image(data, self._size, draft=self._draft, max_pixels=self._max_pixels)
-    return img
-
-  def __call__(self, images: np.ndarray) -> np.ndarray:
-    """Descriptors [N, D] float32 of network inputs [N, H, W, 3], rounded like stored rows."""
-    out = np.asarray(self._fn(self._params, images)[self._kind], np.float32)
-    return out.astype(np.float16).astype(np.float32) if self._round16 else out
+def _integer(value: Any, reason: str) -> int:
+  try:
+    return int(value)
+  except (TypeError, ValueError):
+    raise RequestError(400, f"{reason}, got {_shown(value)}") from None
 
 
 # --- batching searches that arrive together -------------------------------------------------------
@@ -207,61 +176,41 @@ class Service:
   def __init__(self, config: ServeConfig):
     kind, self.kind_note = store.choose_kind(config.index, config.kind)
     self.config = config = dataclasses.replace(config, kind=kind)
-    manifest, database, meta = store.open_index(config.index, config.kind)
-    self.manifest, self.database, self.meta = manifest, database, meta
-    self.images = IndexImages(index_images.input_of(manifest), image_root=config.image_root)
-    max_pixels = config.max_pixels or manifest.settings.max_pixels
-    self.describe = Describer(manifest, config.kind, max_pixels=max_pixels,
-                              weights_dir=config.weights)
-    self.rows = int(database.shape[0])
-    self._batcher = Batcher(database)
-    self._by_path: dict[str, int] = {}
-    for row, stored in enumerate(meta["path"]):  # the job stores absolute, normal paths
-      self._by_path.setdefault(str(stored), row)
+    self.index = index = OpenIndex.open(config.index, kind, config.image_root)
+    self.describe = Describer(index.manifest, kind, weights_dir=config.weights,
+                              max_pixels=config.max_pixels or index.manifest.settings.max_pixels)
+    self.rows = int(index.database.shape[0])
+    self._batcher = Batcher(index.database)
     # Thread-safe; two requests for a row not yet cached may both read it (same result).
     self._picture = functools.lru_cache(maxsize=_CACHED_ROWS)(self._read_picture)
     # Compiled before the first request: the query step, and a search with the default k.
-    warm = self.describe(np.zeros((1, *decode._size(manifest.settings.image_size), 3), np.uint8))
+    size = decode._size(index.manifest.settings.image_size)
+    warm = self.describe(np.zeros((1, *size, 3), np.uint8))
     self._batcher.topk(warm[0], -1, min(config.k, self.rows))
 
-  # -- what the index says about a row --
-
-  def label_of(self, row: int) -> str:
-    return label_of(self.meta, row)
-
-  def hit(self, row: int, distance: float = float("nan")) -> Hit:
-    return row_hit(self.meta, row, distance)
-
   def info(self) -> dict[str, Any]:
-    s = self.manifest.settings
     return {"index": self.config.index, "kind": self.config.kind, "rows": self.rows,
-            "model": s.backbone, "k": self.config.k, "max_k": self.config.max_k,
-            "max_upload_bytes": self.config.max_upload_bytes,
-            "images": self.images.describe(), "path_queries": self._folder() is not None}
+            "model": self.index.manifest.settings.backbone, "k": self.config.k,
+            "max_k": self.config.max_k, "max_upload_bytes": self.config.max_upload_bytes,
+            "images": self.index.images.describe(), "path_queries": self._folder() is not None}
 
   # -- requests to queries --
 
   def check_k(self, k: Any) -> int:
-    try:
-      value = int(k) if k is not None else self.config.k
-    except (TypeError, ValueError):
-      raise RequestError(400, f"k must be a positive integer, got {_shown(k)}") from None
+    value = self.config.k if k is None else _integer(k, "k must be a positive integer")
     if value < 1 or value > self.config.max_k:
       raise RequestError(400, f"k must be between 1 and {self.config.max_k}, got {_shown(value)}")
     return value
 
   def check_row(self, row: Any) -> int:
-    try:
-      value = int(row)
-    except (TypeError, ValueError):
-      raise RequestError(400, f"row must be an integer, got {_shown(row)}") from None
+    value = _integer(row, "row must be an integer")
     if not 0 <= value < self.rows:
       raise RequestError(404, f"row {_shown(value)} is not a row of the index (0..{self.rows - 1})")
     return value
 
   def _folder(self) -> str | None:
-    src = self.images.source
-    return self.images.root if src.type == index_images.FOLDER and self.images.root else None
+    images = self.index.images
+    return images.root if images.source.type == index_images.FOLDER and images.root else None
 
   def path_query(self, path: str, k: int, exclude_self: bool) -> Query:
     """A query by a file inside the index's image folder (relative to it, absolute, or a
@@ -283,21 +232,8 @@ class Service:
       raise RequestError(400, f"cannot read {_shown(path)}: {e.strerror or type(e).__name__}"
                          ) from None
     self.check_size(len(data))  # it may have grown since
-    given = os.path.join(folder, path)
-    return Query(k, exclude_self, data=data, name=path, path_row=self._row_of(given, real))
-
-  def _row_of(self, given: str, real: str) -> int:
-    """The row whose stored file is this file (query._query_keys: as given, links resolved,
-    placed back under the recorded folder when the folder moved), -1 if none."""
-    forms = [os.path.abspath(given), real]
-    root, now = self.images.source.root, self.images.image_root
-    if root and now:
-      for f in list(forms):
-        rel = os.path.relpath(f, now)
-        if rel != os.pardir and not rel.startswith(os.pardir + os.sep):
-          forms.append(os.path.join(root, rel))
-    return next((self._by_path[os.path.normpath(f)] for f in forms
-                 if os.path.normpath(f) in self._by_path), -1)
+    return Query(k, exclude_self, data=data, name=path,
+                 path_row=self.index.row_of(os.path.join(folder, path)))
 
   def check_size(self, size: int) -> None:
     if size > self.config.max_upload_bytes:
@@ -314,50 +250,18 @@ class Service:
     except ValueError as e:
       raise RequestError(400, str(e)) from None
     if q.row >= 0:
-      vector = np.asarray(self.database[q.row:q.row + 1], np.float32)
-      own = q.row
+      vector, own = np.asarray(self.index.database[q.row], np.float32), q.row
     else:
       try:
         pixels = self.describe.pixels(q.data)
       except ValueError as e:
         raise RequestError(415, f"not a usable image: {e}") from None
-      vector, own = self.describe(pixels[None]), q.path_row
-    exclude = own if q.exclude_self else -1
-    extra = int(q.exclude_self and own < 0)  # room for a self found by its pixels only
-    d, rows = self._batcher.topk(vector[0], exclude,
-                                 min(k + extra, self.rows - int(exclude >= 0)))
-    how = ("row" if q.row >= 0 else "same file") if own >= 0 else ""
-    if own < 0:
-      own = self._self_by_pixels(q.data, vector[0], d, rows)
-      how = "same pixels" if own >= 0 else ""
-    hits = [self.hit(int(i), float(x)) for x, i in zip(d, rows)
-            if not (q.exclude_self and int(i) == own)][:k]
-    query = (self.hit(q.row) if q.row >= 0 else
-             Hit(path=q.name, label=self.label_of(own) if own >= 0 else ""))
-    return QueryResult(query=query, hits=tuple(hits), kind=self.config.kind, self_row=own,
-                       self_match=how, self_excluded=q.exclude_self and own >= 0), notes
-
-  def _self_by_pixels(self, data: bytes, q: np.ndarray, distances: np.ndarray,
-                      rows: np.ndarray) -> int:
-    """The first result at (nearly) distance 0 that is the query image itself (equal bytes or
-    equal pixels), or -1; query._self_by_pixels for bytes instead of a file."""
-    tol = max(_SAME_IMAGE_RTOL * float(np.mean(np.abs(q))), 1e-6)
-    for d, row in zip(distances, rows):
-      if d > tol:
-        break
-      try:
-        theirs = self.images.read_bytes(str(self.meta["path"][int(row)]))
-      except ImageUnavailable:
-        continue
-      if theirs == data:
-        return int(row)
-      try:
-        a, b = index_images.decode_rgb(data), index_images.decode_rgb(theirs)
-      except ValueError:
-        continue
-      if a.shape == b.shape and np.array_equal(a, b):
-        return int(row)
-    return -1
+      vector, own = self.describe(pixels[None])[0], q.path_row
+    d, rows = self._batcher.topk(vector, own if q.exclude_self else -1,
+                                 wanted(k, self.rows, q.exclude_self, [own]))
+    query = self.index.hit(q.row) if q.row >= 0 else Hit(path=q.name)
+    return self.index.result(vector, d, rows, query=query, own=own, kind=self.config.kind, k=k,
+                             exclude_self=q.exclude_self, read=lambda: q.data), notes
 
   def results(self, q: Query, *, view: bool = False) -> dict[str, Any]:
     """launch/search.py --json's dict for one query; with `view`, what the page draws too."""
@@ -374,7 +278,7 @@ class Service:
     from PIL import Image, ImageOps
 
     try:
-      rgb = self.images.read_rgb(str(self.meta["path"][row]), upright=True)
+      rgb = self.index.images.read_rgb(str(self.index.meta["path"][row]), upright=True)
     except ImageUnavailable as e:
       return b"", None, str(e)
     small = ImageOps.contain(Image.fromarray(rgb), (_THUMB, _THUMB), Image.BILINEAR)
@@ -529,15 +433,10 @@ def app(service: Service) -> Any:
 def bind(host: str, port: int) -> socket.socket:
   """A listening socket on host:port (port 0: a free one), IPv4 or IPv6."""
   family = socket.AF_INET6 if ":" in host else socket.AF_INET
-  sock = socket.socket(family, socket.SOCK_STREAM)
-  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-  try:
-    sock.bind((host, port))
+  try:  # SO_REUSEADDR set, the socket closed if it cannot bind
+    return socket.create_server((host, port), family=family, backlog=128)
   except OSError as e:
-    sock.close()
     raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-  sock.listen(128)
-  return sock
 
 
 def run(config: ServeConfig, *, log: Callable[[str], None]) -> None:
@@ -555,7 +454,7 @@ def run(config: ServeConfig, *, log: Callable[[str], None]) -> None:
   host, port = sock.getsockname()[:2]
   shown = f"[{host}]" if ":" in host else host
   log(f"{service.rows} rows of {config.index} ({service.config.kind}); images: "
-      f"{service.images.describe()}")
+      f"{service.index.images.describe()}")
   log(f"serving on http://{shown}:{port}/")
   server = uvicorn.Server(uvicorn.Config(app(service), log_level="warning", access_log=False))
   server.run(sockets=[sock])

@@ -10,17 +10,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-# Command name (as typed after `cbir-` or `python -m cbir_jax`) -> module in this package.
-COMMANDS = {
-    "extract": "extract",
-    "search": "search",
-    "index": "index",
-    "evaluate": "evaluate",
-    "classify": "classify",
-    "port": "port",
-    "dedup": "dedup",
-    "serve": "serve",
-}
+# Command names, as typed after `cbir-` or `python -m cbir_jax`: each is a module of this package.
+COMMANDS = ("extract", "search", "index", "evaluate", "classify", "port", "dedup", "serve")
 
 
 def usage() -> str:
@@ -38,4 +29,4 @@ def main(argv: list[str] | None = None) -> None:
   if name not in COMMANDS:
     sys.exit(f"cbir_jax: error: unknown command {name!r}; {usage()}")
   sys.argv = [f"cbir-{name}", *argv[2:]]  # absl parses sys.argv; the program name shows in --help
-  importlib.import_module(f"cbir_jax.commands.{COMMANDS[name]}").run()
+  importlib.import_module(f"cbir_jax.commands.{name}").run()

@@ -21,7 +21,3 @@ def main() -> None:
 def run() -> None:
   """The `cbir-classify` console script."""
   cli.run("classify", main)
-
-
-if __name__ == "__main__":
-  run()

@@ -20,7 +20,3 @@ def main() -> None:
 def run() -> None:
   """The `cbir-dedup` console script."""
   cli.run("dedup", main)
-
-
-if __name__ == "__main__":
-  run()

@@ -32,7 +32,3 @@ def main() -> None:
 def run() -> None:
   """The `cbir-evaluate` console script."""
   cli.run("evaluate", main)
-
-
-if __name__ == "__main__":
-  run()

@@ -15,7 +15,6 @@ kept). Flags are the fields of cbir_jax.extract.ExtractConfig.
 """
 from __future__ import annotations
 
-import sys
 import time
 
 _STARTED = time.perf_counter()  # before the heavy imports, so the summary counts them
@@ -35,21 +34,12 @@ def main() -> int:
   config = FLAGS.config(kinds=tuple(k for k in KINDS if k in kinds))
   options = RAY.config()
   if options.ray:  # one Ray task per worker (--workers), each its own process
-    try:
-      return ray_job.run(config, options, log=cli.printer("extract"))
-    except extract.ExtractError as e:
-      print(f"extract: error: {e}", file=sys.stderr, flush=True)
-      return 1
+    return ray_job.run(config, options, log=cli.printer("extract"))
   if not config.jax_distributed:
     cli.warn_if_gpu_unused("extract")  # jax.distributed.initialize() must come before JAX starts
   return extract.main(config, started=_STARTED)  # the exit status of every outcome
 
 
-
 def run() -> None:
   """The `cbir-extract` console script."""
-  cli.run("extract", main, gpu_warning=False)
-
-
-if __name__ == "__main__":
-  run()
+  cli.run("extract", main, gpu_warning=False, errors=(ValueError, OSError, extract.ExtractError))

@@ -23,11 +23,6 @@ def main() -> None:
       f"{shape}{f', PCA to {r.pca}' if r.pca else ''}, built in {r.build_seconds:.1f} s")
 
 
-
 def run() -> None:
   """The `cbir-index` console script."""
   cli.run("index", main, errors=(ValueError, OSError, ImportError))
-
-
-if __name__ == "__main__":
-  run()

@@ -27,7 +27,3 @@ def main() -> None:
 def run() -> None:
   """The `cbir-port` console script."""
   cli.run("port_weights", main, gpu_warning=False)
-
-
-if __name__ == "__main__":
-  run()

@@ -31,11 +31,6 @@ def main() -> None:
   search_command.run(FLAGS.config(), log=cli.printer("search"))
 
 
-
 def run() -> None:
   """The `cbir-search` console script."""
   cli.run("search", main, errors=(ValueError, OSError, ImportError))  # no faiss: --ann
-
-
-if __name__ == "__main__":
-  run()

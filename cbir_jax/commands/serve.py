@@ -19,11 +19,6 @@ def main() -> None:
   serve.run(FLAGS.config(), log=cli.printer("serve"))
 
 
-
 def run() -> None:
   """The `cbir-serve` console script."""
   cli.run("serve", main)
-
-
-if __name__ == "__main__":
-  run()
