@@ -13,12 +13,13 @@ import hashlib
 import json
 import os
 import pathlib
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import numpy as np
 
 from cbir_jax import preprocessing as pp
+from cbir_jax.atomic import sha256_file as file_sha256  # noqa: F401 (the porters' name)
 
 INFO_FILE = "weights.json"
 PARAMS_DIR = "params"
@@ -69,19 +70,6 @@ def _bool(value: Any, name: str) -> bool:
   return value
 
 
-def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int = 1 << 22) -> str:
-  """Hex digest of a file, read in chunks (weight files and shards can be large)."""
-  h = hashlib.new(algorithm)
-  with open(path, "rb") as f:
-    while block := f.read(chunk):
-      h.update(block)
-  return h.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-  return file_digest(path, "sha256")
-
-
 def params_sha256(params: Any) -> str:
   """Digest over leaf paths, shapes, dtypes and bytes: equal weights give equal digests."""
   h = hashlib.sha256()
@@ -94,20 +82,27 @@ def params_sha256(params: Any) -> str:
   return h.hexdigest()
 
 
-def check_tree(params: Any, expected: Any, *, what: str) -> None:
-  """Raises WeightsError naming the first missing, unexpected or mis-shaped tensor."""
-  got = {jax.tree_util.keystr(p): tuple(np.shape(v))
-         for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-  want = {jax.tree_util.keystr(p): tuple(v.shape)
-          for p, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
-  for name in sorted(want):
-    if name not in got:
-      raise WeightsError(f"{what}: missing tensor {name} (expected shape {want[name]})")
-    if got[name] != want[name]:
-      raise WeightsError(f"{what}: tensor {name} has shape {got[name]}, expected {want[name]}")
-  extra = sorted(set(got) - set(want))
+def check_shapes(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],
+                 *, what: str) -> None:
+  """Raises WeightsError for the first missing, mis-shaped or unexpected tensor, in the
+  order of `expected` (then of `found`)."""
+  for name, shape in expected.items():
+    if name not in found:
+      raise WeightsError(f"{what}: missing tensor {name} (expected shape {shape})")
+    if tuple(found[name]) != shape:
+      raise WeightsError(f"{what}: tensor {name} has shape {tuple(found[name])}, "
+                         f"expected {shape}")
+  extra = [n for n in found if n not in expected]
   if extra:
     raise WeightsError(f"{what}: unexpected tensor {extra[0]} ({len(extra)} unexpected in all)")
+
+
+def check_tree(params: Any, expected: Any, *, what: str) -> None:
+  """`check_shapes` of two pytrees, tensors named by their paths, in sorted order."""
+  def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    return dict(sorted((jax.tree_util.keystr(p), tuple(np.shape(v)))
+                       for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]))
+  check_shapes(shapes(params), shapes(expected), what=what)
 
 
 def save(directory: str | os.PathLike, params: Any, info: WeightsInfo) -> WeightsInfo:
