@@ -18,7 +18,7 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -26,13 +26,8 @@ from cbir_jax import meta_columns, store
 from cbir_jax import index as index_files
 from cbir_jax.manifest import FORMAT_VERSION, FileEntry, Manifest, ShardEntry
 
-_BLOCK = 1 << 22
 META = "meta.npz"
 FAILURES = "failures.json"
-
-
-def _quiet(msg: str) -> None:
-  del msg
 
 
 class FinishProgress:
@@ -42,12 +37,10 @@ class FinishProgress:
   second has passed since the previous one (a short finish stays two lines).
   """
 
-  def __init__(self, mode: str = "none", log: Callable[[str], None] = _quiet,
+  def __init__(self, mode: str = "none", log: Callable[[str], None] | None = None,
                every_s: float = 1.0):
-    self.mode = "bar" if mode == "auto" and sys.stderr.isatty() else mode
-    if self.mode == "auto":
-      self.mode = "log"
-    self.log, self.every_s = log, every_s
+    self.mode = ("bar" if sys.stderr.isatty() else "log") if mode == "auto" else mode
+    self.log, self.every_s = log or (lambda msg: None), every_s
     self.total = self.done = 0
     self.t0 = self.last = time.perf_counter()
     self.bar = None
@@ -143,7 +136,8 @@ def _complete(out: pathlib.Path, m: Manifest) -> tuple[ShardEntry, ...]:
         f"{out}: {len(missing)} of {m.num_shards} shards missing (first: "
         f"{store.shard_name(missing[0])}); were all workers writing to one shared "
         "directory? Rerun the workers that write them.")
-  return tuple(_entry(done[k], f"{where}/{store.shard_name(k)}") for k in range(m.num_shards))
+  return tuple(ShardEntry.from_dict({**done[k], "dir": f"{where}/{store.shard_name(k)}"})
+               for k in range(m.num_shards))
 
 
 def _link_part(out: pathlib.Path, m: Manifest, s: ShardEntry, kind: str) -> FileEntry:
@@ -151,7 +145,10 @@ def _link_part(out: pathlib.Path, m: Manifest, s: ShardEntry, kind: str) -> File
   rel = f"{s.dir}/{kind}.npy"
   src, dst = out / rel, out / m.path(part_name(kind, s.index))
   with open(src, "rb") as f:
-    shape, fortran, _ = _read_header(f, rel, out)
+    try:
+      shape, fortran, _ = store.npy_header(f)
+    except ValueError as e:
+      raise _damaged(out, rel, f"is not a valid .npy ({e})") from e
   if fortran or len(shape) != 2 or shape[0] != s.rows:
     raise _damaged(out, rel, f"holds shape {shape}, the shard {s.rows} rows")
   dst.parent.mkdir(parents=True, exist_ok=True)
@@ -166,13 +163,6 @@ def _link_part(out: pathlib.Path, m: Manifest, s: ShardEntry, kind: str) -> File
   info = s.files[f"{kind}.npy"]
   return FileEntry(file=m.path(part_name(kind, s.index)), rows=s.rows,
                    sha256=str(info["sha256"]), bytes=int(info["bytes"]))
-
-
-def _entry(info: dict[str, Any], rel: str) -> ShardEntry:
-  return ShardEntry(index=int(info["index"]), dir=rel, start=int(info["start"]),
-                    stop=int(info["stop"]), rows=int(info["rows"]),
-                    failures=int(info["failures"]), process=int(info["process"]),
-                    files=info["files"])
 
 
 def _damaged(out: pathlib.Path, rel: str, why: str) -> store.StoreError:
@@ -217,16 +207,6 @@ def _gather_meta(out: pathlib.Path, m: Manifest, shards: Sequence[ShardEntry],
   text = json.dumps(failures).encode("utf-8", "surrogateescape")
   fpath = store.write_atomic(out / frel, lambda f: f.write(text))
   return mentry, FileEntry(frel, len(failures), store.sha256_file(fpath), fpath.stat().st_size)
-
-
-def _read_header(src, rel: str, out: pathlib.Path) -> tuple[tuple[int, ...], bool, np.dtype]:
-  try:
-    version = np.lib.format.read_magic(src)
-    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-            else np.lib.format.read_array_header_2_0)
-    return read(src)
-  except ValueError as e:
-    raise _damaged(out, rel, f"is not a valid .npy ({e})") from e
 
 
 __all__ = ["FinishProgress", "finalize", "part_name", "seal"]

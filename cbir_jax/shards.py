@@ -20,7 +20,7 @@ import os
 import pathlib
 import shutil
 import uuid
-from typing import Any, Mapping, Sequence
+from typing import IO, Any, Mapping, Sequence
 
 import numpy as np
 
@@ -51,6 +51,14 @@ def generation_base(generation: int) -> str:
 def positions_sha256(positions: np.ndarray) -> str:
   """Digest of the record positions a shard covers (a rerun checks it plans the same ones)."""
   return hashlib.sha256(np.ascontiguousarray(positions, np.int64).tobytes()).hexdigest()
+
+
+def npy_header(f: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
+  """(shape, Fortran order, dtype) from an open .npy file's header (ValueError: none)."""
+  version = np.lib.format.read_magic(f)
+  read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+          else np.lib.format.read_array_header_2_0)
+  return read(f)
 
 
 def refuse_orphan_shards(out: pathlib.Path) -> None:
@@ -238,6 +246,6 @@ def read_failures_json(path: pathlib.Path) -> list[tuple[str, str, int]]:
 
 
 __all__ = ["DELTA", "MANIFEST", "META_COLUMNS", "RECORDS", "SHARDS", "ShardData",
-           "complete_shards", "generation_base", "piece_name", "positions_sha256",
+           "complete_shards", "generation_base", "npy_header", "piece_name", "positions_sha256",
            "read_failures_json", "read_shard", "refuse_orphan_shards", "remove_partial",
            "shard_intact", "shard_name", "shard_pieces", "write_shard"]
