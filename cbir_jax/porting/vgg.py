@@ -122,17 +122,9 @@ def _has_classifier(sd: Mapping[str, Any]) -> bool:
 
 @register(MODEL, "torchvision")
 def port_torchvision(path: str | os.PathLike) -> tuple[dict[str, Any], WeightsInfo]:
-  """Reads torchvision's `vgg16-397923af.pth` (or a state dict of the same layout).
-
-  Args:
-    path: a PyTorch state dict with keys `features.N.weight/bias` and
-      `classifier.{0,3,6}.weight/bias`, or `features.*` only (no FC layers).
-
-  Returns:
-    (float32 Flax params for `backbones.get("vgg16")`, or its `without_fc()`
-    variant; WeightsInfo with the torchvision preprocessing, the file's
-    SHA-256 and `has_fc`).
-  """
+  """Reads torchvision's `vgg16-397923af.pth` (or a state dict of the same layout: keys
+  `features.N.weight/bias` and `classifier.{0,3,6}.weight/bias`, or `features.*` only, which
+  gives the params of `backbones.get("vgg16").without_fc()` and `has_fc` False)."""
   path = pathlib.Path(path)
   sd = torch_state_dict(path)
   has_fc = _has_classifier(sd)
@@ -141,8 +133,7 @@ def port_torchvision(path: str | os.PathLike) -> tuple[dict[str, Any], WeightsIn
   for k, v in sd.items():
     if not v.is_floating_point():
       raise WeightsError(f"{path}: tensor {k} has dtype {v.dtype}, expected floating point")
-  params = params_from_torchvision(
-      {k: v.detach().float().numpy() for k, v in sd.items()})
+  params = params_from_torchvision({k: v.detach().float().numpy() for k, v in sd.items()})
   sha = file_sha256(path)
   _warn_unknown_torchvision(path, sha, has_fc=has_fc)
   return params, WeightsInfo(model=MODEL, preprocessing=pp.TORCHVISION, source="torchvision",
@@ -249,18 +240,10 @@ def port_keras(path: str | os.PathLike) -> tuple[dict[str, Any], WeightsInfo]:
   """Reads Keras' `vgg16_weights_tf_dim_ordering_tf_kernels.h5` or its `..._notop.h5`.
 
   Classic Keras 1/2 layout: layers `block{b}_conv{i}`, then `fc1`, `fc2`,
-  `predictions` (absent from the no-top file), each with [kernel, bias]
-  listed in its `weight_names` attribute. Kernels are HWIO and FC1 expects
+  `predictions` (absent from the no-top file, which ports as `has_fc` False), each with
+  [kernel, bias] listed in its `weight_names` attribute. Kernels are HWIO and FC1 expects
   pool5 flattened as H,W,C: exactly the Flax model's layout, so only names
   change. These are caffe weights: BGR input, mean removed.
-
-  Args:
-    path: the .h5 file.
-
-  Returns:
-    (float32 Flax params for `backbones.get("vgg16")`, or its `without_fc()`
-    variant for a no-top file; WeightsInfo with the caffe preprocessing, the
-    file's SHA-256 and `has_fc`).
   """
   path = pathlib.Path(path)
   layers = _read_keras(path)
