@@ -50,9 +50,7 @@ class WeightsInfo:
   has_fc: bool = True
 
   def to_dict(self) -> dict[str, Any]:
-    d = dataclasses.asdict(self)
-    d["preprocessing"] = self.preprocessing.to_dict()
-    return d
+    return dataclasses.asdict(self)  # preprocessing too: a dataclass, as its to_dict gives it
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "WeightsInfo":
@@ -134,16 +132,9 @@ def read_info(directory: str | os.PathLike) -> WeightsInfo:
 
 def load(directory: str | os.PathLike, *, model: str | None = None,
          expected: Any = None) -> tuple[Any, WeightsInfo]:
-  """Restores params and info, refusing a checkpoint for another model or of the wrong shapes.
-
-  Args:
-    directory: a weights directory written by `save`.
-    model: the backbone name the caller wants; a different recorded model is refused.
-    expected: a pytree of arrays/ShapeDtypeStructs the params must match.
-
-  Returns:
-    (params as a nested dict of numpy float32 arrays, WeightsInfo).
-  """
+  """(params as nested dicts of float32 numpy arrays, WeightsInfo) of a directory `save`
+  wrote; refuses weights recorded for another model than `model`, params of other shapes
+  than `expected` (arrays or ShapeDtypeStructs), or params that do not match their digest."""
   import orbax.checkpoint as ocp
 
   directory = pathlib.Path(directory).absolute()

@@ -46,17 +46,13 @@ class FinishProgress:
     self.bar = None
 
   def start(self, total: int, what: str) -> None:
-    self.total, self.t0 = total, time.perf_counter()
-    self.last = self.t0
+    self.total = total
+    self.t0 = self.last = time.perf_counter()
     if self.mode == "bar":
-      try:
-        from tqdm import tqdm
-        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="finishing",
-                        dynamic_ncols=True)
-        return
-      except ImportError:
-        self.mode = "log"
-    if self.mode == "log":
+      from tqdm import tqdm  # a dependency; imported only where a bar is drawn
+      self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="finishing",
+                      dynamic_ncols=True)
+    elif self.mode == "log":
       self.log(f"finishing: {what} ({total / 1e6:.1f} MB)")
 
   def step(self, nbytes: int, what: str) -> None:
@@ -74,15 +70,6 @@ class FinishProgress:
       self.bar = None
     if self.mode != "none":
       self.log(f"finishing: {what} ({time.perf_counter() - self.t0:.1f} s)")
-
-
-def finalize(output_dir: str | pathlib.Path, *, num_shards: int, workers: int = 1) -> Manifest:
-  """Finishes an index whose shards were written with `store.write_shard` (tools and tests
-  that build one by hand): seals it and writes the manifest. Returns that manifest."""
-  out = pathlib.Path(output_dir)
-  m = seal(out, store.load_manifest(out).replace(num_shards=num_shards), workers=workers)
-  store.write_manifest(out, m)
-  return m
 
 
 def part_name(kind: str, k: int) -> str:
@@ -160,9 +147,8 @@ def _link_part(out: pathlib.Path, m: Manifest, s: ShardEntry, kind: str) -> File
     except OSError:  # a file system without hard links: a relative symbolic link
       os.symlink(os.path.relpath(src, dst.parent), tmp)
     os.replace(tmp, dst)
-  info = s.files[f"{kind}.npy"]
-  return FileEntry(file=m.path(part_name(kind, s.index)), rows=s.rows,
-                   sha256=str(info["sha256"]), bytes=int(info["bytes"]))
+  return FileEntry.from_dict({**s.files[f"{kind}.npy"], "file": m.path(part_name(kind, s.index)),
+                              "rows": s.rows})
 
 
 def _damaged(out: pathlib.Path, rel: str, why: str) -> store.StoreError:
@@ -209,4 +195,4 @@ def _gather_meta(out: pathlib.Path, m: Manifest, shards: Sequence[ShardEntry],
   return mentry, FileEntry(frel, len(failures), store.sha256_file(fpath), fpath.stat().st_size)
 
 
-__all__ = ["FinishProgress", "finalize", "part_name", "seal"]
+__all__ = ["FinishProgress", "part_name", "seal"]

@@ -31,11 +31,11 @@ from cbir_jax.shards import (DELTA, MANIFEST, META_COLUMNS, RECORDS, SHARDS,  # 
 WEBDATASET_CACHE = "webdataset-listing"  # per-shard listings of a --webdataset input (a cache)
 
 
-def read_manifest(output_dir: str | os.PathLike, name: str = MANIFEST) -> dict[str, Any]:
+def read_manifest(output_dir: str | os.PathLike) -> dict[str, Any]:
   """manifest.json as a dict (see `load_manifest` for the typed record)."""
-  path = pathlib.Path(output_dir) / name
+  path = pathlib.Path(output_dir) / MANIFEST
   if not path.is_file():
-    raise StoreError(_not_an_index(pathlib.Path(output_dir), name))
+    raise StoreError(_not_an_index(pathlib.Path(output_dir)))
   try:
     m = json.loads(path.read_text())
   except ValueError as e:
@@ -49,33 +49,32 @@ def read_manifest(output_dir: str | os.PathLike, name: str = MANIFEST) -> dict[s
   return m
 
 
-def _not_an_index(out: pathlib.Path, name: str) -> str:
+def _not_an_index(out: pathlib.Path) -> str:
   """Why `out` has no manifest, in the words a user acts on: no such directory, not a
   directory, or a directory that is not (yet) an index."""
   make = f"make one with: cbir-extract --images=PHOTOS --output={out}"
-  if not out.exists():
-    return f"{out}: no such directory; an index is the folder cbir-extract writes ({make})"
   if not out.is_dir():
-    return f"{out}: not a directory; an index is the folder cbir-extract writes ({make})"
-  return f"{out}: not a cbir_jax index (it has no {name}); {make}"
+    what = "not a directory" if out.exists() else "no such directory"
+    return f"{out}: {what}; an index is the folder cbir-extract writes ({make})"
+  return f"{out}: not a cbir_jax index (it has no {MANIFEST}); {make}"
 
 
-def load_manifest(output_dir: str | os.PathLike, name: str = MANIFEST) -> Manifest:
+def load_manifest(output_dir: str | os.PathLike) -> Manifest:
   """The typed manifest of an output directory (format 4; earlier ones are refused)."""
+  d = read_manifest(output_dir)  # its own errors: no index, unreadable, newer
   try:
-    return Manifest.from_dict(read_manifest(output_dir, name))
+    return Manifest.from_dict(d)
   except OldFormat as e:
     raise StoreError(f"{output_dir} was written by an earlier cbir_jax ({e}) in a layout this "
                      "version no longer reads; rebuild it: rerun launch/extract.py with the "
                      "same flags and a new --output") from None
   except (KeyError, TypeError, ValueError) as e:
-    raise StoreError(f"{pathlib.Path(output_dir) / name}: damaged manifest ({e!r})") from e
+    raise StoreError(f"{pathlib.Path(output_dir) / MANIFEST}: damaged manifest ({e!r})") from e
 
 
-def write_manifest(output_dir: str | os.PathLike, manifest: Manifest, name: str = MANIFEST
-                   ) -> None:
+def write_manifest(output_dir: str | os.PathLike, manifest: Manifest) -> None:
   """Writes the manifest atomically: readers see the old one or the new one, never a mix."""
-  write_json_atomic(pathlib.Path(output_dir) / name, manifest.to_dict())
+  write_json_atomic(pathlib.Path(output_dir) / MANIFEST, manifest.to_dict())
 
 
 def prepare(output_dir: str | os.PathLike, new: Manifest) -> Manifest:

@@ -79,7 +79,7 @@ def index(tmp_path_factory):
           "uid": np.array([f"u{i}" for i in range(n)])}
   store.write_shard(out, 0, start=0, stop=n, arrays={k: np.asarray(v) for k, v in rows.items()},
                     meta=meta, failures=[])
-  consolidate.finalize(out, num_shards=1)
+  store.write_manifest(out, consolidate.seal(out, store.load_manifest(out), workers=1))
   return str(out), paths
 
 

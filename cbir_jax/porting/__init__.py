@@ -121,8 +121,6 @@ def port_and_save(model: str, source: str | None, input_path: str | os.PathLike,
   """Ports a weights file, checks it against the backbone's parameters and saves it (see
   `PortConfig`; a non-empty `output_dir` is refused without `overwrite`, so that nothing is
   lost). Returns the saved WeightsInfo (with params_sha256 set)."""
-  import pathlib
-
   from cbir_jax import backbones, checkpoint
 
   backbone = backbones.get(model)  # unknown model: clear error before reading the file
