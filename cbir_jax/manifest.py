@@ -74,7 +74,6 @@ class WeightsRecord(_Record):
             "source_sha256": self.source_sha256}
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Settings(_Record):
   """Everything that changes a stored row's values or the shard layout; compared on every rerun.
