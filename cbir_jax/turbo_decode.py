@@ -75,7 +75,9 @@ def plan(data: bytes, target: tuple[int, int], *, largest: int, draft: bool = Tr
     return "not a JPEG"
   decode._pillow_limit_at_least(max_pixels)
   try:
-    with Image.open(io.BytesIO(data)) as img:
+    # JPEG's opener only (it also recognises MPO): trying every other format first doubled
+    # the time of this open.
+    with Image.open(io.BytesIO(data), formats=("JPEG",)) as img:
       fmt, mode, size = img.format, img.mode, img.size
       orientation = img.getexif().get(_ORIENTATION, 1)
   except Exception:  # pylint: disable=broad-except  # Pillow's path gives the exact reason
