@@ -103,10 +103,8 @@ def assemble(pixels: Sequence[np.ndarray | None], buckets: Sequence[int] = BUCKE
   sends less to the device; only `len(buckets)` canvas shapes ever reach the step. The
   bytes past each image are left as allocated (never read with weight; see module doc).
   """
-  sizes = np.zeros((len(pixels), 2), np.int32)
-  for j, p in enumerate(pixels):
-    if p is not None:
-      sizes[j] = p.shape[:2]
+  sizes = np.array([(0, 0) if p is None else p.shape[:2] for p in pixels], np.int32)
+  sizes = sizes.reshape(-1, 2)  # [0, 2] for no rows
   out = np.empty((len(pixels), slot_bytes(bucket_for(sizes, buckets))), np.uint8)
   for j, p in enumerate(pixels):
     if p is not None:
