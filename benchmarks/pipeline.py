@@ -24,9 +24,7 @@ from cbir_jax import canvas, input_pipeline
 from benchmarks import photos, timing
 
 
-def cores() -> int:
-  """The cores this process may use (the product's default decode parallelism)."""
-  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+cores = input_pipeline.default_threads  # the cores this process may use
 
 
 def cpu_seconds() -> float:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import mmap
 import threading
 from typing import Sequence
 
@@ -102,10 +103,8 @@ def assemble(pixels: Sequence[np.ndarray | None], buckets: Sequence[int] = BUCKE
   sends less to the device; only `len(buckets)` canvas shapes ever reach the step. The
   bytes past each image are left as allocated (never read with weight; see module doc).
   """
-  sizes = np.zeros((len(pixels), 2), np.int32)
-  for j, p in enumerate(pixels):
-    if p is not None:
-      sizes[j] = p.shape[:2]
+  sizes = np.array([(0, 0) if p is None else p.shape[:2] for p in pixels], np.int32)
+  sizes = sizes.reshape(-1, 2)  # [0, 2] for no rows
   out = np.empty((len(pixels), slot_bytes(bucket_for(sizes, buckets))), np.uint8)
   for j, p in enumerate(pixels):
     if p is not None:
@@ -116,27 +115,38 @@ def assemble(pixels: Sequence[np.ndarray | None], buckets: Sequence[int] = BUCKE
 class BufferPool:
   """Flat canvas buffers [B, C * C * 3] handed back by consumers, reused without clearing.
 
-  Fresh buffers of a few hundred MB come from the kernel as untouched pages, and the first
-  write to each page faults (measured ~0.1-0.3 ms per 640 slot); reusing them skips that.
-  Only a consumer that no longer reads a batch's canvases (nor device arrays that may alias
-  them: JAX's CPU backend can share host memory) may hand them back (`Batch.recycle`).
+  Fresh buffers of tens of MB come from the kernel as untouched pages, and the first write
+  to each page faults; in the first 768-photo stream of a process on the 2-core VM that was
+  15-45% of its CPU with NumPy's 2 MB pages, a third of that with 4 kB pages (docs/resize.md).
+  One pool per process (`POOL`), so a stream also reuses the buffers of the streams before
+  it. Only a consumer that no longer reads a batch's canvases (nor device arrays that may
+  alias them: JAX's CPU backend can share host memory) may hand them back (`Batch.recycle`).
   """
 
-  def __init__(self, keep: int = 4):
-    self._keep = keep  # per shape: buffers beyond it are dropped (freed)
+  def __init__(self):
+    self._keep = 0  # per shape: buffers beyond it are dropped (freed)
     self._free: dict[tuple[int, int], collections.deque] = collections.defaultdict(
         collections.deque)
     self._lock = threading.Lock()
+
+  def hold(self, n: int) -> None:
+    """Keeps up to `n` free buffers of each shape (a stream's batches in flight)."""
+    self._keep = max(self._keep, n)
 
   def take(self, batch: int, side: int) -> np.ndarray:
     with self._lock:
       free = self._free[(batch, side)]
       if free:
         return free.pop()
-    return np.empty((batch, slot_bytes(side)), np.uint8)
+    # Anonymous memory of small pages, not `np.empty`'s 2 MB ones: only the pages a slot's
+    # image covers are zeroed at first touch (a 500x375 image fills 46% of a 640 slot).
+    return np.frombuffer(mmap.mmap(-1, batch * slot_bytes(side)), np.uint8).reshape(batch, -1)
 
   def give(self, buf: np.ndarray) -> None:
     key = (buf.shape[0], side_of(buf))
     with self._lock:
       if len(self._free[key]) < self._keep:
         self._free[key].append(buf)
+
+
+POOL = BufferPool()

@@ -71,8 +71,7 @@ def assemble(images: Sequence[Any], buckets: Sequence[int], *, device: Any = Non
     reduced.append(im)
     factors.append(f)
   sizes = np.array([(0, 0) if im is None else im.shape[:2] for im in reduced], np.int32)
-  need = int(sizes.max()) if sizes.size else 0
-  side = min((b for b in buckets if b >= need), default=largest)
+  side = canvas.bucket_for(sizes, buckets)  # the reduction made every image fit
   black = jax.device_put(np.zeros(canvas.slot_bytes(side), np.uint8), device)
   canvases = jnp.stack([black if im is None else _place(im, side) for im in reduced])
   return canvases, sizes.reshape(-1, 2), factors

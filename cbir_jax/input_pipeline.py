@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
+import functools
+import itertools
 import os
 import pathlib
 import pickle
+import queue
 import threading
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -65,7 +69,7 @@ class Batch:
     return canvas.side_of(self.images) if self.sizes is not None else int(self.images.shape[1])
 
   def recycle(self) -> None:
-    """Canvas mode: hands the canvases back to the stream, which decodes later batches into
+    """Canvas mode: hands the canvases back (`canvas.POOL`): later batches are decoded into
     them. Only when nothing reads them any more, nor a device array that may alias them
     (after the step that took them has finished). `images` is None afterwards."""
     if self._recycle is not None and self.images is not None:
@@ -75,17 +79,15 @@ class Batch:
   @classmethod
   def padding(cls, batch_size: int, image_size: int | tuple[int, int], *,
               keyed: bool = False, buckets: Sequence[int] | None = None) -> Batch:
-    """An all-padding batch (a step where this process has no records left).
-
-    With `buckets` (canvas mode): canvases of the smallest bucket, every size 0 x 0.
-    """
-    shape = ((canvas.slot_bytes(min(buckets)),) if buckets
-             else (*decode._size(image_size), 3))
-    return cls(images=np.zeros((batch_size, *shape), np.uint8),
-               index=np.full(batch_size, -1, np.int64), width=np.zeros(batch_size, np.int32),
-               height=np.zeros(batch_size, np.int32), ok=np.zeros(batch_size, bool),
-               valid=np.zeros(batch_size, bool), error=[""] * batch_size,
-               key=[""] * batch_size if keyed else None,
+    """An all-padding batch (a step where this process has no records left); with `buckets`
+    (canvas mode): read-only zero canvases of the smallest bucket, taking no memory (a stream
+    puts a buffer in their place: zeroing 5 MB per batch cost 2.6% of its CPU), sizes 0 x 0."""
+    images = (np.broadcast_to(np.uint8(0), (batch_size, canvas.slot_bytes(min(buckets))))
+              if buckets else np.zeros((batch_size, *decode._size(image_size), 3), np.uint8))
+    return cls(images=images, index=np.full(batch_size, -1, np.int64),
+               width=np.zeros(batch_size, np.int32), height=np.zeros(batch_size, np.int32),
+               ok=np.zeros(batch_size, bool), valid=np.zeros(batch_size, bool),
+               error=[""] * batch_size, key=[""] * batch_size if keyed else None,
                label=np.full(batch_size, -1, np.int64) if keyed else None,
                sizes=np.zeros((batch_size, 2), np.int32) if buckets else None,
                decoders=[""] * batch_size if buckets else None,
@@ -97,14 +99,10 @@ class Batch:
 
 @dataclasses.dataclass
 class Listing:
-  """What a folder holds: the images to read, and the other files counted by extension.
-
-  `skipped` also counts, under `LINK_LOOP`, directory symlinks not followed because they
-  lead back to a folder above them (their paths are in `loops`).
-  """
+  """What a folder holds: the images to read, and the other files counted by extension."""
   records: list[Record]
   skipped: collections.Counter  # lower-case extension ("" for none) -> files not read
-  loops: list[str] = dataclasses.field(default_factory=list)
+  loops: list[str] = dataclasses.field(default_factory=list)  # directory links not followed
   documents: list[str] = dataclasses.field(default_factory=list)  # README, LICENSE*, *.md
 
 
@@ -124,9 +122,8 @@ def _dir_id(path: str | os.DirEntry) -> tuple[int, int] | None:
 def _walk(root: str) -> tuple[list[str], collections.Counter, list[str], list[str]]:
   """(image paths, files not read by extension, directory links refused, documents) under `root`.
 
-  An explicit stack, not recursion: a tree of any depth lists. Directory symlinks are
-  followed (a class folder may be a link to elsewhere); one that leads to a folder on
-  its own path from `root` (an ancestor, or itself) would never end and is refused.
+  An explicit stack, not recursion: a tree of any depth lists. A directory link to a folder
+  on its own path from `root` (an ancestor, or itself) would never end and is refused.
   Folders that cannot be read are passed over, as `os.walk` does.
   """
   paths: list[str] = []
@@ -142,7 +139,7 @@ def _walk(root: str) -> tuple[list[str], collections.Counter, list[str], list[st
     except OSError:
       continue
     for entry in entries:
-      path = os.path.join(folder, entry.name)
+      path = entry.path  # folder joined with the name
       try:
         is_dir = entry.is_dir()  # follows links
       except OSError:
@@ -185,13 +182,13 @@ def is_document(name: str) -> bool:
 def list_folder(root: str | os.PathLike) -> Listing:
   """Every image under `root` (recursive, sorted path order), and what was left out.
 
-  A file's label is its first-level subfolder (classes numbered in sorted name order);
-  files directly in `root` get label -1. Images are the extensions Pillow can decode here
-  (`IMAGE_EXTENSIONS`, case-insensitive); other files are counted in `skipped`. Directory
-  symlinks are followed and their files listed under the link's path (a class folder
-  may be a link); a link back to a folder above it (a loop) is not followed, counted in
-  `skipped` and named in a warning. Paths are `root` joined with the relative path.
-  Documentation files (`is_document`) are listed in `documents`, not counted as skipped.
+  A file's label is its first-level subfolder (classes numbered in sorted name order); files
+  directly in `root` get label -1. Images are the extensions Pillow can decode here
+  (`IMAGE_EXTENSIONS`, case-insensitive); other files are counted in `skipped`, but
+  documentation files (`is_document`) are listed in `documents`. Directory symlinks are
+  followed and their files listed under the link's path (a class folder may be a link); a
+  link back to a folder above it (a loop) is not followed, counted in `skipped` and named in
+  a warning. Paths are `root` joined with the relative path.
   """
   root = pathlib.Path(root)
   if not root.is_dir():
@@ -202,12 +199,11 @@ def list_folder(root: str | os.PathLike) -> Listing:
                     "it (a loop)%s", len(loops), "s" if len(loops) != 1 else "", loops[0],
                     "" if len(loops) == 1 else ", and others")
   paths.sort()
-  rel_first = [pathlib.PurePath(os.path.relpath(p, root)).parts for p in paths]
-  classes = sorted({parts[0] for parts in rel_first if len(parts) > 1})
-  class_index = {c: i for i, c in enumerate(classes)}
-  records = [Record(key=p, label=class_index[parts[0]] if len(parts) > 1 else -1,
-                    label_name=parts[0] if len(parts) > 1 else "")
-             for p, parts in zip(paths, rel_first)]
+  rel = (pathlib.PurePath(os.path.relpath(p, root)).parts for p in paths)
+  names = [parts[0] if len(parts) > 1 else "" for parts in rel]  # "": directly in root
+  class_index = {c: i for i, c in enumerate(sorted(set(names) - {""}))}
+  records = [Record(key=p, label=class_index.get(n, -1), label_name=n)
+             for p, n in zip(paths, names)]
   return Listing(records=records, skipped=skipped, loops=loops, documents=documents)
 
 
@@ -224,11 +220,9 @@ def format_skipped(skipped: collections.Counter) -> str:
   """
   files = {ext: n for ext, n in skipped.items() if ext != LINK_LOOP and n}
   total, loops = sum(files.values()), skipped.get(LINK_LOOP, 0)
-  out = []
-  if total:
-    parts = ", ".join(f"{ext or '(no extension)'} {n}"
-                      for ext, n in sorted(files.items(), key=lambda kv: (-kv[1], kv[0])))
-    out.append(f"skipped {total} file{'s' if total != 1 else ''}: {parts}")
+  parts = ", ".join(f"{ext or '(no extension)'} {n}"
+                    for ext, n in sorted(files.items(), key=lambda kv: (-kv[1], kv[0])))
+  out = [f"skipped {total} file{'s' if total != 1 else ''}: {parts}"] if total else []
   if loops:
     out.append(f"{loops} directory link{'s' if loops != 1 else ''} not followed (a loop)")
   return "; ".join(out)
@@ -239,12 +233,8 @@ def format_skipped(skipped: collections.Counter) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-  """One input row: its `Batch.index`, its key (keyed streams) and what its stream reads.
-
-  The stream's `read(arg)` returns (encoded image, label); an OSError or ValueError from it
-  makes the row a failure with the reason. `arg` is small and picklable (a path, a record
-  position, or the bytes themselves), so rows can go to worker processes.
-  """
+  """One input row: its `Batch.index`, its key (keyed streams) and its stream's `read` argument,
+  small and picklable (a path, a record position, or the bytes), so it can go to a worker."""
   index: int
   arg: Any
   key: str = ""
@@ -255,13 +245,9 @@ def carried(arg: tuple[bytes, int]) -> tuple[bytes, int]:
   return arg
 
 
-@dataclasses.dataclass(frozen=True)
-class _Unlabelled:
-  """key -> bytes as a reader: (bytes, -1). Picklable when `read` is."""
-  read: Callable[[str], bytes]
-
-  def __call__(self, key: str) -> tuple[bytes, int]:
-    return self.read(key), -1
+def _unlabelled(read: Callable[[str], bytes], key: str) -> tuple[bytes, int]:
+  """key -> bytes as a reader (`functools.partial(_unlabelled, read)`: picklable if `read` is)."""
+  return read(key), -1
 
 
 def default_threads() -> int:
@@ -294,13 +280,10 @@ def decode_parallelism(num_workers: int | None = None, num_threads: int | None =
                        cores: int | None = None) -> tuple[int, int]:
   """(worker processes, decode threads per process); 0 processes: threads in this process.
 
-  Args:
-    num_workers: processes (0: threads in this process). None: by the rule above, for
-      `num_threads` decodes at once if given (a job's `--num_threads=8` keeps meaning
-      eight decodes, as 2 processes x 4 threads), else for `cores`.
-    num_threads: with `num_workers` given, decode threads per process (None: the cores
-      over the processes); with it None, the decodes at once, split by the rule.
-    cores: the cores to plan for (default: those this process may use).
+  `num_workers` None: split by the rule above, for `num_threads` decodes at once if given
+  (a job's `--num_threads=8` keeps meaning eight decodes, as 2 processes x 4 threads), else
+  for `cores` (default: those this process may use). `num_workers` given: `num_threads` per
+  process (None: the cores over the processes).
   """
   cores = cores or default_threads()
   if num_workers is None:
@@ -333,15 +316,13 @@ def _size(n: float) -> str:
 
 def _choose_parallelism(read: decode_workers.Reader, num_workers: int | None,
                         num_threads: int | None, batch_size: int, size: tuple[int, int],
-                        ahead: int) -> tuple[int, int]:
-  """`decode_parallelism`, with threads here where processes cannot run.
-
-  Chosen automatically, processes give way to threads for a reader that does not pickle
-  (a closure). Asked for or not, they give way when shared memory lacks room for their
-  batch buffers, with one warning line. Threads instead keep the decodes at once.
-  """
+                        ahead: int, buckets: Sequence[int] | None) -> tuple[int, int]:
+  """`decode_parallelism`, with as many threads here where processes cannot run: canvas
+  mode (`buckets`: worker processes return fixed-size resized rows through shared memory);
+  chosen automatically, for a reader that does not pickle (a closure); asked for or not,
+  where shared memory lacks room for their batch buffers (with one warning line)."""
   workers, threads = decode_parallelism(num_workers, num_threads)
-  if workers and num_workers is None and not _picklable(read):
+  if workers and (buckets or num_workers is None and not _picklable(read)):
     return 0, workers * threads
   need = decode_workers.shm_bytes(workers, batch_size, size, ahead) if workers else 0
   room = decode_workers.shm_room() if workers else None
@@ -354,182 +335,114 @@ def _choose_parallelism(read: decode_workers.Reader, num_workers: int | None,
   return workers, threads
 
 
-@dataclasses.dataclass
-class _Pending:
-  """A batch being decoded; `wait()` returns per row (slot j, width, height, error, label)."""
-  batch: Batch
-  wait: Callable[[], list[tuple[int, int, int, str, int]]]
-
-  def result(self) -> Batch:
-    b = self.batch
-    for j, w, h, err, label in self.wait():
-      b.width[j], b.height[j], b.ok[j], b.error[j] = w, h, not err, err
-      if b.label is not None:
-        b.label[j] = label
-    return b
-
-
-@dataclasses.dataclass
-class _Sniffed:
-  """Canvas mode, one row after its first stage: read, and either planned for simplejpeg
-  (`plan`), decoded by Pillow (`pixels`) or failed (`error`)."""
-  label: int = -1
-  width: int = 0  # original size, as shown
-  height: int = 0
-  error: str = ""
-  plan: turbo_decode.Plan | None = None
-  pixels: np.ndarray | None = None
-  decoder: str = ""
-  route: str = ""  # why Pillow
-
-  @property
-  def shape(self) -> tuple[int, int]:
-    """(height, width) the row takes in its canvas (0 x 0: none)."""
-    if self.plan is not None:
-      return self.plan.shape
-    return self.pixels.shape[:2] if self.pixels is not None else (0, 0)
-
-
-def _pillow_placed(row: _Sniffed, data: bytes, size: tuple[int, int], draft: bool,
-                   max_pixels: int, buckets: Sequence[int], why: str) -> _Sniffed:
-  """The Pillow path of canvas mode (`canvas.decode_placed`): its pixels or its reason."""
-  row.plan, row.decoder, row.route = None, gpu_decode.PILLOW, why
-  try:
-    placed, (row.width, row.height) = canvas.decode_placed(
-        data, size, buckets=buckets, draft=draft, max_pixels=max_pixels)
-  except ValueError as e:
-    row.error = str(e) or type(e).__name__
-    row.width = row.height = 0
-    return row
-  row.pixels = placed.pixels
-  return row
-
-
-def _sniff_row(read: decode_workers.Reader, arg: Any, size: tuple[int, int], draft: bool,
-               max_pixels: int, buckets: Sequence[int]) -> _Sniffed:
-  """Stage 1 of a canvas row: read it, then plan a simplejpeg decode or decode with Pillow."""
-  row = _Sniffed()
-  try:
-    data, row.label = read(arg)
-  except (OSError, ValueError) as e:
-    row.error = (str(e) if isinstance(e, ValueError) else f"cannot read file: {e}") or \
-        type(e).__name__
-    return row
-  if not data:  # Pillow's path words it
-    return _pillow_placed(row, data, size, draft, max_pixels, buckets, "empty file")
-  p = turbo_decode.plan(data, size, largest=max(buckets), draft=draft, max_pixels=max_pixels)
-  if isinstance(p, str):
-    return _pillow_placed(row, data, size, draft, max_pixels, buckets, p)
-  row.plan, row.decoder = p, turbo_decode.SIMPLEJPEG
-  row.width, row.height = p.original
-  return row
-
-
-def _fill_slot(row: _Sniffed, slot: np.ndarray, size: tuple[int, int], draft: bool,
-               max_pixels: int, buckets: Sequence[int]) -> None:
-  """Stage 2 of a canvas row: its pixels into its slot, simplejpeg first, else Pillow's."""
-  if row.plan is not None:
-    try:
-      turbo_decode.decode_into(row.plan, slot)
-      return
-    except ValueError:  # refused (damaged, or a libjpeg warning): Pillow decides
-      planned = row.plan.shape
-      _pillow_placed(row, row.plan.data, size, draft, max_pixels, buckets,
-                     "simplejpeg refused the data")
-      if row.pixels is not None and row.pixels.shape[:2] != planned:
-        # Never seen: both decode the same header at the same scale. The batch's canvas is
-        # sized for the plan, so a different image cannot be placed.
-        row.error = (f"canvas: Pillow decoded {row.pixels.shape[:2]}, simplejpeg's plan "
-                     f"was {planned}")
-        row.pixels, row.width, row.height = None, 0, 0
-  if row.pixels is not None:
-    canvas.put(slot, row.pixels)
+def _finish(b: Batch, rows: Iterable[tuple[int, int, int, str, int]]) -> Batch:
+  """A decoded batch, from per row (slot j, width, height, error, label)."""
+  for j, w, h, err, label in rows:
+    b.width[j], b.height[j], b.ok[j], b.error[j] = w, h, not err, err
+    if b.label is not None:
+      b.label[j] = label
+  return b
 
 
 class _CanvasBatch:
-  """One canvas-mode batch in flight: stage 1 per row (read, plan or Pillow decode), then,
-  once every row's size is known, the bucket, a buffer and stage 2 per row (decode into the
-  slot). Stage 2 is queued by whichever stage-1 task ends last, so no thread ever waits."""
+  """One canvas-mode batch in flight. Stage 1 per row: read it, then plan a simplejpeg decode
+  (headers only) or decode it with Pillow. Once every row's size is known: the bucket, a buffer
+  and stage 2 per row, its pixels into its slot; the task that ends stage 1 queues stage 2, so
+  no thread ever waits. Rows' sizes, errors and decoders go straight into `batch`."""
 
-  def __init__(self, batch: Batch, rows: list[tuple[int, Any]], pool: Any,
-               buffers: canvas.BufferPool, read: decode_workers.Reader, opts: dict[str, Any]):
-    self.batch, self._pool, self._buffers, self._opts = batch, pool, buffers, opts
-    self._slots = [j for j, _ in rows]
-    self._rows: dict[int, _Sniffed] = {}
-    self._left = len(rows)
-    self._lock = threading.Lock()
-    self._staged = threading.Event()
-    self._fills: list[concurrent.futures.Future] = []
+  def __init__(self, batch: Batch, rows: list[tuple[int, Any]], engine: _Canvases):
+    self.batch, self._engine = batch, engine
+    self._args = dict(rows)  # slot -> the row's `read` argument
+    self._labels = dict.fromkeys(self._args, -1)
+    self._pixels: dict[int, turbo_decode.Plan | np.ndarray] = {}  # a plan, or Pillow's pixels
+    self._left = len(rows)  # tasks of the current stage not ended
+    self._lock, self._done = threading.Lock(), threading.Event()
     self._failure: BaseException | None = None
     if not rows:
       self._stage_two()
-    for j, arg in rows:
-      f = pool.submit(_sniff_row, read, arg, **opts)
-      f.add_done_callback(lambda f, j=j: self._sniffed(j, f))
+    for j in self._args:
+      engine.run(1, self._task, self._sniff, j, self._stage_two)
 
-  def _sniffed(self, j: int, f: concurrent.futures.Future) -> None:
+  def _sniff(self, j: int) -> None:
+    try:
+      data, self._labels[j] = self._engine.read(self._args[j])
+    except (OSError, ValueError) as e:
+      self.batch.error[j] = (str(e) if isinstance(e, ValueError) else
+                             f"cannot read file: {e}") or type(e).__name__
+      return
+    plan = self._engine.plan(data) if data else "empty file"  # Pillow's path words it
+    if isinstance(plan, str):
+      return self._pillow(j, data, plan)
+    self._pixels[j], self.batch.decoders[j] = plan, turbo_decode.SIMPLEJPEG
+    self.batch.width[j], self.batch.height[j] = plan.original
+
+  def _pillow(self, j: int, data: bytes, why: str) -> None:
+    """The Pillow path (`canvas.decode_placed`): the row's pixels, or its reason."""
+    b = self.batch
+    b.decoders[j], b.routes[j] = gpu_decode.PILLOW, why
+    self._pixels.pop(j, None)
+    try:
+      placed, (b.width[j], b.height[j]) = self._engine.place(data)
+      self._pixels[j] = placed.pixels
+    except ValueError as e:
+      b.error[j], b.width[j], b.height[j] = str(e) or type(e).__name__, 0, 0
+
+  def _fill(self, j: int) -> None:
+    b, got = self.batch, self._pixels[j]
+    if isinstance(got, turbo_decode.Plan):
+      try:
+        turbo_decode.decode_into(got, b.images[j])
+        return
+      except ValueError:  # refused (damaged, or a libjpeg warning): Pillow decides
+        self._pillow(j, got.data, "simplejpeg refused the data")
+      pixels = self._pixels.get(j)
+      if pixels is not None and pixels.shape[:2] != got.shape:
+        # Never seen: both decode the same header at the same scale. The batch's canvas is
+        # sized for the plan, so a different image cannot be placed.
+        b.error[j] = f"canvas: Pillow decoded {pixels.shape[:2]}, simplejpeg's plan was {got.shape}"
+        b.width[j] = b.height[j] = 0
+        del self._pixels[j]
+    if j in self._pixels:
+      canvas.put(b.images[j], self._pixels[j])
+
+  def _task(self, work: Callable[[int], None], j: int, then: Callable[[], None]) -> None:
+    """Runs one row's stage; the stage's last task runs `then`."""
+    try:
+      work(j)
+    except BaseException as e:  # pylint: disable=broad-except  # a bug: raised by wait()
+      self._failure = self._failure or e
     with self._lock:
-      if not f.cancelled() and f.exception() is None:
-        self._rows[j] = f.result()
-      elif self._failure is None:
-        self._failure = f.exception() if not f.cancelled() else RuntimeError("cancelled")
       self._left -= 1
       last = self._left == 0
     if last:
-      self._stage_two()
+      then()
 
   def _stage_two(self) -> None:
     try:
       if self._failure is None:
         b = self.batch
-        for j, row in self._rows.items():
-          b.sizes[j] = row.shape
-        side = canvas.bucket_for(b.sizes, self._opts["buckets"])
-        b.images = self._buffers.take(len(b.index), side)
-        b._recycle = self._buffers.give  # pylint: disable=protected-access
-        self._fills = [self._pool.submit(_fill_slot, row, b.images[j], **self._opts)
-                       for j, row in self._rows.items() if row.shape != (0, 0)]
+        for j, got in self._pixels.items():
+          b.sizes[j] = got.shape[:2]
+        b.images = canvas.POOL.take(len(b.index), canvas.bucket_for(b.sizes, self._engine.buckets))
+        b._recycle = canvas.POOL.give  # pylint: disable=protected-access
+        todo = list(self._pixels)
+        self._left = len(todo)  # before any of them runs
+        for j in todo:
+          self._engine.run(2, self._task, self._fill, j, self._done.set)
+        if todo:
+          return
     except BaseException as e:  # pylint: disable=broad-except  # e.g. the pool shut down
       self._failure = e
-    finally:
-      self._staged.set()
+    self._done.set()
 
-  def wait(self) -> list[tuple[int, int, int, str, int]]:
-    self._staged.wait()
-    concurrent.futures.wait(self._fills)
-    for f in self._fills:
-      f.result()  # a bug in stage 2 surfaces here, not as a silent black row
+  def wait(self) -> Batch:
+    self._done.wait()
     if self._failure is not None:
       raise self._failure
-    b, out = self.batch, []
-    for j in self._slots:
-      row = self._rows[j]
-      if row.error:
-        b.sizes[j] = 0
-      b.decoders[j], b.routes[j] = row.decoder, row.route
-      out.append((j, row.width, row.height, row.error, row.label))
-    return out
-
-
-class _Canvases:
-  """Canvas mode: rows decoded on a thread pool in this process, `ahead` batches at a time,
-  JPEGs by simplejpeg straight into reused canvas buffers (`_CanvasBatch`)."""
-
-  def __init__(self, read: decode_workers.Reader, threads: int, ahead: int,
-               opts: dict[str, Any]):
-    self._ahead, self._read, self._opts = ahead, read, opts
-    self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="cbir-decode")
-    self._buffers = canvas.BufferPool(keep=ahead + 2)
-
-  def can_submit(self, in_flight: int) -> bool:
-    return in_flight < self._ahead
-
-  def submit(self, batch: Batch, rows: list[tuple[int, Any]]) -> _Pending:
-    return _Pending(batch, _CanvasBatch(batch, rows, self._pool, self._buffers, self._read,
-                                        self._opts).wait)
-
-  def close(self, wait: bool = True) -> None:
-    self._pool.shutdown(wait=wait, cancel_futures=True)
+    b = self.batch
+    b.sizes[[j for j in self._args if b.error[j]]] = 0
+    return _finish(b, [(j, b.width[j], b.height[j], b.error[j], self._labels[j])
+                       for j in self._args])
 
 
 class _Threads:
@@ -537,26 +450,55 @@ class _Threads:
 
   def __init__(self, read: decode_workers.Reader, threads: int, ahead: int,
                opts: dict[str, Any]):
-    self._ahead = ahead
-    self._read, self._opts = read, opts
+    self._ahead, self.read, self._opts = ahead, read, opts
     self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="cbir-decode")
 
   def can_submit(self, in_flight: int) -> bool:
     return in_flight < self._ahead
 
-  def submit(self, batch: Batch, rows: list[tuple[int, Any]]) -> _Pending:
-    futures = [(j, self._pool.submit(decode_workers.decode_row, batch.images, j, self._read,
+  def submit(self, batch: Batch, rows: list[tuple[int, Any]]) -> Callable[[], Batch]:
+    futures = [(j, self._pool.submit(decode_workers.decode_row, batch.images, j, self.read,
                                      arg, **self._opts)) for j, arg in rows]
 
-    def wait() -> list[tuple[int, int, int, str, int]]:
+    def wait() -> Batch:
       # One wake-up per batch, not one per row: the decoding threads keep the cores.
       concurrent.futures.wait([f for _, f in futures])
-      return [(j, *f.result()) for j, f in futures]
+      return _finish(batch, [(j, *f.result()) for j, f in futures])
 
-    return _Pending(batch, wait)
+    return wait
 
   def close(self, wait: bool = True) -> None:
     self._pool.shutdown(wait=wait, cancel_futures=True)
+
+
+class _Canvases(_Threads):
+  """Canvas mode: JPEGs by simplejpeg straight into reused canvas buffers (`_CanvasBatch`).
+  Stage-2 tasks run before stage-1 tasks, so a batch's files are decoded soon after they are
+  read rather than after later batches' reads: fewer are held at once (a phone photo is
+  ~2 MB; held longer, they grew and shrank the heap, ~145 page faults per photo)."""
+
+  def __init__(self, read: decode_workers.Reader, threads: int, ahead: int,
+               opts: dict[str, Any], buckets: Sequence[int]):
+    super().__init__(read, threads, ahead, opts)
+    self.buckets = buckets
+    self.plan = functools.partial(turbo_decode.plan, target=opts["size"], largest=max(buckets),
+                                  draft=opts["draft"], max_pixels=opts["max_pixels"])
+    self.place = functools.partial(canvas.decode_placed, image_size=opts["size"], buckets=buckets,
+                                   draft=opts["draft"], max_pixels=opts["max_pixels"])
+    self._tasks: queue.PriorityQueue = queue.PriorityQueue()  # (-stage, order, fn, args)
+    self._order = itertools.count()
+    canvas.POOL.hold(ahead + 2)  # in flight, the consumer's, and one being handed back
+
+  def run(self, stage: int, fn: Callable[..., None], *args: Any) -> None:
+    self._tasks.put((-stage, next(self._order), fn, args))
+    self._pool.submit(self._next)
+
+  def _next(self) -> None:
+    _, _, fn, args = self._tasks.get_nowait()  # one per submission: never empty
+    fn(*args)
+
+  def submit(self, batch: Batch, rows: list[tuple[int, Any]]) -> Callable[[], Batch]:
+    return _CanvasBatch(batch, rows, self).wait
 
 
 class _Processes:
@@ -571,49 +513,41 @@ class _Processes:
   def can_submit(self, in_flight: int) -> bool:
     return self._workers.can_submit()
 
-  def submit(self, batch: Batch, rows: list[tuple[int, Any]]) -> _Pending:
+  def submit(self, batch: Batch, rows: list[tuple[int, Any]]) -> Callable[[], Batch]:
     tickets = self._workers.submit(rows)
 
-    def wait() -> list[tuple[int, int, int, str, int]]:
+    def wait() -> Batch:
       batch.images, results = self._workers.result(tickets)
-      return results
+      return _finish(batch, results)
 
-    return _Pending(batch, wait)
+    return wait
 
   def close(self, wait: bool = True) -> None:
     self._workers.close()
 
 
-class BatchStream(Iterator[Batch]):
+class BatchStream(Iterator[Batch], contextlib.AbstractContextManager):
   """Fixed-size batches of `rows`, decoded ahead in input order by threads or processes.
 
-  A `None` row is padding: never read, `valid=False`. The last batch is padded to
-  `batch_size`. Every row is decoded on its own by the same function, so neither the
-  process nor the thread count changes a pixel or the order: they are run info, not
-  settings. With `num_workers` > 0, worker processes of `num_threads` threads each
-  decode a share of every batch and this process only receives the pixels
-  (`decode_workers`); with 0, threads here decode row by row. Use it as a context
-  manager (or call `close()`): closing drops the rows not started, waits for the thread
-  decodes in flight (at most one per thread) or ends the worker processes, so a consumer
-  that stops early leaves no thread or process behind. Exhausting the stream or an error
-  in it closes it too.
+  A `None` row is padding: never read, `valid=False`; the last batch is padded to
+  `batch_size`. Every row is decoded on its own by the same function, so neither the process
+  nor the thread count changes a pixel or the order: they are run info, not settings. With
+  `num_workers` > 0, worker processes of `num_threads` threads each decode a share of every
+  batch and this process only receives the pixels (`decode_workers`); with 0, threads here
+  decode row by row. Use it as a context manager (or call `close()`): closing drops the rows
+  not started, waits for the thread decodes in flight (at most one per thread) or ends the
+  worker processes, so a consumer that stops early leaves no thread or process behind.
+  Exhausting the stream or an error in it closes it too.
 
   Args:
     rows: the rows in output order (`None`: padding).
     read: `Row.arg` -> (encoded image, label); runs on the decode threads, so it must be
-      thread-safe, and in the worker processes, so it must pickle there.
-    image_size, batch_size: output size and rows per batch.
-    num_threads, num_workers: as in `image_batches` (with None for both, the measured
-      rule of `decode_parallelism`; threads when `read` does not pickle).
-    draft, max_pixels: as in `decode.decode_image`.
-    prefetch: batches decoded ahead of the one the consumer waits for (processes keep at
-      least one, so no worker waits while this process collects a batch).
+      thread-safe, and in the worker processes, so it must pickle there (else threads).
     keyed: fill `Batch.key` and `Batch.label` from the rows.
-    buckets: canvas mode (device resize): images are decoded (draft as usual) but not
-      resized, and placed in canvases of the smallest of these sides that holds the
-      batch (`Batch.sizes`, `canvas`); None: resized on the host to `image_size`.
-      Canvas mode decodes with threads in this process (worker processes return
-      fixed-size resized rows through shared memory).
+    buckets: canvas mode (device resize): images are decoded (draft as usual), not resized,
+      into canvases of the smallest of these sides that holds the batch (`Batch.sizes`,
+      `canvas`), by threads in this process; None: resized on the host to `image_size`.
+    The others: as in `image_batches` (processes keep at least one batch prefetched).
   """
 
   def __init__(self, rows: Iterable[Row | None], *, read: decode_workers.Reader,
@@ -629,23 +563,18 @@ class BatchStream(Iterator[Batch]):
     self._batch_size = batch_size
     self._keyed = keyed
     self._buckets = tuple(buckets) if buckets else None
-    self._pending: collections.deque[_Pending] = collections.deque()
+    self._pending: collections.deque[Callable[[], Batch]] = collections.deque()  # waits
     # Batches in flight: the one waited for and `prefetch` more; processes keep two, so a
     # worker decodes the next while this process collects the last.
     ahead = max(0, prefetch) + 1
     opts: dict[str, Any] = dict(size=self._size, draft=draft, max_pixels=max_pixels)
-    if self._buckets:  # canvas mode: the same decodes at once, as threads in this process
-      opts["buckets"] = self._buckets
-      workers, threads = decode_parallelism(num_workers, num_threads)
-      self.num_workers, self.num_threads = 0, max(1, workers) * threads
-    else:
-      self.num_workers, self.num_threads = _choose_parallelism(
-          read, num_workers, num_threads, batch_size, self._size, max(2, ahead))
+    self.num_workers, self.num_threads = _choose_parallelism(
+        read, num_workers, num_threads, batch_size, self._size, max(2, ahead), self._buckets)
     if self.num_workers:
-      self._engine: _Threads | _Processes | _Canvases = _Processes(
+      self._engine: _Threads | _Processes = _Processes(
           read, self.num_workers, self.num_threads, max(2, ahead), batch_size, opts)
     elif self._buckets:
-      self._engine = _Canvases(read, self.num_threads, ahead, opts)
+      self._engine = _Canvases(read, self.num_threads, ahead, opts, self._buckets)
     else:
       self._engine = _Threads(read, self.num_threads, ahead, opts)
     self._closed = False
@@ -658,15 +587,12 @@ class BatchStream(Iterator[Batch]):
         return
       b = Batch.padding(self._batch_size, self._size, keyed=self._keyed,
                         buckets=self._buckets)
-      todo = []
-      for j, row in enumerate(rows):
-        if row is None:
-          continue
+      todo = [(j, row) for j, row in enumerate(rows) if row is not None]
+      for j, row in todo:
         b.index[j], b.valid[j] = row.index, True
         if b.key is not None:
           b.key[j] = row.key
-        todo.append((j, row.arg))
-      self._pending.append(self._engine.submit(b, todo))
+      self._pending.append(self._engine.submit(b, [(j, row.arg) for j, row in todo]))
 
   def __next__(self) -> Batch:
     if self._closed:
@@ -674,9 +600,8 @@ class BatchStream(Iterator[Batch]):
     try:
       self._fill()
       if not self._pending:
-        self.close()
-        raise StopIteration
-      batch = self._pending.popleft().result()
+        raise StopIteration  # closes it, below
+      batch = self._pending.popleft()()
       self._fill()  # its buffer is free again: decoding goes on while the consumer works
     except BaseException:
       self.close()
@@ -691,9 +616,6 @@ class BatchStream(Iterator[Batch]):
     self._pending.clear()
     self._engine.close()
 
-  def __enter__(self) -> BatchStream:
-    return self
-
   def __exit__(self, *exc) -> None:
     self.close()
 
@@ -701,12 +623,6 @@ class BatchStream(Iterator[Batch]):
     if not getattr(self, "_closed", True):  # never waits for a thread decode
       self._closed = True
       self._engine.close(wait=False)
-
-
-def _file_rows(keys: Sequence[str], positions: Iterable[int], offset: int = 0
-               ) -> Iterator[Row | None]:
-  for p in positions:
-    yield None if p < 0 else Row(p + offset, keys[p])
 
 
 def positions_batches(keys: Sequence[str], positions: np.ndarray, *,
@@ -717,43 +633,39 @@ def positions_batches(keys: Sequence[str], positions: np.ndarray, *,
                       buckets: Sequence[int] | None = None) -> BatchStream:
   """Like `image_batches`, over `keys[positions]`; a negative position is a padding row.
 
-  Jobs use it to lay out their own fixed-size steps (shard-aligned, padded) while the
-  decoders still work ahead across step and shard boundaries. `Batch.index` is the
-  position itself (-1 for padding).
+  Jobs use it to lay out their own fixed-size steps (shard-aligned, padded) while the decoders
+  still work ahead across step and shard boundaries. `Batch.index` is the position itself.
   """
-  positions = np.asarray(positions, np.int64).tolist()
-  return BatchStream(_file_rows(keys, positions), read=_Unlabelled(read),
-                     image_size=image_size, batch_size=batch_size, num_threads=num_threads,
-                     num_workers=num_workers, draft=draft, max_pixels=max_pixels,
-                     prefetch=prefetch, buckets=buckets)
+  rows = (None if p < 0 else Row(p, keys[p]) for p in np.asarray(positions, np.int64).tolist())
+  return BatchStream(rows, read=functools.partial(_unlabelled, read), image_size=image_size,
+                     batch_size=batch_size,
+                     num_threads=num_threads, num_workers=num_workers, draft=draft,
+                     max_pixels=max_pixels, prefetch=prefetch, buckets=buckets)
 
 
 def image_batches(keys: Sequence[str], *, image_size: int | tuple[int, int], batch_size: int,
                   read: Callable[[str], bytes] = read_file, num_threads: int | None = None,
                   num_workers: int | None = None, draft: bool = True,
-                  max_pixels: int = MAX_PIXELS, prefetch: int = 2, start_index: int = 0,
+                  max_pixels: int = MAX_PIXELS, prefetch: int = 2,
                   buckets: Sequence[int] | None = None) -> BatchStream:
   """Decoded, resized, fixed-size batches of `keys` in order, prepared on every core.
 
   Args:
     keys: file paths (or ids that `read` understands), in output order.
-    image_size: output size (square int or (height, width)).
-    batch_size: rows per batch; the last batch is padded to this size.
+    image_size, batch_size: output size (square int or (height, width)) and rows per batch
+      (the last batch is padded).
     read: key -> encoded bytes (files by default); with worker processes it must pickle
       (a module-level function), and runs there.
-    num_threads: decode threads per process when `num_workers` is given; else the decodes
-      at once, split into processes by the rule (None: every core), `decode_parallelism`.
-    num_workers: decode processes (0: threads in this process; None: by the rule).
-    draft: JPEG DCT-scaled decoding, see `decode.decode_image` (False: full resolution).
-    max_pixels: larger images are refused (decompression bombs).
+    num_threads, num_workers: decode threads and processes, see `decode_parallelism`.
+    draft, max_pixels: JPEG DCT-scaled decoding and the decompression-bomb limit, see
+      `decode.decode_image`.
     prefetch: batches decoded ahead of the one the consumer waits for.
-    start_index: `Batch.index` of keys[0] (a process' or a resumed job's offset).
     buckets: canvas sides for the device resize (`BatchStream`); None: host resize.
   """
-  return BatchStream(_file_rows(keys, range(len(keys)), start_index), read=_Unlabelled(read),
-                     image_size=image_size, batch_size=batch_size, num_threads=num_threads,
-                     num_workers=num_workers, draft=draft, max_pixels=max_pixels,
-                     prefetch=prefetch, buckets=buckets)
+  return positions_batches(keys, np.arange(len(keys)), image_size=image_size,
+                           batch_size=batch_size, read=read, num_threads=num_threads,
+                           num_workers=num_workers, draft=draft, max_pixels=max_pixels,
+                           prefetch=prefetch, buckets=buckets)
 
 
 def encoded_batches(examples: decode_workers.Reader, keys: Sequence[str],
@@ -764,14 +676,9 @@ def encoded_batches(examples: decode_workers.Reader, keys: Sequence[str],
                     buckets: Sequence[int] | None = None) -> BatchStream:
   """Batches of records read by position (TFDS): `Batch.key` and `Batch.label` are filled.
 
-  Args:
-    examples: position -> (encoded image bytes, label); runs on the decode threads, so
-      it must be thread-safe, and in worker processes, so it must pickle.
-      OSError/ValueError make the row a failure.
-    keys: position -> record id (`Batch.key`).
-    positions: the rows in output order; a negative position is a padding row.
-    image_size, batch_size, num_threads, num_workers, draft, max_pixels, prefetch, buckets:
-      as in `image_batches`.
+  `examples`: position -> (encoded image bytes, label), a `BatchStream` reader (OSError or
+  ValueError make the row a failure); `keys`: position -> record id (`Batch.key`); a
+  negative position is a padding row. The others: as in `image_batches`.
   """
   rows = (None if p < 0 else Row(p, p, keys[p])
           for p in np.asarray(positions, np.int64).tolist())
@@ -785,10 +692,7 @@ def load_images(paths: Sequence[str], image_size: int | tuple[int, int], *,
                 ) -> tuple[np.ndarray, list[str]]:
   """Small-scale helper (queries, tests): decodes `paths` -> (uint8 [N, H, W, 3], errors)."""
   size = decode._size(image_size)
-  out, errors = [], []
-  for p in paths:
-    img, _, _, err = decode.safe_decode(lambda p=p: read_file(p), size, draft=draft,
-                                        max_pixels=max_pixels)
-    out.append(img)
-    errors.append(err)
-  return np.stack(out) if out else np.zeros((0, *size, 3), np.uint8), errors
+  got = [decode.safe_decode(functools.partial(read_file, p), size, draft=draft,
+                            max_pixels=max_pixels) for p in paths]
+  images = np.stack([g[0] for g in got]) if got else np.zeros((0, *size, 3), np.uint8)
+  return images, [g[3] for g in got]
