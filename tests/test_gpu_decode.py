@@ -30,7 +30,7 @@ def _encode(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
 
 
 def _photo(name: str = "chelsea.jpg") -> Image.Image:
-  with Image.open(samples.sample_images_dir() / name) as img:
+  with Image.open(samples.SAMPLE_IMAGES_DIR / name) as img:
     return img.convert("RGB")
 
 
@@ -70,7 +70,7 @@ def batch(tmp_path_factory):
       ("not an image", b"hello, not an image", gpu_decode.PILLOW),
       ("empty", b"", gpu_decode.PILLOW),
       ("missing", missing, ""),
-      ("sample file", str(samples.sample_images_dir() / "astronaut.jpg"), gpu_decode.NVIMGCODEC),
+      ("sample file", str(samples.SAMPLE_IMAGES_DIR / "astronaut.jpg"), gpu_decode.NVIMGCODEC),
   ]
 
 
