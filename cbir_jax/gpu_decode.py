@@ -205,7 +205,8 @@ class Selection:
   description: str
 
 
-def _gpu_device() -> Any:
+def gpu_device() -> Any:
+  """The first local GPU JAX sees, or None."""
   import jax  # pylint: disable=import-outside-toplevel
   gpus = [d for d in jax.local_devices() if d.platform == "gpu"]
   return gpus[0] if gpus else None
@@ -229,7 +230,7 @@ def select_decoder(kind: str = "auto", *, threads: int = 0) -> Selection:
     if kind == NVIMGCODEC:
       raise ImportError("nvImageCodec is not installed: pip install 'cbir-jax[gpu-decode]'")
     return Selection(None, f"{PILLOW} (host): nvImageCodec not installed (extra gpu-decode)")
-  device = _gpu_device()
+  device = gpu_device()
   if device is None:
     if kind == NVIMGCODEC:
       raise RuntimeError("decoder nvimgcodec asks for a GPU and JAX sees none "
@@ -359,11 +360,6 @@ class DecoderTally:
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "DecoderTally":
-    return cls(str(d["description"]), {str(k): int(v) for k, v in d["counts"].items()},
-               {str(k): int(v) for k, v in d["pillow_routes"].items()})
 
 
 @dataclasses.dataclass(frozen=True)

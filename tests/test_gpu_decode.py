@@ -193,7 +193,7 @@ def test_select_decoder_says_which_decoder_runs(monkeypatch):
   with pytest.raises(ValueError, match="decoder must be one of"):
     gpu_decode.select_decoder("turbo")
   # A GPU JAX sees but nvImageCodec cannot use (here: no CUDA driver at all): auto says so.
-  monkeypatch.setattr(gpu_decode, "_gpu_device", lambda: "cuda:0")
+  monkeypatch.setattr(gpu_decode, "gpu_device", lambda: "cuda:0")
   auto = gpu_decode.select_decoder("auto")
   assert auto.decoder is None and "cannot start on cuda:0" in auto.description
   with pytest.raises(RuntimeError):
@@ -283,7 +283,7 @@ def test_a_failing_decoder_sends_the_batch_to_pillow(nv, batch, monkeypatch):
   np.testing.assert_array_equal(got.images, want.images)
 
 
-def test_tally_counts_decoders_and_reasons_and_round_trips(nv, batch):
+def test_tally_counts_decoders_and_reasons(nv, batch):
   items = [item for _, item, _ in batch]
   sel = gpu_decode.select_decoder("nvimgcodec-cpu")
   tally = gpu_decode.DecoderTally(sel.description)
@@ -297,4 +297,5 @@ def test_tally_counts_decoders_and_reasons_and_round_trips(nv, batch):
   assert sum(tally.pillow_routes.values()) == expected[gpu_decode.PILLOW]
   assert tally.pillow_routes["nvimgcodec gave no image"] == 2  # bad scan, no scan
   assert tally.pillow_routes["progressive JPEG"] == 1
-  assert gpu_decode.DecoderTally.from_dict(tally.to_dict()) == tally
+  assert tally.to_dict() == {"description": sel.description, "counts": expected,
+                             "pillow_routes": tally.pillow_routes}

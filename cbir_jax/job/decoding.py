@@ -29,18 +29,13 @@ def select(kind: str, source_type: str) -> gpu_decode.Selection:
     if kind in ("nvimgcodec", "nvimgcodec-cpu"):
       raise ExtractError(f"--decoder={kind} reads image folders only, not {source_type} input")
     return gpu_decode.Selection(None, f"{gpu_decode.PILLOW} (host): {source_type} input")
-  if kind == "auto" and not _has_gpu():  # not even imported: its loader prints to stderr
+  # No GPU: nvImageCodec is not even imported (its loader prints to stderr).
+  if kind == "auto" and gpu_decode.gpu_device() is None:
     return gpu_decode.Selection(None, f"{gpu_decode.PILLOW} (host): no GPU")
   try:
     return gpu_decode.select_decoder(kind)
   except (ImportError, RuntimeError, ValueError) as e:
     raise ExtractError(f"--decoder={kind}: {e}") from None
-
-
-def _has_gpu() -> bool:
-  import jax
-
-  return any(d.platform == "gpu" for d in jax.local_devices())
 
 
 def _fit(img: Any, largest: int) -> Any:
