@@ -14,8 +14,9 @@ import json
 import os
 import pathlib
 import tarfile
-import uuid
 from typing import Any, BinaryIO
+
+from cbir_jax.atomic import write_atomic
 
 SIDECAR_MAX_BYTES = 1 << 20  # a .json/.cls/.txt larger than this is not metadata: refused
 SIDECARS = ("cls", "json", "txt")  # read while listing; other non-image members are counted
@@ -279,14 +280,8 @@ def cached_list_shard(shard: Shard, image_extensions: frozenset[str], cache_dir:
     pass  # a miss: listed below
   listing = list_shard(shard, image_extensions)
   os.makedirs(cache_dir, exist_ok=True)
-  tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-  try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump({"id": want, "listing": listing.to_dict()}, f)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+  text = json.dumps({"id": want, "listing": listing.to_dict()})
+  write_atomic(path, lambda f: f.write(text.encode("utf-8")), unique_tmp=True)
   return listing
 
 
