@@ -444,9 +444,10 @@ def test_fc_kinds_refused_on_weights_without_fc_layers():
   bb = backbones.get("vgg_tiny")
   notop = WeightsRecord(kind="directory", name="vgg16-notop", has_fc_head=False)
   with pytest.raises(extract.ExtractError, match=r"fc, fc_conv need the network's FC layers.*no FC layers"):
-    plan.check_kinds(("fc", "conv", "fc_conv"), bb, notop)
-  plan.check_kinds(("conv", "mac", "spoc"), bb, notop)  # no error
-  plan.check_kinds(desc.KINDS, bb, WeightsRecord(kind="random", name="random"))
+    plan.resolve_kinds(("fc", "conv", "fc_conv"), bb, notop)
+  assert plan.resolve_kinds(("conv", "mac", "spoc"), bb, notop) == ("conv", "mac", "spoc")
+  assert plan.resolve_kinds((), bb, notop) == ("conv", "mac", "spoc", "gem")
+  assert plan.resolve_kinds((), bb, WeightsRecord(kind="random", name="random")) == desc.KINDS
 
 
 def test_default_kinds_follow_the_weights(folder, tmp_path):
