@@ -74,7 +74,11 @@ def run_worker(config_json: str, index: int, count: int, env: dict[str, str]) ->
 
 
 def run(config: Any, options: RayOptions, *, log: Callable[[str], None]) -> int:
-  """Runs every worker as a Ray task and waits for all; returns the exit status (0: done)."""
+  """Runs every worker as a Ray task and waits for all; returns the exit status (0: done).
+
+  Raises:
+    ExtractError, StoreError: a task failed every retry, or the job cannot be finished.
+  """
   import ray
 
   from cbir_jax import extract, store
@@ -93,20 +97,15 @@ def run(config: Any, options: RayOptions, *, log: Callable[[str], None]) -> int:
   try:
     lines = ray.get(refs)
   except Exception as e:  # a task that failed every retry: the others' shards are kept
-    print(f"extract: error: a worker task failed after {options.ray_retries} retries: "
-          f"{getattr(e, 'cause', None) or e}; finished shards are kept, rerun to continue",
-          file=sys.stderr, flush=True)
-    return 1
+    raise extract.ExtractError(
+        f"a worker task failed after {options.ray_retries} retries: "
+        f"{getattr(e, 'cause', None) or e}; finished shards are kept, rerun to continue"
+        ) from None
   for i, line in enumerate(lines):
     log(f"ray: worker {i}: {line}")
-  try:
-    if not store.load_manifest(config.output).complete:
-      summary = extract.run(dataclasses.replace(config, worker=0, workers=1, finish=True),
-                            log=log)
-      log(f"ray: finished by the driver: {summary.line()}")
-  except (extract.ExtractError, store.StoreError) as e:
-    print(f"extract: error: {e}", file=sys.stderr, flush=True)
-    return 1
+  if not store.load_manifest(config.output).complete:
+    summary = extract.run(dataclasses.replace(config, worker=0, workers=1, finish=True), log=log)
+    log(f"ray: finished by the driver: {summary.line()}")
   print(f"extract: {count} worker task(s) done; output {config.output}", flush=True)
   return 0
 
