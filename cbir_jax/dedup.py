@@ -246,7 +246,7 @@ def run(c: DedupConfig, *, log=print) -> list[Group]:
     pathlib.Path(c.json).write_text(json_lib.dumps(doc, indent=1))
     print(f"json: {c.json}")
   if c.report:
-    page = write_page(c.report, groups, paths, lambda p: images.read_rgb(p, upright=True),
+    page = write_page(c.report, groups, paths, images.read_rgb,
                       title=f"Near-duplicates in {c.index} ({kind}, threshold {threshold:.4f})")
     print(f"report: {page}")
   return groups

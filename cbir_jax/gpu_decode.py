@@ -275,13 +275,6 @@ class DecodedBatch:
   routes: list[str]
 
 
-def _pillow_full(data: bytes, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
-  """Full-resolution Pillow decode: `decode_image`'s reasons, bomb limit, orientation and RGB
-  conversion, without its resize."""
-  return decode.decode_with(data, (0, 0), lambda img: np.asarray(decode._to_rgb(img)),
-                            draft=False, max_pixels=max_pixels)
-
-
 def _nv_pass(datas: list[bytes | None], routes: list[Route], decoder: NvDecoder | None
              ) -> dict[int, Any]:
   """Index -> oriented nvImageCodec image, for the items it decoded."""
@@ -317,7 +310,7 @@ def decode_batch(items: Sequence[Item], *, decoder: NvDecoder | None,
       ValueError with the reason; default: full resolution, as `decode.decode_image` reads.
       The job's canvas path passes its draft decode-and-place here.
   """
-  pillow = pillow or (lambda data: _pillow_full(data, max_pixels))
+  pillow = pillow or (lambda data: decode.decode_full(data, max_pixels=max_pixels))
   read = [_read(item) for item in items]
   datas, errors = [data for data, _ in read], [err for _, err in read]
   routes = [Route("") if data is None else

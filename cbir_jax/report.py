@@ -146,7 +146,7 @@ def _picture(hit: Hit, images: IndexImages, out: pathlib.Path, *, bins: int, thu
   key = ("file:" if outside else "row:") + hit.path
   stem = hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
   try:
-    rgb = (IndexImages() if outside else images).read_rgb(hit.path, upright=True)
+    rgb = (IndexImages() if outside else images).read_rgb(hit.path)
   except ImageUnavailable as e:
     return _Picture(stem, None, None, str(e))
   hist = evaluation.color_histogram(rgb, bins)  # the orientation does not change it
