@@ -202,7 +202,7 @@ def _run(config: ExtractConfig, worker: control.Worker, clock: control.Clock,
                        "shards are kept, rerun the same command to continue") from e
   finally:
     clock.charge("finish" if summary.complete else "stop")
-    summary.phases, summary.seconds = clock.items(), clock.total
+    summary.phases, summary.seconds = dict(clock.seconds), clock.total
     _count_cache(summary, hits, misses)
     if plan.update is not None:
       summary.reused, summary.update_line = plan.update.report.reused, plan.update.report.line()

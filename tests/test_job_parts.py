@@ -273,8 +273,8 @@ def test_clock_phases_add_up_to_the_total():
   for name in ("a", "b", "a", "c"):
     time.sleep(0.01)
     c.charge(name)
-  assert set(c.items()) == {"a", "b", "c"}
-  assert abs(sum(c.items().values()) - c.total) < 1e-9 and min(c.items().values()) > 0
+  assert set(c.seconds) == {"a", "b", "c"}
+  assert abs(sum(c.seconds.values()) - c.total) < 1e-9 and min(c.seconds.values()) > 0
 
 
 # --- worker index and count from flags or the scheduler's environment -------------------------
