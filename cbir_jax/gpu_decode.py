@@ -205,8 +205,7 @@ class Selection:
   description: str
 
 
-def gpu_device() -> Any:
-  """The first local GPU JAX sees, or None."""
+def _gpu_device() -> Any:
   import jax  # pylint: disable=import-outside-toplevel
   gpus = [d for d in jax.local_devices() if d.platform == "gpu"]
   return gpus[0] if gpus else None
@@ -226,16 +225,16 @@ def select_decoder(kind: str = "auto", *, threads: int = 0) -> Selection:
   if kind == "nvimgcodec-cpu":
     nv = NvDecoder(threads=threads)
     return Selection(nv, nv.description)
+  device = _gpu_device()
+  if device is None and kind == "auto":  # nvImageCodec is not even imported (its loader prints)
+    return Selection(None, f"{PILLOW} (host): no GPU")
   if _import_nvimgcodec() is None:
     if kind == NVIMGCODEC:
       raise ImportError("nvImageCodec is not installed: pip install 'cbir-jax[gpu-decode]'")
     return Selection(None, f"{PILLOW} (host): nvImageCodec not installed (extra gpu-decode)")
-  device = gpu_device()
   if device is None:
-    if kind == NVIMGCODEC:
-      raise RuntimeError("decoder nvimgcodec asks for a GPU and JAX sees none "
-                         "(nvimgcodec-cpu runs its CPU backend)")
-    return Selection(None, f"{PILLOW} (host): no GPU")
+    raise RuntimeError("decoder nvimgcodec asks for a GPU and JAX sees none "
+                       "(nvimgcodec-cpu runs its CPU backend)")
   try:
     nv = NvDecoder(device=device, threads=threads)
   except RuntimeError as e:  # e.g. a driver older than the wheel's CUDA 13

@@ -193,7 +193,7 @@ def test_select_decoder_says_which_decoder_runs(monkeypatch):
   with pytest.raises(ValueError, match="decoder must be one of"):
     gpu_decode.select_decoder("turbo")
   # A GPU JAX sees but nvImageCodec cannot use (here: no CUDA driver at all): auto says so.
-  monkeypatch.setattr(gpu_decode, "gpu_device", lambda: "cuda:0")
+  monkeypatch.setattr(gpu_decode, "_gpu_device", lambda: "cuda:0")
   auto = gpu_decode.select_decoder("auto")
   assert auto.decoder is None and "cannot start on cuda:0" in auto.description
   with pytest.raises(RuntimeError):

@@ -29,9 +29,6 @@ def select(kind: str, source_type: str) -> gpu_decode.Selection:
     if kind in ("nvimgcodec", "nvimgcodec-cpu"):
       raise ExtractError(f"--decoder={kind} reads image folders only, not {source_type} input")
     return gpu_decode.Selection(None, f"{gpu_decode.PILLOW} (host): {source_type} input")
-  # No GPU: nvImageCodec is not even imported (its loader prints to stderr).
-  if kind == "auto" and gpu_decode.gpu_device() is None:
-    return gpu_decode.Selection(None, f"{gpu_decode.PILLOW} (host): no GPU")
   try:
     return gpu_decode.select_decoder(kind)
   except (ImportError, RuntimeError, ValueError) as e:
