@@ -261,13 +261,14 @@ class DecodedBatch:
 
   Attributes:
     images: [H, W, 3] uint8 with EXIF orientation applied, at full resolution; a jax.Array on
-      the GPU for nvImageCodec GPU decodes, a NumPy array otherwise; None where `errors` says.
+      the GPU for nvImageCodec GPU decodes, a NumPy array otherwise; None where `errors` says
+      (`decode_rows`: one [N, H, W, 3] array of the resized rows instead).
     sizes: (width, height) as shown (after orientation); (0, 0) on failure.
     errors: "" or the reason, exactly as the Pillow path words it.
     decoders: NVIMGCODEC or PILLOW per item ("" when the file could not be read).
     routes: why an item went to Pillow ("" when nvImageCodec was asked).
   """
-  images: list[Any]
+  images: Any
   sizes: list[tuple[int, int]]
   errors: list[str]
   decoders: list[str]
@@ -343,7 +344,7 @@ class DecoderTally:
   pillow_routes: dict[str, int] = dataclasses.field(default_factory=dict)
 
   def add(self, decoders: Sequence[str], routes: Sequence[str]) -> None:
-    """Counts one batch (`DecodedBatch` or `Rows` fields); unread files are not counted."""
+    """Counts one batch (`DecodedBatch` fields); unread files are not counted."""
     for name, why in zip(decoders, routes):
       if name:
         self.counts[name] = self.counts.get(name, 0) + 1
@@ -354,22 +355,11 @@ class DecoderTally:
     return dataclasses.asdict(self)
 
 
-@dataclasses.dataclass(frozen=True)
-class Rows:
-  """A batch as today's pipeline holds it: rows [N, H, W, 3] uint8 (black where failed),
-  shown sizes (0x0 on failure), reasons, and per item the decoder that ran."""
-  images: np.ndarray
-  widths: list[int]
-  heights: list[int]
-  errors: list[str]
-  decoders: list[str]
-  routes: list[str]
-
-
 def decode_rows(items: Sequence[Item], image_size: int | tuple[int, int], *,
                 decoder: NvDecoder | None, draft: bool = True,
-                max_pixels: int = decode.MAX_PIXELS) -> Rows:
-  """`decode.safe_decode` for a batch, with baseline JPEGs decoded by `decoder`.
+                max_pixels: int = decode.MAX_PIXELS) -> DecodedBatch:
+  """`decode.safe_decode` for a batch, with baseline JPEGs decoded by `decoder`: a
+  `DecodedBatch` whose `images` are the rows [N, H, W, 3] uint8 (black where failed).
 
   Pillow items are exactly `decode_image(data, image_size, draft=draft)`; nvImageCodec items are
   decoded at full resolution (no DCT draft scaling) and resized on the host with Pillow's
@@ -386,5 +376,4 @@ def decode_rows(items: Sequence[Item], image_size: int | tuple[int, int], *,
       rows[i] = np.asarray(Image.fromarray(np.asarray(img)).resize((w, h), Image.BILINEAR))
     elif img is not None:
       rows[i] = img
-  return Rows(rows, [s[0] for s in got.sizes], [s[1] for s in got.sizes], got.errors,
-              got.decoders, got.routes)
+  return dataclasses.replace(got, images=rows)

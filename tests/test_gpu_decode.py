@@ -127,7 +127,7 @@ def test_rows_match_the_pillow_path_in_one_mixed_batch(nv, batch):
     fetch = _fetch(item)
     ref, w, h, err = decode.safe_decode(fetch, SIZE, draft=False)
     assert got.errors[i] == err, name
-    assert (got.widths[i], got.heights[i]) == (w, h), name
+    assert got.sizes[i] == (w, h), name
     d = np.abs(got.images[i].astype(int) - ref)
     assert d.max() <= MAX_ABS and d.mean() <= MAX_MEAN, (name, d.max(), d.mean())
     if expected is not None:
@@ -178,7 +178,7 @@ def test_without_a_decoder_rows_are_the_pillow_path_exactly(batch):
   for i, (name, item, _) in enumerate(batch):
     fetch = _fetch(item)
     ref, w, h, err = decode.safe_decode(fetch, SIZE, draft=True)
-    assert (got.errors[i], got.widths[i], got.heights[i]) == (err, w, h), name
+    assert (got.errors[i], got.sizes[i]) == (err, (w, h)), name
     np.testing.assert_array_equal(got.images[i], ref, err_msg=name)
 
 

@@ -72,13 +72,11 @@ def nv_batches(keys: Sequence[str], positions: np.ndarray, *, decoder: gpu_decod
       for j, im in zip(rows, got.images):
         images[j] = im
       b.images, b.sizes = _canvases(images, buckets)
-      widths, heights = [w for w, _ in got.sizes], [h for _, h in got.sizes]
     else:
       got = gpu_decode.decode_rows(paths, image_size, decoder=decoder, draft=draft,
                                    max_pixels=max_pixels)
       b.images[rows] = got.images
-      widths, heights = got.widths, got.heights
-    for j, w, h, err in zip(rows, widths, heights, got.errors):
+    for j, (w, h), err in zip(rows, got.sizes, got.errors):
       b.width[j], b.height[j] = (0, 0) if err else (w, h)
       b.ok[j], b.error[j] = not err, err or ""
     tally.add(got.decoders, got.routes)
