@@ -38,17 +38,13 @@ class FileList:
   label_names: list[str]
   missing: list[int]
 
-  @property
-  def num_records(self) -> int:
-    return len(self.paths)
-
   def missing_line(self, n: int = 3) -> str:
     """"file list: 2 of 40 listed files do not exist (line 3: a.jpg, ...)", or ""."""
     if not self.missing:
       return ""
     shown = ", ".join(f"line {self.lines[i]}: {self.paths[i]}" for i in self.missing[:n])
     more = ", ..." if len(self.missing) > n else ""
-    return (f"file list: {len(self.missing)} of {self.num_records} listed files do not exist "
+    return (f"file list: {len(self.missing)} of {len(self.paths)} listed files do not exist "
             f"({shown}{more}); they are counted as failures")
 
 
