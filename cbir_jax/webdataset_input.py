@@ -166,26 +166,20 @@ class WebdatasetListing:
   def num_records(self) -> int:
     return len(self.names)
 
+  @functools.cached_property
   def keys(self) -> list[str]:
     """Per record, "<shard path relative to root>/<member name>": its identity key and path."""
-    return self._keys
-
-  @functools.cached_property
-  def _keys(self) -> list[str]:
     rels = [s.rel for s in self.shards]
     return [f"{rels[s]}/{n}" for s, n in zip(self.shard_index.tolist(), self.names)]
 
+  @functools.cached_property
   def paths(self) -> list[str]:
     """Per record, "<root>/<shard>/<member name>": the row's "path", readable by `read_path`.
 
     Absolute like a folder input's paths, so an index whose shards moved is read through
     `image_root` the same way.
     """
-    return self._paths
-
-  @functools.cached_property
-  def _paths(self) -> list[str]:
-    return [os.path.join(self.root, k) for k in self.keys()]
+    return [os.path.join(self.root, k) for k in self.keys]
 
   def stamps(self, content_digest: bool = False) -> list[str]:
     """Per record, "<member size>:<shard size>:<shard mtime_ns>" (":<sha256>" with digest).
@@ -343,7 +337,7 @@ def position_batches(listing: WebdatasetListing, positions: np.ndarray, *,
   The same engine as folders and TFDS: `Batch.index` is the position, `Batch.key` the
   record's key and `Batch.label` its label. Worker processes read members themselves.
   """
-  paths = listing.paths()
+  paths = listing.paths
   rows = (None if p < 0 else input_pipeline.Row(p, listing.arg(p), paths[p])
           for p in np.asarray(positions, np.int64).tolist())
   return input_pipeline.BatchStream(

@@ -156,7 +156,7 @@ def tfds_source(spec: str, data_dir: str | None) -> Source:
   from cbir_jax import tfds_input
   with reworded(tfds_input.TfdsError):
     src = tfds_input.open_tfds(spec, data_dir)
-  keys = list(src.keys())
+  keys = list(src.keys)
   return Source(type="tfds", root=os.path.abspath(src.data_dir), spec=spec, keys=keys,
                 identities=ident.RecordIdentities(keys, list(src.record_stamps())), tfds=src)
 
@@ -175,8 +175,8 @@ def webdataset_source(spec: str, *, content_digest: bool, cache_dir: str) -> Sou
   if not lst.num_records:
     raise ExtractError(f"no images found in --webdataset {spec}: "
                        + ("; ".join(lst.report_lines()) or "the shards are empty"))
-  return Source(type="webdataset", root=lst.root, spec=spec, keys=lst.paths(),
-                identities=ident.RecordIdentities(lst.keys(), lst.stamps(content_digest)),
+  return Source(type="webdataset", root=lst.root, spec=spec, keys=lst.paths,
+                identities=ident.RecordIdentities(lst.keys, lst.stamps(content_digest)),
                 labels=lst.labels, label_names=lst.label_names, extra=lst.columns,
                 content_digest=content_digest, skipped=lst.skipped, webdataset=lst,
                 notes=lst.report_lines())
