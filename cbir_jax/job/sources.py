@@ -64,10 +64,6 @@ class Source:
       return f"skipped {total} in the shards (see the log)" if total else ""
     return input_pipeline.format_skipped(self.skipped)
 
-  def label_name(self, label: int) -> str:
-    names = self.tfds.label_names if self.tfds is not None else ()
-    return names[label] if 0 <= label < len(names) else ""
-
   def rows_meta(self, positions: np.ndarray, keys: list[str] | None,
                 labels: np.ndarray | None) -> dict[str, Any]:
     """Metadata of the records at `positions` (rows.RowSource); checks TFDS ids against the plan.
@@ -85,10 +81,11 @@ class Source:
     if self.labels is not None:
       meta["label"] = self.labels[positions]
       meta["label_name"] = [self.label_names[p] for p in positions.tolist()]
-    else:
+    else:  # TFDS: the rows' own labels, named by its ClassLabel
       lab = np.full(len(positions), -1, np.int64) if labels is None else np.asarray(labels)
+      names = self.tfds.label_names if self.tfds is not None else ()
       meta["label"] = lab
-      meta["label_name"] = [self.label_name(int(v)) for v in lab.tolist()]
+      meta["label_name"] = [names[v] if 0 <= v < len(names) else "" for v in lab.tolist()]
     for c, col in self.extra.items():
       meta[c] = col[positions]
     if self.tfds is not None:  # scalar and text features, read by position
