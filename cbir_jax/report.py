@@ -61,11 +61,10 @@ def header_of(index_dir: str, manifest: Mapping[str, Any], *, kind: str, k: int,
                       images=images.describe() if images else "")
 
 
-def mark(query: Hit, hit: Hit, *, self_row: int | None = None) -> str:
-  """"self" for the query's own row (`self_row`, default the query's row), else "same" /
+def mark(query: Hit, hit: Hit, *, self_row: int) -> str:
+  """"self" for the query's own row in the index (`self_row`; -1: none), else "same" /
   "other" class as the query, or "unknown" when either has no label."""
-  own = query.row if self_row is None else self_row
-  if own >= 0 and hit.row == own:
+  if self_row >= 0 and hit.row == self_row:
     return "self"
   if not query.label or not hit.label:
     return "unknown"
