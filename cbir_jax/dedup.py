@@ -8,7 +8,7 @@ k-nearest search of the index against itself (`search.l1_topk`), so a group larg
 `k + 1` is still found through its chains, and the cost is one search pass.
 
   groups = find_groups(x, threshold=0.02, k=8)            # arrays in, groups out
-  result = dedup_index("out/food7", kind="fc_conv")        # an index, with its paths
+  groups = run(DedupConfig(index="out/food7"))              # an index: printed, --json, --report
 """
 from __future__ import annotations
 
