@@ -13,12 +13,13 @@ import hashlib
 import json
 import os
 import pathlib
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import numpy as np
 
 from cbir_jax import preprocessing as pp
+from cbir_jax.atomic import sha256_file as file_sha256  # noqa: F401 (the porters' name)
 
 INFO_FILE = "weights.json"
 PARAMS_DIR = "params"
@@ -49,9 +50,7 @@ class WeightsInfo:
   has_fc: bool = True
 
   def to_dict(self) -> dict[str, Any]:
-    d = dataclasses.asdict(self)
-    d["preprocessing"] = self.preprocessing.to_dict()
-    return d
+    return dataclasses.asdict(self)  # preprocessing too: a dataclass, as its to_dict gives it
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "WeightsInfo":
@@ -69,19 +68,6 @@ def _bool(value: Any, name: str) -> bool:
   return value
 
 
-def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int = 1 << 22) -> str:
-  """Hex digest of a file, read in chunks (weight files and shards can be large)."""
-  h = hashlib.new(algorithm)
-  with open(path, "rb") as f:
-    while block := f.read(chunk):
-      h.update(block)
-  return h.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-  return file_digest(path, "sha256")
-
-
 def params_sha256(params: Any) -> str:
   """Digest over leaf paths, shapes, dtypes and bytes: equal weights give equal digests."""
   h = hashlib.sha256()
@@ -94,20 +80,27 @@ def params_sha256(params: Any) -> str:
   return h.hexdigest()
 
 
-def check_tree(params: Any, expected: Any, *, what: str) -> None:
-  """Raises WeightsError naming the first missing, unexpected or mis-shaped tensor."""
-  got = {jax.tree_util.keystr(p): tuple(np.shape(v))
-         for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-  want = {jax.tree_util.keystr(p): tuple(v.shape)
-          for p, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
-  for name in sorted(want):
-    if name not in got:
-      raise WeightsError(f"{what}: missing tensor {name} (expected shape {want[name]})")
-    if got[name] != want[name]:
-      raise WeightsError(f"{what}: tensor {name} has shape {got[name]}, expected {want[name]}")
-  extra = sorted(set(got) - set(want))
+def check_shapes(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],
+                 *, what: str) -> None:
+  """Raises WeightsError for the first missing, mis-shaped or unexpected tensor, in the
+  order of `expected` (then of `found`)."""
+  for name, shape in expected.items():
+    if name not in found:
+      raise WeightsError(f"{what}: missing tensor {name} (expected shape {shape})")
+    if tuple(found[name]) != shape:
+      raise WeightsError(f"{what}: tensor {name} has shape {tuple(found[name])}, "
+                         f"expected {shape}")
+  extra = [n for n in found if n not in expected]
   if extra:
     raise WeightsError(f"{what}: unexpected tensor {extra[0]} ({len(extra)} unexpected in all)")
+
+
+def check_tree(params: Any, expected: Any, *, what: str) -> None:
+  """`check_shapes` of two pytrees, tensors named by their paths, in sorted order."""
+  def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    return dict(sorted((jax.tree_util.keystr(p), tuple(np.shape(v)))
+                       for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]))
+  check_shapes(shapes(params), shapes(expected), what=what)
 
 
 def save(directory: str | os.PathLike, params: Any, info: WeightsInfo) -> WeightsInfo:
@@ -139,16 +132,9 @@ def read_info(directory: str | os.PathLike) -> WeightsInfo:
 
 def load(directory: str | os.PathLike, *, model: str | None = None,
          expected: Any = None) -> tuple[Any, WeightsInfo]:
-  """Restores params and info, refusing a checkpoint for another model or of the wrong shapes.
-
-  Args:
-    directory: a weights directory written by `save`.
-    model: the backbone name the caller wants; a different recorded model is refused.
-    expected: a pytree of arrays/ShapeDtypeStructs the params must match.
-
-  Returns:
-    (params as a nested dict of numpy float32 arrays, WeightsInfo).
-  """
+  """(params as nested dicts of float32 numpy arrays, WeightsInfo) of a directory `save`
+  wrote; refuses weights recorded for another model than `model`, params of other shapes
+  than `expected` (arrays or ShapeDtypeStructs), or params that do not match their digest."""
   import orbax.checkpoint as ocp
 
   directory = pathlib.Path(directory).absolute()

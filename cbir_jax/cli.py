@@ -131,14 +131,10 @@ def _define_one(name: str, kind: _Kind, default: Any, help_text: str, required: 
                  serializer=flags.CsvListSerializer(","), **common)
   elif kind.rule:
     flags.DEFINE_enum(name, default, list(kind.rule.offered()), help_text, **common)
-  elif kind.base is bool:
-    flags.DEFINE_bool(name, default, help_text, **common)
-  elif kind.base is int:
-    flags.DEFINE_integer(name, default, help_text, **common)
-  elif kind.base is float:
-    flags.DEFINE_float(name, default, help_text, **common)
   else:
-    flags.DEFINE_string(name, default, help_text, **common)
+    define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+              str: flags.DEFINE_string}[kind.base]
+    define(name, default, help_text, **common)
 
 
 class ConfigFlags:
@@ -162,20 +158,14 @@ class ConfigFlags:
 
 def define(cls: type, *, defaults: Mapping[str, Any] | None = None,
            flag_values: flags.FlagValues = flags.FLAGS) -> ConfigFlags:
-  """Declares one absl flag per field of the dataclass `cls`.
+  """Declares one absl flag per field of the dataclass `cls`; `.config()` of the result reads
+  them back once absl parsed the command line.
 
   Types: str, int, float, bool (--name / --noname); tuples and sequences of those as
   comma-separated lists; `X | None` for an optional value; `choices.OneOf` annotations as
   enums (lists: every item checked). A field without a default is a required flag. Help
-  is the field's entry in the docstring's "Attributes:" section.
-
-  Args:
-    cls: a dataclass.
-    defaults: flag defaults that differ from the field defaults (e.g. a path by the repo).
-    flag_values: where to define them (tests pass their own FlagValues).
-
-  Returns:
-    The flags, to read back with `.config()` once absl parsed the command line.
+  is the field's entry in the docstring's "Attributes:" section. `defaults` replace field
+  defaults (e.g. a path by the repo); tests pass their own `flag_values`.
   """
   hints = typing.get_type_hints(cls, include_extras=True)
   docs = field_docs(cls)
@@ -285,17 +275,12 @@ def run(prog: str, main: Callable[[], int | None], *, gpu_warning: bool = True,
   """Runs `main()` under absl after the shared preamble; its return value is the exit status.
 
   Preamble: no stray arguments; quiet third-party logs unless -v/--verbosity was given
-  (QUIET_ENV set before TensorFlow loads); the XLA:CPU setting (runtime.tune_xla_cpu)
-  before any JAX computation; with `gpu_warning`, one line when an NVIDIA GPU is visible
-  but JAX runs on the CPU (launchers that must start JAX later, e.g. after
-  jax.distributed.initialize, pass False and call `warn_if_gpu_unused` themselves).
-
-  Args:
-    prog: the launcher's name, the prefix of its messages ("search").
-    main: the launcher's body; it reads its flags with `ConfigFlags.config()`.
-    gpu_warning: warn about an unused GPU before `main`.
-    tune_xla: apply runtime.tune_xla_cpu (the benchmark measures XLA's defaults too).
-    errors: exceptions reported as one line "prog: error: message" with exit status 1.
+  (QUIET_ENV set before TensorFlow loads); with `tune_xla`, the XLA:CPU setting
+  (runtime.tune_xla_cpu; the benchmark measures XLA's defaults too) before any JAX
+  computation; with `gpu_warning`, one line when an NVIDIA GPU is visible but JAX runs on
+  the CPU (launchers that must start JAX later, e.g. after jax.distributed.initialize, pass
+  False and call `warn_if_gpu_unused` themselves). `errors` are reported as one line
+  "prog: error: message" (prog: the launcher's name) with exit status 1.
   """
   _help_from(sys.modules[main.__module__])
 

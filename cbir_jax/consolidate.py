@@ -18,7 +18,7 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -26,13 +26,8 @@ from cbir_jax import meta_columns, store
 from cbir_jax import index as index_files
 from cbir_jax.manifest import FORMAT_VERSION, FileEntry, Manifest, ShardEntry
 
-_BLOCK = 1 << 22
 META = "meta.npz"
 FAILURES = "failures.json"
-
-
-def _quiet(msg: str) -> None:
-  del msg
 
 
 class FinishProgress:
@@ -42,28 +37,22 @@ class FinishProgress:
   second has passed since the previous one (a short finish stays two lines).
   """
 
-  def __init__(self, mode: str = "none", log: Callable[[str], None] = _quiet,
+  def __init__(self, mode: str = "none", log: Callable[[str], None] | None = None,
                every_s: float = 1.0):
-    self.mode = "bar" if mode == "auto" and sys.stderr.isatty() else mode
-    if self.mode == "auto":
-      self.mode = "log"
-    self.log, self.every_s = log, every_s
+    self.mode = ("bar" if sys.stderr.isatty() else "log") if mode == "auto" else mode
+    self.log, self.every_s = log or (lambda msg: None), every_s
     self.total = self.done = 0
     self.t0 = self.last = time.perf_counter()
     self.bar = None
 
   def start(self, total: int, what: str) -> None:
-    self.total, self.t0 = total, time.perf_counter()
-    self.last = self.t0
+    self.total = total
+    self.t0 = self.last = time.perf_counter()
     if self.mode == "bar":
-      try:
-        from tqdm import tqdm
-        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="finishing",
-                        dynamic_ncols=True)
-        return
-      except ImportError:
-        self.mode = "log"
-    if self.mode == "log":
+      from tqdm import tqdm  # a dependency; imported only where a bar is drawn
+      self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="finishing",
+                      dynamic_ncols=True)
+    elif self.mode == "log":
       self.log(f"finishing: {what} ({total / 1e6:.1f} MB)")
 
   def step(self, nbytes: int, what: str) -> None:
@@ -81,15 +70,6 @@ class FinishProgress:
       self.bar = None
     if self.mode != "none":
       self.log(f"finishing: {what} ({time.perf_counter() - self.t0:.1f} s)")
-
-
-def finalize(output_dir: str | pathlib.Path, *, num_shards: int, workers: int = 1) -> Manifest:
-  """Finishes an index whose shards were written with `store.write_shard` (tools and tests
-  that build one by hand): seals it and writes the manifest. Returns that manifest."""
-  out = pathlib.Path(output_dir)
-  m = seal(out, store.load_manifest(out).replace(num_shards=num_shards), workers=workers)
-  store.write_manifest(out, m)
-  return m
 
 
 def part_name(kind: str, k: int) -> str:
@@ -143,7 +123,8 @@ def _complete(out: pathlib.Path, m: Manifest) -> tuple[ShardEntry, ...]:
         f"{out}: {len(missing)} of {m.num_shards} shards missing (first: "
         f"{store.shard_name(missing[0])}); were all workers writing to one shared "
         "directory? Rerun the workers that write them.")
-  return tuple(_entry(done[k], f"{where}/{store.shard_name(k)}") for k in range(m.num_shards))
+  return tuple(ShardEntry.from_dict({**done[k], "dir": f"{where}/{store.shard_name(k)}"})
+               for k in range(m.num_shards))
 
 
 def _link_part(out: pathlib.Path, m: Manifest, s: ShardEntry, kind: str) -> FileEntry:
@@ -151,7 +132,10 @@ def _link_part(out: pathlib.Path, m: Manifest, s: ShardEntry, kind: str) -> File
   rel = f"{s.dir}/{kind}.npy"
   src, dst = out / rel, out / m.path(part_name(kind, s.index))
   with open(src, "rb") as f:
-    shape, fortran, _ = _read_header(f, rel, out)
+    try:
+      shape, fortran, _ = store.npy_header(f)
+    except ValueError as e:
+      raise _damaged(out, rel, f"is not a valid .npy ({e})") from e
   if fortran or len(shape) != 2 or shape[0] != s.rows:
     raise _damaged(out, rel, f"holds shape {shape}, the shard {s.rows} rows")
   dst.parent.mkdir(parents=True, exist_ok=True)
@@ -163,16 +147,8 @@ def _link_part(out: pathlib.Path, m: Manifest, s: ShardEntry, kind: str) -> File
     except OSError:  # a file system without hard links: a relative symbolic link
       os.symlink(os.path.relpath(src, dst.parent), tmp)
     os.replace(tmp, dst)
-  info = s.files[f"{kind}.npy"]
-  return FileEntry(file=m.path(part_name(kind, s.index)), rows=s.rows,
-                   sha256=str(info["sha256"]), bytes=int(info["bytes"]))
-
-
-def _entry(info: dict[str, Any], rel: str) -> ShardEntry:
-  return ShardEntry(index=int(info["index"]), dir=rel, start=int(info["start"]),
-                    stop=int(info["stop"]), rows=int(info["rows"]),
-                    failures=int(info["failures"]), process=int(info["process"]),
-                    files=info["files"])
+  return FileEntry.from_dict({**s.files[f"{kind}.npy"], "file": m.path(part_name(kind, s.index)),
+                              "rows": s.rows})
 
 
 def _damaged(out: pathlib.Path, rel: str, why: str) -> store.StoreError:
@@ -219,14 +195,4 @@ def _gather_meta(out: pathlib.Path, m: Manifest, shards: Sequence[ShardEntry],
   return mentry, FileEntry(frel, len(failures), store.sha256_file(fpath), fpath.stat().st_size)
 
 
-def _read_header(src, rel: str, out: pathlib.Path) -> tuple[tuple[int, ...], bool, np.dtype]:
-  try:
-    version = np.lib.format.read_magic(src)
-    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-            else np.lib.format.read_array_header_2_0)
-    return read(src)
-  except ValueError as e:
-    raise _damaged(out, rel, f"is not a valid .npy ({e})") from e
-
-
-__all__ = ["FinishProgress", "finalize", "part_name", "seal"]
+__all__ = ["FinishProgress", "part_name", "seal"]

@@ -17,7 +17,6 @@ FORMAT_VERSION = 4  # 4: the shards are the index (parts per kind), one metadata
 class OldFormat(ValueError):
   """A manifest of format 1-3 (descriptors/ copies, aliases): rebuilt, not read."""
 WEIGHTS_KINDS = ("shipped", "directory", "random")
-_PILLOW_MAX_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS, the limit formats 1-2 used
 
 
 def digest_of(obj: Any) -> str:
@@ -26,8 +25,22 @@ def digest_of(obj: Any) -> str:
   return hashlib.sha256(text.encode()).hexdigest()
 
 
+class _Record:
+  """A record stored as JSON: `to_dict` gives its fields as plain JSON types (tuples as
+  lists), `from_dict` takes the keys that are fields (one a file lacks takes the field's
+  default: `resize` of the first format-4 manifests)."""
+
+  def to_dict(self) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(self)))
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
 @dataclasses.dataclass(frozen=True)
-class WeightsRecord:
+class WeightsRecord(_Record):
   """Which weights made an index: found again by name and digest, never by an absolute path.
 
   Attributes:
@@ -60,26 +73,9 @@ class WeightsRecord:
     return {"params_sha256": self.params_sha256, "source": self.source,
             "source_sha256": self.source_sha256}
 
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "WeightsRecord":
-    kind = d.get("kind")
-    if kind is None:  # format 1: {"dir", "source", ...}; random weights had no directory
-      kind = "random" if d.get("source") == "random" and not d.get("dir") else "directory"
-    seed = d.get("seed")
-    return cls(kind=kind, name=d.get("name") or ("random" if kind == "random" else
-                                                 str(d.get("dir", "")).rstrip("/")
-                                                 .rsplit("/", 1)[-1]),
-               params_sha256=d.get("params_sha256", ""), source=d.get("source", ""),
-               source_file=d.get("source_file", ""), source_sha256=d.get("source_sha256", ""),
-               seed=None if seed is None else int(seed), dir=d.get("dir", "") or "",
-               has_fc_head=d.get("has_fc_head"))
-
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
+class Settings(_Record):
   """Everything that changes a stored row's values or the shard layout; compared on every rerun.
 
   Settings that do not change results (threads, progress, devices) live in `RunInfo`.
@@ -100,23 +96,9 @@ class Settings:
   # slightly, so a rerun with the other one is a changed setting.
   resize: str = "host"
 
-  def to_dict(self) -> dict[str, Any]:
-    d = dataclasses.asdict(self)
-    d["kinds"] = list(self.kinds)
-    return json.loads(json.dumps(d))  # plain JSON types, as stored
-
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "Settings":
-    return cls(backbone=d["backbone"], weights=dict(d.get("weights", {})),
-               preprocessing=dict(d.get("preprocessing", {})),
-               descriptor=dict(d.get("descriptor", {})), image_size=int(d["image_size"]),
-               kinds=tuple(d["kinds"]), dtype=d.get("dtype", "float32"),
-               output_dtype=d.get("output_dtype", "float32"), draft=bool(d.get("draft", False)),
-               shard_size=int(d.get("shard_size", 0)),
-               package_version=d.get("package_version", ""),
-               # Before it was a setting (formats 1-2) the limit was Pillow's default.
-               max_pixels=int(d.get("max_pixels", _PILLOW_MAX_PIXELS)),
-               resize=d.get("resize", "host"))  # before the device resize: the host
+    return dataclasses.replace(super().from_dict(d), kinds=tuple(d["kinds"]))
 
   def digest(self) -> str:
     return digest_of(self.to_dict())
@@ -138,7 +120,7 @@ def diff_dicts(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "")
 
 
 @dataclasses.dataclass(frozen=True)
-class InputRecord:
+class InputRecord(_Record):
   """The input as a whole; per-record identities are in `records_file` (see job/identity.py).
 
   Attributes:
@@ -163,27 +145,13 @@ class InputRecord:
   labels_sha256: str = ""
   skipped: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
-  def to_dict(self) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(self)))
-
   def same_records(self, other: "InputRecord") -> bool:
     """Equal but for `skipped`."""
     return dataclasses.replace(self, skipped={}) == dataclasses.replace(other, skipped={})
 
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "InputRecord":
-    return cls(type=d.get("type", ""), root=d.get("root", d.get("where", "")),
-               num_records=int(d.get("num_records", 0)),
-               identity_sha256=d.get("identity_sha256", ""),
-               records_file=d.get("records_file", ""),
-               spec=d.get("spec", f"{d['name']}:{d['split']}" if "name" in d else ""),
-               content_digest=bool(d.get("content_digest", False)),
-               labels_sha256=d.get("labels_sha256", d.get("labels_csv_sha256", "")),
-               skipped={str(k): int(v) for k, v in (d.get("skipped") or {}).items()})
-
 
 @dataclasses.dataclass(frozen=True)
-class ShardEntry:
+class ShardEntry(_Record):
   """One complete shard as the manifest lists it (its shard.json holds the same)."""
   index: int
   dir: str  # relative to the output directory
@@ -194,35 +162,18 @@ class ShardEntry:
   process: int
   files: Mapping[str, Mapping[str, Any]]  # name -> {"sha256", "bytes"}
 
-  def to_dict(self) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(self)))
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "ShardEntry":
-    return cls(index=int(d["index"]), dir=d["dir"], start=int(d["start"]), stop=int(d["stop"]),
-               rows=int(d["rows"]), failures=int(d.get("failures", 0)),
-               process=int(d.get("process", 0)), files=dict(d.get("files", {})))
-
 
 @dataclasses.dataclass(frozen=True)
-class FileEntry:
+class FileEntry(_Record):
   """A file of the index: a part of a kind's rows, the metadata table, or the failure list."""
   file: str  # relative to the output directory
   rows: int  # rows (array, metadata) or failures listed
   sha256: str = ""
-  bytes: int = -1  # -1: not recorded (format 1)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "FileEntry":
-    return cls(file=d["file"], rows=int(d["rows"]), sha256=d.get("sha256", ""),
-               bytes=int(d.get("bytes", -1)))
+  bytes: int = -1  # -1: not recorded
 
 
 @dataclasses.dataclass(frozen=True)
-class UpdateReport:
+class UpdateReport(_Record):
   """What `--update` did to the previous generation."""
   from_generation: int
   reused: int  # rows and failures of unchanged records kept
@@ -234,14 +185,6 @@ class UpdateReport:
   labels_changed: bool = False
   examples: Mapping[str, list[str]] = dataclasses.field(default_factory=dict)
 
-  def to_dict(self) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(self)))
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "UpdateReport":
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in fields})
-
   def line(self) -> str:
     moved = f"; input moved from {self.root_moved_from}" if self.root_moved_from else ""
     labels = "; labels changed" if self.labels_changed else ""
@@ -250,7 +193,7 @@ class UpdateReport:
 
 
 @dataclasses.dataclass(frozen=True)
-class Manifest:
+class Manifest(_Record):
   """manifest.json: one generation of descriptors, its settings, input, shards and checks.
 
   `base` is the folder (relative to the output directory) that holds this generation's
@@ -299,46 +242,29 @@ class Manifest:
     return "/".join(p for p in (self.base, *parts) if p)
 
   def to_dict(self) -> dict[str, Any]:
-    s = self.settings.to_dict()
-    d = {"format": FORMAT, "format_version": self.format_version, "status": self.status,
-         "settings": s, "weights": self.weights.to_dict(), "input": self.input.to_dict(),
-         "num_records": self.num_records, "num_shards": self.num_shards,
-         "dimensions": dict(self.dimensions), "generation": self.generation, "base": self.base,
-         "shards": [e.to_dict() for e in self.shards], "rows": self.rows,
-         "failures": self.failures, "workers": self.workers,
-         "parts": {k: [e.to_dict() for e in v] for k, v in self.parts.items()},
-         "metadata": self.metadata.to_dict() if self.metadata else None,
-         "failures_file": self.failures_file.to_dict() if self.failures_file else None,
-         "made": list(self.made), "replaces": list(self.replaces), "verified": dict(self.verified),
-         "labels": dict(self.labels), "run": dict(self.run),
-         "update": self.update.to_dict() if self.update else None,
-         "backbone": s["backbone"]}  # a plain key for tools that only want the model
-    return json.loads(json.dumps(d))
+    # "backbone" and "num_records": plain keys for tools that only want the model or the size.
+    return {**super().to_dict(), "format": FORMAT, "num_records": self.num_records,
+            "backbone": self.settings.backbone}
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "Manifest":
-    # No version: a dict built in memory (store.prepare); files always carry theirs.
+    # No version: a dict built in memory; files always carry theirs.
     version = int(d.get("format_version", FORMAT_VERSION))
     if version < FORMAT_VERSION:
       raise OldFormat(f"format {version}, written by an earlier cbir_jax")
-    s = dict(d["settings"])
-    return cls(
-        settings=Settings.from_dict(s), weights=WeightsRecord.from_dict(d.get("weights") or {}),
-        input=InputRecord.from_dict(d.get("input") or {}),
-        num_shards=int(d.get("num_shards", 0)), dimensions=dict(d.get("dimensions", {})),
-        status=d.get("status", "running"), generation=int(d.get("generation", 0)),
-        base=d.get("base", ""), shards=tuple(ShardEntry.from_dict(e) for e in d.get("shards", ())),
-        rows=int(d.get("rows", 0)), failures=int(d.get("failures", 0)),
-        workers=int(d.get("workers", 1)),
-        parts={k: tuple(FileEntry.from_dict(e) for e in v)
-               for k, v in (d.get("parts") or {}).items()},
-        metadata=FileEntry.from_dict(d["metadata"]) if d.get("metadata") else None,
-        failures_file=(FileEntry.from_dict(d["failures_file"])
-                       if d.get("failures_file") else None),
-        made=tuple(d.get("made") or ()), replaces=tuple(d.get("replaces") or ()), verified=dict(d.get("verified") or {}),
-        update=UpdateReport.from_dict(d["update"]) if d.get("update") else None,
-        labels=dict(d.get("labels") or {}), run=dict(d.get("run") or {}),
-        format_version=version)
+
+    def entry(e: Mapping[str, Any] | None) -> FileEntry | None:
+      return FileEntry.from_dict(e) if e else None
+
+    return super().from_dict({
+        **d, "settings": Settings.from_dict(d["settings"]),
+        "weights": WeightsRecord.from_dict(d["weights"]),
+        "input": InputRecord.from_dict(d["input"]),
+        "shards": tuple(ShardEntry.from_dict(e) for e in d.get("shards", ())),
+        "parts": {k: tuple(map(entry, v)) for k, v in d.get("parts", {}).items()},
+        "metadata": entry(d.get("metadata")), "failures_file": entry(d.get("failures_file")),
+        "made": tuple(d.get("made", ())), "replaces": tuple(d.get("replaces", ())),
+        "update": UpdateReport.from_dict(d["update"]) if d.get("update") else None})
 
   def replace(self, **changes: Any) -> "Manifest":
     return dataclasses.replace(self, **changes)

@@ -20,7 +20,7 @@ import os
 import pathlib
 import shutil
 import uuid
-from typing import Any, Mapping, Sequence
+from typing import IO, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -51,6 +51,14 @@ def generation_base(generation: int) -> str:
 def positions_sha256(positions: np.ndarray) -> str:
   """Digest of the record positions a shard covers (a rerun checks it plans the same ones)."""
   return hashlib.sha256(np.ascontiguousarray(positions, np.int64).tobytes()).hexdigest()
+
+
+def npy_header(f: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
+  """(shape, Fortran order, dtype) from an open .npy file's header (ValueError: none)."""
+  version = np.lib.format.read_magic(f)
+  read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+          else np.lib.format.read_array_header_2_0)
+  return read(f)
 
 
 def refuse_orphan_shards(out: pathlib.Path) -> None:
@@ -161,19 +169,20 @@ def _shard_info(d: pathlib.Path) -> dict[str, Any] | None:
   return info
 
 
+def _written(output_dir: str | os.PathLike, where: str, named: Callable[[str], bool]
+             ) -> Iterator[tuple[pathlib.Path, dict[str, Any]]]:
+  """(folder, shard.json) of the shard folders in `output_dir/where` whose name is
+  `named` and that were written whole."""
+  root = pathlib.Path(output_dir) / where
+  for d in root.iterdir() if root.is_dir() else ():
+    if named(d.name) and (info := _shard_info(d)) is not None:
+      yield d, info
+
+
 def complete_shards(output_dir: str | os.PathLike, where: str = SHARDS
                     ) -> dict[int, dict[str, Any]]:
   """Shards already written whole in `output_dir/where`: index -> their shard.json."""
-  root = pathlib.Path(output_dir) / where
-  done = {}
-  if not root.is_dir():
-    return done
-  for d in root.iterdir():
-    if d.name.isdigit():
-      info = _shard_info(d)
-      if info is not None:
-        done[int(d.name)] = info
-  return done
+  return {int(d.name): info for d, info in _written(output_dir, where, str.isdigit)}
 
 
 def shard_intact(d: pathlib.Path, info: Mapping[str, Any]) -> bool:
@@ -188,16 +197,11 @@ def shard_intact(d: pathlib.Path, info: Mapping[str, Any]) -> bool:
 def shard_pieces(output_dir: str | os.PathLike, where: str = SHARDS
                  ) -> dict[int, list[tuple[int, pathlib.Path, dict[str, Any]]]]:
   """Finished parts of stopped shards: index -> [(records covered, folder, shard.json)]."""
-  root = pathlib.Path(output_dir) / where
   out: dict[int, list] = {}
-  if not root.is_dir():
-    return out
-  for d in root.iterdir():
-    k, sep, n = d.name.partition(_PART)
-    if sep and k.isdigit() and n.isdigit():
-      info = _shard_info(d)
-      if info is not None:
-        out.setdefault(int(k), []).append((int(n), d, info))
+  for d, info in _written(output_dir, where, lambda name: _PART in name):
+    k, _, n = d.name.partition(_PART)
+    if k.isdigit() and n.isdigit():  # not a temporary folder of one
+      out.setdefault(int(k), []).append((int(n), d, info))
   return {k: sorted(v, key=lambda t: t[0]) for k, v in out.items()}
 
 
@@ -238,6 +242,6 @@ def read_failures_json(path: pathlib.Path) -> list[tuple[str, str, int]]:
 
 
 __all__ = ["DELTA", "MANIFEST", "META_COLUMNS", "RECORDS", "SHARDS", "ShardData",
-           "complete_shards", "generation_base", "piece_name", "positions_sha256",
+           "complete_shards", "generation_base", "npy_header", "piece_name", "positions_sha256",
            "read_failures_json", "read_shard", "refuse_orphan_shards", "remove_partial",
            "shard_intact", "shard_name", "shard_pieces", "write_shard"]

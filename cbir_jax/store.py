@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from cbir_jax.atomic import (DirLock, StoreError, fsync_dir, lock, sha256_file, 
                              write_atomic, write_json_atomic)
 from cbir_jax.manifest import FORMAT, FORMAT_VERSION, FileEntry, Manifest, OldFormat
 from cbir_jax.shards import (DELTA, MANIFEST, META_COLUMNS, RECORDS, SHARDS,  # noqa: F401
-                             ShardData, complete_shards, generation_base, piece_name,
+                             ShardData, complete_shards, generation_base, npy_header, piece_name,
                              positions_sha256, read_failures_json, read_shard,
                              refuse_orphan_shards, remove_partial, shard_intact, shard_name,
                              shard_pieces, write_shard)
@@ -31,38 +31,37 @@ from cbir_jax.shards import (DELTA, MANIFEST, META_COLUMNS, RECORDS, SHARDS,  # 
 WEBDATASET_CACHE = "webdataset-listing"  # per-shard listings of a --webdataset input (a cache)
 
 
-def read_manifest(output_dir: str | os.PathLike, name: str = MANIFEST) -> dict[str, Any]:
+def read_manifest(output_dir: str | os.PathLike) -> dict[str, Any]:
   """manifest.json as a dict (see `load_manifest` for the typed record)."""
-  path = pathlib.Path(output_dir) / name
+  path = pathlib.Path(output_dir) / MANIFEST
   if not path.is_file():
-    raise StoreError(_not_an_index(pathlib.Path(output_dir), name))
+    raise StoreError(_not_an_index(pathlib.Path(output_dir)))
   try:
     m = json.loads(path.read_text())
   except ValueError as e:
     raise StoreError(f"{path}: unreadable manifest ({e})") from e
   if not isinstance(m, dict) or m.get("format") != FORMAT:
     raise StoreError(f"{path}: not a cbir_jax descriptor manifest")
-  if int(m.get("format_version", 1)) > FORMAT_VERSION:
+  m.setdefault("format_version", 1)  # files of every format record theirs; none: the first
+  if int(m["format_version"]) > FORMAT_VERSION:
     raise StoreError(f"{path}: written by a newer cbir_jax (format {m['format_version']}); "
                      "upgrade cbir_jax to read it")
   return m
 
 
-def _not_an_index(out: pathlib.Path, name: str) -> str:
+def _not_an_index(out: pathlib.Path) -> str:
   """Why `out` has no manifest, in the words a user acts on: no such directory, not a
   directory, or a directory that is not (yet) an index."""
   make = f"make one with: cbir-extract --images=PHOTOS --output={out}"
-  if not out.exists():
-    return f"{out}: no such directory; an index is the folder cbir-extract writes ({make})"
   if not out.is_dir():
-    return f"{out}: not a directory; an index is the folder cbir-extract writes ({make})"
-  return f"{out}: not a cbir_jax index (it has no {name}); {make}"
+    what = "not a directory" if out.exists() else "no such directory"
+    return f"{out}: {what}; an index is the folder cbir-extract writes ({make})"
+  return f"{out}: not a cbir_jax index (it has no {MANIFEST}); {make}"
 
 
-def load_manifest(output_dir: str | os.PathLike, name: str = MANIFEST) -> Manifest:
+def load_manifest(output_dir: str | os.PathLike) -> Manifest:
   """The typed manifest of an output directory (format 4; earlier ones are refused)."""
-  d = read_manifest(output_dir, name)
-  d.setdefault("format_version", 1)  # files of every format record theirs; none: the first
+  d = read_manifest(output_dir)  # its own errors: no index, unreadable, newer
   try:
     return Manifest.from_dict(d)
   except OldFormat as e:
@@ -70,24 +69,16 @@ def load_manifest(output_dir: str | os.PathLike, name: str = MANIFEST) -> Manife
                      "version no longer reads; rebuild it: rerun launch/extract.py with the "
                      "same flags and a new --output") from None
   except (KeyError, TypeError, ValueError) as e:
-    raise StoreError(f"{pathlib.Path(output_dir) / name}: damaged manifest ({e!r})") from e
+    raise StoreError(f"{pathlib.Path(output_dir) / MANIFEST}: damaged manifest ({e!r})") from e
 
 
-def write_manifest(output_dir: str | os.PathLike, manifest: Manifest, name: str = MANIFEST
-                   ) -> None:
+def write_manifest(output_dir: str | os.PathLike, manifest: Manifest) -> None:
   """Writes the manifest atomically: readers see the old one or the new one, never a mix."""
-  write_json_atomic(pathlib.Path(output_dir) / name, manifest.to_dict())
+  write_json_atomic(pathlib.Path(output_dir) / MANIFEST, manifest.to_dict())
 
 
-def diff_settings(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = ""
-                  ) -> list[str]:
-  """Names of settings (dotted) that differ between two manifests' settings dicts."""
-  from cbir_jax.manifest import diff_dicts
-  return diff_dicts(old, new, prefix)
-
-
-def prepare(output_dir: str | os.PathLike, manifest: Manifest | Mapping[str, Any]) -> Manifest:
-  """Creates the output directory and its manifest (format-1 style dicts are accepted too).
+def prepare(output_dir: str | os.PathLike, new: Manifest) -> Manifest:
+  """Creates the output directory and its manifest.
 
   A directory that already has a manifest is returned as is when its settings
   equal the new ones, refused otherwise (the job checks the input separately).
@@ -95,7 +86,6 @@ def prepare(output_dir: str | os.PathLike, manifest: Manifest | Mapping[str, Any
   Raises:
     StoreError: other settings, or complete shards without a manifest.
   """
-  new = manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest)
   out = pathlib.Path(output_dir)
   out.mkdir(parents=True, exist_ok=True)
   (out / SHARDS).mkdir(exist_ok=True)
@@ -123,34 +113,29 @@ def _npy_rows(path: pathlib.Path) -> int | None:
   """Rows an .npy header declares (None if it has no readable header)."""
   try:
     with open(path, "rb") as f:
-      version = np.lib.format.read_magic(f)
-      read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-              else np.lib.format.read_array_header_2_0)
-      shape = read(f)[0]
+      shape = npy_header(f)[0]
     return int(shape[0]) if shape else None
   except (OSError, ValueError):
     return None
 
 
-def _file(out: pathlib.Path, rel: str, want: Mapping[str, Any] | None, verify: bool,
-          rows: int | None = None) -> pathlib.Path:
-  """A file the manifest lists: present, of its recorded size (and, for an .npy, `rows`
-  rows), and with `verify`, of its recorded digest."""
-  p = out / rel
+def _file(out: pathlib.Path, e: FileEntry, verify: bool, *, rows: bool = False
+          ) -> pathlib.Path:
+  """A file the manifest lists: present, of its recorded size (with `rows`, an .npy of its
+  recorded rows), and with `verify`, of its recorded digest."""
+  p = out / e.file
   try:
     size = p.stat().st_size
   except OSError:
-    raise StoreError(f"{out}: {rel} is listed in the manifest but missing") from None
-  want = want or {}
-  has = _npy_rows(p) if rows is not None else None
-  if rows is not None and has != rows:
-    raise StoreError(f"{out}: {rel} has {size} bytes ({has} rows), the manifest says {rows} "
-                     "rows (damaged or modified file)")
-  if want.get("bytes", -1) >= 0 and size != want["bytes"]:
-    raise StoreError(f"{out}: {rel} has {size} bytes, the manifest says {want['bytes']} "
+    raise StoreError(f"{out}: {e.file} is listed in the manifest but missing") from None
+  if rows and (has := _npy_rows(p)) != e.rows:
+    raise StoreError(f"{out}: {e.file} has {size} bytes ({has} rows), the manifest says "
+                     f"{e.rows} rows (damaged or modified file)")
+  if e.bytes >= 0 and size != e.bytes:
+    raise StoreError(f"{out}: {e.file} has {size} bytes, the manifest says {e.bytes} "
                      "(damaged or modified file)")
-  if verify and want.get("sha256") and sha256_file(p) != want["sha256"]:
-    raise StoreError(f"{out}: {rel} does not match its SHA-256 in the manifest "
+  if verify and e.sha256 and sha256_file(p) != e.sha256:
+    raise StoreError(f"{out}: {e.file} does not match its SHA-256 in the manifest "
                      "(damaged or modified file)")
   return p
 
@@ -173,15 +158,11 @@ def _load_npy(path: pathlib.Path) -> np.ndarray:
   return a
 
 
-def _entry(e: FileEntry) -> dict[str, Any]:
-  return {"sha256": e.sha256, "bytes": e.bytes}
-
-
 def _read_meta(out: pathlib.Path, m: Manifest, verify: bool) -> dict[str, np.ndarray]:
   e = m.metadata
   if e is None:
     raise StoreError(f"{out}: the manifest lists no metadata table")
-  p = _file(out, e.file, _entry(e), verify)
+  p = _file(out, e, verify)
   try:
     meta = index_files.read_metadata(p)
   except Exception as err:  # parquet errors of a damaged file
@@ -198,7 +179,7 @@ def _read_array(out: pathlib.Path, m: Manifest, kind: str, verify: bool):
     return np.zeros((0, m.dimensions.get(kind, 0)), np.dtype(m.settings.output_dtype))
   if not parts:
     raise StoreError(f"{out}: the manifest lists no parts of {kind}")
-  arrays = [_load_npy(_file(out, e.file, _entry(e), verify, rows=e.rows)) for e in parts]
+  arrays = [_load_npy(_file(out, e, verify, rows=True)) for e in parts]
   dim = m.dimensions.get(kind)
   for e, a in zip(parts, arrays):
     if dim is not None and a.shape[1] != dim:
@@ -295,12 +276,11 @@ def read_failures(output_dir: str | os.PathLike) -> list[tuple[str, str]]:
   """All (path, reason) failures of the current generation (finished or partial), in input order."""
   out = pathlib.Path(output_dir)
   m = load_manifest(out) if (out / MANIFEST).is_file() else None
-  if m is not None and m.complete and m.failures_file is None and m.format_version >= 4:
-    return []  # nothing failed: no failure list is written
-  if m is not None and m.complete and m.failures_file is not None:
-    f = m.failures_file
-    p = _file(out, f.file, _entry(f), False)
-    return [(key, reason) for key, reason, _ in read_failures_json(p)]
+  if m is not None and m.complete:
+    if m.failures_file is None:
+      return []  # nothing failed: no failure list is written
+    return [(key, reason) for key, reason, _ in
+            read_failures_json(_file(out, m.failures_file, False))]
   where = m.path(SHARDS) if m is not None else SHARDS
   result = []
   for k, _ in sorted(complete_shards(out, where).items()):

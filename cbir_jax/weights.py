@@ -24,27 +24,16 @@ ENV_VAR = "CBIR_JAX_WEIGHTS_DIR"
 _SHIPPED = pathlib.Path(__file__).resolve().parent / "pretrained"
 
 
-def weights_root() -> pathlib.Path:
-  """The folder holding one weights directory per model ($CBIR_JAX_WEIGHTS_DIR or the shipped ones)."""
-  env = os.environ.get(ENV_VAR)
-  return pathlib.Path(env) if env else _SHIPPED
-
-
 def default_weights_dir(model: str) -> pathlib.Path:
-  """The weights directory used when none is given: `weights_root() / model`."""
-  return weights_root() / model
+  """The weights directory used when none is given: `model`'s folder in $CBIR_JAX_WEIGHTS_DIR,
+  else in the shipped ones."""
+  return pathlib.Path(os.environ.get(ENV_VAR) or _SHIPPED) / model
 
 
 def load(model: str, directory: str | os.PathLike | None = None
          ) -> tuple[Any, checkpoint.WeightsInfo]:
-  """Loads `model`'s weights, checked against its parameter shapes.
-
-  Args:
-    model: registered backbone name.
-    directory: a weights directory; None means `default_weights_dir(model)`.
-
-  Returns:
-    (params, WeightsInfo); the info's preprocessing is the one to apply.
+  """(params, WeightsInfo) of `model` from `directory` (None: `default_weights_dir(model)`),
+  checked against its parameter shapes; the info's preprocessing is the one to apply.
 
   Raises:
     WeightsError: missing directory (with how to make one), another model's
@@ -73,15 +62,8 @@ def check_kinds(info: checkpoint.WeightsInfo, kinds: Sequence[str]) -> None:
 
   Weights without FC layers (`info.has_fc` False, e.g. ported from Keras'
   `vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5`) give conv, mac, spoc
-  and gem, not the kinds built from FC activations (`descriptors.FC_KINDS`).
-
-  Args:
-    info: the weights' record (from `load`, or `checkpoint.read_info(directory)`).
-    kinds: the descriptor kinds asked for.
-
-  Raises:
-    WeightsError (a ValueError): an FC kind asked of weights without FC layers;
-      the message names the files that have them.
+  and gem, not the kinds built from FC activations (`descriptors.FC_KINDS`); the
+  WeightsError names the files that have them.
   """
   need = [k for k in kinds if k in desc.FC_KINDS]
   if info.has_fc or not need:
@@ -97,6 +79,8 @@ def check_kinds(info: checkpoint.WeightsInfo, kinds: Sequence[str]) -> None:
       f"{info.model} weights have no FC layers (ported from {info.source_file or info.source}, "
       f"conv layers only). For {', '.join(need)}, {where}; with these weights, ask for "
       f"{', '.join(usable)}")
+
+
 def random_params(backbone: backbones.Backbone, image_size: int, seed: int = 0) -> Any:
   """`--weights=random`: `backbone.random_params(seed, image_size)` (NumPy, no compile)."""
   return backbone.random_params(seed, image_size)
@@ -134,8 +118,7 @@ def record_for(model: str, choice: str | None, *, seed: int = 0) -> WeightsRecor
 
 
 def _shipped_dirs(model: str) -> list[pathlib.Path]:
-  dirs = [default_weights_dir(model), _SHIPPED / model]
-  return list(dict.fromkeys(dirs))
+  return list(dict.fromkeys([default_weights_dir(model), _SHIPPED / model]))
 
 
 def _candidates(record: WeightsRecord, model: str) -> list[pathlib.Path]:
@@ -182,10 +165,7 @@ def load_recorded(model: str, record: WeightsRecord, *, image_size: int) -> Load
       tried.append(f"{path} ({'missing' if not path.exists() else 'unusable'})")
       first_error = first_error or e
       continue
-    digest = info.params_sha256 or checkpoint.params_sha256(params)
-    found = dataclasses.replace(record, params_sha256=digest, source=info.source,
-                                source_file=info.source_file, source_sha256=info.source_sha256,
-                                has_fc_head=info.has_fc)
+    found = _found(record, params, info)
     if record.kind == "directory" and path.resolve() != pathlib.Path(record.dir).resolve():
       found = dataclasses.replace(found, kind="shipped", name=model, dir="")
     return _checked(params, record, info.preprocessing, found)
@@ -229,13 +209,19 @@ def load_from(model: str, record: WeightsRecord, directory: str | os.PathLike, *
   if have and have != want:
     raise other(have)
   params, info = load(model, path)  # its own message for a missing or unusable folder
-  digest = info.params_sha256 or checkpoint.params_sha256(params)
-  if digest != want:
-    raise other(digest)
-  found = dataclasses.replace(record, kind="directory", name=path.name, dir=str(path.resolve()),
-                              source=info.source, source_file=info.source_file,
-                              source_sha256=info.source_sha256, has_fc_head=info.has_fc)
+  found = _found(record, params, info, kind="directory", name=path.name, dir=str(path.resolve()))
+  if found.params_sha256 != want:
+    raise other(found.params_sha256)
   return Loaded(params=params, record=found, preprocessing=info.preprocessing)
+
+
+def _found(record: WeightsRecord, params: Any, info: checkpoint.WeightsInfo, **changes: Any
+           ) -> WeightsRecord:
+  """`record` filled in from the weights loaded: their digest, and what weights.json says."""
+  return dataclasses.replace(
+      record, params_sha256=info.params_sha256 or checkpoint.params_sha256(params),
+      source=info.source, source_file=info.source_file, source_sha256=info.source_sha256,
+      has_fc_head=info.has_fc, **changes)
 
 
 def _checked(params: Any, wanted: WeightsRecord, prep: pp.Preprocessing, found: WeightsRecord
@@ -248,4 +234,4 @@ def _checked(params: Any, wanted: WeightsRecord, prep: pp.Preprocessing, found: 
 
 
 __all__ = ["ENV_VAR", "Loaded", "WeightsNotFound", "default_weights_dir", "load", "load_from",
-           "load_recorded", "random_params", "record_for", "weights_root"]
+           "load_recorded", "random_params", "record_for"]

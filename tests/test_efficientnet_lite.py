@@ -294,7 +294,7 @@ def test_porter_refuses_pickled_code_and_garbage(reference, tmp_path):
   junk.write_bytes(b"not a torch file")
   with pytest.raises(checkpoint.WeightsError, match="junk.pth"):
     port("efficientnet_lite0", "efficientnet_lite_pytorch", junk)
-  with pytest.raises(checkpoint.WeightsError, match="no such file"):
+  with pytest.raises(checkpoint.WeightsError, match="no such weights file"):
     port("efficientnet_lite0", "efficientnet_lite_pytorch", tmp_path / "absent.pth")
 
 

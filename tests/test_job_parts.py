@@ -261,13 +261,6 @@ def test_manifests_of_earlier_formats_are_refused_with_how_to_rebuild(tmp_path, 
   assert "--output" in msg
 
 
-def test_weights_record_reads_the_early_dict():
-  random = mf.WeightsRecord.from_dict({"source": "random", "dir": "", "seed": 3})
-  assert (random.kind, random.seed) == ("random", 3)
-  d = mf.WeightsRecord.from_dict({"dir": "/gone/weights/vgg16", "source": "torchvision"})
-  assert d.kind == "directory" and d.name == "vgg16"
-
-
 def test_clock_phases_add_up_to_the_total():
   c = Clock()
   for name in ("a", "b", "a", "c"):

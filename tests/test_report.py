@@ -21,6 +21,7 @@ from PIL import Image
 from cbir_jax import backbones, checkpoint, evaluation, inference, input_pipeline, report, \
     search, store
 from cbir_jax import consolidate
+from cbir_jax import manifest as mf
 from cbir_jax import preprocessing as pp
 from cbir_jax import query as query_lib
 
@@ -62,16 +63,15 @@ def index(tmp_path_factory):
   rows = inference.jit_describe(backbone, preprocessing=pp.TORCHVISION, kinds=KINDS)(
       params, images)
   descriptor = {"threshold": 0.5, "relative": True, "masks": "channel"}
-  weights = {"dir": str(wdir), "source": "test", "source_file": "", "source_sha256": "",
-             "params_sha256": info.params_sha256}
-  settings = {"backbone": "vgg_tiny", "weights": weights, "preprocessing":
-              pp.TORCHVISION.to_dict(), "descriptor": descriptor, "image_size": SIZE,
-              "kinds": list(KINDS), "dtype": "float32", "output_dtype": "float32",
-              "draft": False}
+  weights = mf.WeightsRecord(kind="directory", name="weights", dir=str(wdir), source="test",
+                             params_sha256=info.params_sha256)
+  settings = mf.Settings(
+      backbone="vgg_tiny", weights=weights.identity(), preprocessing=pp.TORCHVISION.to_dict(),
+      descriptor=descriptor, image_size=SIZE, kinds=KINDS, dtype="float32",
+      output_dtype="float32", draft=False, shard_size=len(paths), package_version="")
   out = root / "index"
-  store.prepare(out, dict(settings=settings, backbone="vgg_tiny", weights=weights,
-                          preprocessing=pp.TORCHVISION.to_dict(), descriptor=descriptor,
-                          image_size=SIZE, kinds=list(KINDS), num_shards=1))
+  store.prepare(out, mf.Manifest(settings=settings, weights=weights, input=mf.InputRecord(
+      type="", root="", num_records=0, identity_sha256=""), num_shards=1, dimensions={}))
   n = len(paths)
   meta = {"row": np.arange(n), "path": np.array(paths), "label": np.repeat([0, 1], 4),
           "label_name": np.repeat(["blue", "red"], 4), "width": np.full(n, 44),
@@ -79,7 +79,7 @@ def index(tmp_path_factory):
           "uid": np.array([f"u{i}" for i in range(n)])}
   store.write_shard(out, 0, start=0, stop=n, arrays={k: np.asarray(v) for k, v in rows.items()},
                     meta=meta, failures=[])
-  consolidate.finalize(out, num_shards=1)
+  store.write_manifest(out, consolidate.seal(out, store.load_manifest(out), workers=1))
   return str(out), paths
 
 

@@ -86,12 +86,11 @@ class Backbone:
   def init(self, rng: jax.Array, image_size: int | None = None) -> Any:
     """Random float32 parameters (tests, benchmarks, demos)."""
     size = image_size or self.image_size
-    x = jnp.zeros((1, size, size, 3), jnp.float32)
-    return self.module().init(rng, x)["params"]
+    return self.module().init(rng, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
 
   def random_params(self, seed: int = 0, image_size: int | None = None) -> Any:
-    """Seeded random float32 parameters built in NumPy: He-normal kernels, zero biases,
-    unit scales/variances.
+    """Seeded random float32 parameters built in NumPy: He-normal kernels, zero biases (the
+    networks here have no other parameters: batch norm is folded into the convolutions).
 
     For tests, demos and benchmarks without a checkpoint. Flax's `init` compiles
     every initialiser and runs a forward pass (tens of seconds on a CPU); this
@@ -100,13 +99,10 @@ class Backbone:
     rng = np.random.default_rng(seed)
 
     def make(path, s):
-      name = getattr(path[-1], "key", str(path[-1]))
-      if name == "kernel":
-        fan_in = int(np.prod(s.shape[:-1]))
-        return (rng.standard_normal(s.shape) * np.sqrt(2.0 / max(fan_in, 1))).astype(np.float32)
-      if name in ("scale", "var", "variance"):
-        return np.ones(s.shape, np.float32)
-      return np.zeros(s.shape, np.float32)
+      if getattr(path[-1], "key", None) != "kernel":
+        return np.zeros(s.shape, np.float32)
+      fan_in = int(np.prod(s.shape[:-1]))
+      return (rng.standard_normal(s.shape) * np.sqrt(2.0 / max(fan_in, 1))).astype(np.float32)
 
     return jax.tree_util.tree_map_with_path(make, self.param_shapes(image_size))
 

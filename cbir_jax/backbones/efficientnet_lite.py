@@ -39,33 +39,21 @@ def _conv(features: int, kernel: int, *, stride: int = 1, dtype: Any, name: str)
                  use_bias=True, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
-  """TensorFlow "SAME": output ceil(size / stride), the odd padded pixel after, not before."""
-  out = -(-size // stride)
-  total = max((out - 1) * stride + kernel - size, 0)
-  return total // 2, total - total // 2
-
-
 def depthwise_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
-  """Depthwise k x k convolution, "SAME" padding, as k*k shifted multiply-adds.
+  """Depthwise k x k convolution, "SAME" padding, as k*k shifted multiply-adds: x [N, H, W, C]
+  and kernel [k, k, 1, C] (HWIO, one input channel per group), stride on both spatial axes,
+  give [N, ceil(H / stride), ceil(W / stride), C].
 
   Same result as lax.conv_general_dilated with feature_group_count = channels,
   but XLA:CPU runs that grouped convolution about 5x slower than these
   elementwise taps (measured on 112x112x96, 3x3); on accelerators the taps
   fuse into one elementwise kernel.
-
-  Args:
-    x: [N, H, W, C].
-    kernel: [k, k, 1, C] (HWIO with one input channel per group).
-    stride: 1 or 2, both spatial axes.
-
-  Returns:
-    [N, ceil(H / stride), ceil(W / stride), C].
   """
   n, h, w, c = x.shape
   k = kernel.shape[0]
-  pads = [same_padding(h, k, stride), same_padding(w, k, stride)]
-  x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+  # TensorFlow's "SAME": output ceil(size / stride), the odd padded pixel after, not before.
+  pads = jax.lax.padtype_to_pads((h, w), (k, k), (stride, stride), "SAME")
+  x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
   oh, ow = -(-h // stride), -(-w // stride)
   out = None
   for i in range(k):

@@ -75,10 +75,9 @@ class VGG(nn.Module):
       return None, out
     x = adaptive_avg_pool(x, (7, 7))
     x = x.reshape(x.shape[0], -1)  # H, W, C flatten order (torch's C, H, W is permuted at porting)
-    x = nn.relu(nn.Dense(self.fc_dim, dtype=self.dtype, param_dtype=jnp.float32, name="fc6")(x))
-    out["fc6"] = x
-    x = nn.relu(nn.Dense(self.fc_dim, dtype=self.dtype, param_dtype=jnp.float32, name="fc7")(x))
-    out["fc7"] = x
+    for name in ("fc6", "fc7"):
+      x = nn.relu(nn.Dense(self.fc_dim, dtype=self.dtype, param_dtype=jnp.float32, name=name)(x))
+      out[name] = x
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name="fc8")(x)
     out["logits"] = x
     return x, out

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
+import pathlib
+from typing import Any, Callable, Mapping
 
-from cbir_jax.checkpoint import WeightsInfo
+from cbir_jax.checkpoint import WeightsError, WeightsInfo
 from cbir_jax.choices import Model
 
 # (model, source) -> porter(path) -> (params, WeightsInfo). Filled by the porter modules.
@@ -55,7 +56,42 @@ def port(model: str, source: str, path: str | os.PathLike) -> tuple[Any, Weights
   except KeyError:
     known = ", ".join(f"{m}/{s}" for m, s in sorted(PORTERS))
     raise ValueError(f"no porter for model {model!r} from source {source!r}; known: {known}") from None
+  if not pathlib.Path(path).is_file():
+    raise WeightsError(f"{path}: no such weights file")
   return fn(path)
+
+
+def _torch_detail(e: Exception) -> str:
+  """The informative line of torch's long weights-only error (what it refused)."""
+  lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+  rest = [ln for ln in lines[1:] if not ln.startswith(("Please file", "Check the documentation"))]
+  return (rest or lines or [type(e).__name__])[0]
+
+
+def torch_state_dict(path: str | os.PathLike) -> dict[str, Any]:
+  """A PyTorch file's tensors by name, read without executing code from it."""
+  import pickle
+
+  import torch  # the `port` extra; users of the shipped weights never import it
+
+  try:
+    # weights_only: the unpickler only builds tensors and plain containers, so a
+    # file crafted to run code on load is refused instead of executed.
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    raise WeightsError(
+        f"{path}: refused by weights-only loading (weights_only=True): its pickle asks for "
+        "more than tensors and plain containers (a file that would run code on load, or a "
+        f"damaged one); not loaded. torch said: {_torch_detail(e)}") from e
+  except Exception as e:  # torch raises RuntimeError, EOFError, ... for damaged files
+    raise WeightsError(f"{path}: cannot be read as a PyTorch file "
+                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                       "is it truncated or not a .pth?") from e
+  if isinstance(sd, Mapping) and isinstance(sd.get("state_dict"), Mapping):
+    sd = sd["state_dict"]  # training checkpoints wrap the weights
+  if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    raise WeightsError(f"{path}: expected a state dict (name -> tensor), got {type(sd).__name__}")
+  return dict(sd)
 
 
 def _load_porters() -> None:
@@ -63,12 +99,7 @@ def _load_porters() -> None:
   # shipped checkpoints never need.
   import importlib
   for name in ("vgg", "efficientnet_lite"):
-    try:
-      importlib.import_module(f"cbir_jax.porting.{name}")
-    except ModuleNotFoundError as e:
-      if e.name and e.name.startswith("cbir_jax"):
-        continue  # porter module not written (yet)
-      raise
+    importlib.import_module(f"cbir_jax.porting.{name}")
 
 
 def full_files(model: str, source: str = "") -> list[str]:
@@ -87,22 +118,9 @@ def sources(model: str) -> list[str]:
 
 def port_and_save(model: str, source: str | None, input_path: str | os.PathLike,
                   output_dir: str | os.PathLike, *, overwrite: bool = False) -> WeightsInfo:
-  """Ports a weights file, checks it against the backbone's parameters and saves it.
-
-  Args:
-    model: backbone name (`cbir_jax.backbones.get`).
-    source: source format registered for that model (e.g. "torchvision", "keras");
-      None picks the model's only registered source.
-    input_path: the file to port.
-    output_dir: weights directory to write (see `cbir_jax.checkpoint`).
-    overwrite: replace an existing, non-empty `output_dir`; without it such a
-      directory is refused so that nothing is lost.
-
-  Returns:
-    The saved WeightsInfo (with params_sha256 set).
-  """
-  import pathlib
-
+  """Ports a weights file, checks it against the backbone's parameters and saves it (see
+  `PortConfig`; a non-empty `output_dir` is refused without `overwrite`, so that nothing is
+  lost). Returns the saved WeightsInfo (with params_sha256 set)."""
   from cbir_jax import backbones, checkpoint
 
   backbone = backbones.get(model)  # unknown model: clear error before reading the file

@@ -15,7 +15,9 @@ import numpy as np
 from cbir_jax import backbones
 from cbir_jax import preprocessing as pp
 from cbir_jax.checkpoint import WeightsError, WeightsInfo, check_tree, file_sha256
-from cbir_jax.porting import register
+from cbir_jax.porting import register, torch_state_dict
+
+load_state_dict = torch_state_dict  # the name tests and benchmarks/torch_peer.py use
 
 SOURCE = "efficientnet_lite_pytorch"
 # The PyTorch reference builds every BatchNorm2d with the TF model's epsilon.
@@ -73,40 +75,13 @@ def _folded_conv(sd: _StateDict, conv: str, bn: str, kernel_shape: tuple[int, ..
           "bias": (beta - mean * scale).astype(np.float32)}
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
-  """The file's tensors, read without executing code from it."""
-  import torch  # the `port` extra; users of shipped weights never import it
-
-  try:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-  except FileNotFoundError:
-    raise WeightsError(f"{path}: no such file") from None
-  except Exception as e:  # weights_only refusals and damaged files raise many types
-    # First line only: torch's refusal runs to a dozen lines, and the launcher's error is one.
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    raise WeightsError(f"{path}: not a plain PyTorch state dict that loads with "
-                       f"weights_only=True ({type(e).__name__}: {first})") from e
-  if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-    state = state["state_dict"]  # training checkpoints wrap the weights
-  if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-    raise WeightsError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
-  return state
-
-
 def convert(state: dict[str, Any], *, model: str = "efficientnet_lite0",
             where: str = "state dict") -> Any:
-  """Maps a torch EfficientNet-Lite state dict onto `model`'s Flax params (BN folded).
-
-  Args:
-    state: torch tensor name -> tensor, as in the reference package.
-    model: registered backbone name whose structure the params must fill.
-    where: how errors name the source.
-
-  Returns:
-    Nested dict of float32 numpy arrays shaped like `backbones.get(model).param_shapes()`.
+  """Maps a torch EfficientNet-Lite state dict (tensor names as in the reference package)
+  onto float32 params shaped like `backbones.get(model).param_shapes()`, BN folded.
 
   Raises:
-    WeightsError: naming the first missing, mis-shaped or unexpected tensor.
+    WeightsError: the first missing, mis-shaped or unexpected tensor (`where` names the file).
   """
   expected = backbones.get(model).param_shapes()
   sd = _StateDict(state, where)
@@ -128,17 +103,10 @@ def convert(state: dict[str, Any], *, model: str = "efficientnet_lite0",
 
 @register("efficientnet_lite0", SOURCE)
 def port_efficientnet_lite0(path: str | os.PathLike) -> tuple[Any, WeightsInfo]:
-  """Ports `efficientnet-lite0-57934424.pth` (or a file with the same tensors).
-
-  Args:
-    path: the .pth file.
-
-  Returns:
-    (float32 Flax params with batch norm folded, WeightsInfo with the file's
-    SHA-256 and the (x - 127) / 128 RGB preprocessing the weights were trained with).
-  """
+  """Ports `efficientnet-lite0-57934424.pth` (or a file with the same tensors), with the
+  (x - 127) / 128 RGB preprocessing the weights were trained with."""
   path = pathlib.Path(path)
-  params = convert(load_state_dict(path), model="efficientnet_lite0", where=str(path))
+  params = convert(torch_state_dict(path), model="efficientnet_lite0", where=str(path))
   info = WeightsInfo(model="efficientnet_lite0", preprocessing=pp.EFFICIENTNET_LITE,
                      source=SOURCE, source_file=path.name, source_sha256=file_sha256(path))
   return params, info

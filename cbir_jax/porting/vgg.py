@@ -9,6 +9,7 @@ layers (`WeightsInfo.has_fc` False); one with some FC layers must have all.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 from typing import Any, Mapping
@@ -18,8 +19,8 @@ from absl import logging
 
 from cbir_jax import preprocessing as pp
 from cbir_jax.backbones.vgg import VGG16_BLOCKS
-from cbir_jax.checkpoint import WeightsError, WeightsInfo, file_digest, file_sha256
-from cbir_jax.porting import FULL_FILES, register
+from cbir_jax.checkpoint import WeightsError, WeightsInfo, check_shapes, file_sha256
+from cbir_jax.porting import FULL_FILES, register, torch_state_dict
 
 MODEL = "vgg16"
 NUM_CLASSES = 1000
@@ -59,27 +60,6 @@ _FCS: tuple[tuple[str, int, str, int, int], ...] = (
 )
 
 
-def _check_file(path: str | os.PathLike) -> pathlib.Path:
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise WeightsError(f"{path}: no such weights file")
-  return path
-
-
-def _check_shapes(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],
-                  *, what: str) -> None:
-  """Raises WeightsError for the first missing, mis-shaped or unexpected tensor (network order)."""
-  for name, shape in expected.items():
-    if name not in found:
-      raise WeightsError(f"{what}: missing tensor {name} (expected shape {shape})")
-    if tuple(found[name]) != shape:
-      raise WeightsError(f"{what}: tensor {name} has shape {tuple(found[name])}, "
-                         f"expected {shape}")
-  extra = [n for n in found if n not in expected]
-  if extra:
-    raise WeightsError(f"{what}: unexpected tensor {extra[0]} ({len(extra)} unexpected in all)")
-
-
 # ---------------------------------------------------------------------------- torchvision
 
 def torchvision_shapes(*, with_fc: bool = True) -> dict[str, tuple[int, ...]]:
@@ -92,38 +72,6 @@ def torchvision_shapes(*, with_fc: bool = True) -> dict[str, tuple[int, ...]]:
     shapes[f"classifier.{idx}.weight"] = (fout, fin)
     shapes[f"classifier.{idx}.bias"] = (fout,)
   return shapes
-
-
-def _torch_detail(e: Exception) -> str:
-  """The informative line of torch's long weights-only error (what it refused)."""
-  lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-  rest = [ln for ln in lines[1:] if not ln.startswith(("Please file", "Check the documentation"))]
-  return (rest or lines or [type(e).__name__])[0]
-
-
-def _torch_load(path: pathlib.Path) -> Mapping[str, Any]:
-  import pickle
-
-  import torch
-
-  try:
-    # weights_only: the unpickler only builds tensors and plain containers, so a
-    # file crafted to run code on load is refused instead of executed.
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as e:
-    raise WeightsError(
-        f"{path}: refused by weights-only loading: its pickle asks for more than tensors and "
-        f"plain containers (a file that would run code on load, or a damaged one); not "
-        f"loaded. torch said: {_torch_detail(e)}") from e
-  except Exception as e:  # torch raises RuntimeError, EOFError, ... for damaged files
-    raise WeightsError(f"{path}: cannot be read as a PyTorch file "
-                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                       "is it truncated or not a .pth?") from e
-  if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
-    sd = sd["state_dict"]  # training checkpoints wrap the weights
-  if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-    raise WeightsError(f"{path}: expected a state dict (name -> tensor), got {type(sd).__name__}")
-  return sd
 
 
 def _warn_unknown_torchvision(path: pathlib.Path, sha256: str, *, has_fc: bool) -> None:
@@ -174,27 +122,18 @@ def _has_classifier(sd: Mapping[str, Any]) -> bool:
 
 @register(MODEL, "torchvision")
 def port_torchvision(path: str | os.PathLike) -> tuple[dict[str, Any], WeightsInfo]:
-  """Reads torchvision's `vgg16-397923af.pth` (or a state dict of the same layout).
-
-  Args:
-    path: a PyTorch state dict with keys `features.N.weight/bias` and
-      `classifier.{0,3,6}.weight/bias`, or `features.*` only (no FC layers).
-
-  Returns:
-    (float32 Flax params for `backbones.get("vgg16")`, or its `without_fc()`
-    variant; WeightsInfo with the torchvision preprocessing, the file's
-    SHA-256 and `has_fc`).
-  """
-  path = _check_file(path)
-  sd = _torch_load(path)
+  """Reads torchvision's `vgg16-397923af.pth` (or a state dict of the same layout: keys
+  `features.N.weight/bias` and `classifier.{0,3,6}.weight/bias`, or `features.*` only, which
+  gives the params of `backbones.get("vgg16").without_fc()` and `has_fc` False)."""
+  path = pathlib.Path(path)
+  sd = torch_state_dict(path)
   has_fc = _has_classifier(sd)
-  _check_shapes({k: tuple(v.shape) for k, v in sd.items()}, torchvision_shapes(with_fc=has_fc),
-                what=str(path))
+  check_shapes({k: tuple(v.shape) for k, v in sd.items()}, torchvision_shapes(with_fc=has_fc),
+               what=str(path))
   for k, v in sd.items():
     if not v.is_floating_point():
       raise WeightsError(f"{path}: tensor {k} has dtype {v.dtype}, expected floating point")
-  params = params_from_torchvision(
-      {k: v.detach().float().numpy() for k, v in sd.items()})
+  params = params_from_torchvision({k: v.detach().float().numpy() for k, v in sd.items()})
   sha = file_sha256(path)
   _warn_unknown_torchvision(path, sha, has_fc=has_fc)
   return params, WeightsInfo(model=MODEL, preprocessing=pp.TORCHVISION, source="torchvision",
@@ -301,20 +240,12 @@ def port_keras(path: str | os.PathLike) -> tuple[dict[str, Any], WeightsInfo]:
   """Reads Keras' `vgg16_weights_tf_dim_ordering_tf_kernels.h5` or its `..._notop.h5`.
 
   Classic Keras 1/2 layout: layers `block{b}_conv{i}`, then `fc1`, `fc2`,
-  `predictions` (absent from the no-top file), each with [kernel, bias]
-  listed in its `weight_names` attribute. Kernels are HWIO and FC1 expects
+  `predictions` (absent from the no-top file, which ports as `has_fc` False), each with
+  [kernel, bias] listed in its `weight_names` attribute. Kernels are HWIO and FC1 expects
   pool5 flattened as H,W,C: exactly the Flax model's layout, so only names
   change. These are caffe weights: BGR input, mean removed.
-
-  Args:
-    path: the .h5 file.
-
-  Returns:
-    (float32 Flax params for `backbones.get("vgg16")`, or its `without_fc()`
-    variant for a no-top file; WeightsInfo with the caffe preprocessing, the
-    file's SHA-256 and `has_fc`).
   """
-  path = _check_file(path)
+  path = pathlib.Path(path)
   layers = _read_keras(path)
   has_fc = _keras_has_fc(layers)
   flax_name = {layer: name for name, layer, _, _ in _CONVS}
@@ -322,7 +253,8 @@ def port_keras(path: str | os.PathLike) -> tuple[dict[str, Any], WeightsInfo]:
   params = {flax_name[layer]: {"kernel": np.ascontiguousarray(k, np.float32),
                                "bias": np.ascontiguousarray(b, np.float32)}
             for layer, (k, b) in layers.items()}
-  md5 = file_digest(path, "md5")
+  with open(path, "rb") as f:
+    md5 = hashlib.file_digest(f, "md5").hexdigest()
   official, official_md5 = (KERAS_FILE, KERAS_MD5) if has_fc else (KERAS_NOTOP_FILE,
                                                                     KERAS_NOTOP_MD5)
   if md5 != official_md5:
