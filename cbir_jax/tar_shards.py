@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -271,13 +272,11 @@ def cached_list_shard(shard: Shard, image_extensions: frozenset[str], cache_dir:
   if cache_dir is None:
     return list_shard(shard, image_extensions)
   path, want = _cache_file(cache_dir, shard), _cache_id(shard, image_extensions)
-  try:
+  with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # a miss: listed below
     with open(path, encoding="utf-8") as f:
       doc = json.load(f)
     if doc.get("id") == want:
       return ShardListing.from_dict(doc["listing"])
-  except (OSError, ValueError, KeyError, TypeError):
-    pass  # a miss: listed below
   listing = list_shard(shard, image_extensions)
   os.makedirs(cache_dir, exist_ok=True)
   text = json.dumps({"id": want, "listing": listing.to_dict()})

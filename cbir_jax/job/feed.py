@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import queue
 import threading
 from typing import Any, Callable, Iterator, Sequence
@@ -79,11 +80,9 @@ class Feed:
     self._drain()
 
   def _drain(self) -> None:
-    try:
+    with contextlib.suppress(queue.Empty):
       while True:
         self._queue.get_nowait()
-    except queue.Empty:
-      pass
 
 
 class DeviceTimeline:
