@@ -273,8 +273,7 @@ def cached_list_shard(shard: Shard, image_extensions: frozenset[str], cache_dir:
     return list_shard(shard, image_extensions)
   path, want = _cache_file(cache_dir, shard), _cache_id(shard, image_extensions)
   with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # a miss: listed below
-    with open(path, encoding="utf-8") as f:
-      doc = json.load(f)
+    doc = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
     if doc.get("id") == want:
       return ShardListing.from_dict(doc["listing"])
   listing = list_shard(shard, image_extensions)

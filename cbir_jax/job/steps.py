@@ -8,9 +8,8 @@ order and one at a time, while the steps go on (on an H100, writing a Lite0 job'
 as long as all its device time, 2.2 s each, when done in the loop); the loop waits for the writer
 before it ends, stops or writes a stopped part, and the writer's errors surface in the loop.
 
-The loop never waits on the host (issue 17 item 3, feed.py): the next batches are already on
-the device when a step is dispatched, the outputs' copies back start at dispatch, and rows are
-assembled on their own thread, in step order, at most IN_FLIGHT steps behind. With
+The loop never waits on the host: batches reach the device ahead of the step and rows come
+back behind it, at most IN_FLIGHT steps behind (feed.py, issue 17 item 3). With
 `--resize=device` the batches are canvases and the step resizes them (one compile per bucket).
 """
 from __future__ import annotations
