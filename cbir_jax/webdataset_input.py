@@ -209,12 +209,10 @@ class WebdatasetListing:
 
   def report_lines(self) -> list[str]:
     """One line per reason something was skipped or is missing; [] for a clean input."""
-    out = []
-    for what, counts in (("skipped", self.skipped), ("kept without metadata", self.problems)):
-      for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
-        out.append(f"webdataset: {what} {n}: {reason}, e.g. "
-                   + ", ".join(self.examples.get(reason, [])))
-    return out
+    kinds = (("skipped", self.skipped), ("kept without metadata", self.problems))
+    return [f"webdataset: {what} {n}: {reason}, e.g. " + ", ".join(self.examples.get(reason, []))
+            for what, counts in kinds
+            for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
 def _list_shards(shards: tuple[Shard, ...], processes: int | None, cache_dir: str | None
