@@ -69,11 +69,6 @@ def _refuse_duplicates(list_file: str, paths: list[str], lines: list[int]) -> No
                         f"image two rows: {'; '.join(dups[:3])}{more}")
 
 
-def _parent_labels(paths: list[str]) -> tuple[np.ndarray, list[str]]:
-  names = [os.path.basename(os.path.dirname(p)) for p in paths]
-  return np.unique(names, return_inverse=True)[1].astype(np.int64), names  # sorted name order
-
-
 def read_file_list(list_file: str, *, parent_labels: bool = False) -> FileList:
   """Reads `--file_list=list_file`.
 
@@ -99,8 +94,9 @@ def read_file_list(list_file: str, *, parent_labels: bool = False) -> FileList:
   lines = [n for n, _ in entries]
   paths = [os.path.normpath(os.path.join(root, p)) for _, p in entries]
   _refuse_duplicates(list_file, paths, lines)
-  if parent_labels:
-    labels, names = _parent_labels(paths)
+  if parent_labels:  # numbered in sorted name order
+    names = [os.path.basename(os.path.dirname(p)) for p in paths]
+    labels = np.unique(names, return_inverse=True)[1].astype(np.int64)
   else:
     labels, names = np.full(len(paths), -1, np.int64), [""] * len(paths)
   missing = [i for i, p in enumerate(paths) if not os.path.exists(p)]
