@@ -57,11 +57,6 @@ def _config_from_json(text: str) -> Any:
   return extract.ExtractConfig(**d)
 
 
-def _forwarded_env() -> dict[str, str]:
-  return {k: v for k, v in os.environ.items()
-          if k in _FORWARD or k.startswith(_FORWARD_PREFIXES)}
-
-
 def run_worker(config_json: str, index: int, count: int, env: dict[str, str]) -> str:
   """One worker as its own process (the body of a Ray task); raises if it did not exit 0."""
   child_env = dict(os.environ, **env, **{WORKER_ENV: str(index), WORKERS_ENV: str(count)})
@@ -90,7 +85,8 @@ def run(config: Any, options: RayOptions, *, log: Callable[[str], None]) -> int:
            log_to_driver=False)
   task = ray.remote(num_gpus=options.ray_gpus, num_cpus=options.ray_cpus,
                     max_retries=options.ray_retries, retry_exceptions=True)(run_worker)
-  text, env = _config_json(config), _forwarded_env()
+  text = _config_json(config)
+  env = {k: v for k, v in os.environ.items() if k in _FORWARD or k.startswith(_FORWARD_PREFIXES)}
   refs = [task.remote(text, i, count, env) for i in range(count)]
   log(f"ray: {count} worker task(s) submitted ({options.ray_gpus:g} GPU, {options.ray_cpus:g} "
       f"CPU each, {options.ray_retries} retries)")
