@@ -124,8 +124,7 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
 
 def _name(hit: Hit) -> str:
   """A short name for the caption: class folder and file name, or the TFDS id."""
-  parts = pathlib.PurePath(hit.path).parts
-  return shown("/".join(parts[-2:]) if len(parts) > 1 else hit.path)
+  return shown("/".join(pathlib.PurePath(hit.path).parts[-2:]))
 
 
 @dataclasses.dataclass(frozen=True)
