@@ -317,9 +317,8 @@ def rerank(queries: np.ndarray, database: Any, ids: np.ndarray, k: int, *,
     ids = np.where(ids == np.asarray(exclude)[:, None], -1, ids)
   dist, idx = [], []
   for a in range(0, len(q), query_tile):
-    d = np.asarray(_rerank_distances(q[a:a + query_tile],
-                                     _gather(database, ids[a:a + query_tile])))
     i = ids[a:a + query_tile]
+    d = np.asarray(_rerank_distances(q[a:a + query_tile], _gather(database, i)))
     d = np.where(i >= 0, d, np.inf)
     # Two keys, (distance, row): the same tie rule as the exact search; unused slots last.
     key_i = np.where(i >= 0, i, np.iinfo(np.int64).max)

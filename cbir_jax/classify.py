@@ -5,12 +5,10 @@ input pipeline as the descriptor jobs, judged by a number anyone can compare.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
-import os
 import pathlib
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +18,7 @@ from cbir_jax import backbones, canvas, inference, input_pipeline, resize, shard
 from cbir_jax import preprocessing as pp
 from cbir_jax import weights as weights_lib
 from cbir_jax.choices import ComputeDtype, Model, Resize
+from cbir_jax.job import labels as labels_lib
 
 TOP_K = 5
 # The 1000 ImageNet (ILSVRC 2012) classes in the standard order (sorted WordNet ids), as
@@ -42,8 +41,8 @@ class ClassifyConfig:
     images: folder of images (recursive).
     model: backbone.
     weights: weights directory (default: the shipped weights of `model`).
-    labels_csv: CSV with columns file, class_index (optional class_name): adds top-1 and
-      top-5 accuracy over the images it lists.
+    labels_csv: CSV with columns file, class_index (optional class_name), read as
+      extraction's --labels_csv: adds top-1 and top-5 accuracy over the images it labels.
     batch_size: images per step.
     dtype: compute dtype.
     draft: JPEGs decoded at a reduced DCT scale, as the extraction job does by default
@@ -78,33 +77,6 @@ class Result:
   top5: float
 
 
-def read_labels_csv(path: str | os.PathLike) -> dict[str, int]:
-  """The class index of each file of a CSV with columns `file` (as written there: relative to
-  the image folder) and `class_index`; other columns (such as `class_name`) are not read.
-  ValueError for missing columns, a non-integer or negative class index, or a file listed
-  twice (naming the row)."""
-  by_file: dict[str, int] = {}
-  with open(path, newline="") as f:
-    reader = csv.DictReader(f)
-    missing = {"file", "class_index"} - set(reader.fieldnames or ())
-    if missing:
-      raise ValueError(f"{path}: labels CSV needs columns 'file' and 'class_index'; "
-                       f"missing {sorted(missing)} (has {reader.fieldnames})")
-    for row_no, row in enumerate(reader, start=2):
-      try:
-        label = int(row["class_index"])
-      except (TypeError, ValueError):
-        raise ValueError(f"{path}:{row_no}: class_index {row['class_index']!r} is not an "
-                         "integer") from None
-      if label < 0:
-        raise ValueError(f"{path}:{row_no}: class_index {label} is negative")
-      file = row["file"]
-      if file in by_file:
-        raise ValueError(f"{path}:{row_no}: file {file!r} is listed twice")
-      by_file[file] = label
-  return by_file
-
-
 def top_k_fn(backbone: backbones.Backbone, preprocessing: pp.Preprocessing, *,
              dtype: Any = jnp.float32, k: int = TOP_K
              ) -> Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]:
@@ -118,22 +90,16 @@ def top_k_fn(backbone: backbones.Backbone, preprocessing: pp.Preprocessing, *,
   return step
 
 
-def _label_of(rel: str, labels: Mapping[str, int] | None) -> int:
-  if labels is None:
-    return -1
-  return labels.get(rel, labels.get(os.path.basename(rel), -1))
-
-
-def classify_folder(c: ClassifyConfig, *, labels: Mapping[str, int] | None = None,
-                    log: Callable[[str], None] | None = None) -> Result:
+def classify_folder(c: ClassifyConfig, *, log: Callable[[str], None] | None = None) -> Result:
   """Classifies every image under `c.images` (resized bilinearly to the backbone's square
   input, no crop; the batch size rounded up to a multiple of the local devices).
 
-  `labels` come from `read_labels_csv` (images it does not list are classified but not
-  scored); `log` receives a warning line (labels CSV rows without an image) and, with the
-  device resize, the canvas sides that ran. Returns per-image predictions in path order and
-  top-1/top-5 over labelled images; raises ValueError for no images, or labels that match
-  none of them.
+  `c.labels_csv` is read as the extraction job reads it (`job.labels.labels_from_csv`:
+  images it does not list are classified but not scored); `log` receives a warning line
+  (labels CSV rows without an image) and, with the device resize, the canvas sides that ran.
+  Returns per-image predictions in path order and top-1/top-5 over labelled images; raises
+  ValueError for no images, or labels that match none of them (ExtractError: a labels CSV
+  that cannot be used).
   """
   backbone = backbones.get(c.model)
   params, info = weights_lib.load(c.model, c.weights)
@@ -143,15 +109,16 @@ def classify_folder(c: ClassifyConfig, *, labels: Mapping[str, int] | None = Non
     raise ValueError(f"{root}: no images found (extensions "
                      f"{sorted(input_pipeline.IMAGE_EXTENSIONS)})")
   rel = [pathlib.Path(r.key).relative_to(root).as_posix() for r in records]
-  label = [_label_of(r, labels) for r in rel]
-  if labels is not None:
-    matched = sum(l >= 0 for l in label)
+  label = [-1] * len(rel)
+  if c.labels_csv:
+    lab = labels_lib.labels_from_csv(c.labels_csv, [r.key for r in records], str(root))
+    label, matched, unused = lab.labels.tolist(), lab.report.labelled, lab.report.unused_keys
     if not matched:
       raise ValueError(f"none of the {len(rel)} images under {root} is listed in the labels CSV "
                        f"(e.g. {rel[0]!r}); its 'file' column must be paths relative to {root}")
-    if matched < len(labels) and log is not None:
-      log(f"warning: {len(labels) - matched} files of the labels CSV are not under "
-          f"{root}; scoring the {matched} found")
+    if unused and log is not None:
+      log(f"warning: {unused} files of the labels CSV are not under {root}; scoring the "
+          f"{matched} found")
 
   # One process, its local devices: parameters replicated, the batch split.
   mesh = sharding.data_mesh(jax.local_devices())
@@ -214,8 +181,7 @@ def report_lines(result: Result) -> Iterator[str]:
 
 def run(config: ClassifyConfig, *, log: Callable[[str], None]) -> Result:
   """launch/classify.py: classifies the folder and prints `report_lines`."""
-  labels = read_labels_csv(config.labels_csv) if config.labels_csv else None
-  result = classify_folder(config, labels=labels, log=log)
+  result = classify_folder(config, log=log)
   for line in report_lines(result):
     print(line)
   return result

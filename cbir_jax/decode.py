@@ -146,6 +146,14 @@ def decode_with(data: bytes, target: tuple[int, int], finish: Callable[[Image.Im
     raise ValueError(f"cannot decode image: {type(e).__name__}: {e}") from e
 
 
+def decode_full(data: bytes, *, max_pixels: int = MAX_PIXELS
+                ) -> tuple[np.ndarray, tuple[int, int]]:
+  """`decode_image` without its resize: uint8 RGB [H, W, 3] at full resolution, with its bomb
+  limit, EXIF orientation and failure reasons; returns (image, (width, height))."""
+  return decode_with(data, (0, 0), lambda img: np.asarray(_to_rgb(img)), draft=False,
+                     max_pixels=max_pixels)
+
+
 def read_file(path: str) -> bytes:
   """The bytes of a regular file; anything else (FIFO, device, socket) is an OSError.
 

@@ -12,6 +12,7 @@ in a read (a FIFO, a dead network mount) is named, with why, instead of waited f
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import mmap
 import multiprocessing
@@ -129,10 +130,8 @@ class _Segment:
       self._shm.close()
       self._shm.unlink()
     else:
-      try:
+      with contextlib.suppress(BufferError):  # a view still exported: unmapped when collected
         self.mem.close()
-      except BufferError:  # a view still exported: unmapped when it is collected
-        pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,10 +266,8 @@ def _serve(tasks: multiprocessing.connection.Connection,
       slot, futures = item
       results.send(("ok", slot, _collect(slots[slot], futures)))
   except Exception:  # a reader that raised something else than OSError/ValueError, a bug
-    try:
+    with contextlib.suppress(OSError):  # the parent is gone
       results.send(("error", traceback.format_exc()))
-    except OSError:
-      pass
   # At once: no waiting for decodes nobody will collect, nor for the receiving thread.
   os._exit(0)
 
@@ -434,13 +431,11 @@ class DecodeWorkers:
     """The error of worker w found dead: the failure it reported before it exited (a
     reader's bug, waiting in its pipe behind answers nobody will collect), else `_gone`."""
     conn = self._conns[w][1]
-    try:
+    with contextlib.suppress(EOFError, OSError):
       while conn.poll():
         msg = conn.recv()
         if msg[0] == "error":
           return self._failed(w, msg[1])
-    except (EOFError, OSError):
-      pass
     return self._gone(w)
 
   def _failed(self, w: int, trace: str) -> RuntimeError:

@@ -8,7 +8,7 @@ k-nearest search of the index against itself (`search.l1_topk`), so a group larg
 `k + 1` is still found through its chains, and the cost is one search pass.
 
   groups = find_groups(x, threshold=0.02, k=8)            # arrays in, groups out
-  result = dedup_index("out/food7", kind="fc_conv")        # an index, with its paths
+  groups = run(DedupConfig(index="out/food7"))              # an index: printed, --json, --report
 """
 from __future__ import annotations
 
@@ -246,7 +246,7 @@ def run(c: DedupConfig, *, log=print) -> list[Group]:
     pathlib.Path(c.json).write_text(json_lib.dumps(doc, indent=1))
     print(f"json: {c.json}")
   if c.report:
-    page = write_page(c.report, groups, paths, lambda p: images.read_rgb(p, upright=True),
+    page = write_page(c.report, groups, paths, images.read_rgb,
                       title=f"Near-duplicates in {c.index} ({kind}, threshold {threshold:.4f})")
     print(f"report: {page}")
   return groups

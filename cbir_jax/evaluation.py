@@ -131,14 +131,6 @@ def rank_database(distances: np.ndarray, exclude: np.ndarray | None = None) -> n
 # --- comparing two runs on the same queries -------------------------------------------------
 
 
-def _same_shape_rankings(a_indices: Any, b_indices: Any) -> tuple[np.ndarray, np.ndarray]:
-  a, b = np.asarray(a_indices), np.asarray(b_indices)
-  if a.ndim != 2 or a.shape != b.shape:
-    raise ValueError(f"expected two top-k index arrays [Q, k] of one shape, got {a.shape} "
-                     f"and {b.shape}")
-  return a, b
-
-
 def topk_overlap(a_indices: Any, b_indices: Any) -> np.ndarray:
   """Per query, the share of one top-k that is also in the other (order ignored): float64
   [Q] in [0, 1], 1 where the two top-k sets are equal.
@@ -146,7 +138,10 @@ def topk_overlap(a_indices: Any, b_indices: Any) -> np.ndarray:
   `a_indices` and `b_indices` are int [Q, k], the rows retrieved for the same Q queries by two
   runs (e.g. float32 and bfloat16 extractions), each row without repeats.
   """
-  a, b = _same_shape_rankings(a_indices, b_indices)
+  a, b = np.asarray(a_indices), np.asarray(b_indices)
+  if a.ndim != 2 or a.shape != b.shape:
+    raise ValueError(f"expected two top-k index arrays [Q, k] of one shape, got {a.shape} "
+                     f"and {b.shape}")
   if a.shape[1] == 0:
     return np.ones(a.shape[0])
   return (a[:, :, None] == b[:, None, :]).any(axis=2).sum(axis=1) / a.shape[1]
@@ -154,9 +149,8 @@ def topk_overlap(a_indices: Any, b_indices: Any) -> np.ndarray:
 
 def topk_agreement(a_indices: Any, b_indices: Any) -> np.ndarray:
   """Per query (bool [Q]), whether the two top-k sets (int [Q, k] as in `topk_overlap`) are
-  the same, order inside the top-k ignored."""
-  a, b = _same_shape_rankings(a_indices, b_indices)
-  return np.all(np.sort(a, axis=1) == np.sort(b, axis=1), axis=1)
+  the same, order inside the top-k ignored: all of one is in the other."""
+  return topk_overlap(a_indices, b_indices) == 1.0
 
 
 class PairedDifference(NamedTuple):

@@ -72,14 +72,6 @@ class Summary:
     return self._phase("write")
 
   @property
-  def startup_s(self) -> float:
-    return self._phase("imports") + self._phase("startup")
-
-  @property
-  def compile_s(self) -> float:
-    return self._phase("compile")
-
-  @property
   def finish_s(self) -> float:
     return self._phase("assemble") + self._phase("finish")
 
@@ -104,7 +96,7 @@ class Summary:
   @property
   def steady_images_per_s(self) -> float:
     """Throughput of the steps alone (no startup, compiling or finishing)."""
-    t = self.seconds - self.startup_s - self.compile_s - self.finish_s
+    t = self.seconds - self.finish_s - sum(map(self._phase, ("imports", "startup", "compile")))
     return (self.images + self.failed) / t if t > 0 else 0.0
 
   def _pixels_line(self) -> str:
@@ -210,7 +202,7 @@ def _run(config: ExtractConfig, worker: control.Worker, clock: control.Clock,
                        "shards are kept, rerun the same command to continue") from e
   finally:
     clock.charge("finish" if summary.complete else "stop")
-    summary.phases, summary.seconds = clock.items(), clock.total
+    summary.phases, summary.seconds = dict(clock.seconds), clock.total
     _count_cache(summary, hits, misses)
     if plan.update is not None:
       summary.reused, summary.update_line = plan.update.report.reused, plan.update.report.line()

@@ -38,17 +38,13 @@ class FileList:
   label_names: list[str]
   missing: list[int]
 
-  @property
-  def num_records(self) -> int:
-    return len(self.paths)
-
   def missing_line(self, n: int = 3) -> str:
     """"file list: 2 of 40 listed files do not exist (line 3: a.jpg, ...)", or ""."""
     if not self.missing:
       return ""
     shown = ", ".join(f"line {self.lines[i]}: {self.paths[i]}" for i in self.missing[:n])
     more = ", ..." if len(self.missing) > n else ""
-    return (f"file list: {len(self.missing)} of {self.num_records} listed files do not exist "
+    return (f"file list: {len(self.missing)} of {len(self.paths)} listed files do not exist "
             f"({shown}{more}); they are counted as failures")
 
 
@@ -71,11 +67,6 @@ def _refuse_duplicates(list_file: str, paths: list[str], lines: list[int]) -> No
     more = f" and {len(dups) - 3} more" if len(dups) > 3 else ""
     raise FileListError(f"{list_file}: {len(dups)} paths listed twice, which would give one "
                         f"image two rows: {'; '.join(dups[:3])}{more}")
-
-
-def _parent_labels(paths: list[str]) -> tuple[np.ndarray, list[str]]:
-  names = [os.path.basename(os.path.dirname(p)) for p in paths]
-  return np.unique(names, return_inverse=True)[1].astype(np.int64), names  # sorted name order
 
 
 def read_file_list(list_file: str, *, parent_labels: bool = False) -> FileList:
@@ -103,8 +94,9 @@ def read_file_list(list_file: str, *, parent_labels: bool = False) -> FileList:
   lines = [n for n, _ in entries]
   paths = [os.path.normpath(os.path.join(root, p)) for _, p in entries]
   _refuse_duplicates(list_file, paths, lines)
-  if parent_labels:
-    labels, names = _parent_labels(paths)
+  if parent_labels:  # numbered in sorted name order
+    names = [os.path.basename(os.path.dirname(p)) for p in paths]
+    labels = np.unique(names, return_inverse=True)[1].astype(np.int64)
   else:
     labels, names = np.full(len(paths), -1, np.int64), [""] * len(paths)
   missing = [i for i, p in enumerate(paths) if not os.path.exists(p)]

@@ -225,16 +225,16 @@ def select_decoder(kind: str = "auto", *, threads: int = 0) -> Selection:
   if kind == "nvimgcodec-cpu":
     nv = NvDecoder(threads=threads)
     return Selection(nv, nv.description)
+  device = _gpu_device()
+  if device is None and kind == "auto":  # nvImageCodec is not even imported (its loader prints)
+    return Selection(None, f"{PILLOW} (host): no GPU")
   if _import_nvimgcodec() is None:
     if kind == NVIMGCODEC:
       raise ImportError("nvImageCodec is not installed: pip install 'cbir-jax[gpu-decode]'")
     return Selection(None, f"{PILLOW} (host): nvImageCodec not installed (extra gpu-decode)")
-  device = _gpu_device()
   if device is None:
-    if kind == NVIMGCODEC:
-      raise RuntimeError("decoder nvimgcodec asks for a GPU and JAX sees none "
-                         "(nvimgcodec-cpu runs its CPU backend)")
-    return Selection(None, f"{PILLOW} (host): no GPU")
+    raise RuntimeError("decoder nvimgcodec asks for a GPU and JAX sees none "
+                       "(nvimgcodec-cpu runs its CPU backend)")
   try:
     nv = NvDecoder(device=device, threads=threads)
   except RuntimeError as e:  # e.g. a driver older than the wheel's CUDA 13
@@ -261,24 +261,18 @@ class DecodedBatch:
 
   Attributes:
     images: [H, W, 3] uint8 with EXIF orientation applied, at full resolution; a jax.Array on
-      the GPU for nvImageCodec GPU decodes, a NumPy array otherwise; None where `errors` says.
+      the GPU for nvImageCodec GPU decodes, a NumPy array otherwise; None where `errors` says
+      (`decode_rows`: one [N, H, W, 3] array of the resized rows instead).
     sizes: (width, height) as shown (after orientation); (0, 0) on failure.
     errors: "" or the reason, exactly as the Pillow path words it.
     decoders: NVIMGCODEC or PILLOW per item ("" when the file could not be read).
     routes: why an item went to Pillow ("" when nvImageCodec was asked).
   """
-  images: list[Any]
+  images: Any
   sizes: list[tuple[int, int]]
   errors: list[str]
   decoders: list[str]
   routes: list[str]
-
-
-def _pillow_full(data: bytes, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
-  """Full-resolution Pillow decode: `decode_image`'s reasons, bomb limit, orientation and RGB
-  conversion, without its resize."""
-  return decode.decode_with(data, (0, 0), lambda img: np.asarray(decode._to_rgb(img)),
-                            draft=False, max_pixels=max_pixels)
 
 
 def _nv_pass(datas: list[bytes | None], routes: list[Route], decoder: NvDecoder | None
@@ -316,7 +310,7 @@ def decode_batch(items: Sequence[Item], *, decoder: NvDecoder | None,
       ValueError with the reason; default: full resolution, as `decode.decode_image` reads.
       The job's canvas path passes its draft decode-and-place here.
   """
-  pillow = pillow or (lambda data: _pillow_full(data, max_pixels))
+  pillow = pillow or (lambda data: decode.decode_full(data, max_pixels=max_pixels))
   read = [_read(item) for item in items]
   datas, errors = [data for data, _ in read], [err for _, err in read]
   routes = [Route("") if data is None else
@@ -350,7 +344,7 @@ class DecoderTally:
   pillow_routes: dict[str, int] = dataclasses.field(default_factory=dict)
 
   def add(self, decoders: Sequence[str], routes: Sequence[str]) -> None:
-    """Counts one batch (`DecodedBatch` or `Rows` fields); unread files are not counted."""
+    """Counts one batch (`DecodedBatch` fields); unread files are not counted."""
     for name, why in zip(decoders, routes):
       if name:
         self.counts[name] = self.counts.get(name, 0) + 1
@@ -360,28 +354,12 @@ class DecoderTally:
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "DecoderTally":
-    return cls(str(d["description"]), {str(k): int(v) for k, v in d["counts"].items()},
-               {str(k): int(v) for k, v in d["pillow_routes"].items()})
-
-
-@dataclasses.dataclass(frozen=True)
-class Rows:
-  """A batch as today's pipeline holds it: rows [N, H, W, 3] uint8 (black where failed),
-  shown sizes (0x0 on failure), reasons, and per item the decoder that ran."""
-  images: np.ndarray
-  widths: list[int]
-  heights: list[int]
-  errors: list[str]
-  decoders: list[str]
-  routes: list[str]
-
 
 def decode_rows(items: Sequence[Item], image_size: int | tuple[int, int], *,
                 decoder: NvDecoder | None, draft: bool = True,
-                max_pixels: int = decode.MAX_PIXELS) -> Rows:
-  """`decode.safe_decode` for a batch, with baseline JPEGs decoded by `decoder`.
+                max_pixels: int = decode.MAX_PIXELS) -> DecodedBatch:
+  """`decode.safe_decode` for a batch, with baseline JPEGs decoded by `decoder`: a
+  `DecodedBatch` whose `images` are the rows [N, H, W, 3] uint8 (black where failed).
 
   Pillow items are exactly `decode_image(data, image_size, draft=draft)`; nvImageCodec items are
   decoded at full resolution (no DCT draft scaling) and resized on the host with Pillow's
@@ -398,5 +376,4 @@ def decode_rows(items: Sequence[Item], image_size: int | tuple[int, int], *,
       rows[i] = np.asarray(Image.fromarray(np.asarray(img)).resize((w, h), Image.BILINEAR))
     elif img is not None:
       rows[i] = img
-  return Rows(rows, [s[0] for s in got.sizes], [s[1] for s in got.sizes], got.errors,
-              got.decoders, got.routes)
+  return dataclasses.replace(got, images=rows)

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import os
 import pathlib
 import threading
 from typing import Any, Iterable, Mapping
 
 import numpy as np
-from PIL import Image, ImageOps
+
+from cbir_jax import decode
 
 FOLDER, TFDS, WEBDATASET, FILE_LIST = "folder", "tfds", "webdataset", "file_list"
 
@@ -41,24 +41,10 @@ def input_of(manifest: Any) -> IndexInput:
   return IndexInput(type=inp.get("type", ""), root=inp.get("root", ""), spec=inp.get("spec", ""))
 
 
-def decode_rgb(data: bytes, *, upright: bool = False) -> np.ndarray:
-  """Encoded image bytes to uint8 RGB [H, W, 3] at full size (colour modes as extraction).
-
-  `upright` applies the EXIF orientation (for display; histograms do not depend on it).
-  """
-  from cbir_jax.input_pipeline import _to_rgb  # the same mode handling as extraction
-
-  if not data:
-    raise ValueError("empty file (0 bytes)")
-  try:
-    with Image.open(io.BytesIO(data)) as img:
-      img.seek(0)  # animated images: the first frame
-      img = ImageOps.exif_transpose(img) if upright else img
-      return np.asarray(_to_rgb(img), dtype=np.uint8)
-  except Image.UnidentifiedImageError:
-    raise ValueError("not an image Pillow can identify") from None
-  except Exception as e:  # Pillow raises many types for broken files and bombs
-    raise ValueError(f"cannot decode image: {type(e).__name__}: {e}") from None
+def decode_rgb(data: bytes) -> np.ndarray:
+  """Encoded image bytes to uint8 RGB [H, W, 3] at full size, as shown (EXIF orientation
+  applied; colour modes, bomb limit and ValueError reasons as extraction's)."""
+  return decode.decode_full(data)[0]
 
 
 class IndexImages:
@@ -117,23 +103,21 @@ class IndexImages:
     """The encoded image of a row. Raises ImageUnavailable (one line) if it cannot be read."""
     if self.source.type == TFDS:
       return self._read_tfds(stored)
-    from cbir_jax.input_pipeline import read_file
-
     path = self.locate(stored)
     try:
       if self.source.type == WEBDATASET:  # "<shard>.tar/<member>": read by offset
         from cbir_jax import webdataset_input
         return webdataset_input.read_path(path)
-      return read_file(path)
+      return decode.read_file(path)
     except OSError as e:
       raise ImageUnavailable(f"cannot read image {path}: {e.strerror or e}{self._hint(path)}"
                              ) from None
 
-  def read_rgb(self, stored: str, *, upright: bool = False) -> np.ndarray:
-    """The row's image decoded at full size to uint8 RGB [H, W, 3]."""
+  def read_rgb(self, stored: str) -> np.ndarray:
+    """The row's image decoded at full size to uint8 RGB [H, W, 3] (`decode_rgb`)."""
     data = self.read_bytes(stored)
     try:
-      return decode_rgb(data, upright=upright)
+      return decode_rgb(data)
     except ValueError as e:
       raise ImageUnavailable(f"cannot decode image {self.locate(stored)}: {e}") from None
 

@@ -31,17 +31,14 @@ def compute_dtype(name: str) -> Any:
 def describe_fn(backbone: Backbone, *, preprocessing: pp.Preprocessing,
                 kinds: Sequence[str] = desc.KINDS,
                 config: desc.DescriptorConfig = desc.DescriptorConfig(),
-                dtype: Any = jnp.float32, with_logits: bool = False
+                dtype: Any = jnp.float32
                 ) -> Callable[[Any, jax.Array], dict[str, jax.Array]]:
   """The pure step `(params, uint8 images [N, H, W, 3]) -> {kind: [N, D]}` (not jitted)."""
   kinds = tuple(kinds)
 
   def step(params: Any, images: jax.Array) -> dict[str, jax.Array]:
     f = backbone.features(params, preprocessing(images), dtype=dtype)
-    out = desc.describe(f.blocks, f.fc, kinds=kinds, config=config)
-    if with_logits:
-      out["logits"] = f.logits
-    return out
+    return desc.describe(f.blocks, f.fc, kinds=kinds, config=config)
 
   return step
 

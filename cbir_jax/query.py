@@ -97,67 +97,53 @@ class SearchConfig:
   weights: str | None = None
 
 
-def index_weights(manifest: Any, weights_dir: str | None = None) -> tuple[Any, Any, Any]:
-  """(backbone, preprocessing, params): the model an index's rows were made with.
-
-  The weights are those the manifest (a `manifest.Manifest`) records, found by digest
-  (`weights.load_recorded`), or read from `weights_dir` when given (they moved) and checked
-  to be the same (`weights.load_from`).
-
-  Raises:
-    IndexMismatch: the weights are missing or other weights, or their preprocessing
-      differs from the recorded one.
-  """
-  from cbir_jax import backbones, checkpoint
-  from cbir_jax import preprocessing as pp
-  from cbir_jax import weights as weights_lib
-
-  s, recorded = manifest.settings, manifest.weights
-  backbone = backbones.get(s.backbone)
-  prep = pp.Preprocessing.from_dict(s.preprocessing)
-  try:
-    if weights_dir is not None:
-      loaded = weights_lib.load_from(backbone.name, recorded, weights_dir, image_size=s.image_size)
-    else:
-      loaded = weights_lib.load_recorded(backbone.name, recorded, image_size=s.image_size)
-  except weights_lib.WeightsNotFound as e:
-    if e.found:
-      raise IndexMismatch(
-          f"the weights found for {backbone.name} (params_sha256 {e.found[0][:12]}) are not the "
-          f"ones the index was made with ({recorded.params_sha256[:12]}); restore them, give "
-          "their folder with --weights, or extract the collection again") from None
-    raise IndexMismatch(f"cannot load the weights the index was made with: {e}; if they "
-                        "moved, give their folder with --weights") from None
-  except checkpoint.WeightsError as e:  # load_from's own messages say what to give instead
-    hint = "" if weights_dir is not None else "; restore them or extract the collection again"
-    raise IndexMismatch(f"cannot load the weights the index was made with: {e}{hint}") from None
-  if loaded.preprocessing != prep:
-    raise IndexMismatch(f"the weights found for the index use preprocessing "
-                        f"{loaded.preprocessing.name!r} but the index records {prep.name!r}")
-  return backbone, prep, loaded.params
-
-
 class Describer:
   """Query images described exactly as the index's rows were, the weights loaded once.
 
-  The backbone, weights (`index_weights`), preprocessing, input size, decoding, descriptor
-  settings and compute dtype the manifest (a `manifest.Manifest` or its dict) records, and
-  the rows' rounding (float16 output), so an image of the index finds itself at distance ~0.
+  The backbone, preprocessing, input size, decoding, descriptor settings and compute dtype
+  the manifest (a `manifest.Manifest` or its dict) records, and the rows' rounding (float16
+  output), so an image of the index finds itself at distance ~0. The weights are those the
+  manifest records, found by digest (`weights.load_recorded`), or read from `weights_dir`
+  when given (they moved) and checked to be the same (`weights.load_from`).
 
   Raises:
-    IndexMismatch: from `index_weights` (`weights_dir`: where they are now, if they moved).
+    IndexMismatch: the weights are missing or other weights, or their preprocessing differs
+      from the recorded one.
   """
 
   def __init__(self, manifest: Any, kind: str, *, max_pixels: int = decode.MAX_PIXELS,
                weights_dir: str | None = None):
-    from cbir_jax import inference
+    from cbir_jax import backbones, checkpoint, inference
     from cbir_jax import descriptors as desc
+    from cbir_jax import preprocessing as pp
+    from cbir_jax import weights as weights_lib
     from cbir_jax.manifest import Manifest
 
     m = manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest)
     self.settings = s = m.settings
-    backbone, prep, self._params = index_weights(m, weights_dir)
-    self._max_pixels, self._kind = max_pixels, kind
+    backbone, prep = backbones.get(s.backbone), pp.Preprocessing.from_dict(s.preprocessing)
+    try:
+      if weights_dir is not None:
+        loaded = weights_lib.load_from(backbone.name, m.weights, weights_dir,
+                                       image_size=s.image_size)
+      else:
+        loaded = weights_lib.load_recorded(backbone.name, m.weights, image_size=s.image_size)
+    except weights_lib.WeightsNotFound as e:
+      if e.found:
+        raise IndexMismatch(
+            f"the weights found for {backbone.name} (params_sha256 {e.found[0][:12]}) are not "
+            f"the ones the index was made with ({m.weights.params_sha256[:12]}); restore them, "
+            "give their folder with --weights, or extract the collection again") from None
+      raise IndexMismatch(f"cannot load the weights the index was made with: {e}; if they "
+                          "moved, give their folder with --weights") from None
+    except checkpoint.WeightsError as e:  # load_from's own messages say what to give instead
+      hint = "" if weights_dir is not None else "; restore them or extract the collection again"
+      raise IndexMismatch(f"cannot load the weights the index was made with: {e}{hint}"
+                          ) from None
+    if loaded.preprocessing != prep:
+      raise IndexMismatch(f"the weights found for the index use preprocessing "
+                          f"{loaded.preprocessing.name!r} but the index records {prep.name!r}")
+    self._params, self._max_pixels, self._kind = loaded.params, max_pixels, kind
     self._fn = inference.jit_describe(backbone, preprocessing=prep, kinds=(kind,),
                                       config=desc.DescriptorConfig(**s.descriptor),
                                       dtype=inference.compute_dtype(s.dtype))
@@ -447,5 +433,5 @@ def results_json(results: Sequence[QueryResult], *, index: str, notes: Sequence[
 
 
 __all__ = ["Describer", "Hit", "IndexMismatch", "OpenIndex", "QueryResult", "SearchConfig",
-           "clamp_k", "describe_images", "format_results", "index_weights", "results_json",
-           "search_index", "wanted"]
+           "clamp_k", "describe_images", "format_results", "results_json", "search_index",
+           "wanted"]

@@ -57,11 +57,6 @@ def _config_from_json(text: str) -> Any:
   return extract.ExtractConfig(**d)
 
 
-def _forwarded_env() -> dict[str, str]:
-  return {k: v for k, v in os.environ.items()
-          if k in _FORWARD or k.startswith(_FORWARD_PREFIXES)}
-
-
 def run_worker(config_json: str, index: int, count: int, env: dict[str, str]) -> str:
   """One worker as its own process (the body of a Ray task); raises if it did not exit 0."""
   child_env = dict(os.environ, **env, **{WORKER_ENV: str(index), WORKERS_ENV: str(count)})
@@ -74,7 +69,11 @@ def run_worker(config_json: str, index: int, count: int, env: dict[str, str]) ->
 
 
 def run(config: Any, options: RayOptions, *, log: Callable[[str], None]) -> int:
-  """Runs every worker as a Ray task and waits for all; returns the exit status (0: done)."""
+  """Runs every worker as a Ray task and waits for all; returns the exit status (0: done).
+
+  Raises:
+    ExtractError, StoreError: a task failed every retry, or the job cannot be finished.
+  """
   import ray
 
   from cbir_jax import extract, store
@@ -86,27 +85,23 @@ def run(config: Any, options: RayOptions, *, log: Callable[[str], None]) -> int:
            log_to_driver=False)
   task = ray.remote(num_gpus=options.ray_gpus, num_cpus=options.ray_cpus,
                     max_retries=options.ray_retries, retry_exceptions=True)(run_worker)
-  text, env = _config_json(config), _forwarded_env()
+  text = _config_json(config)
+  env = {k: v for k, v in os.environ.items() if k in _FORWARD or k.startswith(_FORWARD_PREFIXES)}
   refs = [task.remote(text, i, count, env) for i in range(count)]
   log(f"ray: {count} worker task(s) submitted ({options.ray_gpus:g} GPU, {options.ray_cpus:g} "
       f"CPU each, {options.ray_retries} retries)")
   try:
     lines = ray.get(refs)
   except Exception as e:  # a task that failed every retry: the others' shards are kept
-    print(f"extract: error: a worker task failed after {options.ray_retries} retries: "
-          f"{getattr(e, 'cause', None) or e}; finished shards are kept, rerun to continue",
-          file=sys.stderr, flush=True)
-    return 1
+    raise extract.ExtractError(
+        f"a worker task failed after {options.ray_retries} retries: "
+        f"{getattr(e, 'cause', None) or e}; finished shards are kept, rerun to continue"
+        ) from None
   for i, line in enumerate(lines):
     log(f"ray: worker {i}: {line}")
-  try:
-    if not store.load_manifest(config.output).complete:
-      summary = extract.run(dataclasses.replace(config, worker=0, workers=1, finish=True),
-                            log=log)
-      log(f"ray: finished by the driver: {summary.line()}")
-  except (extract.ExtractError, store.StoreError) as e:
-    print(f"extract: error: {e}", file=sys.stderr, flush=True)
-    return 1
+  if not store.load_manifest(config.output).complete:
+    summary = extract.run(dataclasses.replace(config, worker=0, workers=1, finish=True), log=log)
+    log(f"ray: finished by the driver: {summary.line()}")
   print(f"extract: {count} worker task(s) done; output {config.output}", flush=True)
   return 0
 

@@ -61,11 +61,10 @@ def header_of(index_dir: str, manifest: Mapping[str, Any], *, kind: str, k: int,
                       images=images.describe() if images else "")
 
 
-def mark(query: Hit, hit: Hit, *, self_row: int | None = None) -> str:
-  """"self" for the query's own row (`self_row`, default the query's row), else "same" /
+def mark(query: Hit, hit: Hit, *, self_row: int) -> str:
+  """"self" for the query's own row in the index (`self_row`; -1: none), else "same" /
   "other" class as the query, or "unknown" when either has no label."""
-  own = query.row if self_row is None else self_row
-  if own >= 0 and hit.row == own:
+  if self_row >= 0 and hit.row == self_row:
     return "self"
   if not query.label or not hit.label:
     return "unknown"
@@ -125,8 +124,7 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
 
 def _name(hit: Hit) -> str:
   """A short name for the caption: class folder and file name, or the TFDS id."""
-  parts = pathlib.PurePath(hit.path).parts
-  return shown("/".join(parts[-2:]) if len(parts) > 1 else hit.path)
+  return shown("/".join(pathlib.PurePath(hit.path).parts[-2:]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +144,7 @@ def _picture(hit: Hit, images: IndexImages, out: pathlib.Path, *, bins: int, thu
   key = ("file:" if outside else "row:") + hit.path
   stem = hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
   try:
-    rgb = (IndexImages() if outside else images).read_rgb(hit.path, upright=True)
+    rgb = (IndexImages() if outside else images).read_rgb(hit.path)
   except ImageUnavailable as e:
     return _Picture(stem, None, None, str(e))
   hist = evaluation.color_histogram(rgb, bins)  # the orientation does not change it

@@ -7,14 +7,9 @@ from __future__ import annotations
 
 import pathlib
 
-_DIR = pathlib.Path(__file__).resolve().parent / "sample_images"
-
-
-def sample_images_dir() -> pathlib.Path:
-  """The folder of sample photos (10 JPEGs, no labels)."""
-  return _DIR
+SAMPLE_IMAGES_DIR = pathlib.Path(__file__).resolve().parent / "sample_images"  # 10 JPEGs, no labels
 
 
 def sample_images() -> list[pathlib.Path]:
   """The sample photos' paths, sorted."""
-  return sorted(p for p in _DIR.iterdir() if p.suffix == ".jpg")
+  return sorted(p for p in SAMPLE_IMAGES_DIR.iterdir() if p.suffix == ".jpg")

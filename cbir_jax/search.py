@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from cbir_jax import sharding
 
@@ -238,9 +238,8 @@ def _block_fn(mesh: Mesh, k: int, tiling: Tiling, dim: int):
     d, i = merge_topk(d, i, k)
     return d, i, bad | jnp.any(block_bad)
 
-  rep = NamedSharding(mesh, P())
-  return jax.jit(step, in_shardings=(rep, rep, NamedSharding(mesh, P(axis)), rep, rep, rep, rep,
-                                     rep),
+  rep = sharding.replicated(mesh)
+  return jax.jit(step, in_shardings=(rep, rep, sharding.batch_sharding(mesh), *[rep] * 5),
                  out_shardings=(rep, rep, rep), donate_argnums=(5, 6))
 
 
@@ -360,12 +359,11 @@ def l1_topk(queries: Any, database: Any, k: int, *, tile: int = 512, query_tile:
   qp = _round_up(num_q, tiling.query_tile)
   q_pad = np.pad(q.astype(np.float32), ((0, qp - num_q), (0, 0)))
   ex_pad = np.pad(ex.astype(np.int32), (0, qp - num_q), constant_values=-1)
-  rep = NamedSharding(mesh, P())
-  q_dev, ex_dev = jax.device_put((q_pad, ex_pad), rep)
-  best_d = jax.device_put(np.full((qp, k), np.inf, np.float32), rep)
-  best_i = jax.device_put(np.full((qp, k), _NO_INDEX, np.int32), rep)
-  bad = jax.device_put(np.zeros((), bool), rep)
-  block_sharding = NamedSharding(mesh, P(sharding.DATA_AXIS))
+  # Queries and the running top-k (nothing found yet) on every device; blocks split.
+  q_dev, ex_dev, best_d, best_i, bad = jax.device_put(
+      (q_pad, ex_pad, np.full((qp, k), np.inf, np.float32), np.full((qp, k), _NO_INDEX, np.int32),
+       np.zeros((), bool)), sharding.replicated(mesh))
+  block_sharding = sharding.batch_sharding(mesh)
 
   rows = tiling.block_rows
   for start in range(0, n, rows):

@@ -278,7 +278,7 @@ class Service:
     from PIL import Image, ImageOps
 
     try:
-      rgb = self.index.images.read_rgb(str(self.index.meta["path"][row]), upright=True)
+      rgb = self.index.images.read_rgb(str(self.index.meta["path"][row]))
     except ImageUnavailable as e:
       return b"", None, str(e)
     small = ImageOps.contain(Image.fromarray(rgb), (_THUMB, _THUMB), Image.BILINEAR)

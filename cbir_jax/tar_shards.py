@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -14,8 +15,9 @@ import json
 import os
 import pathlib
 import tarfile
-import uuid
 from typing import Any, BinaryIO
+
+from cbir_jax.atomic import write_atomic
 
 SIDECAR_MAX_BYTES = 1 << 20  # a .json/.cls/.txt larger than this is not metadata: refused
 SIDECARS = ("cls", "json", "txt")  # read while listing; other non-image members are counted
@@ -270,23 +272,14 @@ def cached_list_shard(shard: Shard, image_extensions: frozenset[str], cache_dir:
   if cache_dir is None:
     return list_shard(shard, image_extensions)
   path, want = _cache_file(cache_dir, shard), _cache_id(shard, image_extensions)
-  try:
-    with open(path, encoding="utf-8") as f:
-      doc = json.load(f)
+  with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # a miss: listed below
+    doc = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
     if doc.get("id") == want:
       return ShardListing.from_dict(doc["listing"])
-  except (OSError, ValueError, KeyError, TypeError):
-    pass  # a miss: listed below
   listing = list_shard(shard, image_extensions)
   os.makedirs(cache_dir, exist_ok=True)
-  tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-  try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump({"id": want, "listing": listing.to_dict()}, f)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+  text = json.dumps({"id": want, "listing": listing.to_dict()})
+  write_atomic(path, lambda f: f.write(text.encode("utf-8")), unique_tmp=True)
   return listing
 
 

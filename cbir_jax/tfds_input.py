@@ -154,7 +154,7 @@ def position_batches(source: TfdsSource, positions: np.ndarray, *,
   if source.data is None:
     return input_pipeline.BatchStream(tfds_tfrecord.rows_at(source, positions),
                                       read=input_pipeline.carried, keyed=True, **opts)
-  return input_pipeline.encoded_batches(source.records, source.keys(), positions, **opts)
+  return input_pipeline.encoded_batches(source.records, source.keys, positions, **opts)
 
 
 __all__ = ["TfdsError", "TfdsSource", "Records", "FileSpan", "open_tfds", "position_batches"]

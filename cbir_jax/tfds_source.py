@@ -96,16 +96,13 @@ class TfdsSource:
     return {c: _scalar_column([ex[f] for ex in examples]) for c, f in self.metadata}
 
   @functools.cached_property
-  def _keys(self) -> list[str]:
-    return [f"{os.path.basename(f.path)}__{k}" for f in self.files
-            for k in range(f.skip, f.skip + f.take)]
-
   def keys(self) -> list[str]:
     """Per record, its TFDS id ("<name>-<split>.array_record-00000-of-00001__<i>").
 
     Computed from the split's file layout: nothing is read or decoded.
     """
-    return self._keys
+    return [f"{os.path.basename(f.path)}__{k}" for f in self.files
+            for k in range(f.skip, f.skip + f.take)]
 
   def record_stamps(self) -> list[str]:
     """Per record, "<shard file>:<size>:<mtime_ns>": changes when its shard's bytes change."""

@@ -166,26 +166,20 @@ class WebdatasetListing:
   def num_records(self) -> int:
     return len(self.names)
 
+  @functools.cached_property
   def keys(self) -> list[str]:
     """Per record, "<shard path relative to root>/<member name>": its identity key and path."""
-    return self._keys
-
-  @functools.cached_property
-  def _keys(self) -> list[str]:
     rels = [s.rel for s in self.shards]
     return [f"{rels[s]}/{n}" for s, n in zip(self.shard_index.tolist(), self.names)]
 
+  @functools.cached_property
   def paths(self) -> list[str]:
     """Per record, "<root>/<shard>/<member name>": the row's "path", readable by `read_path`.
 
     Absolute like a folder input's paths, so an index whose shards moved is read through
     `image_root` the same way.
     """
-    return self._paths
-
-  @functools.cached_property
-  def _paths(self) -> list[str]:
-    return [os.path.join(self.root, k) for k in self.keys()]
+    return [os.path.join(self.root, k) for k in self.keys]
 
   def stamps(self, content_digest: bool = False) -> list[str]:
     """Per record, "<member size>:<shard size>:<shard mtime_ns>" (":<sha256>" with digest).
@@ -215,12 +209,10 @@ class WebdatasetListing:
 
   def report_lines(self) -> list[str]:
     """One line per reason something was skipped or is missing; [] for a clean input."""
-    out = []
-    for what, counts in (("skipped", self.skipped), ("kept without metadata", self.problems)):
-      for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
-        out.append(f"webdataset: {what} {n}: {reason}, e.g. "
-                   + ", ".join(self.examples.get(reason, [])))
-    return out
+    kinds = (("skipped", self.skipped), ("kept without metadata", self.problems))
+    return [f"webdataset: {what} {n}: {reason}, e.g. " + ", ".join(self.examples.get(reason, []))
+            for what, counts in kinds
+            for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
 def _list_shards(shards: tuple[Shard, ...], processes: int | None, cache_dir: str | None
@@ -343,7 +335,7 @@ def position_batches(listing: WebdatasetListing, positions: np.ndarray, *,
   The same engine as folders and TFDS: `Batch.index` is the position, `Batch.key` the
   record's key and `Batch.label` its label. Worker processes read members themselves.
   """
-  paths = listing.paths()
+  paths = listing.paths
   rows = (None if p < 0 else input_pipeline.Row(p, listing.arg(p), paths[p])
           for p in np.asarray(positions, np.int64).tolist())
   return input_pipeline.BatchStream(

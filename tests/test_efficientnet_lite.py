@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbir_jax import backbones, checkpoint, classify, weights
+from cbir_jax import backbones, checkpoint, weights
 from cbir_jax import descriptors as desc
 from cbir_jax import preprocessing as pp
 from cbir_jax.backbones import efficientnet_lite
@@ -307,16 +307,3 @@ def test_weights_dir_lookup(tmp_path, monkeypatch):
     weights.load("vgg16")
   with pytest.raises(ValueError, match="unknown backbone"):
     weights.load("resnet9000")
-
-
-def test_labels_csv_errors(tmp_path):
-  p = tmp_path / "l.csv"
-  p.write_text("file,label\na.jpg,1\n")
-  with pytest.raises(ValueError, match="class_index"):
-    classify.read_labels_csv(p)
-  p.write_text("file,class_index\na.jpg,one\n")
-  with pytest.raises(ValueError, match=r"l\.csv:2"):
-    classify.read_labels_csv(p)
-  p.write_text("file,class_index,class_name\na.jpg,3,cat\nb.jpg,4,\n")
-  labels = classify.read_labels_csv(p)
-  assert labels == {"a.jpg": 3, "b.jpg": 4}

@@ -177,7 +177,7 @@ class _SolidImages(IndexImages):
     super().__init__(IndexInput())
     self.colours, self.broken = colours, set(broken)
 
-  def read_rgb(self, stored, *, upright=False):
+  def read_rgb(self, stored):
     i = int(stored[1:])
     if i in self.broken:
       raise ImageUnavailable(f"cannot read image {stored}: gone")

@@ -444,9 +444,10 @@ def test_fc_kinds_refused_on_weights_without_fc_layers():
   bb = backbones.get("vgg_tiny")
   notop = WeightsRecord(kind="directory", name="vgg16-notop", has_fc_head=False)
   with pytest.raises(extract.ExtractError, match=r"fc, fc_conv need the network's FC layers.*no FC layers"):
-    plan.check_kinds(("fc", "conv", "fc_conv"), bb, notop)
-  plan.check_kinds(("conv", "mac", "spoc"), bb, notop)  # no error
-  plan.check_kinds(desc.KINDS, bb, WeightsRecord(kind="random", name="random"))
+    plan.resolve_kinds(("fc", "conv", "fc_conv"), bb, notop)
+  assert plan.resolve_kinds(("conv", "mac", "spoc"), bb, notop) == ("conv", "mac", "spoc")
+  assert plan.resolve_kinds((), bb, notop) == ("conv", "mac", "spoc", "gem")
+  assert plan.resolve_kinds((), bb, WeightsRecord(kind="random", name="random")) == desc.KINDS
 
 
 def test_default_kinds_follow_the_weights(folder, tmp_path):
@@ -535,10 +536,10 @@ def test_decoding_options_settings_and_run_info(folder, tmp_path):
 
 def test_shard_writer_writes_in_order_one_at_a_time_while_the_caller_goes_on():
   """Shards are written on one background thread: submit returns while its write runs,
-  writes never overlap and keep their order, and wait returns once the last is done."""
+  writes never overlap and keep their order, and drain returns once the last is done."""
   import threading
 
-  from cbir_jax.job.steps import ShardWriter
+  from cbir_jax.job import feed
 
   events, release, started = [], threading.Event(), threading.Event()
 
@@ -550,20 +551,20 @@ def test_shard_writer_writes_in_order_one_at_a_time_while_the_caller_goes_on():
     time.sleep(0.01)
     events.append(("end", name))
 
-  w = ShardWriter(write)
-  w.submit("a")
+  w = feed.Rows(in_flight=1, name="shard-writer")  # as the step loop makes its writer
+  w.submit(write, "a")
   assert started.wait(10)
   assert events == [("start", "a")]  # the caller got here while "a" was being written
   release.set()
-  w.submit("b")  # waits for "a" first
-  w.submit("c")
-  w.wait()
+  w.submit(write, "b")  # waits for "a" first
+  w.submit(write, "c")
+  w.drain()
   w.close()
   assert events == [(e, n) for n in "abc" for e in ("start", "end")]
 
 
-def test_shard_writer_errors_reach_the_caller_at_its_next_submit_or_wait():
-  from cbir_jax.job.steps import ShardWriter
+def test_shard_writer_errors_reach_the_caller_at_its_next_submit_or_drain():
+  from cbir_jax.job import feed
 
   written = []
 
@@ -572,16 +573,16 @@ def test_shard_writer_errors_reach_the_caller_at_its_next_submit_or_wait():
       raise store.StoreError("cannot write shard 1: No space left on device")
     written.append(name)
 
-  w = ShardWriter(write)
-  w.submit("bad")
+  w = feed.Rows(in_flight=1, name="shard-writer")
+  w.submit(write, "bad")
   with pytest.raises(store.StoreError, match="No space left"):
-    w.submit("next")  # the error of the write before; "next" is not started
-  w.wait()
+    w.submit(write, "next")  # the error of the write before; "next" is not started
+  w.drain()
   w.close()
   assert written == []
   # close() waits for a write in progress without raising (another error is on its way up)
-  w = ShardWriter(write)
-  w.submit("bad")
+  w = feed.Rows(in_flight=1, name="shard-writer")
+  w.submit(write, "bad")
   w.close()
   with pytest.raises(RuntimeError):  # the pool is shut down: nothing runs after close
-    w.submit("late")
+    w.submit(write, "late")

@@ -17,15 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbir_jax import evaluation, extract, store, tfds_input
+from cbir_jax import evaluation, extract, store
 from cbir_jax import index_images as ii
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CLASSES = ("apam_balik", "karipap", "rojak")
-# TODO(merge `input`): main's tfds_input reads TFDS through tf.data, which cannot read
-# ArrayRecord; the `input` branch reads ArrayRecord by id (TfdsSource.read_key). Once it is
-# merged, prepare ArrayRecord only and drop this switch (the TFRecord scan stays tested below).
-FILE_FORMAT = "array_record" if hasattr(tfds_input.TfdsSource, "read_key") else "tfrecord"
 COMMON = dict(model="vgg_tiny", weights="random", image_size=32, progress="none")
 
 
@@ -64,7 +60,7 @@ def _prepare_tfds(data_dir: pathlib.Path, photos: list[pathlib.Path], file_forma
 def tfds_index(photos, tmp_path_factory):
   """(index dir, data_dir): the 6 photos as a prepared TFDS dataset, extracted."""
   base = tmp_path_factory.mktemp("tfds_index")
-  data_dir = _prepare_tfds(base / "tfds", photos, FILE_FORMAT)
+  data_dir = _prepare_tfds(base / "tfds", photos, "array_record")  # read by id (read_key)
   out = base / "index"
   extract.run(extract.ExtractConfig(output=str(out), tfds="cbir_food7_photos:train",
                                     data_dir=data_dir, kinds=("conv", "mac"), **COMMON))
@@ -138,8 +134,7 @@ def test_decode_rgb_modes_and_orientation():
   exif[0x0112] = 6  # shown rotated by 90 degrees
   buf = io.BytesIO()
   img.save(buf, "JPEG", exif=exif.tobytes())
-  assert ii.decode_rgb(buf.getvalue()).shape == (4, 8, 3)
-  assert ii.decode_rgb(buf.getvalue(), upright=True).shape == (8, 4, 3)
+  assert ii.decode_rgb(buf.getvalue()).shape == (8, 4, 3)  # as shown
   with pytest.raises(ValueError, match="not an image"):
     ii.decode_rgb(b"plain text")
 

@@ -176,7 +176,7 @@ def test_sample_images_ship_with_licences():
   from cbir_jax import samples
   files = samples.sample_images()
   assert len(files) >= 8
-  licences = (samples.sample_images_dir() / "LICENSES.md").read_text()
+  licences = (samples.SAMPLE_IMAGES_DIR / "LICENSES.md").read_text()
   total = 0
   for f in files:
     assert f.name in licences

@@ -19,7 +19,7 @@ COMMON = dict(model="vgg_tiny", weights="random", image_size=32, progress="none"
 def sample_copy(tmp_path) -> pathlib.Path:
   """The shipped sample folder (10 photos and its LICENSES.md), copied."""
   root = tmp_path / "samples"
-  shutil.copytree(samples.sample_images_dir(), root)
+  shutil.copytree(samples.SAMPLE_IMAGES_DIR, root)
   return root
 
 
@@ -43,7 +43,7 @@ def test_plain_run_says_one_short_line_and_writes_no_failure_list(sample_copy, t
 
 def test_documentation_files_are_not_skipped_files(tmp_path):
   root = tmp_path / "imgs"
-  shutil.copytree(samples.sample_images_dir(), root)
+  shutil.copytree(samples.SAMPLE_IMAGES_DIR, root)
   for name in ("README", "readme.txt", "LICENSE-photos", "COPYING", "notes.md", "captions.txt",
                "x.heic"):
     (root / name).write_text("not an image")

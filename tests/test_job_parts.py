@@ -203,6 +203,18 @@ def test_labels_ambiguous_name_and_case_and_duplicates(tmp_path):
     labels_lib.labels_from_csv(str(csv), keys, str(tmp_path / "imgs"))
 
 
+def test_labels_csv_refusals_name_the_line(tmp_path):
+  """The one labels CSV reader (extraction's --labels_csv and cbir-classify's)."""
+  keys = _tree(tmp_path / "imgs", ["a.jpg"])
+  csv = tmp_path / "l.csv"
+  csv.write_text("file,label\na.jpg,1\n")
+  with pytest.raises(ExtractError, match="columns file and class_index"):
+    labels_lib.labels_from_csv(str(csv), keys, str(tmp_path / "imgs"))
+  csv.write_text("file,class_index\na.jpg,one\n")
+  with pytest.raises(ExtractError, match=r"l\.csv: line 2: class_index 'one' is not an integer"):
+    labels_lib.labels_from_csv(str(csv), keys, str(tmp_path / "imgs"))
+
+
 # --- manifest records ------------------------------------------------------------------------
 
 
@@ -254,8 +266,8 @@ def test_clock_phases_add_up_to_the_total():
   for name in ("a", "b", "a", "c"):
     time.sleep(0.01)
     c.charge(name)
-  assert set(c.items()) == {"a", "b", "c"}
-  assert abs(sum(c.items().values()) - c.total) < 1e-9 and min(c.items().values()) > 0
+  assert set(c.seconds) == {"a", "b", "c"}
+  assert abs(sum(c.seconds.values()) - c.total) < 1e-9 and min(c.seconds.values()) > 0
 
 
 # --- worker index and count from flags or the scheduler's environment -------------------------

@@ -86,14 +86,14 @@ def test_source_keys_stamps_and_reads(array_record):
   lengths = tfds.builder("cbir_test_shapes", data_dir=array_record).info.splits[
       "train"].shard_lengths
   expected = [f"{s}__{k}" for s, n in zip(shards, lengths) for k in range(n)]
-  assert src.keys() == expected and len(set(expected)) == N
+  assert src.keys == expected and len(set(expected)) == N
   ref = _reference(array_record)
   for i, (width, label, pixels) in enumerate(ref):
     data, got_label = src.records(i)
     assert got_label == label
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), pixels)
-    assert src.read_key(src.keys()[i]) == data == src.read(i)
-    assert src.position(src.keys()[i]) == i
+    assert src.read_key(src.keys[i]) == data == src.read(i)
+    assert src.position(src.keys[i]) == i
   with pytest.raises(KeyError):
     src.position(f"{shards[0]}__999")
   with pytest.raises(IndexError):
@@ -118,7 +118,7 @@ def test_record_stamps_follow_the_shard_files(array_record, tmp_path):
 def test_sliced_split_reads_the_slice(array_record):
   whole = tfds_input.open_tfds("cbir_test_shapes:train", array_record)
   part = tfds_input.open_tfds("cbir_test_shapes:train[7:19]", array_record)
-  assert part.num_records == 12 and part.keys() == whole.keys()[7:19]
+  assert part.num_records == 12 and part.keys == whole.keys[7:19]
   assert [part.read(i) for i in range(12)] == [whole.read(i) for i in range(7, 19)]
   with pytest.raises(tfds_input.TfdsError, match="split"):
     tfds_input.open_tfds("cbir_test_shapes:trian", array_record)
@@ -142,7 +142,7 @@ def test_position_batches_in_threads_and_workers(array_record, workers, threads)
           for b in batches for j in np.flatnonzero(b.valid)]
   assert [r[0] for r in rows] == [p for p in positions if p >= 0]
   for (i, key, label, width, img) in rows:
-    assert key == src.keys()[i] and label == ref[i][1] and width == ref[i][0]
+    assert key == src.keys[i] and label == ref[i][1] and width == ref[i][0]
     want = np.asarray(Image.fromarray(ref[i][2]).resize((8, 8), Image.BILINEAR))
     np.testing.assert_array_equal(img, want)
   for b in batches:  # padding rows: marked by valid alone, never read
@@ -176,7 +176,7 @@ def test_tfds_prepared_dataset_in_shards(array_record, tmp_path):
   np.testing.assert_array_equal(meta["label"], (widths - 20) % 3)
   np.testing.assert_array_equal(meta["label_name"], [COLOURS[i] for i in (widths - 20) % 3])
   src = tfds_input.open_tfds("cbir_test_shapes:train", array_record)
-  np.testing.assert_array_equal(meta["path"], src.keys())
+  np.testing.assert_array_equal(meta["path"], src.keys)
   # A sliced split composes with the shard slices.
   out2 = tmp_path / "out2"
   extract.run(dataclasses.replace(cfg, output=str(out2), tfds="cbir_test_shapes:train[7:19]"))
@@ -217,7 +217,7 @@ def test_array_record_runs_without_tensorflow(array_record, tmp_path):
       sys.path.insert(0, "tests")
       import worker_probe
       with input_pipeline.encoded_batches(
-          worker_probe.ModulesAfter(src.records), src.keys(), np.arange(src.num_records),
+          worker_probe.ModulesAfter(src.records), src.keys, np.arange(src.num_records),
           image_size=16, batch_size=4, num_workers=2, num_threads=1) as s:
         found = [worker_probe.imported_heavy(v % 16) for b in s for v in b.label[b.valid]]
       assert len(found) == 7 and not any(found), found
@@ -239,7 +239,7 @@ def test_tfrecord_dataset_reads_through_tf_data(tfrecord, array_record):
   ar = tfds_input.open_tfds("cbir_test_shapes:train[3:20]", array_record)
   assert tfr.file_format == "tfrecord" and tfr.num_records == ar.num_records == 17
   # Keys computed from the file layout = the ids tf.data reads with the records.
-  assert tfr.keys() == [k.replace(".array_record-", ".tfrecord-") for k in ar.keys()]
+  assert tfr.keys == [k.replace(".array_record-", ".tfrecord-") for k in ar.keys]
   with pytest.raises(tfds_input.TfdsError, match="no random access.*array_record"):
     tfr.read(0)
   # Two runs of records (tf.data reads each as one sub-split), each padded to whole batches.

@@ -60,22 +60,22 @@ def test_lists_every_photo_in_shard_then_member_order(shards, photos):
   lst = wds.list_webdataset(str(shards))
   assert [s.rel for s in lst.shards] == ["00000.tar", "00001.tar", "00002.tar"]
   assert lst.num_records == len(photos)
-  assert lst.keys() == [f"{k // SHARD_SIZE:05d}.tar/{k:06d}.jpg" for k in range(len(photos))]
+  assert lst.keys == [f"{k // SHARD_SIZE:05d}.tar/{k:06d}.jpg" for k in range(len(photos))]
   assert lst.labels.tolist() == [ci for _, ci, _ in photos]
   assert not lst.skipped and not lst.problems and lst.report_lines() == []
   # Listed by 2 processes: the same records, offsets and sidecars.
   par = wds.list_webdataset(str(shards), processes=2)
-  assert par.keys() == lst.keys() and par.offsets.tolist() == lst.offsets.tolist()
+  assert par.keys == lst.keys and par.offsets.tolist() == lst.offsets.tolist()
   assert par.labels.tolist() == lst.labels.tolist() and list(par.columns) == list(lst.columns)
   # A glob over the same files lists the same records (root: the glob's fixed folder).
   again = wds.list_webdataset(str(shards / "*.tar"))
-  assert again.keys() == lst.keys() and again.root == lst.root
+  assert again.keys == lst.keys and again.root == lst.root
 
 
 def test_reads_back_the_same_bytes_as_the_folder(shards, photos):
   lst = wds.list_webdataset(str(shards))
   for i, (path, _, _) in enumerate(photos):
-    assert lst.read(i) == pathlib.Path(path).read_bytes(), lst.keys()[i]
+    assert lst.read(i) == pathlib.Path(path).read_bytes(), lst.keys[i]
   # Offsets alone suffice: a reader rebuilt from its pickle (as a worker process gets it).
   reader = pickle.loads(pickle.dumps(lst.reader))
   assert reader(lst.arg(7)) == (pathlib.Path(photos[7][0]).read_bytes(), photos[7][1])
@@ -114,7 +114,7 @@ def test_decodes_to_the_same_pixels_as_the_folder(shards, photos):
     np.testing.assert_array_equal(g.width, r.width)
     np.testing.assert_array_equal(g.valid, r.valid)
     assert g.ok.tolist() == g.valid.tolist()  # every real row decoded
-  paths = lst.paths()
+  paths = lst.paths
   assert got[0].key == [paths[0], paths[5], "", paths[13]]
   assert paths[5] == os.path.join(str(shards), "00000.tar", "000005.jpg")
   assert got[0].label.tolist() == [photos[0][1], photos[5][1], -1, photos[13][1]]
@@ -204,7 +204,7 @@ def test_odd_keys_and_members_are_skipped_and_counted(tmp_path, photos):
     _add(t, "a.jpg", jpg[2])  # appended again (tar -r): this copy is the one extracted
   lst = wds.list_webdataset(str(d))
   assert lst.read(0) == jpg[2]
-  assert lst.keys() == ["00000.tar/a.jpg", "00000.tar/sub/e.jpeg", "00000.tar/f.jpg"]
+  assert lst.keys == ["00000.tar/a.jpg", "00000.tar/sub/e.jpeg", "00000.tar/f.jpg"]
   assert lst.labels.tolist() == [3, -1, -1]
   assert dict(lst.skipped) == {"key without an image": 1, "key with several images": 1,
                                "link or special member": 1, "other member .seg.npy": 1}
@@ -257,11 +257,11 @@ def test_labels_from_json_names_and_a_mix_is_refused(tmp_path, photos):
 def test_identity_changes_when_a_member_is_replaced_or_added(shards, tmp_path, photos):
   d = _copy_shards(shards, tmp_path / "d")
   before = wds.list_webdataset(str(d))
-  keys0, stamps0 = before.keys(), before.stamps()
+  keys0, stamps0 = before.keys, before.stamps()
   assert len(set(keys0)) == len(keys0)
   # Relisting an unchanged input gives the same identities.
   again = wds.list_webdataset(str(d))
-  assert (again.keys(), again.stamps()) == (keys0, stamps0)
+  assert (again.keys, again.stamps()) == (keys0, stamps0)
   # Rewrite shard 1 with record 13's image replaced by another photo.
   swapped = list(photos)
   swapped[13] = photos[0]
@@ -269,7 +269,7 @@ def test_identity_changes_when_a_member_is_replaced_or_added(shards, tmp_path, p
   (d / "00001.tar").write_bytes((tmp / "00001.tar").read_bytes())
   os.utime(d / "00001.tar", ns=(1, 2))  # a new mtime, whatever the clock's resolution
   after = wds.list_webdataset(str(d))
-  assert after.keys() == keys0
+  assert after.keys == keys0
   changed = {k for k, a, b in zip(keys0, stamps0, after.stamps()) if a != b}
   assert changed == {k for k in keys0 if k.startswith("00001.tar/")}  # the whole shard
   assert after.read(13) == pathlib.Path(photos[0][0]).read_bytes()
@@ -284,9 +284,9 @@ def test_identity_changes_when_a_member_is_replaced_or_added(shards, tmp_path, p
   write_shards(tmp_path / "more", photos[:3])
   (d / "00003.tar").write_bytes((tmp_path / "more" / "00000.tar").read_bytes())
   grown = wds.list_webdataset(str(d))
-  assert grown.keys()[:len(keys0)] == keys0 and len(grown.keys()) == len(keys0) + 3
+  assert grown.keys[:len(keys0)] == keys0 and len(grown.keys) == len(keys0) + 3
   assert grown.stamps()[:len(keys0)] == after.stamps()
-  assert grown.keys()[-1] == "00003.tar/000002.jpg"
+  assert grown.keys[-1] == "00003.tar/000002.jpg"
 
 
 def test_content_digest_is_the_members_sha256(shards):
@@ -369,14 +369,14 @@ def test_offsets_hold_under_every_tar_format_and_long_names(tmp_path, photos, fm
     for k, name in enumerate(names):
       _add(t, name, pathlib.Path(photos[k][0]).read_bytes())
   lst = wds.list_webdataset(str(d / "a.tar"))
-  assert lst.keys() == [f"a.tar/{n}" for n in names]
+  assert lst.keys == [f"a.tar/{n}" for n in names]
   assert [lst.read(i) for i in range(3)] == [pathlib.Path(p).read_bytes() for p, _, _ in photos[:3]]
 
 
 def test_a_rows_stored_path_reads_its_image_back(shards, photos, tmp_path):
   lst = wds.list_webdataset(str(shards))
   for i in (0, 12, 34):
-    assert wds.read_path(lst.paths()[i]) == pathlib.Path(photos[i][0]).read_bytes()
+    assert wds.read_path(lst.paths[i]) == pathlib.Path(photos[i][0]).read_bytes()
   with pytest.raises(OSError, match="has no image member '000001.json'"):
     wds.read_path(str(shards / "00000.tar" / "000001.json"))
   with pytest.raises(OSError, match="no shard file on its path"):
@@ -397,7 +397,7 @@ def test_the_listing_cache_is_reused_only_while_a_shard_stays(shards, tmp_path, 
   again = wds.list_webdataset(str(d), processes=0, cache_dir=cache)
   assert listed == ["00000.tar", "00001.tar", "00002.tar"]  # all three from the cache
   for lst in (first, again):
-    assert lst.keys() == fresh.keys() and lst.stamps() == fresh.stamps()
+    assert lst.keys == fresh.keys and lst.stamps() == fresh.stamps()
     assert lst.offsets.tolist() == fresh.offsets.tolist()
     assert lst.labels.tolist() == fresh.labels.tolist()
     assert {k: v.tolist() for k, v in lst.columns.items()} == \

@@ -59,7 +59,7 @@ def test_wheel_installs_commands_weights_and_samples(wheel_venv, tmp_path):
   env = _env(tmp_path)
   where = _run([py, "-c", "import cbir_jax, cbir_jax.weights as w, cbir_jax.samples as s; "
                 "print(cbir_jax.__file__); print(w.default_weights_dir('efficientnet_lite0')); "
-                "print(s.sample_images_dir())"], cwd=tmp_path, env=env).stdout.split()
+                "print(s.SAMPLE_IMAGES_DIR)"], cwd=tmp_path, env=env).stdout.split()
   assert all(p.startswith(str(wheel_venv)) for p in where), where  # nothing from the checkout
   images = pathlib.Path(where[2])
   assert (images / "chelsea.jpg").is_file()

@@ -10,6 +10,7 @@ cbir_jax.classify.ClassifyConfig.
 from __future__ import annotations
 
 from cbir_jax import classify, cli
+from cbir_jax.job.errors import ExtractError  # an unusable --labels_csv: one line, as extract
 
 FLAGS = cli.define(classify.ClassifyConfig)
 
@@ -20,4 +21,4 @@ def main() -> None:
 
 def run() -> None:
   """The `cbir-classify` console script."""
-  cli.run("classify", main)
+  cli.run("classify", main, errors=(ValueError, OSError, ExtractError))

@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator
 
 from cbir_jax.job.workers import WorkerSpec
 
@@ -124,9 +124,6 @@ class Clock:
   @property
   def total(self) -> float:
     return self._last - self.start
-
-  def items(self) -> Mapping[str, float]:
-    return dict(self.seconds)
 
 
 __all__ = ["Clock", "EXIT_INTERRUPTED", "HINT", "Progress", "Worker"]

@@ -29,18 +29,10 @@ def select(kind: str, source_type: str) -> gpu_decode.Selection:
     if kind in ("nvimgcodec", "nvimgcodec-cpu"):
       raise ExtractError(f"--decoder={kind} reads image folders only, not {source_type} input")
     return gpu_decode.Selection(None, f"{gpu_decode.PILLOW} (host): {source_type} input")
-  if kind == "auto" and not _has_gpu():  # not even imported: its loader prints to stderr
-    return gpu_decode.Selection(None, f"{gpu_decode.PILLOW} (host): no GPU")
   try:
     return gpu_decode.select_decoder(kind)
   except (ImportError, RuntimeError, ValueError) as e:
     raise ExtractError(f"--decoder={kind}: {e}") from None
-
-
-def _has_gpu() -> bool:
-  import jax
-
-  return any(d.platform == "gpu" for d in jax.local_devices())
 
 
 def _fit(img: Any, largest: int) -> Any:
@@ -80,13 +72,11 @@ def nv_batches(keys: Sequence[str], positions: np.ndarray, *, decoder: gpu_decod
       for j, im in zip(rows, got.images):
         images[j] = im
       b.images, b.sizes = _canvases(images, buckets)
-      widths, heights = [w for w, _ in got.sizes], [h for _, h in got.sizes]
     else:
       got = gpu_decode.decode_rows(paths, image_size, decoder=decoder, draft=draft,
                                    max_pixels=max_pixels)
       b.images[rows] = got.images
-      widths, heights = got.widths, got.heights
-    for j, w, h, err in zip(rows, widths, heights, got.errors):
+    for j, (w, h), err in zip(rows, got.sizes, got.errors):
       b.width[j], b.height[j] = (0, 0) if err else (w, h)
       b.ok[j], b.error[j] = not err, err or ""
     tally.add(got.decoders, got.routes)

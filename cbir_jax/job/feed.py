@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import queue
 import threading
 from typing import Any, Callable, Iterator, Sequence
@@ -79,11 +80,9 @@ class Feed:
     self._drain()
 
   def _drain(self) -> None:
-    try:
+    with contextlib.suppress(queue.Empty):
       while True:
         self._queue.get_nowait()
-    except queue.Empty:
-      pass
 
 
 class DeviceTimeline:
@@ -137,14 +136,11 @@ class Rows:
       self._failed = True
       raise
 
-  def submit(self, fn: Callable[..., None], *args: Any) -> bool:
-    """Queues one item; returns whether it waited for an older one (the device or the rows)."""
+  def submit(self, fn: Callable[..., None], *args: Any) -> None:
+    """Queues one item, first waiting for the oldest while too many are outstanding."""
     self._pending.append(self._pool.submit(self._guarded, fn, *args))
-    waited = False
     while len(self._pending) > self._in_flight:
       self._pending.popleft().result()
-      waited = True
-    return waited
 
   def drain(self) -> None:
     while self._pending:

@@ -28,21 +28,20 @@ def run_info(config: ExtractConfig, worker: Worker, summary: Any) -> dict[str, A
   from cbir_jax import input_pipeline, runtime
 
   devices = jax.devices()
-  info = {"platform": jax.default_backend(),
+  return {"platform": jax.default_backend(),
           "device_kinds": sorted({d.device_kind for d in devices}),
           "devices": len(devices), "workers": worker.count,
           "batch_size": config.batch_size,
           "decode": dict(zip(("num_workers", "num_threads"), input_pipeline.decode_parallelism(
               config.num_workers, config.num_threads))),
           "host": os.uname().nodename,
-          "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-  info.update(runtime.platform_info())
-  info["resize"] = {"mode": summary.resize,
-                    "buckets": {str(b): n for b, n in sorted(summary.buckets.items())}}
-  info["compilation_cache"] = {"used": bool(summary.compilation_cache),
-                               "hits": summary.cache_hits, "misses": summary.cache_misses}
-  info["decoder"] = summary.decoder
-  return info
+          "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          **runtime.platform_info(),
+          "resize": {"mode": summary.resize,
+                     "buckets": {str(b): n for b, n in sorted(summary.buckets.items())}},
+          "compilation_cache": {"used": bool(summary.compilation_cache),
+                                "hits": summary.cache_hits, "misses": summary.cache_misses},
+          "decoder": summary.decoder}
 
 
 def missing_shards(out: pathlib.Path, plan: Plan, shard_size: int) -> list[int]:

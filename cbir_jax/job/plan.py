@@ -92,29 +92,21 @@ def load_weights(config: ExtractConfig, backbone: backbones.Backbone, image_size
 
 def resolve_kinds(kinds: tuple[str, ...] | None, backbone: backbones.Backbone,
                   record: Any) -> tuple[str, ...]:
-  """The kinds to write: those asked for (checked against the weights), or when none are
-  asked every kind the weights can give (no FC kinds from weights without the FC layers)."""
-  if not kinds:
-    return tuple(k for k in desc.KINDS
-                 if record.has_fc_head is not False or k not in desc.FC_KINDS)
-  check_kinds(tuple(kinds), backbone, record)
-  return tuple(kinds)
-
-
-def check_kinds(kinds: tuple[str, ...], backbone: backbones.Backbone,
-                record: Any) -> None:
-  """The one place where descriptor kinds are checked against the weights.
-
-  Weights without the FC layers (a no-top port) cannot give "fc" or "fc_conv";
-  `weights.check_kinds` words the refusal (which file would have them).
+  """The kinds to write: those asked for, or when none are asked every kind the weights can
+  give. The one place where descriptor kinds are checked against the weights: weights without
+  the FC layers (a no-top port) cannot give "fc" or "fc_conv", and `weights.check_kinds`
+  words the refusal (which file would have them).
   """
   if record.has_fc_head is not False:
-    return
+    return tuple(kinds or desc.KINDS)
+  if not kinds:
+    return tuple(k for k in desc.KINDS if k not in desc.FC_KINDS)
   info = checkpoint.WeightsInfo(model=backbone.name, preprocessing=backbone.preprocessing,
                                 source=record.source, source_file=record.source_file,
                                 has_fc=False)
   with reworded(checkpoint.WeightsError):
     weights_lib.check_kinds(info, kinds)
+  return tuple(kinds)
 
 
 def new_manifest(config: ExtractConfig, source: sources.Source, loaded: weights_lib.Loaded,
@@ -384,6 +376,6 @@ def my_units(plan: Plan, shard_size: int, worker: Worker) -> tuple[list[Unit], i
   return units, skipped
 
 
-__all__ = ["Plan", "changed_input_message", "check_kinds", "load_weights", "my_units",
+__all__ = ["Plan", "changed_input_message", "load_weights", "my_units",
            "new_manifest", "open_source", "plan_job", "prepare", "remove_replaced",
            "report_platform", "resolve_kinds"]

@@ -64,10 +64,6 @@ class Source:
       return f"skipped {total} in the shards (see the log)" if total else ""
     return input_pipeline.format_skipped(self.skipped)
 
-  def label_name(self, label: int) -> str:
-    names = self.tfds.label_names if self.tfds is not None else ()
-    return names[label] if 0 <= label < len(names) else ""
-
   def rows_meta(self, positions: np.ndarray, keys: list[str] | None,
                 labels: np.ndarray | None) -> dict[str, Any]:
     """Metadata of the records at `positions` (rows.RowSource); checks TFDS ids against the plan.
@@ -85,10 +81,11 @@ class Source:
     if self.labels is not None:
       meta["label"] = self.labels[positions]
       meta["label_name"] = [self.label_names[p] for p in positions.tolist()]
-    else:
+    else:  # TFDS: the rows' own labels, named by its ClassLabel
       lab = np.full(len(positions), -1, np.int64) if labels is None else np.asarray(labels)
+      names = self.tfds.label_names if self.tfds is not None else ()
       meta["label"] = lab
-      meta["label_name"] = [self.label_name(int(v)) for v in lab.tolist()]
+      meta["label_name"] = [names[v] if 0 <= v < len(names) else "" for v in lab.tolist()]
     for c, col in self.extra.items():
       meta[c] = col[positions]
     if self.tfds is not None:  # scalar and text features, read by position
@@ -156,7 +153,7 @@ def tfds_source(spec: str, data_dir: str | None) -> Source:
   from cbir_jax import tfds_input
   with reworded(tfds_input.TfdsError):
     src = tfds_input.open_tfds(spec, data_dir)
-  keys = list(src.keys())
+  keys = list(src.keys)
   return Source(type="tfds", root=os.path.abspath(src.data_dir), spec=spec, keys=keys,
                 identities=ident.RecordIdentities(keys, list(src.record_stamps())), tfds=src)
 
@@ -175,8 +172,8 @@ def webdataset_source(spec: str, *, content_digest: bool, cache_dir: str) -> Sou
   if not lst.num_records:
     raise ExtractError(f"no images found in --webdataset {spec}: "
                        + ("; ".join(lst.report_lines()) or "the shards are empty"))
-  return Source(type="webdataset", root=lst.root, spec=spec, keys=lst.paths(),
-                identities=ident.RecordIdentities(lst.keys(), lst.stamps(content_digest)),
+  return Source(type="webdataset", root=lst.root, spec=spec, keys=lst.paths,
+                identities=ident.RecordIdentities(lst.keys, lst.stamps(content_digest)),
                 labels=lst.labels, label_names=lst.label_names, extra=lst.columns,
                 content_digest=content_digest, skipped=lst.skipped, webdataset=lst,
                 notes=lst.report_lines())

@@ -8,9 +8,8 @@ order and one at a time, while the steps go on (on an H100, writing a Lite0 job'
 as long as all its device time, 2.2 s each, when done in the loop); the loop waits for the writer
 before it ends, stops or writes a stopped part, and the writer's errors surface in the loop.
 
-The loop never waits on the host (issue 17 item 3, feed.py): the next batches are already on
-the device when a step is dispatched, the outputs' copies back start at dispatch, and rows are
-assembled on their own thread, in step order, at most IN_FLIGHT steps behind. With
+The loop never waits on the host: batches reach the device ahead of the step and rows come
+back behind it, at most IN_FLIGHT steps behind (feed.py, issue 17 item 3). With
 `--resize=device` the batches are canvases and the step resizes them (one compile per bucket).
 """
 from __future__ import annotations
@@ -50,27 +49,6 @@ def write_finished(out: Any, f: rows_lib.Finished, kinds: tuple[str, ...], pid: 
     shutil.rmtree(f.unit.piece, ignore_errors=True)
 
 
-class ShardWriter(feed_lib.Rows):
-  """Writes finished shards on one background thread, in the order given, one at a time.
-
-  `submit` waits for the write before it (so at most one finished shard waits in memory) and
-  raises that write's error; `wait` does the same for the last one; after an error no later
-  shard is written. `close` (feed.Rows's) lets the write in progress finish, so no write goes
-  on after the step loop, and drops the error: the loop `wait`s on its normal path, so
-  `close` only meets one while another (a stop at once) is already on its way up.
-  """
-
-  def __init__(self, write: Callable[[rows_lib.Finished], None]):
-    super().__init__(in_flight=1, name="shard-writer")
-    self._write = write
-
-  def submit(self, f: rows_lib.Finished) -> None:
-    super().submit(self._write, f)
-
-  def wait(self) -> None:
-    self.drain()
-
-
 class StepRunner:
   """The step loop of one worker; counts go to `summary`, times to `clock` (see feed.py)."""
 
@@ -100,7 +78,9 @@ class StepRunner:
         out_dtype=config.output_dtype, source=plan.source, columns=plan.source.columns,
         nonfinite_reason=(f"descriptor not finite (NaN or overflow; compute dtype "
                           f"{config.dtype}, output dtype {config.output_dtype})"))
-    self.writer = ShardWriter(self._write)  # its thread starts with the first shard
+    # One writer thread, shards in order: a submit waits for the write before it (at most one
+    # finished shard waits in memory) and raises its error. Its thread starts with a shard.
+    self.writer = feed_lib.Rows(in_flight=1, name="shard-writer")
     self.decoding = decoding.select(config.decoder, plan.source.type)
     description = self.decoding.description
     if self.buckets and self.decoding.decoder is None:
@@ -141,7 +121,7 @@ class StepRunner:
       n = int(np.count_nonzero(batch.valid))
       self.tally.add([gpu_decode.PILLOW] * n, [""] * n)
     for f in finished:
-      self.writer.submit(f)  # waits only while the shard before is still being written
+      self.writer.submit(self._write, f)  # waits only while the shard before is being written
 
   def _write(self, f: rows_lib.Finished) -> None:
     """On the writer thread."""
@@ -207,7 +187,7 @@ class StepRunner:
         self.clock.charge("device")  # dispatching, and waiting for the step before last
       rows.drain()
       self.clock.charge("device")
-      self.writer.wait()
+      self.writer.drain()
       self.clock.charge("write")
       self.summary.device_busy = self.timeline.busy_in(self.clock.spans)
       left = self.assembler.remaining  # units not complete (the stopped one included)
@@ -225,4 +205,4 @@ class StepRunner:
       self.clock.charge("write")
 
 
-__all__ = ["ShardWriter", "StepRunner", "write_finished"]
+__all__ = ["StepRunner", "write_finished"]

@@ -2,8 +2,8 @@
 
 The same extraction job (`extract.run` through `benchmark.end_to_end.extract_folder`: Lite0,
 float32, batch 256, default decoding) over JPEGs made like the GPU check's photo-size set,
-alternating the two variants. "before" replaces `ShardWriter.submit` with the write itself,
-which is what the step loop did until the writer thread landed.
+alternating the two variants. "before" replaces the step loop's shard writer (`StepRunner.writer`)
+with the write itself, which is what the step loop did until the writer thread landed.
 
   PYTHONPATH=. python3 docs/gpu/2026-11-28_h100_writer_probe.py --count=16000 --rounds=2
 """
@@ -20,6 +20,27 @@ from benchmarks import photos
 from cbir_jax.job import steps
 
 
+class _Inline:
+  """The write in the step loop itself, as before the writer thread."""
+
+  def submit(self, fn, *args) -> None:
+    fn(*args)
+
+  def drain(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+def _inline_init(self, *args, **kwargs) -> None:
+  _AFTER(self, *args, **kwargs)
+  self.writer = _Inline()
+
+
+_AFTER = steps.StepRunner.__init__
+
+
 def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--count", type=int, default=16000)
@@ -32,12 +53,10 @@ def main() -> None:
   sources = tuple(str(s) for s in samples.sample_images())
   paths = photos.make(photos.PhotoSet(sources, a.count, 500, 375), None)
   print(f"{len(paths)} JPEGs ready in {time.perf_counter() - t:.0f} s", flush=True)
-  after = steps.ShardWriter.submit
-  before = lambda self, f: self._write(f)  # noqa: E731  (the write inline, as before)
   rows = []
   for r in range(a.rounds):
     for name in (("before", "after") if r % 2 == 0 else ("after", "before")):
-      steps.ShardWriter.submit = before if name == "before" else after
+      steps.StepRunner.__init__ = _inline_init if name == "before" else _AFTER
       job = e2e.extract_folder(os.path.dirname(paths[0]), backbone=a.backbone, batch=256,
                                dtype=a.dtype, log=lambda m: None)
       rows.append({"variant": name, "round": r, **job})
@@ -45,7 +64,7 @@ def main() -> None:
             f"{job['steady_images_per_s']:7.1f} while stepping; input wait "
             f"{job['input_wait_s']:.1f} s, device {job['device_s']:.1f} s, write "
             f"{job['write_s']:.1f} s, total {job['seconds']:.1f} s", flush=True)
-  steps.ShardWriter.submit = after
+  steps.StepRunner.__init__ = _AFTER
   if a.json:
     with open(a.json, "w") as f:
       json.dump(rows, f, indent=1)

@@ -348,7 +348,7 @@ def test_tfds_style_stream_of_hostile_bytes(tmp_path, hostile):
     img, err, ok, key, label = rows[i]
     c = CASES[by_tfds[i]]
     problem = _check_decoded(c, img, err)
-    if not problem and (ok != c.good or key != src.keys()[i] or label != by_tfds[i]):
+    if not problem and (ok != c.good or key != src.keys[i] or label != by_tfds[i]):
       problem = f"ok flag {ok} / key {key!r} / label {label}"
     hostile.check(c.name, not problem, problem or "TFDS ArrayRecord path: as decoded alone")
     if problem:
