@@ -404,6 +404,8 @@ class _CanvasBatch:
         del self._pixels[j]
     if j in self._pixels:
       canvas.put(b.images[j], self._pixels[j])
+    else:  # became a failure here: 0 x 0, as every failure row is
+      b.sizes[j] = 0
 
   def _task(self, work: Callable[[int], None], j: int, then: Callable[[], None]) -> None:
     """Runs one row's stage; the stage's last task runs `then`."""
